@@ -1,0 +1,63 @@
+"""Common shape of every pellucid dataset and the batch collation for it.
+
+A sample is a dict:
+
+- ``image``: float32 tensor (C, H, W) or (C, D, H, W)
+- ``label``: float32 multi-hot tensor (K,) (classification datasets)
+- ``mask``: float32 tensor (K_mask, *spatial), one channel per finding or region, when known
+- ``boxes``: float32 tensor (N, 4) as (x0, y0, x1, y1) in pixels of the loaded image, with
+  ``box_labels`` (N,) class indices, when the dataset has boxes
+- ``case_id``: str; ``spacing``: tuple of floats; ``affine``: (4, 4) float64 tensor for volumes
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+STACKED_KEYS = ("image", "label", "mask")
+
+
+class PellucidDataset(Dataset):
+    """Base class: declares task, classes, channels and mask names; subclasses load samples."""
+
+    task: str = "classification"  # or "segmentation"
+    class_names: tuple[str, ...] = ()
+    mask_names: tuple[str, ...] = ()
+    channel_names: tuple[str, ...] = ()
+    multilabel: bool = True
+    spatial_dims: int = 2
+
+    @property
+    def in_channels(self) -> int:
+        return len(self.channel_names)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "dataset": type(self).__name__,
+            "task": self.task,
+            "class_names": list(self.class_names),
+            "mask_names": list(self.mask_names),
+            "channel_names": list(self.channel_names),
+            "spatial_dims": self.spatial_dims,
+            "n": len(self),
+        }
+
+
+def collate(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Stack tensors that share a shape (image, label, mask); keep the rest as lists."""
+    batch: dict[str, Any] = {}
+    for key in samples[0]:
+        values = [s[key] for s in samples]
+        if key in STACKED_KEYS and all(isinstance(v, torch.Tensor) for v in values):
+            batch[key] = torch.stack(values)
+        else:
+            batch[key] = values
+    return batch

@@ -1,0 +1,92 @@
+"""The model card: a JSON file next to the weights that supplies defaults for explaining.
+
+It records the task, class names, input channels and size, intensity normalisation, the default
+target layer for CAMs, the data the model was trained on, its validation/test metrics, the pellucid
+version and the seed. Any ``nn.Module`` can be explained without one.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pellucid.errors import DataError
+
+TASKS = ("classification", "segmentation")
+ACTIVATIONS = ("sigmoid", "softmax")
+
+
+@dataclass
+class ModelCard:
+    """Everything pellucid needs to know about a saved model besides its weights."""
+
+    arch: str
+    task: str
+    class_names: list[str]
+    in_channels: int
+    spatial_dims: int
+    input_size: list[int]
+    activation: str = "sigmoid"
+    backend: str = "monai"
+    channel_names: list[str] = field(default_factory=list)
+    normalization: dict[str, Any] = field(default_factory=lambda: {"kind": "none"})
+    default_layer: str | None = None
+    thresholds: list[float] = field(default_factory=list)
+    training: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    pellucid_version: str = ""
+    seed: int | None = None
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise DataError(None, f"model card: task must be one of {TASKS}, got {self.task!r}")
+        if self.activation not in ACTIVATIONS:
+            raise DataError(None, f"model card: activation must be one of {ACTIVATIONS}, "
+                                  f"got {self.activation!r}")
+
+    @property
+    def num_outputs(self) -> int:
+        return len(self.class_names)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply the card's intensity normalisation to a batch (B, C, *spatial) in reader units."""
+        kind = self.normalization.get("kind", "none")
+        if kind == "none":
+            return x
+        if kind == "meanstd":
+            shape = (1, -1) + (1,) * (x.ndim - 2)
+            mean = torch.as_tensor(self.normalization["mean"], dtype=x.dtype, device=x.device)
+            std = torch.as_tensor(self.normalization["std"], dtype=x.dtype, device=x.device)
+            return (x - mean.view(shape)) / std.view(shape)
+        raise DataError(None, f"model card: unknown normalization kind {kind!r}")
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> ModelCard:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise DataError(path, "model card not found") from None
+        except json.JSONDecodeError as exc:
+            raise DataError(path, f"model card is not valid JSON ({exc})") from None
+        known = {f.name for f in fields(cls)}
+        required = {f.name for f in fields(cls)
+                    if f.default is MISSING and f.default_factory is MISSING}
+        missing = sorted(required - data.keys())
+        if missing:
+            raise DataError(path, f"model card lacks key(s) {', '.join(missing)}")
+        unknown = sorted(data.keys() - known)
+        if unknown:
+            raise DataError(path, f"model card has unknown key(s) {', '.join(unknown)}")
+        try:
+            return cls(**data)
+        except DataError as exc:
+            raise DataError(path, exc.problem) from None

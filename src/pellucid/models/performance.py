@@ -1,0 +1,117 @@
+"""Model performance: AUROC, accuracy, precision, recall, F1 (classification); Dice, HD95
+(segmentation). These score the model, next to the explanation metrics that score its maps."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+
+def _binary_counts(pred: np.ndarray, true: np.ndarray) -> tuple[int, int, int, int]:
+    tp = int((pred & true).sum())
+    fp = int((pred & ~true).sum())
+    fn = int((~pred & true).sum())
+    tn = int((~pred & ~true).sum())
+    return tp, fp, fn, tn
+
+
+def _prf(tp: int, fp: int, fn: int) -> tuple[float, float, float]:
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return precision, recall, f1
+
+
+def pick_thresholds(probs: np.ndarray, labels: np.ndarray) -> list[float]:
+    """Per class, the probability threshold that maximises F1 on (validation) data.
+
+    Candidates are the midpoints between sorted distinct scores; with one class only present the
+    threshold stays 0.5.
+    """
+    thresholds = []
+    for k in range(probs.shape[1]):
+        p, y = probs[:, k], labels[:, k] > 0.5
+        if y.all() or not y.any():
+            thresholds.append(0.5)
+            continue
+        values = np.unique(p)
+        candidates = (values[:-1] + values[1:]) / 2 if len(values) > 1 else values
+        best = max(candidates, key=lambda t: _prf(*_binary_counts(p >= t, y)[:3])[2])
+        thresholds.append(float(best))
+    return thresholds
+
+
+def classification_report(probs: np.ndarray, labels: np.ndarray, class_names: Sequence[str],
+                          thresholds: Sequence[float] | None = None,
+                          multilabel: bool = True) -> dict:
+    """AUROC per class and macro; accuracy, precision, recall and F1 per class at ``thresholds``
+    (multi-label) or of the arg-max class (softmax), with their macro means."""
+    from sklearn.metrics import roc_auc_score
+
+    probs, labels = np.asarray(probs, np.float64), np.asarray(labels) > 0.5
+    k = probs.shape[1]
+    if multilabel:
+        thr = np.asarray(thresholds if thresholds is not None else [0.5] * k)
+        preds = probs >= thr
+    else:
+        preds = np.eye(k, dtype=bool)[probs.argmax(1)]
+    per_class = {}
+    for c, name in enumerate(class_names):
+        y = labels[:, c]
+        auroc = float(roc_auc_score(y, probs[:, c])) if 0 < y.sum() < len(y) else float("nan")
+        tp, fp, fn, tn = _binary_counts(preds[:, c], y)
+        precision, recall, f1 = _prf(tp, fp, fn)
+        per_class[name] = {"auroc": auroc, "accuracy": (tp + tn) / len(y), "precision": precision,
+                           "recall": recall, "f1": f1, "positives": int(y.sum())}
+    def macro(key: str) -> float:
+        vals = [v[key] for v in per_class.values() if not np.isnan(v[key])]
+        return float(np.mean(vals)) if vals else float("nan")
+    report = {f"macro_{m}": macro(m) for m in ("auroc", "accuracy", "precision", "recall", "f1")}
+    if not multilabel:
+        report["accuracy"] = float((probs.argmax(1) == labels.argmax(1)).mean())
+    report["per_class"] = per_class
+    report["n"] = len(probs)
+    return report
+
+
+def dice_per_case(pred: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
+    """Dice 2|P∩T|/(|P|+|T|) per case and channel, (B, K); 1 when both are empty (BraTS rule)."""
+    pred, true = pred.bool().flatten(2), true.bool().flatten(2)
+    inter = (pred & true).sum(-1).float()
+    total = pred.sum(-1).float() + true.sum(-1).float()
+    return torch.where(total > 0, 2 * inter / total.clamp_min(1), torch.ones_like(total))
+
+
+def hd95_per_case(pred: torch.Tensor, true: torch.Tensor,
+                  spacing: Sequence[float] | None = None) -> torch.Tensor:
+    """95th-percentile symmetric Hausdorff distance per case and channel, (B, K), in the units of
+    ``spacing`` (voxels if None); NaN where either mask is empty (excluded from means)."""
+    from monai.metrics import compute_hausdorff_distance
+
+    out = torch.full(pred.shape[:2], float("nan"))
+    for b in range(pred.shape[0]):
+        for k in range(pred.shape[1]):
+            if pred[b, k].any() and true[b, k].any():
+                out[b, k] = compute_hausdorff_distance(
+                    pred[b:b + 1, k:k + 1].float(), true[b:b + 1, k:k + 1].float(),
+                    percentile=95, spacing=None if spacing is None else list(spacing)).item()
+    return out
+
+
+def segmentation_report(pred: torch.Tensor, true: torch.Tensor, region_names: Sequence[str],
+                        spacing: Sequence[float] | None = None) -> dict:
+    """Mean Dice and HD95 per region over cases, and their mean over regions."""
+    dice = dice_per_case(pred, true)
+    hd = hd95_per_case(pred, true, spacing)
+    per_region = {}
+    for k, name in enumerate(region_names):
+        hk = hd[:, k][~torch.isnan(hd[:, k])]
+        per_region[name] = {"dice": float(dice[:, k].mean()),
+                            "hd95": float(hk.mean()) if len(hk) else float("nan"),
+                            "hd95_cases": len(hk)}
+    return {"mean_dice": float(dice.mean()),
+            "mean_hd95": float(np.nanmean([v["hd95"] for v in per_region.values()]))
+            if any(v["hd95_cases"] for v in per_region.values()) else float("nan"),
+            "per_region": per_region, "n": int(pred.shape[0])}

@@ -1,0 +1,112 @@
+"""Saving and loading models: a zoo folder, a TorchScript file, or ``module:factory`` + weights.
+
+A zoo folder holds ``model.safetensors`` and ``card.json``. Loading never downloads anything.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pellucid.errors import ModelError
+from pellucid.models.card import ModelCard
+from pellucid.models.zoo import build
+
+WEIGHTS = "model.safetensors"
+CARD = "card.json"
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to explain: the module in eval mode and its card (``None`` if it has none)."""
+
+    module: nn.Module
+    card: ModelCard | None
+    source: str
+
+
+def save_model(folder: str | Path, module: nn.Module, card: ModelCard) -> Path:
+    """Write ``model.safetensors`` and ``card.json`` into ``folder`` (created if needed)."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    save_file(state, str(folder / WEIGHTS), metadata={"arch": card.arch, "task": card.task})
+    card.save(folder / CARD)
+    return folder
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise ModelError(f"{path}: weights file not found")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ModelError(f"{path}: cannot read weights ({type(exc).__name__}: {exc})") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ModelError(f"{path}: expected a state dict, found {type(state).__name__}")
+    return state
+
+
+def _load_state(module: nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise ModelError(f"{source}: weights do not fit the network ({first})") from None
+
+
+def load_model(spec: str | Path, weights: str | Path | None = None,
+               device: str | torch.device = "cpu") -> LoadedModel:
+    """Load a model from a zoo folder, a TorchScript file, or ``package.module:factory``.
+
+    ``module:factory`` is called with no arguments and must return an ``nn.Module``; ``weights``
+    (safetensors or a torch state dict) are then loaded into it. A ``card.json`` beside a TorchScript
+    file or given folder is used when present.
+    """
+    text = str(spec)
+    path = Path(text)
+    if path.is_dir():
+        card = ModelCard.load(path / CARD)
+        module = build(card.arch, card.spatial_dims, card.in_channels, card.num_outputs,
+                       backend=card.backend).module
+        _load_state(module, _read_state_dict(path / WEIGHTS), path / WEIGHTS)
+        return LoadedModel(module.to(device).eval(), card, text)
+    if path.is_file():
+        try:
+            module = torch.jit.load(str(path), map_location=device)
+        except Exception as exc:
+            raise ModelError(f"{path}: not a TorchScript file ({type(exc).__name__}); pass a zoo "
+                             f"folder or 'module:factory' with --weights") from None
+        card_path = path.with_name(CARD)
+        card = ModelCard.load(card_path) if card_path.is_file() else None
+        return LoadedModel(module.eval(), card, text)
+    if ":" in text and not path.exists():
+        mod_name, _, factory_name = text.partition(":")
+        try:
+            factory = getattr(importlib.import_module(mod_name), factory_name)
+        except (ImportError, AttributeError) as exc:
+            raise ModelError(f"{text}: cannot import the factory ({exc})") from None
+        module = factory()
+        if not isinstance(module, nn.Module):
+            raise ModelError(f"{text}: factory returned {type(module).__name__}, not an nn.Module")
+        card = None
+        if weights is not None:
+            wpath = Path(weights)
+            _load_state(module, _read_state_dict(wpath), wpath)
+            card_path = wpath.with_name(CARD)
+            card = ModelCard.load(card_path) if card_path.is_file() else None
+        return LoadedModel(module.to(device).eval(), card, text)
+    raise ModelError(f"{text}: no such model folder or file (expected a zoo folder with card.json, "
+                     f"a TorchScript file, or 'module:factory')")
