@@ -1,1 +1,32 @@
-__version__ = '0.1.0'
+"""pellucid: explain medical imaging models and measure how good the explanations are."""
+
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+
+
+def explain(model: Any, inputs: Any, method: str, target: Any = None, layer: Any = None,
+            activation: str | None = None, **options: Any):
+    """Explain ``model`` on ``inputs`` (B, C, *spatial) with ``method`` for ``target``.
+
+    ``model`` is an ``nn.Module`` or a :class:`pellucid.models.LoadedModel` (whose card supplies
+    the default layer and output activation). ``target`` is a :mod:`pellucid.targets` target, class
+    indices, or None for the predicted class (classification) / predicted region of class 0
+    (segmentation). ``options`` go to the method (see ``pellucid.explainers.available()``).
+    Returns a :class:`pellucid.explainers.Explanation`.
+    """
+    from pellucid.explainers import create
+    from pellucid.models.store import LoadedModel
+
+    if isinstance(model, LoadedModel):
+        card = model.card
+        if card is not None:
+            layer = layer if layer is not None else card.default_layer
+            activation = activation or card.activation
+        model = model.module
+    explainer = create(method, **options)
+    if not explainer.needs_layer:
+        layer = None
+    return explainer.explain(model, inputs, target=target, layer=layer, activation=activation)

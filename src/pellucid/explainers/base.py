@@ -1,0 +1,299 @@
+"""What every explainer shares: the Explanation record, cost counting, the model guard, layer
+lookup, hooks and post-processing (ReLU, up-sampling, per-sample min-max)."""
+
+from __future__ import annotations
+
+import difflib
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pellucid.errors import ConfigError, ModelError
+from pellucid.targets import BoundTarget, Target, as_target
+
+UPSAMPLE_MODES = ("linear", "nearest", "bspline")
+NORMALIZE_MODES = ("minmax", "none")
+
+
+@dataclass
+class Cost:
+    """Compute spent on one explanation call (all samples of the batch together)."""
+
+    forward_passes: int = 0
+    forward_samples: int = 0
+    backward_passes: int = 0
+    seconds: float = 0.0
+    peak_memory_bytes: int | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class Explanation:
+    """Attributions (B, 1, *spatial) at input resolution on the inputs' device, and how they were
+    made: method, bound target, layer, the raw low-resolution map and the cost."""
+
+    attributions: torch.Tensor
+    method: str
+    target: BoundTarget
+    layer: str | None = None
+    raw: torch.Tensor | None = None
+    cost: Cost = field(default_factory=Cost)
+    output: torch.Tensor | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return self.attributions.shape[0]
+
+
+class ModelRunner:
+    """Calls the model and counts forward and backward passes; turns shape errors into one line."""
+
+    def __init__(self, model: nn.Module, cost: Cost) -> None:
+        self.model, self.cost = model, cost
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.cost.forward_passes += 1
+        self.cost.forward_samples += x.shape[0]
+        try:
+            out = self.model(x)
+        except RuntimeError as exc:
+            if "shape" in str(exc) or "size" in str(exc) or "channels" in str(exc):
+                first = str(exc).strip().splitlines()[0]
+                raise ModelError(f"the model cannot take input of shape {tuple(x.shape)}: "
+                                 f"{first}") from None
+            raise
+        if isinstance(out, (tuple, list)):
+            out = out[0]
+        if isinstance(out, dict):
+            raise ModelError("the model returns a dict; wrap it so that it returns a tensor")
+        return out
+
+    def backward(self, scalar: torch.Tensor, inputs: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        self.cost.backward_passes += 1
+        return torch.autograd.grad(scalar, inputs)
+
+
+@contextmanager
+def model_guard(model: nn.Module) -> Iterator[list]:
+    """Put the model in eval mode with frozen parameters; on exit (also on error) remove every hook
+    registered into the yielded list and restore train/eval modes and ``requires_grad``."""
+    modes = [(m, m.training) for m in model.modules()]
+    grads = [(p, p.requires_grad) for p in model.parameters()]
+    handles: list = []
+    try:
+        model.eval()
+        for p, _ in grads:
+            p.requires_grad_(False)
+        yield handles
+    finally:
+        for h in handles:
+            h.remove()
+        for m, mode in modes:
+            m.training = mode
+        for p, flag in grads:
+            p.requires_grad_(flag)
+
+
+def resolve_layer(model: nn.Module, layer: str | nn.Module) -> tuple[str, nn.Module]:
+    """Find a layer by dotted name (or module); an unknown name lists the closest names."""
+    if isinstance(layer, nn.Module):
+        for name, module in model.named_modules():
+            if module is layer:
+                return name, module
+        raise ConfigError("the given layer module is not part of the model")
+    names = [n for n, _ in model.named_modules() if n]
+    if layer in names:
+        return layer, model.get_submodule(layer)
+    close = difflib.get_close_matches(layer, names, n=5, cutoff=0.5)
+    hint = f"; closest: {', '.join(close)}" if close else "; list them with `pellucid layers`"
+    raise ConfigError(f"unknown layer {layer!r}{hint}")
+
+
+def candidate_layers(model: nn.Module, example: torch.Tensor) -> list[dict[str, Any]]:
+    """Layers with a spatial output (B, C, *spatial) of the input's rank, in execution order, with
+    their output shape: the layers a CAM can use. Runs one forward pass of ``example``."""
+    found: list[dict[str, Any]] = []
+    with model_guard(model) as handles:
+        for name, module in model.named_modules():
+            if not name:
+                continue
+
+            def hook(mod, inp, out, name=name):
+                if isinstance(out, torch.Tensor) and out.ndim == example.ndim:
+                    found.append({"name": name, "type": type(mod).__name__,
+                                  "shape": tuple(out.shape[1:])})
+            handles.append(module.register_forward_hook(hook))
+        with torch.no_grad():
+            model(example)
+    return found
+
+
+def default_layer(model: nn.Module, example: torch.Tensor) -> str:
+    """The last layer (in execution order) whose output is spatial and smaller than the input: the
+    last convolutional block of a classifier, the deepest decoder stage of a U-Net."""
+    size = example.shape[2:]
+    best = None
+    for info in candidate_layers(model, example):
+        spatial = info["shape"][1:]
+        if any(s > 1 for s in spatial) and all(s <= t for s, t in zip(spatial, size, strict=True)) \
+                and tuple(spatial) != tuple(size):
+            best = info["name"]
+    if best is None:
+        raise ConfigError("no layer with a down-sampled spatial output found; pass layer=...")
+    return best
+
+
+def _bspline_matrix(n_in: int, n_out: int, device, dtype) -> torch.Tensor:
+    """(n_out, n_in) matrix of cubic B-spline interpolation with mirror boundaries, sampling
+    ``n_out`` points evenly over [0, n_in - 1] (the corners aligned, as ``scipy.ndimage.zoom``)."""
+    if n_in == 1:
+        return torch.ones(n_out, 1, device=device, dtype=dtype)
+    idx = torch.arange(n_in, dtype=torch.float64)
+
+    def mirror(k: torch.Tensor) -> torch.Tensor:
+        period = 2 * (n_in - 1)
+        k = torch.remainder(k, period)
+        return torch.where(k >= n_in, period - k, k)
+
+    def bspline3(t: torch.Tensor) -> torch.Tensor:
+        t = t.abs()
+        return torch.where(t < 1, 2 / 3 - t**2 + t**3 / 2,
+                           torch.where(t < 2, (2 - t) ** 3 / 6, torch.zeros_like(t)))
+
+    # interpolation at the knots: samples = B @ coefficients; coefficients = B^-1 @ samples
+    knots = torch.zeros(n_in, n_in, dtype=torch.float64)
+    for off in (-1, 0, 1):
+        knots.index_put_((idx.long(), mirror(idx + off).long()), bspline3(torch.tensor(float(off))),
+                         accumulate=True)
+    coords = torch.arange(n_out, dtype=torch.float64) * (n_in - 1) / max(n_out - 1, 1)
+    base = torch.floor(coords)
+    evaluate = torch.zeros(n_out, n_in, dtype=torch.float64)
+    rows = torch.arange(n_out)
+    for off in (-1, 0, 1, 2):
+        k = base + off
+        evaluate.index_put_((rows, mirror(k).long()), bspline3(coords - k), accumulate=True)
+    return (evaluate @ torch.linalg.inv(knots)).to(device=device, dtype=dtype)
+
+
+def upsample(maps: torch.Tensor, size: tuple[int, ...], mode: str = "linear") -> torch.Tensor:
+    """Resize (B, C, *low) maps to ``size``: (bi/tri)linear with ``align_corners=False``, nearest,
+    or cubic B-spline (``bspline``: equal to ``scipy.ndimage.zoom(order=3)``, pytorch-grad-cam's
+    3D resize)."""
+    if mode not in UPSAMPLE_MODES:
+        raise ConfigError(f"upsample must be one of {UPSAMPLE_MODES}, got {mode!r}")
+    if tuple(maps.shape[2:]) == tuple(size):
+        return maps
+    if mode == "nearest":
+        return F.interpolate(maps, size=size, mode="nearest")
+    if mode == "linear":
+        interp = {1: "linear", 2: "bilinear", 3: "trilinear"}[len(size)]
+        return F.interpolate(maps, size=size, mode=interp, align_corners=False)
+    out = maps
+    for axis, n_out in enumerate(size):
+        dim = 2 + axis
+        matrix = _bspline_matrix(out.shape[dim], n_out, out.device, out.dtype)
+        out = torch.movedim(torch.movedim(out, dim, -1) @ matrix.T, -1, dim)
+    return out
+
+
+def minmax(maps: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """Per-sample (x - min) / (max - min + eps) over all but the batch dimension."""
+    flat = maps.flatten(1)
+    lo = flat.min(1).values.view(-1, *([1] * (maps.ndim - 1)))
+    shifted = maps - lo
+    hi = shifted.flatten(1).max(1).values.view(-1, *([1] * (maps.ndim - 1)))
+    return shifted / (hi + eps)
+
+
+def postprocess(raw: torch.Tensor, size: tuple[int, ...], relu: bool, upsample_mode: str,
+                normalize: str) -> torch.Tensor:
+    """ReLU (optional), up-sample to ``size``, then per-sample min-max (optional)."""
+    if normalize not in NORMALIZE_MODES:
+        raise ConfigError(f"normalize must be one of {NORMALIZE_MODES}, got {normalize!r}")
+    maps = raw.clamp_min(0) if relu else raw
+    maps = upsample(maps, size, upsample_mode)
+    return minmax(maps) if normalize == "minmax" else maps
+
+
+class Explainer:
+    """Base class. Subclasses are dataclasses of their options and implement ``_explain``."""
+
+    name: ClassVar[str]
+    family: ClassVar[str]
+    needs_layer: ClassVar[bool] = False
+
+    def _explain(self, runner: ModelRunner, model: nn.Module, inputs: torch.Tensor,
+                 target: Target | BoundTarget | None, layer: str | None,
+                 handles: list) -> Explanation:
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def explain(self, model: nn.Module, inputs: torch.Tensor,
+                target: Target | BoundTarget | int | None = None,
+                layer: str | nn.Module | None = None, activation: str | None = None) -> Explanation:
+        """Explain ``model`` on ``inputs`` (B, C, *spatial) for ``target``."""
+        if not isinstance(inputs, torch.Tensor) or inputs.ndim not in (3, 4, 5):
+            shape = tuple(inputs.shape) if isinstance(inputs, torch.Tensor) else type(inputs).__name__
+            raise ConfigError(f"inputs must be a tensor (B, C, H, W) or (B, C, D, H, W), got {shape}")
+        if not inputs.is_floating_point():
+            raise ConfigError(f"inputs must be floating point, got {inputs.dtype}")
+        self._activation = activation
+        cost = Cost()
+        device = inputs.device
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        start = time.perf_counter()
+        with model_guard(model) as handles:
+            runner = ModelRunner(model, cost)
+            layer_name = None
+            if self.needs_layer:
+                if isinstance(model, torch.jit.ScriptModule):
+                    raise ModelError(f"{self.name} needs layer hooks, which TorchScript models do "
+                                     f"not support; load the model as an nn.Module")
+                layer_name = resolve_layer(model, layer)[0] if layer is not None else \
+                    default_layer(model, inputs[:1].detach())
+            explanation = self._explain(runner, model, inputs.detach(), target, layer_name, handles)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            cost.peak_memory_bytes = int(torch.cuda.max_memory_allocated(device))
+        cost.seconds = time.perf_counter() - start
+        explanation.cost = cost
+        return explanation
+
+    def bind(self, target: Target | BoundTarget | int | None,
+             output: torch.Tensor) -> BoundTarget:
+        return as_target(target, output, getattr(self, "_activation", None))
+
+
+def capture_layer(module: nn.Module, handles: list, grad: bool) -> dict[str, torch.Tensor]:
+    """Hook ``module`` to record its output under ``store['activation']``. With ``grad``, the output
+    is replaced by a differentiable copy whose leaf is ``store['leaf']``, so a backward pass stops at
+    this layer and its gradient is ``leaf.grad``-equivalent (weights stay frozen)."""
+    store: dict[str, torch.Tensor] = {}
+
+    def hook(mod: nn.Module, inp: Any, out: Any) -> Any:
+        if not isinstance(out, torch.Tensor):
+            raise ModelError(f"layer {type(mod).__name__} returns {type(out).__name__}, not a tensor")
+        if grad:
+            leaf = out.detach().requires_grad_(True)
+            store["leaf"] = leaf
+            store["activation"] = leaf.detach()
+            return leaf.clone()
+        store["activation"] = out.detach()
+        return None
+
+    handles.append(module.register_forward_hook(hook))
+    return store
+
+
+def replace_layer_output(module: nn.Module, handles: list,
+                         fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """Hook ``module`` so that its output ``y`` is replaced by ``fn(y)``."""
+    handles.append(module.register_forward_hook(lambda mod, inp, out: fn(out)))

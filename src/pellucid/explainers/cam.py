@@ -1,0 +1,280 @@
+"""The class activation map (CAM) family: one base class, each variant says only how its map is
+combined from the target layer's activations A (B, C, *low) and gradients g = dy/dA.
+
+==============  ======================================================================  ==========
+method          map (before ReLU, up-sampling and min-max)                              paper
+==============  ======================================================================  ==========
+gradcam         sum_k w_k A_k,  w_k = mean_space(g_k)                                   Selvaraju 2017
+gradcampp       sum_k w_k A_k,  w_k = sum_space(ReLU(g_k) alpha_k), alpha below        Chattopadhay 2018
+xgradcam        sum_k w_k A_k,  w_k = sum_space(g_k A_k) / (sum_space(A_k) + 1e-7)      Fu 2020
+hirescam        sum_k g_k * A_k (element-wise, no spatial averaging)                    Draelos 2020
+layercam        sum_k ReLU(g_k) * A_k                                                   Jiang 2021
+eigencam        projection of the centred activations on their first principal axis     Muhammad 2020
+scorecam        sum_k w_k A_k,  w = softmax_k(y(x * norm(up(A_k))))                    Wang 2020
+ablationcam     sum_k w_k A_k,  w_k = (y - y_{A_k=0}) / y                               Desai 2020
+==============  ======================================================================  ==========
+
+Grad-CAM++ alpha (eq. 19 of the paper, read two ways):
+
+- ``plusplus="eq19"`` (default; pytorch-grad-cam's reading):
+  alpha = g^2 / (2 g^2 + (sum_space A) g^3 + 1e-6), alpha = 0 where g = 0
+- ``plusplus="summed"`` (torch-cam, MONAI, M3d-CAM):
+  alpha = g^2 / (2 g^2 + sum_space(A g^3) + 1e-6), alpha = 0 where g = 0
+
+Everything runs batched on the inputs' device, 2D and 3D through one code path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pellucid.errors import ConfigError, ModelError
+from pellucid.explainers.base import (Explainer, Explanation, ModelRunner, capture_layer,
+                                      postprocess, replace_layer_output, resolve_layer)
+from pellucid.explainers.registry import register
+from pellucid.targets import BoundTarget, Target
+
+
+def _spatial(t: torch.Tensor) -> tuple[int, ...]:
+    return tuple(range(2, t.ndim))
+
+
+def _expand(w: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return w.view(*w.shape, *([1] * (like.ndim - w.ndim)))
+
+
+@dataclass
+class CAM(Explainer):
+    """Base class of the CAM family (not registered)."""
+
+    relu: bool = True
+    upsample: str = "linear"
+    normalize: str = "minmax"
+
+    family: ClassVar[str] = "cam"
+    needs_layer: ClassVar[bool] = True
+    uses_gradients: ClassVar[bool] = True
+
+    def channel_weights(self, acts: torch.Tensor, grads: torch.Tensor | None,
+                        ctx: dict) -> torch.Tensor:
+        """(B, C) weights of the activation channels."""
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def combine(self, acts: torch.Tensor, grads: torch.Tensor | None, ctx: dict) -> torch.Tensor:
+        """(B, *low) map; by default the weighted sum of activation channels."""
+        weights = self.channel_weights(acts, grads, ctx)
+        return (_expand(weights, acts) * acts).sum(1)
+
+    def _explain(self, runner: ModelRunner, model: nn.Module, inputs: torch.Tensor,
+                 target: Target | BoundTarget | None, layer: str | None,
+                 handles: list) -> Explanation:
+        _, module = resolve_layer(model, layer)
+        store = capture_layer(module, handles, grad=self.uses_gradients)
+        grads = None
+        if self.uses_gradients:
+            with torch.enable_grad():
+                output = runner.forward(inputs)
+                if "leaf" not in store:
+                    raise ModelError(f"layer {layer!r} was not reached by the forward pass")
+                bound = self.bind(target, output)
+                (grads,) = runner.backward(bound.score(output).sum(), [store["leaf"]])
+            output = output.detach()
+        else:
+            with torch.no_grad():
+                output = runner.forward(inputs)
+            bound = self.bind(target, output)
+        if "activation" not in store:
+            raise ModelError(f"layer {layer!r} was not reached by the forward pass")
+        acts = store.pop("activation")
+        store.clear()
+        handles.pop().remove()
+        if acts.ndim != inputs.ndim:
+            raise ConfigError(f"layer {layer!r} outputs shape {tuple(acts.shape)}; a CAM layer must "
+                              f"output (B, C, *spatial) like the input {tuple(inputs.shape)}")
+        ctx = {"runner": runner, "model": model, "module": module, "inputs": inputs,
+               "target": bound, "output": output}
+        with torch.no_grad():
+            raw = self.combine(acts, grads, ctx)[:, None]
+            maps = postprocess(raw, tuple(inputs.shape[2:]), self.relu, self.upsample,
+                               self.normalize)
+        return Explanation(maps, self.name, bound, layer, raw, output=output)
+
+
+@register
+@dataclass
+class GradCAM(CAM):
+    """Grad-CAM: channels weighted by their spatially averaged gradient (Selvaraju et al. 2017)."""
+
+    name: ClassVar[str] = "gradcam"
+
+    def channel_weights(self, acts, grads, ctx):
+        return grads.mean(_spatial(grads))
+
+
+@register
+@dataclass
+class GradCAMPlusPlus(CAM):
+    """Grad-CAM++: positive gradients weighted by alpha (Chattopadhay et al. 2018), two readings."""
+
+    plusplus: str = "eq19"
+    name: ClassVar[str] = "gradcampp"
+
+    def __post_init__(self) -> None:
+        if self.plusplus not in ("eq19", "summed"):
+            raise ConfigError(f"plusplus must be 'eq19' or 'summed', got {self.plusplus!r}")
+
+    def channel_weights(self, acts, grads, ctx):
+        dims = _spatial(grads)
+        g2 = grads.pow(2)
+        g3 = g2 * grads
+        if self.plusplus == "eq19":
+            denom_term = acts.sum(dims, keepdim=True) * g3
+        else:
+            denom_term = (acts * g3).sum(dims, keepdim=True)
+        alpha = g2 / (2 * g2 + denom_term + 1e-6)
+        alpha = torch.where(grads != 0, alpha, torch.zeros_like(alpha))
+        return (grads.clamp_min(0) * alpha).sum(dims)
+
+
+@register
+@dataclass
+class XGradCAM(CAM):
+    """XGrad-CAM: gradients weighted by normalised activations (Fu et al. 2020)."""
+
+    name: ClassVar[str] = "xgradcam"
+
+    def channel_weights(self, acts, grads, ctx):
+        dims = _spatial(grads)
+        return (grads * acts / (acts.sum(dims, keepdim=True) + 1e-7)).sum(dims)
+
+
+@register
+@dataclass
+class HiResCAM(CAM):
+    """HiResCAM: element-wise gradient x activation summed over channels (Draelos & Carin 2020)."""
+
+    name: ClassVar[str] = "hirescam"
+
+    def combine(self, acts, grads, ctx):
+        return (grads * acts).sum(1)
+
+
+@register
+@dataclass
+class LayerCAM(CAM):
+    """LayerCAM: positive gradients x activations, element-wise (Jiang et al. 2021)."""
+
+    name: ClassVar[str] = "layercam"
+
+    def combine(self, acts, grads, ctx):
+        return (grads.clamp_min(0) * acts).sum(1)
+
+
+@register
+@dataclass
+class EigenCAM(CAM):
+    """Eigen-CAM: first principal component of the layer's activations (Muhammad & Yeasin 2020);
+    class-agnostic, no gradients."""
+
+    name: ClassVar[str] = "eigencam"
+    uses_gradients: ClassVar[bool] = False
+
+    def combine(self, acts, grads, ctx):
+        b, c = acts.shape[:2]
+        x = acts.reshape(b, c, -1).transpose(1, 2)  # (B, N, C)
+        x = torch.nan_to_num(x) - torch.nan_to_num(x).mean(1, keepdim=True)
+        _, _, vh = torch.linalg.svd(x, full_matrices=False)
+        projection = (x @ vh[:, 0, :, None])[..., 0]
+        return projection.reshape(b, *acts.shape[2:])
+
+
+@register
+@dataclass
+class ScoreCAM(CAM):
+    """Score-CAM: channel weights from the target score of the input masked by each up-sampled,
+    min-max normalised activation map, soft-maxed over channels (Wang et al. 2020).
+
+    Masked inputs are built ``batch_size`` at a time (peak memory bounded by it), mixing samples in
+    one batch; channels whose map is constant give the all-zero input and are scored once.
+    """
+
+    batch_size: int = 64
+    name: ClassVar[str] = "scorecam"
+    uses_gradients: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+
+    def channel_weights(self, acts, grads, ctx):
+        runner, inputs, bound = ctx["runner"], ctx["inputs"], ctx["target"]
+        b, c = acts.shape[:2]
+        size = tuple(inputs.shape[2:])
+        mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[len(size)]
+        flat = acts.flatten(2)
+        constant = flat.amax(2) == flat.amin(2)  # (B, C): normalised map is all zero
+        scores = torch.empty(b, c, device=acts.device, dtype=torch.float32)
+        if constant.any():
+            zero = runner.forward(torch.zeros_like(inputs[:1]))
+            zero_scores = bound.score(zero.expand(b, *zero.shape[1:]))
+            scores[constant] = zero_scores[:, None].expand(b, c)[constant].float()
+        rows, chans = torch.nonzero(~constant, as_tuple=True)
+        for start in range(0, rows.numel(), self.batch_size):
+            r, ch = rows[start:start + self.batch_size], chans[start:start + self.batch_size]
+            maps = F.interpolate(acts[r, ch][:, None], size=size, mode=mode, align_corners=True)
+            lo = maps.flatten(1).amin(1).view(-1, *([1] * (maps.ndim - 1)))
+            hi = maps.flatten(1).amax(1).view(-1, *([1] * (maps.ndim - 1)))
+            maps = (maps - lo) / (hi - lo + 1e-8)
+            out = runner.forward(inputs[r] * maps)
+            scores[r, ch] = bound.score(out, r).float()
+        return torch.softmax(scores, dim=1).to(acts.dtype)
+
+
+@register
+@dataclass
+class AblationCAM(CAM):
+    """Ablation-CAM: a channel's weight is the relative drop of the target score when that channel
+    is set to zero, (y - y_k) / y (Desai & Ramaswamy 2020). Layers before the target layer run
+    once per sample; the ablated copies run ``batch_size`` at a time from the layer on."""
+
+    batch_size: int = 64
+    name: ClassVar[str] = "ablationcam"
+    uses_gradients: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+
+    def channel_weights(self, acts, grads, ctx):
+        runner, inputs, bound = ctx["runner"], ctx["inputs"], ctx["target"]
+        module, output = ctx["module"], ctx["output"]
+        b, c = acts.shape[:2]
+        original = bound.score(output).float()
+        ablated = torch.empty(b, c, device=acts.device, dtype=torch.float32)
+        fast = True  # feed one copy of the input, expand at the layer; needs no skip past it
+        for i in range(b):
+            for start in range(0, c, self.batch_size):
+                chans = torch.arange(start, min(start + self.batch_size, c), device=acts.device)
+                copies = acts[i:i + 1].repeat(len(chans), *([1] * (acts.ndim - 1)))
+                copies[torch.arange(len(chans)), chans] = 0
+                rows = torch.full((len(chans),), i, device=acts.device, dtype=torch.long)
+                handles: list = []
+                replace_layer_output(module, handles, lambda out, copies=copies: copies)
+                try:
+                    if fast:
+                        try:
+                            out = runner.forward(inputs[i:i + 1])
+                        except (RuntimeError, ModelError):
+                            fast = False
+                    if not fast:
+                        out = runner.forward(inputs[i:i + 1].expand(len(chans), *inputs.shape[1:]))
+                finally:
+                    for h in handles:
+                        h.remove()
+                ablated[i, chans] = bound.score(out, rows).float()
+        return ((original[:, None] - ablated) / original[:, None]).to(acts.dtype)
