@@ -118,7 +118,7 @@ class BraTS(PellucidDataset):
         self.cases = cases
         self._cache: tuple[int, dict] | None = None
         self.items: list[tuple[int, int | None]] = []
-        for ci, case in enumerate(cases):
+        for ci in range(len(cases)):
             if spatial_dims == 3:
                 self.items.append((ci, None))
                 continue

@@ -1,8 +1,16 @@
 """Explainers: one registry of methods by name. ``available()`` lists them."""
 
 from pellucid.explainers import cam  # noqa: F401  (registers the CAM family)
-from pellucid.explainers.base import (Cost, Explainer, Explanation, candidate_layers,
-                                      default_layer, model_guard, resolve_layer, upsample)
+from pellucid.explainers.base import (
+                                      Cost,
+                                      Explainer,
+                                      Explanation,
+                                      candidate_layers,
+                                      default_layer,
+                                      model_guard,
+                                      resolve_layer,
+                                      upsample,
+)
 from pellucid.explainers.registry import available, create, names
 
 __all__ = [

@@ -171,7 +171,7 @@ def _bspline_matrix(n_in: int, n_out: int, device, dtype) -> torch.Tensor:
     # interpolation at the knots: samples = B @ coefficients; coefficients = B^-1 @ samples
     knots = torch.zeros(n_in, n_in, dtype=torch.float64)
     for off in (-1, 0, 1):
-        knots.index_put_((idx.long(), mirror(idx + off).long()), bspline3(torch.tensor(float(off))),
+        knots.index_put_((idx.long(), mirror(idx + off).long()), bspline3(torch.tensor(float(off), dtype=torch.float64)).expand(n_in),
                          accumulate=True)
     coords = torch.arange(n_out, dtype=torch.float64) * (n_in - 1) / max(n_out - 1, 1)
     base = torch.floor(coords)
@@ -215,11 +215,17 @@ def minmax(maps: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
 
 def postprocess(raw: torch.Tensor, size: tuple[int, ...], relu: bool, upsample_mode: str,
                 normalize: str) -> torch.Tensor:
-    """ReLU (optional), up-sample to ``size``, then per-sample min-max (optional)."""
+    """ReLU (optional), per-sample min-max (optional), up-sample to ``size``, then ReLU and min-max
+    again: a cubic spline overshoots, and its overshoot below the map's minimum is clipped (as
+    pytorch-grad-cam does for 3D); for linear up-sampling the second pass changes nothing."""
     if normalize not in NORMALIZE_MODES:
         raise ConfigError(f"normalize must be one of {NORMALIZE_MODES}, got {normalize!r}")
     maps = raw.clamp_min(0) if relu else raw
+    if normalize == "minmax":
+        maps = minmax(maps)
     maps = upsample(maps, size, upsample_mode)
+    if relu:
+        maps = maps.clamp_min(0)
     return minmax(maps) if normalize == "minmax" else maps
 
 

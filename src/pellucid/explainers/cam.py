@@ -34,8 +34,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from pellucid.errors import ConfigError, ModelError
-from pellucid.explainers.base import (Explainer, Explanation, ModelRunner, capture_layer,
-                                      postprocess, replace_layer_output, resolve_layer)
+from pellucid.explainers.base import (
+    Explainer,
+    Explanation,
+    ModelRunner,
+    capture_layer,
+    postprocess,
+    replace_layer_output,
+    resolve_layer,
+)
 from pellucid.explainers.registry import register
 from pellucid.targets import BoundTarget, Target
 
@@ -179,17 +186,37 @@ class LayerCAM(CAM):
 @dataclass
 class EigenCAM(CAM):
     """Eigen-CAM: first principal component of the layer's activations (Muhammad & Yeasin 2020);
-    class-agnostic, no gradients."""
+    class-agnostic, no gradients.
 
+    A singular vector's sign is arbitrary (it differs between LAPACK builds), so ``sign`` fixes it:
+    ``"activation"`` (default) makes the map correlate positively with the channel-summed
+    activation; ``"max"`` flips it when |min| > |max| (Seg-Eigen-CAM, Chung & Ying 2025);
+    ``"lapack"`` keeps whatever the SVD returned (pytorch-grad-cam's behaviour).
+    """
+
+    sign: str = "activation"
     name: ClassVar[str] = "eigencam"
     uses_gradients: ClassVar[bool] = False
 
+    def __post_init__(self) -> None:
+        if self.sign not in ("activation", "max", "lapack"):
+            raise ConfigError(f"sign must be 'activation', 'max' or 'lapack', got {self.sign!r}")
+
     def combine(self, acts, grads, ctx):
         b, c = acts.shape[:2]
-        x = acts.reshape(b, c, -1).transpose(1, 2)  # (B, N, C)
-        x = torch.nan_to_num(x) - torch.nan_to_num(x).mean(1, keepdim=True)
-        _, _, vh = torch.linalg.svd(x, full_matrices=False)
-        projection = (x @ vh[:, 0, :, None])[..., 0]
+        x = torch.nan_to_num(acts.reshape(b, c, -1).transpose(1, 2))  # (B, N, C)
+        x = x - x.mean(1, keepdim=True)
+        _, _, vh = torch.linalg.svd(x, full_matrices=True)
+        projection = (x @ vh[:, 0, :, None])[..., 0]  # (B, N)
+        if self.sign == "activation":
+            summed = torch.nan_to_num(acts).sum(1).reshape(b, -1)
+            summed = summed - summed.mean(1, keepdim=True)
+            flip = (projection * summed).sum(1) < 0
+        elif self.sign == "max":
+            flip = projection.amin(1).abs() > projection.amax(1).abs()
+        else:
+            flip = torch.zeros(b, dtype=torch.bool, device=acts.device)
+        projection = torch.where(flip[:, None], -projection, projection)
         return projection.reshape(b, *acts.shape[2:])
 
 

@@ -22,8 +22,7 @@ import pellucid
 from pellucid.data.base import PellucidDataset, collate
 from pellucid.errors import ConfigError
 from pellucid.models.card import ModelCard
-from pellucid.models.performance import (classification_report, pick_thresholds,
-                                         segmentation_report)
+from pellucid.models.performance import classification_report, pick_thresholds, segmentation_report
 from pellucid.models.zoo import CLASSIFIERS, build
 from pellucid.progress import track
 from pellucid.runtime import configure_threads, seed_everything

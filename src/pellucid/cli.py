@@ -1,0 +1,174 @@
+"""The ``pellucid`` command line. A user's mistake prints one ``error:`` line and exits with 2."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from pellucid.errors import ConfigError, PellucidError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Explain medical imaging models and measure how good the explanations are.")
+console = Console()
+
+
+def _split_list(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+@app.command()
+def datasets() -> None:
+    """List the dataset readers."""
+    from pellucid.data import DATASETS
+
+    table = Table("name", "what")
+    for name, what in DATASETS.items():
+        table.add_row(name, what)
+    console.print(table)
+
+
+@app.command()
+def methods() -> None:
+    """List the explanation methods with their family."""
+    from pellucid.explainers import available
+
+    table = Table("method", "family", "needs layer", "summary")
+    for m in available():
+        table.add_row(m["name"], m["family"], "yes" if m["needs_layer"] else "no", m["summary"])
+    console.print(table)
+
+
+@app.command()
+def train(
+    arch: Annotated[str, typer.Option(help="resnet18, resnet50, densenet121 or unet")] = "resnet18",
+    data: Annotated[str, typer.Option(help="dataset name (see `pellucid datasets`)")] = "phantom-chest",
+    out: Annotated[Path, typer.Option(help="folder to write the model into")] = Path("models/model"),
+    root: Annotated[Path | None, typer.Option(help="dataset folder (real datasets)")] = None,
+    epochs: int = 5,
+    batch_size: int = 32,
+    lr: float = 1e-3,
+    seed: int = 0,
+    size: Annotated[int | None, typer.Option(help="resize images to this side")] = None,
+    n_train: Annotated[int | None, typer.Option(help="phantoms: training images")] = None,
+    backend: Annotated[str | None, typer.Option(help="torchvision or monai (ResNets)")] = None,
+    dims: Annotated[int | None, typer.Option(help="BraTS: 2 (slices) or 3 (volumes)")] = None,
+    label_file: Annotated[str | None, typer.Option(help="BraTS: label file name in each case")] = None,
+    max_steps: Annotated[int | None, typer.Option(help="stop after this many steps")] = None,
+) -> None:
+    """Train a zoo network on a dataset; writes weights, model card and metrics."""
+    from pellucid.data import open_dataset
+    from pellucid.models import TrainConfig, save_model
+    from pellucid.models import train as run_train
+
+    opts: dict = {"seed": seed}
+    if size is not None:
+        opts["size"] = size
+    if dims is not None:
+        opts["spatial_dims"] = dims
+    if label_file is not None:
+        opts["label_file"] = label_file
+    if data == "phantom-brain" or data == "phantom-brain-3d":
+        opts["task"] = "segmentation" if arch == "unet" else "classification"
+    splits = {}
+    for split in ("train", "val", "test"):
+        split_opts = dict(opts)
+        if data.startswith("phantom") and split == "train" and n_train:
+            split_opts["n"] = n_train
+        splits[split] = open_dataset(data, root, split=split, **split_opts)
+    config = TrainConfig(arch=arch, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
+                         backend=backend, max_steps=max_steps)
+    result = run_train(splits["train"], config, splits["val"], splits["test"], dataset_name=data)
+    save_model(out, result.module, result.card)
+    console.print(f"saved {arch} to {out} ({result.seconds:.0f} s)")
+    console.print_json(json.dumps(result.card.metrics.get("test", {}), default=float))
+
+
+@app.command()
+def info(model: Annotated[str, typer.Argument(help="zoo folder, TorchScript file or module:factory")],
+         ) -> None:
+    """Show a model's card."""
+    from pellucid.models import load_model
+
+    loaded = load_model(model)
+    if loaded.card is None:
+        console.print(f"{model}: no model card")
+        return
+    console.print_json(json.dumps(loaded.card.__dict__, default=str))
+
+
+@app.command()
+def layers(model: Annotated[str, typer.Argument(help="zoo folder or module:factory")],
+           weights: Path | None = None) -> None:
+    """List the layers a CAM can use (spatial outputs), with their output shapes."""
+    import torch
+
+    from pellucid.explainers import candidate_layers, default_layer
+    from pellucid.models import load_model
+
+    loaded = load_model(model, weights)
+    if loaded.card is None:
+        raise ConfigError(f"{model}: listing layers needs a model card for the input shape")
+    example = torch.zeros(1, loaded.card.in_channels, *loaded.card.input_size)
+    table = Table("layer", "type", "output (C, *spatial)")
+    for info_ in candidate_layers(loaded.module, example):
+        table.add_row(info_["name"], info_["type"], str(info_["shape"]))
+    console.print(table)
+    console.print(f"default: {loaded.card.default_layer or default_layer(loaded.module, example)}")
+
+
+@app.command()
+def explain(
+    model: Annotated[str, typer.Option(help="zoo folder, TorchScript file or module:factory")],
+    input: Annotated[list[Path], typer.Option("--input", help="image/NIfTI/DICOM file(s)")],
+    method: Annotated[str, typer.Option(help="comma-separated methods")] = "gradcam",
+    out: Annotated[Path, typer.Option(help="output folder")] = Path("explanations"),
+    target: Annotated[str | None, typer.Option(help="class name or index (default: predicted)")] = None,
+    layer: Annotated[str | None, typer.Option(help="layer name (default: the card's)")] = None,
+    region: Annotated[str, typer.Option(help="segmentation: predicted or all")] = "predicted",
+    weights: Annotated[Path | None, typer.Option(help="weights for module:factory")] = None,
+) -> None:
+    """Explain a model on files: overlay PNGs, raw maps (.npy 2D, .nii.gz 3D) and summary.json."""
+    from pellucid.explain_files import explain_files
+    from pellucid.models import load_model
+
+    loaded = load_model(model, weights)
+    summary = explain_files(loaded, input, _split_list(method), out, target=target, layer=layer,
+                            region=region)
+    for row in summary:
+        console.print(f"{row['input']}: {row['prediction']} -> {', '.join(row['files'])}")
+
+
+@app.command()
+def demo(out: Annotated[Path, typer.Option(help="output folder")] = Path("demo_out"),
+         quick: Annotated[bool, typer.Option(help="smaller models and fewer cases")] = False) -> None:
+    """The main job on the embedded phantoms: train, explain, and write figures."""
+    from pellucid.demo import run_demo
+
+    run_demo(out, quick=quick)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the app; a PellucidError becomes one line on stderr and exit status 2."""
+    import click
+
+    try:
+        app(args=argv, standalone_mode=False)
+    except PellucidError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        print("error: aborted", file=sys.stderr)
+        sys.exit(130)
+    except click.ClickException as exc:
+        print(f"error: {exc.format_message()}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

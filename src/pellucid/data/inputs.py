@@ -1,0 +1,81 @@
+"""Loading a user's file as a model input: PNG/JPEG/TIFF, NIfTI, DICOM, or a BraTS case folder,
+brought to the model card's channels and input size, keeping what is needed to map results back
+(original shape, affine)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pellucid.data.io import IMAGE_SUFFIXES, is_nifti, read_image_2d, read_nifti
+from pellucid.data.transforms import resize_image
+from pellucid.errors import DataError
+
+
+@dataclass
+class InputImage:
+    image: torch.Tensor  # (C, *spatial) at the model's input size, reader units
+    original: torch.Tensor  # (C, *spatial) as read
+    affine: np.ndarray | None
+    name: str
+    path: Path
+
+
+def _read_dicom(path: Path) -> np.ndarray:
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(str(path))
+        arr = ds.pixel_array.astype(np.float32)
+    except Exception as exc:
+        raise DataError(path, f"cannot read DICOM pixels ({type(exc).__name__}: {exc})") from None
+    slope = float(getattr(ds, "RescaleSlope", 1) or 1)
+    intercept = float(getattr(ds, "RescaleIntercept", 0) or 0)
+    arr = arr * slope + intercept
+    if getattr(ds, "PhotometricInterpretation", "") == "MONOCHROME1":
+        arr = arr.max() - arr
+    if arr.ndim == 3 and getattr(ds, "SamplesPerPixel", 1) == 3:
+        arr = arr.mean(-1)
+    if arr.ndim == 3:
+        arr = arr[arr.shape[0] // 2]
+    lo, hi = float(arr.min()), float(arr.max())
+    return ((arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr))[None]
+
+
+def load_input(path: str | Path, in_channels: int, input_size: list[int] | None,
+               spatial_dims: int) -> InputImage:
+    """Read ``path`` and shape it for a model with ``in_channels`` and ``input_size``."""
+    path = Path(path)
+    affine = None
+    if path.is_dir():
+        from pellucid.data.brats import BraTS
+
+        case = BraTS(path, spatial_dims=3)[0]
+        original, affine = case["image"], case["affine"].numpy()
+    elif is_nifti(path):
+        from pellucid.data.transforms import zscore_nonzero
+
+        data, affine, _ = read_nifti(path)
+        original = zscore_nonzero(torch.from_numpy(data)[None])
+    elif path.suffix.lower() in (".dcm", ".dicom"):
+        original = torch.from_numpy(_read_dicom(path))
+    elif path.suffix.lower() in IMAGE_SUFFIXES:
+        original = torch.from_numpy(read_image_2d(path, channels=in_channels))
+    elif not path.exists():
+        raise DataError(path, "file not found")
+    else:
+        raise DataError(path, "unsupported input type (PNG/JPEG/TIFF, NIfTI, DICOM, or a BraTS "
+                              "case folder)")
+    if original.ndim - 1 != spatial_dims:
+        raise DataError(path, f"a {original.ndim - 1}D image cannot go to a {spatial_dims}D model")
+    if original.shape[0] != in_channels:
+        if original.shape[0] == 1:
+            original = original.repeat(in_channels, *([1] * spatial_dims))
+        else:
+            raise DataError(path, f"image has {original.shape[0]} channels, the model takes "
+                                  f"{in_channels}")
+    image = resize_image(original, input_size) if input_size else original
+    return InputImage(image.float(), original.float(), affine, path.name.split(".")[0], path)
