@@ -1,0 +1,181 @@
+"""Every reader loads every file of its folder in the shared data, aligned with its truth."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pellucid.data import BraTS, ChestXray14, LGGSegmentation, collate
+from pellucid.data.brats import REGIONS
+from pellucid.data.chestxray14 import FINDINGS, boxes_to_masks
+from pellucid.data.io import read_image_2d
+
+
+def test_chestxray14_loads_every_image_with_labels(shared_data):
+    root = shared_data / "chestxray14-sample"
+    ds = ChestXray14(root)
+    with (root / "Data_Entry_2017.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(ds) == len(rows) == len(list((root / "images").glob("*.png")))
+    by_name = {r["Image Index"]: r["Finding Labels"] for r in rows}
+    for i in range(len(ds)):
+        s = ds[i]
+        assert s["image"].shape == (1, 256, 256)
+        assert 0.0 <= float(s["image"].min()) and float(s["image"].max()) <= 1.0
+        names = {FINDINGS[k] for k in torch.nonzero(s["label"]).flatten().tolist()}
+        expected = set(by_name[s["case_id"]].split("|")) - {"No Finding"}
+        assert names == expected
+
+
+def test_chestxray14_boxes_scaled_to_loaded_size_and_on_the_same_anatomy(shared_data):
+    """Boxes are given in the 1024 px frame; the 256 px image and the 1024 px original must show the
+    same pixels inside each scaled box."""
+    root = shared_data / "chestxray14-sample"
+    ds = ChestXray14(root)
+    with_boxes = [i for i, r in enumerate(ds.records) if r["name"] in ds.boxes]
+    n_boxes = sum(len(v) for v in ds.boxes.values())
+    assert len(with_boxes) == len(list((root / "images_1024").glob("*.png"))) == 12
+    assert n_boxes == 12  # the sample's BBox_List holds 12 rows (the data README says 13)
+    for i in with_boxes:
+        s = ds[i]
+        big = torch.from_numpy(read_image_2d(root / "images_1024" / s["case_id"], channels=1))
+        assert big.shape[-1] == 1024
+        for box, label in zip(s["boxes"], s["box_labels"], strict=True):
+            x0, y0, x1, y1 = box.tolist()
+            assert 0 <= x0 < x1 <= 256 and 0 <= y0 < y1 <= 256
+            assert FINDINGS[int(label)] in {FINDINGS[k] for k in torch.nonzero(s["label"]).flatten()}
+            # crop the same box from both resolutions; compare after bringing the big one down
+            small = s["image"][0, int(y0):int(np.ceil(y1)), int(x0):int(np.ceil(x1))]
+            crop = big[:, int(y0 * 4):int(np.ceil(y1) * 4), int(x0 * 4):int(np.ceil(x1) * 4)]
+            down = F.interpolate(crop[None], size=small.shape, mode="area")[0, 0]
+            corr = np.corrcoef(small.flatten().numpy(), down.flatten().numpy())[0, 1]
+            assert corr > 0.95, (s["case_id"], corr)
+    # a box mask lies where the box is
+    s = ds[with_boxes[0]]
+    masks = boxes_to_masks(s["boxes"], s["box_labels"], len(FINDINGS), (256, 256))
+    k = int(s["box_labels"][0])
+    ys, xs = torch.nonzero(masks[k], as_tuple=True)
+    x0, y0, x1, y1 = s["boxes"][0].tolist()
+    assert xs.min() >= np.floor(x0) and xs.max() <= np.ceil(x1)
+    assert ys.min() >= np.floor(y0) and ys.max() <= np.ceil(y1)
+
+
+def test_chestxray14_patient_wise_split_is_seeded_and_disjoint(shared_data):
+    root = shared_data / "chestxray14-sample"
+    parts = {s: ChestXray14(root, split=s, seed=3) for s in ("train", "val", "test")}
+    patients = {s: {r["patient"] for r in ds.records} for s, ds in parts.items()}
+    assert not patients["train"] & patients["val"]
+    assert not patients["train"] & patients["test"]
+    assert not patients["val"] & patients["test"]
+    assert sum(len(d) for d in parts.values()) == len(ChestXray14(root))
+    again = ChestXray14(root, split="test", seed=3)
+    assert [r["name"] for r in again.records] == [r["name"] for r in parts["test"].records]
+    assert 0.15 < len(parts["test"]) / 621 < 0.25
+
+
+def test_lgg_loads_every_slice_with_its_mask(shared_data):
+    root = shared_data / "lgg-mri-segmentation"
+    ds = LGGSegmentation(root)
+    images = [p for p in root.rglob("*.png") if not p.stem.endswith("_mask")]
+    assert len(ds) == len(images) == 620
+    positives, brighter = 0, 0
+    for i in range(len(ds)):
+        s = ds[i]
+        assert s["image"].shape == (3, 256, 256) and s["mask"].shape == (1, 256, 256)
+        assert set(torch.unique(s["mask"]).tolist()) <= {0.0, 1.0}
+        if s["mask"].any():
+            positives += 1
+            inside = s["mask"][0] > 0
+            brain = s["image"].amax(0) > 0.05
+            # the abnormality lies on the brain, and is bright on FLAIR (channel 1)
+            assert (inside & brain).sum() >= 0.95 * inside.sum()
+            flair = s["image"][1]
+            brighter += bool(flair[inside].mean() > flair[brain & ~inside].mean())
+    assert positives > 100
+    # FLAIR abnormality masks sit on FLAIR-bright tissue in (nearly) every slice
+    assert brighter / positives > 0.9
+
+
+def test_lgg_split_is_patient_wise(shared_data):
+    root = shared_data / "lgg-mri-segmentation"
+    parts = {s: {r["patient"] for r in LGGSegmentation(root, split=s).records}
+             for s in ("train", "val", "test")}
+    assert not (parts["train"] & parts["test"]) and not (parts["train"] & parts["val"])
+    assert len(parts["train"] | parts["val"] | parts["test"]) == 16
+
+
+def test_brats_2023_case_loads_four_modalities_with_affine(shared_data):
+    ds = BraTS(shared_data / "brats-format-samples")
+    assert len(ds) == 2
+    cases = {c["case"]: c for c in ds.cases}
+    assert cases["BraTS-GLI-00001-000"]["convention"] == "2023"
+    assert cases["TCGA-DU-7294"]["convention"] == "2021"
+    s = ds[[c["case"] for c in ds.cases].index("BraTS-GLI-00001-000")]
+    assert s["image"].shape == (4, 240, 240, 155)
+    assert s["affine"].shape == (4, 4) and "mask" not in s
+    brain = s["image"][0] != 0
+    for c in range(4):  # z-scored over the brain
+        vals = s["image"][c][s["image"][c] != 0]
+        assert abs(float(vals.mean())) < 1e-3 and abs(float(vals.std()) - 1) < 1e-2
+    assert brain.float().mean() > 0.05
+
+
+@pytest.mark.parametrize("label_file", [
+    "pred_fusion_mav.nii.gz", "pred_fusion_simple.nii.gz", "pred_segmentation_hnfnetv1-20.nii.gz",
+    "pred_segmentation_isen-20.nii.gz", "pred_segmentation_sanet0-20.nii.gz",
+    "pred_segmentation_scan-20.nii.gz", "pred_segmentation_yixinmpl-20.nii.gz"])
+def test_brats_brainlesion_case_with_each_label_file(shared_data, label_file):
+    ds = BraTS(shared_data / "brats-format-samples" / "TCGA-DU-7294", label_file=label_file)
+    s = ds[0]
+    assert s["mask"].shape == (3, *s["image"].shape[1:])
+    wt, tc, et = (s["mask"][i] > 0 for i in range(3))
+    assert (tc & ~wt).sum() == 0 and (et & ~tc).sum() == 0  # regions nest
+    brain = s["image"][3] != 0
+    assert wt.sum() > 1000 and (wt & brain).sum() >= 0.99 * wt.sum()
+    flair = s["image"][3]
+    assert flair[wt].mean() > flair[brain & ~wt].mean() + 0.5  # tumour is FLAIR-bright
+
+
+def test_brats_axial_slices_and_resize(shared_data):
+    root = shared_data / "brats-format-samples" / "TCGA-DU-7294"
+    slices = BraTS(root, spatial_dims=2, slices="tumour", label_file="pred_fusion_mav.nii.gz", size=96)
+    assert 0 < len(slices) < 155
+    s = slices[len(slices) // 2]
+    assert s["image"].shape == (4, 96, 96) and s["mask"].shape == (3, 96, 96)
+    assert s["mask"][0].any() and s["label"].item() == 1.0
+    vol = BraTS(root, spatial_dims=3, size=(64, 64, 48), label_file="pred_fusion_mav.nii.gz")[0]
+    full = BraTS(root, spatial_dims=3, label_file="pred_fusion_mav.nii.gz")[0]
+    assert vol["image"].shape == (4, 64, 64, 48)
+    # the resized affine maps the volume's centre to the same world point
+    def centre(affine, shape):
+        c = torch.tensor([(n - 1) / 2 for n in shape] + [1.0], dtype=torch.float64)
+        return (affine @ c)[:3]
+    assert torch.allclose(centre(vol["affine"], (64, 64, 48)),
+                          centre(full["affine"], full["image"].shape[1:]), atol=1e-6)
+    batch = collate([slices[0], slices[1]])
+    assert batch["image"].shape == (2, 4, 96, 96) and len(batch["case_id"]) == 2
+
+
+def test_brats_2021_naming_and_labels(tmp_path):
+    import nibabel as nib
+
+    case = tmp_path / "BraTS2021_00000"
+    case.mkdir()
+    rng = np.random.default_rng(0)
+    affine = np.diag([1.0, 1.0, 1.0, 1.0])
+    for m in ("flair", "t1", "t1ce", "t2"):
+        nib.save(nib.Nifti1Image(rng.random((8, 8, 4)).astype(np.float32) + 1, affine),
+                 case / f"BraTS2021_00000_{m}.nii.gz")
+    seg = np.zeros((8, 8, 4), np.int16)
+    seg[2:6, 2:6, 1:3] = 2
+    seg[3:5, 3:5, 1:3] = 4
+    seg[3, 3, 1] = 1
+    nib.save(nib.Nifti1Image(seg, affine), case / "BraTS2021_00000_seg.nii.gz")
+    s = BraTS(tmp_path)[0]
+    assert s["label_convention"] == "2021"
+    assert [int(s["mask"][i].sum()) for i in range(3)] == [32, 8, 7]
+    assert REGIONS == ("WT", "TC", "ET")
