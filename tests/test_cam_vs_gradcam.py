@@ -7,10 +7,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from pytorch_grad_cam import (AblationCAM, EigenCAM, GradCAM, GradCAMPlusPlus, HiResCAM,
-                              LayerCAM, ScoreCAM, XGradCAM)
+from pytorch_grad_cam import (
+    AblationCAM,
+    EigenCAM,
+    GradCAM,
+    GradCAMPlusPlus,
+    HiResCAM,
+    LayerCAM,
+    ScoreCAM,
+    XGradCAM,
+)
 from pytorch_grad_cam.utils.image import scale_cam_image
-from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget, SemanticSegmentationTarget
+from pytorch_grad_cam.utils.model_targets import SemanticSegmentationTarget
 from pytorch_grad_cam.utils.svd_on_activations import get_2d_projection
 
 import pellucid

@@ -46,7 +46,7 @@ def test_explain_png_writes_overlays_maps_and_summary(chest_model, tmp_path, sha
         assert set(row["methods"]) == {"gradcam", "scorecam"}
     raw = np.load(out / "00000075_000_gradcam.npy")
     assert raw.shape == (256, 256)  # back at the source resolution
-    assert 0 <= raw.min() and raw.max() <= 1
+    assert raw.min() >= 0 and raw.max() <= 1
     for name in ("00000075_000_gradcam.png", "phantom_scorecam.png", "grid.png"):
         assert (out / name).stat().st_size > 10_000
 

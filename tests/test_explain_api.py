@@ -127,7 +127,7 @@ def test_explaining_500_times_does_not_grow_memory():
 def test_clear_errors_for_bad_requests():
     model = build("resnet18", 2, 1, 3).module.eval()
     x = torch.randn(1, 1, 64, 64)
-    with pytest.raises(ConfigError, match="unknown method 'gradcamm'; available: .*gradcam"):
+    with pytest.raises(ConfigError, match=r"unknown method 'gradcamm'; available: .*gradcam"):
         pellucid.explain(model, x, "gradcamm")
     with pytest.raises(ConfigError, match="unknown layer 'layer5'; closest: layer4"):
         pellucid.explain(model, x, "gradcam", layer="layer5")

@@ -75,7 +75,7 @@ def test_bad_model_specs_give_one_clear_error(tmp_path):
         load_model(tmp_path / "missing")
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "card.json").write_text("{not json")
-    with pytest.raises(DataError, match="card.json: model card is not valid JSON"):
+    with pytest.raises(DataError, match=r"card\.json: model card is not valid JSON"):
         load_model(tmp_path / "bad")
     (tmp_path / "bad" / "card.json").write_text(json.dumps({"arch": "resnet18"}))
     with pytest.raises(DataError, match="lacks key"):

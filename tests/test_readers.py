@@ -25,7 +25,7 @@ def test_chestxray14_loads_every_image_with_labels(shared_data):
     for i in range(len(ds)):
         s = ds[i]
         assert s["image"].shape == (1, 256, 256)
-        assert 0.0 <= float(s["image"].min()) and float(s["image"].max()) <= 1.0
+        assert float(s["image"].min()) >= 0.0 and float(s["image"].max()) <= 1.0
         names = {FINDINGS[k] for k in torch.nonzero(s["label"]).flatten().tolist()}
         expected = set(by_name[s["case_id"]].split("|")) - {"No Finding"}
         assert names == expected

@@ -171,8 +171,8 @@ def _bspline_matrix(n_in: int, n_out: int, device, dtype) -> torch.Tensor:
     # interpolation at the knots: samples = B @ coefficients; coefficients = B^-1 @ samples
     knots = torch.zeros(n_in, n_in, dtype=torch.float64)
     for off in (-1, 0, 1):
-        knots.index_put_((idx.long(), mirror(idx + off).long()), bspline3(torch.tensor(float(off), dtype=torch.float64)).expand(n_in),
-                         accumulate=True)
+        weight = bspline3(torch.tensor(float(off), dtype=torch.float64)).expand(n_in)
+        knots.index_put_((idx.long(), mirror(idx + off).long()), weight, accumulate=True)
     coords = torch.arange(n_out, dtype=torch.float64) * (n_in - 1) / max(n_out - 1, 1)
     base = torch.floor(coords)
     evaluate = torch.zeros(n_out, n_in, dtype=torch.float64)
