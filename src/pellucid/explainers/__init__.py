@@ -1,15 +1,21 @@
 """Explainers: one registry of methods by name. ``available()`` lists them."""
 
-from pellucid.explainers import cam  # noqa: F401  (registers the CAM family)
+from pellucid.explainers import (  # noqa: F401  (each module registers its methods)
+    cam,
+    counterfactual,
+    gradients,
+    lrp,
+    perturbation,
+)
 from pellucid.explainers.base import (
-                                      Cost,
-                                      Explainer,
-                                      Explanation,
-                                      candidate_layers,
-                                      default_layer,
-                                      model_guard,
-                                      resolve_layer,
-                                      upsample,
+    Cost,
+    Explainer,
+    Explanation,
+    candidate_layers,
+    default_layer,
+    model_guard,
+    resolve_layer,
+    upsample,
 )
 from pellucid.explainers.registry import available, create, names
 

@@ -76,6 +76,15 @@ class ModelRunner:
             raise ModelError("the model returns a dict; wrap it so that it returns a tensor")
         return out
 
+    def fast_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Forward-only pass through a cached, optimised copy of the model (see accelerate.py)."""
+        from pellucid.explainers.accelerate import inference_forward
+
+        self.cost.forward_passes += 1
+        self.cost.forward_samples += x.shape[0]
+        with torch.inference_mode():
+            return inference_forward(self.model, x[:1])(x)
+
     def backward(self, scalar: torch.Tensor, inputs: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         self.cost.backward_passes += 1
         return torch.autograd.grad(scalar, inputs)

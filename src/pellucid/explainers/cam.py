@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pellucid.errors import ConfigError, ModelError
+from pellucid.explainers.accelerate import AutoBatch
 from pellucid.explainers.base import (
     Explainer,
     Explanation,
@@ -226,16 +227,18 @@ class ScoreCAM(CAM):
     """Score-CAM: channel weights from the target score of the input masked by each up-sampled,
     min-max normalised activation map, soft-maxed over channels (Wang et al. 2020).
 
-    Masked inputs are built ``batch_size`` at a time (peak memory bounded by it), mixing samples in
-    one batch; channels whose map is constant give the all-zero input and are scored once.
+    Masked inputs are built ``batch_size`` at a time (peak memory bounded by it; by default tuned on
+    a CPU, 128 on a GPU, see :class:`AutoBatch`), mixing samples in one batch, and run through an
+    optimised inference copy of the model; channels whose map is constant give the all-zero input
+    and are scored once.
     """
 
-    batch_size: int = 64
+    batch_size: int | None = None
     name: ClassVar[str] = "scorecam"
     uses_gradients: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1:
+        if self.batch_size is not None and self.batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
 
     def channel_weights(self, acts, grads, ctx):
@@ -247,17 +250,17 @@ class ScoreCAM(CAM):
         constant = flat.amax(2) == flat.amin(2)  # (B, C): normalised map is all zero
         scores = torch.empty(b, c, device=acts.device, dtype=torch.float32)
         if constant.any():
-            zero = runner.forward(torch.zeros_like(inputs[:1]))
+            zero = runner.fast_forward(torch.zeros_like(inputs[:1]))
             zero_scores = bound.score(zero.expand(b, *zero.shape[1:]))
             scores[constant] = zero_scores[:, None].expand(b, c)[constant].float()
         rows, chans = torch.nonzero(~constant, as_tuple=True)
-        for start in range(0, rows.numel(), self.batch_size):
-            r, ch = rows[start:start + self.batch_size], chans[start:start + self.batch_size]
+        for start, stop in AutoBatch(self.batch_size, ctx["model"], inputs).chunks(rows.numel()):
+            r, ch = rows[start:stop], chans[start:stop]
             maps = F.interpolate(acts[r, ch][:, None], size=size, mode=mode, align_corners=True)
             lo = maps.flatten(1).amin(1).view(-1, *([1] * (maps.ndim - 1)))
             hi = maps.flatten(1).amax(1).view(-1, *([1] * (maps.ndim - 1)))
             maps = (maps - lo) / (hi - lo + 1e-8)
-            out = runner.forward(inputs[r] * maps)
+            out = runner.fast_forward(inputs[r] * maps)
             scores[r, ch] = bound.score(out, r).float()
         return torch.softmax(scores, dim=1).to(acts.dtype)
 
