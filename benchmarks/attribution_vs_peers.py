@@ -29,6 +29,22 @@ from pellucid.runtime import configure_threads
 warnings.filterwarnings("ignore")
 
 
+def example_image(size: int) -> torch.Tensor:
+    """A real ChestX-ray14 radiograph (the shared sample) as a 3-channel batch of one; a chest
+    phantom when the shared data is not there."""
+    from pellucid.data import ChestPhantom, ChestXray14
+    from pellucid.data.transforms import resize_image
+    from pellucid.errors import DataError
+    from pellucid.paths import shared_data_dir
+
+    try:
+        image = ChestXray14(shared_data_dir() / "chestxray14-sample")[0]["image"]
+    except DataError:
+        image = ChestPhantom(1, size)[0]["image"]
+    image = resize_image(image, (size, size))
+    return ((image - image.mean()) / image.std()).repeat(3, 1, 1)[None]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
@@ -37,7 +53,7 @@ def main() -> None:
     torch.manual_seed(0)
     size, samples, repeat = (128, 50, 1) if args.quick else (224, 200, 2)
     model = build("resnet18", 2, 3, 14).module.eval()
-    x = torch.randn(1, 3, size, size)
+    x = example_image(size)
     with torch.no_grad():
         cls = int(model(x).argmax())
     labels = slic_labels(x[0], 50, 10.0)

@@ -108,7 +108,7 @@ def run_case(name, model, layer_name, x, methods, scorecam_batch, repeat, seg=Fa
             row["monai s"] = f"{mon_t:.3f}"
             row["max |diff|"] += (f" / {float((ours.attributions - cap).abs().max()):.0e}"
                                   f" / {float((ours.attributions - mon).abs().max()):.0e}")
-        if method == "scorecam":
+        if method == "scorecam" and name == "resnet18":
             mem_small, _ = peak_rss_mb(lambda xs=xs, tgt=tgt: pellucid.explain(
                 model, xs, "scorecam", target=tgt, layer=layer_name, batch_size=16))
             mem_big, _ = peak_rss_mb(lambda xs=xs, tgt=tgt: pellucid.explain(

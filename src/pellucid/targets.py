@@ -14,6 +14,7 @@ occlusion, deletion curves) are scored against the same class and region.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -44,27 +45,31 @@ def _class_indices(classes: int | Sequence[int] | torch.Tensor, batch: int, num:
     return idx.clone()
 
 
-class Target:
+class Target(ABC):
     """Base: ``bind(output)`` fixes defaults on the clean output and returns a bound target."""
 
+    @abstractmethod
     def bind(self, output: torch.Tensor) -> BoundTarget:
-        raise NotImplementedError  # pragma: no cover - abstract
+        """Fix every per-sample choice on the unperturbed ``output``."""
 
 
-class BoundTarget:
+class BoundTarget(ABC):
     """A target with every per-sample choice fixed; ``score(output, rows)`` gives one scalar per
     row of ``output``, where ``rows[i]`` is the sample that row ``i`` was derived from."""
 
     classes: torch.Tensor
 
+    @abstractmethod
     def score(self, output: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-        raise NotImplementedError  # pragma: no cover - abstract
+        """One score per row of ``output`` (N,)."""
 
+    @abstractmethod
     def subset(self, rows: torch.Tensor) -> BoundTarget:
-        raise NotImplementedError  # pragma: no cover - abstract
+        """The bound target of the samples ``rows``."""
 
+    @abstractmethod
     def describe(self) -> dict:
-        raise NotImplementedError  # pragma: no cover - abstract
+        """A JSON-able description."""
 
 
 @dataclass

@@ -4,6 +4,7 @@ kept as ``Explanation.raw``, and a channel reduction to the (B, 1, *spatial) map
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -50,10 +51,10 @@ class InputAttribution(Explainer):
     needs_layer: ClassVar[bool] = False
     default_reduce: ClassVar[str] = "sum"
 
+    @abstractmethod
     def attribute(self, runner: ModelRunner, model: nn.Module, inputs: torch.Tensor,
                   bound: BoundTarget, output: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """Per-channel attributions (B, C, *spatial) and extras."""
-        raise NotImplementedError  # pragma: no cover - abstract
 
     def _explain(self, runner: ModelRunner, model: nn.Module, inputs: torch.Tensor,
                  target: Target | BoundTarget | None, layer: str | None,

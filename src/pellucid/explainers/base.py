@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import difflib
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -238,17 +239,18 @@ def postprocess(raw: torch.Tensor, size: tuple[int, ...], relu: bool, upsample_m
     return minmax(maps) if normalize == "minmax" else maps
 
 
-class Explainer:
+class Explainer(ABC):
     """Base class. Subclasses are dataclasses of their options and implement ``_explain``."""
 
     name: ClassVar[str]
     family: ClassVar[str]
     needs_layer: ClassVar[bool] = False
 
+    @abstractmethod
     def _explain(self, runner: ModelRunner, model: nn.Module, inputs: torch.Tensor,
                  target: Target | BoundTarget | None, layer: str | None,
                  handles: list) -> Explanation:
-        raise NotImplementedError  # pragma: no cover - abstract
+        """Run the method inside the model guard; ``handles`` collects hooks to remove."""
 
     def explain(self, model: nn.Module, inputs: torch.Tensor,
                 target: Target | BoundTarget | int | None = None,

@@ -71,7 +71,7 @@ class CAM(Explainer):
     def channel_weights(self, acts: torch.Tensor, grads: torch.Tensor | None,
                         ctx: dict) -> torch.Tensor:
         """(B, C) weights of the activation channels."""
-        raise NotImplementedError  # pragma: no cover - abstract
+        raise TypeError(f"{type(self).__name__} must override channel_weights or combine")
 
     def combine(self, acts: torch.Tensor, grads: torch.Tensor | None, ctx: dict) -> torch.Tensor:
         """(B, *low) map; by default the weighted sum of activation channels."""

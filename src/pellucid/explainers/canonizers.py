@@ -17,6 +17,7 @@ the instance attributes if a rewrite fails half-way, so the model is never left 
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -51,7 +52,7 @@ class AdjacentMergeBatchNorm(MergeBatchNorm):
         instances = []
         for parent in root_module.modules():
             children = list(parent.children())
-            for first, second in zip(children, children[1:], strict=False):
+            for first, second in itertools.pairwise(children):
                 if isinstance(first, self.linear_type) and isinstance(second, self.batch_norm_type) \
                         and first.weight.shape[0] == second.num_features:
                     instance = self.copy()

@@ -21,6 +21,7 @@ blurred copy, or a number). The map paints each feature's value on its pixels.
 from __future__ import annotations
 
 import math
+from abc import abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -75,8 +76,9 @@ class FeatureAttribution(InputAttribution):
     seed: int = 0
     family: ClassVar[str] = "perturbation"
 
+    @abstractmethod
     def feature_values(self, runner, bound, x, base, labels, m, row, batch):
-        raise NotImplementedError  # pragma: no cover - abstract
+        """(M,) values of the ``m`` features of one sample."""
 
     def attribute(self, runner, model, inputs, bound, output):
         base = fill_baseline(inputs, self.baseline)
