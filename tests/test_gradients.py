@@ -58,6 +58,11 @@ def test_saliency_and_ig_equal_captum_direct(chest_model):
     ref = Saliency(model).attribute(x, target=cls, abs=True)
     assert torch.allclose(ours.raw, ref, atol=1e-6)
     assert torch.allclose(ours.attributions, ref.abs().amax(1, keepdim=True), atol=1e-6)
+    assert ours.cost.forward_passes == 1 and ours.cost.backward_passes == 1  # one pass each
+    from captum.attr import InputXGradient
+
+    ixg = pellucid.explain(model, x, "inputxgradient", target=cls)
+    assert torch.allclose(ixg.raw, InputXGradient(model).attribute(x, target=cls), atol=1e-6)
     ours = pellucid.explain(model, x, "integratedgradients", target=cls, steps=32)
     ref = IntegratedGradients(model).attribute(x, target=cls, n_steps=32, baselines=0.0)
     assert torch.allclose(ours.raw, ref, atol=1e-5)
@@ -102,7 +107,7 @@ def test_gradient_methods_on_3d_classification_and_segmentation(method):
     x = torch.randn(2, 2, 32, 32, 32)
     exp = pellucid.explain(resnet, x, method, target=ClassTarget(1), **opts)
     assert exp.attributions.shape == (2, 1, 32, 32, 32) and exp.raw.shape == x.shape
-    assert exp.cost.forward_passes >= 2 and exp.cost.backward_passes >= 1
+    assert exp.cost.forward_passes >= 1 and exp.cost.backward_passes >= 1
     unet = build("unet", 3, 2, 2, unet_channels=(8, 16, 32)).module.eval()
     y = torch.randn(1, 2, 16, 16, 16)
     seg = pellucid.explain(unet, y, method, target=SegmentationTarget(1, "all"), **opts)
