@@ -80,7 +80,8 @@ class AutoBatch:
     """Chunk sizes for many forward passes. A given ``batch_size`` is used as is (it bounds peak
     memory). Otherwise, on a CPU, the first chunks try 4, 8, 16 and 32 inputs and the rest use the
     size with the lowest time per input (large batches are often slower per input on a CPU, whose
-    caches they overflow); the choice is remembered per model and input shape. On a GPU: 128."""
+    caches they overflow); the choice is remembered per model and input shape. Work of at most 32
+    inputs runs in one call. On a GPU: 128."""
 
     def __init__(self, fixed: int | None, model: nn.Module, example: torch.Tensor) -> None:
         self.key = (id(model), tuple(example.shape[1:]), example.device.type)
@@ -95,7 +96,10 @@ class AutoBatch:
         import time
 
         start = 0
-        trials = [s for s in CPU_TRIALS] if self.fixed is None and self.best is None else []
+        trials = list(CPU_TRIALS) if self.fixed is None and self.best is None else []
+        if self.fixed is None and total <= CPU_TRIALS[-1]:
+            yield 0, total  # little work: one call, nothing to tune
+            return
         while start < total:
             if self.fixed is not None:
                 size = self.fixed
