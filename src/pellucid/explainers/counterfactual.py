@@ -1,11 +1,13 @@
 """Counterfactual explanations (Wachter et al. 2017): the smallest change x' - x that moves the
 target score across the decision threshold.
 
-    minimise   lambda * hinge(s(x')) + mean |x' - x|      (x' - x optionally restricted to a region)
+    minimise   lambda * hinge(s(x')) + |x' - x|_1      (x' - x optionally restricted to a region)
 
 with ``hinge`` the distance of the score from the far side of the threshold plus a margin, and
 lambda doubled every ``patience`` steps while the counterfactual is not yet valid (Wachter's
-"maximise over lambda"). The threshold is taken from the bound target: a sigmoid class flips when
+"maximise over lambda"). The smooth part takes Adam steps; the L1 part its proximal step, a soft
+threshold of ``sparsity x lr`` per step, which zeroes pixels whose push is not consistent, so the
+change concentrates where it matters. The threshold is taken from the bound target: a sigmoid class flips when
 its logit changes sign; a softmax class when another class overtakes it; a segmentation region
 when the mean logit over it changes sign. The attribution is x' - x. ``extras`` report validity
 (did the decision change), the steps used, and proximity (L1 and L2 of the change).
@@ -50,14 +52,16 @@ class Counterfactual(InputAttribution):
     lr: float = 0.01
     lam: float = 1.0
     margin: float = 0.5
+    sparsity: float = 0.5
     patience: int = 20
     region: torch.Tensor | None = None
     family: ClassVar[str] = "counterfactual"
     name: ClassVar[str] = "counterfactual"
 
     def attribute(self, runner, model, inputs, bound, output):
-        if self.steps < 1 or self.lr <= 0 or self.lam <= 0:
-            raise ConfigError("counterfactual needs steps >= 1, lr > 0 and lam > 0")
+        if self.steps < 1 or self.lr <= 0 or self.lam <= 0 or not 0 <= self.sparsity < 1:
+            raise ConfigError("counterfactual needs steps >= 1, lr > 0, lam > 0 and "
+                              "0 <= sparsity < 1")
         region = None
         if self.region is not None:
             region = self.region.to(inputs).float()
@@ -85,11 +89,13 @@ class Counterfactual(InputAttribution):
                 margin = _decision_margin(bound, out)
                 hinge = torch.relu(sign * margin + self.margin)
                 l1 = change.abs().mean(dims)
-                loss = (lam * hinge + l1).sum()
+                loss = (lam * hinge).sum()
                 opt.zero_grad()
                 runner.cost.backward_passes += 1
                 loss.backward()
             opt.step()
+            with torch.no_grad():  # proximal step of the L1 term: soft threshold
+                delta.copy_(torch.sign(delta) * (delta.abs() - self.sparsity * self.lr).clamp_min(0))
             flipped = (sign * margin.detach()) < 0
             better = flipped & (l1.detach() < best_l1)
             best[better] = change.detach()[better]

@@ -70,7 +70,7 @@ class FeatureAttribution(InputAttribution):
 
     features: str | torch.Tensor = "slic"
     n_features: int = 50
-    compactness: float = 10.0
+    compactness: float = 0.1
     baseline: str | float = "zeros"
     batch_size: int | None = None
     seed: int = 0
