@@ -61,30 +61,20 @@ class AdjacentMergeBatchNorm(MergeBatchNorm):
         return instances
 
 
-class MonaiResNetBlockCanonizer(AttributeCanonizer):
-    def __init__(self) -> None:
+class SumCanonizer(AttributeCanonizer):
+    """Give modules of ``types`` a ``forward`` that routes their residual addition through a Sum."""
+
+    def __init__(self, types: tuple[type, ...], forward) -> None:
+        self.types, self.forward_fn = types, forward
         super().__init__(self._attributes)
 
-    @staticmethod
-    def _attributes(name: str, module: nn.Module) -> dict | None:
-        from monai.networks.nets.resnet import ResNetBlock, ResNetBottleneck
-
-        if isinstance(module, (ResNetBlock, ResNetBottleneck)):
-            return {"forward": _monai_resnet_forward.__get__(module), "pellucid_sum": Sum()}
+    def _attributes(self, name: str, module: nn.Module) -> dict | None:
+        if isinstance(module, self.types):
+            return {"forward": self.forward_fn.__get__(module), "pellucid_sum": Sum()}
         return None
 
-
-class ResidualUnitCanonizer(AttributeCanonizer):
-    def __init__(self) -> None:
-        super().__init__(self._attributes)
-
-    @staticmethod
-    def _attributes(name: str, module: nn.Module) -> dict | None:
-        from monai.networks.blocks import ResidualUnit
-
-        if isinstance(module, ResidualUnit):
-            return {"forward": _residual_unit_forward.__get__(module), "pellucid_sum": Sum()}
-        return None
+    def copy(self) -> SumCanonizer:
+        return SumCanonizer(self.types, self.forward_fn)
 
 
 def canonizers_for(model: nn.Module) -> list:
@@ -104,9 +94,9 @@ def canonizers_for(model: nn.Module) -> list:
         return [ResNetCanonizer()]
     out: list = [AdjacentMergeBatchNorm()]
     if types & {ResNetBlock, ResNetBottleneck}:
-        out.append(MonaiResNetBlockCanonizer())
+        out.append(SumCanonizer((ResNetBlock, ResNetBottleneck), _monai_resnet_forward))
     if ResidualUnit in types:
-        out.append(ResidualUnitCanonizer())
+        out.append(SumCanonizer((ResidualUnit,), _residual_unit_forward))
     return [CompositeCanonizer(out)]
 
 
