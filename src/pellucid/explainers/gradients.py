@@ -82,6 +82,14 @@ class InputXGradient(_OnePassGradient):
         return inputs * grad
 
 
+def gradient_rows(batch_size: int | None, inputs: torch.Tensor) -> int:
+    """Rows per forward+backward for methods that expand the batch (IG steps, SmoothGrad samples):
+    ``batch_size`` if given, else 8 on a CPU (measured ~1.6x faster per row than 50 at once on
+    ResNet-18 at 224 px: caches) and 128 on a GPU; never fewer than the batch."""
+    rows = batch_size or (8 if inputs.device.type == "cpu" else 128)
+    return max(rows, inputs.shape[0])
+
+
 def make_baseline(kind: str | float | torch.Tensor, inputs: torch.Tensor, sigma: float,
                   background: torch.Tensor | None) -> torch.Tensor:
     """Baseline x0: ``"zeros"`` (zero in the model's input space), ``"blur"`` (Gaussian-blurred
@@ -124,7 +132,7 @@ class IntegratedGradients(InputAttribution):
     blur_sigma: float = 5.0
     background: torch.Tensor | None = None
     method: str = "gausslegendre"
-    batch_size: int | None = 64
+    batch_size: int | None = None
     name: ClassVar[str] = "integratedgradients"
 
     def attribute(self, runner, model, inputs, bound, output):
@@ -136,7 +144,8 @@ class IntegratedGradients(InputAttribution):
         f = score_function(runner, bound)
         attr, delta = CaptumIG(f).attribute(
             inputs, baselines=base, n_steps=self.steps, method=self.method,
-            internal_batch_size=self.batch_size, additional_forward_args=(rows_for(inputs),),
+            internal_batch_size=gradient_rows(self.batch_size, inputs),
+            additional_forward_args=(rows_for(inputs),),
             return_convergence_delta=True)
         return attr, {"delta": delta.detach(), "baseline": base}
 
@@ -151,7 +160,7 @@ class SmoothGrad(InputAttribution):
     noise: float = 0.15
     squared: bool = False
     seed: int = 0
-    batch_size: int | None = 64
+    batch_size: int | None = None
     channel_reduce: str = "max_abs"
     name: ClassVar[str] = "smoothgrad"
 
@@ -163,7 +172,7 @@ class SmoothGrad(InputAttribution):
             raise ConfigError("smoothgrad needs samples >= 1 and noise >= 0")
         std = float(self.noise * (inputs.max() - inputs.min()))
         f = score_function(runner, bound)
-        samples_per_batch = max(1, (self.batch_size or self.samples * len(inputs)) // len(inputs))
+        samples_per_batch = max(1, gradient_rows(self.batch_size, inputs) // len(inputs))
         with torch.random.fork_rng(devices=[inputs.device] if inputs.is_cuda else []):
             torch.manual_seed(self.seed)
             attr = NoiseTunnel(CaptumSaliency(f)).attribute(
