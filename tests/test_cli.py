@@ -79,3 +79,16 @@ def test_explain_unknown_method_is_one_line(unet3d, tmp_path, capsys):
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unknown method 'nope'" in err[0]
+
+
+def test_explain_dicom_radiographs_keeps_dotted_names(chest_model, shared_data, tmp_path):
+    siim = next((shared_data / "dicom-samples" / "torchxrayvision").glob("siim_*.dcm"))
+    j2k = shared_data / "dicom-samples" / "pydicom_data" / "RG1_J2KI.dcm"  # JPEG 2000 coded
+    out = tmp_path / "dcm"
+    main(["explain", "--model", chest_model.source, "--method", "gradcam", "--input", str(siim),
+          "--input", str(j2k), "--out", str(out)])
+    assert (out / f"{siim.name[:-4]}_gradcam.npy").is_file()
+    raw = np.load(out / "RG1_J2KI_gradcam.npy")
+    import pydicom
+
+    assert raw.shape == pydicom.dcmread(j2k).pixel_array.shape[-2:]

@@ -78,4 +78,13 @@ def load_input(path: str | Path, in_channels: int, input_size: list[int] | None,
             raise DataError(path, f"image has {original.shape[0]} channels, the model takes "
                                   f"{in_channels}")
     image = resize_image(original, input_size) if input_size else original
-    return InputImage(image.float(), original.float(), affine, path.name.split(".")[0], path)
+    return InputImage(image.float(), original.float(), affine, stem(path), path)
+
+
+def stem(path: Path) -> str:
+    """The file name without its image suffix (``.nii.gz`` counts as one); dots inside stay."""
+    name = path.name
+    for suffix in (".nii.gz", ".nii", ".dcm", ".dicom", *IMAGE_SUFFIXES):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
