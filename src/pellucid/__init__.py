@@ -30,3 +30,12 @@ def explain(model: Any, inputs: Any, method: str, target: Any = None, layer: Any
     if not explainer.needs_layer:
         layer = None
     return explainer.explain(model, inputs, target=target, layer=layer, activation=activation)
+
+
+def evaluate(model: Any, inputs: Any, explanation: Any, target: Any = None,
+             metrics: Any = ("pointing_game",), masks: Any = None, boxes: Any = None):
+    """Score an explanation with metrics from the registry (see ``pellucid.metrics.available()``);
+    returns {name: MetricResult} with per-sample scores (NaN = excluded)."""
+    from pellucid.metrics import evaluate as run
+
+    return run(model, inputs, explanation, target, metrics, masks, boxes)

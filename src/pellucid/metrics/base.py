@@ -1,0 +1,79 @@
+"""The metric registry and what every metric shares: the evaluation context (model, inputs,
+explanation, target, ground truth) and the per-sample result (NaN = sample excluded)."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from pellucid.errors import ConfigError
+
+CATEGORIES = ("faithfulness", "localization", "robustness", "randomization", "complexity", "cost")
+_REGISTRY: dict[str, type[Metric]] = {}
+
+
+@dataclass
+class MetricResult:
+    """Per-sample scores (B,), NaN where a sample is excluded (e.g. no ground truth)."""
+
+    name: str
+    scores: torch.Tensor
+    higher_is_better: bool
+    curves: torch.Tensor | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def mean(self) -> float:
+        valid = self.scores[~torch.isnan(self.scores)]
+        return float(valid.mean()) if valid.numel() else float("nan")
+
+
+@dataclass
+class Context:
+    """What a metric may use. ``masks`` are (B, *spatial) booleans at input resolution."""
+
+    model: nn.Module | None
+    inputs: torch.Tensor
+    attributions: torch.Tensor  # (B, *spatial)
+    target: Any
+    masks: torch.Tensor | None = None
+
+
+class Metric(ABC):
+    """Base class: declares its category, direction and needs ("model", "mask")."""
+
+    name: ClassVar[str]
+    category: ClassVar[str]
+    higher_is_better: ClassVar[bool]
+    needs: ClassVar[frozenset[str]] = frozenset()
+
+    @abstractmethod
+    def compute(self, ctx: Context) -> MetricResult:
+        """Score every sample of the context."""
+
+
+def register(cls: type[Metric]) -> type[Metric]:
+    if cls.category not in CATEGORIES:
+        raise ValueError(f"{cls.__name__}: category must be one of {CATEGORIES}")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def available() -> list[dict[str, Any]]:
+    """Every metric: name, category, direction, needs and a one-line summary."""
+    return [{"name": n, "category": c.category, "higher_is_better": c.higher_is_better,
+             "needs": sorted(c.needs), "summary": (c.__doc__ or "").strip().splitlines()[0]}
+            for n, c in sorted(_REGISTRY.items())]
+
+
+def create(name: str, **options: Any) -> Metric:
+    if name not in _REGISTRY:
+        raise ConfigError(f"unknown metric {name!r}; available: {', '.join(sorted(_REGISTRY))}")
+    cls = _REGISTRY[name]
+    try:
+        return cls(**options)
+    except TypeError as exc:
+        raise ConfigError(f"metric {name!r}: {exc}") from None

@@ -1,0 +1,200 @@
+"""Localisation metrics: does the explanation point at the ground-truth region?
+
+A sample whose mask is empty is excluded (NaN), never counted as a hit.
+
+=====================  ========================================================  ======================
+metric                 score per sample                                          source
+=====================  ========================================================  ======================
+pointing_game          1 if a maximum of the map lies in the mask (dilated by    Zhang et al. 2018
+                       ``tolerance`` pixels), else 0                             (TorchRay: 15 px)
+energy_pointing_game   sum of the positive map inside the mask / its total       Wang et al. 2020
+relevance_mass         sum of relevance inside / total relevance (positive part  Arras et al. 2022
+                       with ``positive=True``)
+relevance_rank         fraction of the K highest-ranked pixels inside the mask,  Arras et al. 2022
+                       K = mask size
+iou, dice              overlap of the binarised map (Otsu, fixed threshold or    CheXlocalize, Saporta
+                       top-k %) with the mask                                    et al. 2022
+=====================  ========================================================  ======================
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from pellucid.errors import ConfigError
+from pellucid.metrics.base import Context, Metric, MetricResult, register
+
+
+def _flat(ctx: Context) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    b = ctx.attributions.shape[0]
+    a = ctx.attributions.reshape(b, -1).float()
+    m = ctx.masks.reshape(b, -1).bool()
+    empty = m.sum(1) == 0
+    return a, m, empty
+
+
+def _nan_where(scores: torch.Tensor, empty: torch.Tensor) -> torch.Tensor:
+    scores = scores.float()  # (a bool tensor would turn NaN into True: Quantus 0.6.0's bug)
+    return torch.where(empty, torch.full_like(scores, float("nan")), scores)
+
+
+def dilate(masks: torch.Tensor, radius: int) -> torch.Tensor:
+    """Binary dilation of (B, *spatial) masks by a (2r+1)-wide cube (max pooling), 2D or 3D."""
+    if radius <= 0:
+        return masks
+    pool = {2: F.max_pool2d, 3: F.max_pool3d}[masks.ndim - 1]
+    return pool(masks[:, None].float(), 2 * radius + 1, stride=1, padding=radius)[:, 0] > 0
+
+
+@register
+@dataclass
+class PointingGame(Metric):
+    """Pointing game: is a maximum of the map inside the (tolerance-dilated) mask?"""
+
+    tolerance: int = 0
+    name: ClassVar[str] = "pointing_game"
+    category: ClassVar[str] = "localization"
+    higher_is_better: ClassVar[bool] = True
+    needs: ClassVar[frozenset[str]] = frozenset({"mask"})
+
+    def compute(self, ctx: Context) -> MetricResult:
+        masks = dilate(ctx.masks.bool(), self.tolerance)
+        b = masks.shape[0]
+        a = ctx.attributions.reshape(b, -1)
+        peak = a == a.amax(1, keepdim=True)
+        hit = (peak & masks.reshape(b, -1)).any(1)
+        empty = ctx.masks.reshape(b, -1).sum(1) == 0
+        return MetricResult(self.name, _nan_where(hit, empty), True)
+
+
+@register
+@dataclass
+class EnergyPointingGame(Metric):
+    """Energy-based pointing game: share of the positive map's energy inside the mask."""
+
+    name: ClassVar[str] = "energy_pointing_game"
+    category: ClassVar[str] = "localization"
+    higher_is_better: ClassVar[bool] = True
+    needs: ClassVar[frozenset[str]] = frozenset({"mask"})
+
+    def compute(self, ctx: Context) -> MetricResult:
+        a, m, empty = _flat(ctx)
+        a = a.clamp_min(0)
+        score = (a * m).sum(1) / a.sum(1).clamp_min(1e-12)
+        return MetricResult(self.name, _nan_where(score, empty), True)
+
+
+@register
+@dataclass
+class RelevanceMass(Metric):
+    """Relevance mass accuracy: relevance inside the mask over all relevance."""
+
+    positive: bool = True
+    name: ClassVar[str] = "relevance_mass"
+    category: ClassVar[str] = "localization"
+    higher_is_better: ClassVar[bool] = True
+    needs: ClassVar[frozenset[str]] = frozenset({"mask"})
+
+    def compute(self, ctx: Context) -> MetricResult:
+        a, m, empty = _flat(ctx)
+        if self.positive:
+            a = a.clamp_min(0)
+        score = (a * m).sum(1) / a.sum(1)
+        return MetricResult(self.name, _nan_where(score, empty), True)
+
+
+@register
+@dataclass
+class RelevanceRank(Metric):
+    """Relevance rank accuracy: share of the top-K pixels (K = mask size) inside the mask."""
+
+    name: ClassVar[str] = "relevance_rank"
+    category: ClassVar[str] = "localization"
+    higher_is_better: ClassVar[bool] = True
+    needs: ClassVar[frozenset[str]] = frozenset({"mask"})
+
+    def compute(self, ctx: Context) -> MetricResult:
+        a, m, empty = _flat(ctx)
+        order = torch.argsort(-a, dim=1, stable=True)
+        k = m.sum(1)
+        ranked = torch.gather(m, 1, order)
+        top = torch.arange(a.shape[1], device=a.device)[None] < k[:, None]
+        score = (ranked & top).sum(1).float() / k.clamp_min(1)
+        return MetricResult(self.name, _nan_where(score, empty), True)
+
+
+def otsu_threshold(values: torch.Tensor, bins: int = 256) -> torch.Tensor:
+    """Otsu's threshold of each row (maximises the between-class variance over ``bins`` levels)."""
+    lo, hi = values.amin(1, keepdim=True), values.amax(1, keepdim=True)
+    scaled = ((values - lo) / (hi - lo).clamp_min(1e-12) * (bins - 1)).round().long()
+    hist = torch.zeros(values.shape[0], bins, device=values.device).scatter_add_(
+        1, scaled, torch.ones_like(values))
+    p = hist / hist.sum(1, keepdim=True)
+    levels = torch.arange(bins, device=values.device, dtype=p.dtype)
+    w0 = p.cumsum(1)
+    mu0 = (p * levels).cumsum(1)
+    mu_t = mu0[:, -1:]
+    between = (mu_t * w0 - mu0) ** 2 / (w0 * (1 - w0)).clamp_min(1e-12)
+    best = between.argmax(1, keepdim=True).float()
+    return lo + (best + 0.5) / (bins - 1) * (hi - lo)
+
+
+def binarise(a: torch.Tensor, method: str, value: float) -> torch.Tensor:
+    """(B, N) maps to masks: ``otsu``, ``threshold`` (of the min-max scaled map) or ``topk``
+    (the ``value`` fraction of highest pixels)."""
+    if method == "otsu":
+        return a > otsu_threshold(a)
+    lo, hi = a.amin(1, keepdim=True), a.amax(1, keepdim=True)
+    scaled = (a - lo) / (hi - lo).clamp_min(1e-12)
+    if method == "threshold":
+        return scaled >= value
+    if method == "topk":
+        k = max(1, round(value * a.shape[1]))
+        kth = torch.topk(a, k, dim=1).values[:, -1:]
+        return a >= kth
+    raise ConfigError(f"binarise must be 'otsu', 'threshold' or 'topk', got {method!r}")
+
+
+@dataclass
+class _Overlap(Metric):
+    binarise: str = "otsu"
+    value: float = 0.5
+    category: ClassVar[str] = "localization"
+    higher_is_better: ClassVar[bool] = True
+    needs: ClassVar[frozenset[str]] = frozenset({"mask"})
+
+    def compute(self, ctx: Context) -> MetricResult:
+        a, m, empty = _flat(ctx)
+        pred = binarise(a, self.binarise, self.value)
+        inter = (pred & m).sum(1).float()
+        score = self.formula(inter, pred.sum(1).float(), m.sum(1).float())
+        excluded = empty | (pred.sum(1) == 0)  # CheXlocalize: both masks non-empty
+        return MetricResult(self.name, _nan_where(score, excluded), True)
+
+
+@register
+@dataclass
+class IoU(_Overlap):
+    """IoU of the binarised map with the mask (counted when both are non-empty)."""
+
+    name: ClassVar[str] = "iou"
+
+    @staticmethod
+    def formula(inter, pred, true):
+        return inter / (pred + true - inter)
+
+
+@register
+@dataclass
+class Dice(_Overlap):
+    """Dice of the binarised map with the mask (counted when both are non-empty)."""
+
+    name: ClassVar[str] = "dice"
+
+    @staticmethod
+    def formula(inter, pred, true):
+        return 2 * inter / (pred + true)
