@@ -134,3 +134,14 @@ def test_registry_lists_categories():
     assert listed["pointing_game"]["category"] == "localization"
     assert listed["complexity"]["higher_is_better"] is False
     assert listed["relevance_mass"]["needs"] == ["mask"]
+
+
+def test_auprc_equals_scikit_learn(maps_and_masks):
+    from sklearn.metrics import average_precision_score
+
+    x, a, s = maps_and_masks
+    a = (a * 20).round() / 20  # ties, which the threshold grouping must handle
+    ours = pellucid.evaluate(None, x, a, metrics=["auprc"], masks=s)["auprc"].scores
+    for i in range(len(a)):
+        ref = average_precision_score(s[i].flatten().numpy(), a[i].flatten().numpy())
+        assert ours[i].item() == pytest.approx(ref, abs=1e-6)

@@ -14,6 +14,8 @@ relevance_rank         fraction of the K highest-ranked pixels inside the mask, 
                        K = mask size
 iou, dice              overlap of the binarised map (Otsu, fixed threshold or    CheXlocalize, Saporta
                        top-k %) with the mask                                    et al. 2022
+auprc                  average precision of the pixels' values as detectors of   Arun et al. 2021
+                       the mask
 =====================  ========================================================  ======================
 """
 
@@ -198,3 +200,36 @@ class Dice(_Overlap):
     @staticmethod
     def formula(inter, pred, true):
         return 2 * inter / (pred + true)
+
+
+def average_precision(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Average precision of one score vector against binary labels, sum_k (R_k - R_{k-1}) P_k over
+    the distinct score thresholds (equal to scikit-learn's ``average_precision_score``)."""
+    order = torch.argsort(scores, descending=True, stable=True)
+    s, y = scores[order], labels[order].double()
+    tps, fps = y.cumsum(0), (1 - y).cumsum(0)
+    ends = torch.nonzero(s[1:] != s[:-1]).flatten()
+    ends = torch.cat([ends, torch.tensor([len(s) - 1], device=s.device)])
+    tp, fp = tps[ends], fps[ends]
+    precision = tp / (tp + fp)
+    recall = tp / y.sum()
+    previous = torch.cat([torch.zeros(1, dtype=recall.dtype, device=recall.device), recall[:-1]])
+    return ((recall - previous) * precision).sum()
+
+
+@register
+@dataclass
+class LocalizationAUPRC(Metric):
+    """Localisation AUPRC: average precision of the map's pixels as detectors of the mask."""
+
+    name: ClassVar[str] = "auprc"
+    category: ClassVar[str] = "localization"
+    higher_is_better: ClassVar[bool] = True
+    needs: ClassVar[frozenset[str]] = frozenset({"mask"})
+
+    def compute(self, ctx: Context) -> MetricResult:
+        a, m, empty = _flat(ctx)
+        scores = torch.stack([average_precision(a[i], m[i]) if not empty[i]
+                              else torch.tensor(float("nan"), dtype=torch.float64)
+                              for i in range(len(a))])
+        return MetricResult(self.name, scores.float(), True)
