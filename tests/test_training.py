@@ -47,10 +47,7 @@ def test_few_steps_on_real_chestxray14_lower_the_loss(shared_data):
 def test_few_steps_on_real_lgg_lower_the_loss(shared_data):
     full = LGGSegmentation(shared_data / "lgg-mri-segmentation", size=96)
     positives = [i for i, r in enumerate(full.records) if read_mask_2d(r["mask"]).any()][::20][:12]
-    ds = torch.utils.data.Subset(full, positives)
-    for attr in ("task", "class_names", "mask_names", "channel_names", "multilabel", "spatial_dims"):
-        setattr(ds, attr, getattr(full, attr))
-    ds.in_channels = full.in_channels
+    ds = subset(full, positives)
     result = train(ds, TrainConfig(arch="unet", epochs=30, batch_size=12, lr=1e-2, progress=False))
     assert _falls(result.losses), result.losses
 

@@ -64,10 +64,6 @@ class BoundTarget(ABC):
         """One score per row of ``output`` (N,)."""
 
     @abstractmethod
-    def subset(self, rows: torch.Tensor) -> BoundTarget:
-        """The bound target of the samples ``rows``."""
-
-    @abstractmethod
     def describe(self) -> dict:
         """A JSON-able description."""
 
@@ -107,9 +103,6 @@ class BoundClassTarget(BoundTarget):
         cls = self.classes if rows is None else self.classes[rows]
         values = _activate(output, self.kind, self.activation)
         return values.gather(1, cls[:, None].to(values.device))[:, 0]
-
-    def subset(self, rows: torch.Tensor) -> BoundClassTarget:
-        return BoundClassTarget(self.classes[rows], self.kind, self.activation)
 
     def describe(self) -> dict:
         return {"type": "class", "classes": self.classes.tolist(), "kind": self.kind,
@@ -179,10 +172,6 @@ class BoundSegmentationTarget(BoundTarget):
         n, spatial = values.shape[0], values.shape[2:]
         sel = cls.view(n, 1, *([1] * len(spatial))).expand(n, 1, *spatial).to(values.device)
         return (values.gather(1, sel)[:, 0] * region.to(values)).flatten(1).sum(1)
-
-    def subset(self, rows: torch.Tensor) -> BoundSegmentationTarget:
-        return BoundSegmentationTarget(self.classes[rows], self.region[rows], self.kind,
-                                       self.activation)
 
     def describe(self) -> dict:
         return {"type": "segmentation", "classes": self.classes.tolist(), "kind": self.kind,

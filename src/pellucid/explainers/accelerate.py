@@ -68,10 +68,6 @@ def inference_forward(model: nn.Module, example: torch.Tensor) -> Forward:
     return fast
 
 
-def clear_cache() -> None:
-    _CACHE.clear()
-
-
 _BEST_BATCH: dict[tuple, int] = {}
 CPU_TRIALS = (4, 8, 16, 32)
 

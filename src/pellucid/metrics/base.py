@@ -40,6 +40,7 @@ class Context:
     attributions: torch.Tensor  # (B, *spatial)
     target: Any
     masks: torch.Tensor | None = None
+    cache: dict[Any, Any] = field(default_factory=dict)  # work shared between metrics of one call
 
 
 class Metric(ABC):

@@ -126,6 +126,15 @@ class Insertion(_Curve):
 
 
 def _masked_scores(ctx: Context, probability: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores Y on the inputs and O on the inputs times the min-max map; computed once per
+    evaluate() call for Average Drop and Increase in Confidence together."""
+    key = ("masked_scores", probability)
+    if key not in ctx.cache:
+        ctx.cache[key] = _compute_masked_scores(ctx, probability)
+    return ctx.cache[key]
+
+
+def _compute_masked_scores(ctx: Context, probability: bool) -> tuple[torch.Tensor, torch.Tensor]:
     target = scoring_target(ctx, probability)
     b = ctx.inputs.shape[0]
     a = ctx.attributions.reshape(b, -1).float()

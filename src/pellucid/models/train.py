@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -160,8 +161,8 @@ def train(train_ds: PellucidDataset, config: TrainConfig, val_ds: PellucidDatase
         for _ in range(math.ceil(steps / max(len(loader), 1))):
             yield from loader
 
-    for step, batch in track(zip(range(steps), batches(), strict=False), f"train {config.arch}",
-                             total=steps, enabled=config.progress):
+    for _, batch in track(zip(range(steps), batches(), strict=False), f"train {config.arch}",
+                          total=steps, enabled=config.progress):
         logits = module(card.normalize(batch["image"].to(config.device)))
         loss = _loss(task, multilabel, logits, batch)
         opt.zero_grad(set_to_none=True)
@@ -169,7 +170,6 @@ def train(train_ds: PellucidDataset, config: TrainConfig, val_ds: PellucidDatase
         opt.step()
         sched.step()
         losses.append(float(loss.detach()))
-        del step
     module.eval()
     seconds = time.perf_counter() - start
     card.training["steps"] = steps
@@ -184,9 +184,11 @@ def train(train_ds: PellucidDataset, config: TrainConfig, val_ds: PellucidDatase
     return TrainResult(module, card, losses, seconds)
 
 
-def subset(ds: PellucidDataset, n: int) -> PellucidDataset:
-    """The first ``n`` samples of ``ds``, keeping its declared task/classes/channels."""
-    sub = Subset(ds, range(min(n, len(ds))))
+def subset(ds: PellucidDataset, indices: int | Sequence[int]) -> PellucidDataset:
+    """Samples of ``ds`` (the first ``indices`` of them, or those listed), keeping its declared
+    task, classes and channels."""
+    keep = range(min(indices, len(ds))) if isinstance(indices, int) else list(indices)
+    sub = Subset(ds, keep)
     for attr in ("task", "class_names", "mask_names", "channel_names", "multilabel", "spatial_dims"):
         setattr(sub, attr, getattr(ds, attr))
     sub.in_channels = ds.in_channels  # type: ignore[attr-defined]

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 from pellucid.errors import ConfigError
@@ -80,9 +79,3 @@ def build(arch: str, spatial_dims: int, in_channels: int, out_channels: int,
 
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
-
-
-def check_input(module: nn.Module, shape: tuple[int, ...]) -> None:
-    """Run one tiny forward to confirm the network takes inputs of ``shape`` (B, C, *spatial)."""
-    with torch.no_grad():
-        module(torch.zeros(shape))
