@@ -67,6 +67,10 @@ class BoundTarget(ABC):
     def describe(self) -> dict:
         """A JSON-able description."""
 
+    @abstractmethod
+    def take(self, rows: torch.Tensor) -> BoundTarget:
+        """The target of the samples ``rows`` (e.g. one row per perturbed copy of a sample)."""
+
 
 @dataclass
 class ClassTarget(Target):
@@ -103,6 +107,9 @@ class BoundClassTarget(BoundTarget):
         cls = self.classes if rows is None else self.classes[rows]
         values = _activate(output, self.kind, self.activation)
         return values.gather(1, cls[:, None].to(values.device))[:, 0]
+
+    def take(self, rows: torch.Tensor) -> BoundClassTarget:
+        return BoundClassTarget(self.classes[rows.to(self.classes.device)], self.kind, self.activation)
 
     def describe(self) -> dict:
         return {"type": "class", "classes": self.classes.tolist(), "kind": self.kind,
@@ -172,6 +179,11 @@ class BoundSegmentationTarget(BoundTarget):
         n, spatial = values.shape[0], values.shape[2:]
         sel = cls.view(n, 1, *([1] * len(spatial))).expand(n, 1, *spatial).to(values.device)
         return (values.gather(1, sel)[:, 0] * region.to(values)).flatten(1).sum(1)
+
+    def take(self, rows: torch.Tensor) -> BoundSegmentationTarget:
+        rows = rows.to(self.classes.device)
+        return BoundSegmentationTarget(self.classes[rows], self.region[rows.to(self.region.device)],
+                                       self.kind, self.activation)
 
     def describe(self) -> dict:
         return {"type": "segmentation", "classes": self.classes.tolist(), "kind": self.kind,

@@ -3,6 +3,7 @@ lookup, hooks and post-processing (ReLU, up-sampling, per-sample min-max)."""
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import time
 from abc import ABC, abstractmethod
@@ -49,6 +50,7 @@ class Explanation:
     cost: Cost = field(default_factory=Cost)
     output: torch.Tensor | None = None
     extras: dict[str, Any] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)  # the method's options, to re-explain
 
     def __len__(self) -> int:
         return self.attributions.shape[0]
@@ -89,6 +91,29 @@ class ModelRunner:
     def backward(self, scalar: torch.Tensor, inputs: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         self.cost.backward_passes += 1
         return torch.autograd.grad(scalar, inputs)
+
+
+def _status_kib(field_name: str) -> int | None:
+    """A ``/proc/self/status`` memory field in KiB (Linux), or None."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(field_name + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def reset_peak_rss() -> int | None:
+    """Reset the process's peak resident set (Linux ``clear_refs`` 5) and return the current
+    resident set in KiB, so that ``VmHWM`` afterwards is the peak of what follows; None elsewhere."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        return None
+    return _status_kib("VmRSS")
 
 
 @contextmanager
@@ -266,6 +291,7 @@ class Explainer(ABC):
         device = inputs.device
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
+        rss_before = reset_peak_rss() if device.type == "cpu" else None
         start = time.perf_counter()
         with model_guard(model) as handles:
             runner = ModelRunner(model, cost)
@@ -280,8 +306,13 @@ class Explainer(ABC):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
             cost.peak_memory_bytes = int(torch.cuda.max_memory_allocated(device))
+        elif rss_before is not None:
+            peak = _status_kib("VmHWM")
+            cost.peak_memory_bytes = max(0, peak - rss_before) * 1024 if peak is not None else None
         cost.seconds = time.perf_counter() - start
         explanation.cost = cost
+        explanation.options = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)} \
+            if dataclasses.is_dataclass(self) else {}
         return explanation
 
     def bind(self, target: Target | BoundTarget | int | None,

@@ -1,10 +1,14 @@
-"""Metrics: one registry; ``pellucid.evaluate`` runs them. (Localisation, complexity and
-the RISE/Grad-CAM++ faithfulness metrics so far.)"""
+"""Metrics: one registry; ``pellucid.evaluate`` runs them. See ``docs/metrics.md``."""
 
 from pellucid.metrics import (  # noqa: F401  (each module registers its metrics)
     complexity,
+    cost,
     faithfulness,
     localization,
+    protocols,
+    randomization,
+    road,
+    robustness,
 )
 from pellucid.metrics.base import Context, Metric, MetricResult, available, create
 from pellucid.metrics.evaluate import evaluate

@@ -3,7 +3,9 @@ explanation, target, ground truth) and the per-sample result (NaN = sample exclu
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -31,20 +33,30 @@ class MetricResult:
         return float(valid.mean()) if valid.numel() else float("nan")
 
 
+# explain_fn(model, inputs, bound_target) -> attributions (N, *spatial): re-explains perturbed
+# inputs (robustness) or a randomised model (randomisation) with the same method and options.
+ExplainFn = Callable[[nn.Module, torch.Tensor, Any], torch.Tensor]
+
+
 @dataclass
 class Context:
-    """What a metric may use. ``masks`` are (B, *spatial) booleans at input resolution."""
+    """What a metric may use. ``masks`` are (B, *spatial) booleans at input resolution; ``boxes``
+    the per-sample (N, 4) x0, y0, x1, y1 boxes when given as boxes."""
 
     model: nn.Module | None
     inputs: torch.Tensor
     attributions: torch.Tensor  # (B, *spatial)
     target: Any
     masks: torch.Tensor | None = None
+    boxes: list[torch.Tensor] | None = None
+    explanation: Any = None
+    explain_fn: ExplainFn | None = None
     cache: dict[Any, Any] = field(default_factory=dict)  # work shared between metrics of one call
 
 
 class Metric(ABC):
-    """Base class: declares its category, direction and needs ("model", "mask")."""
+    """Base class: declares its category, direction and needs ("model", "mask", "boxes",
+    "explainer", "explanation")."""
 
     name: ClassVar[str]
     category: ClassVar[str]
@@ -74,7 +86,9 @@ def create(name: str, **options: Any) -> Metric:
     if name not in _REGISTRY:
         raise ConfigError(f"unknown metric {name!r}; available: {', '.join(sorted(_REGISTRY))}")
     cls = _REGISTRY[name]
-    try:
-        return cls(**options)
-    except TypeError as exc:
-        raise ConfigError(f"metric {name!r}: {exc}") from None
+    valid = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
+    unknown = sorted(set(options) - valid)
+    if unknown:
+        raise ConfigError(f"metric {name!r} has no option {unknown[0]!r}; options: "
+                          f"{', '.join(sorted(valid)) or 'none'}")
+    return cls(**options)

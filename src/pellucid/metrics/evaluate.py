@@ -8,7 +8,9 @@ from typing import Any
 import torch
 
 from pellucid.errors import ConfigError
-from pellucid.metrics.base import Context, MetricResult, create
+from pellucid.explainers.base import model_guard
+from pellucid.metrics.base import Context, ExplainFn, MetricResult, create
+from pellucid.targets import BoundTarget, as_target
 
 
 def _masks(masks: torch.Tensor | None, boxes: Sequence[torch.Tensor] | None,
@@ -40,18 +42,41 @@ def _masks(masks: torch.Tensor | None, boxes: Sequence[torch.Tensor] | None,
     return out
 
 
+def explanation_fn(explanation: Any, chunk: int = 32):
+    """An ``explain_fn`` that re-runs ``explanation``'s method with its options and layer on new
+    inputs (or a changed model), ``chunk`` samples per call; returns (N, *spatial) maps."""
+    from pellucid.explainers import create
+
+    def run(model: torch.nn.Module, inputs: torch.Tensor, target: BoundTarget) -> torch.Tensor:
+        explainer = create(explanation.method, **explanation.options)
+        maps = []
+        for start in range(0, inputs.shape[0], chunk):
+            rows = torch.arange(start, min(start + chunk, inputs.shape[0]))
+            out = explainer.explain(model, inputs[start:start + chunk], target=target.take(rows),
+                                    layer=explanation.layer)
+            maps.append(out.attributions.sum(1).detach())
+        return torch.cat(maps)
+
+    return run
+
+
 def evaluate(model: Any, inputs: torch.Tensor, explanation: Any, target: Any = None,
              metrics: Sequence[str | tuple[str, dict]] = ("pointing_game",),
              masks: torch.Tensor | None = None,
-             boxes: Sequence[torch.Tensor] | None = None) -> dict[str, MetricResult]:
+             boxes: Sequence[torch.Tensor] | None = None,
+             explain_fn: ExplainFn | None = None) -> dict[str, MetricResult]:
     """Score ``explanation`` (an Explanation or a (B, 1, *spatial) tensor) with ``metrics``.
 
     ``masks`` (B, [1,] *spatial) or ``boxes`` (per sample (N, 4) as x0, y0, x1, y1 pixels) give the
-    ground truth for localisation metrics. Returns {metric name: MetricResult}.
+    ground truth for localisation metrics. Robustness and randomisation metrics re-explain: with an
+    Explanation they re-run its method; with a bare tensor pass ``explain_fn(model, inputs,
+    bound_target) -> (N, *spatial)``. Returns {metric name: MetricResult}.
     """
     attributions = getattr(explanation, "attributions", explanation)
     if not isinstance(attributions, torch.Tensor):
         raise ConfigError("explanation must be an Explanation or a tensor of attributions")
+    if not isinstance(inputs, torch.Tensor) or inputs.ndim not in (4, 5):
+        raise ConfigError("inputs must be a tensor (B, C, H, W) or (B, C, D, H, W)")
     b, spatial = inputs.shape[0], tuple(inputs.shape[2:])
     if attributions.ndim == inputs.ndim:
         attributions = attributions[:, 0] if attributions.shape[1] == 1 else attributions.sum(1)
@@ -63,15 +88,31 @@ def evaluate(model: Any, inputs: torch.Tensor, explanation: Any, target: Any = N
     gt = _masks(masks, boxes, spatial, b)
     if gt is not None:
         gt = gt.to(attributions.device)
+    box_list = [torch.as_tensor(bx, dtype=torch.float32).reshape(-1, 4) for bx in boxes] \
+        if boxes is not None else None
+    module = getattr(model, "module", model)
+    specs = [(spec, {}) if isinstance(spec, str) else spec for spec in metrics]
+    chosen = [(name, create(name, **options)) for name, options in specs]
     target = target if target is not None else getattr(explanation, "target", None)
-    ctx = Context(getattr(model, "module", model), inputs, attributions.detach(), target, gt)
+    if not isinstance(target, BoundTarget) and module is not None \
+            and any("model" in m.needs for _, m in chosen):
+        with model_guard(module), torch.no_grad():
+            target = as_target(target, module(inputs))
+    if explain_fn is None and hasattr(explanation, "method"):
+        explain_fn = explanation_fn(explanation)
+    ctx = Context(module, inputs, attributions.detach(), target, gt, box_list,
+                  explanation if hasattr(explanation, "method") else None, explain_fn)
     results = {}
-    for spec in metrics:
-        name, options = (spec, {}) if isinstance(spec, str) else spec
-        metric = create(name, **options)
+    for name, metric in chosen:
         if "mask" in metric.needs and gt is None:
             raise ConfigError(f"metric {name!r} needs ground truth: pass masks= or boxes=")
+        if "boxes" in metric.needs and box_list is None:
+            raise ConfigError(f"metric {name!r} needs ground-truth boxes: pass boxes=")
         if "model" in metric.needs and ctx.model is None:
             raise ConfigError(f"metric {name!r} needs the model")
+        if "explainer" in metric.needs and explain_fn is None:
+            raise ConfigError(f"metric {name!r} re-explains: pass an Explanation or explain_fn=")
+        if "explanation" in metric.needs and ctx.explanation is None:
+            raise ConfigError(f"metric {name!r} needs the Explanation object, not a bare tensor")
         results[name] = metric.compute(ctx)
     return results

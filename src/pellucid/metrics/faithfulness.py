@@ -58,6 +58,43 @@ def trapezoid_auc(curve: torch.Tensor) -> torch.Tensor:
     return (curve.sum(1) - curve[:, 0] / 2 - curve[:, -1] / 2) / n
 
 
+def pixel_ranks(attributions: torch.Tensor, descending: bool = True) -> torch.Tensor:
+    """(B, N) position of every pixel in the order of decreasing (or increasing) attribution;
+    ties keep pixel order (a stable sort)."""
+    b = attributions.shape[0]
+    a = attributions.reshape(b, -1).float()
+    order = torch.argsort(-a if descending else a, dim=1, stable=True)
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(a.shape[1], device=a.device).expand_as(order))
+    return rank
+
+
+def replaced_scores(ctx: Context, target, rank: torch.Tensor, start: torch.Tensor,
+                    replacement: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """(B, K) scores of inputs in which, for point k, the pixels with ``rank < counts[k]`` are taken
+    from ``replacement`` and the rest from ``start`` (both (B, C, N), all channels of a pixel
+    together). All B x K inputs run in large batches."""
+    x = ctx.inputs
+    b, c = x.shape[:2]
+    spatial = tuple(x.shape[2:])
+    counts = counts.to(x.device)
+    pairs = torch.cartesian_prod(torch.arange(b), torch.arange(len(counts))).to(x.device)
+
+    def build(lo: int, hi: int) -> torch.Tensor:
+        rows, k = pairs[lo:hi, 0], pairs[lo:hi, 1]
+        changed = (rank[rows] < counts[k][:, None])[:, None]
+        return torch.where(changed, replacement[rows], start[rows]).reshape(len(rows), c, *spatial)
+
+    scores = run_batches(ctx.model, build, len(pairs), x, target, lambda lo, hi: pairs[lo:hi, 0])
+    return scores.reshape(b, len(counts))
+
+
+def default_step(spatial: tuple[int, ...]) -> int:
+    """sqrt(N) pixels a step in 2D (224 for 224 x 224, as the RISE demo), N / 256 in 3D."""
+    n = math.prod(spatial)
+    return max(1, round(math.sqrt(n)) if len(spatial) == 2 else n // 256)
+
+
 @dataclass
 class _Curve(Metric):
     step: int | None = None
@@ -73,35 +110,23 @@ class _Curve(Metric):
         b, c = x.shape[:2]
         spatial = tuple(x.shape[2:])
         hw = math.prod(spatial)
-        step = self.step or max(1, round(math.sqrt(hw)) if len(spatial) == 2 else hw // 256)
+        step = self.step or default_step(spatial)
         steps = math.ceil(hw / step)
         target = scoring_target(ctx, self.probability)
-        order = torch.argsort(-ctx.attributions.reshape(b, -1).float(), dim=1, stable=True)
-        rank = torch.empty_like(order)
-        rank.scatter_(1, order, torch.arange(hw, device=x.device).expand(b, hw))
         flat = x.reshape(b, c, hw)
         if self.inserting:
             if self.start == "blur":
-                other = gaussian_blur(x, 5.0, 11).reshape(b, c, hw)
+                start = gaussian_blur(x, 5.0, 11).reshape(b, c, hw)
             elif self.start == "zeros":
-                other = torch.zeros_like(flat)
+                start = torch.zeros_like(flat)
             else:
                 raise ConfigError(f"insertion start must be 'blur' or 'zeros', got {self.start!r}")
+            start, replacement = start, flat
         else:
-            other = torch.full_like(flat, self.baseline)
-        pairs = torch.cartesian_prod(torch.arange(b), torch.arange(steps + 1)).to(x.device)
-
-        def build(start: int, stop: int) -> torch.Tensor:
-            rows, k = pairs[start:stop, 0], pairs[start:stop, 1]
-            changed = (rank[rows] < (k * step)[:, None])[:, None]  # (n, 1, hw)
-            if self.inserting:
-                out = torch.where(changed, flat[rows], other[rows])
-            else:
-                out = torch.where(changed, other[rows], flat[rows])
-            return out.reshape(len(rows), c, *spatial)
-
-        scores = run_batches(ctx.model, build, len(pairs), x, target, lambda s, e: pairs[s:e, 0])
-        curves = scores.reshape(b, steps + 1)
+            start, replacement = flat, torch.full_like(flat, self.baseline)
+        counts = torch.arange(steps + 1) * step
+        curves = replaced_scores(ctx, target, pixel_ranks(ctx.attributions), start, replacement,
+                                 counts)
         return MetricResult(self.name, trapezoid_auc(curves), self.higher_is_better, curves=curves,
                             extras={"step": step})
 
@@ -178,3 +203,189 @@ class IncreaseInConfidence(Metric):
     def compute(self, ctx: Context) -> MetricResult:
         y, o = _masked_scores(ctx, self.probability)
         return MetricResult(self.name, 100 * (y < o).float(), True)
+
+
+def baseline_values(x: torch.Tensor, baseline: str | float) -> torch.Tensor:
+    """(B, C, 1) replacement values: ``"black"`` = each sample's minimum (Quantus' "black"),
+    ``"mean"`` = each sample's mean, or a number."""
+    b, c = x.shape[:2]
+    flat = x.reshape(b, -1)
+    if baseline == "black":
+        value = flat.amin(1)
+    elif baseline == "mean":
+        value = flat.mean(1)
+    elif isinstance(baseline, int | float) and not isinstance(baseline, bool):
+        value = torch.full((b,), float(baseline), device=x.device, dtype=x.dtype)
+    else:
+        raise ConfigError(f"baseline must be 'black', 'mean' or a number, got {baseline!r}")
+    return value.view(b, 1, 1).expand(b, c, 1)
+
+
+def clean_scores(ctx: Context, probability: bool) -> torch.Tensor:
+    """Target scores on the unperturbed inputs, computed once per evaluate() call."""
+    key = ("clean", probability)
+    if key not in ctx.cache:
+        target = scoring_target(ctx, probability)
+        rows = torch.arange(ctx.inputs.shape[0], device=ctx.inputs.device)
+        ctx.cache[key] = run_batches(ctx.model, lambda lo, hi: ctx.inputs[lo:hi],
+                                     ctx.inputs.shape[0], ctx.inputs, target, lambda lo, hi: rows[lo:hi])
+    return ctx.cache[key]
+
+
+@register
+@dataclass
+class PixelFlipping(Metric):
+    """Pixel flipping: the score after each step of flipping the most (or least) relevant pixels.
+
+    Bach et al. 2015. Step k replaces the k * ``features_in_step`` highest-ranked pixels (all
+    channels) with ``baseline``; the curve holds the score after every step (s_1..s_K, no clean
+    point) and the score is its trapezoid area with unit spacing, sum s - s_1/2 - s_K/2 (Quantus'
+    ``PixelFlipping`` with ``return_auc_per_sample``). Most-relevant-first: lower is better.
+    """
+
+    features_in_step: int | None = None
+    order: str = "morf"
+    baseline: str | float = "black"
+    probability: bool = True
+    name: ClassVar[str] = "pixel_flipping"
+    category: ClassVar[str] = "faithfulness"
+    higher_is_better: ClassVar[bool] = False
+    needs: ClassVar[frozenset[str]] = frozenset({"model"})
+
+    def compute(self, ctx: Context) -> MetricResult:
+        if self.order not in ("morf", "lerf"):
+            raise ConfigError(f"pixel_flipping order must be 'morf' or 'lerf', got {self.order!r}")
+        x = ctx.inputs
+        b, c = x.shape[:2]
+        spatial = tuple(x.shape[2:])
+        n = math.prod(spatial)
+        step = self.features_in_step or default_step(spatial)
+        counts = torch.clamp(torch.arange(1, math.ceil(n / step) + 1) * step, max=n)
+        flat = x.reshape(b, c, n)
+        replacement = baseline_values(x, self.baseline).expand(b, c, n)
+        rank = pixel_ranks(ctx.attributions, descending=self.order == "morf")
+        curves = replaced_scores(ctx, scoring_target(ctx, self.probability), rank, flat,
+                                 replacement, counts)
+        auc = curves.sum(1) - curves[:, 0] / 2 - curves[:, -1] / 2
+        return MetricResult(self.name, auc, self.order == "lerf", curves=curves,
+                            extras={"features_in_step": step})
+
+
+def pearson(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row-wise Pearson correlation of (B, N) tensors (NaN where a row is constant)."""
+    a = a.double() - a.double().mean(1, keepdim=True)
+    b = b.double() - b.double().mean(1, keepdim=True)
+    den = (a.square().sum(1) * b.square().sum(1)).sqrt()
+    return torch.where(den > 0, (a * b).sum(1) / den, torch.full_like(den, float("nan"))).float()
+
+
+def random_subsets(n_features: int, size: int, runs: int, batch: int, seed: int) -> torch.Tensor:
+    """(runs, batch, size) feature indices drawn without replacement by numpy's RandomState.
+
+    The stream is the one Quantus 0.6.0 consumes after ``np.random.seed(seed)``: per run, one draw
+    per sample, then ``batch`` uniforms (Quantus fills its "uniform" baseline on every perturbation
+    call whatever baseline is chosen), so equal seeds give equal subsets.
+    """
+    import numpy as np
+
+    rng = np.random.RandomState(seed)
+    draws = []
+    for _ in range(runs):
+        draws.append(np.stack([rng.choice(n_features, size, replace=False) for _ in range(batch)]))
+        rng.uniform(size=batch)
+    return torch.as_tensor(np.stack(draws))
+
+
+@register
+@dataclass
+class FaithfulnessCorrelation(Metric):
+    """Faithfulness correlation: Pearson of attribution sums and score drops over random subsets.
+
+    Bhatt et al. 2020: for ``nr_runs`` random subsets S of ``subset_size`` pixels,
+    corr_S( sum_{i in S} a_i , f(x) - f(x with S set to the baseline) ). Logits by default (as
+    Quantus); subsets drawn with a seeded numpy RandomState in Quantus' order.
+    """
+
+    nr_runs: int = 100
+    subset_size: int = 224
+    baseline: str | float = "black"
+    probability: bool = False
+    seed: int = 42
+    name: ClassVar[str] = "faithfulness_correlation"
+    category: ClassVar[str] = "faithfulness"
+    higher_is_better: ClassVar[bool] = True
+    needs: ClassVar[frozenset[str]] = frozenset({"model"})
+
+    def compute(self, ctx: Context) -> MetricResult:
+        x = ctx.inputs
+        b, c = x.shape[:2]
+        spatial = tuple(x.shape[2:])
+        n = math.prod(spatial)
+        if not 0 < self.subset_size < n:
+            raise ConfigError(f"faithfulness_correlation: subset_size must be in 1..{n - 1}, "
+                              f"got {self.subset_size}")
+        subsets = random_subsets(n, self.subset_size, self.nr_runs, b, self.seed).to(x.device)
+        flat = x.reshape(b, c, n)
+        base = baseline_values(x, self.baseline)
+        target = scoring_target(ctx, self.probability)
+        pairs = torch.cartesian_prod(torch.arange(self.nr_runs), torch.arange(b)).to(x.device)
+
+        def build(lo: int, hi: int) -> torch.Tensor:
+            runs, rows = pairs[lo:hi, 0], pairs[lo:hi, 1]
+            out = flat[rows].clone()
+            idx = subsets[runs, rows][:, None].expand(-1, c, -1)
+            out.scatter_(2, idx, base[rows].expand(-1, -1, idx.shape[2]))
+            return out.reshape(len(rows), c, *spatial)
+
+        perturbed = run_batches(ctx.model, build, len(pairs), x, target,
+                                lambda lo, hi: pairs[lo:hi, 1]).reshape(self.nr_runs, b).T
+        drops = clean_scores(ctx, self.probability)[:, None] - perturbed
+        a = ctx.attributions.reshape(b, n).double()
+        sums = torch.stack([a.gather(1, subsets[r]).sum(1) for r in range(self.nr_runs)], 1)
+        return MetricResult(self.name, pearson(sums, drops), True,
+                            extras={"attribution_sums": sums, "score_drops": drops})
+
+
+@register
+@dataclass
+class Infidelity(Metric):
+    """Infidelity: E_I[(I . a - (f(x) - f(x - I)))^2] over Gaussian perturbations I.
+
+    Yeh et al. 2019; I ~ N(0, ``noise_std``^2) per input element, the (pixel) map broadcast over
+    channels, ``n_perturb_samples`` draws from a seeded generator. ``normalize`` rescales I . a by
+    the least-squares beta first (as Captum's ``infidelity(normalize=True)``). Lower is better.
+    """
+
+    noise_std: float = 0.1
+    n_perturb_samples: int = 32
+    normalize: bool = False
+    probability: bool = False
+    seed: int = 0
+    name: ClassVar[str] = "infidelity"
+    category: ClassVar[str] = "faithfulness"
+    higher_is_better: ClassVar[bool] = False
+    needs: ClassVar[frozenset[str]] = frozenset({"model"})
+
+    def noise(self, x: torch.Tensor) -> torch.Tensor:
+        """(n_perturb_samples, B, C, *spatial) perturbations."""
+        gen = torch.Generator(device="cpu").manual_seed(self.seed)
+        shape = (self.n_perturb_samples, *x.shape)
+        return (torch.randn(shape, generator=gen) * self.noise_std).to(x.device, x.dtype)
+
+    def compute(self, ctx: Context) -> MetricResult:
+        x = ctx.inputs
+        b = x.shape[0]
+        noise = self.noise(x)
+        target = scoring_target(ctx, self.probability)
+        pairs = torch.cartesian_prod(torch.arange(self.n_perturb_samples), torch.arange(b))
+        pairs = pairs.to(x.device)
+        perturbed = run_batches(ctx.model, lambda lo, hi: x[pairs[lo:hi, 1]] - noise[pairs[lo:hi, 0],
+                                                                                   pairs[lo:hi, 1]],
+                                len(pairs), x, target, lambda lo, hi: pairs[lo:hi, 1])
+        diffs = (clean_scores(ctx, self.probability)[None] - perturbed.reshape(-1, b)).double()
+        a = ctx.attributions[None, :, None].double()  # broadcast over channels
+        dots = (noise.double() * a).flatten(2).sum(2)  # (n, B)
+        if self.normalize:
+            beta = (dots * diffs).mean(0) / dots.square().mean(0).clamp_min(1e-30)
+            dots = dots * beta
+        return MetricResult(self.name, (dots - diffs).square().mean(0).float(), False)

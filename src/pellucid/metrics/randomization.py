@@ -1,0 +1,140 @@
+"""Randomisation sanity checks: an explanation that does not change when the model's learned
+parameters or the explained class change cannot be explaining the model.
+
+- ``model_randomization``: cascading model-parameter randomisation (Adebayo et al. 2018). A copy of
+  the model is re-initialised from the output towards the input, one step at a time (each module's
+  own ``reset_parameters`` after ``torch.manual_seed(seed + 1)``, as Quantus' ``MPRT``); a step is
+  one block (modules sharing the first ``depth`` parts of their dotted name, e.g. ``layer4.1``) or
+  one layer (``granularity="layer"``: Quantus' steps). After every step the explanation is re-run
+  on the same inputs and target and compared with the original by Spearman (signed and absolute),
+  SSIM and HOG similarity. The score is the ``similarity`` after the last step (lower is better).
+  Arun et al. 2021's *randomisation baseline* is the mean similarity of ``baseline_pairs`` random
+  pairs of original maps of different images; a sample passes when its last-step similarity falls
+  below it.
+- ``random_logit`` (Sixt et al. 2020): the similarity between the map of the explained class and
+  the map of a uniformly drawn other class (drawn as Quantus' ``RandomLogit`` draws it after
+  seeding numpy with ``seed``). Lower is better.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from pellucid.errors import ConfigError
+from pellucid.metrics.base import Context, Metric, MetricResult, register
+from pellucid.metrics.similarity import SIMILARITIES, similarity
+from pellucid.progress import track
+from pellucid.targets import BoundClassTarget, BoundSegmentationTarget
+
+
+def randomisation_steps(model: nn.Module, granularity: str, depth: int) -> list[tuple[str, list[str]]]:
+    """Steps from the output down: (step name, names of the modules re-initialised in it)."""
+    if granularity not in ("block", "layer"):
+        raise ConfigError(f"granularity must be 'block' or 'layer', got {granularity!r}")
+    names = [n for n, m in model.named_modules() if hasattr(m, "reset_parameters")][::-1]
+    if not names:
+        raise ConfigError("the model has no module with reset_parameters() to randomise")
+    steps: list[tuple[str, list[str]]] = []
+    for name in names:
+        key = name if granularity == "layer" else ".".join(name.split(".")[:depth]) or name
+        if steps and steps[-1][0] == key:
+            steps[-1][1].append(name)
+        else:
+            steps.append((key, [name]))
+    return steps
+
+
+def randomisation_baseline(maps: torch.Tensor, measure: str, pairs: int, seed: int) -> float:
+    """Mean similarity of up to ``pairs`` random pairs of maps of different samples."""
+    b = maps.shape[0]
+    if b < 2:
+        return float("nan")
+    rng = np.random.RandomState(seed)
+    all_pairs = [(i, j) for i in range(b) for j in range(b) if i < j]
+    chosen = rng.permutation(len(all_pairs))[:pairs]
+    i = torch.tensor([all_pairs[k][0] for k in chosen])
+    j = torch.tensor([all_pairs[k][1] for k in chosen])
+    values = similarity(measure, maps[i], maps[j])
+    return float(np.nanmean(values.numpy())) if (~torch.isnan(values)).any() else float("nan")
+
+
+@register
+@dataclass
+class ModelRandomization(Metric):
+    """Cascading model-parameter randomisation: similarity of the map after randomising the model."""
+
+    granularity: str = "block"
+    depth: int = 2
+    similarity: str = "ssim"
+    measures: tuple[str, ...] = SIMILARITIES
+    seed: int = 42
+    baseline_pairs: int = 50
+    progress: bool = True
+    name: ClassVar[str] = "model_randomization"
+    category: ClassVar[str] = "randomization"
+    higher_is_better: ClassVar[bool] = False
+    needs: ClassVar[frozenset[str]] = frozenset({"model", "explainer"})
+
+    def compute(self, ctx: Context) -> MetricResult:
+        measures = tuple(dict.fromkeys((*self.measures, self.similarity)))
+        for m in measures:
+            if m not in SIMILARITIES:
+                raise ConfigError(f"model_randomization: similarity must be one of {SIMILARITIES}, "
+                                  f"got {m!r}")
+        original = ctx.attributions
+        randomised = copy.deepcopy(ctx.model)
+        modules = dict(randomised.named_modules())
+        steps = randomisation_steps(randomised, self.granularity, self.depth)
+        table: dict[str, dict[str, torch.Tensor]] = {}
+        for step, names in track(steps, "cascading randomisation", enabled=self.progress):
+            for name in names:
+                torch.manual_seed(self.seed + 1)
+                modules[name].reset_parameters()
+            maps = ctx.explain_fn(randomised, ctx.inputs, ctx.target)
+            table[step] = {m: similarity(m, original, maps) for m in measures}
+        last = table[steps[-1][0]][self.similarity]
+        baseline = {m: randomisation_baseline(original, m, self.baseline_pairs, self.seed)
+                    for m in measures}
+        passed = last < baseline[self.similarity]
+        return MetricResult(self.name, last.float(), False,
+                            curves=torch.stack([table[s][self.similarity] for s, _ in steps], 1).float(),
+                            extras={"steps": [s for s, _ in steps], "table": table,
+                                    "baseline": baseline, "passed": passed})
+
+
+@register
+@dataclass
+class RandomLogit(Metric):
+    """Random logit test: similarity of the explained class's map and a random other class's map."""
+
+    similarity: str = "ssim"
+    seed: int = 42
+    name: ClassVar[str] = "random_logit"
+    category: ClassVar[str] = "randomization"
+    higher_is_better: ClassVar[bool] = False
+    needs: ClassVar[frozenset[str]] = frozenset({"model", "explainer"})
+
+    def compute(self, ctx: Context) -> MetricResult:
+        target = ctx.target
+        if not isinstance(target, BoundClassTarget | BoundSegmentationTarget):
+            raise ConfigError("random_logit needs a class or segmentation target")
+        with torch.no_grad():
+            k = ctx.model(ctx.inputs[:1]).shape[1]
+        if k < 2:
+            raise ConfigError("random_logit needs a model with at least two output classes")
+        rng = np.random.RandomState(self.seed)
+        pick = torch.as_tensor(rng.randint(0, k - 1, len(target.classes)), device=target.classes.device)
+        others = pick + (pick >= target.classes).long()  # the pick-th of the other classes
+        if isinstance(target, BoundClassTarget):
+            other = BoundClassTarget(others, target.kind, target.activation)
+        else:
+            other = BoundSegmentationTarget(others, target.region, target.kind, target.activation)
+        maps = ctx.explain_fn(ctx.model, ctx.inputs, other)
+        return MetricResult(self.name, similarity(self.similarity, ctx.attributions, maps).float(),
+                            False, extras={"other_classes": others})

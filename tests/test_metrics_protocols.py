@@ -1,0 +1,93 @@
+"""The CheXlocalize and ChestX-ray14 box protocols by hand, the cost metric, and the errors of the
+metrics that re-explain or need boxes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import pellucid
+from pellucid.errors import ConfigError
+from pellucid.metrics.protocols import bootstrap_ci, box_overlaps, heatmap_boxes
+
+
+def test_chexlocalize_by_hand():
+    a = torch.zeros(3, 1, 8, 8)
+    a[0, 0, 2:4, 2:4] = 1.0  # 4 px hot square; Otsu keeps exactly it
+    a[1, 0, 0, 0] = 1.0
+    a[2, 0, 5:7, 5:7] = 1.0
+    masks = torch.zeros(3, 8, 8)
+    masks[0, 2:4, 2:6] = 1  # 8 px: IoU 4 / 8
+    masks[1, 4:6, 4:6] = 1  # miss: IoU 0, no hit
+    # sample 2 has an empty mask: excluded from IoU and hit rate
+    r = pellucid.evaluate(None, torch.zeros(3, 1, 8, 8), a, metrics=["chexlocalize"], masks=masks)
+    res = r["chexlocalize"]
+    assert res.scores[0].item() == pytest.approx(0.5)
+    assert res.scores[1].item() == 0.0
+    assert torch.isnan(res.scores[2])
+    assert res.extras["miou"] == pytest.approx(0.25)
+    assert res.extras["hit_rate"] == pytest.approx(0.5)
+    lo, hi = res.extras["miou_ci"]
+    assert 0.0 <= lo <= 0.25 <= hi <= 0.5
+
+
+def test_bootstrap_interval_is_the_percentile_bootstrap():
+    v = torch.tensor([0.1, 0.5, 0.2, float("nan"), 0.9, 0.4])
+    lo, hi = bootstrap_ci(v, resamples=500, seed=3)
+    data = np.array([0.1, 0.5, 0.2, 0.9, 0.4])
+    rng = np.random.RandomState(3)
+    means = data[rng.randint(0, 5, size=(500, 5))].mean(1)
+    assert (lo, hi) == pytest.approx((np.percentile(means, 2.5), np.percentile(means, 97.5)))
+    assert lo < data.mean() < hi
+
+
+def test_box_protocol_by_hand():
+    heat = np.zeros((20, 20))
+    heat[2:6, 2:10] = 1.0  # component 1: box (2, 2, 10, 6)
+    heat[15:17, 15:17] = 0.8  # component 2: box (15, 15, 17, 17)
+    assert heatmap_boxes(heat, 0.5) == [(2.0, 2.0, 10.0, 6.0), (15.0, 15.0, 17.0, 17.0)]
+    iou, iobb = box_overlaps((2, 2, 10, 6), (6, 2, 14, 6))  # half the predicted box overlaps
+    assert iou == pytest.approx(16 / 48) and iobb == pytest.approx(0.5)
+    a = torch.tensor(heat, dtype=torch.float32)[None, None].repeat(2, 1, 1, 1)
+    boxes = [torch.tensor([[6.0, 2.0, 14.0, 6.0]]), torch.tensor([[0.0, 12.0, 4.0, 16.0]])]
+    r = pellucid.evaluate(None, torch.zeros(2, 1, 20, 20), a, metrics=["box_accuracy"],
+                          boxes=boxes)["box_accuracy"]
+    assert r.scores.tolist() == pytest.approx([0.5, 0.0])
+    assert r.extras["iou"].tolist() == pytest.approx([16 / 48, 0.0])
+    assert r.extras["accuracy"]["iobb>0.4"] == 0.5 and r.extras["accuracy"]["iobb>0.5"] == 0.0
+    assert r.extras["accuracy"]["iou>0.3"] == 0.5 and r.extras["accuracy"]["iou>0.4"] == 0.0
+
+
+def test_cost_metric_reports_passes_time_and_memory():
+    from pellucid.models import build
+
+    model = build("resnet18", 2, 1, 2).module
+    x = torch.randn(2, 1, 32, 32)
+    e = pellucid.explain(model, x, "scorecam", layer="layer3")
+    r = pellucid.evaluate(model, x, e, metrics=["cost"])["cost"]
+    assert r.extras["backward_passes"] == 0 and r.extras["forward_passes"] >= 2
+    assert r.scores.shape == (2,) and (r.scores > 0).all()
+    assert r.extras["peak_memory_bytes"] is not None and r.extras["peak_memory_bytes"] >= 0
+
+
+def test_metric_errors():
+    from pellucid.models import build
+
+    model = build("resnet18", 2, 1, 2).module
+    x = torch.randn(2, 1, 16, 16)
+    a = torch.rand(2, 1, 16, 16)
+    with pytest.raises(ConfigError, match="re-explains"):
+        pellucid.evaluate(model, x, a, target=0, metrics=["max_sensitivity"])
+    with pytest.raises(ConfigError, match="needs the Explanation"):
+        pellucid.evaluate(model, x, a, target=0, metrics=["cost"])
+    with pytest.raises(ConfigError, match="needs ground-truth boxes"):
+        pellucid.evaluate(model, x, a, target=0, metrics=["box_accuracy"],
+                          masks=torch.ones(2, 16, 16))
+    with pytest.raises(ConfigError, match="order must be"):
+        pellucid.evaluate(model, x, a, target=0, metrics=[("pixel_flipping", {"order": "up"})])
+    with pytest.raises(ConfigError, match="subset_size"):
+        pellucid.evaluate(model, x, a, target=0,
+                          metrics=[("faithfulness_correlation", {"subset_size": 999})])
+    with pytest.raises(ConfigError, match=r"metric 'road' has no option 'percent'; options: fractions"):
+        pellucid.evaluate(model, x, a, target=0, metrics=[("road", {"percent": 3})])
