@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export PELLUCID_DATA ?= $(abspath ../shared/data)
 
-.PHONY: demo test lint install clean
+.PHONY: demo test lint install clean system-deps
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,7 +18,13 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/pellucid demo --out demo_out
 
-test: $(STAMP)
+# Chromium renders report.html in the tests (Debian's package; needs root and apt).
+system-deps:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  (echo "installing chromium (apt)"; apt-get update -q && DEBIAN_FRONTEND=noninteractive \
+	   apt-get install -y -q chromium >/dev/null)
+
+test: $(STAMP) system-deps
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(PY) -m pytest
 

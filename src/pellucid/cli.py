@@ -145,9 +145,41 @@ def explain(
 
 
 @app.command()
+def bench(config: Annotated[str, typer.Argument(help="YAML configuration (or a built-in: demo, "
+                                                      "shared, shared-short)")],
+          out: Annotated[Path | None, typer.Option(help="output folder (default bench_<name>)")] = None,
+          executor: Annotated[str, typer.Option(help="local or ray")] = "local",
+          address: Annotated[str | None, typer.Option(help="Ray cluster address (ray executor)")] = None,
+          no_report: Annotated[bool, typer.Option("--no-report", help="skip report.html")] = False
+          ) -> None:
+    """Run (or resume) a benchmark grid and write results, statistics and report.html."""
+    from pellucid.bench import load_config, run_bench
+    from pellucid.bench.runner import print_leaderboard
+
+    cfg = load_config(config)
+    folder = out or Path(f"bench_{cfg.name}")
+    table = run_bench(cfg, folder, executor=executor, address=address, report=not no_report)
+    print_leaderboard(table)
+    console.print(f"results: {folder}/results.parquet" + ("" if no_report else
+                                                          f", report: {folder}/report.html"))
+
+
+@app.command()
+def report(run: Annotated[Path, typer.Argument(help="a benchmark output folder")]) -> None:
+    """Re-compute the statistics and report.html of a finished benchmark folder."""
+    from pellucid.bench.report import write_report
+
+    if not (run / "parts").is_dir():
+        raise ConfigError(f"{run}: not a benchmark output folder (no parts/)")
+    console.print(f"report: {write_report(run)}")
+
+
+@app.command()
 def demo(out: Annotated[Path, typer.Option(help="output folder")] = Path("demo_out"),
-         quick: Annotated[bool, typer.Option(help="smaller models and fewer cases")] = False) -> None:
-    """The main job on the embedded phantoms: train, explain, and write figures."""
+         quick: Annotated[bool, typer.Option(help="fewer cases and methods (a smoke run)")] = False
+         ) -> None:
+    """The main job on the embedded phantoms: train, explain with every method, score with every
+    metric, and write the report."""
     from pellucid.demo import run_demo
 
     run_demo(out, quick=quick)

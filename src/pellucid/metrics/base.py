@@ -27,6 +27,7 @@ class MetricResult:
     higher_is_better: bool
     curves: torch.Tensor | None = None
     extras: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0  # wall time of the metric (set by evaluate)
 
     def mean(self) -> float:
         valid = self.scores[~torch.isnan(self.scores)]

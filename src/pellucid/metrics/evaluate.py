@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -114,5 +115,7 @@ def evaluate(model: Any, inputs: torch.Tensor, explanation: Any, target: Any = N
             raise ConfigError(f"metric {name!r} re-explains: pass an Explanation or explain_fn=")
         if "explanation" in metric.needs and ctx.explanation is None:
             raise ConfigError(f"metric {name!r} needs the Explanation object, not a bare tensor")
+        start = time.perf_counter()
         results[name] = metric.compute(ctx)
+        results[name].seconds = time.perf_counter() - start
     return results

@@ -1,7 +1,8 @@
 """Faithfulness metrics: does removing what the map calls important change the model's score?
 
 - ``deletion`` / ``insertion`` (RISE protocol, Petsiuk et al. 2018): pixels are ordered by
-  decreasing attribution and changed ``step`` at a time (all channels of a pixel together).
+  decreasing attribution and changed ``step`` at a time, or in ``steps`` equal steps (all
+  channels of a pixel together).
   Deletion replaces them with ``baseline`` (zero in the model's input space); insertion starts from a
   blurred copy (Gaussian, kernel 11, sigma 5) and restores them. The curve s_0..s_N is the target
   score (the class probability by default) after each step, and
@@ -27,16 +28,22 @@ from pellucid.explainers.accelerate import AutoBatch, inference_forward
 from pellucid.explainers.attribution import gaussian_blur
 from pellucid.explainers.base import model_guard
 from pellucid.metrics.base import Context, Metric, MetricResult, register
-from pellucid.targets import BoundClassTarget
+from pellucid.targets import BoundClassTarget, BoundSegmentationTarget
 
 
 def scoring_target(ctx: Context, probability: bool):
-    """The explanation's bound target, as a class probability when asked and possible."""
+    """The explanation's bound target, as a probability when asked: the class probability, or for
+    segmentation the region's summed class probabilities (the expected number of its voxels the
+    model assigns to the class)."""
     target = ctx.target
     if target is None:
         raise ConfigError("faithfulness metrics need the explanation's target (pass target=)")
-    if probability and isinstance(target, BoundClassTarget) and target.kind == "logit":
-        return BoundClassTarget(target.classes, "probability", target.activation)
+    if probability and target.kind == "logit":
+        if isinstance(target, BoundClassTarget):
+            return BoundClassTarget(target.classes, "probability", target.activation)
+        if isinstance(target, BoundSegmentationTarget):  # the region's summed probabilities
+            return BoundSegmentationTarget(target.classes, target.region, "probability",
+                                           target.activation)
     return target
 
 
@@ -95,9 +102,24 @@ def default_step(spatial: tuple[int, ...]) -> int:
     return max(1, round(math.sqrt(n)) if len(spatial) == 2 else n // 256)
 
 
+def step_size(spatial: tuple[int, ...], step: int | None, steps: int | None, name: str) -> int:
+    """Pixels per step: ``step`` as given, or N / ``steps`` rounded up, or the default."""
+    if step is not None and steps is not None:
+        raise ConfigError(f"{name}: give step or steps, not both")
+    n = math.prod(spatial)
+    if steps is not None:
+        if steps < 1:
+            raise ConfigError(f"{name}: steps must be at least 1, got {steps}")
+        return math.ceil(n / steps)
+    if step is not None and step < 1:
+        raise ConfigError(f"{name}: step must be at least 1, got {step}")
+    return step or default_step(spatial)
+
+
 @dataclass
 class _Curve(Metric):
     step: int | None = None
+    steps: int | None = None
     probability: bool = True
     baseline: float = 0.0
     start: str = "blur"
@@ -110,7 +132,7 @@ class _Curve(Metric):
         b, c = x.shape[:2]
         spatial = tuple(x.shape[2:])
         hw = math.prod(spatial)
-        step = self.step or default_step(spatial)
+        step = step_size(spatial, self.step, self.steps, self.name)
         steps = math.ceil(hw / step)
         target = scoring_target(ctx, self.probability)
         flat = x.reshape(b, c, hw)
@@ -244,6 +266,7 @@ class PixelFlipping(Metric):
     """
 
     features_in_step: int | None = None
+    steps: int | None = None
     order: str = "morf"
     baseline: str | float = "black"
     probability: bool = True
@@ -259,7 +282,7 @@ class PixelFlipping(Metric):
         b, c = x.shape[:2]
         spatial = tuple(x.shape[2:])
         n = math.prod(spatial)
-        step = self.features_in_step or default_step(spatial)
+        step = step_size(spatial, self.features_in_step, self.steps, self.name)
         counts = torch.clamp(torch.arange(1, math.ceil(n / step) + 1) * step, max=n)
         flat = x.reshape(b, c, n)
         replacement = baseline_values(x, self.baseline).expand(b, c, n)

@@ -14,7 +14,8 @@ pytorch-grad-cam's ``ROADCombined``). Fraction p removes the pixels at or above 
 
 The system is symmetric positive definite (diagonally dominant wherever a removed pixel touches a
 kept one), so it is solved for every sample, fraction and channel at once by Jacobi-preconditioned
-conjugate gradients with the stencil as a convolution; the result equals a direct sparse solve
+conjugate gradients with the (separable) stencil applied in place; the result equals a direct
+sparse solve
 (checked against pytorch-grad-cam's ``NoisyLinearImputer``, which uses SciPy's ``spsolve``).
 Unlike Quantus 0.6.0 it works for any number of channels and for 3D volumes.
 """
@@ -46,43 +47,55 @@ def neighbour_kernel(ndim: int, dtype=torch.float64) -> torch.Tensor:
     return (kernel / kernel.sum())[None, None]
 
 
-def linear_impute(images: torch.Tensor, removed: torch.Tensor, tol: float = 1e-8,
+def neighbour_sum(v: torch.Tensor) -> torch.Tensor:
+    """sum_j w_j v(i + o_j) over the neighbours (zero outside the image) of (N, 1, *spatial).
+
+    The weights are separable: K = (a x a [x a] - centre) / (2^d - 1) with a = (1/2, 1, 1/2), so
+    the sum is d three-tap passes minus the centre, O(d) work per pixel."""
+    out = v
+    for dim in range(2, v.ndim):
+        pad = [0, 0] * (v.ndim - dim - 1) + [1, 1]
+        padded = F.pad(out, pad)
+        n = out.shape[dim]
+        out = padded.narrow(dim, 1, n) + 0.5 * (padded.narrow(dim, 0, n) + padded.narrow(dim, 2, n))
+    return (out - v) / (2 ** (v.ndim - 2) - 1)
+
+
+def linear_impute(images: torch.Tensor, removed: torch.Tensor, tol: float = 1e-6,
                   max_iter: int = 5000) -> torch.Tensor:
     """Fill the ``removed`` pixels of ``images`` (N, C, *spatial), ``removed`` (N, *spatial) bool,
-    with the solution of the neighbour-mean system (no noise). All systems are solved together."""
+    with the solution of the neighbour-mean system (no noise): Jacobi-preconditioned conjugate
+    gradients in float32 for all images and channels together, to a relative residual ``tol`` (the
+    imputation noise, 0.01, is far above it)."""
     n, c = images.shape[:2]
     spatial = images.shape[2:]
-    conv = {2: F.conv2d, 3: F.conv3d}[len(spatial)]
-    kernel = neighbour_kernel(len(spatial)).to(images.device)
-    x = images.double().reshape(n * c, 1, *spatial)
-    u = removed[:, None].expand(n, c, *spatial).reshape(n * c, 1, *spatial).double()
-
-    def stencil(v: torch.Tensor) -> torch.Tensor:
-        return conv(v, kernel, padding=1)
-
-    diag = stencil(torch.ones_like(u)) * u + (1 - u)  # identity on kept pixels (never used)
-    rhs = stencil(x * (1 - u)) * u
+    x = images.float().reshape(n * c, 1, *spatial)
+    u = removed[:, None].expand(n, c, *spatial).reshape(n * c, 1, *spatial).float()
+    diag = neighbour_sum(torch.ones_like(u)) * u + (1 - u)  # identity on kept pixels (unused)
+    rhs = neighbour_sum(x * (1 - u)) * u
 
     def apply(v: torch.Tensor) -> torch.Tensor:
-        return (diag * v - stencil(v * u)) * u
+        return (diag * v - neighbour_sum(v * u)) * u
+
+    def dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return (a * b).flatten(1).sum(1).view(-1, *([1] * (a.ndim - 1)))
 
     sol = rhs / diag
     res = rhs - apply(sol)
     z = res / diag
     p = z.clone()
-    rz = (res * z).flatten(1).sum(1)
+    rz = dot(res, z)
     bound = tol * rhs.flatten(1).norm(dim=1).clamp_min(1e-30)
     for _ in range(max_iter):
         if bool((res.flatten(1).norm(dim=1) <= bound).all()):
             break
         ap = apply(p)
-        alpha = rz / (p * ap).flatten(1).sum(1).clamp_min(1e-300)
-        sol = sol + alpha.view(-1, *([1] * (sol.ndim - 1))) * p
-        res = res - alpha.view(-1, *([1] * (sol.ndim - 1))) * ap
+        alpha = rz / dot(p, ap).clamp_min(1e-30)
+        sol = sol + alpha * p
+        res = res - alpha * ap
         z = res / diag
-        rz_new = (res * z).flatten(1).sum(1)
-        beta = rz_new / rz.clamp_min(1e-300)
-        p = z + beta.view(-1, *([1] * (sol.ndim - 1))) * p
+        rz_new = dot(res, z)
+        p = z + rz_new / rz.clamp_min(1e-30) * p
         rz = rz_new
     filled = torch.where(u > 0, sol, x)
     return filled.reshape(n, c, *spatial).to(images.dtype)

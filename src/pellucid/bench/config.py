@@ -1,0 +1,233 @@
+"""Benchmark configuration: a YAML file (or dict) naming datasets, models, methods and metrics.
+
+    name: demo
+    seed: 0
+    batch_size: 8               # cases per work unit
+    cache: true                 # keep explanations on disk and reuse them
+    gallery: 6                  # cases per task kept for the report's gallery
+    datasets:
+      chest:
+        reader: phantom-chest   # any pellucid.data.open_dataset name
+        root: null              # folder for real data (relative to $PELLUCID_DATA if not found)
+        split: test
+        cases: 24
+        options: {size: 128}
+        require: lesion         # only cases with a positive label / non-empty mask
+    models:
+      chest-resnet18:
+        datasets: [chest]
+        path: models/chest      # a zoo folder, or:
+        train: {reader: phantom-chest, options: {size: 128}, n_train: 640, arch: resnet18,
+                epochs: 4, batch_size: 32, lr: 0.001}
+        targets: positive       # classification: positive | predicted | [class names/indices]
+                                # segmentation: [channel names/indices], region predicted|truth|all
+    methods: [gradcam, {name: scorecam, options: {batch_size: 64}}]
+    metrics: [pointing_game, {name: deletion, options: {step: 128}, skip_methods: [kernelshap]}]
+
+Every key is checked up front; an error names the file and the key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pellucid.errors import ConfigError
+
+TOP_KEYS = {"name", "seed", "batch_size", "cache", "gallery", "datasets", "models", "methods",
+            "metrics", "threads"}
+DATASET_KEYS = {"reader", "root", "split", "cases", "options", "require"}
+MODEL_KEYS = {"datasets", "path", "train", "targets", "region", "layer"}
+TRAIN_KEYS = {"reader", "root", "options", "n_train", "n_val", "arch", "epochs", "batch_size", "lr",
+              "seed", "backend", "max_steps"}
+ENTRY_KEYS = {"name", "options", "skip_methods", "only_methods", "label"}
+
+
+@dataclass
+class DatasetSpec:
+    name: str
+    reader: str
+    root: str | None = None
+    split: str = "test"
+    cases: int = 16
+    options: dict[str, Any] = field(default_factory=dict)
+    require: str = "lesion"  # lesion | any
+
+
+@dataclass
+class ModelSpec:
+    name: str
+    datasets: list[str]
+    path: str | None = None
+    train: dict[str, Any] | None = None
+    targets: Any = "positive"
+    region: str = "predicted"
+    layer: str | None = None
+
+
+@dataclass
+class Entry:
+    """A method or metric with its options (``label`` names it in the tables, default ``name``)."""
+
+    name: str
+    options: dict[str, Any] = field(default_factory=dict)
+    skip_methods: list[str] = field(default_factory=list)
+    only_methods: list[str] = field(default_factory=list)
+    label: str = ""
+
+    def __post_init__(self) -> None:
+        self.label = self.label or self.name
+
+
+@dataclass
+class BenchConfig:
+    name: str
+    datasets: dict[str, DatasetSpec]
+    models: dict[str, ModelSpec]
+    methods: list[Entry]
+    metrics: list[Entry]
+    seed: int = 0
+    batch_size: int = 8
+    cache: bool = True
+    gallery: int = 6
+    threads: int | None = None
+    source: str = "<dict>"
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("source")
+        return d
+
+    def digest(self) -> str:
+        """A hash of the configuration (what the results depend on)."""
+        text = json.dumps(self.as_dict(), sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _err(source: str, key: str, problem: str) -> ConfigError:
+    return ConfigError(f"{source}: {key}: {problem}")
+
+
+def _check_keys(source: str, where: str, given: dict, allowed: set[str]) -> None:
+    if not isinstance(given, dict):
+        raise _err(source, where, f"expected a mapping, got {type(given).__name__}")
+    unknown = sorted(set(given) - allowed)
+    if unknown:
+        raise _err(source, f"{where}.{unknown[0]}" if where else unknown[0],
+                   f"unknown key; allowed: {', '.join(sorted(allowed))}")
+
+
+def _entries(source: str, key: str, raw: Any, known: list[str], kind: str) -> list[Entry]:
+    if not isinstance(raw, list) or not raw:
+        raise _err(source, key, f"give a non-empty list of {kind}s")
+    out = []
+    for i, item in enumerate(raw):
+        where = f"{key}[{i}]"
+        if isinstance(item, str):
+            item = {"name": item}
+        _check_keys(source, where, item, ENTRY_KEYS)
+        if "name" not in item:
+            raise _err(source, where, "missing 'name'")
+        name = str(item["name"])
+        if name not in known:
+            raise _err(source, f"{where}.name", f"unknown {kind} {name!r}; available: "
+                                                f"{', '.join(sorted(known))}")
+        entry = Entry(name, dict(item.get("options") or {}), list(item.get("skip_methods") or []),
+                      list(item.get("only_methods") or []), str(item.get("label") or ""))
+        out.append(entry)
+    labels = [e.label for e in out]
+    dup = sorted({x for x in labels if labels.count(x) > 1})
+    if dup:
+        raise _err(source, key, f"{kind} {dup[0]!r} listed twice; give one a 'label'")
+    return out
+
+
+def parse_config(raw: dict, source: str = "<dict>") -> BenchConfig:
+    """Validate a configuration mapping; every error names ``source`` and the key."""
+    from pellucid.data import DATASETS
+    from pellucid.explainers import names as method_names
+    from pellucid.metrics import available as metric_list
+
+    _check_keys(source, "", raw, TOP_KEYS)
+    for key in ("datasets", "models", "methods", "metrics"):
+        if key not in raw:
+            raise _err(source, key, "missing")
+    datasets = {}
+    if not isinstance(raw["datasets"], dict) or not raw["datasets"]:
+        raise _err(source, "datasets", "give a mapping of dataset names to specs")
+    for name, spec in raw["datasets"].items():
+        where = f"datasets.{name}"
+        _check_keys(source, where, spec, DATASET_KEYS)
+        if spec.get("reader") not in DATASETS:
+            raise _err(source, f"{where}.reader", f"unknown reader {spec.get('reader')!r}; "
+                                                  f"available: {', '.join(DATASETS)}")
+        if spec.get("require", "lesion") not in ("lesion", "any"):
+            raise _err(source, f"{where}.require", "must be 'lesion' or 'any'")
+        cases = spec.get("cases", 16)
+        if not isinstance(cases, int) or cases < 1:
+            raise _err(source, f"{where}.cases", f"must be a positive integer, got {cases!r}")
+        datasets[name] = DatasetSpec(name, spec["reader"], spec.get("root"), spec.get("split", "test"),
+                                     cases, dict(spec.get("options") or {}), spec.get("require", "lesion"))
+    models = {}
+    if not isinstance(raw["models"], dict) or not raw["models"]:
+        raise _err(source, "models", "give a mapping of model names to specs")
+    for name, spec in raw["models"].items():
+        where = f"models.{name}"
+        _check_keys(source, where, spec, MODEL_KEYS)
+        if not spec.get("path") and not spec.get("train"):
+            raise _err(source, where, "give 'path' (a saved model) or 'train' (a training spec)")
+        if spec.get("train") is not None:
+            _check_keys(source, f"{where}.train", spec["train"], TRAIN_KEYS)
+            if spec["train"].get("reader") not in DATASETS:
+                raise _err(source, f"{where}.train.reader",
+                           f"unknown reader {spec['train'].get('reader')!r}")
+        used = spec.get("datasets") or []
+        if not used:
+            raise _err(source, f"{where}.datasets", "name at least one dataset")
+        for d in used:
+            if d not in datasets:
+                raise _err(source, f"{where}.datasets", f"unknown dataset {d!r}; defined: "
+                                                        f"{', '.join(datasets)}")
+        if spec.get("region", "predicted") not in ("predicted", "truth", "all"):
+            raise _err(source, f"{where}.region", "must be 'predicted', 'truth' or 'all'")
+        models[name] = ModelSpec(name, list(used), spec.get("path"), spec.get("train"),
+                                 spec.get("targets", "positive"), spec.get("region", "predicted"),
+                                 spec.get("layer"))
+    methods = _entries(source, "methods", raw["methods"], method_names(), "method")
+    metrics = _entries(source, "metrics", raw["metrics"], [m["name"] for m in metric_list()],
+                       "metric")
+    for i, m in enumerate(metrics):
+        for key in ("skip_methods", "only_methods"):
+            for name in getattr(m, key):
+                if name not in {e.label for e in methods}:
+                    raise _err(source, f"metrics[{i}].{key}", f"{name!r} is not a configured method")
+    for key, low in (("batch_size", 1), ("gallery", 0), ("seed", 0)):
+        value = raw.get(key, 0 if key != "batch_size" else 8)
+        if not isinstance(value, int) or value < low:
+            raise _err(source, key, f"must be an integer >= {low}, got {value!r}")
+    return BenchConfig(str(raw.get("name", Path(source).stem)), datasets, models, methods, metrics,
+                       int(raw.get("seed", 0)), int(raw.get("batch_size", 8)),
+                       bool(raw.get("cache", True)), int(raw.get("gallery", 6)),
+                       raw.get("threads"), source)
+
+
+def load_config(path: str | Path) -> BenchConfig:
+    """Read and validate a YAML configuration; a name without a folder may be a built-in config
+    (``demo``, ``shared``, ``shared-short``)."""
+    p = Path(path)
+    if not p.is_file():
+        builtin = Path(__file__).parent / "configs" / f"{p.stem}.yaml"
+        if p.parent == Path(".") and builtin.is_file():
+            p = builtin
+        else:
+            raise ConfigError(f"{path}: no such configuration file")
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    return parse_config(raw or {}, str(p))

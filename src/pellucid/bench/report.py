@@ -1,0 +1,303 @@
+"""The benchmark report: one self-contained ``report.html`` (figures embedded as PNG data URIs)
+and the tables as CSV, Markdown and LaTeX under ``tables/``. Every number and figure is computed
+from the run's own table, performance file and stored maps."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from jinja2 import Environment, FileSystemLoader, select_autoescape
+
+from pellucid.bench import stats
+from pellucid.bench.store import ResultStore
+
+LOCALISATION_ORDER = ("energy_pointing_game", "pointing_game", "relevance_mass", "iou", "auprc",
+                      "chexlocalize")
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=80, bbox_inches="tight")
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def markdown_table(frame: pd.DataFrame) -> str:
+    cols = list(frame.columns)
+    lines = ["| " + " | ".join(map(str, cols)) + " |", "|" + "---|" * len(cols)]
+    for _, row in frame.iterrows():
+        lines.append("| " + " | ".join(_fmt(row[c]) for c in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return "" if math.isnan(v) else f"{v:.4g}"
+    return str(v)
+
+
+def write_tables(frames: dict[str, pd.DataFrame], folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, frame in frames.items():
+        frame.to_csv(folder / f"{name}.csv", index=False)
+        (folder / f"{name}.md").write_text(markdown_table(frame))
+        (folder / f"{name}.tex").write_text(frame.to_latex(index=False, float_format="%.4g"))
+
+
+def _metric_charts(summ: pd.DataFrame) -> str:
+    metrics = list(dict.fromkeys(summ["metric"]))
+    cols = 4
+    rows = math.ceil(len(metrics) / cols)
+    methods = sorted(summ["method"].unique())
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 0.22 * len(methods) * rows + 1.2 * rows),
+                             squeeze=False)
+    for ax, metric in zip(axes.flat, metrics, strict=False):
+        part = summ[summ["metric"] == metric].set_index("method").reindex(methods)
+        y = np.arange(len(methods))
+        mean = part["mean"].to_numpy(dtype=float)
+        err = np.vstack([mean - part["ci_low"].to_numpy(dtype=float),
+                         part["ci_high"].to_numpy(dtype=float) - mean])
+        ax.barh(y, mean, xerr=np.nan_to_num(err), color="#4C72B0", ecolor="#333", capsize=2)
+        ax.set_yticks(y, methods, fontsize=7)
+        ax.invert_yaxis()
+        arrow = "higher is better" if bool(part["higher_is_better"].dropna().iloc[0]) else \
+            "lower is better"
+        ax.set_title(f"{metric} ({arrow})", fontsize=9)
+        ax.tick_params(axis="x", labelsize=7)
+    for ax in list(axes.flat)[len(metrics):]:
+        ax.axis("off")
+    fig.tight_layout()
+    return _png(fig)
+
+
+def _curves(frame: pd.DataFrame) -> str | None:
+    names = [m for m in ("deletion", "insertion") if m in set(frame["metric_name"])]
+    if not names:
+        return None
+    fig, axes = plt.subplots(1, len(names), figsize=(6 * len(names), 4), squeeze=False)
+    for ax, metric in zip(axes[0], names, strict=True):
+        part = frame[(frame["metric_name"] == metric) & frame["curve"].notna()]
+        for method, group in part.groupby("method"):
+            curves = [np.asarray(c, dtype=float) for c in group["curve"]]
+            length = min(len(c) for c in curves)
+            mean = np.mean([c[:length] for c in curves], axis=0)
+            ax.plot(np.linspace(0, 1, length), mean, label=f"{method} ({group['value'].mean():.3f})",
+                    lw=1)
+        ax.set_xlabel("fraction of pixels changed")
+        ax.set_ylabel("score")
+        ax.set_title(f"{metric}: mean curve (AUC)")
+        ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def _randomisation(frame: pd.DataFrame) -> tuple[str | None, pd.DataFrame]:
+    part = frame[(frame["metric_name"] == "model_randomization") & frame["curve"].notna()]
+    if part.empty:
+        return None, pd.DataFrame()
+    fig, ax = plt.subplots(figsize=(8, 4))
+    rows = []
+    baseline = float("nan")
+    steps: list[str] = []
+    for method, group in part.groupby("method"):
+        curves = np.array([np.asarray(c, dtype=float) for c in group["curve"]])
+        extras = [json.loads(e) for e in group["extra"] if e]
+        steps = extras[0]["steps"] if extras else steps
+        key = group["metric"].iloc[0]
+        base = extras[0]["baseline"] if extras else {}
+        sim = next(iter(base)) if base else ""
+        metric_sim = [k for k in base if k in key] or ["ssim"]
+        baseline = float(base.get(metric_sim[0], base.get(sim, float("nan")))) if base else baseline
+        ax.plot(range(1, curves.shape[1] + 1), np.nanmean(curves, 0), marker="o", ms=3, lw=1,
+                label=method)
+        passed = [e["passed"] for e in extras]
+        rows.append({"method": method, "final similarity": float(np.nanmean(curves[:, -1])),
+                     "baseline": baseline, "pass rate": float(np.mean(passed)) if passed else np.nan})
+    ax.axhline(baseline, color="k", ls="--", lw=1, label="randomisation baseline")
+    ax.set_xticks(range(1, len(steps) + 1), steps, rotation=60, fontsize=6, ha="right")
+    ax.set_ylabel("similarity to the original map")
+    ax.set_xlabel("randomised down to (from the output)")
+    ax.legend(fontsize=6, ncol=3)
+    fig.tight_layout()
+    return _png(fig), pd.DataFrame(rows).sort_values("final similarity")
+
+
+def _task_maps(store: ResultStore, frame: pd.DataFrame) -> dict[str, dict[str, np.ndarray]]:
+    """{method: {"case|target": map}} from the stored maps of the task's units."""
+    maps: dict[str, dict[str, np.ndarray]] = {}
+    for unit, part in frame.groupby("unit", sort=False):
+        stored = store.load_maps(unit)
+        if "attributions" not in stored:
+            continue
+        ids = list(dict.fromkeys(zip(part["case_id"], part["target"], strict=True)))
+        for (cid, tgt), m in zip(ids, stored["attributions"], strict=False):
+            maps.setdefault(part["method"].iloc[0], {})[f"{cid}|{tgt}"] = m
+    return maps
+
+
+def _cell(image: np.ndarray, heat: np.ndarray | None, size: int) -> np.ndarray:
+    """An RGB tile: the grey image, with the min-max scaled map blended over it in ``jet``."""
+    from scipy.ndimage import zoom
+
+    img = image.astype(float)
+    lo, hi = img.min(), img.max()
+    grey = (img - lo) / (hi - lo) if hi > lo else np.zeros_like(img)
+    if grey.shape != (size, size):
+        grey = zoom(grey, (size / grey.shape[0], size / grey.shape[1]), order=1)
+    rgb = np.repeat(grey[..., None], 3, axis=2)
+    if heat is not None:
+        h = heat.astype(float)
+        lo, hi = np.nanmin(h), np.nanmax(h)
+        h = (h - lo) / (hi - lo) if hi > lo else np.zeros_like(h)
+        if h.shape != (size, size):
+            h = zoom(h, (size / h.shape[0], size / h.shape[1]), order=1)
+        rgb = 0.55 * rgb + 0.45 * plt.get_cmap("jet")(h)[..., :3]
+    return rgb
+
+
+def _gallery(maps: dict[str, dict[str, np.ndarray]], images: dict[str, np.ndarray],
+             methods: list[str], cases: list[int], titles: list[str], size: int = 96) -> str | None:
+    """Cases (rows) x methods (columns) as one mosaic: the image with the ground truth outlined,
+    then each method's map over it."""
+    from scipy.ndimage import binary_dilation, zoom
+
+    keys = [f"{c}|{t}" for c, t in zip(images["case_ids"], images["targets"], strict=True)]
+    methods = [m for m in methods if m in maps]
+    if not methods or not cases:
+        return None
+    gap = 4
+    cols = len(methods) + 1
+    mosaic = np.ones((len(cases) * (size + gap), cols * (size + gap), 3))
+    for r, i in enumerate(cases):
+        tiles = [_cell(images["images"][i], None, size)]
+        if "masks" in images and images["masks"][i].any():
+            m = images["masks"][i].astype(float)
+            m = zoom(m, (size / m.shape[0], size / m.shape[1]), order=0) > 0.5
+            edge = binary_dilation(m) & ~m
+            tiles[0][edge] = (0.2, 1.0, 0.2)
+        tiles += [_cell(images["images"][i], maps[method].get(keys[i]), size) for method in methods]
+        for c, tile in enumerate(tiles):
+            y, x = r * (size + gap), c * (size + gap)
+            mosaic[y:y + size, x:x + size] = tile
+    width = max(6.0, cols * 0.9)
+    fig, ax = plt.subplots(figsize=(width, width * mosaic.shape[0] / mosaic.shape[1] + 0.6))
+    ax.imshow(mosaic, interpolation="nearest")
+    for c, name in enumerate(["image", *methods]):
+        ax.text(c * (size + gap) + size / 2, -6, name, ha="center", va="bottom", fontsize=6,
+                rotation=30)
+    for r, title in enumerate(titles):
+        ax.text(-6, r * (size + gap) + size / 2, title, ha="right", va="center", fontsize=6)
+    ax.axis("off")
+    return _png(fig)
+
+
+def _best_worst(frame: pd.DataFrame, method: str, keys: list[str]) -> tuple[list[int], list[str], str]:
+    present = set(frame["metric_name"])
+    metric = next((m for m in LOCALISATION_ORDER if m in present
+                   and frame[(frame["metric_name"] == m)]["value"].notna().any()), None)
+    metric = metric or next((m for m in ("deletion", "insertion") if m in present), None)
+    if metric is None:
+        return [], [], ""
+    part = frame[(frame["metric_name"] == metric) & (frame["method"] == method)].dropna(subset=["value"])
+    if part.empty:
+        return [], [], metric
+    higher = bool(part["higher_is_better"].iloc[0])
+    part = part.sort_values("value", ascending=not higher)
+    picks = [part.iloc[0], part.iloc[-1]]
+    idx, titles = [], []
+    for label, row in zip(("best", "worst"), picks, strict=True):
+        key = f"{row['case_id']}|{row['target']}"
+        if key in keys:
+            idx.append(keys.index(key))
+            titles.append(f"{label}: {metric} {row['value']:.2f}")
+    return idx, titles, metric
+
+
+def _performance_rows(perf: dict) -> list[dict[str, Any]]:
+    rows = []
+    for key, info in perf.items():
+        model, dataset = key.split("|")
+        rep = info.get("report", {})
+        row = {"model": model, "dataset": dataset, "task": info.get("task"), "cases": info.get("cases")}
+        if info.get("error"):
+            row["note"] = info["error"]
+        for k in ("macro_auroc", "macro_precision", "macro_recall", "macro_f1", "accuracy",
+                  "mean_dice", "mean_hd95"):
+            if k in rep:
+                row[k] = rep[k]
+        rows.append(row)
+    return rows
+
+
+def write_report(out: str | Path, frame: pd.DataFrame | None = None) -> Path:
+    """Compute the statistics of the run in ``out`` and write ``report.html`` and ``tables/``."""
+    out = Path(out)
+    store = ResultStore(out)
+    frame = store.table() if frame is None else frame
+    run = json.loads((out / "run.json").read_text()) if (out / "run.json").is_file() else {}
+    perf = json.loads((out / "performance.json").read_text()) \
+        if (out / "performance.json").is_file() else {}
+    gallery_npz = np.load(out / "gallery.npz") if (out / "gallery.npz").is_file() else None
+    summ = stats.summary(frame)
+    avg = stats.ranks(summ)
+    tests, pairs = stats.friedman(frame)
+    costq = stats.cost_quality(frame, avg)
+    recs = stats.recommendations(costq)
+    cost = frame.groupby(["dataset", "model", "method"], as_index=False).agg(
+        seconds_per_case=("explain_seconds", "mean"), forwards_per_case=("forwards_per_case", "mean"),
+        backward_passes=("backward_passes", "mean"), peak_memory_mb=("peak_memory_bytes", "mean"))
+    cost["peak_memory_mb"] = cost["peak_memory_mb"] / 2**20
+    skipped = frame[frame["reason"] != ""].groupby(["method", "metric", "reason"], as_index=False) \
+        .size().rename(columns={"size": "rows"})
+    write_tables({"summary": summ, "leaderboard": costq, "friedman": tests, "pairwise": pairs,
+                  "cost": cost, "skipped": skipped, "performance": pd.DataFrame(_performance_rows(perf))},
+                 out / "tables")
+    tasks = []
+    for (dataset, model), part in frame.groupby(["dataset", "model"], sort=True):
+        tsumm = summ[(summ["dataset"] == dataset) & (summ["model"] == model)]
+        board = costq[(costq["dataset"] == dataset) & (costq["model"] == model)]
+        methods = list(board["method"])
+        task: dict[str, Any] = {"dataset": dataset, "model": model, "leaderboard": board,
+                                "charts": _metric_charts(tsumm) if not tsumm.empty else None,
+                                "curves": _curves(part)}
+        task["randomisation"], task["randomisation_table"] = _randomisation(part)
+        key = f"{model}|{dataset}"
+        if gallery_npz is not None and f"{key}::images" in gallery_npz.files:
+            images = {f.split("::", 1)[1]: gallery_npz[f] for f in gallery_npz.files
+                      if f.startswith(key + "::")}
+            n = min(len(images["images"]), int(run.get("gallery", 6) or 6))
+            ids = [f"{c}|{t}" for c, t in zip(images["case_ids"], images["targets"], strict=True)]
+            maps = _task_maps(store, part)
+            task["gallery"] = _gallery(maps, images, methods, list(range(n)),
+                                       [f"{images['case_ids'][i]} ({images['targets'][i]})"
+                                        for i in range(n)])
+            if methods:
+                idx, titles, metric = _best_worst(part, methods[0], ids)
+                task["extremes_metric"] = metric
+                task["extremes"] = _gallery(maps, images, methods, idx, titles) if idx else None
+        task["friedman"] = tests[(tests["dataset"] == dataset) & (tests["model"] == model)] \
+            if not tests.empty else pd.DataFrame()
+        tasks.append(task)
+    env = Environment(loader=FileSystemLoader(Path(__file__).parent / "templates"),
+                      autoescape=select_autoescape(["html"]))
+    env.filters["fmt"] = _fmt
+    perf_rows = _performance_rows(perf)
+    columns = list(dict.fromkeys(k for row in perf_rows for k in row))
+    perf_rows = [{k: row.get(k, "") for k in columns} for row in perf_rows]
+    html = env.get_template("report.html.j2").render(
+        run=run, tasks=tasks, performance=perf_rows, recommendations=recs,
+        cost=cost, skipped=skipped, rows=len(frame))
+    path = out / "report.html"
+    path.write_text(html)
+    return path

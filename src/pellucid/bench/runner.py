@@ -1,0 +1,354 @@
+"""``run_bench``: prepare models and cases, cut the grid into work units, run them locally or on
+Ray, store every finished unit atomically, then write the tables, statistics and the report."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from rich.console import Console
+
+from pellucid.bench import stats
+from pellucid.bench.config import BenchConfig, DatasetSpec, ModelSpec, load_config
+from pellucid.bench.store import ResultStore, unit_digest
+from pellucid.bench.units import Unit, execute_unit
+from pellucid.errors import ConfigError, DataError
+from pellucid.paths import shared_data_dir
+from pellucid.progress import track
+
+console = Console()
+EXECUTORS = ("local", "ray")
+
+
+@dataclass
+class CaseSet:
+    """The (case, target) pairs of one model on one dataset, ready for the model."""
+
+    x: torch.Tensor
+    images: torch.Tensor  # reader units, for the gallery
+    classes: torch.Tensor
+    target_names: list[str]
+    case_ids: list[str]
+    masks: torch.Tensor | None
+    boxes: list[torch.Tensor] | None
+    background: torch.Tensor
+
+
+def _root(spec_root: str | None) -> Path | None:
+    if spec_root is None:
+        return None
+    p = Path(spec_root).expanduser()
+    if p.exists():
+        return p
+    shared = shared_data_dir() / spec_root
+    if shared.exists():
+        return shared
+    raise DataError(p, "dataset root not found (also looked under $PELLUCID_DATA)")
+
+
+def _open(reader: str, root: str | None, split: str, options: dict, n: int | None = None):
+    from pellucid.data import open_dataset
+
+    opts = dict(options)
+    if reader.startswith("phantom") and n is not None:
+        opts.setdefault("n", n)
+    return open_dataset(reader, _root(root), split=split, **opts)
+
+
+def prepare_model(spec: ModelSpec, out: Path, seed: int):
+    """The model of ``spec``: loaded from its folder, or trained once into ``out/models``."""
+    from pellucid.models import TrainConfig, load_model, save_model, train
+
+    if spec.path:
+        folder = Path(spec.path)
+        if not folder.is_absolute() and not folder.exists():
+            folder = out / spec.path
+        if not (folder / "card.json").is_file() and not folder.is_file():
+            raise DataError(folder, f"model {spec.name!r}: no saved model (card.json) here")
+        return load_model(folder), folder
+    folder = out / "models" / spec.name
+    if (folder / "card.json").is_file():
+        return load_model(folder), folder
+    t = dict(spec.train or {})
+    reader, root, options = t.pop("reader"), t.pop("root", None), dict(t.pop("options", {}) or {})
+    n_train, n_val = int(t.pop("n_train", 512)), int(t.pop("n_val", 128))
+    config = TrainConfig(seed=int(t.pop("seed", seed)), progress=True, **t)
+    console.print(f"[bold]training[/] {spec.name} ({config.arch}, {config.epochs} epochs)")
+    result = train(_open(reader, root, "train", options, n_train), config,
+                   _open(reader, root, "val", options, n_val),
+                   _open(reader, root, "test", options, n_val), dataset_name=reader)
+    save_model(folder, result.module, result.card)
+    return load_model(folder), folder
+
+
+def _names(card) -> list[str]:
+    return list(card.class_names)
+
+
+def prepare_cases(dspec: DatasetSpec, mspec: ModelSpec, loaded) -> CaseSet:
+    """Scan the dataset for ``cases`` cases (with a lesion when required) and expand them into
+    (case, target) pairs following the model's ``targets``."""
+    card = loaded.card
+    ds = _open(dspec.reader, dspec.root, dspec.split, dspec.options, max(4 * dspec.cases, 64))
+    names = _names(card)
+    segmentation = card.task == "segmentation"
+    wanted = mspec.targets
+    explicit: list[int] | None = None
+    if isinstance(wanted, list):
+        explicit = []
+        for t in wanted:
+            if isinstance(t, int) and 0 <= t < len(names):
+                explicit.append(t)
+            elif t in names:
+                explicit.append(names.index(t))
+            else:
+                raise ConfigError(f"models.{mspec.name}.targets: unknown target {t!r}; the model's "
+                                  f"outputs: {', '.join(names)}")
+    elif wanted not in ("positive", "predicted") or (segmentation and wanted != "positive"):
+        raise ConfigError(f"models.{mspec.name}.targets: give 'positive', 'predicted' or a list")
+    pairs: list[tuple[dict, int]] = []
+    extra: list[dict] = []  # cases beyond the benchmark's: the background set of GradientSHAP
+    n_cases = 0
+    for i in range(len(ds)):
+        if n_cases >= dspec.cases and len(extra) >= 8:
+            break
+        sample = ds[i]
+        label = sample.get("label")
+        if segmentation:
+            classes = explicit or [0]
+            keep = [k for k in classes if dspec.require == "any" or bool(sample["mask"][k].any())]
+        elif explicit is not None:
+            keep = [k for k in explicit if dspec.require == "any" or _lesion(sample, k)]
+        elif wanted == "positive":
+            keep = [int(k) for k in torch.nonzero(label > 0).flatten()
+                    if dspec.require == "any" or _lesion(sample, int(k))]
+        else:
+            keep = [-1]  # predicted: filled after one forward
+        if (dspec.require == "lesion" and not keep) or n_cases >= dspec.cases:
+            if len(extra) < 8:
+                extra.append(sample)
+            continue
+        pairs += [(sample, k) for k in keep]
+        n_cases += 1
+    if not pairs:
+        raise DataError(dspec.root or dspec.reader, f"dataset {dspec.name!r}: no usable cases")
+    images = torch.stack([p[0]["image"] for p in pairs])
+    x = card.normalize(images.float())
+    classes = torch.tensor([k for _, k in pairs])
+    if (classes < 0).any():
+        with torch.no_grad():
+            classes = loaded.module.eval()(x).argmax(1)
+    has_masks = all("mask" in p[0] for p in pairs)
+    masks = torch.stack([p[0]["mask"][k] > 0 for (p, k) in zip(pairs, classes.tolist(), strict=True)]) \
+        if has_masks else None
+    boxes = None
+    if all("boxes" in p[0] for p in pairs):
+        boxes = [p[0]["boxes"][p[0]["box_labels"] == k] for p, k in zip(pairs, classes.tolist(),
+                                                                         strict=True)]
+    bg_source = extra or [p[0] for p in pairs[:8]]
+    background = card.normalize(torch.stack([s["image"] for s in bg_source[:8]]).float())
+    return CaseSet(x, images, classes, [names[k] for k in classes.tolist()],
+                   [p[0]["case_id"] for p in pairs], masks, boxes, background)
+
+
+def _lesion(sample: dict, k: int) -> bool:
+    """Class ``k`` is present, and localised when the dataset gives masks (ChestX-ray14 gives boxes
+    for a few images only)."""
+    if not bool(sample["label"][k] > 0):
+        return False
+    return "mask" not in sample or bool(sample["mask"][k].any())
+
+
+def _metric_hash(config: BenchConfig) -> str:
+    text = json.dumps([(m.label, m.name, m.options, m.skip_methods, m.only_methods)
+                       for m in config.metrics], sort_keys=True, default=str)
+    return unit_digest(text)[:8]
+
+
+def make_units(config: BenchConfig, model: str, folder: Path, dataset: str, cases: CaseSet,
+               mspec: ModelSpec, out: Path) -> list[Unit]:
+    units = []
+    n = len(cases.case_ids)
+    metrics = _metric_hash(config)
+    for method in config.methods:
+        for b, start in enumerate(range(0, n, config.batch_size)):
+            sl = slice(start, start + config.batch_size)
+            key = f"{model}|{dataset}|{b:04d}|{method.label}|{metrics}|{config.seed}"
+            units.append(Unit(
+                key=key, model=model, model_folder=str(folder), dataset=dataset, method=method,
+                metrics=config.metrics, x=cases.x[sl], classes=cases.classes[sl],
+                target_names=cases.target_names[sl], case_ids=cases.case_ids[sl],
+                masks=cases.masks[sl] if cases.masks is not None else None,
+                boxes=cases.boxes[sl] if cases.boxes is not None else None, region=mspec.region,
+                truth_regions=cases.masks[sl].float() if cases.masks is not None else None,
+                layer=mspec.layer, seed=config.seed,
+                cache_dir=str(out / "cache") if config.cache else None,
+                background=cases.background if method.name == "gradientshap" else None))
+    return units
+
+
+def environment(config: BenchConfig) -> dict[str, Any]:
+    """Package versions, seeds, configuration hash and hardware of a run."""
+    import importlib.metadata as md
+
+    versions = {}
+    for pkg in ("pellucid", "torch", "torchvision", "monai", "captum", "zennit", "numpy", "scipy",
+                "pandas", "ray"):
+        try:
+            versions[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            versions[pkg] = None
+    return {"config": config.name, "config_hash": config.digest(), "seed": config.seed,
+            "versions": versions, "python": platform.python_version(),
+            "hardware": {"machine": platform.machine(), "processor": platform.processor(),
+                         "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
+            "started": datetime.now(UTC).isoformat(timespec="seconds")}
+
+
+def _run_local(units: list[Unit], store: ResultStore, progress: bool) -> None:
+    for unit in track(units, "explain + evaluate", enabled=progress):
+        rows, maps = execute_unit(unit)
+        store.write(unit.key, rows, maps)
+
+
+def _ray_execute(unit: Unit, threads: int):
+    torch.set_num_threads(threads)
+    return execute_unit(unit)
+
+
+def _run_ray(units: list[Unit], store: ResultStore, progress: bool, address: str | None) -> None:
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError("the ray executor needs Ray: pip install 'pellucid[ray]'") from None
+    started = False
+    if not ray.is_initialized():
+        kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
+        if address:
+            kwargs["address"] = address
+        else:
+            kwargs["num_cpus"] = os.cpu_count() or 1
+        ray.init(**kwargs)
+        started = True
+    try:
+        gpus = ray.cluster_resources().get("GPU", 0)
+        task = ray.remote(num_cpus=1, num_gpus=1 if gpus else 0)(_ray_execute)
+        pending = {task.remote(u, 1): u for u in units}
+        bar = track(range(len(units)), "explain + evaluate (ray)", enabled=progress)
+        for _ in bar:
+            done, _rest = ray.wait(list(pending), num_returns=1)
+            unit = pending.pop(done[0])
+            rows, maps = ray.get(done[0])
+            store.write(unit.key, rows, maps)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def iter_tasks(config: BenchConfig) -> Iterator[tuple[str, ModelSpec, str, DatasetSpec]]:
+    for mname, mspec in config.models.items():
+        for dname in mspec.datasets:
+            yield mname, mspec, dname, config.datasets[dname]
+
+
+def run_bench(config: BenchConfig | str | Path, out: str | Path | None = None,
+              executor: str = "local", address: str | None = None, progress: bool = True,
+              report: bool = True) -> pd.DataFrame:
+    """Run (or resume) a benchmark; returns the tidy result table. Writes under ``out``:
+    results.parquet/.csv, run.json, performance.json, tables/, report.html."""
+    from pellucid.models import evaluate_model
+    from pellucid.runtime import configure_threads
+
+    if not isinstance(config, BenchConfig):
+        config = load_config(config)
+    if executor not in EXECUTORS:
+        raise ConfigError(f"executor must be one of {EXECUTORS}, got {executor!r}")
+    out = Path(out or f"bench_{config.name}")
+    out.mkdir(parents=True, exist_ok=True)
+    configure_threads(config.threads)
+    store = ResultStore(out)
+    start = time.perf_counter()
+    units: list[Unit] = []
+    performance: dict[str, Any] = {}
+    gallery: dict[str, Any] = {}
+    for mname, mspec, dname, dspec in iter_tasks(config):
+        loaded, folder = prepare_model(mspec, out, config.seed)
+        cases = prepare_cases(dspec, mspec, loaded)
+        perf_key = f"{mname}|{dname}"
+        try:
+            test = _open(dspec.reader, dspec.root, dspec.split, dspec.options, 128)
+            performance[perf_key] = {"task": loaded.card.task, "report": evaluate_model(
+                loaded.module, loaded.card, test), "cases": len(test)}
+        except (ConfigError, DataError) as exc:
+            performance[perf_key] = {"task": loaded.card.task, "error": str(exc)}
+        gallery[perf_key] = _gallery_images(cases)
+        units += make_units(config, mname, folder, dname, cases, mspec, out)
+    todo = [u for u in units if not store.done(u.key)]
+    if len(todo) < len(units):
+        console.print(f"resuming: {len(units) - len(todo)} of {len(units)} units already done")
+    run_info = environment(config) | {"executor": executor, "units": len(units),
+                                      "config_source": config.source}
+    (out / "run.json").write_text(json.dumps(run_info, indent=2) + "\n")
+    (out / "performance.json").write_text(json.dumps(performance, indent=2, default=float) + "\n")
+    np.savez_compressed(out / "gallery.npz", **{f"{k}::{f}": v for k, d in gallery.items()
+                                                for f, v in d.items()})
+    if executor == "ray":
+        _run_ray(todo, store, progress, address)
+    else:
+        _run_local(todo, store, progress)
+    table = store.table()
+    store.export(table)
+    run_info["seconds"] = round(time.perf_counter() - start, 1)
+    (out / "run.json").write_text(json.dumps(run_info, indent=2) + "\n")
+    if report:
+        from pellucid.bench.report import write_report
+
+        write_report(out, table)
+    return table
+
+
+def _gallery_images(cases: CaseSet) -> dict[str, np.ndarray]:
+    img = cases.images[:, 0].float()
+    masks = cases.masks
+    if img.ndim == 4:  # 3D: the slice through the middle of the mask, as units.py chooses
+        idx = []
+        for i in range(len(img)):
+            if masks is not None and masks[i].any():
+                zs = torch.nonzero(masks[i].flatten(1).any(1)).flatten()
+                idx.append(int(zs[len(zs) // 2]))
+            else:
+                idx.append(img.shape[1] // 2)
+        img = torch.stack([v[k] for v, k in zip(img, idx, strict=True)])
+        masks = torch.stack([m[k] for m, k in zip(masks, idx, strict=True)]) if masks is not None else None
+    out = {"images": img.numpy().astype(np.float16),
+           "case_ids": np.array(cases.case_ids), "targets": np.array(cases.target_names)}
+    if masks is not None:
+        out["masks"] = masks.numpy().astype(bool)
+    return out
+
+
+def print_leaderboard(table: pd.DataFrame) -> None:
+    """The average rank per task and method, best first, as a terminal table."""
+    from rich.table import Table
+
+    avg = stats.ranks(stats.summary(table))
+    cost = table.groupby(["dataset", "model", "method"], as_index=False)["explain_seconds"].mean()
+    avg = avg.merge(cost, on=["dataset", "model", "method"], how="left")
+    for (dataset, model), part in avg.groupby(["dataset", "model"], sort=True):
+        t = Table("rank", "method", "average rank", "metrics", "s / case",
+                  title=f"{dataset} / {model}")
+        for i, (_, r) in enumerate(part.sort_values("average_rank").iterrows(), start=1):
+            t.add_row(str(i), r["method"], f"{r['average_rank']:.2f}", str(int(r["metrics"])),
+                      f"{r['explain_seconds']:.3f}")
+        console.print(t)

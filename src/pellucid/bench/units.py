@@ -1,0 +1,208 @@
+"""Work units: one batch of (case, target) pairs explained by one method and scored by every
+applicable metric. A unit is self-contained (tensors, model folder, options), so the local loop and
+Ray tasks run the same function and give the same rows."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pellucid.bench.config import Entry
+from pellucid.errors import PellucidError
+
+_MODELS: dict[str, Any] = {}  # model folder -> LoadedModel, per process
+
+
+@dataclass
+class Unit:
+    key: str
+    model: str
+    model_folder: str
+    dataset: str
+    method: Entry
+    metrics: list[Entry]
+    x: torch.Tensor  # (N, C, *spatial), normalised for the model
+    classes: torch.Tensor  # (N,) class or channel index explained
+    target_names: list[str]
+    case_ids: list[str]
+    masks: torch.Tensor | None  # (N, *spatial) bool, or None when the dataset has none
+    boxes: list[torch.Tensor] | None
+    region: str = "predicted"
+    truth_regions: torch.Tensor | None = None  # segmentation region="truth"
+    layer: str | None = None
+    seed: int = 0
+    cache_dir: str | None = None
+    background: torch.Tensor | None = None
+    skipped: dict[str, str] = field(default_factory=dict)  # metric label -> reason
+
+
+def _load(folder: str):
+    from pellucid.models import load_model
+
+    if folder not in _MODELS:
+        _MODELS[folder] = load_model(folder)
+    return _MODELS[folder]
+
+
+def _target(unit: Unit, card):
+    from pellucid.targets import ClassTarget, SegmentationTarget
+
+    if card.task == "classification":
+        return ClassTarget(unit.classes, kind="logit", activation=card.activation)
+    region = unit.truth_regions if unit.region == "truth" else unit.region
+    return SegmentationTarget(unit.classes, region, kind="logit", activation=card.activation)
+
+
+def _options(unit: Unit) -> dict[str, Any]:
+    options = dict(unit.method.options)
+    if unit.method.name == "gradientshap" and "background" not in options:
+        if unit.background is None:
+            raise PellucidError("gradientshap needs a background set; the runner gives one")
+        options["background"] = unit.background
+    return options
+
+
+def _cache_path(unit: Unit) -> Path | None:
+    if not unit.cache_dir:
+        return None
+    text = json.dumps([unit.model, unit.dataset, unit.case_ids, unit.classes.tolist(),
+                       unit.method.name, unit.method.options, unit.seed, unit.region, unit.layer],
+                      sort_keys=True, default=str)
+    return Path(unit.cache_dir) / f"{hashlib.sha1(text.encode()).hexdigest()[:20]}.pt"
+
+
+def explain_unit(unit: Unit, loaded):
+    """The unit's explanation, from the on-disk cache when it is there."""
+    import pellucid
+
+    path = _cache_path(unit)
+    if path is not None and path.is_file():
+        return torch.load(path, weights_only=False)
+    explanation = pellucid.explain(loaded, unit.x, unit.method.name, target=_target(unit, loaded.card),
+                                   layer=unit.layer, **_options(unit))
+    explanation.output = None
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save(explanation, tmp)
+        tmp.replace(path)
+    return explanation
+
+
+def _applicable(unit: Unit, metric: Entry) -> str | None:
+    """None if the metric applies to this unit, else the reason it is skipped."""
+    from pellucid.metrics import create
+
+    if metric.label in unit.skipped:
+        return unit.skipped[metric.label]
+    if metric.only_methods and unit.method.label not in metric.only_methods:
+        return "skipped by the configuration (only_methods)"
+    if unit.method.label in metric.skip_methods:
+        return "skipped by the configuration (skip_methods)"
+    needs = create(metric.name, **metric.options).needs
+    if "mask" in needs and unit.masks is None:
+        return "the dataset has no ground-truth masks"
+    if "boxes" in needs and unit.boxes is None:
+        return "the dataset has no ground-truth boxes"
+    if "boxes" in needs and unit.x.ndim != 4:
+        return "boxes are defined for 2D images"
+    return None
+
+
+def execute_unit(unit: Unit) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
+    """Explain the unit's cases once and score them with every applicable metric; rows of the tidy
+    table and the maps (float16) for the report's gallery."""
+    import pellucid
+
+    seed = (unit.seed + zlib.crc32(unit.key.encode())) % 2**31
+    from pellucid.runtime import seed_everything
+
+    seed_everything(seed)
+    loaded = _load(unit.model_folder)
+    n = unit.x.shape[0]
+    base = {"dataset": unit.dataset, "model": unit.model, "method": unit.method.label,
+            "seed": unit.seed}
+    explanation, failure = None, None
+    try:
+        explanation = explain_unit(unit, loaded)
+    except PellucidError as exc:
+        failure = f"explanation failed: {exc}"
+    rows: list[dict[str, Any]] = []
+    results: dict[str, Any] = {}
+    reasons: dict[str, str] = {}
+    if explanation is not None:
+        todo = []
+        for metric in unit.metrics:
+            reason = _applicable(unit, metric)
+            if reason:
+                reasons[metric.label] = reason
+            else:
+                todo.append(metric)
+        for metric in todo:  # one evaluate() per metric keeps a failing metric from hiding others
+            try:
+                out = pellucid.evaluate(loaded, unit.x, explanation,
+                                        metrics=[(metric.name, metric.options)],
+                                        masks=unit.masks, boxes=unit.boxes)
+                results[metric.label] = out[metric.name]
+            except PellucidError as exc:
+                reasons[metric.label] = f"error: {exc}"
+    cost = explanation.cost if explanation is not None else None
+    from pellucid.metrics import create
+
+    for metric in unit.metrics:
+        proto = create(metric.name, **metric.options)
+        r = results.get(metric.label)
+        for i in range(n):
+            row = dict(base, case_id=unit.case_ids[i], target=unit.target_names[i],
+                       class_index=int(unit.classes[i]), metric=metric.label, metric_name=metric.name,
+                       category=proto.category, higher_is_better=bool(
+                           r.higher_is_better if r is not None else proto.higher_is_better),
+                       value=float("nan"), reason=failure or reasons.get(metric.label, ""),
+                       explain_seconds=cost.seconds / n if cost else float("nan"),
+                       forwards_per_case=cost.forward_samples / n if cost else float("nan"),
+                       backward_passes=cost.backward_passes if cost else 0,
+                       peak_memory_bytes=float(cost.peak_memory_bytes)
+                       if cost and cost.peak_memory_bytes is not None else float("nan"),
+                       metric_seconds=r.seconds / n if r is not None else float("nan"),
+                       curve=None, extra="")
+            if r is not None:
+                value = float(r.scores[i])
+                row["value"] = value
+                if math.isnan(value) and not row["reason"]:
+                    row["reason"] = "excluded (no ground truth for this case)"
+                if r.curves is not None:
+                    row["curve"] = [float(v) for v in r.curves[i].tolist()]
+                if "passed" in r.extras:
+                    row["extra"] = json.dumps({"passed": bool(r.extras["passed"][i]),
+                                               "baseline": r.extras["baseline"],
+                                               "steps": r.extras["steps"]}, default=float)
+            rows.append(row)
+    maps = {}
+    if explanation is not None:
+        a = explanation.attributions[:, 0].detach().float().cpu()
+        if a.ndim == 4:  # 3D: the axial slice through the middle of the region of interest
+            a = torch.stack([v[_slice_index(unit, i, v.shape[0])] for i, v in enumerate(a)])
+        maps = {"attributions": a.numpy().astype(np.float16)}
+    return rows, maps
+
+
+def _slice_index(unit: Unit, i: int, depth: int) -> int:
+    if unit.masks is not None and unit.masks[i].any():
+        zs = torch.nonzero(unit.masks[i].flatten(1).any(1)).flatten()
+        return int(zs[len(zs) // 2])
+    return depth // 2
+
+
+def timed_execute(unit: Unit) -> tuple[list[dict[str, Any]], dict[str, np.ndarray], float]:
+    start = time.perf_counter()
+    rows, maps = execute_unit(unit)
+    return rows, maps, time.perf_counter() - start

@@ -1,0 +1,232 @@
+"""The benchmark runner: configuration errors, skipped metrics, kill-and-resume, Ray against
+local, the statistics, and report.html rendered by a real browser."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from pellucid.bench import parse_config, run_bench
+from pellucid.bench import stats as bstats
+from pellucid.errors import ConfigError, DataError
+
+VALUE_COLUMNS = ["dataset", "model", "case_id", "target", "method", "metric", "value", "reason"]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    """A ResNet-18 trained for one epoch on 64 px chest phantoms, saved as a zoo folder."""
+    from pellucid.data import open_dataset
+    from pellucid.models import TrainConfig, save_model, train
+
+    ds = open_dataset("phantom-chest", split="train", n=96, size=64)
+    result = train(ds, TrainConfig(epochs=1, batch_size=32, progress=False))
+    return save_model(tmp_path_factory.mktemp("bench") / "chest", result.module, result.card)
+
+
+def _config(model: Path, methods=("gradcam", "saliency"), cases: int = 4, **extra) -> dict:
+    cfg = {
+        "name": "tiny", "seed": 0, "batch_size": 2, "gallery": 2,
+        "datasets": {"chest": {"reader": "phantom-chest", "cases": cases, "options": {"size": 64}}},
+        "models": {"r18": {"datasets": ["chest"], "path": str(model)}},
+        "methods": list(methods),
+        "metrics": ["pointing_game", {"name": "deletion", "options": {"step": 256}},
+                    "sparseness", "box_accuracy",
+                    {"name": "model_randomization", "options": {"progress": False, "depth": 1}}],
+    }
+    cfg.update(extra)
+    return cfg
+
+
+def _values(frame: pd.DataFrame) -> pd.DataFrame:
+    return frame[VALUE_COLUMNS].sort_values(VALUE_COLUMNS[:6]).reset_index(drop=True)
+
+
+def test_config_errors_name_the_key(tiny_model):
+    good = _config(tiny_model)
+    parse_config(good, "good.yaml")
+    cases = [
+        ({"methods": ["gradcam", "gradcm"]}, r"bad.yaml: methods\[1\].name: unknown method 'gradcm'"),
+        ({"metrics": [{"name": "pointing"}]}, r"metrics\[0\].name: unknown metric 'pointing'"),
+        ({"datasets": {"chest": {"reader": "phantom-chest", "casess": 3}}},
+         r"datasets.chest.casess: unknown key"),
+        ({"models": {"r18": {"datasets": ["lungs"], "path": "x"}}},
+         r"models.r18.datasets: unknown dataset 'lungs'"),
+        ({"models": {"r18": {"datasets": ["chest"]}}}, r"models.r18: give 'path'"),
+        ({"metrics": [{"name": "deletion", "skip_methods": ["lime"]}]},
+         r"metrics\[0\].skip_methods: 'lime' is not a configured method"),
+        ({"batch_size": 0}, r"batch_size: must be an integer >= 1"),
+        ({"colour": "red"}, r"bad.yaml: colour: unknown key"),
+    ]
+    for change, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            parse_config({**good, **change}, "bad.yaml")
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path, tiny_model):
+    cfg = _config(tmp_path / "nowhere")
+    with pytest.raises(DataError, match=r"nowhere.*no saved model"):
+        run_bench(parse_config(cfg), tmp_path / "out", progress=False, report=False)
+
+
+def test_metric_without_masks_is_skipped_with_a_reason(tmp_path, tiny_model):
+    from PIL import Image
+
+    from pellucid.data import ChestPhantom
+
+    ds = ChestPhantom(8, 64, seed=3)
+    for i in range(8):
+        folder = tmp_path / "images" / ("a" if i % 2 else "b")
+        folder.mkdir(parents=True, exist_ok=True)
+        img = (ds[i]["image"][0].numpy() * 255).astype(np.uint8)
+        Image.fromarray(img).save(folder / f"{i}.png")
+    cfg = _config(tiny_model, methods=("gradcam",))
+    cfg["datasets"] = {"pngs": {"reader": "folder", "root": str(tmp_path / "images"), "split": "all",
+                                "cases": 3, "require": "any"}}
+    cfg["models"]["r18"]["datasets"] = ["pngs"]
+    cfg["models"]["r18"]["targets"] = "predicted"
+    table = run_bench(parse_config(cfg), tmp_path / "out", progress=False, report=False)
+    pg = table[table["metric"] == "pointing_game"]
+    assert pg["value"].isna().all() and (pg["reason"] == "the dataset has no ground-truth masks").all()
+    assert table[table["metric"] == "sparseness"]["value"].notna().all()
+    boxes = table[table["metric"] == "box_accuracy"]
+    assert (boxes["reason"] == "the dataset has no ground-truth boxes").all()
+
+
+def test_tidy_table_and_resume_skips_finished_units(tmp_path, tiny_model):
+    cfg = parse_config(_config(tiny_model))
+    first = run_bench(cfg, tmp_path / "out", progress=False, report=False)
+    # 4 cases -> (case, positive finding) pairs x 2 methods x 5 metrics
+    pairs = first[["case_id", "target"]].drop_duplicates()
+    assert len(first) == len(pairs) * 2 * 5
+    assert {"explain_seconds", "forwards_per_case", "metric_seconds", "seed", "curve"} <= set(first)
+    parts = sorted((tmp_path / "out" / "parts").glob("*.parquet"))
+    stamps = [p.stat().st_mtime_ns for p in parts]
+    again = run_bench(cfg, tmp_path / "out", progress=False, report=False)
+    assert [p.stat().st_mtime_ns for p in parts] == stamps  # nothing recomputed
+    pd.testing.assert_frame_equal(_values(first), _values(again))
+    run = yaml.safe_load((tmp_path / "out" / "run.json").read_text())
+    assert run["config_hash"] == cfg.digest() and run["versions"]["torch"]
+    assert (tmp_path / "out" / "results.csv").is_file()
+
+
+def test_sigkill_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path, tiny_model):
+    cfg = _config(tiny_model, methods=("gradcam", "saliency", "occlusion", "lime"), cases=6,
+                  cache=False)
+    path = tmp_path / "kill.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    env = dict(os.environ, PELLUCID_THREADS="1")
+    cmd = [sys.executable, "-m", "pellucid.cli", "bench", str(path), "--out", str(tmp_path / "killed"),
+           "--no-report"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    parts = tmp_path / "killed" / "parts"
+    deadline = time.time() + 240
+    while time.time() < deadline and len(list(parts.glob("*.parquet"))) < 3:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = len(list(parts.glob("*.parquet")))
+    for part in parts.glob("*.parquet"):  # every part that exists is whole
+        pd.read_parquet(part)
+    resumed = run_bench(parse_config(cfg), tmp_path / "killed", progress=False, report=False)
+    whole = run_bench(parse_config(cfg), tmp_path / "whole", progress=False, report=False)
+    assert 3 <= done < whole["unit"].nunique(), done  # killed mid-run
+    pd.testing.assert_frame_equal(_values(resumed), _values(whole), atol=1e-6)
+
+
+def test_ray_gives_the_same_table_as_local(tmp_path, tiny_model):
+    cfg = parse_config(_config(tiny_model, cases=3))
+    local = run_bench(cfg, tmp_path / "local", progress=False, report=False)
+    ray_table = run_bench(cfg, tmp_path / "ray", executor="ray", progress=False, report=False)
+    pd.testing.assert_frame_equal(_values(local), _values(ray_table), atol=1e-5)
+
+
+def test_statistics_by_hand():
+    assert bstats.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    rows = []
+    rng = np.random.RandomState(0)
+    for case in range(8):
+        for method, shift in (("a", 0.0), ("b", 0.5), ("c", 1.0)):
+            rows.append({"dataset": "d", "model": "m", "case_id": str(case), "target": "t",
+                         "method": method, "metric": "score", "category": "faithfulness",
+                         "higher_is_better": True, "value": shift + rng.rand() * 0.1,
+                         "explain_seconds": {"a": 0.1, "b": 1.0, "c": 0.5}[method],
+                         "forwards_per_case": 1.0})
+    frame = pd.DataFrame(rows)
+    summ = bstats.summary(frame)
+    assert summ.set_index("method")["n"].tolist() == [8, 8, 8]
+    avg = bstats.ranks(summ).set_index("method")["average_rank"]
+    assert avg.to_dict() == {"c": 1.0, "b": 2.0, "a": 3.0}
+    tests, pairs = bstats.friedman(frame)
+    from scipy.stats import friedmanchisquare
+
+    wide = frame.pivot(index="case_id", columns="method", values="value")
+    assert tests["p_value"].iloc[0] == pytest.approx(friedmanchisquare(*[wide[m] for m in "abc"]).pvalue)
+    assert len(pairs) == 2 and set(pairs["control"]) == {"c"} and (pairs["p_holm"] >= pairs["p_value"]).all()
+    costq = bstats.cost_quality(frame, bstats.ranks(summ)).set_index("method")
+    assert costq.loc["c", "pareto"] and costq.loc["a", "pareto"] and not costq.loc["b", "pareto"]
+    rec = bstats.recommendations(bstats.cost_quality(frame, bstats.ranks(summ)))[0]
+    assert (rec["best"] == "c" and rec["budgets"][0] == {"budget": 0.05, "method": "a", "rank": 3.0,
+                                                        "seconds": 0.1}) or rec["budgets"][0]["method"] == "c"
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def test_report_is_self_contained_and_renders_in_chromium(tmp_path, tiny_model):
+    browser = _chromium()
+    if browser is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is not installed (make system-deps installs it)")
+        pytest.skip("chromium is not installed")
+    cfg = parse_config(_config(tiny_model, cases=4))
+    run_bench(cfg, tmp_path / "out", progress=False)
+    html = (tmp_path / "out" / "report.html").read_text()
+    assert "http://" not in html and "https://" not in html  # nothing fetched from outside
+    images = html.count('src="data:image/png;base64,')
+    assert images >= 4  # metric charts, curves, gallery, best/worst, randomisation
+    for section in ("Recommendations", "Model performance", "Leaderboard", "Gallery",
+                    "Randomisation sanity check", "Compute cost"):
+        assert section in html
+    for ext in ("csv", "md", "tex"):
+        assert (tmp_path / "out" / "tables" / f"leaderboard.{ext}").is_file()
+    shot = tmp_path / "report.png"
+    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                    "--no-first-run", "--disable-background-networking", "--disable-component-update",
+                    "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}",
+                    f"--screenshot={shot}", "--window-size=1280,2400",
+                    (tmp_path / "out" / "report.html").as_uri()],
+                   check=True, timeout=120, capture_output=True)
+    from PIL import Image
+
+    pixels = np.asarray(Image.open(shot).convert("L"), dtype=float)
+    assert pixels.shape == (2400, 1280)
+    assert pixels.std() > 20  # text, tables and figures, not a blank page
+    assert torch.tensor(pixels < 128).float().mean() > 0.01
+
+
+def test_shared_samples_short_run_end_to_end(shared_data, tmp_path):
+    """The real-data configuration, shortened: ChestX-ray14 with NIH boxes and LGG FLAIR masks."""
+    from pellucid.bench import load_config
+
+    table = run_bench(load_config("shared-short"), tmp_path / "out", progress=False)
+    assert set(table["dataset"]) == {"cxr14", "lgg"}
+    cxr = table[table["dataset"] == "cxr14"]
+    assert cxr[cxr["metric"] == "box_accuracy"]["value"].notna().all()  # only boxed findings kept
+    assert cxr[cxr["metric"] == "pointing_game"]["value"].notna().all()
+    lgg = table[table["dataset"] == "lgg"]
+    assert lgg[lgg["metric"] == "box_accuracy"]["reason"].str.contains("no ground-truth boxes").all()
+    assert lgg[lgg["metric"] == "energy_pointing_game"]["value"].between(0, 1).all()
+    assert (tmp_path / "out" / "report.html").stat().st_size > 10_000
