@@ -22,7 +22,7 @@ from pellucid.bench import stats
 from pellucid.bench.config import BenchConfig, DatasetSpec, ModelSpec, load_config
 from pellucid.bench.store import ResultStore, unit_digest
 from pellucid.bench.units import Unit, execute_unit
-from pellucid.errors import ConfigError, DataError
+from pellucid.errors import ConfigError, DataError, PellucidError
 from pellucid.paths import shared_data_dir
 from pellucid.progress import track
 
@@ -288,9 +288,14 @@ def run_bench(config: BenchConfig | str | Path, out: str | Path | None = None,
         perf_key = f"{mname}|{dname}"
         try:
             test = _open(dspec.reader, dspec.root, dspec.split, dspec.options, 128)
+            outputs = len(loaded.card.class_names)
+            labels = len(test.mask_names if loaded.card.task == "segmentation" else test.class_names)
+            if labels != outputs:
+                raise ConfigError(f"dataset {dname!r} has {labels} labels, the model {outputs} "
+                                  f"outputs: no performance figures")
             performance[perf_key] = {"task": loaded.card.task, "report": evaluate_model(
                 loaded.module, loaded.card, test), "cases": len(test)}
-        except (ConfigError, DataError) as exc:
+        except PellucidError as exc:
             performance[perf_key] = {"task": loaded.card.task, "error": str(exc)}
         gallery[perf_key] = _gallery_images(cases)
         units += make_units(config, mname, folder, dname, cases, mspec, out)
