@@ -129,10 +129,14 @@ def test_sigkill_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path, tiny_
     env = dict(os.environ, PELLUCID_THREADS="1")
     cmd = [sys.executable, "-m", "pellucid.cli", "bench", str(path), "--out", str(tmp_path / "killed"),
            "--no-report"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tmp_path / "killed.log"
+    with log.open("wb") as fh:
+        proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, cwd=tmp_path)
     parts = tmp_path / "killed" / "parts"
     deadline = time.time() + 240
     while time.time() < deadline and len(list(parts.glob("*.parquet"))) < 3:
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended before it could be killed:\n{log.read_text()[-3000:]}")
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()

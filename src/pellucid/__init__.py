@@ -34,9 +34,9 @@ def explain(model: Any, inputs: Any, method: str, target: Any = None, layer: Any
 
 def evaluate(model: Any, inputs: Any, explanation: Any, target: Any = None,
              metrics: Any = ("pointing_game",), masks: Any = None, boxes: Any = None,
-             explain_fn: Any = None):
+             explain_fn: Any = None, cache: Any = None):
     """Score an explanation with metrics from the registry (see ``pellucid.metrics.available()``);
     returns {name: MetricResult} with per-sample scores (NaN = excluded)."""
     from pellucid.metrics import evaluate as run
 
-    return run(model, inputs, explanation, target, metrics, masks, boxes, explain_fn)
+    return run(model, inputs, explanation, target, metrics, masks, boxes, explain_fn, cache)

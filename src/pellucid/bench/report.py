@@ -260,7 +260,8 @@ def write_report(out: str | Path, frame: pd.DataFrame | None = None) -> Path:
     cost["peak_memory_mb"] = cost["peak_memory_mb"] / 2**20
     skipped = frame[frame["reason"] != ""].groupby(["method", "metric", "reason"], as_index=False) \
         .size().rename(columns={"size": "rows"})
-    write_tables({"summary": summ, "leaderboard": costq, "friedman": tests, "pairwise": pairs,
+    write_tables({"summary": summ, "summary_by_class": stats.summary(frame, by=["target"]),
+                  "leaderboard": costq, "friedman": tests, "pairwise": pairs,
                   "cost": cost, "skipped": skipped, "performance": pd.DataFrame(_performance_rows(perf))},
                  out / "tables")
     tasks = []

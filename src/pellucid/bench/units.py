@@ -4,6 +4,7 @@ Ray tasks run the same function and give the same rows."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -45,12 +46,28 @@ class Unit:
     skipped: dict[str, str] = field(default_factory=dict)  # metric label -> reason
 
 
+def _device() -> str:
+    """A GPU when this process sees one (a Ray task given a GPU), else the CPU."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def _load(folder: str):
     from pellucid.models import load_model
 
     if folder not in _MODELS:
-        _MODELS[folder] = load_model(folder)
+        _MODELS[folder] = load_model(folder, device=_device())
     return _MODELS[folder]
+
+
+def _to_device(unit: Unit) -> Unit:
+    device = _device()
+    if unit.x.device.type == device:
+        return unit
+    move = {k: getattr(unit, k).to(device) for k in ("x", "classes", "masks", "truth_regions",
+                                                      "background") if getattr(unit, k) is not None}
+    if unit.boxes is not None:
+        move["boxes"] = [b.to(device) for b in unit.boxes]
+    return dataclasses.replace(unit, **move)
 
 
 def _target(unit: Unit, card):
@@ -128,6 +145,7 @@ def execute_unit(unit: Unit) -> tuple[list[dict[str, Any]], dict[str, np.ndarray
 
     seed_everything(seed)
     loaded = _load(unit.model_folder)
+    unit = _to_device(unit)
     n = unit.x.shape[0]
     base = {"dataset": unit.dataset, "model": unit.model, "method": unit.method.label,
             "seed": unit.seed}
@@ -147,11 +165,12 @@ def execute_unit(unit: Unit) -> tuple[list[dict[str, Any]], dict[str, np.ndarray
                 reasons[metric.label] = reason
             else:
                 todo.append(metric)
+        shared: dict = {}  # the clean forward and other work shared by the unit's metrics
         for metric in todo:  # one evaluate() per metric keeps a failing metric from hiding others
             try:
                 out = pellucid.evaluate(loaded, unit.x, explanation,
                                         metrics=[(metric.name, metric.options)],
-                                        masks=unit.masks, boxes=unit.boxes)
+                                        masks=unit.masks, boxes=unit.boxes, cache=shared)
                 results[metric.label] = out[metric.name]
             except PellucidError as exc:
                 reasons[metric.label] = f"error: {exc}"

@@ -65,13 +65,15 @@ def evaluate(model: Any, inputs: torch.Tensor, explanation: Any, target: Any = N
              metrics: Sequence[str | tuple[str, dict]] = ("pointing_game",),
              masks: torch.Tensor | None = None,
              boxes: Sequence[torch.Tensor] | None = None,
-             explain_fn: ExplainFn | None = None) -> dict[str, MetricResult]:
+             explain_fn: ExplainFn | None = None,
+             cache: dict | None = None) -> dict[str, MetricResult]:
     """Score ``explanation`` (an Explanation or a (B, 1, *spatial) tensor) with ``metrics``.
 
     ``masks`` (B, [1,] *spatial) or ``boxes`` (per sample (N, 4) as x0, y0, x1, y1 pixels) give the
     ground truth for localisation metrics. Robustness and randomisation metrics re-explain: with an
     Explanation they re-run its method; with a bare tensor pass ``explain_fn(model, inputs,
-    bound_target) -> (N, *spatial)``. Returns {metric name: MetricResult}.
+    bound_target) -> (N, *spatial)``. ``cache`` (a dict) shares work such as the clean forward
+    between calls on the same inputs, explanation and target. Returns {metric name: MetricResult}.
     """
     attributions = getattr(explanation, "attributions", explanation)
     if not isinstance(attributions, torch.Tensor):
@@ -102,7 +104,8 @@ def evaluate(model: Any, inputs: torch.Tensor, explanation: Any, target: Any = N
     if explain_fn is None and hasattr(explanation, "method"):
         explain_fn = explanation_fn(explanation)
     ctx = Context(module, inputs, attributions.detach(), target, gt, box_list,
-                  explanation if hasattr(explanation, "method") else None, explain_fn)
+                  explanation if hasattr(explanation, "method") else None, explain_fn,
+                  cache if cache is not None else {})
     results = {}
     for name, metric in chosen:
         if "mask" in metric.needs and gt is None:
