@@ -1,0 +1,239 @@
+"""Standard DICOM objects from an explanation (highdicom), all in new series that reference the
+source study, series, images and frame of reference, with pellucid as manufacturer and software:
+
+- ``parametric_map``: the float heatmap, with a real-world value mapping (identity, unitless);
+- ``segmentation``: binary (a thresholded map or the model's own mask) or fractional (8 bit);
+- ``secondary_capture``: an RGB overlay with the heatmap burned in and a colour legend, which any
+  viewer shows;
+- ``structured_report``: a Comprehensive 3D SR (TID 1500 Measurement Report) recording the model
+  and its version, the prediction and its probability, the explanation method, and references to
+  the source images and to the Parametric Map and Segmentation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+
+import pellucid
+from pellucid.errors import ConfigError
+
+MANUFACTURER = "pellucid"
+PRIVATE_SCHEME = "99PELLUCID"
+
+
+def _common(series_number: int) -> dict[str, Any]:
+    import highdicom as hd
+
+    return {"series_instance_uid": hd.UID(), "series_number": series_number,
+            "sop_instance_uid": hd.UID(), "instance_number": 1, "manufacturer": MANUFACTURER}
+
+
+def _device() -> dict[str, Any]:
+    return {"manufacturer_model_name": "pellucid explanations",
+            "software_versions": pellucid.__version__, "device_serial_number": "0"}
+
+
+def _frames(source: Sequence[Any], array: np.ndarray) -> np.ndarray:
+    """(frames, rows, columns) matching the source images: one frame per source image."""
+    arr = np.asarray(array)
+    if arr.ndim == 2:
+        arr = arr[None]
+    rows, cols = int(source[0].Rows), int(source[0].Columns)
+    frames = sum(int(getattr(ds, "NumberOfFrames", 1) or 1) for ds in source)
+    if arr.shape != (frames, rows, cols):
+        raise ConfigError(f"the map has shape {arr.shape}; the source images need "
+                          f"{(frames, rows, cols)} (resample the map to the source grid first)")
+    return arr
+
+
+@contextmanager
+def _highdicom_errors(what: str) -> Iterator[None]:
+    """highdicom's refusals (e.g. a multi-frame source without plane positions) as one clear line."""
+    try:
+        yield
+    except ValueError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise ConfigError(f"cannot build a {what} for this source: {first}") from None
+
+
+def parametric_map(source: Sequence[Any], heatmap: np.ndarray, method: str,
+                   series_number: int = 901) -> Any:
+    """A Parametric Map of the float ``heatmap`` on the source grid."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    arr = _frames(source, heatmap).astype(np.float32)
+    lo, hi = float(arr.min()), float(arr.max())
+    mapping = hd.pm.RealWorldValueMapping(
+        lut_label="ATTR", lut_explanation=f"{method} attribution",
+        unit=codes.UCUM.NoUnits, value_range=(lo, hi if hi > lo else lo + 1.0),
+        slope=1.0, intercept=0.0)
+    if not source[0].get("FrameOfReferenceUID"):
+        raise ConfigError("a Parametric Map needs a source image with a Frame of Reference (this "
+                          "image, e.g. a CR without one, gets the Segmentation, Secondary Capture "
+                          "and SR only)")
+    with _highdicom_errors("Parametric Map"):
+        return hd.pm.ParametricMap(
+            source_images=list(source), pixel_array=arr, real_world_value_mappings=[mapping],
+            window_center=(lo + hi) / 2, window_width=max(hi - lo, 1e-6),
+            contains_recognizable_visual_features=False,
+            content_label="PELLUCID", content_description=f"{method} explanation map",
+            **_common(series_number), **_device())
+
+
+def segmentation(source: Sequence[Any], mask: np.ndarray, label: str, kind: str = "binary",
+                 series_number: int = 902) -> Any:
+    """A Segmentation of one segment: ``kind`` binary (``mask`` boolean) or fractional (``mask``
+    in [0, 1], stored in 8 bits)."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    if kind not in ("binary", "fractional"):
+        raise ConfigError(f"segmentation kind must be 'binary' or 'fractional', got {kind!r}")
+    arr = _frames(source, mask)
+    arr = arr.astype(bool) if kind == "binary" else np.clip(arr.astype(np.float32), 0, 1)
+    description = hd.seg.SegmentDescription(
+        segment_number=1, segment_label=label[:64],
+        segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
+        segmented_property_type=codes.SCT.Lesion,
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+        algorithm_identification=hd.AlgorithmIdentificationSequence(
+            name="pellucid", version=pellucid.__version__, family=codes.cid7162.ArtificialIntelligence))
+    extra = {"fractional_type": hd.seg.SegmentationFractionalTypeValues.PROBABILITY} \
+        if kind == "fractional" else {}
+    with _highdicom_errors("Segmentation"):
+        return hd.seg.Segmentation(
+            source_images=list(source), pixel_array=arr,
+            segmentation_type=hd.seg.SegmentationTypeValues.BINARY if kind == "binary"
+            else hd.seg.SegmentationTypeValues.FRACTIONAL,
+            segment_descriptions=[description], omit_empty_frames=False,
+            content_label="PELLUCID", content_description=f"pellucid {kind} segmentation"[:64],
+            **extra, **_common(series_number), **_device())
+
+
+def overlay_rgb(image: np.ndarray, heatmap: np.ndarray, title: str, alpha: float = 0.45) -> np.ndarray:
+    """(rows, columns, 3) uint8: the grey image with the min-max heatmap blended in ``jet`` and a
+    colour bar with its end values on the right edge."""
+    import matplotlib
+
+    cmap = matplotlib.colormaps["jet"]
+    img = np.asarray(image, float)
+    lo, hi = img.min(), img.max()
+    grey = (img - lo) / (hi - lo) if hi > lo else np.zeros_like(img)
+    h = np.asarray(heatmap, float)
+    hlo, hhi = h.min(), h.max()
+    norm = (h - hlo) / (hhi - hlo) if hhi > hlo else np.zeros_like(h)
+    rgb = (1 - alpha) * np.repeat(grey[..., None], 3, 2) + alpha * cmap(norm)[..., :3]
+    rows, cols = grey.shape
+    bar = max(4, cols // 40)
+    ramp = np.linspace(1, 0, rows)[:, None].repeat(bar, 1)
+    rgb[:, cols - bar:] = cmap(ramp)[..., :3]
+    out = (np.clip(rgb, 0, 1) * 255).astype(np.uint8)
+    _burn_text(out, f"{title}  [{hlo:.3g} .. {hhi:.3g}]")
+    return out
+
+
+def _burn_text(rgb: np.ndarray, text: str) -> None:
+    """Write ``text`` in the top-left corner (white on black) with Pillow's default font."""
+    from PIL import Image, ImageDraw
+
+    img = Image.fromarray(rgb)
+    draw = ImageDraw.Draw(img)
+    box = draw.textbbox((4, 4), text)
+    draw.rectangle((box[0] - 2, box[1] - 2, box[2] + 2, box[3] + 2), fill=(0, 0, 0))
+    draw.text((4, 4), text, fill=(255, 255, 255))
+    rgb[...] = np.asarray(img)
+
+
+def secondary_capture(source: Any, rgb: np.ndarray, series_number: int = 903) -> Any:
+    """An RGB Secondary Capture image (burned-in overlay) referencing ``source``."""
+    import highdicom as hd
+
+    pixel_spacing = tuple(float(v) for v in source.PixelSpacing) if "PixelSpacing" in source else None
+    orientation = source.get("PatientOrientation") or _orientation_labels(source)
+    if not orientation and str(source.get("ViewPosition", "")).upper() in ("PA", "AP"):
+        orientation = ("L", "F")  # a frontal chest radiograph in its conventional display
+    if not orientation or len(orientation) != 2:
+        raise ConfigError("the source image gives no patient orientation (PatientOrientation, "
+                          "ImageOrientationPatient or a PA/AP ViewPosition) for the overlay")
+    return hd.sc.SCImage.from_ref_dataset(
+        ref_dataset=source, pixel_array=np.asarray(rgb, np.uint8),
+        photometric_interpretation=hd.PhotometricInterpretationValues.RGB, bits_allocated=8,
+        coordinate_system=hd.CoordinateSystemNames.PATIENT,
+        patient_orientation=tuple(str(v) for v in orientation),
+        pixel_spacing=pixel_spacing, series_description="pellucid overlay",
+        **_common(series_number))
+
+
+def _orientation_labels(ds: Any) -> tuple[str, str] | None:
+    """Patient orientation labels (row direction, column direction) from ImageOrientationPatient:
+    the dominant LPS axis of each direction cosine (e.g. ("L", "P") for an axial slice)."""
+    iop = ds.get("ImageOrientationPatient")
+    if iop is None or len(iop) != 6:
+        return None
+
+    def label(v: np.ndarray) -> str:
+        axis = int(np.argmax(np.abs(v)))
+        return ("LR", "PA", "HF")[axis][0 if v[axis] > 0 else 1]
+
+    return label(np.asarray(iop[:3], float)), label(np.asarray(iop[3:], float))
+
+
+def structured_report(source: Sequence[Any], model_name: str, model_version: str, prediction: str,
+                      probability: float, method: str, pmap: Any | None = None,
+                      seg: Any | None = None, series_number: int = 904) -> Any:
+    """A Comprehensive 3D SR (TID 1500) with the prediction, its probability, the method, and
+    references to the source images, the Parametric Map and the Segmentation."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+    from pydicom.sr.coding import Code
+
+    observer = hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=hd.UID(), name="pellucid", manufacturer_name=MANUFACTURER, model_name=model_name))
+    algorithm = hd.sr.AlgorithmIdentification(name=model_name, version=model_version,
+                                               parameters=[f"explanation method: {method}"])
+    finding = Code(prediction.replace(" ", "_")[:16], PRIVATE_SCHEME, prediction)
+    measurement = hd.sr.Measurement(
+        name=Code("PROB", PRIVATE_SCHEME, "Probability of finding"), value=float(probability),
+        unit=codes.UCUM.NoUnits, algorithm_id=algorithm)
+    sources = [hd.sr.SourceImageForMeasurementGroup.from_source_image(ds) for ds in source]
+    groups: list[Any] = []
+    rwvm = None
+    if pmap is not None:
+        rwvm = hd.sr.RealWorldValueMap(referenced_sop_instance_uid=pmap.SOPInstanceUID)
+    groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier="prediction"),
+        algorithm_id=algorithm, measurements=[measurement], source_images=sources,
+        referenced_real_world_value_map=rwvm, finding_type=finding,
+        qualitative_evaluations=[hd.sr.QualitativeEvaluation(
+            name=Code("121071", "DCM", "Finding"), value=finding)]))
+    if seg is not None:
+        if len(source) > 1 or int(getattr(source[0], "NumberOfFrames", 1) or 1) > 1:
+            reference = hd.sr.ReferencedSegment(
+                sop_class_uid=seg.SOPClassUID, sop_instance_uid=seg.SOPInstanceUID, segment_number=1,
+                source_images=[hd.sr.SourceImageForSegmentation.from_source_image(ds)
+                               for ds in source])
+            roi_class = hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
+        else:
+            reference = hd.sr.ReferencedSegmentationFrame(
+                sop_class_uid=seg.SOPClassUID, sop_instance_uid=seg.SOPInstanceUID, frame_number=1,
+                segment_number=1,
+                source_image=hd.sr.SourceImageForSegmentation.from_source_image(source[0]))
+            roi_class = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
+        groups.append(roi_class(
+            tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier="explained region"),
+            referenced_segment=reference, algorithm_id=algorithm, finding_type=finding))
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
+        procedure_reported=Code("363679005", "SCT", "Imaging procedure"),
+        imaging_measurements=groups)
+    evidence = list(source) + [o for o in (pmap, seg) if o is not None]
+    return hd.sr.Comprehensive3DSR(
+        evidence=evidence, content=report, **_common(series_number),
+        series_description="pellucid explanation report")

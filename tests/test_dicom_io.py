@@ -1,0 +1,234 @@
+"""Clinical input and output: every shared DICOM sample reads; series, Modality LUT, MONOCHROME1
+and VOI; NIfTI affines; bad files; and round trips of the DICOM objects pellucid writes."""
+
+from __future__ import annotations
+
+import copy
+import io
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+import torch
+
+from pellucid.errors import ConfigError, DataError
+from pellucid.io import dicom_objects as objects
+from pellucid.io import read
+
+
+def _samples(shared_data: Path) -> list[Path]:
+    return sorted((shared_data / "dicom-samples").rglob("*.dcm"))
+
+
+def test_every_shared_dicom_sample_reads(shared_data):
+    files = _samples(shared_data)
+    assert len(files) >= 20
+    for path in files:
+        image = read(path)
+        ds = image.datasets[0]
+        assert image.array.ndim in (3, 4) and torch.isfinite(image.array).all(), path.name
+        assert len(image.spacing) == image.array.ndim - 1
+        if int(getattr(ds, "NumberOfFrames", 1) or 1) > 1:
+            assert image.array.shape[1] == int(ds.NumberOfFrames)
+    # compressed syntaxes decode to the same pixels as the uncompressed original
+    base = shared_data / "dicom-samples" / "pydicom"
+    ref = read(base / "MR_small.dcm").array
+    for name in ("MR_small_RLE.dcm", "MR_small_jp2klossless.dcm", "MR_small_jpeg_ls_lossless.dcm",
+                 "MR_small_bigendian.dcm", "MR_small_implicit.dcm"):
+        assert torch.equal(read(base / name).array, ref), name
+
+
+def test_modality_lut_monochrome1_and_voi(shared_data, tmp_path):
+    src = shared_data / "dicom-samples" / "pydicom" / "MR_small.dcm"
+    ds = pydicom.dcmread(src)
+    raw = ds.pixel_array.astype(np.float32)
+    ds.RescaleSlope, ds.RescaleIntercept = 2, -10
+    ds.save_as(tmp_path / "rescaled.dcm")
+    assert np.array_equal(read(tmp_path / "rescaled.dcm").array[0].numpy(), raw * 2 - 10)
+    ds.PhotometricInterpretation = "MONOCHROME1"
+    ds.save_as(tmp_path / "mono1.dcm")
+    inverted = read(tmp_path / "mono1.dcm").array[0].numpy()
+    values = raw * 2 - 10
+    assert np.array_equal(inverted, values.max() + values.min() - values)
+    ct = pydicom.dcmread(shared_data / "dicom-samples" / "pydicom" / "CT_small.dcm")
+    ct.WindowCenter, ct.WindowWidth = 40, 400
+    ct.save_as(tmp_path / "windowed.dcm")
+    windowed = read(tmp_path / "windowed.dcm", voi=True).array
+    assert windowed.max() > windowed.min()
+    assert not torch.equal(windowed, read(tmp_path / "windowed.dcm").array)
+
+
+def _series(shared_data: Path, folder: Path, n: int = 4) -> list[pydicom.Dataset]:
+    """A CT series of ``n`` slices made from CT_small, written in shuffled order."""
+    base = pydicom.dcmread(shared_data / "dicom-samples" / "pydicom" / "CT_small.dcm")
+    pixels = base.pixel_array.copy()
+    series_uid = pydicom.uid.generate_uid()
+    folder.mkdir()
+    out = []
+    for k in [2, 0, 3, 1][:n]:
+        ds = copy.deepcopy(base)
+        ds.SeriesInstanceUID = series_uid
+        ds.SOPInstanceUID = pydicom.uid.generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.ImagePositionPatient = [-158.135803, -179.035797, -75.7 + 2.5 * k]
+        ds.InstanceNumber = k + 1
+        ds.PixelData = (pixels + 100 * k).astype(pixels.dtype).tobytes()
+        ds.save_as(folder / f"slice{k}.dcm")
+        out.append(ds)
+    return out
+
+
+def test_series_folder_is_sorted_by_position(shared_data, tmp_path):
+    _series(shared_data, tmp_path / "series")
+    (tmp_path / "series" / "notes.txt").write_text("not DICOM")
+    image = read(tmp_path / "series")
+    assert image.array.shape == (1, 4, 128, 128)
+    firsts = [int(ds.InstanceNumber) for ds in image.datasets]
+    assert firsts == [1, 2, 3, 4]
+    assert image.spacing[0] == pytest.approx(2.5)
+    assert image.affine[2, 0] == pytest.approx(2.5) and image.affine[2, 3] == pytest.approx(-75.7)
+    means = image.array[0].flatten(1).mean(1)
+    assert (means[1:] > means[:-1]).all()  # the slices' offsets 0, 100, 200, 300 in order
+
+
+def test_nifti_and_png(tmp_path):
+    import nibabel as nib
+    from PIL import Image
+
+    affine = np.diag([0.9, 0.8, 2.0, 1.0])
+    affine[:3, 3] = [10, -20, 30]
+    data = np.random.RandomState(0).rand(6, 7, 5).astype(np.float32)
+    nib.save(nib.Nifti1Image(data, affine), tmp_path / "v.nii.gz")
+    image = read(tmp_path / "v.nii.gz")
+    assert np.allclose(image.affine, affine) and image.array.shape == (1, 6, 7, 5)
+    assert image.spacing == pytest.approx((0.9, 0.8, 2.0))
+    Image.fromarray((data[:, :, 0] * 255).astype(np.uint8)).save(tmp_path / "a.png")
+    assert read(tmp_path / "a.png").array.shape == (1, 6, 7)
+
+
+def test_bad_files_give_one_clear_error(shared_data, tmp_path):
+    (tmp_path / "note.dcm").write_text("hello")
+    with pytest.raises(DataError, match=r"note\.dcm.*not a DICOM file"):
+        read(tmp_path / "note.dcm")
+    whole = (shared_data / "dicom-samples" / "pydicom" / "CT_small.dcm").read_bytes()
+    (tmp_path / "cut.dcm").write_bytes(whole[: len(whole) - 20000])
+    with pytest.raises(DataError, match=r"cut\.dcm"):
+        read(tmp_path / "cut.dcm")
+    with pytest.raises(DataError, match="no such file"):
+        read(tmp_path / "missing.dcm")
+
+
+def _reread(obj) -> pydicom.Dataset:
+    buf = io.BytesIO()
+    obj.save_as(buf)
+    return pydicom.dcmread(io.BytesIO(buf.getvalue()))
+
+
+def _references(ds: pydicom.Dataset) -> set[str]:
+    found = set()
+    for item in ds.get("ReferencedSeriesSequence", []):
+        for ref in item.get("ReferencedInstanceSequence", []):
+            found.add(str(ref.ReferencedSOPInstanceUID))
+    for ref in ds.get("SourceImageSequence", []):
+        found.add(str(ref.ReferencedSOPInstanceUID))
+    for group in ds.get("PerFrameFunctionalGroupsSequence", []):
+        for der in group.get("DerivationImageSequence", []):
+            for ref in der.get("SourceImageSequence", []):
+                found.add(str(ref.ReferencedSOPInstanceUID))
+    return found
+
+
+def _common_checks(obj: pydicom.Dataset, source: list[pydicom.Dataset]) -> None:
+    assert obj.StudyInstanceUID == source[0].StudyInstanceUID
+    assert obj.SeriesInstanceUID != source[0].SeriesInstanceUID
+    assert obj.Manufacturer == "pellucid"
+    if "FrameOfReferenceUID" in source[0] and "FrameOfReferenceUID" in obj:
+        assert obj.FrameOfReferenceUID == source[0].FrameOfReferenceUID
+
+
+def test_parametric_map_and_segmentations_round_trip(shared_data, tmp_path):
+    _series(shared_data, tmp_path / "series")
+    image = read(tmp_path / "series")
+    source = image.datasets
+    heat = np.random.RandomState(1).rand(4, 128, 128).astype(np.float32)
+    pm = _reread(objects.parametric_map(source, heat, "gradcam"))
+    _common_checks(pm, source)
+    assert pm.SOPClassUID == pydicom.uid.ParametricMapStorage
+    order = _frame_sources(pm)
+    expected = np.stack([heat[[str(d.SOPInstanceUID) for d in source].index(uid)] for uid in order])
+    assert np.array_equal(np.asarray(pm.pixel_array, np.float32), expected)  # exact floats
+    assert {str(ds.SOPInstanceUID) for ds in source} <= _references(pm)
+    mapping = pm.SharedFunctionalGroupsSequence[0].RealWorldValueMappingSequence[0]
+    assert float(mapping.RealWorldValueSlope) == 1.0 and float(mapping.RealWorldValueIntercept) == 0
+
+    mask = heat > 0.6
+    seg_ds = _reread(objects.segmentation(source, mask, "gradcam region"))
+    _common_checks(seg_ds, source)
+    seg = hd.seg.Segmentation.from_dataset(seg_ds)
+    assert seg.SegmentSequence[0].SegmentLabel == "gradcam region"
+    got = np.asarray(seg_ds.pixel_array).astype(bool)
+    order = _frame_sources(seg_ds)
+    expected = np.stack([mask[[str(d.SOPInstanceUID) for d in source].index(uid)] for uid in order])
+    assert np.array_equal(got, expected)
+    assert {str(ds.SOPInstanceUID) for ds in source} <= _references(seg_ds)
+    frac_ds = _reread(objects.segmentation(source, heat, "gradcam", kind="fractional"))
+    values = np.asarray(frac_ds.pixel_array, np.float32) / float(frac_ds.MaximumFractionalValue)
+    order = _frame_sources(frac_ds)
+    expected = np.stack([heat[[str(d.SOPInstanceUID) for d in source].index(uid)] for uid in order])
+    assert np.abs(values - expected).max() <= 0.5 / 255 + 1e-6  # within one 8-bit step, rounded
+
+
+def _frame_sources(ds: pydicom.Dataset) -> list[str]:
+    """The source image of every frame, in frame order."""
+    return [str(g.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID)
+            for g in ds.PerFrameFunctionalGroupsSequence]
+
+
+def _bytes(obj) -> bytes:
+    buf = io.BytesIO()
+    obj.save_as(buf)
+    return buf.getvalue()
+
+
+def _walk(items):
+    for item in items:
+        yield item
+        yield from _walk(item.get("ContentSequence", []))
+
+
+def test_secondary_capture_and_structured_report_on_a_real_cr(shared_data):
+    path = next((shared_data / "dicom-samples" / "torchxrayvision").glob("*.dcm"))
+    image = read(path)
+    source = image.datasets
+    heat = np.zeros((1024, 1024), np.float32)
+    heat[300:500, 400:700] = 1.0
+    with pytest.raises(ConfigError, match="Frame of Reference"):
+        objects.parametric_map(source, heat, "gradcam")  # a CR has none: a clear refusal
+    rgb = objects.overlay_rgb(image.array[0].numpy(), heat, "gradcam: Pneumothorax 0.87")
+    sc = _reread(objects.secondary_capture(source[0], rgb))
+    _common_checks(sc, source)
+    assert sc.PhotometricInterpretation == "RGB"
+    assert np.array_equal(sc.pixel_array, rgb)
+    assert tuple(sc.PatientOrientation) == ("L", "F")
+    seg_obj = objects.segmentation(source, heat > 0.5, "gradcam region")
+    sr = _reread(objects.structured_report(source, "chest-resnet18", "0.1.0", "Pneumothorax", 0.87,
+                                           "gradcam", None, seg_obj))
+    _common_checks(sr, source)
+    items = list(_walk(sr.ContentSequence))
+    numbers = [float(i.MeasuredValueSequence[0].NumericValue) for i in items
+               if i.ValueType == "NUM" and "MeasuredValueSequence" in i]
+    assert numbers == pytest.approx([0.87])
+    codes = [i.ConceptCodeSequence[0].CodeMeaning for i in items if i.ValueType == "CODE"]
+    assert "Pneumothorax" in codes
+    texts = [i.TextValue for i in items if i.ValueType == "TEXT"]
+    assert any("explanation method: gradcam" in t for t in texts)
+    assert "chest-resnet18" in texts and "0.1.0" in texts  # algorithm name and version
+    evidence = {str(ref.ReferencedSOPInstanceUID)
+                for study in sr.CurrentRequestedProcedureEvidenceSequence
+                for series in study.ReferencedSeriesSequence
+                for ref in series.ReferencedSOPSequence}
+    assert str(source[0].SOPInstanceUID) in evidence and str(seg_obj.SOPInstanceUID) in evidence
+    parsed = hd.sr.Comprehensive3DSR.from_dataset(sr)
+    assert parsed.SOPInstanceUID == sr.SOPInstanceUID
