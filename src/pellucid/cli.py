@@ -175,6 +175,25 @@ def report(run: Annotated[Path, typer.Argument(help="a benchmark output folder")
 
 
 @app.command()
+def serve(models: Annotated[Path, typer.Option(help="folder of model folders (each with card.json)")],
+          host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
+          port: Annotated[int, typer.Option(help="port")] = 8000,
+          out: Annotated[Path, typer.Option(help="where results are kept")] = Path("pellucid_results"),
+          api_key: Annotated[str | None, typer.Option(envvar="PELLUCID_API_KEY",
+                                                      help="require this X-API-Key")] = None,
+          max_upload_mb: Annotated[float, typer.Option(help="largest upload")] = 64.0) -> None:
+    """Serve the REST API (POST /v1/explain, GET /v1/models, /health, /docs)."""
+    import uvicorn
+
+    from pellucid.service import create_app
+
+    if not models.is_dir():
+        raise ConfigError(f"{models}: no such models folder")
+    uvicorn.run(create_app(models, out, api_key, max_upload_mb), host=host, port=port,
+                log_level="info")
+
+
+@app.command()
 def demo(out: Annotated[Path, typer.Option(help="output folder")] = Path("demo_out"),
          quick: Annotated[bool, typer.Option(help="fewer cases and methods (a smoke run)")] = False
          ) -> None:

@@ -4,7 +4,7 @@ brought to the model card's channels and input size, keeping what is needed to m
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -22,27 +22,24 @@ class InputImage:
     affine: np.ndarray | None
     name: str
     path: Path
+    datasets: list = field(default_factory=list)  # the DICOM source datasets, when read from DICOM
 
 
-def _read_dicom(path: Path) -> np.ndarray:
-    import pydicom
+def _read_dicom(path: Path, spatial_dims: int) -> tuple[np.ndarray, list]:
+    """A DICOM file through :func:`pellucid.io.read` (Modality LUT, MONOCHROME1, compressed
+    syntaxes), colour to luminance, a multi-frame file's middle frame for a 2D model, min-max
+    scaled to [0, 1] like the image readers; and the source datasets."""
+    from pellucid.io import read
 
-    try:
-        ds = pydicom.dcmread(str(path))
-        arr = ds.pixel_array.astype(np.float32)
-    except Exception as exc:
-        raise DataError(path, f"cannot read DICOM pixels ({type(exc).__name__}: {exc})") from None
-    slope = float(getattr(ds, "RescaleSlope", 1) or 1)
-    intercept = float(getattr(ds, "RescaleIntercept", 0) or 0)
-    arr = arr * slope + intercept
-    if getattr(ds, "PhotometricInterpretation", "") == "MONOCHROME1":
-        arr = arr.max() - arr
-    if arr.ndim == 3 and getattr(ds, "SamplesPerPixel", 1) == 3:
-        arr = arr.mean(-1)
-    if arr.ndim == 3:
-        arr = arr[arr.shape[0] // 2]
+    image = read(path)
+    arr = image.array.numpy()
+    if image.datasets and int(getattr(image.datasets[0], "SamplesPerPixel", 1)) == 3:
+        arr = arr.mean(0, keepdims=True)
+    if arr.ndim == 4 and spatial_dims == 2:
+        arr = arr[:, arr.shape[1] // 2]
     lo, hi = float(arr.min()), float(arr.max())
-    return ((arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr))[None]
+    return ((arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)).astype(np.float32), \
+        image.datasets
 
 
 def load_input(path: str | Path, in_channels: int, input_size: list[int] | None,
@@ -50,6 +47,7 @@ def load_input(path: str | Path, in_channels: int, input_size: list[int] | None,
     """Read ``path`` and shape it for a model with ``in_channels`` and ``input_size``."""
     path = Path(path)
     affine = None
+    datasets: list = []
     if path.is_dir():
         from pellucid.data.brats import BraTS
 
@@ -61,7 +59,8 @@ def load_input(path: str | Path, in_channels: int, input_size: list[int] | None,
         data, affine, _ = read_nifti(path)
         original = zscore_nonzero(torch.from_numpy(data)[None])
     elif path.suffix.lower() in (".dcm", ".dicom"):
-        original = torch.from_numpy(_read_dicom(path))
+        arr, datasets = _read_dicom(path, spatial_dims)
+        original = torch.from_numpy(arr)
     elif path.suffix.lower() in IMAGE_SUFFIXES:
         original = torch.from_numpy(read_image_2d(path, channels=in_channels))
     elif not path.exists():
@@ -78,7 +77,7 @@ def load_input(path: str | Path, in_channels: int, input_size: list[int] | None,
             raise DataError(path, f"image has {original.shape[0]} channels, the model takes "
                                   f"{in_channels}")
     image = resize_image(original, input_size) if input_size else original
-    return InputImage(image.float(), original.float(), affine, stem(path), path)
+    return InputImage(image.float(), original.float(), affine, stem(path), path, datasets)
 
 
 def stem(path: Path) -> str:

@@ -1,0 +1,105 @@
+"""The REST service end to end: a real CR radiograph and a PNG through POST /v1/explain, the
+produced DICOM objects downloaded and parsed, and every kind of bad request answered cleanly."""
+
+from __future__ import annotations
+
+import io
+import logging
+import shutil
+
+import pydicom
+import pytest
+from fastapi.testclient import TestClient
+
+from pellucid.service import create_app
+
+
+@pytest.fixture(scope="module")
+def service(chest_model, tmp_path_factory):
+    models = tmp_path_factory.mktemp("served")
+    shutil.copytree(chest_model.source, models / "chest")
+    app = create_app(models, tmp_path_factory.mktemp("results"), api_key="s3cret",
+                     max_upload_mb=4)
+    return TestClient(app, headers={"X-API-Key": "s3cret"})
+
+
+def _cr(shared_data):
+    return next((shared_data / "dicom-samples" / "torchxrayvision").glob("*.dcm"))
+
+
+def test_health_models_and_docs(service):
+    assert service.get("/health").json()["status"] == "ok"
+    listed = service.get("/v1/models").json()
+    assert listed["models"][0]["name"] == "chest" and "gradcam" in listed["methods"]
+    assert "/v1/explain" in service.get("/openapi.json").json()["paths"]
+
+
+def test_real_cr_end_to_end(service, shared_data, caplog):
+    path = _cr(shared_data)
+    source = pydicom.dcmread(path)
+    with caplog.at_level(logging.INFO, logger="pellucid.service"):
+        r = service.post("/v1/explain", files={"file": ("x.dcm", path.read_bytes(), "application/dicom")},
+                         data={"model": "chest", "methods": "gradcam,saliency"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["prediction"]["class"] in body["classes"]
+    assert 0 <= body["prediction"]["probability"] <= 1
+    assert [m["method"] for m in body["methods"]] == ["gradcam", "saliency"]
+    for m in body["methods"]:
+        png = service.get(m["overlay"])
+        assert png.status_code == 200 and png.content[:4] == b"\x89PNG"
+        sc = pydicom.dcmread(io.BytesIO(service.get(m["dicom"]).content))
+        assert sc.Modality == "OT" or sc.SOPClassUID == pydicom.uid.SecondaryCaptureImageStorage
+        assert sc.StudyInstanceUID == source.StudyInstanceUID
+    names = {f.rsplit("/", 1)[1] for f in body["files"]}
+    assert names == {"segmentation.dcm", "report_sr.dcm"}  # a CR has no frame of reference: no PM
+    assert any(s["object"] == "parametric map" for s in body["skipped"])
+    for f in body["files"]:
+        ds = pydicom.dcmread(io.BytesIO(service.get(f).content))
+        assert ds.StudyInstanceUID == source.StudyInstanceUID and ds.Manufacturer == "pellucid"
+    logs = caplog.text
+    for value in (str(source.PatientName), str(source.PatientID), path.name):
+        if value:
+            assert value not in logs
+
+
+def test_png_upload(service, tmp_path):
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("L", (128, 128), 90).save(buf, format="PNG")
+    r = service.post("/v1/explain", files={"file": ("a.png", buf.getvalue(), "image/png")},
+                     data={"model": "chest", "methods": "gradcam"})
+    assert r.status_code == 200, r.text
+    assert r.json()["files"] == []  # no DICOM source: overlays and maps only
+
+
+def test_bad_requests_are_answered_and_the_server_stays_up(service, shared_data, tmp_path):
+    ok = {"model": "chest", "methods": "gradcam"}
+    r = service.post("/v1/explain", files={"file": ("a.txt", b"hello world", "text/plain")}, data=ok)
+    assert r.status_code == 400 and "not a DICOM" in r.json()["detail"]
+    big = b"\x00" * (5 * 2**20)
+    r = service.post("/v1/explain", files={"file": ("big.dcm", big, "application/dicom")}, data=ok)
+    assert r.status_code == 413
+    r = service.post("/v1/explain", json={"file": "x"})
+    assert r.status_code == 415
+    whole = _cr(shared_data).read_bytes()
+    r = service.post("/v1/explain", files={"file": ("cut.dcm", whole[:4000], "application/dicom")},
+                     data=ok)
+    assert r.status_code == 400 and "Traceback" not in r.text and "cut.dcm" not in r.text
+    import nibabel as nib
+    import numpy as np
+
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.float32), np.eye(4)), tmp_path / "v.nii.gz")
+    vol = (tmp_path / "v.nii.gz").read_bytes()
+    r = service.post("/v1/explain", files={"file": ("v.nii.gz", vol, "application/gzip")}, data=ok)
+    assert r.status_code == 422 and "2D model" in r.json()["detail"]
+    r = service.post("/v1/explain", files={"file": ("x.dcm", whole, "application/dicom")},
+                     data={"model": "lungs", "methods": "gradcam"})
+    assert r.status_code == 400 and "unknown model 'lungs'" in r.json()["detail"]
+    r = service.post("/v1/explain", files={"file": ("x.dcm", whole, "application/dicom")},
+                     data={"model": "chest", "methods": "gradcm"})
+    assert r.status_code == 400 and "unknown method" in r.json()["detail"]
+    bare = TestClient(service.app)
+    assert bare.get("/v1/models").status_code == 401
+    assert service.get("/health").status_code == 200
