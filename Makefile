@@ -18,11 +18,14 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/pellucid demo --out demo_out
 
-# Chromium renders report.html in the tests (Debian's package; needs root and apt).
+# Debian packages the tests need (root and apt): Chromium renders report.html; Orthanc with its
+# DICOMweb plugin is the PACS of the integration tests (started by the tests in a private network
+# namespace, never as a service).
+SYSTEM_PACKAGES := chromium orthanc orthanc-dicomweb iproute2
 system-deps:
-	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
-	  (echo "installing chromium (apt)"; apt-get update -q && DEBIAN_FRONTEND=noninteractive \
-	   apt-get install -y -q chromium >/dev/null)
+	@missing=""; for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then echo "installing$$missing (apt)"; apt-get update -q && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing >/dev/null; fi
 
 test: $(STAMP) system-deps
 	$(VENV)/bin/ruff check src tests benchmarks

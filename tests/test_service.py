@@ -19,7 +19,7 @@ def service(chest_model, tmp_path_factory):
     models = tmp_path_factory.mktemp("served")
     shutil.copytree(chest_model.source, models / "chest")
     app = create_app(models, tmp_path_factory.mktemp("results"), api_key="s3cret",
-                     max_upload_mb=4)
+                     max_upload_mb=8)
     return TestClient(app, headers={"X-API-Key": "s3cret"})
 
 
@@ -32,6 +32,23 @@ def test_health_models_and_docs(service):
     listed = service.get("/v1/models").json()
     assert listed["models"][0]["name"] == "chest" and "gradcam" in listed["methods"]
     assert "/v1/explain" in service.get("/openapi.json").json()["paths"]
+
+
+def _radiographs(shared_data) -> list:
+    """Every CR radiograph among the shared DICOM samples."""
+    return sorted(p for p in (shared_data / "dicom-samples").rglob("*.dcm")
+                  if pydicom.dcmread(p, stop_before_pixels=True).get("Modality") == "CR")
+
+
+def test_every_cr_sample_through_the_service(service, shared_data):
+    files = _radiographs(shared_data)
+    assert len(files) >= 3
+    for path in files:
+        r = service.post("/v1/explain", files={"file": ("x.dcm", path.read_bytes(), "application/dicom")},
+                         data={"model": "chest", "methods": "gradcam"})
+        assert r.status_code == 200, (path.name, r.text)
+        body = r.json()
+        assert body["methods"][0]["dicom"] and len(body["files"]) >= 2, path.name
 
 
 def test_real_cr_end_to_end(service, shared_data, caplog):
@@ -78,7 +95,7 @@ def test_bad_requests_are_answered_and_the_server_stays_up(service, shared_data,
     ok = {"model": "chest", "methods": "gradcam"}
     r = service.post("/v1/explain", files={"file": ("a.txt", b"hello world", "text/plain")}, data=ok)
     assert r.status_code == 400 and "not a DICOM" in r.json()["detail"]
-    big = b"\x00" * (5 * 2**20)
+    big = b"\x00" * (9 * 2**20)
     r = service.post("/v1/explain", files={"file": ("big.dcm", big, "application/dicom")}, data=ok)
     assert r.status_code == 413
     r = service.post("/v1/explain", json={"file": "x"})

@@ -125,19 +125,37 @@ def layers(model: Annotated[str, typer.Argument(help="zoo folder or module:facto
 @app.command()
 def explain(
     model: Annotated[str, typer.Option(help="zoo folder, TorchScript file or module:factory")],
-    input: Annotated[list[Path], typer.Option("--input", help="image/NIfTI/DICOM file(s)")],
+    input: Annotated[list[Path] | None, typer.Option("--input", help="image/NIfTI/DICOM file(s)")] = None,
     method: Annotated[str, typer.Option(help="comma-separated methods")] = "gradcam",
     out: Annotated[Path, typer.Option(help="output folder")] = Path("explanations"),
     target: Annotated[str | None, typer.Option(help="class name or index (default: predicted)")] = None,
     layer: Annotated[str | None, typer.Option(help="layer name (default: the card's)")] = None,
     region: Annotated[str, typer.Option(help="segmentation: predicted or all")] = "predicted",
     weights: Annotated[Path | None, typer.Option(help="weights for module:factory")] = None,
+    pacs: Annotated[str | None, typer.Option(help="DICOMweb URL: pull --study, explain, push back")] = None,
+    study: Annotated[str | None, typer.Option(help="Study Instance UID (with --pacs)")] = None,
+    user: Annotated[str | None, typer.Option(envvar="PELLUCID_PACS_USER", help="PACS user")] = None,
+    password: Annotated[str | None, typer.Option(envvar="PELLUCID_PACS_PASSWORD",
+                                                 help="PACS password")] = None,
 ) -> None:
-    """Explain a model on files: overlay PNGs, raw maps (.npy 2D, .nii.gz 3D) and summary.json."""
-    from pellucid.explain_files import explain_files
+    """Explain a model on files (overlay PNGs, raw maps, summary.json), or on a PACS study
+    (--pacs URL --study UID): results go back to the study as DICOM objects."""
     from pellucid.models import load_model
 
     loaded = load_model(model, weights)
+    if pacs is not None:
+        from pellucid.pacs import DicomWeb, pull_explain_push
+
+        if not study:
+            raise ConfigError("--pacs needs --study UID")
+        summary = pull_explain_push(DicomWeb(pacs, user, password), study, loaded, Path(model).name,
+                                    _split_list(method), target)
+        console.print(json.dumps(summary, indent=2, default=float))
+        return
+    if not input:
+        raise ConfigError("give --input FILE (or --pacs URL --study UID)")
+    from pellucid.explain_files import explain_files
+
     summary = explain_files(loaded, input, _split_list(method), out, target=target, layer=layer,
                             region=region)
     for row in summary:

@@ -108,10 +108,17 @@ def run_job(loaded, model_name: str, path: Path, methods: list[str], target: str
         fig = viz.overlay(item.original, att[None], title=f"{method} | {result['prediction']['class']}"
                           f" p={result['prediction']['probability']:.2f}")
         viz.save(fig, out / f"{stem}.png")
-        np.save(out / f"{stem}.npy", heat)
+        if item.affine is not None and heat.ndim == 3:  # a volume: NIfTI with the source affine
+            import nibabel as nib
+
+            nib.save(nib.Nifti1Image(heat, item.affine), str(out / f"{stem}.nii.gz"))
+            map_name = f"{stem}.nii.gz"
+        else:
+            np.save(out / f"{stem}.npy", heat)
+            map_name = f"{stem}.npy"
         entry = {"method": method, "seconds": round(exp.cost.seconds, 4),
                  "forward_passes": exp.cost.forward_passes, "backward_passes": exp.cost.backward_passes,
-                 "layer": exp.layer, "overlay": f"{stem}.png", "map": f"{stem}.npy",
+                 "layer": exp.layer, "overlay": f"{stem}.png", "map": map_name,
                  "max_location": [int(v) for v in np.unravel_index(int(heat.argmax()), heat.shape)]}
         if item.datasets and heat.ndim == 2:
             try:
@@ -272,7 +279,8 @@ def create_app(models: str | Path, out: str | Path = "pellucid_results", api_key
         path = results / job / name
         if not path.is_file():
             raise HTTPException(404, "no such result")
-        media = {".png": "image/png", ".dcm": "application/dicom", ".npy": "application/octet-stream"}
+        media = {".png": "image/png", ".dcm": "application/dicom", ".npy": "application/octet-stream",
+                 ".gz": "application/gzip"}
         return FileResponse(path, media_type=media.get(path.suffix, "application/octet-stream"))
 
     return app
