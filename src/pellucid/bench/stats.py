@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import torch
 from scipy import stats as sps
 
 TASK = ["dataset", "model"]
@@ -27,12 +28,10 @@ def _valid(frame: pd.DataFrame) -> pd.DataFrame:
 
 def bootstrap_mean_ci(values: np.ndarray, resamples: int = 1000, seed: int = 0,
                       level: float = 0.95) -> tuple[float, float]:
-    if len(values) == 0:
-        return float("nan"), float("nan")
-    rng = np.random.RandomState(seed)
-    means = values[rng.randint(0, len(values), size=(resamples, len(values)))].mean(1)
-    tail = (1 - level) / 2 * 100
-    return float(np.percentile(means, tail)), float(np.percentile(means, 100 - tail))
+    """The percentile bootstrap interval of the mean (the one CheXlocalize's metric reports)."""
+    from pellucid.metrics.protocols import bootstrap_ci
+
+    return bootstrap_ci(torch.as_tensor(np.asarray(values, dtype=np.float64)), resamples, level, seed)
 
 
 def summary(frame: pd.DataFrame, by: list[str] | None = None, seed: int = 0) -> pd.DataFrame:
