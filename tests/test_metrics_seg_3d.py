@@ -1,4 +1,5 @@
-"""Every metric runs on segmentation targets (the region's logit sum) and on 3D volumes."""
+"""Every metric runs on segmentation targets (the region's logit sum) and on 3D volumes (MSFI,
+which needs per-modality maps, not a CAM, is tested in test_modality_targets.py)."""
 
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ def test_all_metrics_on_a_2d_segmentation_target(brain_unet):
     target = SegmentationTarget(0, "predicted")
     e = pellucid.explain(brain_unet, x, "gradcam", target=target)
     boxes = [torch.tensor([[10.0, 10.0, 40.0, 40.0]])] * 3
-    r = _run_all(brain_unet, x, e, masks, skip=("box_accuracy",))
+    r = _run_all(brain_unet, x, e, masks, skip=("box_accuracy", "msfi"))
     assert r["road"].extras["morf"].shape == (3, 2)
     b = pellucid.evaluate(brain_unet, x, e, metrics=["box_accuracy"], boxes=boxes)
     assert b["box_accuracy"].scores.shape == (3,)
@@ -52,8 +53,8 @@ def test_all_metrics_on_3d_volumes():
     masks = torch.zeros(2, 16, 16, 16, dtype=torch.bool)
     masks[:, 4:10, 4:10, 4:10] = True
     e = pellucid.explain(model, x, "gradcam", target=SegmentationTarget(1, "all"))
-    r = _run_all(model, x, e, masks, skip=("box_accuracy",))
+    r = _run_all(model, x, e, masks, skip=("box_accuracy", "msfi"))
     assert torch.isnan(r["model_randomization"].extras["table"]["model"]["hog"]).all()  # 2D only
     cls = build("resnet18", 3, 1, 3).module.eval()
     xc = torch.randn(2, 1, 16, 16, 16)
-    _run_all(cls, xc, pellucid.explain(cls, xc, "gradcam"), masks, skip=("box_accuracy",))
+    _run_all(cls, xc, pellucid.explain(cls, xc, "gradcam"), masks, skip=("box_accuracy", "msfi"))

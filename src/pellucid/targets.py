@@ -10,6 +10,10 @@ occlusion, deletion curves) are scored against the same class and region.
 - :class:`SegmentationTarget`: the sum of class-k logits (or probabilities) over a region: a given
   mask, the model's predicted region of class k, or the whole image (Seg-Grad-CAM, Vinogradova et
   al. 2020). 2D and 3D alike.
+- :class:`SegmentationErrorTarget`: the same over the false-positive or false-negative region of
+  the prediction against ground truth (SESV-style error explanation).
+- :class:`RegressionTarget`: a regression output (e.g. overall survival), or its deviation from a
+  reference value.
 """
 
 from __future__ import annotations
@@ -188,6 +192,76 @@ class BoundSegmentationTarget(BoundTarget):
     def describe(self) -> dict:
         return {"type": "segmentation", "classes": self.classes.tolist(), "kind": self.kind,
                 "region_voxels": self.region.flatten(1).sum(1).tolist()}
+
+
+@dataclass
+class RegressionTarget(Target):
+    """Score = output ``index`` of a regression model (e.g. predicted survival), or its deviation
+    from ``reference`` (output - reference), so explanations answer "why this much more than the
+    reference"."""
+
+    index: int = 0
+    reference: float | None = None
+
+    def bind(self, output: torch.Tensor) -> BoundRegressionTarget:
+        if output.ndim not in (1, 2):
+            raise ConfigError(f"RegressionTarget needs a (batch,) or (batch, outputs) output, the "
+                              f"model gave shape {tuple(output.shape)}")
+        width = 1 if output.ndim == 1 else output.shape[1]
+        if not 0 <= self.index < width:
+            raise ConfigError(f"regression output index {self.index} is out of range for "
+                              f"{width} outputs")
+        b = output.shape[0]
+        return BoundRegressionTarget(torch.full((b,), self.index, dtype=torch.long,
+                                                device=output.device),
+                                     float(self.reference or 0.0))
+
+
+@dataclass
+class BoundRegressionTarget(BoundTarget):
+    classes: torch.Tensor  # the output index, per sample
+    reference: float = 0.0
+    kind: str = "logit"
+
+    def score(self, output: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        values = output[:, None] if output.ndim == 1 else output
+        idx = self.classes if rows is None else self.classes[rows]
+        return values.gather(1, idx[:, None].to(values.device))[:, 0] - self.reference
+
+    def take(self, rows: torch.Tensor) -> BoundRegressionTarget:
+        return BoundRegressionTarget(self.classes[rows.to(self.classes.device)], self.reference)
+
+    def describe(self) -> dict:
+        return {"type": "regression", "index": self.classes.tolist(), "reference": self.reference}
+
+
+@dataclass
+class SegmentationErrorTarget(Target):
+    """The model's errors against ground truth: ``kind="fp"`` scores the class-k logits summed over
+    the false-positive region (predicted but not true: "why did it mark this?"), ``"fn"`` over the
+    false-negative region (true but missed: "what argued against it here?"). ``truth`` is
+    (B, *spatial) or (*spatial); the prediction is sigmoid > 0.5 (or arg-max for softmax)."""
+
+    truth: torch.Tensor
+    class_index: int = 0
+    kind: str = "fp"
+    activation: str = "sigmoid"
+
+    def bind(self, output: torch.Tensor) -> BoundSegmentationTarget:
+        if self.kind not in ("fp", "fn"):
+            raise ConfigError(f"segmentation error kind must be 'fp' or 'fn', got {self.kind!r}")
+        predicted = SegmentationTarget(self.class_index, "predicted", activation=self.activation)
+        bound = predicted.bind(output)
+        truth = torch.as_tensor(self.truth, device=output.device) > 0
+        spatial = tuple(output.shape[2:])
+        if truth.shape == spatial:
+            truth = truth.expand(output.shape[0], *spatial)
+        if tuple(truth.shape) != (output.shape[0], *spatial):
+            raise ConfigError(f"truth mask has shape {tuple(truth.shape)}; expected {spatial} or "
+                              f"{(output.shape[0], *spatial)}")
+        pred = bound.region > 0
+        region = (pred & ~truth) if self.kind == "fp" else (~pred & truth)
+        return BoundSegmentationTarget(bound.classes, region.float(), "logit", self.activation)
 
 
 def default_target(output: torch.Tensor, activation: str | None = None) -> Target:

@@ -5,6 +5,7 @@ from pellucid.metrics import (  # noqa: F401  (each module registers its metrics
     cost,
     faithfulness,
     localization,
+    modality,
     protocols,
     randomization,
     road,
