@@ -45,11 +45,17 @@ def _build(model: nn.Module, example: torch.Tensor) -> Forward:
         traced = torch.jit.trace(model, example, check_trace=False, strict=False)
         optimised = torch.jit.optimize_for_inference(torch.jit.freeze(traced.eval()))
         fast = lambda x: _first(optimised(x))  # noqa: E731
-        reference = _first(model(example)).float()
-        got = _first(fast(example)).float()
-        scale = reference.abs().max().clamp_min(1.0)
-        if got.shape != reference.shape or (got - reference).abs().max() > 1e-4 * scale:
-            raise RuntimeError("optimised copy disagrees with the model")
+        # checked on the example and on a batch of three different inputs: a trace specialised to
+        # the example's batch size (shape-dependent Python control flow) must not be used
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        noise = torch.randn((2, *example.shape[1:]), generator=gen).to(example)
+        batch = torch.cat([example, example + 0.1 * noise * example.std().clamp_min(1e-3)])
+        for probe in (example, batch):
+            reference = _first(model(probe)).float()
+            got = _first(fast(probe)).float()
+            scale = reference.abs().max().clamp_min(1.0)
+            if got.shape != reference.shape or (got - reference).abs().max() > 1e-4 * scale:
+                raise RuntimeError("optimised copy disagrees with the model")
     return fast
 
 

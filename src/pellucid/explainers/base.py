@@ -297,6 +297,12 @@ class Explainer(ABC):
             runner = ModelRunner(model, cost)
             layer_name = None
             if self.needs_layer:
+                from pellucid.models.sliding import SlidingWindow
+
+                if isinstance(model, SlidingWindow):
+                    raise ConfigError(f"{self.name} hooks a layer that a sliding window runs once "
+                                      f"per patch; use a gradient or perturbation method, or "
+                                      f"explain the network on one patch")
                 if isinstance(model, torch.jit.ScriptModule):
                     raise ModelError(f"{self.name} needs layer hooks, which TorchScript models do "
                                      f"not support; load the model as an nn.Module")
