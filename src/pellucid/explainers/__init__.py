@@ -3,6 +3,7 @@
 from pellucid.explainers import (  # noqa: F401  (each module registers its methods)
     cam,
     counterfactual,
+    fusion,
     gradients,
     lrp,
     perturbation,

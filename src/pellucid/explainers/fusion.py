@@ -1,0 +1,91 @@
+"""High-resolution CAMs for segmentation and small findings: one CAM method run at several layers
+(deep and shallow, encoder or decoder) and fused at input resolution.
+
+Each layer's map is min-max scaled; maps of the shallower layers are first passed through
+tanh(gamma * M / max M), gamma = 2, which damps their noisy low values (LayerCAM's hierarchical
+fusion, Jiang et al. 2021, IEEE TIP); the maps are then combined by element-wise ``max``
+(LayerCAM) or ``mean``, and the result is min-max scaled again. Deep layers give the class
+evidence, shallow layers the resolution. The default layers are the card's CAM layer and the last
+layers of the next finer resolutions below the input's (layer4, layer3, layer2 of a ResNet); for a
+U-Net, whose default layer is already the deepest decoder stage below full resolution, name the
+decoder or encoder layers to fuse with ``layers``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from pellucid.errors import ConfigError
+from pellucid.explainers.base import (
+    Explainer,
+    Explanation,
+    ModelRunner,
+    candidate_layers,
+    default_layer,
+    minmax,
+)
+from pellucid.explainers.registry import create, register
+from pellucid.targets import BoundTarget, Target
+
+
+def default_layers(model: nn.Module, example: torch.Tensor, count: int = 3) -> list[str]:
+    """The default CAM layer, then for each of the next ``count - 1`` finer resolutions (still
+    below the input's) the last layer in execution order that has it: the earlier stages of a
+    classifier, the later decoder stages of a U-Net."""
+    deepest = default_layer(model, example)
+    found = candidate_layers(model, example)
+    shapes = {f["name"]: tuple(f["shape"][1:]) for f in found}
+    size = tuple(example.shape[2:])
+    last_of: dict[tuple[int, ...], str] = {}
+    for f in found:
+        shape = shapes[f["name"]]
+        finer = all(a > b for a, b in zip(shape, shapes[deepest], strict=True))
+        if finer and all(a < b for a, b in zip(shape, size, strict=True)):
+            last_of[shape] = f["name"]
+    finer_sizes = sorted(last_of, key=lambda s: s[0])
+    return [deepest] + [last_of[s] for s in finer_sizes[: count - 1]]
+
+
+@register
+@dataclass
+class FusedCAM(Explainer):
+    """Fused CAM: one CAM method at several layers, fused at input resolution (LayerCAM-style)."""
+
+    base: str = "layercam"
+    layers: tuple[str, ...] | None = None
+    fuse: str = "max"
+    gamma: float = 2.0
+    name: ClassVar[str] = "fusedcam"
+    family: ClassVar[str] = "cam"
+    needs_layer: ClassVar[bool] = False
+
+    def _explain(self, runner: ModelRunner, model: nn.Module, inputs: torch.Tensor,
+                 target: Target | BoundTarget | None, layer: str | None,
+                 handles: list) -> Explanation:
+        if self.fuse not in ("max", "mean"):
+            raise ConfigError(f"fusedcam: fuse must be 'max' or 'mean', got {self.fuse!r}")
+        method = create(self.base)
+        if method.family != "cam" or not method.needs_layer:
+            raise ConfigError(f"fusedcam: base must be a layer CAM method, got {self.base!r}")
+        layers = list(self.layers) if self.layers else default_layers(model, inputs[:1].detach())
+        maps, bound, output = [], target, None
+        for i, name in enumerate(layers):  # deepest first: its bound target is reused below
+            exp = method.explain(model, inputs, target=bound, layer=name,
+                                 activation=getattr(self, "_activation", None))
+            bound, output = exp.target, exp.output if output is None else output
+            runner.cost.forward_passes += exp.cost.forward_passes
+            runner.cost.forward_samples += exp.cost.forward_samples
+            runner.cost.backward_passes += exp.cost.backward_passes
+            m = minmax(exp.attributions)
+            if i > 0 and self.gamma > 0:  # shallower layers: damp the noisy low values
+                m = torch.tanh(self.gamma * m / m.flatten(1).amax(1).clamp_min(1e-12).view(
+                    -1, *([1] * (m.ndim - 1))))
+            maps.append(m)
+        stack = torch.stack(maps)
+        fused = stack.amax(0) if self.fuse == "max" else stack.mean(0)
+        per_layer = stack[:, :, 0].transpose(0, 1)  # (B, layers, *spatial)
+        return Explanation(minmax(fused), self.name, bound, ",".join(layers), raw=per_layer,
+                           output=output, extras={"layers": layers})
