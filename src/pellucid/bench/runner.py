@@ -21,7 +21,7 @@ from rich.console import Console
 from pellucid.bench import stats
 from pellucid.bench.config import BenchConfig, DatasetSpec, ModelSpec, load_config
 from pellucid.bench.store import ResultStore, unit_digest
-from pellucid.bench.units import Unit, execute_unit
+from pellucid.bench.units import Unit, execute_unit, focus_slice
 from pellucid.errors import ConfigError, DataError, PellucidError
 from pellucid.paths import shared_data_dir
 from pellucid.progress import track
@@ -91,16 +91,12 @@ def prepare_model(spec: ModelSpec, out: Path, seed: int):
     return load_model(folder), folder
 
 
-def _names(card) -> list[str]:
-    return list(card.class_names)
-
-
 def prepare_cases(dspec: DatasetSpec, mspec: ModelSpec, loaded) -> CaseSet:
     """Scan the dataset for ``cases`` cases (with a lesion when required) and expand them into
     (case, target) pairs following the model's ``targets``."""
     card = loaded.card
     ds = _open(dspec.reader, dspec.root, dspec.split, dspec.options, max(4 * dspec.cases, 64))
-    names = _names(card)
+    names = list(card.class_names)
     segmentation = card.task == "segmentation"
     wanted = mspec.targets
     explicit: list[int] | None = None
@@ -326,14 +322,9 @@ def run_bench(config: BenchConfig | str | Path, out: str | Path | None = None,
 def _gallery_images(cases: CaseSet) -> dict[str, np.ndarray]:
     img = cases.images[:, 0].float()
     masks = cases.masks
-    if img.ndim == 4:  # 3D: the slice through the middle of the mask, as units.py chooses
-        idx = []
-        for i in range(len(img)):
-            if masks is not None and masks[i].any():
-                zs = torch.nonzero(masks[i].flatten(1).any(1)).flatten()
-                idx.append(int(zs[len(zs) // 2]))
-            else:
-                idx.append(img.shape[1] // 2)
+    if img.ndim == 4:  # 3D: the slice the units keep the maps at
+        idx = [focus_slice(masks[i] if masks is not None else None, img.shape[1])
+               for i in range(len(img))]
         img = torch.stack([v[k] for v, k in zip(img, idx, strict=True)])
         masks = torch.stack([m[k] for m, k in zip(masks, idx, strict=True)]) if masks is not None else None
     out = {"images": img.numpy().astype(np.float16),

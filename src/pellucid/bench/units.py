@@ -8,7 +8,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -209,19 +208,15 @@ def execute_unit(unit: Unit) -> tuple[list[dict[str, Any]], dict[str, np.ndarray
     if explanation is not None:
         a = explanation.attributions[:, 0].detach().float().cpu()
         if a.ndim == 4:  # 3D: the axial slice through the middle of the region of interest
-            a = torch.stack([v[_slice_index(unit, i, v.shape[0])] for i, v in enumerate(a)])
+            a = torch.stack([v[focus_slice(unit.masks[i] if unit.masks is not None else None, v.shape[0])]
+                             for i, v in enumerate(a)])
         maps = {"attributions": a.numpy().astype(np.float16)}
     return rows, maps
 
 
-def _slice_index(unit: Unit, i: int, depth: int) -> int:
-    if unit.masks is not None and unit.masks[i].any():
-        zs = torch.nonzero(unit.masks[i].flatten(1).any(1)).flatten()
+def focus_slice(mask: torch.Tensor | None, depth: int) -> int:
+    """The axial slice a 3D case is shown at: the middle of its mask's extent, else the middle."""
+    if mask is not None and mask.any():
+        zs = torch.nonzero(mask.flatten(1).any(1)).flatten()
         return int(zs[len(zs) // 2])
     return depth // 2
-
-
-def timed_execute(unit: Unit) -> tuple[list[dict[str, Any]], dict[str, np.ndarray], float]:
-    start = time.perf_counter()
-    rows, maps = execute_unit(unit)
-    return rows, maps, time.perf_counter() - start

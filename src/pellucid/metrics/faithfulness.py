@@ -187,11 +187,11 @@ def _compute_masked_scores(ctx: Context, probability: bool) -> tuple[torch.Tenso
     a = ctx.attributions.reshape(b, -1).float()
     lo, hi = a.amin(1, keepdim=True), a.amax(1, keepdim=True)
     norm = ((a - lo) / (hi - lo).clamp_min(1e-12)).reshape(b, 1, *ctx.inputs.shape[2:])
-    both = torch.cat([ctx.inputs, ctx.inputs * norm])
-    rows = torch.arange(b, device=both.device).repeat(2)
-    scores = run_batches(ctx.model, lambda s, e: both[s:e], 2 * b, ctx.inputs, target,
+    masked = ctx.inputs * norm
+    rows = torch.arange(b, device=masked.device)
+    scores = run_batches(ctx.model, lambda s, e: masked[s:e], b, ctx.inputs, target,
                          lambda s, e: rows[s:e])
-    return scores[:b], scores[b:]
+    return clean_scores(ctx, probability), scores  # the clean forward is shared with other metrics
 
 
 @register

@@ -22,7 +22,6 @@ Unlike Quantus 0.6.0 it works for any number of channels and for 3D volumes.
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -34,17 +33,6 @@ from pellucid.metrics.base import Context, Metric, MetricResult, register
 from pellucid.metrics.faithfulness import run_batches, scoring_target
 
 FRACTIONS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 0.9)
-
-
-def neighbour_kernel(ndim: int, dtype=torch.float64) -> torch.Tensor:
-    """(1, 1, 3, ..., 3) weights of the neighbours: 2^-(k-1) for an offset with k non-zero axes,
-    normalised to sum 1 (2D: 1/6 edge, 1/12 diagonal)."""
-    kernel = torch.zeros((3,) * ndim, dtype=dtype)
-    for offset in itertools.product((-1, 0, 1), repeat=ndim):
-        k = sum(o != 0 for o in offset)
-        if k:
-            kernel[tuple(o + 1 for o in offset)] = 2.0 ** -(k - 1)
-    return (kernel / kernel.sum())[None, None]
 
 
 def neighbour_sum(v: torch.Tensor) -> torch.Tensor:
