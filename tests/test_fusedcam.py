@@ -59,7 +59,8 @@ def test_fused_cam_on_segmentation_2d_and_3d(brain_unet):
     ds = BrainPhantom(2, 64, seed=4)
     x = torch.stack([ds[i]["image"] for i in range(2)])
     target = SegmentationTarget(0, "predicted")
-    assert pellucid.explain(brain_unet, x, "fusedcam", target=target).extras["layers"] == ["model.1"]
+    fused = pellucid.explain(brain_unet, x, "fusedcam", target=target)
+    assert fused.extras["layers"] == ["model.1", "model.0"]  # decoder + encoder at half resolution
     exp = pellucid.explain(brain_unet, x, "fusedcam", target=target,
                            layers=("model.1", "model.1.submodule.0"))  # decoder + encoder stage
     assert exp.attributions.shape == (2, 1, 64, 64) and exp.raw.shape == (2, 2, 64, 64)

@@ -130,7 +130,17 @@ def explain(
     out: Annotated[Path, typer.Option(help="output folder")] = Path("explanations"),
     target: Annotated[str | None, typer.Option(help="class name or index (default: predicted)")] = None,
     layer: Annotated[str | None, typer.Option(help="layer name (default: the card's)")] = None,
-    region: Annotated[str, typer.Option(help="segmentation: predicted or all")] = "predicted",
+    region: Annotated[str, typer.Option(help="segmentation: predicted, all, or the errors against "
+                                             "--truth: fp (marked, not true) | fn (missed)")] = "predicted",
+    truth: Annotated[Path | None, typer.Option(help="ground-truth mask for --region fp/fn")] = None,
+    reference: Annotated[float | None, typer.Option(
+        help="regression: explain the deviation from this value")] = None,
+    sliding_window: Annotated[str | None, typer.Option(
+        help="patch size, e.g. 96,96,96: run a segmentation network by sliding window on "
+             "inputs kept at their own size")] = None,
+    overlap: Annotated[float, typer.Option(help="sliding-window overlap")] = 0.25,
+    modalities: Annotated[bool, typer.Option(
+        help="add exact per-channel (modality) Shapley values to summary.json")] = False,
     weights: Annotated[Path | None, typer.Option(help="weights for module:factory")] = None,
     pacs: Annotated[str | None, typer.Option(help="DICOMweb URL: pull --study, explain, push back")] = None,
     study: Annotated[str | None, typer.Option(help="Study Instance UID (with --pacs)")] = None,
@@ -156,10 +166,21 @@ def explain(
         raise ConfigError("give --input FILE (or --pacs URL --study UID)")
     from pellucid.explain_files import explain_files
 
+    window = None
+    if sliding_window:
+        try:
+            window = [int(v) for v in _split_list(sliding_window)]
+        except ValueError:
+            raise ConfigError(f"--sliding-window: give integers like 96,96,96, got "
+                              f"{sliding_window!r}") from None
     summary = explain_files(loaded, input, _split_list(method), out, target=target, layer=layer,
-                            region=region)
+                            region=region, truth=truth, reference=reference,
+                            sliding_window=window, overlap=overlap, modalities=modalities)
     for row in summary:
         console.print(f"{row['input']}: {row['prediction']} -> {', '.join(row['files'])}")
+        if "modality_importance" in row:
+            shap = row["modality_importance"]["shapley"]
+            console.print("  modality Shapley: " + ", ".join(f"{k} {v:+.3f}" for k, v in shap.items()))
 
 
 @app.command()

@@ -265,7 +265,10 @@ class SegmentationErrorTarget(Target):
 
 
 def default_target(output: torch.Tensor, activation: str | None = None) -> Target:
-    """Predicted class for (B, K) outputs; predicted region of the first class for dense outputs."""
+    """Predicted class for (B, K) outputs; predicted region of the first class for dense outputs;
+    the first output of a regression model (``activation="identity"``)."""
+    if activation == "identity" and output.ndim <= 2:
+        return RegressionTarget(0)
     if output.ndim == 2:
         return ClassTarget(activation=activation or "softmax")
     return SegmentationTarget(0, "predicted", activation=activation or "sigmoid")
@@ -278,6 +281,8 @@ def as_target(target: Target | int | Sequence[int] | torch.Tensor | None, output
         return target
     if target is None:
         target = default_target(output, activation)
+    elif not isinstance(target, Target) and activation == "identity" and output.ndim <= 2:
+        target = RegressionTarget(int(torch.as_tensor(target).flatten()[0]))
     elif not isinstance(target, Target):
         target = (ClassTarget(target, activation=activation or "softmax") if output.ndim == 2
                   else SegmentationTarget(target, activation=activation or "sigmoid"))

@@ -20,9 +20,15 @@
         train: {reader: phantom-chest, options: {size: 128}, n_train: 640, arch: resnet18,
                 epochs: 4, batch_size: 32, lr: 0.001}
         targets: positive       # classification: positive | predicted | [class names/indices]
-                                # segmentation: [channel names/indices], region predicted|truth|all
+                                # segmentation: [channel names/indices], region predicted|truth|all,
+                                #   or the errors against the truth: region fp | fn
+                                # regression: the output (reference: explain output - reference)
+        sliding_window: {roi_size: [32, 32, 32], overlap: 0.25}  # large volumes, patch-wise
+        modality_importance: true  # exact Shapley value of each input channel, per case
     methods: [gradcam, {name: scorecam, options: {batch_size: 64}}]
     metrics: [pointing_game, {name: deletion, options: {step: 128}, skip_methods: [kernelshap]}]
+    # a method's options may name its own layer; only_models restricts a method to some models:
+    #   {name: gradcam, label: gradcam-layer2, options: {layer: layer2}, only_models: [chest-resnet18]}
 
 Every key is checked up front; an error names the file and the key.
 """
@@ -42,10 +48,13 @@ from pellucid.errors import ConfigError
 TOP_KEYS = {"name", "seed", "batch_size", "cache", "gallery", "datasets", "models", "methods",
             "metrics", "threads"}
 DATASET_KEYS = {"reader", "root", "split", "cases", "options", "require"}
-MODEL_KEYS = {"datasets", "path", "train", "targets", "region", "layer"}
+MODEL_KEYS = {"datasets", "path", "train", "targets", "region", "layer", "reference",
+              "sliding_window", "modality_importance"}
+WINDOW_KEYS = {"roi_size", "overlap", "batch_size", "mode"}
+REGIONS = ("predicted", "truth", "all", "fp", "fn")
 TRAIN_KEYS = {"reader", "root", "options", "n_train", "n_val", "arch", "epochs", "batch_size", "lr",
               "seed", "backend", "max_steps"}
-ENTRY_KEYS = {"name", "options", "skip_methods", "only_methods", "label"}
+ENTRY_KEYS = {"name", "options", "skip_methods", "only_methods", "only_models", "label"}
 
 
 @dataclass
@@ -68,6 +77,9 @@ class ModelSpec:
     targets: Any = "positive"
     region: str = "predicted"
     layer: str | None = None
+    reference: float | None = None
+    sliding_window: dict[str, Any] | None = None
+    modality_importance: bool = False
 
 
 @dataclass
@@ -79,6 +91,7 @@ class Entry:
     skip_methods: list[str] = field(default_factory=list)
     only_methods: list[str] = field(default_factory=list)
     label: str = ""
+    only_models: list[str] = field(default_factory=list)  # a method run on these models only
 
     def __post_init__(self) -> None:
         self.label = self.label or self.name
@@ -138,7 +151,8 @@ def _entries(source: str, key: str, raw: Any, known: list[str], kind: str) -> li
             raise _err(source, f"{where}.name", f"unknown {kind} {name!r}; available: "
                                                 f"{', '.join(sorted(known))}")
         entry = Entry(name, dict(item.get("options") or {}), list(item.get("skip_methods") or []),
-                      list(item.get("only_methods") or []), str(item.get("label") or ""))
+                      list(item.get("only_methods") or []), str(item.get("label") or ""),
+                      list(item.get("only_models") or []))
         out.append(entry)
     labels = [e.label for e in out]
     dup = sorted({x for x in labels if labels.count(x) > 1})
@@ -193,14 +207,39 @@ def parse_config(raw: dict, source: str = "<dict>") -> BenchConfig:
             if d not in datasets:
                 raise _err(source, f"{where}.datasets", f"unknown dataset {d!r}; defined: "
                                                         f"{', '.join(datasets)}")
-        if spec.get("region", "predicted") not in ("predicted", "truth", "all"):
-            raise _err(source, f"{where}.region", "must be 'predicted', 'truth' or 'all'")
+        if spec.get("region", "predicted") not in REGIONS:
+            raise _err(source, f"{where}.region", f"must be one of {', '.join(REGIONS)}")
+        reference = spec.get("reference")
+        if reference is not None and not isinstance(reference, int | float):
+            raise _err(source, f"{where}.reference", f"must be a number, got {reference!r}")
+        window = spec.get("sliding_window")
+        if window is not None:
+            _check_keys(source, f"{where}.sliding_window", window, WINDOW_KEYS)
+            roi = window.get("roi_size")
+            if not isinstance(roi, list) or not roi or not all(isinstance(r, int) and r > 0
+                                                               for r in roi):
+                raise _err(source, f"{where}.sliding_window.roi_size",
+                           f"give a list of positive integers, got {roi!r}")
+            overlap = window.get("overlap", 0.25)
+            if not isinstance(overlap, int | float) or not 0 <= overlap < 1:
+                raise _err(source, f"{where}.sliding_window.overlap", f"must be in [0, 1), got "
+                                                                      f"{overlap!r}")
+            if window.get("mode", "gaussian") not in ("gaussian", "constant"):
+                raise _err(source, f"{where}.sliding_window.mode", "must be 'gaussian' or 'constant'")
+            window = dict(window)
         models[name] = ModelSpec(name, list(used), spec.get("path"), spec.get("train"),
                                  spec.get("targets", "positive"), spec.get("region", "predicted"),
-                                 spec.get("layer"))
+                                 spec.get("layer"),
+                                 float(reference) if reference is not None else None, window,
+                                 bool(spec.get("modality_importance", False)))
     methods = _entries(source, "methods", raw["methods"], method_names(), "method")
     metrics = _entries(source, "metrics", raw["metrics"], [m["name"] for m in metric_list()],
                        "metric")
+    for i, m in enumerate(methods + metrics):
+        where = f"methods[{i}]" if i < len(methods) else f"metrics[{i - len(methods)}]"
+        for name in m.only_models:
+            if name not in models:
+                raise _err(source, f"{where}.only_models", f"{name!r} is not a configured model")
     for i, m in enumerate(metrics):
         for key in ("skip_methods", "only_methods"):
             for name in getattr(m, key):

@@ -224,6 +224,70 @@ def _best_worst(frame: pd.DataFrame, method: str, keys: list[str]) -> tuple[list
     return idx, titles, metric
 
 
+def _modality_chart(info: dict, shares: dict[str, np.ndarray]) -> tuple[str, pd.DataFrame]:
+    """Per-modality bars: the model's reliance (share of the positive exact Shapley values) next
+    to each method's share of positive attribution per input channel; the table behind it."""
+    names = info["channels"]
+    phi = np.clip(np.asarray(info["shapley"], dtype=float), 0, None)
+    reliance = phi / np.clip(phi.sum(1, keepdims=True), 1e-30, None)
+    rows = {"model (exact Shapley)": reliance.mean(0)}
+    rows.update({m: v.mean(0) for m, v in sorted(shares.items())})
+    table = pd.DataFrame(rows, index=names).T.reset_index(names="source")
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(names)), 3.6))
+    width = 0.8 / len(rows)
+    for i, (label, values) in enumerate(rows.items()):
+        ax.bar(np.arange(len(names)) + (i - (len(rows) - 1) / 2) * width, values, width,
+               label=label, color="black" if i == 0 else None)
+    ax.set_xticks(np.arange(len(names)), names)
+    ax.set_ylabel("share")
+    ax.set_title("per-modality importance: model reliance vs where each method puts attribution",
+                 fontsize=9)
+    ax.legend(fontsize=6, ncol=3)
+    fig.tight_layout()
+    return _png(fig), table
+
+
+def _channel_shares(store: ResultStore, frame: pd.DataFrame) -> dict[str, np.ndarray]:
+    shares: dict[str, list[np.ndarray]] = {}
+    for unit, part in frame.groupby("unit", sort=False):
+        stored = store.load_maps(unit)
+        if "channel_share" in stored:
+            shares.setdefault(part["method"].iloc[0], []).append(stored["channel_share"])
+    return {m: np.concatenate(v) for m, v in shares.items()}
+
+
+def _resolution(frame: pd.DataFrame) -> tuple[str | None, pd.DataFrame]:
+    """Localisation against map resolution: each method's map stride (input pixels per map
+    pixel) and its mean localisation scores, as a table and a scatter per metric."""
+    loc = frame[(frame["category"] == "localization") & frame["value"].notna()]
+    if loc.empty or "map_stride" not in loc or loc["map_stride"].nunique() < 2:
+        return None, pd.DataFrame()
+    table = loc.groupby(["method", "metric"], as_index=False).agg(
+        map_stride=("map_stride", "mean"), mean=("value", "mean")).pivot_table(
+        index=["method", "map_stride"], columns="metric", values="mean").reset_index()
+    table = table.sort_values("map_stride")
+    metrics = [c for c in table.columns if c not in ("method", "map_stride")]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics), 3.2), squeeze=False)
+    for ax, metric in zip(axes[0], metrics, strict=True):
+        ax.scatter(table["map_stride"], table[metric], s=14)
+        for _, r in table.iterrows():
+            ax.annotate(r["method"], (r["map_stride"], r[metric]), fontsize=5)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("map stride (input px per map px)")
+        ax.set_title(metric, fontsize=8)
+    fig.tight_layout()
+    return _png(fig), table
+
+
+def _largest_errors(images: dict[str, np.ndarray], count: int) -> tuple[list[int], list[str]]:
+    """Cases with the largest error regions (the masks of an fp/fn task), largest first."""
+    if "masks" not in images:
+        return [], []
+    sizes = images["masks"].reshape(len(images["masks"]), -1).sum(1)
+    order = [int(i) for i in np.argsort(-sizes)[:count] if sizes[i] > 0]
+    return order, [f"{images['case_ids'][i]}: {int(sizes[i])} px in this slice" for i in order]
+
+
 def _performance_rows(perf: dict) -> list[dict[str, Any]]:
     rows = []
     for key, info in perf.items():
@@ -233,7 +297,7 @@ def _performance_rows(perf: dict) -> list[dict[str, Any]]:
         if info.get("error"):
             row["note"] = info["error"]
         for k in ("macro_auroc", "macro_precision", "macro_recall", "macro_f1", "accuracy",
-                  "mean_dice", "mean_hd95"):
+                  "mean_dice", "mean_hd95", "mae", "rmse", "r2", "c_index"):
             if k in rep:
                 row[k] = rep[k]
         rows.append(row)
@@ -249,6 +313,9 @@ def write_report(out: str | Path, frame: pd.DataFrame | None = None) -> Path:
     perf = json.loads((out / "performance.json").read_text()) \
         if (out / "performance.json").is_file() else {}
     gallery_npz = np.load(out / "gallery.npz") if (out / "gallery.npz").is_file() else None
+    modality = json.loads((out / "modality.json").read_text()) \
+        if (out / "modality.json").is_file() else {}
+    task_info = run.get("tasks", {})
     summ = stats.summary(frame)
     avg = stats.ranks(summ)
     tests, pairs = stats.friedman(frame)
@@ -274,6 +341,13 @@ def write_report(out: str | Path, frame: pd.DataFrame | None = None) -> Path:
                                 "curves": _curves(part)}
         task["randomisation"], task["randomisation_table"] = _randomisation(part)
         key = f"{model}|{dataset}"
+        info = task_info.get(key, {})
+        task["info"] = info
+        task["resolution"], task["resolution_table"] = _resolution(part)
+        task["modality"], task["modality_table"] = None, pd.DataFrame()
+        if key in modality:
+            task["modality"], task["modality_table"] = _modality_chart(
+                modality[key], _channel_shares(store, part))
         if gallery_npz is not None and f"{key}::images" in gallery_npz.files:
             images = {f.split("::", 1)[1]: gallery_npz[f] for f in gallery_npz.files
                       if f.startswith(key + "::")}
@@ -287,6 +361,9 @@ def write_report(out: str | Path, frame: pd.DataFrame | None = None) -> Path:
                 idx, titles, metric = _best_worst(part, methods[0], ids)
                 task["extremes_metric"] = metric
                 task["extremes"] = _gallery(maps, images, methods, idx, titles) if idx else None
+            if info.get("region") in ("fp", "fn"):
+                idx, titles = _largest_errors(images, n)
+                task["errors"] = _gallery(maps, images, methods, idx, titles) if idx else None
         task["friedman"] = tests[(tests["dataset"] == dataset) & (tests["model"] == model)] \
             if not tests.empty else pd.DataFrame()
         tasks.append(task)

@@ -39,9 +39,10 @@ class CaseSet:
     classes: torch.Tensor
     target_names: list[str]
     case_ids: list[str]
-    masks: torch.Tensor | None
+    masks: torch.Tensor | None  # the metrics' ground truth (the error region for fp/fn tasks)
     boxes: list[torch.Tensor] | None
     background: torch.Tensor
+    truth: torch.Tensor | None = None  # the lesion masks of the explained classes
 
 
 def _root(spec_root: str | None) -> Path | None:
@@ -98,6 +99,7 @@ def prepare_cases(dspec: DatasetSpec, mspec: ModelSpec, loaded) -> CaseSet:
     ds = _open(dspec.reader, dspec.root, dspec.split, dspec.options, max(4 * dspec.cases, 64))
     names = list(card.class_names)
     segmentation = card.task == "segmentation"
+    regression = card.task == "regression"
     wanted = mspec.targets
     explicit: list[int] | None = None
     if isinstance(wanted, list):
@@ -110,7 +112,8 @@ def prepare_cases(dspec: DatasetSpec, mspec: ModelSpec, loaded) -> CaseSet:
             else:
                 raise ConfigError(f"models.{mspec.name}.targets: unknown target {t!r}; the model's "
                                   f"outputs: {', '.join(names)}")
-    elif wanted not in ("positive", "predicted") or (segmentation and wanted != "positive"):
+    elif wanted not in ("positive", "predicted") or ((segmentation or regression)
+                                                      and wanted != "positive"):
         raise ConfigError(f"models.{mspec.name}.targets: give 'positive', 'predicted' or a list")
     pairs: list[tuple[dict, int]] = []
     extra: list[dict] = []  # cases beyond the benchmark's: the background set of GradientSHAP
@@ -123,6 +126,10 @@ def prepare_cases(dspec: DatasetSpec, mspec: ModelSpec, loaded) -> CaseSet:
         if segmentation:
             classes = explicit or [0]
             keep = [k for k in classes if dspec.require == "any" or bool(sample["mask"][k].any())]
+        elif regression:  # one target per case: the output; "lesion" needs a non-empty first mask
+            k = (explicit or [0])[0]
+            keep = [k] if dspec.require == "any" or "mask" not in sample or \
+                bool(sample["mask"][0].any()) else []
         elif explicit is not None:
             keep = [k for k in explicit if dspec.require == "any" or _lesion(sample, k)]
         elif wanted == "positive":
@@ -145,8 +152,15 @@ def prepare_cases(dspec: DatasetSpec, mspec: ModelSpec, loaded) -> CaseSet:
         with torch.no_grad():
             classes = loaded.module.eval()(x).argmax(1)
     has_masks = all("mask" in p[0] for p in pairs)
-    masks = torch.stack([p[0]["mask"][k] > 0 for (p, k) in zip(pairs, classes.tolist(), strict=True)]) \
+    mask_of = (lambda k: 0) if regression else (lambda k: k)  # a regressor's lesion: the first mask
+    masks = torch.stack([p[0]["mask"][mask_of(k)] > 0
+                         for (p, k) in zip(pairs, classes.tolist(), strict=True)]) \
         if has_masks else None
+    truth = masks
+    if mspec.region in ("fp", "fn"):
+        masks, keep_rows = _error_regions(loaded, x, classes, masks, mspec.region, dspec.name)
+        x, images, classes, truth = x[keep_rows], images[keep_rows], classes[keep_rows], truth[keep_rows]
+        pairs = [pairs[i] for i in keep_rows.tolist()]
     boxes = None
     if all("boxes" in p[0] for p in pairs):
         boxes = [p[0]["boxes"][p[0]["box_labels"] == k] for p, k in zip(pairs, classes.tolist(),
@@ -154,7 +168,30 @@ def prepare_cases(dspec: DatasetSpec, mspec: ModelSpec, loaded) -> CaseSet:
     bg_source = extra or [p[0] for p in pairs[:8]]
     background = card.normalize(torch.stack([s["image"] for s in bg_source[:8]]).float())
     return CaseSet(x, images, classes, [names[k] for k in classes.tolist()],
-                   [p[0]["case_id"] for p in pairs], masks, boxes, background)
+                   [p[0]["case_id"] for p in pairs], masks, boxes, background, truth)
+
+
+def _error_regions(loaded, x: torch.Tensor, classes: torch.Tensor, truth: torch.Tensor | None,
+                   kind: str, dataset: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The false-positive or false-negative region of each case's segmentation and the rows whose
+    region is not empty (only those have an error to explain)."""
+    from pellucid.targets import SegmentationErrorTarget
+
+    if truth is None:
+        raise DataError(dataset, f"region {kind} needs ground-truth masks; the dataset has none")
+    regions = []
+    with torch.no_grad():
+        for start in range(0, len(x), 8):
+            sl = slice(start, start + 8)
+            out = loaded.module.eval()(x[sl])
+            bound = SegmentationErrorTarget(truth[sl], classes[sl], kind, loaded.card.activation).bind(out)
+            regions.append(bound.region > 0)
+    region = torch.cat(regions)
+    rows = torch.nonzero(region.flatten(1).any(1)).flatten()
+    if len(rows) == 0:
+        raise DataError(dataset, f"no case has a {'false-positive' if kind == 'fp' else 'false-negative'}"
+                                 f" region: nothing to explain")
+    return region[rows], rows
 
 
 def _lesion(sample: dict, k: int) -> bool:
@@ -177,6 +214,8 @@ def make_units(config: BenchConfig, model: str, folder: Path, dataset: str, case
     n = len(cases.case_ids)
     metrics = _metric_hash(config)
     for method in config.methods:
+        if method.only_models and model not in method.only_models:
+            continue
         for b, start in enumerate(range(0, n, config.batch_size)):
             sl = slice(start, start + config.batch_size)
             key = f"{model}|{dataset}|{b:04d}|{method.label}|{metrics}|{config.seed}"
@@ -186,8 +225,9 @@ def make_units(config: BenchConfig, model: str, folder: Path, dataset: str, case
                 target_names=cases.target_names[sl], case_ids=cases.case_ids[sl],
                 masks=cases.masks[sl] if cases.masks is not None else None,
                 boxes=cases.boxes[sl] if cases.boxes is not None else None, region=mspec.region,
-                truth_regions=cases.masks[sl].float() if cases.masks is not None else None,
-                layer=mspec.layer, seed=config.seed,
+                truth_regions=cases.truth[sl].float() if cases.truth is not None else None,
+                layer=mspec.layer, reference=mspec.reference, sliding_window=mspec.sliding_window,
+                seed=config.seed,
                 cache_dir=str(out / "cache") if config.cache else None,
                 background=cases.background if method.name == "gradientshap" else None))
     return units
@@ -278,10 +318,21 @@ def run_bench(config: BenchConfig | str | Path, out: str | Path | None = None,
     units: list[Unit] = []
     performance: dict[str, Any] = {}
     gallery: dict[str, Any] = {}
+    modality: dict[str, Any] = {}
+    tasks: dict[str, Any] = {}
     for mname, mspec, dname, dspec in iter_tasks(config):
         loaded, folder = prepare_model(mspec, out, config.seed)
+        if mspec.sliding_window:
+            from pellucid.bench.units import load_task_model
+
+            loaded = load_task_model(str(folder), mspec.sliding_window)
         cases = prepare_cases(dspec, mspec, loaded)
         perf_key = f"{mname}|{dname}"
+        tasks[perf_key] = {"task": loaded.card.task, "region": mspec.region,
+                           "reference": mspec.reference, "sliding_window": mspec.sliding_window,
+                           "channels": list(loaded.card.channel_names)}
+        if mspec.modality_importance:
+            modality[perf_key] = modality_importance(loaded, cases, mspec)
         try:
             test = _open(dspec.reader, dspec.root, dspec.split, dspec.options, 128)
             outputs = len(loaded.card.class_names)
@@ -299,7 +350,10 @@ def run_bench(config: BenchConfig | str | Path, out: str | Path | None = None,
     if len(todo) < len(units):
         console.print(f"resuming: {len(units) - len(todo)} of {len(units)} units already done")
     run_info = environment(config) | {"executor": executor, "units": len(units),
-                                      "config_source": config.source}
+                                      "config_source": config.source, "tasks": tasks,
+                                      "gallery": config.gallery}
+    if modality:
+        (out / "modality.json").write_text(json.dumps(modality, indent=2) + "\n")
     (out / "run.json").write_text(json.dumps(run_info, indent=2) + "\n")
     (out / "performance.json").write_text(json.dumps(performance, indent=2, default=float) + "\n")
     np.savez_compressed(out / "gallery.npz", **{f"{k}::{f}": v for k, d in gallery.items()
@@ -317,6 +371,26 @@ def run_bench(config: BenchConfig | str | Path, out: str | Path | None = None,
 
         write_report(out, table)
     return table
+
+
+def modality_importance(loaded, cases: CaseSet, mspec: ModelSpec) -> dict[str, Any]:
+    """Exact modality Shapley values (every input channel a player) of each benchmark case."""
+    from pellucid.bench.units import task_target
+    from pellucid.explainers.modality import modality_shapley
+
+    values, full, empty = [], [], []
+    for start in range(0, len(cases.x), 8):
+        sl = slice(start, start + 8)
+        truth = cases.truth[sl].float() if cases.truth is not None else None
+        target = task_target(loaded.card, cases.classes[sl], mspec.region, truth, mspec.reference)
+        out = modality_shapley(loaded, cases.x[sl], target)
+        values.append(out["values"].cpu())
+        full.append(out["full"].cpu())
+        empty.append(out["empty"].cpu())
+    names = list(loaded.card.channel_names) or [f"channel {i}" for i in range(cases.x.shape[1])]
+    return {"channels": names, "case_ids": cases.case_ids, "targets": cases.target_names,
+            "shapley": torch.cat(values).tolist(), "f_all": torch.cat(full).tolist(),
+            "f_none": torch.cat(empty).tolist()}
 
 
 def _gallery_images(cases: CaseSet) -> dict[str, np.ndarray]:

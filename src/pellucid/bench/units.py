@@ -37,8 +37,10 @@ class Unit:
     masks: torch.Tensor | None  # (N, *spatial) bool, or None when the dataset has none
     boxes: list[torch.Tensor] | None
     region: str = "predicted"
-    truth_regions: torch.Tensor | None = None  # segmentation region="truth"
+    truth_regions: torch.Tensor | None = None  # the lesion masks: region truth, fp, fn
     layer: str | None = None
+    reference: float | None = None  # regression: explain output - reference
+    sliding_window: dict[str, Any] | None = None
     seed: int = 0
     cache_dir: str | None = None
     background: torch.Tensor | None = None
@@ -50,12 +52,25 @@ def _device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _load(folder: str):
+def load_task_model(folder: str, sliding_window: dict[str, Any] | None = None, device: str = "cpu"):
+    """The saved model, wrapped for sliding-window inference when the task asks for it."""
+    from pellucid.explain_files import windowed
     from pellucid.models import load_model
 
-    if folder not in _MODELS:
-        _MODELS[folder] = load_model(folder, device=_device())
-    return _MODELS[folder]
+    loaded = load_model(folder, device=device)
+    if sliding_window:
+        w = sliding_window
+        loaded = windowed(loaded, w["roi_size"], float(w.get("overlap", 0.25)),
+                          int(w.get("batch_size", 4)))
+        loaded.module.mode = w.get("mode", "gaussian")
+    return loaded
+
+
+def _load(folder: str, sliding_window: dict[str, Any] | None = None):
+    key = json.dumps([folder, sliding_window], sort_keys=True)
+    if key not in _MODELS:
+        _MODELS[key] = load_task_model(folder, sliding_window, _device())
+    return _MODELS[key]
 
 
 def _to_device(unit: Unit) -> Unit:
@@ -69,17 +84,34 @@ def _to_device(unit: Unit) -> Unit:
     return dataclasses.replace(unit, **move)
 
 
-def _target(unit: Unit, card):
-    from pellucid.targets import ClassTarget, SegmentationTarget
+def task_target(card, classes: torch.Tensor, region: str = "predicted",
+                truth: torch.Tensor | None = None, reference: float | None = None):
+    """The benchmark's target for a model card: the class logit, the regression output (minus
+    ``reference``), the segmentation logits over a region, or over the segmentation's errors."""
+    from pellucid.targets import (
+        ClassTarget,
+        RegressionTarget,
+        SegmentationErrorTarget,
+        SegmentationTarget,
+    )
 
     if card.task == "classification":
-        return ClassTarget(unit.classes, kind="logit", activation=card.activation)
-    region = unit.truth_regions if unit.region == "truth" else unit.region
-    return SegmentationTarget(unit.classes, region, kind="logit", activation=card.activation)
+        return ClassTarget(classes, kind="logit", activation=card.activation)
+    if card.task == "regression":
+        return RegressionTarget(int(classes[0]), reference)
+    if region in ("fp", "fn"):
+        return SegmentationErrorTarget(truth, classes, region, card.activation)
+    return SegmentationTarget(classes, truth if region == "truth" else region, kind="logit",
+                              activation=card.activation)
+
+
+def _target(unit: Unit, card):
+    return task_target(card, unit.classes, unit.region, unit.truth_regions, unit.reference)
 
 
 def _options(unit: Unit) -> dict[str, Any]:
     options = dict(unit.method.options)
+    options.pop("layer", None)  # a method's own layer (e.g. Grad-CAM at several depths)
     if unit.method.name == "gradientshap" and "background" not in options:
         if unit.background is None:
             raise PellucidError("gradientshap needs a background set; the runner gives one")
@@ -91,7 +123,8 @@ def _cache_path(unit: Unit) -> Path | None:
     if not unit.cache_dir:
         return None
     text = json.dumps([unit.model, unit.dataset, unit.case_ids, unit.classes.tolist(),
-                       unit.method.name, unit.method.options, unit.seed, unit.region, unit.layer],
+                       unit.method.name, unit.method.options, unit.seed, unit.region, unit.layer,
+                       unit.reference, unit.sliding_window],
                       sort_keys=True, default=str)
     return Path(unit.cache_dir) / f"{hashlib.sha1(text.encode()).hexdigest()[:20]}.pt"
 
@@ -103,8 +136,9 @@ def explain_unit(unit: Unit, loaded):
     path = _cache_path(unit)
     if path is not None and path.is_file():
         return torch.load(path, weights_only=False)
+    layer = unit.method.options.get("layer", unit.layer)
     explanation = pellucid.explain(loaded, unit.x, unit.method.name, target=_target(unit, loaded.card),
-                                   layer=unit.layer, **_options(unit))
+                                   layer=layer, **_options(unit))
     explanation.output = None
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -131,6 +165,13 @@ def _applicable(unit: Unit, metric: Entry) -> str | None:
         return "the dataset has no ground-truth boxes"
     if "boxes" in needs and unit.x.ndim != 4:
         return "boxes are defined for 2D images"
+    if "channel_maps" in needs:
+        from pellucid.explainers import create as create_explainer
+
+        if unit.x.shape[1] < 2:
+            return "needs a multi-channel (multi-modal) input"
+        if create_explainer(unit.method.name).family == "cam":
+            return "needs per-modality maps; a CAM gives one map for all channels"
     return None
 
 
@@ -143,7 +184,7 @@ def execute_unit(unit: Unit) -> tuple[list[dict[str, Any]], dict[str, np.ndarray
     from pellucid.runtime import seed_everything
 
     seed_everything(seed)
-    loaded = _load(unit.model_folder)
+    loaded = _load(unit.model_folder, unit.sliding_window)
     unit = _to_device(unit)
     n = unit.x.shape[0]
     base = {"dataset": unit.dataset, "model": unit.model, "method": unit.method.label,
@@ -174,6 +215,7 @@ def execute_unit(unit: Unit) -> tuple[list[dict[str, Any]], dict[str, np.ndarray
             except PellucidError as exc:
                 reasons[metric.label] = f"error: {exc}"
     cost = explanation.cost if explanation is not None else None
+    stride = map_stride(explanation, unit.x) if explanation is not None else float("nan")
     from pellucid.metrics import create
 
     for metric in unit.metrics:
@@ -191,12 +233,12 @@ def execute_unit(unit: Unit) -> tuple[list[dict[str, Any]], dict[str, np.ndarray
                        peak_memory_bytes=float(cost.peak_memory_bytes)
                        if cost and cost.peak_memory_bytes is not None else float("nan"),
                        metric_seconds=r.seconds / n if r is not None else float("nan"),
-                       curve=None, extra="")
+                       map_stride=stride, curve=None, extra="")
             if r is not None:
                 value = float(r.scores[i])
                 row["value"] = value
                 if math.isnan(value) and not row["reason"]:
-                    row["reason"] = "excluded (no ground truth for this case)"
+                    row["reason"] = "excluded (undefined here: no ground truth, or an empty map)"
                 if r.curves is not None:
                     row["curve"] = [float(v) for v in r.curves[i].tolist()]
                 if "passed" in r.extras:
@@ -211,7 +253,25 @@ def execute_unit(unit: Unit) -> tuple[list[dict[str, Any]], dict[str, np.ndarray
             a = torch.stack([v[focus_slice(unit.masks[i] if unit.masks is not None else None, v.shape[0])]
                              for i, v in enumerate(a)])
         maps = {"attributions": a.numpy().astype(np.float16)}
+        raw = explanation.raw
+        if raw is not None and raw.ndim == unit.x.ndim and raw.shape[:2] == unit.x.shape[:2] \
+                and unit.x.shape[1] > 1 and explanation.method != "fusedcam":
+            share = raw.detach().float().clamp_min(0).flatten(2).sum(2)
+            share = share / share.sum(1, keepdim=True).clamp_min(1e-30)
+            maps["channel_share"] = share.cpu().numpy().astype(np.float32)
     return rows, maps
+
+
+def map_stride(explanation, x: torch.Tensor) -> float:
+    """Input pixels per map pixel along the first spatial axis: the CAM layer's downsampling (the
+    finest fused layer for fused CAMs), 1 for maps computed at input resolution."""
+    shapes = explanation.extras.get("map_shapes")
+    if shapes:
+        return float(min(x.shape[2] / s[0] for s in shapes))
+    raw = explanation.raw
+    if explanation.layer and raw is not None and raw.ndim >= x.ndim - 1:
+        return float(x.shape[2] / raw.shape[raw.ndim - (x.ndim - 2)])
+    return 1.0
 
 
 def focus_slice(mask: torch.Tensor | None, depth: int) -> int:

@@ -21,6 +21,7 @@ DATASETS = {
     "phantom-chest": "synthetic chest radiographs, 3 findings with exact masks (default)",
     "phantom-brain": "synthetic 4-channel brain MRI slices with WT/TC/ET masks",
     "phantom-brain-3d": "synthetic 4-channel brain MRI volumes with WT/TC/ET masks",
+    "phantom-survival": "synthetic 4-channel brain MRI slices labelled with overall survival (months)",
     "chestxray14": "NIH ChestX-ray14, official layout (root = folder with Data_Entry_2017.csv)",
     "lgg": "TCGA LGG FLAIR abnormality, Kaggle kaggle_3m layout",
     "brats": "BraTS 2021/2023 (or BrainLesion *_bet) NIfTI case folders",
@@ -41,6 +42,8 @@ def open_dataset(name: str, root: str | Path | None = None, split: str = "all",
             return ChestPhantom(n=n, seed=seed, **options)
         dims = 3 if name.endswith("3d") else 2
         options.setdefault("size", 48 if dims == 3 else 96)
+        if name == "phantom-survival":
+            options["task"] = "survival"
         return BrainPhantom(n=n, seed=seed, spatial_dims=dims, **options)
     if root is None:
         raise ConfigError(f"dataset {name!r} needs a root folder (--root)")

@@ -58,6 +58,13 @@ def load_input(path: str | Path, in_channels: int, input_size: list[int] | None,
 
         data, affine, _ = read_nifti(path)
         original = zscore_nonzero(torch.from_numpy(data)[None])
+    elif path.suffix.lower() == ".npy" and path.is_file():  # (C, *spatial) or (*spatial) array
+        data = np.load(path, allow_pickle=False)
+        if not np.issubdtype(data.dtype, np.number):
+            raise DataError(path, f"a .npy input must hold numbers, got dtype {data.dtype}")
+        original = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))
+        if original.ndim == spatial_dims:
+            original = original[None]
     elif path.suffix.lower() in (".dcm", ".dicom"):
         arr, datasets = _read_dicom(path, spatial_dims)
         original = torch.from_numpy(arr)
@@ -66,8 +73,8 @@ def load_input(path: str | Path, in_channels: int, input_size: list[int] | None,
     elif not path.exists():
         raise DataError(path, "file not found")
     else:
-        raise DataError(path, "unsupported input type (PNG/JPEG/TIFF, NIfTI, DICOM, or a BraTS "
-                              "case folder)")
+        raise DataError(path, "unsupported input type (PNG/JPEG/TIFF, NIfTI, DICOM, .npy "
+                              "(channels first), or a BraTS case folder)")
     if original.ndim - 1 != spatial_dims:
         raise DataError(path, f"a {original.ndim - 1}D image cannot go to a {spatial_dims}D model")
     if original.shape[0] != in_channels:
@@ -83,7 +90,7 @@ def load_input(path: str | Path, in_channels: int, input_size: list[int] | None,
 def stem(path: Path) -> str:
     """The file name without its image suffix (``.nii.gz`` counts as one); dots inside stay."""
     name = path.name
-    for suffix in (".nii.gz", ".nii", ".dcm", ".dicom", *IMAGE_SUFFIXES):
+    for suffix in (".nii.gz", ".nii", ".dcm", ".dicom", ".npy", *IMAGE_SUFFIXES):
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return name

@@ -22,6 +22,14 @@ label 2), each with its own contrast per channel (ET bright on T1ce, oedema brig
 FLAIR, necrosis dark on T1/T1ce/FLAIR and bright on T2). Masks are the BraTS evaluation regions
 WT = NCR|ED|ET, TC = NCR|ET, ET; the classification label ``Tumour`` is 1 exactly when WT is not
 empty. Intensities are z-scored over the head per channel, as the BraTS reader does.
+
+**Survival phantom** (``task="survival"``, M2Net-style overall-survival regression): the same
+volumes, always with a tumour, labelled with an overall survival in months that falls with the
+enhancing and oedema volumes, as relative to the brain (f_ET, f_ED):
+
+    OS = clip(60 - 300 f_ET - 120 f_ED + N(0, 1.5), 2, 60)
+
+so the enhancing rim (bright on T1ce) and the oedema (bright on T2/FLAIR) carry the prognosis.
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ from pellucid.errors import ConfigError
 CHEST_FINDINGS = ("Cardiomegaly", "Nodule", "Consolidation")
 BRAIN_CHANNELS = ("T1", "T1ce", "T2", "FLAIR")
 BRAIN_REGIONS = ("WT", "TC", "ET")
+SURVIVAL = ("OverallSurvival",)
 
 # tissue intensity per channel (T1, T1ce, T2, FLAIR)
 _TISSUE = {
@@ -183,9 +192,14 @@ class BrainPhantom(_PhantomBase):
                  task: str = "segmentation", noise: float = 0.03) -> None:
         if spatial_dims not in (2, 3):
             raise ConfigError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
-        if task not in ("segmentation", "classification"):
-            raise ConfigError(f"task must be 'segmentation' or 'classification', got {task!r}")
+        if task not in ("segmentation", "classification", "survival"):
+            raise ConfigError(f"task must be 'segmentation', 'classification' or 'survival', "
+                              f"got {task!r}")
         self.spatial_dims, self.task = spatial_dims, task
+        self.survival = task == "survival"
+        if self.survival:  # a regression dataset: one continuous label, every case has a tumour
+            self.task, self.class_names, self.multilabel = "regression", SURVIVAL, False
+            tumour_probability = 1.0
         super().__init__(n, size, seed)
         self.tumour_probability, self.noise = tumour_probability, noise
 
@@ -245,12 +259,18 @@ class BrainPhantom(_PhantomBase):
             channels.append(ch)
         image = np.stack(channels)
         regions = np.stack([labels > 0, (labels == 1) | (labels == 4), labels == 4]).astype(np.float32)
+        label = float(regions[0].any())
+        if self.survival:
+            brain_voxels = float(brain.sum())
+            f_et = float((labels == 4).sum()) / brain_voxels
+            f_ed = float((labels == 2).sum()) / brain_voxels
+            label = float(np.clip(60 - 300 * f_et - 120 * f_ed + 1.5 * rng.standard_normal(), 2, 60))
         sample = {
             "image": torch.from_numpy(image),
-            "label": torch.tensor([float(regions[0].any())]),
+            "label": torch.tensor([label]),
             "mask": torch.from_numpy(regions),
             "labels": torch.from_numpy(labels),
-            "case_id": f"brain-phantom-{nd}d-{self.seed}-{index}",
+            "case_id": f"{'survival' if self.survival else 'brain'}-phantom-{nd}d-{self.seed}-{index}",
             "spacing": (1.0,) * nd,
         }
         if nd == 3:

@@ -7,8 +7,8 @@ fusion, Jiang et al. 2021, IEEE TIP); the maps are then combined by element-wise
 (LayerCAM) or ``mean``, and the result is min-max scaled again. Deep layers give the class
 evidence, shallow layers the resolution. The default layers are the card's CAM layer and the last
 layers of the next finer resolutions below the input's (layer4, layer3, layer2 of a ResNet); for a
-U-Net, whose default layer is already the deepest decoder stage below full resolution, name the
-decoder or encoder layers to fuse with ``layers``."""
+U-Net, whose default layer is already the finest decoder stage below full resolution, the decoder
+stage and the encoder stage at the same resolution. ``layers`` names any others."""
 
 from __future__ import annotations
 
@@ -34,7 +34,9 @@ from pellucid.targets import BoundTarget, Target
 def default_layers(model: nn.Module, example: torch.Tensor, count: int = 3) -> list[str]:
     """The default CAM layer, then for each of the next ``count - 1`` finer resolutions (still
     below the input's) the last layer in execution order that has it: the earlier stages of a
-    classifier, the later decoder stages of a U-Net."""
+    classifier. A U-Net's default layer is already its finest decoder stage, so there the second
+    layer is the encoder stage at that resolution (the skip connection's features: the finest
+    detail the network computes): the last layer of the first run of layers at that size."""
     deepest = default_layer(model, example)
     found = candidate_layers(model, example)
     shapes = {f["name"]: tuple(f["shape"][1:]) for f in found}
@@ -46,7 +48,20 @@ def default_layers(model: nn.Module, example: torch.Tensor, count: int = 3) -> l
         if finer and all(a < b for a, b in zip(shape, size, strict=True)):
             last_of[shape] = f["name"]
     finer_sizes = sorted(last_of, key=lambda s: s[0])
-    return [deepest] + [last_of[s] for s in finer_sizes[: count - 1]]
+    layers = [deepest] + [last_of[s] for s in finer_sizes[: count - 1]]
+    if len(layers) == 1:
+        encoder = None
+        for f in found:
+            if shapes[f["name"]] != shapes[deepest]:
+                if encoder is not None:
+                    break
+                continue
+            encoder = f["name"]
+        related = encoder is None or deepest.startswith(encoder + ".") or \
+            encoder.startswith(deepest + ".") or encoder == deepest
+        if not related:
+            layers.append(encoder)
+    return layers
 
 
 @register
@@ -71,11 +86,13 @@ class FusedCAM(Explainer):
         if method.family != "cam" or not method.needs_layer:
             raise ConfigError(f"fusedcam: base must be a layer CAM method, got {self.base!r}")
         layers = list(self.layers) if self.layers else default_layers(model, inputs[:1].detach())
-        maps, bound, output = [], target, None
+        maps, bound, output, shapes = [], target, None, []
         for i, name in enumerate(layers):  # deepest first: its bound target is reused below
             exp = method.explain(model, inputs, target=bound, layer=name,
                                  activation=getattr(self, "_activation", None))
             bound, output = exp.target, exp.output if output is None else output
+            if exp.raw is not None:
+                shapes.append(tuple(exp.raw.shape[-(inputs.ndim - 2):]))
             runner.cost.forward_passes += exp.cost.forward_passes
             runner.cost.forward_samples += exp.cost.forward_samples
             runner.cost.backward_passes += exp.cost.backward_passes
@@ -88,4 +105,4 @@ class FusedCAM(Explainer):
         fused = stack.amax(0) if self.fuse == "max" else stack.mean(0)
         per_layer = stack[:, :, 0].transpose(0, 1)  # (B, layers, *spatial)
         return Explanation(minmax(fused), self.name, bound, ",".join(layers), raw=per_layer,
-                           output=output, extras={"layers": layers})
+                           output=output, extras={"layers": layers, "map_shapes": shapes})

@@ -57,7 +57,7 @@ class Context:
 
 class Metric(ABC):
     """Base class: declares its category, direction and needs ("model", "mask", "boxes",
-    "explainer", "explanation")."""
+    "explainer", "explanation", "channel_maps": per-channel maps of a multi-channel input)."""
 
     name: ClassVar[str]
     category: ClassVar[str]

@@ -41,7 +41,7 @@ class MSFI(Metric):
     name: ClassVar[str] = "msfi"
     category: ClassVar[str] = "localization"
     higher_is_better: ClassVar[bool] = True
-    needs: ClassVar[frozenset[str]] = frozenset({"model", "mask", "explanation"})
+    needs: ClassVar[frozenset[str]] = frozenset({"model", "mask", "explanation", "channel_maps"})
 
     def compute(self, ctx: Context) -> MetricResult:
         from pellucid.explainers.modality import modality_shapley

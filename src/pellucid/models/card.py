@@ -16,8 +16,8 @@ import torch
 
 from pellucid.errors import DataError
 
-TASKS = ("classification", "segmentation")
-ACTIVATIONS = ("sigmoid", "softmax")
+TASKS = ("classification", "segmentation", "regression")
+ACTIVATIONS = ("sigmoid", "softmax", "identity")  # identity: regression outputs
 
 
 @dataclass

@@ -1,5 +1,6 @@
 """Model performance: AUROC, accuracy, precision, recall, F1 (classification); Dice, HD95
-(segmentation). These score the model, next to the explanation metrics that score its maps."""
+(segmentation); MAE, RMSE, R^2, Pearson r and Harrell's C-index (regression, e.g. survival).
+These score the model, next to the explanation metrics that score its maps."""
 
 from __future__ import annotations
 
@@ -115,3 +116,35 @@ def segmentation_report(pred: torch.Tensor, true: torch.Tensor, region_names: Se
             "mean_hd95": float(np.nanmean([v["hd95"] for v in per_region.values()]))
             if any(v["hd95_cases"] for v in per_region.values()) else float("nan"),
             "per_region": per_region, "n": int(pred.shape[0])}
+
+
+def concordance_index(predicted: np.ndarray, observed: np.ndarray) -> float:
+    """Harrell's C-index with every event observed: over pairs with different observed times, the
+    fraction whose predicted times are ordered the same way (ties in prediction count 1/2)."""
+    p, t = np.asarray(predicted, float), np.asarray(observed, float)
+    dt = np.sign(t[:, None] - t[None, :])
+    dp = np.sign(p[:, None] - p[None, :])
+    usable = np.triu(dt != 0, 1)
+    if not usable.any():
+        return float("nan")
+    agree = (dt == dp) & (dp != 0)
+    ties = dp == 0
+    return float((agree[usable].sum() + 0.5 * ties[usable].sum()) / usable.sum())
+
+
+def regression_report(pred: np.ndarray, true: np.ndarray, names: Sequence[str]) -> dict:
+    """MAE, RMSE, R^2, Pearson r and C-index per output, and the first output's at the top level."""
+    pred, true = np.atleast_2d(np.asarray(pred, float)), np.atleast_2d(np.asarray(true, float))
+    per_output = {}
+    for k, name in enumerate(names):
+        p, t = pred[:, k], true[:, k]
+        err = p - t
+        ss_tot = float(((t - t.mean()) ** 2).sum())
+        per_output[name] = {
+            "mae": float(np.abs(err).mean()), "rmse": float(np.sqrt((err ** 2).mean())),
+            "r2": 1 - float((err ** 2).sum()) / ss_tot if ss_tot > 0 else float("nan"),
+            "pearson_r": float(np.corrcoef(p, t)[0, 1]) if p.std() > 0 and t.std() > 0
+            else float("nan"),
+            "c_index": concordance_index(p, t)}
+    first = per_output[names[0]]
+    return {**first, "per_output": per_output, "n": int(pred.shape[0])}

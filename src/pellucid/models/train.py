@@ -23,7 +23,12 @@ import pellucid
 from pellucid.data.base import PellucidDataset, collate
 from pellucid.errors import ConfigError
 from pellucid.models.card import ModelCard
-from pellucid.models.performance import classification_report, pick_thresholds, segmentation_report
+from pellucid.models.performance import (
+    classification_report,
+    pick_thresholds,
+    regression_report,
+    segmentation_report,
+)
 from pellucid.models.zoo import CLASSIFIERS, build
 from pellucid.progress import track
 from pellucid.runtime import configure_threads, seed_everything
@@ -67,7 +72,10 @@ def _channel_stats(ds: PellucidDataset, n: int) -> dict[str, Any]:
     return {"kind": "meanstd", "mean": mean.tolist(), "std": std.tolist()}
 
 
-def _loss(task: str, multilabel: bool, logits: torch.Tensor, batch: dict) -> torch.Tensor:
+def _loss(task: str, multilabel: bool, logits: torch.Tensor, batch: dict,
+          scale: float = 1.0) -> torch.Tensor:
+    if task == "regression":  # mean squared error in units of the training labels' std
+        return F.mse_loss(logits / scale, batch["label"].to(logits) / scale)
     if task == "segmentation":
         target = batch["mask"].to(logits)
         prob = torch.sigmoid(logits)
@@ -94,6 +102,9 @@ def predict(module: nn.Module, card: ModelCard, ds: PellucidDataset, batch_size:
             if card.task == "segmentation":
                 outs.append(torch.sigmoid(logits) > 0.5)
                 truths.append(batch["mask"] > 0.5)
+            elif card.task == "regression":
+                outs.append(logits)
+                truths.append(batch["label"].float())
             else:
                 outs.append(torch.sigmoid(logits) if card.activation == "sigmoid"
                             else torch.softmax(logits, 1))
@@ -105,10 +116,12 @@ def predict(module: nn.Module, card: ModelCard, ds: PellucidDataset, batch_size:
 
 def evaluate_model(module: nn.Module, card: ModelCard, ds: PellucidDataset,
                    thresholds: list[float] | None = None, batch_size: int = 32) -> dict:
-    """The card's task report (classification or segmentation) on ``ds``."""
+    """The card's task report (classification, segmentation or regression) on ``ds``."""
     out, truth = predict(module, card, ds, batch_size)
     if card.task == "segmentation":
         return segmentation_report(out, truth, card.class_names)
+    if card.task == "regression":
+        return regression_report(out.numpy(), truth.numpy(), card.class_names)
     return classification_report(out.numpy(), truth.numpy(), card.class_names,
                                  thresholds or card.thresholds or None,
                                  multilabel=card.activation == "sigmoid")
@@ -124,9 +137,14 @@ def train(train_ds: PellucidDataset, config: TrainConfig, val_ds: PellucidDatase
     if len(train_ds) == 0:
         raise ConfigError("the training split is empty")
     task = "segmentation" if config.arch == "unet" else "classification"
+    if train_ds.task == "regression":
+        if config.arch == "unet":
+            raise ConfigError("a regression dataset needs a classifier backbone (resnet18, ...), "
+                              "not arch unet")
+        task = "regression"
     if task == "segmentation" and not train_ds.mask_names:
         raise ConfigError(f"arch unet needs a dataset with masks; {type(train_ds).__name__} has none")
-    if task == "classification" and config.arch not in CLASSIFIERS:
+    if task != "segmentation" and config.arch not in CLASSIFIERS:
         raise ConfigError(f"unknown arch {config.arch!r}")
     names = list(train_ds.mask_names if task == "segmentation" else train_ds.class_names)
     built = build(config.arch, train_ds.spatial_dims, train_ds.in_channels, len(names),
@@ -136,7 +154,8 @@ def train(train_ds: PellucidDataset, config: TrainConfig, val_ds: PellucidDatase
     card = ModelCard(
         arch=config.arch, task=task, class_names=names, in_channels=train_ds.in_channels,
         spatial_dims=train_ds.spatial_dims, input_size=list(sample["image"].shape[1:]),
-        activation="sigmoid" if task == "segmentation" or train_ds.multilabel else "softmax",
+        activation="identity" if task == "regression" else
+        "sigmoid" if task == "segmentation" or train_ds.multilabel else "softmax",
         backend=built.backend, channel_names=list(train_ds.channel_names),
         normalization=_channel_stats(train_ds, config.normalize_samples),
         default_layer=built.default_layer, pellucid_version=pellucid.__version__,
@@ -153,6 +172,15 @@ def train(train_ds: PellucidDataset, config: TrainConfig, val_ds: PellucidDatase
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=max(steps, 1),
                                                 pct_start=0.15)
     multilabel = card.activation == "sigmoid"
+    scale = 1.0
+    if task == "regression":
+        labels = torch.stack([train_ds[int(i)]["label"] for i in
+                              np.linspace(0, len(train_ds) - 1, min(256, len(train_ds))).astype(int)])
+        scale = float(labels.std().clamp_min(1e-6))
+        card.training["label_scale"] = scale
+        with torch.no_grad():  # start from the mean label: the head's bias
+            head = [m for m in module.modules() if isinstance(m, nn.Linear)][-1]
+            head.bias.fill_(float(labels.mean()))
     losses: list[float] = []
     start = time.perf_counter()
     module.train()
@@ -164,7 +192,7 @@ def train(train_ds: PellucidDataset, config: TrainConfig, val_ds: PellucidDatase
     for _, batch in track(zip(range(steps), batches(), strict=False), f"train {config.arch}",
                           total=steps, enabled=config.progress):
         logits = module(card.normalize(batch["image"].to(config.device)))
-        loss = _loss(task, multilabel, logits, batch)
+        loss = _loss(task, multilabel, logits, batch, scale)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
