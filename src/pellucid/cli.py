@@ -243,6 +243,92 @@ def demo(out: Annotated[Path, typer.Option(help="output folder")] = Path("demo_o
     run_demo(out, quick=quick)
 
 
+review_app = typer.Typer(help="Clinician review study: create, serve, invite, analyze.",
+                         no_args_is_help=True)
+app.add_typer(review_app, name="review")
+DB_HELP = "SQLite file or postgresql://user@host:port/db"
+
+
+@review_app.command("create")
+def review_create(
+    from_run: Annotated[Path, typer.Option("--from", help="a benchmark run folder")],
+    raters: Annotated[Path, typer.Option(help="file of rater labels (one per line, or CSV 'label')")],
+    db: Annotated[str, typer.Option(help=DB_HELP)] = "review.db",
+    cases: Annotated[int, typer.Option(help="cases in the study")] = 20,
+    methods: Annotated[str | None, typer.Option(help="comma-separated methods (default: all)")] = None,
+    task: Annotated[str | None, typer.Option(help="MODEL|DATASET of the run (default: the first)")] = None,
+    finding: Annotated[str | None, typer.Option(help="the finding asked about (default: the "
+                                                     "task's most common target)")] = None,
+    control: Annotated[float, typer.Option(help="fraction of cases shown without explanations")] = 0.0,
+    threshold: Annotated[float, typer.Option(help="AI score at which the prediction is positive")] = 0.5,
+    seed: int = 0,
+    base_url: Annotated[str, typer.Option(help="prefix of the invitation links")] = "http://127.0.0.1:8100",
+    invitations: Annotated[Path, typer.Option(help="CSV of rater links (keep it secret)")] =
+    Path("invitations.csv"),
+) -> None:
+    """Build a blinded study from a benchmark run; writes the invitation links to a CSV and prints
+    the admin token once (only hashes are stored)."""
+    import csv
+
+    from pellucid.review.create import create_study, read_raters
+
+    made = create_study(from_run, db, read_raters(raters), cases, _split_list(methods) if methods else None,
+                        task, finding, control, threshold, seed)
+    with open(invitations, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["rater", "link"])
+        for label, token in made.invitations.items():
+            w.writerow([label, f"{base_url.rstrip('/')}/r/{token}"])
+    invitations.chmod(0o600)
+    console.print(f"study {made.study_id} in {db}: {len(made.invitations)} raters, links in "
+                  f"{invitations}")
+    console.print(f"admin token (shown once): {made.admin_token}")
+
+
+@review_app.command("serve")
+def review_serve(db: Annotated[str, typer.Option(help=DB_HELP)] = "review.db",
+                 host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
+                 port: Annotated[int, typer.Option(help="port")] = 8100) -> None:
+    """Serve the rater pages and the admin API."""
+    import uvicorn
+
+    from pellucid.review.app import create_review_app
+
+    uvicorn.run(create_review_app(db), host=host, port=port, log_level="warning")
+
+
+@review_app.command("invite")
+def review_invite(label: Annotated[str, typer.Argument(help="the new rater's label")],
+                  db: Annotated[str, typer.Option(help=DB_HELP)] = "review.db",
+                  study: Annotated[int, typer.Option(help="study id")] = 1,
+                  base_url: Annotated[str, typer.Option(help="link prefix")] = "http://127.0.0.1:8100"
+                  ) -> None:
+    """Invite one more rater; prints the secret link."""
+    from pellucid.review.create import add_rater
+
+    console.print(f"{base_url.rstrip('/')}/r/{add_rater(db, study, label)}")
+
+
+@review_app.command("analyze")
+def review_analyze(db: Annotated[str, typer.Option(help=DB_HELP)] = "review.db",
+                   out: Annotated[Path, typer.Option(help="output folder")] = Path("review_analysis"),
+                   study: Annotated[int | None, typer.Option(help="study id (default: the latest)")] = None,
+                   bench: Annotated[Path | None, typer.Option(
+                       help="the benchmark run: correlate with its metrics, add the report section")]
+                   = None) -> None:
+    """Ratings with bootstrap CIs, decision accuracy per stage with McNemar tests, Krippendorff's
+    alpha and Fleiss' kappa, Spearman with the benchmark; tables and CSV exports."""
+    from pellucid.review.analysis import analyze
+
+    summary = analyze(db, out, study, bench)
+    console.print(f"{summary['raters']} raters, {summary['complete_reads']} complete reads, "
+                  f"{summary['ratings']} ratings -> {out}/summary.json, {out}/tables, {out}/export")
+    for row in summary["tables"]["ratings_by_method"]:
+        if row["rating"] == "agreement":
+            console.print(f"  {row['method']}: agreement {row['mean']:.2f} "
+                          f"[{row['ci_low']:.2f}, {row['ci_high']:.2f}]")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app; a PellucidError becomes one line on stderr and exit status 2."""
     import click

@@ -373,9 +373,13 @@ def write_report(out: str | Path, frame: pd.DataFrame | None = None) -> Path:
     perf_rows = _performance_rows(perf)
     columns = list(dict.fromkeys(k for row in perf_rows for k in row))
     perf_rows = [{k: row.get(k, "") for k in columns} for row in perf_rows]
+    review = None
+    if (out / "review" / "summary.json").is_file():  # `pellucid review analyze --bench OUT`
+        review = json.loads((out / "review" / "summary.json").read_text())
+        review["frames"] = {k: pd.DataFrame(v) for k, v in review["tables"].items()}
     html = env.get_template("report.html.j2").render(
         run=run, tasks=tasks, performance=perf_rows, recommendations=recs,
-        cost=cost, skipped=skipped, rows=len(frame))
+        cost=cost, skipped=skipped, rows=len(frame), review=review)
     path = out / "report.html"
     path.write_text(html)
     return path

@@ -43,6 +43,8 @@ class CaseSet:
     boxes: list[torch.Tensor] | None
     background: torch.Tensor
     truth: torch.Tensor | None = None  # the lesion masks of the explained classes
+    predicted: torch.Tensor | None = None  # the model's output for each target (see _predictions)
+    labels: torch.Tensor | None = None  # the ground truth: finding present (or the value)
 
 
 def _root(spec_root: str | None) -> Path | None:
@@ -165,10 +167,41 @@ def prepare_cases(dspec: DatasetSpec, mspec: ModelSpec, loaded) -> CaseSet:
     if all("boxes" in p[0] for p in pairs):
         boxes = [p[0]["boxes"][p[0]["box_labels"] == k] for p, k in zip(pairs, classes.tolist(),
                                                                          strict=True)]
+    labels = torch.tensor([_truth_label(p[0], k, segmentation, regression)
+                           for p, k in zip(pairs, classes.tolist(), strict=True)])
     bg_source = extra or [p[0] for p in pairs[:8]]
     background = card.normalize(torch.stack([s["image"] for s in bg_source[:8]]).float())
     return CaseSet(x, images, classes, [names[k] for k in classes.tolist()],
-                   [p[0]["case_id"] for p in pairs], masks, boxes, background, truth)
+                   [p[0]["case_id"] for p in pairs], masks, boxes, background, truth,
+                   _predictions(loaded, x, classes), labels)
+
+
+def _truth_label(sample: dict, k: int, segmentation: bool, regression: bool) -> float:
+    if regression:
+        return float(sample["label"][k])
+    if segmentation:
+        return float(bool(sample["mask"][k].any()))
+    return float(sample["label"][k] > 0)
+
+
+@torch.no_grad()
+def _predictions(loaded, x: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    """Per (case, target): the class probability (classification), the largest voxel probability
+    of the channel (segmentation: "is there a lesion?"), or the predicted value (regression)."""
+    card = loaded.card
+    out = []
+    for start in range(0, len(x), 8):
+        y = loaded.module.eval()(x[start:start + 8]).float()
+        k = classes[start:start + 8].to(y.device)
+        if card.task == "regression":
+            out.append(y.gather(1, k[:, None])[:, 0])
+        elif card.task == "segmentation":
+            prob = torch.sigmoid(y) if card.activation == "sigmoid" else torch.softmax(y, 1)
+            out.append(prob[torch.arange(len(k)), k].flatten(1).amax(1))
+        else:
+            prob = torch.sigmoid(y) if card.activation == "sigmoid" else torch.softmax(y, 1)
+            out.append(prob.gather(1, k[:, None])[:, 0])
+    return torch.cat(out).cpu()
 
 
 def _error_regions(loaded, x: torch.Tensor, classes: torch.Tensor, truth: torch.Tensor | None,
@@ -403,6 +436,9 @@ def _gallery_images(cases: CaseSet) -> dict[str, np.ndarray]:
         masks = torch.stack([m[k] for m, k in zip(masks, idx, strict=True)]) if masks is not None else None
     out = {"images": img.numpy().astype(np.float16),
            "case_ids": np.array(cases.case_ids), "targets": np.array(cases.target_names)}
+    if cases.predicted is not None:
+        out["predicted"] = cases.predicted.numpy().astype(np.float32)
+        out["labels"] = cases.labels.numpy().astype(np.float32)
     if masks is not None:
         out["masks"] = masks.numpy().astype(bool)
     return out

@@ -1,0 +1,494 @@
+"""The clinician review study: statistics against references, study creation (de-identified,
+blinded), the 403 / CSRF / validation paths, 20 concurrent raters and a server restart on SQLite and
+PostgreSQL, and a whole rater session driven in Debian's Chromium by Playwright."""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pandas as pd
+import pytest
+from sqlalchemy import func, select, text
+from sqlalchemy.orm import Session
+
+from pellucid.errors import ConfigError
+from pellucid.review.analysis import (
+    analyze,
+    fleiss_kappa,
+    krippendorff_alpha_ordinal,
+    mcnemar_exact,
+)
+from pellucid.review.create import create_study, read_raters
+from pellucid.review.db import Assignment, Base, Case, Rater, Rating, Read, Study, make_engine, migrate
+from pellucid.review.security import hash_token
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+CHROMIUM = "/usr/bin/chromium"
+
+
+def _missing(reason: str) -> None:
+    if IN_CI:
+        pytest.fail(f"{reason} (make system-deps installs it)")
+    pytest.skip(reason)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------- statistics against references
+
+def test_krippendorff_alpha_matches_the_reference_package():
+    import krippendorff
+
+    rng = np.random.default_rng(3)
+    for _ in range(6):
+        data = rng.integers(0, 11, size=(5, 30)).astype(float)
+        data[1] = np.where(rng.random(30) < 0.7, data[0], data[1])
+        data[rng.random(data.shape) < 0.15] = np.nan
+        ours = krippendorff_alpha_ordinal(data)
+        ref = krippendorff.alpha(reliability_data=data, level_of_measurement="ordinal")
+        assert ours == pytest.approx(ref, abs=1e-10)
+    assert krippendorff_alpha_ordinal(np.array([[1, 2, 3], [1, 2, 3]], float)) == pytest.approx(1.0)
+
+
+def test_fleiss_kappa_and_mcnemar_by_hand():
+    # Fleiss (1971) worked example as given in the literature: 10 subjects, 14 raters -> 0.210
+    counts = np.array([[0, 0, 0, 0, 14], [0, 2, 6, 4, 2], [0, 0, 3, 5, 6], [0, 3, 9, 2, 0],
+                       [2, 2, 8, 1, 1], [7, 7, 0, 0, 0], [3, 2, 6, 3, 0], [2, 5, 3, 2, 2],
+                       [6, 5, 2, 1, 0], [0, 2, 2, 3, 7]])
+    assert fleiss_kappa(counts) == pytest.approx(0.20993, abs=1e-4)
+    first = np.array([1, 1, 1, 0, 0, 0, 0, 0], bool)
+    second = np.array([1, 1, 1, 1, 1, 1, 1, 0], bool)  # 4 better, 0 worse: p = 2 * 0.5^4
+    res = mcnemar_exact(first, second)
+    assert (res["better"], res["worse"]) == (4, 0) and res["p_value"] == pytest.approx(0.125)
+
+
+# ---------------------------------------------------------------- fixtures
+
+@pytest.fixture(scope="module")
+def review_run(tmp_path_factory) -> Path:
+    from pellucid.bench import run_bench
+
+    out = tmp_path_factory.mktemp("review_run")
+    run_bench("review", out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A throwaway PostgreSQL cluster on 127.0.0.1 (Debian's binaries, trust auth for loopback),
+    run as the ``postgres`` user when the tests run as root."""
+    bins = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    if not bins:
+        _missing("PostgreSQL server binaries not found (/usr/lib/postgresql/*/bin)")
+    bindir = bins[-1].parent
+    root = Path(tempfile.mkdtemp(prefix="pellucid-pg-", dir="/tmp"))
+    root.chmod(0o755)
+    prefix: list[str] = []
+    if os.geteuid() == 0:
+        shutil.chown(root, "postgres")
+        prefix = ["runuser", "-u", "postgres", "--"]
+    port = _free_port()
+    subprocess.run([*prefix, str(bindir / "initdb"), "-D", str(root / "data"), "-A", "trust",
+                    "-U", "pellucid", "--no-sync"], check=True, capture_output=True)
+    subprocess.run([*prefix, str(bindir / "pg_ctl"), "-D", str(root / "data"), "-l", str(root / "log"),
+                    "-o", f"-h 127.0.0.1 -p {port} -k {root} -c fsync=off -c max_connections=200",
+                    "-w", "start"], check=True, capture_output=True)
+    try:
+        yield f"postgresql://pellucid@127.0.0.1:{port}"
+    finally:
+        subprocess.run([*prefix, str(bindir / "pg_ctl"), "-D", str(root / "data"), "-m", "fast", "-w",
+                        "stop"], capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+_DB_COUNTER = iter(range(10_000))
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request, tmp_path) -> str:
+    if request.param == "sqlite":
+        return str(tmp_path / "review.db")
+    import psycopg
+
+    server = request.getfixturevalue("postgres_server")
+    name = f"review_{os.getpid()}_{next(_DB_COUNTER)}"
+    with psycopg.connect(f"{server}/postgres", autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    return f"{server}/{name}"
+
+
+class Server:
+    """``pellucid review serve`` in a subprocess on 127.0.0.1."""
+
+    def __init__(self, db: str) -> None:
+        self.db, self.port, self.proc = db, _free_port(), None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> Server:
+        self.proc = subprocess.Popen([sys.executable, "-m", "pellucid.cli", "review", "serve", "--db",
+                                      self.db, "--host", "127.0.0.1", "--port", str(self.port)],
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(self.proc.stdout.read().decode()[-3000:])
+            try:
+                if httpx.get(self.url + "/", timeout=2).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                time.sleep(0.2)
+        raise AssertionError("review server did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(20)
+
+
+def _csrf(html: str) -> str:
+    return re.search(r'name="csrf" value="([^"]+)"', html).group(1)
+
+
+def rate_session(base: str, token: str, finding: str = "yes", agreement: int = 7) -> int:
+    """A whole rater session over HTTP; returns the number of explanation ratings submitted."""
+    rated = 0
+    with httpx.Client(base_url=base, follow_redirects=True, timeout=60) as c:
+        r = c.get(f"/r/{token}")
+        csrf = _csrf(r.text)
+        r = c.post(f"/r/{token}/start", data={"csrf": csrf, "role": "radiologist",
+                                              "years_experience": "8", "ai_familiarity": "3",
+                                              "trust_start": "5", "willingness_start": "6"})
+        while "/case/" in str(r.url):
+            pos = int(str(r.url).rsplit("/", 1)[1])
+            for stage in (1, 2, 3):
+                data = {"csrf": csrf, "finding": finding, "confidence": str(2 + stage)}
+                letters = sorted(set(re.findall(r'name="agreement_([A-Z])"', r.text)))
+                if stage == 3:
+                    data["comment"] = f"case {pos}"
+                    if letters:
+                        data["would_check"] = "yes"
+                    for k, letter in enumerate(letters):
+                        data |= {f"agreement_{letter}": str((agreement + k) % 11),
+                                 f"spatial_{letter}": "4", f"usefulness_{letter}": "3",
+                                 f"trust_{letter}": str(1 + k % 5)}
+                    rated += len(letters)
+                r = c.post(f"/r/{token}/case/{pos}/{stage}", data=data)
+                assert r.status_code == 200, r.text[-500:]
+        r = c.post(f"/r/{token}/end", data={"csrf": csrf, "trust_end": "6", "willingness_end": "7"})
+        assert "Thank you" in r.text
+    return rated
+
+
+def _tokens(made) -> list[str]:
+    return list(made.invitations.values())
+
+
+# ---------------------------------------------------------------- creation
+
+def test_study_is_deidentified_blinded_and_balanced(review_run, tmp_path):
+    db = str(tmp_path / "s.db")
+    made = create_study(review_run, db, ["r1", "r2"], cases=8, control=0.25, seed=1)
+    engine = make_engine(db)
+    with Session(engine) as s:
+        study = s.get(Study, made.study_id)
+        assert study.finding == "Nodule" and sorted(study.methods) == \
+            ["gradcam", "integratedgradients", "saliency"]
+        assert study.admin_token_hash == hash_token(made.admin_token)
+        cases = list(s.scalars(select(Case)))
+        assert len(cases) == 8 and [c.code for c in cases] == [f"C{i:03d}" for i in range(1, 9)]
+        assert sum(c.truth for c in cases) == 4  # balanced positives and negatives
+        assert all(c.image_png[:8] == b"\x89PNG\r\n\x1a\n" for c in cases)
+        orders = {}
+        for rater in s.scalars(select(Rater)):
+            assert rater.token_hash == hash_token(made.invitations[rater.label])
+            rows = list(s.scalars(select(Assignment).where(Assignment.rater_id == rater.id)
+                                  .order_by(Assignment.position)))
+            assert sorted(a.case_id for a in rows) == sorted(c.id for c in cases)
+            for a in rows:
+                assert sorted(a.order) == sorted(e.id for e in s.get(Case, a.case_id).explanations)
+            orders[rater.label] = [a.case_id for a in rows]
+        assert orders["r1"] != orders["r2"]  # each rater has an own random case order
+    # nothing that identifies a case or a rater's token is stored in clear
+    ids = set(pd.read_parquet(review_run / "results.parquet")["case_id"])
+    with engine.connect() as conn:
+        dump = " ".join(str(v) for table in Base.metadata.sorted_tables
+                        for row in conn.execute(table.select()) for v in row
+                        if not isinstance(v, bytes))
+    assert not any(i in dump for i in ids)
+    assert not any(t in dump for t in [made.admin_token, *_tokens(made)])
+    engine.dispose()
+    with pytest.raises(ConfigError, match="--methods: 'lime'"):
+        create_study(review_run, str(tmp_path / "x.db"), ["a"], methods=["lime"])
+    bad = tmp_path / "raters.txt"
+    bad.write_text("a\nb\na\n")
+    with pytest.raises(ConfigError, match="'a' listed twice"):
+        read_raters(bad)
+
+
+def test_migrations_match_the_models(tmp_path):
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    engine = make_engine(str(tmp_path / "m.db"))
+    migrate(engine)
+    migrate(engine)  # idempotent
+    with engine.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+    assert diff == [], diff
+
+
+# ---------------------------------------------------------------- security and validation
+
+def test_forbidden_csrf_and_validation_paths(review_run, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from pellucid.review.app import create_review_app
+
+    db = str(tmp_path / "v.db")
+    made = create_study(review_run, db, ["r1", "r2"], cases=3)
+    t1, t2 = made.invitations["r1"], made.invitations["r2"]
+    client = TestClient(create_review_app(db))
+    r = client.get("/r/not-a-token")
+    assert r.status_code == 403 and "invitation link is not valid" in r.text
+    page = client.get(f"/r/{t1}")
+    csrf1 = _csrf(page.text)
+    csrf2 = _csrf(client.get(f"/r/{t2}").text)
+    start = {"role": "resident", "years_experience": "2", "ai_familiarity": "2", "trust_start": "4",
+             "willingness_start": "4"}
+    assert client.post(f"/r/{t1}/start", data=start).status_code == 403  # no CSRF token
+    r = client.post(f"/r/{t1}/start", data=start | {"csrf": csrf2})  # another rater's token
+    assert r.status_code == 403 and "could not be verified" in r.text
+    r = client.post(f"/r/{t1}/start", data=start | {"csrf": csrf1, "trust_start": "11"})
+    assert r.status_code == 422 and "must be between 0 and 10, got 11" in r.text
+    assert 'value="resident"' in r.text  # the rest of the answers stay in the form
+    r = client.post(f"/r/{t1}/start", data=start | {"csrf": csrf1}, follow_redirects=True)
+    assert r.status_code == 200 and r.url.path == f"/r/{t1}/case/1"
+    bad = {"csrf": csrf1, "finding": "maybe", "confidence": "9"}
+    r = client.post(f"/r/{t1}/case/1/1", data=bad)
+    assert r.status_code == 422 and "answer yes or no" in r.text and \
+        "Confidence: must be between 1 and 5, got 9" in r.text
+    engine = make_engine(db)
+    with Session(engine) as s:
+        assert s.scalar(select(Read.finding1).limit(1)) is None  # nothing stored
+    client.post(f"/r/{t1}/case/1/1", data={"csrf": csrf1, "finding": "no", "confidence": "3"})
+    client.post(f"/r/{t1}/case/1/2", data={"csrf": csrf1, "finding": "no", "confidence": "3"})
+    r = client.post(f"/r/{t1}/case/1/1", data={"csrf": csrf1, "finding": "yes", "confidence": "5"})
+    assert r.status_code == 409 and "cannot be changed" in r.text  # own read is locked
+    page = client.get(f"/r/{t1}/case/1").text
+    letters = sorted(set(re.findall(r'name="agreement_([A-Z])"', page)))
+    stage3 = {"csrf": csrf1, "finding": "yes", "confidence": "4", "would_check": "no"}
+    for letter in letters:
+        stage3 |= {f"agreement_{letter}": "5", f"spatial_{letter}": "3", f"usefulness_{letter}": "3",
+                   f"trust_{letter}": "3"}
+    if letters:
+        r = client.post(f"/r/{t1}/case/1/3", data=stage3 | {f"agreement_{letters[0]}": "12"})
+        assert r.status_code == 422 and f"{letters[0]}: agreement: must be between 0 and 10" in r.text
+    client.post(f"/r/{t1}/case/1/3", data=stage3)
+    client.post(f"/r/{t1}/case/1/3", data=stage3 | {f"agreement_{x}": "9" for x in letters})  # resubmit
+    with Session(engine) as s:
+        ratings = list(s.scalars(select(Rating)))
+        assert len(ratings) == len(letters) and all(r.agreement == 9 for r in ratings)
+        read = s.scalar(select(Read).where(Read.stage == 4))
+        assert (read.finding1, read.finding2, read.finding3) == (False, False, True)
+        assert read.seconds is not None and read.seconds >= 0
+    assert client.get(f"/r/{t1}/case/99").status_code == 404
+    assert client.get("/admin/progress").status_code == 403
+    assert client.get("/admin/progress", headers={"Authorization": "Bearer nope"}).status_code == 403
+    assert client.get("/admin/export/ratings.csv",
+                      headers={"Authorization": f"Bearer {t1}"}).status_code == 403  # a rater token
+    admin = {"Authorization": f"Bearer {made.admin_token}"}
+    progress = client.get("/admin/progress", headers=admin).json()
+    assert {r["rater"]: r["cases_done"] for r in progress["raters"]} == {"r1": 1, "r2": 0}
+    exported = client.get("/admin/export/ratings.csv", headers=admin).text
+    assert exported.splitlines()[0].startswith("rater,case,method,letter,agreement")
+    invited = client.post("/admin/raters", json={"label": "r3"}, headers=admin).json()
+    assert client.get(invited["link"]).status_code == 200
+    assert client.post("/admin/raters", json={"label": "r3"}, headers=admin).status_code == 409
+    engine.dispose()
+
+
+# ---------------------------------------------------------------- concurrency and restart
+
+def test_twenty_concurrent_raters_and_a_restart_lose_nothing(review_run, db_url, tmp_path):
+    raters = [f"rater-{i:02d}" for i in range(20)]
+    made = create_study(review_run, db_url, raters, cases=3, control=0.34, seed=2)
+    server = Server(db_url).start()
+    try:
+        counts: dict[str, int] = {}
+        errors: list[BaseException] = []
+        barrier = threading.Barrier(20)
+
+        def one(label: str) -> None:
+            try:
+                barrier.wait(30)
+                counts[label] = rate_session(server.url, made.invitations[label],
+                                             finding="yes" if hash(label) % 2 else "no",
+                                             agreement=int(label[-2:]) % 11)
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=one, args=(label,)) for label in raters]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(300)
+        assert not errors, errors[0]
+        expected_ratings = sum(counts.values())
+        # the same stage-3 answers resubmitted concurrently update in place
+        threads = [threading.Thread(target=rate_again, args=(server.url, made.invitations[label]))
+                   for label in raters[:10]]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        server.stop()
+        server.start()  # a restart keeps everything
+        admin = {"Authorization": f"Bearer {made.admin_token}"}
+        progress = httpx.get(server.url + "/admin/progress", headers=admin, timeout=30).json()
+        assert all(r["cases_done"] == 3 and r["finished"] for r in progress["raters"])
+    finally:
+        server.stop()
+    engine = make_engine(db_url)
+    with Session(engine) as s:
+        assert s.scalar(select(func.count()).select_from(Read).where(Read.stage == 4)) == 60
+        assert s.scalar(select(func.count()).select_from(Rating)) == expected_ratings
+        controls = s.scalar(select(func.count()).select_from(Assignment).where(Assignment.control))
+        assert expected_ratings == (60 - controls) * 3
+        assert s.scalar(select(func.count()).select_from(Rater).where(Rater.finished_at.isnot(None))) == 20
+        dup = s.execute(text("SELECT assignment_id, explanation_id, COUNT(*) FROM rating "
+                             "GROUP BY assignment_id, explanation_id HAVING COUNT(*) > 1")).all()
+        assert dup == []
+    engine.dispose()
+    summary = analyze(db_url, tmp_path / "analysis", bench=review_run)
+    agreement = {r["measure"]: r["value"] for r in summary["tables"]["agreement"]}
+    assert not np.isnan(agreement["Fleiss kappa: own read"])
+    assert not np.isnan(agreement["Krippendorff alpha (ordinal): agreement"])
+    assert len(summary["tables"]["spearman"]) > 0
+    assert "Clinician review" in (review_run / "report.html").read_text()
+
+
+def rate_again(base: str, token: str) -> None:
+    with httpx.Client(base_url=base, follow_redirects=True, timeout=60) as c:
+        page = c.get(f"/r/{token}/case/1").text
+        letters = sorted(set(re.findall(r'name="agreement_([A-Z])"', page)))
+        data = {"csrf": _csrf(page), "finding": "yes", "confidence": "5"}
+        if letters:
+            data["would_check"] = "no"
+        for letter in letters:
+            data |= {f"agreement_{letter}": "10", f"spatial_{letter}": "5", f"usefulness_{letter}": "5",
+                     f"trust_{letter}": "5"}
+        assert c.post(f"/r/{token}/case/1/3", data=data).status_code == 200
+
+
+# ---------------------------------------------------------------- a whole session in Chromium
+
+def test_playwright_drives_a_rater_session_in_chromium(review_run, tmp_path):
+    if not Path(CHROMIUM).exists():
+        _missing(f"{CHROMIUM} not found")
+    from playwright.sync_api import sync_playwright
+
+    db = str(tmp_path / "pw.db")
+    made = create_study(review_run, db, ["browser"], cases=2, seed=5)
+    token = made.invitations["browser"]
+    server = Server(db).start()
+    shot = tmp_path / "rating_page.png"
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                        args=["--no-sandbox"])
+            page = browser.new_page(viewport={"width": 1366, "height": 768})  # a laptop screen
+            page.goto(f"{server.url}/r/{token}")
+            page.wait_for_selector("#role:focus")  # autofocus: the keyboard starts in the form
+            page.keyboard.type("radiologist")
+            page.fill("#years_experience", "12")
+            for name, value in (("ai_familiarity", "4"), ("trust_start", "6"),
+                                ("willingness_start", "7")):
+                page.check(f"input[name={name}][value='{value}']")
+            page.focus("#years_experience")
+            page.keyboard.press("Enter")  # keyboard only: Enter in a field submits the form
+            page.wait_for_url(re.compile(r"/case/1$"))
+            for position in (1, 2):
+                page.check("input[name=finding][value=yes]")
+                page.check("input[name=confidence][value='3']")
+                page.click("#next")
+                page.wait_for_selector("text=AI prediction")
+                page.check("input[name=confidence][value='4']")
+                page.click("#next")
+                page.wait_for_selector("text=Explanations")
+                page.fill("input[data-opacity]", "40")
+                page.fill("input[data-zoom='.grid .viewer']", "150")
+                opacity = page.eval_on_selector(".grid img.overlay", "e => e.style.opacity")
+                assert opacity == "0.4"
+                for letter in "ABC":
+                    page.check(f"input[name=agreement_{letter}][value='8']")
+                    for f in ("spatial", "usefulness", "trust"):
+                        page.check(f"input[name={f}_{letter}][value='4']")
+                page.check("input[name=would_check][value=no]")
+                page.fill("#comment", f"checked in the browser, case {position}")
+                if position == 1:
+                    page.screenshot(path=str(shot), full_page=True)
+                page.click("#next")
+                page.wait_for_load_state()
+            page.wait_for_url(re.compile(r"/end$"))
+            page.check("input[name=trust_end][value='7']")
+            page.check("input[name=willingness_end][value='8']")
+            page.click("#finish")
+            page.wait_for_selector("text=Thank you")
+            browser.close()
+    finally:
+        server.stop()
+    assert shot.stat().st_size > 10_000 and shot.read_bytes()[:4] == b"\x89PNG"
+    engine = make_engine(db)
+    with Session(engine) as s:
+        rater = s.scalar(select(Rater))
+        assert (rater.role, rater.years_experience, rater.trust_start, rater.trust_end) == \
+            ("radiologist", 12, 6, 7)
+        reads = list(s.scalars(select(Read)))
+        assert len(reads) == 2 and all(r.stage == 4 and r.finding3 and r.confidence3 == 4
+                                       and r.confidence1 == 3 for r in reads)
+        ratings = list(s.scalars(select(Rating)))
+        assert len(ratings) == 6 and {r.agreement for r in ratings} == {8}
+    engine.dispose()
+
+
+def test_cli_create_invite_analyze(review_run, tmp_path):
+    from pellucid.cli import main
+
+    raters = tmp_path / "raters.csv"
+    raters.write_text("label,email\nr1,a@example.org\nr2,b@example.org\n")
+    db = str(tmp_path / "cli.db")
+    inv = tmp_path / "inv.csv"
+    main(["review", "create", "--from", str(review_run), "--raters", str(raters), "--db", db,
+          "--cases", "2", "--methods", "gradcam,saliency", "--invitations", str(inv)])
+    links = {r["rater"]: r["link"] for r in csv.DictReader(inv.open())}
+    assert set(links) == {"r1", "r2"} and oct(inv.stat().st_mode)[-3:] == "600"
+    server = Server(db).start()
+    try:
+        for link in links.values():
+            rate_session(server.url, link.rsplit("/", 1)[1])
+    finally:
+        server.stop()
+    main(["review", "analyze", "--db", db, "--out", str(tmp_path / "a")])
+    by_method = pd.read_csv(tmp_path / "a" / "tables" / "ratings_by_method.csv")
+    assert set(by_method["method"]) == {"gradcam", "saliency"}
+    assert (by_method["n"] == 4).all()  # 2 raters x 2 cases per method
+    assert (tmp_path / "a" / "export" / "ratings.csv").is_file()
