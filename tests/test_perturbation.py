@@ -164,3 +164,31 @@ def test_perturbation_methods_on_3d_classification_and_segmentation(method):
     seg = pellucid.explain(unet, y, method, target=SegmentationTarget(1, "all"),
                            **PERTURBATION[method])
     assert seg.attributions.shape == (1, 1, 32, 32) and seg.attributions.abs().sum() > 0
+
+
+def test_memory_limit_caps_chunks_and_keeps_results():
+    """A memory bound cuts batched forwards into chunks of at most bound / (activation bytes per
+    input) inputs; the maps do not change and the peak growth shrinks."""
+    from pellucid.explainers.accelerate import AutoBatch, activation_bytes
+    from pellucid.runtime import set_memory_limit
+
+    torch.manual_seed(0)
+    model = build("resnet18", 2, 1, 3).module.eval()
+    x = torch.randn(2, 1, 64, 64)
+    per_input = activation_bytes(model, x)
+    # at least the input and conv1's output (64 channels at half resolution, float32)
+    assert per_input >= 4 * (64 * 64 + 64 * 32 * 32)
+    free = pellucid.explain(model, x, "scorecam", target=0)
+    try:
+        set_memory_limit(3 * per_input / 2**20)
+        sizes = [stop - start for start, stop in AutoBatch(None, model, x).chunks(100)]
+        assert max(sizes) == 3 and sum(sizes) == 100
+        bounded = pellucid.explain(model, x, "scorecam", target=0)
+        occl = pellucid.explain(model, x, "occlusion", target=0, window=16, stride=16)
+    finally:
+        set_memory_limit(None)
+    assert torch.allclose(bounded.attributions, free.attributions, atol=1e-5)
+    assert torch.allclose(occl.attributions, pellucid.explain(
+        model, x, "occlusion", target=0, window=16, stride=16).attributions, atol=1e-5)
+    with pytest.raises(ConfigError, match="positive"):
+        set_memory_limit(-1)

@@ -189,6 +189,7 @@ def bench(config: Annotated[str, typer.Argument(help="YAML configuration (or a b
           out: Annotated[Path | None, typer.Option(help="output folder (default bench_<name>)")] = None,
           executor: Annotated[str, typer.Option(help="local or ray")] = "local",
           address: Annotated[str | None, typer.Option(help="Ray cluster address (ray executor)")] = None,
+          workers: Annotated[int | None, typer.Option(help="Ray workers of a local cluster")] = None,
           no_report: Annotated[bool, typer.Option("--no-report", help="skip report.html")] = False
           ) -> None:
     """Run (or resume) a benchmark grid and write results, statistics and report.html."""
@@ -197,7 +198,8 @@ def bench(config: Annotated[str, typer.Argument(help="YAML configuration (or a b
 
     cfg = load_config(config)
     folder = out or Path(f"bench_{cfg.name}")
-    table = run_bench(cfg, folder, executor=executor, address=address, report=not no_report)
+    table = run_bench(cfg, folder, executor=executor, address=address, report=not no_report,
+                      workers=workers)
     print_leaderboard(table)
     console.print(f"results: {folder}/results.parquet" + ("" if no_report else
                                                           f", report: {folder}/report.html"))

@@ -296,7 +296,8 @@ def _ray_execute(unit: Unit, threads: int):
     return execute_unit(unit)
 
 
-def _run_ray(units: list[Unit], store: ResultStore, progress: bool, address: str | None) -> None:
+def _run_ray(units: list[Unit], store: ResultStore, progress: bool, address: str | None,
+             workers: int | None = None) -> None:
     try:
         import ray
     except ImportError:
@@ -307,7 +308,7 @@ def _run_ray(units: list[Unit], store: ResultStore, progress: bool, address: str
         if address:
             kwargs["address"] = address
         else:
-            kwargs["num_cpus"] = os.cpu_count() or 1
+            kwargs["num_cpus"] = workers or os.cpu_count() or 1
         ray.init(**kwargs)
         started = True
     try:
@@ -333,9 +334,10 @@ def iter_tasks(config: BenchConfig) -> Iterator[tuple[str, ModelSpec, str, Datas
 
 def run_bench(config: BenchConfig | str | Path, out: str | Path | None = None,
               executor: str = "local", address: str | None = None, progress: bool = True,
-              report: bool = True) -> pd.DataFrame:
+              report: bool = True, workers: int | None = None) -> pd.DataFrame:
     """Run (or resume) a benchmark; returns the tidy result table. Writes under ``out``:
-    results.parquet/.csv, run.json, performance.json, tables/, report.html."""
+    results.parquet/.csv, run.json, performance.json, tables/, report.html. ``workers``: Ray
+    workers (CPUs) of a local Ray cluster started for the run (default: every core)."""
     from pellucid.models import evaluate_model
     from pellucid.runtime import configure_threads
 
@@ -392,7 +394,7 @@ def run_bench(config: BenchConfig | str | Path, out: str | Path | None = None,
     np.savez_compressed(out / "gallery.npz", **{f"{k}::{f}": v for k, d in gallery.items()
                                                 for f, v in d.items()})
     if executor == "ray":
-        _run_ray(todo, store, progress, address)
+        _run_ray(todo, store, progress, address, workers)
     else:
         _run_local(todo, store, progress)
     table = store.table()

@@ -154,6 +154,8 @@ def _applicable(unit: Unit, metric: Entry) -> str | None:
 
     if metric.label in unit.skipped:
         return unit.skipped[metric.label]
+    if metric.only_models and unit.model not in metric.only_models:
+        return "skipped by the configuration (only_models)"
     if metric.only_methods and unit.method.label not in metric.only_methods:
         return "skipped by the configuration (only_methods)"
     if unit.method.label in metric.skip_methods:

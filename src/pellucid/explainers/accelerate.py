@@ -75,7 +75,32 @@ def inference_forward(model: nn.Module, example: torch.Tensor) -> Forward:
 
 
 _BEST_BATCH: dict[tuple, int] = {}
+_ACTIVATION_BYTES: dict[tuple, int] = {}
 CPU_TRIALS = (4, 8, 16, 32)
+
+
+def activation_bytes(model: nn.Module, example: torch.Tensor) -> int:
+    """Bytes per input of everything one forward produces (the input and every leaf module's
+    output): an upper bound of a no-grad forward's working memory, per input."""
+    key = (id(model), tuple(example.shape[1:]), example.dtype, example.device.type)
+    if key not in _ACTIVATION_BYTES:
+        total = [example[:1].numel() * example.element_size()]
+
+        def hook(_module, _inputs, output) -> None:
+            for t in output if isinstance(output, (tuple, list)) else (output,):
+                if isinstance(t, torch.Tensor):
+                    total[0] += t.numel() * t.element_size()
+
+        leaves = [m for m in model.modules() if not list(m.children())]
+        handles = [m.register_forward_hook(hook) for m in leaves]
+        try:
+            with torch.no_grad():
+                model(example[:1])
+        finally:
+            for h in handles:
+                h.remove()
+        _ACTIVATION_BYTES[key] = max(total[0], 1)
+    return _ACTIVATION_BYTES[key]
 
 
 class AutoBatch:
@@ -83,15 +108,20 @@ class AutoBatch:
     memory). Otherwise, on a CPU, the first chunks try 4, 8, 16 and 32 inputs and the rest use the
     size with the lowest time per input (large batches are often slower per input on a CPU, whose
     caches they overflow); the choice is remembered per model and input shape. Work of at most 32
-    inputs runs in one call. On a GPU: 128."""
+    inputs runs in one call. On a GPU: 128. With a memory limit (``pellucid.runtime.
+    set_memory_limit``) no chunk exceeds limit / (activation bytes per input) inputs."""
 
     def __init__(self, fixed: int | None, model: nn.Module, example: torch.Tensor) -> None:
+        from pellucid.runtime import memory_limit_bytes
+
         self.key = (id(model), tuple(example.shape[1:]), example.device.type)
         self.fixed = fixed
         if fixed is None and example.device.type != "cpu":
             self.fixed = 128
         self.best = _BEST_BATCH.get(self.key)
         self.timings: dict[int, float] = {}
+        limit = memory_limit_bytes()
+        self.cap = max(1, limit // activation_bytes(model, example)) if limit else None
 
     def chunks(self, total: int):
         """Yield (start, stop) ranges covering ``total``; time each one's processing."""
@@ -99,6 +129,9 @@ class AutoBatch:
 
         start = 0
         trials = list(CPU_TRIALS) if self.fixed is None and self.best is None else []
+        if self.cap is not None:
+            yield from self._capped(total)
+            return
         if self.fixed is None and total <= CPU_TRIALS[-1]:
             yield 0, total  # little work: one call, nothing to tune
             return
@@ -118,3 +151,9 @@ class AutoBatch:
                     self.best = min(self.timings, key=self.timings.get)
                     _BEST_BATCH[self.key] = self.best
             start = stop
+
+    def _capped(self, total: int):
+        """Chunks under the memory cap: the given (or remembered) size, or the largest allowed."""
+        size = min(self.fixed or self.best or self.cap, self.cap)
+        for start in range(0, total, size):
+            yield start, min(total, start + size)

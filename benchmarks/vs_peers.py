@@ -1,0 +1,461 @@
+"""pellucid against the peer stack on one grid, and against the hardware floor.
+
+One grid (trained phantom models x methods x metrics) runs twice in one process: with pellucid,
+and with the stack a user would otherwise assemble: pytorch-grad-cam for the CAMs, Captum for
+gradients / occlusion / KernelSHAP, zennit for LRP, Quantus for the metrics. Outputs are checked to
+agree, then the script prints per method and metric: seconds, the peer/pellucid speed-up, and
+pellucid's ratio to the forward-pass floor (the forwards and backwards the item needs x the model's
+measured batched time per input); then totals, peak memory under a bound, and the same grid through
+pellucid's Ray executor with 1 and 2 workers.
+
+    .venv/bin/python benchmarks/vs_peers.py            # the full grid (about 10 minutes here)
+    .venv/bin/python benchmarks/vs_peers.py --quick    # a routine check (under 2 minutes)
+
+Models are trained once into --models (default /tmp/pellucid-vs-peers) and reused. The grid runs
+on the CPU; a GPU run (and a measured mixed-precision option) is still to be added and checked on a
+lent device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cam_vs_peers import peers_gradcam, quiet_tqdm
+from common import bare_forward_backward, peak_rss_mb, table
+from metrics_vs_quantus import per_image_seconds, without_ties
+
+import pellucid
+from pellucid.explainers.accelerate import inference_forward
+from pellucid.runtime import configure_threads, set_memory_limit
+from pellucid.targets import ClassTarget, SegmentationTarget
+
+warnings.filterwarnings("ignore")
+
+
+def measure(fn) -> tuple[float, object]:
+    """Seconds of ``fn``: one run when it takes half a second or more, else the median of five
+    further runs (the first one a warm-up), where scheduling noise would dominate. pellucid's
+    optimised inference copy is built before any timing (the floor measurement builds it)."""
+    gc.collect()  # once: a full collection costs ~0.3 s here, more than many items
+    start = time.perf_counter()
+    result = fn()
+    t = time.perf_counter() - start
+    if t < 0.5:
+        times = []
+        for _ in range(5):
+            start = time.perf_counter()
+            result = fn()
+            times.append(time.perf_counter() - start)
+        t = statistics.median(times)
+    return t, result
+
+
+@dataclass
+class Task:
+    name: str
+    reader: str
+    arch: str
+    size: int
+    n_train: int
+    epochs: int
+    cases: int
+    methods: dict[str, dict]
+    options: dict = field(default_factory=dict)
+    metrics: bool = False  # Quantus runs on classification outputs only
+
+
+def grid(quick: bool) -> list[Task]:
+    if quick:
+        cls = {"gradcam": {}, "scorecam": {}, "saliency": {}, "integratedgradients": {"steps": 16},
+               "occlusion": {"window": 16, "stride": 16}, "kernelshap": {"samples": 40}}
+        return [Task("resnet18", "phantom-chest", "resnet18", 64, 192, 2, 2, cls | {"lrp": {}},
+                     metrics=True),
+                Task("unet-2d", "phantom-brain", "unet", 48, 96, 3, 2,
+                     {"gradcam": {}, "saliency": {}, "occlusion": {"window": 16, "stride": 16}},
+                     {"task": "segmentation"})]
+    cls = {"gradcam": {}, "gradcampp": {}, "scorecam": {}, "saliency": {},
+           "integratedgradients": {"steps": 32}, "occlusion": {"window": 16, "stride": 8},
+           "kernelshap": {"samples": 100}}
+    seg = {"gradcam": {}, "gradcampp": {}, "scorecam": {}, "saliency": {},
+           "integratedgradients": {"steps": 32}, "occlusion": {"window": 16, "stride": 8}}
+    return [Task("resnet18", "phantom-chest", "resnet18", 128, 512, 3, 8, cls | {"lrp": {}},
+                 metrics=True),
+            Task("densenet121", "phantom-chest", "densenet121", 96, 256, 2, 4,
+                 {k: v for k, v in cls.items() if k != "scorecam"} | {"scorecam": {}}, metrics=True),
+            Task("unet-2d", "phantom-brain", "unet", 96, 256, 8, 8, seg, {"task": "segmentation"}),
+            Task("unet-3d", "phantom-brain-3d", "unet", 32, 48, 4, 2,
+                 {k: v for k, v in seg.items() if k != "scorecam"} |
+                 {"gradcam": {"upsample": "bspline"}, "gradcampp": {"upsample": "bspline"},
+                  "occlusion": {"window": 8, "stride": 8}}, {"task": "segmentation"})]
+    # 3D CAMs: pytorch-grad-cam up-samples volumes with scipy.ndimage.zoom(order=3), pellucid's
+    # "bspline" option; Score-CAM is not run in 3D by the peer (its up-sampling is 2D only)
+
+
+def trained(task: Task, root: Path):
+    from pellucid.data import open_dataset
+    from pellucid.models import TrainConfig, load_model, save_model, train
+
+    folder = root / f"{task.name}-{task.size}"
+    if not (folder / "card.json").is_file():
+        opts = {"size": task.size, **task.options}
+        result = train(open_dataset(task.reader, split="train", n=task.n_train, **opts),
+                       TrainConfig(arch=task.arch, epochs=task.epochs, batch_size=16, lr=2e-3,
+                                   progress=False))
+        save_model(folder, result.module, result.card)
+    return load_model(folder), folder
+
+
+def cases(task: Task, loaded):
+    """Test cases with the explained target: a positive finding (its mask is the ground truth) for
+    classification, the predicted whole-tumour region for segmentation."""
+    from pellucid.data import open_dataset
+
+    ds = open_dataset(task.reader, split="test", n=16 * task.cases, size=task.size, **task.options)
+    picked, targets, masks = [], [], []
+    for i in range(len(ds)):
+        s = ds[i]
+        positive = torch.nonzero(s["label"] > 0).flatten()
+        if len(positive) and s["mask"][int(positive[0])].any():
+            picked.append(s["image"])
+            k = int(positive[0]) if loaded.card.task == "classification" else 0
+            targets.append(k)
+            masks.append(s["mask"][k] > 0)
+        if len(picked) == task.cases:
+            break
+    x = loaded.card.normalize(torch.stack(picked).float())
+    return x, torch.tensor(targets), torch.stack(masks)
+
+
+# ---------------------------------------------------------------- the peer stack
+
+def seg_forward(model, region: torch.Tensor):
+    """A scalar per row: the class-0 logits summed over the fixed predicted region (the segmentation
+    target a Captum user writes); rows of expanded batches (IG's steps) reuse the region."""
+    def forward(x):
+        out = model(x)[:, 0]
+        reps = x.shape[0] // region.shape[0]
+        return (out * region.repeat(reps, *([1] * (region.ndim - 1)))).flatten(1).sum(1)
+    return forward
+
+
+def peer_explain(method: str, opts: dict, loaded, layer, x, y, region, features):
+    from captum.attr import IntegratedGradients, KernelShap, Occlusion, Saliency
+
+    model = loaded.module
+    seg = loaded.card.task == "segmentation"
+    if method in ("gradcam", "gradcampp", "scorecam"):
+        from pytorch_grad_cam.utils.model_targets import (
+            ClassifierOutputTarget,
+            SemanticSegmentationTarget,
+        )
+
+        targets = [SemanticSegmentationTarget(0, region[i].float().numpy()) for i in range(len(x))] if seg \
+            else [ClassifierOutputTarget(int(k)) for k in y]
+        return torch.from_numpy(peers_gradcam(method, model, layer, x, targets))
+    fwd, target = (seg_forward(model, region.float()), None) if seg else (model, y)
+    if method == "saliency":
+        return Saliency(fwd).attribute(x, target=target)
+    if method == "integratedgradients":
+        return IntegratedGradients(fwd).attribute(x, target=target, n_steps=opts["steps"])
+    if method == "occlusion":
+        w, s, c = opts["window"], opts["stride"], x.shape[1]
+        nd = x.ndim - 2
+        return Occlusion(fwd).attribute(x, (c, *(w,) * nd), strides=(c, *(s,) * nd), target=target)
+    if method == "kernelshap":
+        mask = features[:, None].expand_as(x)
+        return torch.cat([KernelShap(fwd).attribute(x[i:i + 1], target=target[i:i + 1],
+                                                     feature_mask=mask[i:i + 1],
+                                                     n_samples=opts["samples"])
+                          for i in range(len(x))])
+    if method == "lrp":
+        from zennit.attribution import Gradient
+        from zennit.composites import EpsilonPlusFlat
+        from zennit.torchvision import ResNetCanonizer
+
+        with Gradient(model=model, composite=EpsilonPlusFlat(canonizers=[ResNetCanonizer()])) as a:
+            out = model(x).detach()
+            return a(x, torch.nn.functional.one_hot(y, out.shape[1]) * out)[1]
+    raise ValueError(method)
+
+
+def agreement(method: str, ours, peer) -> str:
+    if method in ("gradcam", "gradcampp", "scorecam"):
+        diff = (ours.attributions[:, 0] - peer).abs().max()
+    elif method == "occlusion":
+        diff = (ours.attributions[:, 0] - peer[:, 0]).abs().max()
+    elif method in ("saliency", "integratedgradients", "lrp"):
+        diff = (ours.raw - peer).abs().max() / peer.abs().max().clamp_min(1e-12)
+        return f"rel {float(diff):.1e}"
+    else:
+        return "sampled (not elementwise)"
+    return f"{float(diff):.1e}"
+
+
+# ---------------------------------------------------------------- the grid, both ways
+
+def run_grid(tasks: list[Task], root: Path) -> list[dict]:
+    rows = []
+    for task in tasks:
+        rows += run_task(task, root)
+    return rows
+
+
+def run_task(task: Task, root: Path) -> list[dict]:
+    import quantus
+
+    rows = []
+    loaded, _ = trained(task, root)
+    model = loaded.module.eval()
+    x, y, masks = cases(task, loaded)
+    seg = loaded.card.task == "segmentation"
+    layer_name = loaded.card.default_layer
+    layer = model.get_submodule(layer_name)
+    with torch.no_grad():
+        region = (torch.sigmoid(model(x)[:, 0]) > 0.5) if seg else None
+    target = SegmentationTarget(0, "predicted") if seg else ClassTarget(y, kind="logit")
+    fast = inference_forward(model, x[:1])
+    with torch.inference_mode():
+        fwd = per_image_seconds(fast, x, 16)
+    fb = per_image_seconds(lambda xb: bare_forward_backward(
+        model, xb, torch.zeros(len(xb), dtype=torch.long)), x, 8)
+    features = None
+    if "kernelshap" in task.methods:
+        from pellucid.explainers.features import slic_labels
+
+        features = torch.stack([slic_labels(x[i], 40, 10.0) for i in range(len(x))])
+    print(f"{task.name}: {tuple(x.shape)}, forward {fwd * 1e3:.2f} ms/input (optimised, "
+          f"batched), forward+backward {fb * 1e3:.2f} ms/input", flush=True)
+    maps = {}
+    for method, opts in task.methods.items():
+        kw = dict(opts)
+        if method == "kernelshap":
+            kw["features"] = features
+        t_ours, ours = measure(lambda m=method, k=kw: pellucid.explain(
+            loaded, x, m, target=target, **k))
+        t_peer, peer = measure(lambda m=method, o=opts: peer_explain(
+            m, o, loaded, layer, x, y, region, features))
+        per = fb if ours.cost.backward_passes else fwd
+        floor = ours.cost.forward_samples * per
+        rows.append({"model": task.name, "item": method, "kind": "method",
+                     "pellucid": t_ours, "peer": t_peer, "floor": floor,
+                     "agreement": agreement(method, ours, peer.detach())})
+        maps[method] = ours
+    if task.metrics:
+        rows += run_metrics(task, loaded, x, y, masks, maps, layer, fwd, fb, quantus)
+    return rows
+
+
+def run_metrics(task, loaded, x, y, masks, maps, layer, fwd, fb, quantus) -> list[dict]:
+    model = loaded.module
+    xn, yn, sn = x.numpy(), y.numpy(), masks[:, None].float().numpy()
+    n, size = len(x), task.size
+    step = size * size // 16
+    rows = []
+
+    def add(name, ours_fn, peer_fn, floor, values):
+        t_ours, ours = measure(ours_fn)
+        t_peer, peer = measure(peer_fn)
+        diff = float(np.nanmax(np.abs(values(ours) - np.asarray(peer, dtype=float))))
+        rows.append({"model": task.name, "item": name, "kind": "metric", "pellucid": t_ours,
+                     "peer": t_peer, "floor": floor, "agreement": f"{diff:.1e}"})
+
+    for method, exp in maps.items():
+        a = without_ties(exp.attributions)
+        an = a.numpy()
+        add(f"pointing game [{method}]",
+            lambda a=a: pellucid.evaluate(model, x, a, target=y, metrics=["pointing_game"],
+                                          masks=masks),
+            lambda an=an: quantus.PointingGame(disable_warnings=True)(
+                model=model, x_batch=xn, y_batch=yn, a_batch=an, s_batch=sn, device="cpu"),
+            0.0, lambda r: r["pointing_game"].scores.numpy())
+        add(f"relevance mass [{method}]",
+            lambda a=a: pellucid.evaluate(model, x, a, target=y, metrics=["relevance_mass"],
+                                          masks=masks),
+            lambda an=an: quantus.RelevanceMassAccuracy(disable_warnings=True)(
+                model=model, x_batch=xn, y_batch=yn, a_batch=an, s_batch=sn, device="cpu"),
+            0.0, lambda r: r["relevance_mass"].scores.numpy())
+        add(f"pixel flipping 16 steps [{method}]",
+            lambda a=a: pellucid.evaluate(model, x, a, target=ClassTarget(
+                y, kind="probability", activation="softmax"),
+                metrics=[("pixel_flipping", {"features_in_step": step})]),
+            lambda an=an: quantus.PixelFlipping(features_in_step=step, disable_warnings=True)(
+                model=model, x_batch=xn, y_batch=yn, a_batch=an, device="cpu", softmax=True),
+            n * 17 * fwd, lambda r: r["pixel_flipping"].curves.numpy())
+
+        def quantus_fc(an=an):
+            np.random.seed(42)
+            return quantus.FaithfulnessCorrelation(disable_warnings=True, return_aggregate=False)(
+                model=model, x_batch=xn, y_batch=yn, a_batch=an, device="cpu")
+
+        add(f"faithfulness correlation [{method}]",
+            lambda a=a: pellucid.evaluate(model, x, a, target=ClassTarget(y, kind="logit"),
+                                          metrics=["faithfulness_correlation"]),
+            quantus_fc, n * 101 * fwd, lambda r: r["faithfulness_correlation"].scores.numpy())
+    cam = maps["gradcam"]
+
+    def peer_cam(model, inputs, targets, **_):
+        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+        return peers_gradcam("gradcam", model, layer, torch.as_tensor(inputs),
+                             [ClassifierOutputTarget(int(k)) for k in targets])[:, None]
+
+    def quantus_ms():
+        np.random.seed(42)
+        return quantus.MaxSensitivity(nr_samples=5, disable_warnings=True, return_aggregate=False)(
+            model=model, x_batch=xn, y_batch=yn, a_batch=cam.attributions.numpy(), device="cpu",
+            explain_func=peer_cam)
+
+    add("max-sensitivity 5 samples [gradcam]",
+        lambda: pellucid.evaluate(model, x, cam, metrics=[("max_sensitivity", {"nr_samples": 5})]),
+        quantus_ms, n * 5 * fb, lambda r: r["max_sensitivity"].scores.numpy())
+    return rows
+
+
+def memory_check(tasks: list[Task], root: Path, bound_mb: float, quick: bool) -> list[dict]:
+    """Peak memory growth of the heaviest batched items, with and without the bound, each in a
+    fresh process (the allocator of a used process keeps freed pages, hiding the growth)."""
+    import json
+    import subprocess
+
+    out = []
+    for task in tasks:
+        heavy = [m for m in ("scorecam", "occlusion") if m in task.methods]
+        if task.name == "unet-3d":
+            heavy = ["occlusion"]
+        for method in heavy[:1]:
+            for bound in (None, bound_mb):
+                args = [sys.executable, __file__, "--probe", task.name, method, str(bound or 0),
+                        "--models", str(root)] + (["--quick"] if quick else [])
+                res = subprocess.run(args, capture_output=True, text=True, timeout=600)
+                probe = json.loads(res.stdout.strip().splitlines()[-1])
+                out.append({"model": task.name, "method": method,
+                            "bound MiB": "none" if bound is None else f"{bound:.0f}",
+                            "peak growth MiB": f"{probe['peak_mb']:.0f}",
+                            "seconds": f"{probe['seconds']:.2f}"})
+    return out
+
+
+def probe(task: Task, root: Path, method: str, bound_mb: float) -> None:
+    """One explanation in this (fresh) process; prints its peak memory growth as JSON."""
+    import json
+
+    loaded, _ = trained(task, root)
+    x, y, _ = cases(task, loaded)
+    target = SegmentationTarget(0, "predicted") if loaded.card.task == "segmentation" else \
+        ClassTarget(y, kind="logit")
+    set_memory_limit(bound_mb or None)
+    inference_forward(loaded.module, x[:1])
+    peak, exp = peak_rss_mb(lambda: pellucid.explain(loaded, x, method, target=target,
+                                                     **task.methods[method]))
+    print(json.dumps({"peak_mb": peak, "seconds": exp.cost.seconds}))
+
+
+def ray_scaling(tasks: list[Task], root: Path, workdir: Path) -> list[dict]:
+    """pellucid's side of the grid through the Ray executor with 1 and 2 workers."""
+    from pellucid.bench import run_bench
+    from pellucid.bench.config import parse_config
+
+    datasets, models, methods = {}, {}, {}
+    for task in tasks:
+        _, folder = trained(task, root)
+        datasets[task.name] = {"reader": task.reader, "split": "test", "cases": task.cases,
+                               "options": {"size": task.size, **task.options}}
+        models[task.name] = {"datasets": [task.name], "path": str(folder),
+                             "targets": [0] if task.arch == "unet" else "positive"}
+        for method, opts in task.methods.items():
+            if method == "kernelshap":
+                opts = {**opts, "n_features": 40}
+            methods.setdefault((method, str(sorted(opts.items()))), (method, opts, []))[2].append(
+                task.name)
+    config = parse_config({
+        "name": "vs-peers-ray", "batch_size": max(t.cases for t in tasks), "cache": False,
+        "datasets": datasets, "models": models,
+        "methods": [{"name": m, "label": f"{m}-{i}", "options": o, "only_models": ms}
+                    for i, (m, o, ms) in enumerate(methods.values())],
+        "metrics": ["pointing_game", "relevance_mass", {"name": "deletion", "options": {"steps": 16}}]})
+    out = []
+    for workers in (1, 2):
+        start = time.perf_counter()
+        run_bench(config, workdir / f"ray{workers}", executor="ray", workers=workers,
+                  progress=False, report=False)
+        out.append({"workers": workers, "seconds": time.perf_counter() - start})
+    out[1]["speed-up"] = f"{out[0]['seconds'] / out[1]['seconds']:.2f}x"
+    for r in out:
+        r["seconds"] = f"{r['seconds']:.1f}"
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a small grid (under 2 minutes)")
+    parser.add_argument("--models", type=Path, default=Path(tempfile.gettempdir()) / "pellucid-vs-peers")
+    parser.add_argument("--memory-mb", type=float, default=64.0,
+                        help="the memory bound of batched forwards in the memory check")
+    parser.add_argument("--no-ray", action="store_true", help="skip the Ray scaling runs")
+    parser.add_argument("--probe", nargs=3, metavar=("MODEL", "METHOD", "BOUND_MB"),
+                        help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.probe:
+        configure_threads()
+        task = next(t for t in grid(args.quick) if t.name == args.probe[0])
+        probe(task, args.models, args.probe[1], float(args.probe[2]))
+        return
+    start = time.perf_counter()
+    configure_threads()
+    quiet_tqdm()
+    torch.manual_seed(0)
+    tasks = grid(args.quick)
+    rows = run_grid(tasks, args.models)
+    printable = []
+    for r in rows:
+        printable.append({"model": r["model"], "item": r["item"],
+                          "pellucid s": f"{r['pellucid']:.3f}", "peer s": f"{r['peer']:.3f}",
+                          "speed-up": f"{r['peer'] / r['pellucid']:.2f}x",
+                          "pellucid/floor": f"{r['pellucid'] / r['floor']:.2f}" if r["floor"] else "n/a",
+                          "agreement": r["agreement"]})
+    print(table(printable, ["model", "item", "pellucid s", "peer s", "speed-up", "pellucid/floor",
+                            "agreement"]))
+    totals = []
+    for kind in ("method", "metric", None):
+        part = [r for r in rows if kind is None or r["kind"] == kind]
+        if not part:
+            continue
+        ours = sum(r["pellucid"] for r in part)
+        peer = sum(r["peer"] for r in part)
+        floored = [r for r in part if r["floor"]]
+        floor_ratio = sum(r["pellucid"] for r in floored) / sum(r["floor"] for r in floored)
+        slower = [f"{r['model']}/{r['item']}" for r in part if r["pellucid"] > r["peer"]]
+        totals.append({"part": kind + "s" if kind else "whole grid", "pellucid s": f"{ours:.1f}",
+                       "peer s": f"{peer:.1f}", "speed-up": f"{peer / ours:.2f}x",
+                       "pellucid/floor": f"{floor_ratio:.2f}",
+                       "slower than peer": ", ".join(slower) or "none"})
+    print()
+    print(table(totals, ["part", "pellucid s", "peer s", "speed-up", "pellucid/floor",
+                         "slower than peer"]))
+    print()
+    print(table(memory_check(tasks, args.models, args.memory_mb, args.quick),
+                ["model", "method", "bound MiB", "peak growth MiB", "seconds"]))
+    if not args.no_ray:
+        with tempfile.TemporaryDirectory() as work:
+            print()
+            print(table(ray_scaling(tasks, args.models, Path(work)), ["workers", "seconds",
+                                                                      "speed-up"]))
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
+    print(f"\npellucid {pellucid.__version__}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, {device}; total {time.perf_counter() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
