@@ -31,7 +31,7 @@ def bootstrap_mean_ci(values: np.ndarray, resamples: int = 1000, seed: int = 0,
     """The percentile bootstrap interval of the mean (the one CheXlocalize's metric reports)."""
     from pellucid.metrics.protocols import bootstrap_ci
 
-    return bootstrap_ci(torch.as_tensor(np.asarray(values, dtype=np.float64)), resamples, level, seed)
+    return bootstrap_ci(torch.tensor(np.array(values, dtype=np.float64)), resamples, level, seed)
 
 
 def summary(frame: pd.DataFrame, by: list[str] | None = None, seed: int = 0) -> pd.DataFrame:
