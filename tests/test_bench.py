@@ -143,9 +143,12 @@ def test_sigkill_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path, tiny_
     done = len(list(parts.glob("*.parquet")))
     for part in parts.glob("*.parquet"):  # every part that exists is whole
         pd.read_parquet(part)
+    stale = parts / ".tmp-killed.parquet.partial"  # what a writer killed mid-file leaves
+    stale.write_bytes(b"")
     resumed = run_bench(parse_config(cfg), tmp_path / "killed", progress=False, report=False)
     whole = run_bench(parse_config(cfg), tmp_path / "whole", progress=False, report=False)
     assert 3 <= done < whole["unit"].nunique(), done  # killed mid-run
+    assert not stale.exists()
     pd.testing.assert_frame_equal(_values(resumed), _values(whole), atol=1e-6)
 
 

@@ -280,6 +280,9 @@ def test_forbidden_csrf_and_validation_paths(review_run, tmp_path):
     r = client.post(f"/r/{t1}/start", data=start | {"csrf": csrf1, "trust_start": "11"})
     assert r.status_code == 422 and "must be between 0 and 10, got 11" in r.text
     assert 'value="resident"' in r.text  # the rest of the answers stay in the form
+    r = client.post(f"/r/{t1}/start", data=start | {"csrf": csrf1, "role": "<script>x</script>",
+                                                    "years_experience": "-1"})
+    assert "<script>x</script>" not in r.text and "&lt;script&gt;" in r.text  # escaped
     r = client.post(f"/r/{t1}/start", data=start | {"csrf": csrf1}, follow_redirects=True)
     assert r.status_code == 200 and r.url.path == f"/r/{t1}/case/1"
     bad = {"csrf": csrf1, "finding": "maybe", "confidence": "9"}

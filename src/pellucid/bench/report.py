@@ -17,7 +17,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-from jinja2 import Environment, FileSystemLoader, select_autoescape
+from jinja2 import Environment, FileSystemLoader
 
 from pellucid.bench import stats
 from pellucid.bench.store import ResultStore
@@ -368,7 +368,7 @@ def write_report(out: str | Path, frame: pd.DataFrame | None = None) -> Path:
             if not tests.empty else pd.DataFrame()
         tasks.append(task)
     env = Environment(loader=FileSystemLoader(Path(__file__).parent / "templates"),
-                      autoescape=select_autoescape(["html"]))
+                      autoescape=True)  # select_autoescape would skip ".j2"
     env.filters["fmt"] = _fmt
     perf_rows = _performance_rows(perf)
     columns = list(dict.fromkeys(k for row in perf_rows for k in row))

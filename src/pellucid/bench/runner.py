@@ -349,6 +349,7 @@ def run_bench(config: BenchConfig | str | Path, out: str | Path | None = None,
     out.mkdir(parents=True, exist_ok=True)
     configure_threads(config.threads)
     store = ResultStore(out)
+    store.sweep()  # partial files of a killed earlier run (never committed parts)
     start = time.perf_counter()
     units: list[Unit] = []
     performance: dict[str, Any] = {}

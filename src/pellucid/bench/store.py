@@ -27,7 +27,7 @@ def unit_digest(key: str) -> str:
 
 def _atomic_write(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix + ".partial")
     try:
         with os.fdopen(fd, "wb") as fh:
             write(fh)
@@ -70,8 +70,16 @@ class ResultStore:
         with np.load(path) as data:
             return {k: data[k] for k in data.files}
 
+    def sweep(self) -> int:
+        """Remove temporary files left by a killed writer; returns how many."""
+        stale = [f for folder in (self.parts, self.maps) if folder.is_dir()
+                 for f in folder.glob(".tmp-*")]
+        for f in stale:
+            f.unlink(missing_ok=True)
+        return len(stale)
+
     def table(self) -> pd.DataFrame:
-        files = sorted(self.parts.glob("*.parquet"))
+        files = sorted(f for f in self.parts.glob("*.parquet") if not f.name.startswith("."))
         if not files:
             return pd.DataFrame()
         frame = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)

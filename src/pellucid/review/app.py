@@ -88,7 +88,11 @@ def create_review_app(db: str) -> FastAPI:
     engine = make_engine(db)
     migrate(engine)
     make_session = sessions(engine)
-    templates = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))
+    import jinja2
+
+    # autoescape everything: select_autoescape() would skip the ".j2" templates
+    loader = jinja2.FileSystemLoader(Path(__file__).parent / "templates")
+    templates = Jinja2Templates(env=jinja2.Environment(loader=loader, autoescape=True))
     app = FastAPI(title="pellucid review", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine = engine
 
