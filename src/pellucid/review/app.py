@@ -109,6 +109,18 @@ def create_review_app(db: str) -> FastAPI:
         study = s.get(Study, rater.study_id)
         return RaterContext(rater, study, csrf_token(study.secret, rater.id))
 
+    def verified(s: Session, request: Request, token: str,
+                 form: dict[str, str]) -> RaterContext | Response:
+        """The rater of a form submission, or the 403 page: unknown token, missing or foreign
+        CSRF token."""
+        ctx = rater_of(s, token)
+        if ctx is None:
+            return forbidden(request, "This invitation link is not valid.")
+        if not csrf_ok(ctx.study.secret, ctx.rater.id, form.get("csrf")):
+            return forbidden(request, "The form could not be verified (missing or wrong CSRF "
+                                      "token). Reload the page and try again.")
+        return ctx
+
     async def form_of(request: Request) -> dict[str, str]:
         return {k: str(v) for k, v in (await request.form()).items()}
 
@@ -147,12 +159,9 @@ def create_review_app(db: str) -> FastAPI:
 
     def start_sync(request: Request, token: str, form: dict[str, str]) -> Response:
         with make_session() as s, s.begin():
-            ctx = rater_of(s, token)
-            if ctx is None:
-                return forbidden(request, "This invitation link is not valid.")
-            if not csrf_ok(ctx.study.secret, ctx.rater.id, form.get("csrf")):
-                return forbidden(request, "The form could not be verified (missing or wrong CSRF "
-                                          "token). Reload the page and try again.")
+            ctx = verified(s, request, token, form)
+            if isinstance(ctx, Response):
+                return ctx
             errors: dict[str, str] = {}
             role = form.get("role", "").strip()
             if not role or len(role) > 100:
@@ -220,12 +229,9 @@ def create_review_app(db: str) -> FastAPI:
     def submit_sync(request: Request, token: str, position: int, stage: int,
                     form: dict[str, str]) -> Response:
         with make_session() as s, s.begin():
-            ctx = rater_of(s, token)
-            if ctx is None:
-                return forbidden(request, "This invitation link is not valid.")
-            if not csrf_ok(ctx.study.secret, ctx.rater.id, form.get("csrf")):
-                return forbidden(request, "The form could not be verified (missing or wrong CSRF "
-                                          "token). Reload the page and try again.")
+            ctx = verified(s, request, token, form)
+            if isinstance(ctx, Response):
+                return ctx
             a, case, read = load_case(s, ctx, position)
             if a is None or read is None or stage not in (1, 2, 3):
                 return page(request, "forbidden.html.j2", 404, why="No such case in your study.")
@@ -297,12 +303,9 @@ def create_review_app(db: str) -> FastAPI:
 
     def end_sync(request: Request, token: str, form: dict[str, str]) -> Response:
         with make_session() as s, s.begin():
-            ctx = rater_of(s, token)
-            if ctx is None:
-                return forbidden(request, "This invitation link is not valid.")
-            if not csrf_ok(ctx.study.secret, ctx.rater.id, form.get("csrf")):
-                return forbidden(request, "The form could not be verified (missing or wrong CSRF "
-                                          "token). Reload the page and try again.")
+            ctx = verified(s, request, token, form)
+            if isinstance(ctx, Response):
+                return ctx
             errors: dict[str, str] = {}
             values = {key: _int(form, key, lo, hi, key.replace("_", " ").capitalize(), errors)
                       for key, lo, hi in END_FIELDS}
