@@ -16,6 +16,7 @@ from pellucid import viz
 from pellucid.data.inputs import load_input
 from pellucid.errors import ConfigError
 from pellucid.explainers.base import upsample
+from pellucid.models.sliding import windowed
 from pellucid.models.store import LoadedModel
 from pellucid.targets import (
     ClassTarget,
@@ -180,21 +181,3 @@ def modality_summary(loaded: LoadedModel, x: torch.Tensor, target: Target | None
     return {"shapley": dict(zip(_channel_names(loaded, x), out["values"][0].tolist(), strict=True)),
             "f_all": float(out["full"][0]), "f_none": float(out["empty"][0])}
 
-
-def windowed(loaded: LoadedModel, roi_size: list[int], overlap: float = 0.25,
-             batch_size: int = 4) -> LoadedModel:
-    """``loaded`` applied by sliding window (MONAI) with patches of ``roi_size``. CAMs need the
-    network itself and are refused on the wrapper."""
-    import dataclasses
-
-    from pellucid.models.sliding import SlidingWindow
-
-    card = loaded.card
-    if card is not None and card.task != "segmentation":
-        raise ConfigError("sliding-window inference is for segmentation networks (dense outputs)")
-    if card is not None and len(roi_size) != card.spatial_dims:
-        raise ConfigError(f"sliding window {list(roi_size)} has {len(roi_size)} sides; the model is "
-                          f"{card.spatial_dims}D")
-    module = SlidingWindow(loaded.module, roi_size, overlap, batch_size).eval()
-    new_card = dataclasses.replace(card, default_layer=None) if card is not None else None
-    return dataclasses.replace(loaded, module=module, card=new_card)

@@ -21,7 +21,7 @@ from rich.console import Console
 from pellucid.bench import stats
 from pellucid.bench.config import BenchConfig, DatasetSpec, ModelSpec, load_config
 from pellucid.bench.store import ResultStore, unit_digest
-from pellucid.bench.units import Unit, execute_unit, focus_slice
+from pellucid.bench.units import Unit, execute_unit, focus_slice, with_window
 from pellucid.errors import ConfigError, DataError, PellucidError
 from pellucid.paths import shared_data_dir
 from pellucid.progress import track
@@ -43,7 +43,7 @@ class CaseSet:
     boxes: list[torch.Tensor] | None
     background: torch.Tensor
     truth: torch.Tensor | None = None  # the lesion masks of the explained classes
-    predicted: torch.Tensor | None = None  # the model's output for each target (see _predictions)
+    predicted: torch.Tensor | None = None  # the model's output for each target (see _scan)
     labels: torch.Tensor | None = None  # the ground truth: finding present (or the value)
 
 
@@ -150,18 +150,31 @@ def prepare_cases(dspec: DatasetSpec, mspec: ModelSpec, loaded) -> CaseSet:
     images = torch.stack([p[0]["image"] for p in pairs])
     x = card.normalize(images.float())
     classes = torch.tensor([k for _, k in pairs])
-    if (classes < 0).any():
-        with torch.no_grad():
-            classes = loaded.module.eval()(x).argmax(1)
     has_masks = all("mask" in p[0] for p in pairs)
-    mask_of = (lambda k: 0) if regression else (lambda k: k)  # a regressor's lesion: the first mask
-    masks = torch.stack([p[0]["mask"][mask_of(k)] > 0
-                         for (p, k) in zip(pairs, classes.tolist(), strict=True)]) \
-        if has_masks else None
-    truth = masks
+
+    def masks_of(chosen: torch.Tensor) -> torch.Tensor | None:  # a regressor's lesion: mask 0
+        if not has_masks:
+            return None
+        return torch.stack([p[0]["mask"][0 if regression else k] > 0
+                            for (p, k) in zip(pairs, chosen.tolist(), strict=True)])
+
+    errors = None
     if mspec.region in ("fp", "fn"):
-        masks, keep_rows = _error_regions(loaded, x, classes, masks, mspec.region, dspec.name)
-        x, images, classes, truth = x[keep_rows], images[keep_rows], classes[keep_rows], truth[keep_rows]
+        truth = masks_of(classes)
+        if truth is None:
+            raise DataError(dspec.name, f"region {mspec.region} needs ground-truth masks; the "
+                                        f"dataset has none")
+        errors = (mspec.region, truth)
+    classes, predicted, regions = _scan(loaded, x, classes, errors)
+    masks = truth = masks_of(classes)
+    if regions is not None:  # explain only the cases that have an error region
+        keep_rows = torch.nonzero(regions.flatten(1).any(1)).flatten()
+        if len(keep_rows) == 0:
+            kind = "false-positive" if mspec.region == "fp" else "false-negative"
+            raise DataError(dspec.name, f"no case has a {kind} region: nothing to explain")
+        masks = regions[keep_rows]
+        x, images, classes = x[keep_rows], images[keep_rows], classes[keep_rows]
+        truth, predicted = truth[keep_rows], predicted[keep_rows]
         pairs = [pairs[i] for i in keep_rows.tolist()]
     boxes = None
     if all("boxes" in p[0] for p in pairs):
@@ -173,7 +186,7 @@ def prepare_cases(dspec: DatasetSpec, mspec: ModelSpec, loaded) -> CaseSet:
     background = card.normalize(torch.stack([s["image"] for s in bg_source[:8]]).float())
     return CaseSet(x, images, classes, [names[k] for k in classes.tolist()],
                    [p[0]["case_id"] for p in pairs], masks, boxes, background, truth,
-                   _predictions(loaded, x, classes), labels)
+                   predicted, labels)
 
 
 def _truth_label(sample: dict, k: int, segmentation: bool, regression: bool) -> float:
@@ -185,46 +198,35 @@ def _truth_label(sample: dict, k: int, segmentation: bool, regression: bool) -> 
 
 
 @torch.no_grad()
-def _predictions(loaded, x: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
-    """Per (case, target): the class probability (classification), the largest voxel probability
-    of the channel (segmentation: "is there a lesion?"), or the predicted value (regression)."""
-    card = loaded.card
-    out = []
-    for start in range(0, len(x), 8):
-        y = loaded.module.eval()(x[start:start + 8]).float()
-        k = classes[start:start + 8].to(y.device)
-        if card.task == "regression":
-            out.append(y.gather(1, k[:, None])[:, 0])
-        elif card.task == "segmentation":
-            prob = torch.sigmoid(y) if card.activation == "sigmoid" else torch.softmax(y, 1)
-            out.append(prob[torch.arange(len(k)), k].flatten(1).amax(1))
-        else:
-            prob = torch.sigmoid(y) if card.activation == "sigmoid" else torch.softmax(y, 1)
-            out.append(prob.gather(1, k[:, None])[:, 0])
-    return torch.cat(out).cpu()
-
-
-def _error_regions(loaded, x: torch.Tensor, classes: torch.Tensor, truth: torch.Tensor | None,
-                   kind: str, dataset: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The false-positive or false-negative region of each case's segmentation and the rows whose
-    region is not empty (only those have an error to explain)."""
+def _scan(loaded, x: torch.Tensor, classes: torch.Tensor,
+          errors: tuple[str, torch.Tensor] | None = None
+          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """One chunked forward over the cases, giving: the classes (-1, "predicted", becomes the arg-max),
+    each target's prediction (the class probability; for segmentation the largest voxel probability
+    of the channel, "is there a lesion?"; for regression the value), and with ``errors = (kind,
+    truth)`` the false-positive or false-negative region of each case's segmentation."""
     from pellucid.targets import SegmentationErrorTarget
 
-    if truth is None:
-        raise DataError(dataset, f"region {kind} needs ground-truth masks; the dataset has none")
-    regions = []
-    with torch.no_grad():
-        for start in range(0, len(x), 8):
-            sl = slice(start, start + 8)
-            out = loaded.module.eval()(x[sl])
-            bound = SegmentationErrorTarget(truth[sl], classes[sl], kind, loaded.card.activation).bind(out)
-            regions.append(bound.region > 0)
-    region = torch.cat(regions)
-    rows = torch.nonzero(region.flatten(1).any(1)).flatten()
-    if len(rows) == 0:
-        raise DataError(dataset, f"no case has a {'false-positive' if kind == 'fp' else 'false-negative'}"
-                                 f" region: nothing to explain")
-    return region[rows], rows
+    card = loaded.card
+    chosen, scores, regions = [], [], []
+    for start in range(0, len(x), 8):
+        sl = slice(start, start + 8)
+        y = loaded.module.eval()(x[sl]).float()
+        k = classes[sl].to(y.device)
+        k = torch.where(k < 0, y.argmax(1), k) if y.ndim == 2 else k
+        if card.task == "regression":
+            scores.append(y.gather(1, k[:, None])[:, 0])
+        else:
+            prob = torch.sigmoid(y) if card.activation == "sigmoid" else torch.softmax(y, 1)
+            picked = prob[torch.arange(len(k)), k]
+            scores.append(picked.flatten(1).amax(1) if picked.ndim > 1 else picked)
+        if errors is not None:
+            kind, truth = errors
+            bound = SegmentationErrorTarget(truth[sl], k, kind, card.activation).bind(y)
+            regions.append((bound.region > 0).cpu())
+        chosen.append(k.cpu())
+    return (torch.cat(chosen), torch.cat(scores).cpu(),
+            torch.cat(regions) if errors is not None else None)
 
 
 def _lesion(sample: dict, k: int) -> bool:
@@ -358,10 +360,7 @@ def run_bench(config: BenchConfig | str | Path, out: str | Path | None = None,
     tasks: dict[str, Any] = {}
     for mname, mspec, dname, dspec in iter_tasks(config):
         loaded, folder = prepare_model(mspec, out, config.seed)
-        if mspec.sliding_window:
-            from pellucid.bench.units import load_task_model
-
-            loaded = load_task_model(str(folder), mspec.sliding_window)
+        loaded = with_window(loaded, mspec.sliding_window)
         cases = prepare_cases(dspec, mspec, loaded)
         perf_key = f"{mname}|{dname}"
         tasks[perf_key] = {"task": loaded.card.task, "region": mspec.region,

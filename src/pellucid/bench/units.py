@@ -52,24 +52,23 @@ def _device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def load_task_model(folder: str, sliding_window: dict[str, Any] | None = None, device: str = "cpu"):
-    """The saved model, wrapped for sliding-window inference when the task asks for it."""
-    from pellucid.explain_files import windowed
-    from pellucid.models import load_model
+def with_window(loaded, sliding_window: dict[str, Any] | None):
+    """The model wrapped for sliding-window inference when the task's spec asks for it."""
+    from pellucid.models.sliding import windowed
 
-    loaded = load_model(folder, device=device)
-    if sliding_window:
-        w = sliding_window
-        loaded = windowed(loaded, w["roi_size"], float(w.get("overlap", 0.25)),
-                          int(w.get("batch_size", 4)))
-        loaded.module.mode = w.get("mode", "gaussian")
-    return loaded
+    if not sliding_window:
+        return loaded
+    w = sliding_window
+    return windowed(loaded, w["roi_size"], float(w.get("overlap", 0.25)), int(w.get("batch_size", 4)),
+                    w.get("mode", "gaussian"))
 
 
 def _load(folder: str, sliding_window: dict[str, Any] | None = None):
+    from pellucid.models import load_model
+
     key = json.dumps([folder, sliding_window], sort_keys=True)
     if key not in _MODELS:
-        _MODELS[key] = load_task_model(folder, sliding_window, _device())
+        _MODELS[key] = with_window(load_model(folder, device=_device()), sliding_window)
     return _MODELS[key]
 
 

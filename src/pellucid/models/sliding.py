@@ -38,3 +38,20 @@ class SlidingWindow(nn.Module):
             raise ConfigError(f"roi_size {self.roi_size} does not match a {x.ndim - 2}D input")
         return sliding_window_inference(x, self.roi_size, self.batch_size, self.model,
                                         overlap=self.overlap, mode=self.mode)
+
+
+def windowed(loaded, roi_size: Sequence[int], overlap: float = 0.25, batch_size: int = 4,
+             mode: str = "gaussian"):
+    """A :class:`pellucid.models.LoadedModel` applied by sliding window with patches of
+    ``roi_size``; its card keeps everything but the CAM layer (CAMs are refused on the wrapper)."""
+    import dataclasses
+
+    card = loaded.card
+    if card is not None and card.task != "segmentation":
+        raise ConfigError("sliding-window inference is for segmentation networks (dense outputs)")
+    if card is not None and len(roi_size) != card.spatial_dims:
+        raise ConfigError(f"sliding window {list(roi_size)} has {len(roi_size)} sides; the model is "
+                          f"{card.spatial_dims}D")
+    module = SlidingWindow(loaded.module, roi_size, overlap, batch_size, mode).eval()
+    new_card = dataclasses.replace(card, default_layer=None) if card is not None else None
+    return dataclasses.replace(loaded, module=module, card=new_card)

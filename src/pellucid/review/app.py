@@ -19,7 +19,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
@@ -333,9 +333,9 @@ def create_review_app(db: str) -> FastAPI:
             raters = list(s.scalars(select(Rater).where(Rater.study_id == study.id)))
             out = []
             for r in raters:
-                n_done = len(list(s.scalars(select(Read.id).join(
+                n_done = s.scalar(select(func.count(Read.id)).join(
                     Assignment, Read.assignment_id == Assignment.id).where(
-                    Assignment.rater_id == r.id, Read.stage == 4))))
+                    Assignment.rater_id == r.id, Read.stage == 4))
                 out.append({"rater": r.label, "cases_done": n_done,
                             "finished": r.finished_at is not None})
             return JSONResponse({"study": study.name, "raters": out})
