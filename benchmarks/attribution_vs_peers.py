@@ -4,6 +4,7 @@ definitions coincide.
 
     .venv/bin/python benchmarks/attribution_vs_peers.py           # ResNet-18, one 224 px image
     .venv/bin/python benchmarks/attribution_vs_peers.py --quick   # 128 px, fewer samples
+    python benchmarks/attribution_vs_peers.py --device cuda         # on a GPU (TF32 off)
 
 Goal (issue 4): KernelSHAP and LIME with 200 samples at least 2x faster than Captum's defaults
 (one forward per sample) at the same number of samples.
@@ -19,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import table, timed
+from common import device_name, setup_device, table, timed
 
 import pellucid
 from pellucid.explainers.features import slic_labels
@@ -48,15 +49,17 @@ def example_image(size: int) -> torch.Tensor:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args()
+    device = setup_device(args.device)
     configure_threads()
     torch.manual_seed(0)
     size, samples, repeat = (128, 50, 1) if args.quick else (224, 200, 2)
-    model = build("resnet18", 2, 3, 14).module.eval()
-    x = example_image(size)
+    model = build("resnet18", 2, 3, 14).module.eval().to(device)
+    x = example_image(size).to(device)
     with torch.no_grad():
         cls = int(model(x).argmax())
-    labels = slic_labels(x[0], 50, 10.0)
+    labels = slic_labels(x[0], 50, 10.0).to(device)
     mask = labels[None, None].expand(1, 3, size, size)
     rows = []
 
@@ -100,12 +103,12 @@ def main() -> None:
     def zennit_lrp():
         with Gradient(model=model, composite=EpsilonPlusFlat(canonizers=[ResNetCanonizer()])) as a:
             out = model(x).detach()
-            return a(x, torch.eye(14)[[cls]] * out)[1]
+            return a(x, torch.eye(14, device=device)[[cls]] * out)[1]
 
     add("LRP EpsilonPlusFlat vs zennit", lambda: pellucid.explain(model, x, "lrp", target=cls),
         zennit_lrp, lambda o, p: f"max |diff| {float((o.raw - p).abs().max()):.1e}")
-    print(f"ResNet-18, one {size} px image, {torch.get_num_threads()} threads, SLIC "
-          f"{int(labels.max()) + 1} superpixels")
+    print(f"ResNet-18, one {size} px image, {torch.get_num_threads()} threads, "
+          f"{device_name(device)}, SLIC {int(labels.max()) + 1} superpixels")
     print(table(rows, ["method", "pellucid s", "peer s", "speed-up", "agreement"]))
 
 

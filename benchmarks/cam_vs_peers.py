@@ -4,6 +4,7 @@ pellucid/peer ratio and the ratio to the model's own forward+backward on that ba
 
     .venv/bin/python benchmarks/cam_vs_peers.py            # ResNet-18 224 px batch 16, DenseNet-121, U-Net
     .venv/bin/python benchmarks/cam_vs_peers.py --quick    # smaller inputs, a routine check
+    python benchmarks/cam_vs_peers.py --device cuda        # on a GPU (TF32 off: true float32)
 
 Goals (issue 3): Grad-CAM and Grad-CAM++ within 1.2x of the bare forward+backward and at least 2x
 faster than pytorch-grad-cam; Score-CAM at least 1.5x faster than pytorch-grad-cam's, equal output,
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import bare_forward_backward, peak_rss_mb, table, timed
+from common import bare_forward_backward, device_name, peak_rss_mb, setup_device, table, timed
 
 import pellucid
 from pellucid.models import build
@@ -78,8 +79,8 @@ def run_case(name, model, layer_name, x, methods, scorecam_batch, repeat, seg=Fa
         from pytorch_grad_cam.utils.model_targets import SemanticSegmentationTarget
 
         target = SegmentationTarget(0, masks)
-        peer_targets = [SemanticSegmentationTarget(0, m.numpy()) for m in masks]
-        cls = torch.zeros(len(x), dtype=torch.long)
+        peer_targets = [SemanticSegmentationTarget(0, m.cpu().numpy()) for m in masks]
+        cls = torch.zeros(len(x), dtype=torch.long, device=x.device)
     else:
         cls = out.argmax(1)
         target, peer_targets = cls, None
@@ -96,7 +97,7 @@ def run_case(name, model, layer_name, x, methods, scorecam_batch, repeat, seg=Fa
             model, xs, m, target=tgt, layer=layer_name), 1 if method == "scorecam" else repeat)
         ref_t, ref = timed(lambda xs=xs, m=method, ptg=ptg: peers_gradcam(m, model, layer, xs, ptg),
                            1 if method == "scorecam" else repeat)
-        diff = float(np.abs(ours.attributions[:, 0].numpy() - ref).max())
+        diff = float(np.abs(ours.attributions[:, 0].cpu().numpy() - ref).max())
         row = {"model": name, "method": method, "batch": len(xs), "pellucid s": f"{ours_t:.3f}",
                "pytorch-grad-cam s": f"{ref_t:.3f}", "speed-up": f"{ref_t / ours_t:.2f}x",
                "max |diff|": f"{diff:.1e}",
@@ -109,12 +110,13 @@ def run_case(name, model, layer_name, x, methods, scorecam_batch, repeat, seg=Fa
             row["max |diff|"] += (f" / {float((ours.attributions - cap).abs().max()):.0e}"
                                   f" / {float((ours.attributions - mon).abs().max()):.0e}")
         if method == "scorecam" and name == "resnet18":
+            dev = x.device
             mem_small, _ = peak_rss_mb(lambda xs=xs, tgt=tgt: pellucid.explain(
-                model, xs, "scorecam", target=tgt, layer=layer_name, batch_size=16))
+                model, xs, "scorecam", target=tgt, layer=layer_name, batch_size=16), dev)
             mem_big, _ = peak_rss_mb(lambda xs=xs, tgt=tgt: pellucid.explain(
-                model, xs, "scorecam", target=tgt, layer=layer_name, batch_size=128))
+                model, xs, "scorecam", target=tgt, layer=layer_name, batch_size=128), dev)
             mem_ref, _ = peak_rss_mb(lambda xs=xs, ptg=ptg: peers_gradcam("scorecam", model, layer,
-                                                                          xs, ptg))
+                                                                          xs, ptg), dev)
             row["peak MiB (bs16/bs128/peer)"] = f"{mem_small:.0f}/{mem_big:.0f}/{mem_ref:.0f}"
         rows.append(row)
     return bare, rows
@@ -123,11 +125,15 @@ def run_case(name, model, layer_name, x, methods, scorecam_batch, repeat, seg=Fa
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small inputs, one repeat")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args()
+    device = setup_device(args.device)
     threads = configure_threads()
     quiet_tqdm()
     torch.manual_seed(0)
     size, batch, repeat, sc_batch = (128, 4, 1, 1) if args.quick else (224, 16, 3, 2)
+    if device.type == "cuda" and not args.quick:
+        sc_batch = 16  # a GPU scores whole batches of masked inputs at once
     methods = ["gradcam", "gradcampp", "scorecam"]
     cases = [
         ("resnet18", build("resnet18", 2, 3, 14).module, "layer4", torch.randn(batch, 3, size, size),
@@ -138,9 +144,10 @@ def main() -> None:
          torch.randn(batch // 2, 4, size // 2, size // 2), True),
     ]
     print(f"pellucid {pellucid.__version__}, torch {torch.__version__}, {threads} threads, "
-          f"{platform.processor() or platform.machine()}")
+          f"{platform.processor() or platform.machine()}, {device_name(device)}")
     all_rows = []
     for name, model, layer, x, seg in cases:
+        model, x = model.to(device), x.to(device)
         bare, rows = run_case(name, model, layer, x, methods, sc_batch, repeat, seg)
         print(f"{name}: input {tuple(x.shape)}, bare forward+backward {bare:.3f} s")
         all_rows += rows

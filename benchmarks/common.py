@@ -12,16 +12,43 @@ from pathlib import Path
 import torch
 
 
+def setup_device(name: str) -> torch.device:
+    """The device the benchmark runs on. On a GPU, TF32 is turned off for convolutions and matrix
+    products, so that pellucid and its peers are compared in true float32 (a reduced precision is
+    only ever an explicit option)."""
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit(f"--device {name}: no CUDA device is visible")
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.benchmark = False
+    return device
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+
+
+def sync() -> None:
+    """Wait for queued GPU work, so that wall-clock times include it."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def timed(fn: Callable[[], object], repeat: int = 3, warmup: int = 1) -> tuple[float, object]:
-    """Median wall seconds of ``fn`` over ``repeat`` runs after ``warmup`` runs; and its result."""
+    """Median wall seconds of ``fn`` over ``repeat`` runs after ``warmup`` runs (GPU work
+    included: the device is synchronised around each run); and its result."""
     result = None
     for _ in range(warmup):
         result = fn()
     times = []
     for _ in range(repeat):
         gc.collect()
+        sync()
         start = time.perf_counter()
         result = fn()
+        sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times), result
 
@@ -33,10 +60,18 @@ def _status(field: str) -> float:
     return float("nan")
 
 
-def peak_rss_mb(fn: Callable[[], object]) -> tuple[float, object]:
-    """Extra peak resident memory (MiB) while ``fn`` runs: the kernel's high-water mark is reset
-    through /proc/self/clear_refs first (Linux)."""
+def peak_rss_mb(fn: Callable[[], object], device: torch.device | None = None) -> tuple[float, object]:
+    """Extra peak memory (MiB) while ``fn`` runs: on a GPU, CUDA's peak allocation above what was
+    allocated before; on the CPU the resident set, whose high-water mark is reset through
+    /proc/self/clear_refs first (Linux)."""
     gc.collect()
+    if device is not None and device.type == "cuda":
+        sync()
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        result = fn()
+        sync()
+        return (torch.cuda.max_memory_allocated(device) - base) / 2**20, result
     try:
         Path(f"/proc/{os.getpid()}/clear_refs").write_text("5")
     except OSError:

@@ -10,10 +10,13 @@ pellucid's Ray executor with 1 and 2 workers.
 
     .venv/bin/python benchmarks/vs_peers.py            # the full grid (about 10 minutes here)
     .venv/bin/python benchmarks/vs_peers.py --quick    # a routine check (under 2 minutes)
+    python benchmarks/vs_peers.py --device cuda --no-ray                    # the GPU table
+    python benchmarks/vs_peers.py --device cuda --no-ray --precision bf16   # pellucid under autocast
 
-Models are trained once into --models (default /tmp/pellucid-vs-peers) and reused. The grid runs
-on the CPU; a GPU run (and a measured mixed-precision option) is still to be added and checked on a
-lent device.
+Models are trained once into --models (default /tmp/pellucid-vs-peers) and reused. On a GPU TF32 is
+off (both sides compute in float32); ``--precision bf16|fp16`` runs pellucid's model calls under
+autocast (``pellucid.runtime.set_precision``) while the peers stay in float32, so the agreement
+column then measures what the reduced precision changes.
 """
 
 from __future__ import annotations
@@ -33,12 +36,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cam_vs_peers import peers_gradcam, quiet_tqdm
-from common import bare_forward_backward, peak_rss_mb, table
+from common import bare_forward_backward, device_name, peak_rss_mb, setup_device, sync, table
 from metrics_vs_quantus import per_image_seconds, without_ties
 
 import pellucid
 from pellucid.explainers.accelerate import inference_forward
-from pellucid.runtime import configure_threads, set_memory_limit
+from pellucid.runtime import configure_threads, set_memory_limit, set_precision
 from pellucid.targets import ClassTarget, SegmentationTarget
 
 warnings.filterwarnings("ignore")
@@ -49,14 +52,17 @@ def measure(fn) -> tuple[float, object]:
     further runs (the first one a warm-up), where scheduling noise would dominate. pellucid's
     optimised inference copy is built before any timing (the floor measurement builds it)."""
     gc.collect()  # once: a full collection costs ~0.3 s here, more than many items
+    sync()
     start = time.perf_counter()
     result = fn()
+    sync()
     t = time.perf_counter() - start
     if t < 0.5:
         times = []
         for _ in range(5):
             start = time.perf_counter()
             result = fn()
+            sync()
             times.append(time.perf_counter() - start)
         t = statistics.median(times)
     return t, result
@@ -103,6 +109,9 @@ def grid(quick: bool) -> list[Task]:
     # "bspline" option; Score-CAM is not run in 3D by the peer (its up-sampling is 2D only)
 
 
+DEVICE = torch.device("cpu")
+
+
 def trained(task: Task, root: Path):
     from pellucid.data import open_dataset
     from pellucid.models import TrainConfig, load_model, save_model, train
@@ -112,9 +121,9 @@ def trained(task: Task, root: Path):
         opts = {"size": task.size, **task.options}
         result = train(open_dataset(task.reader, split="train", n=task.n_train, **opts),
                        TrainConfig(arch=task.arch, epochs=task.epochs, batch_size=16, lr=2e-3,
-                                   progress=False))
-        save_model(folder, result.module, result.card)
-    return load_model(folder), folder
+                                   progress=False, device=str(DEVICE)))
+        save_model(folder, result.module.cpu(), result.card)
+    return load_model(folder, device=DEVICE), folder
 
 
 def cases(task: Task, loaded):
@@ -135,7 +144,7 @@ def cases(task: Task, loaded):
         if len(picked) == task.cases:
             break
     x = loaded.card.normalize(torch.stack(picked).float())
-    return x, torch.tensor(targets), torch.stack(masks)
+    return x.to(DEVICE), torch.tensor(targets, device=DEVICE), torch.stack(masks).to(DEVICE)
 
 
 # ---------------------------------------------------------------- the peer stack
@@ -161,9 +170,9 @@ def peer_explain(method: str, opts: dict, loaded, layer, x, y, region, features)
             SemanticSegmentationTarget,
         )
 
-        targets = [SemanticSegmentationTarget(0, region[i].float().numpy()) for i in range(len(x))] if seg \
-            else [ClassifierOutputTarget(int(k)) for k in y]
-        return torch.from_numpy(peers_gradcam(method, model, layer, x, targets))
+        targets = [SemanticSegmentationTarget(0, region[i].float().cpu().numpy())
+                   for i in range(len(x))] if seg else [ClassifierOutputTarget(int(k)) for k in y]
+        return torch.from_numpy(peers_gradcam(method, model, layer, x, targets)).to(x.device)
     fwd, target = (seg_forward(model, region.float()), None) if seg else (model, y)
     if method == "saliency":
         return Saliency(fwd).attribute(x, target=target)
@@ -191,6 +200,7 @@ def peer_explain(method: str, opts: dict, loaded, layer, x, y, region, features)
 
 
 def agreement(method: str, ours, peer) -> str:
+    peer = peer.to(ours.attributions.device)
     if method in ("gradcam", "gradcampp", "scorecam"):
         diff = (ours.attributions[:, 0] - peer).abs().max()
     elif method == "occlusion":
@@ -229,12 +239,12 @@ def run_task(task: Task, root: Path) -> list[dict]:
     with torch.inference_mode():
         fwd = per_image_seconds(fast, x, 16)
     fb = per_image_seconds(lambda xb: bare_forward_backward(
-        model, xb, torch.zeros(len(xb), dtype=torch.long)), x, 8)
+        model, xb, torch.zeros(len(xb), dtype=torch.long, device=xb.device)), x, 8)
     features = None
     if "kernelshap" in task.methods:
         from pellucid.explainers.features import slic_labels
 
-        features = torch.stack([slic_labels(x[i], 40, 10.0) for i in range(len(x))])
+        features = torch.stack([slic_labels(x[i], 40, 10.0) for i in range(len(x))]).to(x.device)
     print(f"{task.name}: {tuple(x.shape)}, forward {fwd * 1e3:.2f} ms/input (optimised, "
           f"batched), forward+backward {fb * 1e3:.2f} ms/input", flush=True)
     maps = {}
@@ -259,7 +269,8 @@ def run_task(task: Task, root: Path) -> list[dict]:
 
 def run_metrics(task, loaded, x, y, masks, maps, layer, fwd, fb, quantus) -> list[dict]:
     model = loaded.module
-    xn, yn, sn = x.numpy(), y.numpy(), masks[:, None].float().numpy()
+    xn, yn, sn = x.cpu().numpy(), y.cpu().numpy(), masks[:, None].float().cpu().numpy()
+    dev = str(x.device)
     n, size = len(x), task.size
     step = size * size // 16
     rows = []
@@ -273,36 +284,36 @@ def run_metrics(task, loaded, x, y, masks, maps, layer, fwd, fb, quantus) -> lis
 
     for method, exp in maps.items():
         a = without_ties(exp.attributions)
-        an = a.numpy()
+        an = a.cpu().numpy()
         add(f"pointing game [{method}]",
             lambda a=a: pellucid.evaluate(model, x, a, target=y, metrics=["pointing_game"],
                                           masks=masks),
             lambda an=an: quantus.PointingGame(disable_warnings=True)(
-                model=model, x_batch=xn, y_batch=yn, a_batch=an, s_batch=sn, device="cpu"),
-            0.0, lambda r: r["pointing_game"].scores.numpy())
+                model=model, x_batch=xn, y_batch=yn, a_batch=an, s_batch=sn, device=dev),
+            0.0, lambda r: r["pointing_game"].scores.cpu().numpy())
         add(f"relevance mass [{method}]",
             lambda a=a: pellucid.evaluate(model, x, a, target=y, metrics=["relevance_mass"],
                                           masks=masks),
             lambda an=an: quantus.RelevanceMassAccuracy(disable_warnings=True)(
-                model=model, x_batch=xn, y_batch=yn, a_batch=an, s_batch=sn, device="cpu"),
-            0.0, lambda r: r["relevance_mass"].scores.numpy())
+                model=model, x_batch=xn, y_batch=yn, a_batch=an, s_batch=sn, device=dev),
+            0.0, lambda r: r["relevance_mass"].scores.cpu().numpy())
         add(f"pixel flipping 16 steps [{method}]",
             lambda a=a: pellucid.evaluate(model, x, a, target=ClassTarget(
                 y, kind="probability", activation="softmax"),
                 metrics=[("pixel_flipping", {"features_in_step": step})]),
             lambda an=an: quantus.PixelFlipping(features_in_step=step, disable_warnings=True)(
-                model=model, x_batch=xn, y_batch=yn, a_batch=an, device="cpu", softmax=True),
-            n * 17 * fwd, lambda r: r["pixel_flipping"].curves.numpy())
+                model=model, x_batch=xn, y_batch=yn, a_batch=an, device=dev, softmax=True),
+            n * 17 * fwd, lambda r: r["pixel_flipping"].curves.cpu().numpy())
 
         def quantus_fc(an=an):
             np.random.seed(42)
             return quantus.FaithfulnessCorrelation(disable_warnings=True, return_aggregate=False)(
-                model=model, x_batch=xn, y_batch=yn, a_batch=an, device="cpu")
+                model=model, x_batch=xn, y_batch=yn, a_batch=an, device=dev)
 
         add(f"faithfulness correlation [{method}]",
             lambda a=a: pellucid.evaluate(model, x, a, target=ClassTarget(y, kind="logit"),
                                           metrics=["faithfulness_correlation"]),
-            quantus_fc, n * 101 * fwd, lambda r: r["faithfulness_correlation"].scores.numpy())
+            quantus_fc, n * 101 * fwd, lambda r: r["faithfulness_correlation"].scores.cpu().numpy())
     cam = maps["gradcam"]
 
     def peer_cam(model, inputs, targets, **_):
@@ -314,12 +325,12 @@ def run_metrics(task, loaded, x, y, masks, maps, layer, fwd, fb, quantus) -> lis
     def quantus_ms():
         np.random.seed(42)
         return quantus.MaxSensitivity(nr_samples=5, disable_warnings=True, return_aggregate=False)(
-            model=model, x_batch=xn, y_batch=yn, a_batch=cam.attributions.numpy(), device="cpu",
-            explain_func=peer_cam)
+            model=model, x_batch=xn, y_batch=yn, a_batch=cam.attributions.cpu().numpy(),
+            device=dev, explain_func=peer_cam)
 
     add("max-sensitivity 5 samples [gradcam]",
         lambda: pellucid.evaluate(model, x, cam, metrics=[("max_sensitivity", {"nr_samples": 5})]),
-        quantus_ms, n * 5 * fb, lambda r: r["max_sensitivity"].scores.numpy())
+        quantus_ms, n * 5 * fb, lambda r: r["max_sensitivity"].scores.cpu().numpy())
     return rows
 
 
@@ -337,7 +348,8 @@ def memory_check(tasks: list[Task], root: Path, bound_mb: float, quick: bool) ->
         for method in heavy[:1]:
             for bound in (None, bound_mb):
                 args = [sys.executable, __file__, "--probe", task.name, method, str(bound or 0),
-                        "--models", str(root)] + (["--quick"] if quick else [])
+                        "--models", str(root), "--device", str(DEVICE)] + \
+                    (["--quick"] if quick else [])
                 res = subprocess.run(args, capture_output=True, text=True, timeout=600)
                 probe = json.loads(res.stdout.strip().splitlines()[-1])
                 out.append({"model": task.name, "method": method,
@@ -358,7 +370,7 @@ def probe(task: Task, root: Path, method: str, bound_mb: float) -> None:
     set_memory_limit(bound_mb or None)
     inference_forward(loaded.module, x[:1])
     peak, exp = peak_rss_mb(lambda: pellucid.explain(loaded, x, method, target=target,
-                                                     **task.methods[method]))
+                                                     **task.methods[method]), DEVICE)
     print(json.dumps({"peak_mb": peak, "seconds": exp.cost.seconds}))
 
 
@@ -404,9 +416,15 @@ def main() -> None:
     parser.add_argument("--memory-mb", type=float, default=64.0,
                         help="the memory bound of batched forwards in the memory check")
     parser.add_argument("--no-ray", action="store_true", help="skip the Ray scaling runs")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
+                        help="pellucid's model calls under autocast (the peers stay in float32)")
     parser.add_argument("--probe", nargs=3, metavar=("MODEL", "METHOD", "BOUND_MB"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
+    global DEVICE
+    DEVICE = setup_device(args.device)
     if args.probe:
         configure_threads()
         task = next(t for t in grid(args.quick) if t.name == args.probe[0])
@@ -417,7 +435,11 @@ def main() -> None:
     quiet_tqdm()
     torch.manual_seed(0)
     tasks = grid(args.quick)
+    for task in tasks:  # train (or load) every model before anything is timed
+        trained(task, args.models)
+    set_precision(args.precision)
     rows = run_grid(tasks, args.models)
+    set_precision(None)
     printable = []
     for r in rows:
         printable.append({"model": r["model"], "item": r["item"],
@@ -444,17 +466,18 @@ def main() -> None:
     print()
     print(table(totals, ["part", "pellucid s", "peer s", "speed-up", "pellucid/floor",
                          "slower than peer"]))
-    print()
-    print(table(memory_check(tasks, args.models, args.memory_mb, args.quick),
-                ["model", "method", "bound MiB", "peak growth MiB", "seconds"]))
+    if not args.no_memory:
+        print()
+        print(table(memory_check(tasks, args.models, args.memory_mb, args.quick),
+                    ["model", "method", "bound MiB", "peak growth MiB", "seconds"]))
     if not args.no_ray:
         with tempfile.TemporaryDirectory() as work:
             print()
             print(table(ray_scaling(tasks, args.models, Path(work)), ["workers", "seconds",
                                                                       "speed-up"]))
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
     print(f"\npellucid {pellucid.__version__}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, {device}; total {time.perf_counter() - start:.0f} s")
+          f"{torch.get_num_threads()} threads, {device_name(DEVICE)}, pellucid precision "
+          f"{args.precision}; total {time.perf_counter() - start:.0f} s")
 
 
 if __name__ == "__main__":

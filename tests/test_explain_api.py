@@ -215,3 +215,14 @@ def test_loaded_model_supplies_layer_and_activation(chest_model):
     exp = pellucid.explain(chest_model, x, "gradcam", target=ClassTarget(1, kind="probability",
                                                                           activation="sigmoid"))
     assert exp.layer == "layer4" and exp.target.activation == "sigmoid"
+
+
+def test_scorecam_with_every_channel_constant_runs_no_empty_forward():
+    """A 16^3 volume leaves layer3 of a 3D ResNet at 1x1x1: every normalised map is all zero, so
+    every channel is scored by the one zero-input forward (regression: an empty chunk was run)."""
+    torch.manual_seed(0)
+    model = build("resnet18", 3, 1, 2).module.eval()
+    exp = pellucid.explain(model, torch.randn(1, 1, 16, 16, 16), "scorecam", layer="layer3")
+    assert exp.attributions.shape == (1, 1, 16, 16, 16)
+    assert torch.isfinite(exp.attributions).all()
+    assert exp.cost.forward_passes == 2  # the clean input and the zero input

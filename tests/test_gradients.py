@@ -113,3 +113,29 @@ def test_gradient_methods_on_3d_classification_and_segmentation(method):
     seg = pellucid.explain(unet, y, method, target=SegmentationTarget(1, "all"), **opts)
     assert seg.attributions.shape == (1, 1, 16, 16, 16) and torch.isfinite(seg.attributions).all()
     assert seg.attributions.abs().sum() > 0
+
+
+def test_smoothgrad_and_gradientshap_agree_with_captum_in_expectation():
+    """Native SmoothGrad / GradientSHAP draw their noise from a seeded CPU generator (the same on
+    every device), so they cannot equal Captum draw for draw; with many samples both estimate the
+    same expectation. Chunking never changes the draws."""
+    from captum.attr import GradientShap, NoiseTunnel
+    from captum.attr import Saliency as CaptumSaliency
+
+    torch.manual_seed(0)
+    model = build("resnet18", 2, 1, 3).module.eval()
+    x, background = torch.randn(2, 1, 48, 48), torch.randn(5, 1, 48, 48)
+    ours = pellucid.explain(model, x, "smoothgrad", target=0, samples=160, noise=0.1)
+    std = float(0.1 * (x.max() - x.min()))
+    ref = NoiseTunnel(CaptumSaliency(model)).attribute(x, nt_type="smoothgrad", nt_samples=160,
+                                                       stdevs=std, abs=True, target=0)
+    assert torch.corrcoef(torch.stack([ours.raw.flatten(), ref.flatten()]))[0, 1] > 0.95
+    ours = pellucid.explain(model, x, "gradientshap", target=0, samples=320, background=background)
+    ref = GradientShap(model).attribute(x, baselines=background, n_samples=320, target=0)
+    assert torch.corrcoef(torch.stack([ours.raw.flatten(), ref.flatten()]))[0, 1] > 0.95
+    for method, opts in (("smoothgrad", {"samples": 6}),
+                         ("gradientshap", {"samples": 6, "background": background, "noise": 0.1})):
+        small = pellucid.explain(model, x, method, target=0, batch_size=2, **opts)
+        large = pellucid.explain(model, x, method, target=0, batch_size=64, **opts)
+        assert torch.allclose(small.raw, large.raw, atol=1e-6), method
+        assert small.cost.forward_passes == 6 + 1 and large.cost.forward_passes == 1 + 1

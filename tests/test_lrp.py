@@ -47,21 +47,24 @@ def _net(arch, dims, opts, shape):
 
 @pytest.mark.parametrize("arch,dims,opts,shape", NETWORKS)
 def test_canonizers_keep_the_function_and_undo_themselves(arch, dims, opts, shape):
-    model = _net(arch, dims, opts, shape)
+    """In float64, so that the check sees the canonizer's algebra and not float32 rounding (folding
+    random BatchNorm statistics into 18 layers moves float32 outputs by up to ~1e-4)."""
+    torch.manual_seed(0)
+    model = _net(arch, dims, opts, shape).double()
     with torch.no_grad():  # non-trivial BatchNorm statistics
         for m in model.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.running_mean.uniform_(-0.5, 0.5)
                 m.running_var.uniform_(0.5, 2.0)
     model.eval()
-    x = torch.randn(*shape)
+    x = torch.randn(*shape, dtype=torch.float64)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
         ref = model(x)
     composite = build_composite("epsilonplusflat", model, x, {}, None, None)
     with canonized(model, composite), torch.no_grad():
         canon = model(x)
-    assert torch.allclose(canon, ref, atol=1e-5, rtol=1e-4)
+    assert (canon - ref).abs().max() <= 1e-5
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
     assert all("forward" not in m.__dict__ for m in model.modules())
@@ -77,7 +80,7 @@ def test_relevance_is_conserved_without_biases(arch, dims, opts, shape):
     assert abs(ratio - 1) < 0.05, f"{arch} {dims}D: relevance sum / score = {ratio}"
 
 
-def test_equal_to_zennit_on_torchvision_resnet(chest_model):
+def test_equal_to_zennit_on_torchvision_resnet(chest_model, monkeypatch):
     from zennit.attribution import Gradient
     from zennit.composites import EpsilonPlusFlat
     from zennit.torchvision import ResNetCanonizer
@@ -92,7 +95,19 @@ def test_equal_to_zennit_on_torchvision_resnet(chest_model):
     composite = EpsilonPlusFlat(canonizers=[ResNetCanonizer()])
     with Gradient(model=model, composite=composite) as attributor:
         _, ref = attributor(x, torch.eye(3)[cls] * model(x).detach())
-    assert torch.allclose(ours.raw, ref, atol=1e-5, rtol=1e-4)
+    # zennit's BatchNorm merge leaves x / sqrt(1 + eps) per layer; pellucid's is exact: the two
+    # differ by that shrink only, and agree once zennit's merge is made exact too
+    scale = ref.abs().max()
+    assert (ours.raw - ref).abs().max() <= 5e-3 * scale  # 1.2e-3 on this model
+    from zennit.canonizers import SequentialMergeBatchNorm
+
+    from pellucid.explainers.canonizers import exact_merge_batch_norm
+
+    monkeypatch.setattr(SequentialMergeBatchNorm, "merge_batch_norm",
+                        staticmethod(exact_merge_batch_norm))
+    with Gradient(model=model, composite=EpsilonPlusFlat(canonizers=[ResNetCanonizer()])) as att:
+        _, exact = att(x, torch.eye(3)[cls] * model(x).detach())
+    assert (ours.raw - exact).abs().max() <= 1e-6 * scale
     ratios = ours.extras["conservation"]
     assert torch.isfinite(ratios).all()  # trained: biases absorb some relevance (reported)
 
@@ -124,4 +139,9 @@ def test_other_composites_and_per_layer_rules(chest_model, composite):
 
 
 def test_canonizer_choice():
-    assert type(canonizers_for(build("resnet18", 2, 1, 2).module)[0]).__name__ == "ResNetCanonizer"
+    from zennit.torchvision import ResNetBasicBlockCanonizer
+
+    from pellucid.explainers.canonizers import ExactSequentialMergeBatchNorm
+
+    parts = [type(c) for c in canonizers_for(build("resnet18", 2, 1, 2).module)[0].canonizers]
+    assert ExactSequentialMergeBatchNorm in parts and ResNetBasicBlockCanonizer in parts

@@ -68,3 +68,28 @@ def test_gradcam_deletes_faster_than_random_on_phantoms(chest_model):
     assert ours["deletion"].mean() < base["deletion"].mean()
     assert ours["insertion"].mean() > base["insertion"].mean()
     assert ours["deletion"].curves.shape == (6, 128 * 128 // 128 + 1)
+
+
+def test_faithfulness_correlation_fast_sampler_draws_uniform_subsets():
+    """``sampler="fast"``: subsets without replacement, every feature equally likely (chi-square),
+    reproducible per seed; the metric runs with it and an unknown sampler is refused."""
+    from scipy.stats import chisquare
+
+    from pellucid.errors import ConfigError
+    from pellucid.metrics.faithfulness import random_subsets
+
+    subsets = random_subsets(64, 16, 200, 4, seed=3, sampler="fast")
+    assert subsets.shape == (200, 4, 16)
+    assert all(len(set(row.tolist())) == 16 for row in subsets.reshape(-1, 16))
+    counts = torch.bincount(subsets.flatten(), minlength=64).numpy()
+    assert chisquare(counts).pvalue > 0.001
+    assert torch.equal(subsets, random_subsets(64, 16, 200, 4, seed=3, sampler="fast"))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()
+    x, a = torch.randn(2, 1, 16, 16), torch.rand(2, 1, 16, 16)
+    r = pellucid.evaluate(model, x, a, target=0, metrics=[
+        ("faithfulness_correlation", {"sampler": "fast", "nr_runs": 20, "subset_size": 8})])
+    assert torch.isfinite(r["faithfulness_correlation"].scores).all()
+    with pytest.raises(ConfigError, match="sampler must be one of"):
+        pellucid.evaluate(model, x, a, target=0,
+                          metrics=[("faithfulness_correlation", {"sampler": "numpy"})])

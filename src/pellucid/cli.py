@@ -18,6 +18,9 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 console = Console()
 
 
+PRECISION_HELP = "fp32 (default), bf16 or fp16: model calls under autocast (changes the numbers)"
+
+
 def _split_list(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
@@ -147,11 +150,16 @@ def explain(
     user: Annotated[str | None, typer.Option(envvar="PELLUCID_PACS_USER", help="PACS user")] = None,
     password: Annotated[str | None, typer.Option(envvar="PELLUCID_PACS_PASSWORD",
                                                  help="PACS password")] = None,
+    precision: Annotated[str | None, typer.Option(help=PRECISION_HELP)] = None,
 ) -> None:
     """Explain a model on files (overlay PNGs, raw maps, summary.json), or on a PACS study
     (--pacs URL --study UID): results go back to the study as DICOM objects."""
     from pellucid.models import load_model
 
+    if precision is not None:
+        from pellucid.runtime import use_precision
+
+        use_precision(precision)
     loaded = load_model(model, weights)
     if pacs is not None:
         from pellucid.pacs import DicomWeb, pull_explain_push
@@ -190,11 +198,17 @@ def bench(config: Annotated[str, typer.Argument(help="YAML configuration (or a b
           executor: Annotated[str, typer.Option(help="local or ray")] = "local",
           address: Annotated[str | None, typer.Option(help="Ray cluster address (ray executor)")] = None,
           workers: Annotated[int | None, typer.Option(help="Ray workers of a local cluster")] = None,
-          no_report: Annotated[bool, typer.Option("--no-report", help="skip report.html")] = False
+          no_report: Annotated[bool, typer.Option("--no-report", help="skip report.html")] = False,
+          precision: Annotated[str | None, typer.Option(help=PRECISION_HELP)] = None
           ) -> None:
     """Run (or resume) a benchmark grid and write results, statistics and report.html."""
     from pellucid.bench import load_config, run_bench
     from pellucid.bench.runner import print_leaderboard
+
+    if precision is not None:
+        from pellucid.runtime import use_precision
+
+        use_precision(precision)
 
     cfg = load_config(config)
     folder = out or Path(f"bench_{cfg.name}")

@@ -1,9 +1,13 @@
-"""Process-wide settings: thread count, seeding, and the memory bound of batched forwards."""
+"""Process-wide settings: thread count, seeding, the memory bound of batched forwards, and the
+precision of model forwards."""
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
 import random
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -45,3 +49,74 @@ def memory_limit_bytes() -> int | None:
     if mb is None and os.environ.get("PELLUCID_MEMORY_LIMIT_MB"):
         mb = float(os.environ["PELLUCID_MEMORY_LIMIT_MB"])
     return int(mb * 2**20) if mb else None
+
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+_PRECISION: str | None = None
+
+
+def set_precision(name: str | None) -> None:
+    """Run every model forward (and its backward) that pellucid makes under ``torch.autocast`` with
+    ``"bf16"`` or ``"fp16"``; ``"fp32"`` or ``None`` (default) turns it off. Map arithmetic (CAM
+    weights, up-sampling, least squares, metric curves) stays in float32 and attributions are
+    float32 either way. Off unless asked for: it changes the numbers (benchmarks/vs_peers.py
+    ``--precision`` measures by how much). Also ``$PELLUCID_PRECISION``."""
+    global _PRECISION
+    if name is not None and name not in PRECISIONS:
+        from pellucid.errors import ConfigError
+
+        raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {name!r}")
+    _PRECISION = name
+
+
+def precision_name() -> str:
+    """The precision setting in force: ``set_precision``'s, else ``$PELLUCID_PRECISION``, else
+    ``"fp32"``."""
+    name = _PRECISION or os.environ.get("PELLUCID_PRECISION") or "fp32"
+    if name not in PRECISIONS:
+        from pellucid.errors import ConfigError
+
+        raise ConfigError(f"PELLUCID_PRECISION must be one of {', '.join(PRECISIONS)}, got {name!r}")
+    return name
+
+
+def autocast_dtype() -> torch.dtype | None:
+    """The autocast dtype of model forwards, or None for full precision."""
+    return PRECISIONS[precision_name()]
+
+
+def use_precision(name: str) -> None:
+    """``set_precision`` for this process and the workers it starts (through the environment)."""
+    set_precision(name)
+    os.environ["PELLUCID_PRECISION"] = name
+
+
+def reduced_precision() -> torch.dtype | None:
+    """The autocast dtype that model calls here use now (None inside ``full_precision``)."""
+    return None if _FULL_PRECISION.get() else autocast_dtype()
+
+
+_FULL_PRECISION: contextvars.ContextVar[bool] = contextvars.ContextVar("full", default=False)
+
+
+@contextlib.contextmanager
+def full_precision() -> Iterator[None]:
+    """Model calls inside run in float32 whatever the precision setting (LRP: zennit's rules
+    re-run each layer in the backward pass, outside any autocast region)."""
+    token = _FULL_PRECISION.set(True)
+    try:
+        yield
+    finally:
+        _FULL_PRECISION.reset(token)
+
+
+@contextlib.contextmanager
+def model_precision(device_type: str) -> Iterator[bool]:
+    """Autocast for one model call on ``device_type`` when a reduced precision is set; yields
+    whether it is on."""
+    dtype = reduced_precision()
+    if dtype is None:
+        yield False
+        return
+    with torch.autocast(device_type, dtype=dtype):
+        yield True

@@ -37,16 +37,17 @@ def _activate(output: torch.Tensor, kind: str, activation: str) -> torch.Tensor:
 
 def _class_indices(classes: int | Sequence[int] | torch.Tensor, batch: int, num: int,
                    device: torch.device) -> torch.Tensor:
-    idx = torch.as_tensor(classes, dtype=torch.long, device=device).flatten()
+    # checked where the indices are (Python or CPU): no GPU round trip for the usual targets
+    idx = torch.as_tensor(classes, dtype=torch.long).flatten()
     if idx.numel() == 1:
         idx = idx.expand(batch)
     if idx.numel() != batch:
         raise ConfigError(f"target classes: got {idx.numel()} class indices for a batch of {batch}")
-    bad = idx[(idx < 0) | (idx >= num)]
-    if bad.numel():
+    if idx.numel() and bool((idx.min() < 0) | (idx.max() >= num)):
+        bad = idx[(idx < 0) | (idx >= num)]
         raise ConfigError(f"target class index {int(bad[0])} is out of range for a model with "
                           f"{num} outputs (valid: 0..{num - 1})")
-    return idx.clone()
+    return idx.to(device=device, copy=True)
 
 
 class Target(ABC):

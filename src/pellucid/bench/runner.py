@@ -243,6 +243,15 @@ def _metric_hash(config: BenchConfig) -> str:
     return unit_digest(text)[:8]
 
 
+def unit_key(model: str, dataset: str, batch: int, label: str, metrics: str, seed: int) -> str:
+    """A unit's identity in the result store; a reduced precision is part of it, so a run resumed
+    under another precision never mixes its results with float32 ones."""
+    from pellucid.runtime import precision_name
+
+    key = f"{model}|{dataset}|{batch:04d}|{label}|{metrics}|{seed}"
+    return key if precision_name() == "fp32" else f"{key}|{precision_name()}"
+
+
 def make_units(config: BenchConfig, model: str, folder: Path, dataset: str, cases: CaseSet,
                mspec: ModelSpec, out: Path) -> list[Unit]:
     units = []
@@ -253,7 +262,7 @@ def make_units(config: BenchConfig, model: str, folder: Path, dataset: str, case
             continue
         for b, start in enumerate(range(0, n, config.batch_size)):
             sl = slice(start, start + config.batch_size)
-            key = f"{model}|{dataset}|{b:04d}|{method.label}|{metrics}|{config.seed}"
+            key = unit_key(model, dataset, b, method.label, metrics, config.seed)
             units.append(Unit(
                 key=key, model=model, model_folder=str(folder), dataset=dataset, method=method,
                 metrics=config.metrics, x=cases.x[sl], classes=cases.classes[sl],
@@ -279,8 +288,10 @@ def environment(config: BenchConfig) -> dict[str, Any]:
             versions[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
             versions[pkg] = None
+    from pellucid.runtime import precision_name
+
     return {"config": config.name, "config_hash": config.digest(), "seed": config.seed,
-            "versions": versions, "python": platform.python_version(),
+            "precision": precision_name(), "versions": versions, "python": platform.python_version(),
             "hardware": {"machine": platform.machine(), "processor": platform.processor(),
                          "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                          "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},

@@ -121,9 +121,12 @@ def _options(unit: Unit) -> dict[str, Any]:
 def _cache_path(unit: Unit) -> Path | None:
     if not unit.cache_dir:
         return None
+    from pellucid.runtime import precision_name
+
     text = json.dumps([unit.model, unit.dataset, unit.case_ids, unit.classes.tolist(),
                        unit.method.name, unit.method.options, unit.seed, unit.region, unit.layer,
-                       unit.reference, unit.sliding_window],
+                       unit.reference, unit.sliding_window]
+                      + ([precision_name()] if precision_name() != "fp32" else []),
                       sort_keys=True, default=str)
     return Path(unit.cache_dir) / f"{hashlib.sha1(text.encode()).hexdigest()[:20]}.pt"
 

@@ -1,12 +1,14 @@
 """Fast forward-only copies of a model for the many perturbed inputs of perturbation methods.
 
 ``inference_forward(model, example)`` returns a callable equal to ``model`` (to float rounding) that
-runs faster: a traced, frozen copy with ``torch.jit.optimize_for_inference`` (convolution +
-BatchNorm folding, oneDNN layouts on a CPU); oneDNN graph fusion was measured slower here, as it
+runs faster: on a CPU, a traced, frozen copy with ``torch.jit.optimize_for_inference`` (convolution
++ BatchNorm folding, oneDNN layouts); oneDNN graph fusion was measured slower here, as it
 re-compiles for every new batch shape. The user's model is never modified; the copy is cached
 while the model's parameters stay the same (same storage, same version counters). Models that
 cannot be traced, or whose copy disagrees with the original on the example, fall back to the
-plain module with channels-last inputs on CPU.
+plain module with channels-last inputs. On a GPU the plain module runs as is: there the traced
+copy re-specialised for every new chunk size (a U-Net's Score-CAM took 0.26 s instead of 0.03 s
+on an H200), while cuDNN already runs each layer at speed.
 """
 
 from __future__ import annotations
@@ -60,7 +62,18 @@ def _build(model: nn.Module, example: torch.Tensor) -> Forward:
 
 
 def inference_forward(model: nn.Module, example: torch.Tensor) -> Forward:
-    """A faster forward-only equivalent of ``model`` for inputs shaped like ``example``."""
+    """A faster forward-only equivalent of ``model`` for inputs shaped like ``example``. Under a
+    reduced precision (``pellucid.runtime.set_precision``) the plain module runs under autocast
+    and its output is returned as float32."""
+    from pellucid.runtime import model_precision, reduced_precision
+
+    if reduced_precision() is not None:
+        def mixed(x: torch.Tensor) -> torch.Tensor:
+            with model_precision(x.device.type):
+                return _first(model(x)).float()
+        return mixed
+    if example.device.type != "cpu":
+        return lambda x: _first(model(x))
     key = id(model)
     fingerprint = _fingerprint(model, example)
     cached = _CACHE.get(key)
@@ -127,6 +140,8 @@ class AutoBatch:
         """Yield (start, stop) ranges covering ``total``; time each one's processing."""
         import time
 
+        if total <= 0:
+            return  # nothing to run (e.g. every Score-CAM channel constant): no empty forward
         start = 0
         trials = list(CPU_TRIALS) if self.fixed is None and self.best is None else []
         if self.cap is not None:

@@ -29,19 +29,6 @@ def reduce_channels(attr: torch.Tensor, how: str) -> torch.Tensor:
     raise ConfigError(f"channel_reduce must be one of {REDUCTIONS}, got {how!r}")
 
 
-def score_function(runner: ModelRunner, bound: BoundTarget):
-    """``f(x, rows) -> (N,)`` target scores, counting forwards (and one backward for each forward
-    made with gradients on, as Captum differentiates every forward it makes)."""
-
-    def f(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        out = runner.forward(x)
-        if torch.is_grad_enabled() and x.requires_grad:
-            runner.cost.backward_passes += 1
-        return bound.score(out, rows.to(out.device))
-
-    return f
-
-
 @dataclass
 class InputAttribution(Explainer):
     """Base of methods whose attributions live in input space (not registered)."""

@@ -65,8 +65,11 @@ class ModelRunner:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.cost.forward_passes += 1
         self.cost.forward_samples += x.shape[0]
+        from pellucid.runtime import model_precision
+
         try:
-            out = self.model(x)
+            with model_precision(x.device.type) as mixed:
+                out = self.model(x)
         except RuntimeError as exc:
             if "shape" in str(exc) or "size" in str(exc) or "channels" in str(exc):
                 first = str(exc).strip().splitlines()[0]
@@ -77,7 +80,7 @@ class ModelRunner:
             out = out[0]
         if isinstance(out, dict):
             raise ModelError("the model returns a dict; wrap it so that it returns a tensor")
-        return out
+        return out.float() if mixed else out
 
     def fast_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Forward-only pass through a cached, optimised copy of the model (see accelerate.py)."""
@@ -120,21 +123,22 @@ def reset_peak_rss() -> int | None:
 def model_guard(model: nn.Module) -> Iterator[list]:
     """Put the model in eval mode with frozen parameters; on exit (also on error) remove every hook
     registered into the yielded list and restore train/eval modes and ``requires_grad``."""
-    modes = [(m, m.training) for m in model.modules()]
-    grads = [(p, p.requires_grad) for p in model.parameters()]
+    training = [m for m in model.modules() if m.training]
+    trainable = [p for p in model.parameters() if p.requires_grad]
     handles: list = []
     try:
-        model.eval()
-        for p, _ in grads:
+        if training:
+            model.eval()
+        for p in trainable:
             p.requires_grad_(False)
         yield handles
     finally:
         for h in handles:
             h.remove()
-        for m, mode in modes:
-            m.training = mode
-        for p, flag in grads:
-            p.requires_grad_(flag)
+        for m in training:
+            m.training = True
+        for p in trainable:
+            p.requires_grad_(True)
 
 
 def resolve_layer(model: nn.Module, layer: str | nn.Module) -> tuple[str, nn.Module]:

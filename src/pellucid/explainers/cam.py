@@ -98,7 +98,8 @@ class CAM(Explainer):
             bound = self.bind(target, output)
         if "activation" not in store:
             raise ModelError(f"layer {layer!r} was not reached by the forward pass")
-        acts = store.pop("activation")
+        acts = store.pop("activation").float()  # float32 map arithmetic under autocast too
+        grads = grads.float() if grads is not None else None
         store.clear()
         handles.pop().remove()
         if acts.ndim != inputs.ndim:
@@ -291,7 +292,7 @@ class AblationCAM(CAM):
             for start in range(0, c, self.batch_size):
                 chans = torch.arange(start, min(start + self.batch_size, c), device=acts.device)
                 copies = acts[i:i + 1].repeat(len(chans), *([1] * (acts.ndim - 1)))
-                copies[torch.arange(len(chans)), chans] = 0
+                copies[torch.arange(len(chans), device=acts.device), chans] = 0
                 rows = torch.full((len(chans),), i, device=acts.device, dtype=torch.long)
                 handles: list = []
                 replace_layer_output(module, handles, lambda out, copies=copies: copies)

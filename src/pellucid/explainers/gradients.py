@@ -1,5 +1,5 @@
-"""Gradient attributions, computed by Captum on pellucid targets (any classification or
-segmentation target, 2D or 3D). Per-channel results are kept in ``Explanation.raw``.
+"""Gradient attributions on pellucid targets (any classification or segmentation target, 2D or
+3D), checked against Captum. Per-channel results are kept in ``Explanation.raw``.
 
 =====================  =========================================================  ==================
 method                 attribution                                                source
@@ -14,7 +14,10 @@ gradientshap           E[(x - x0) * dy/dx(x0 + a (x - x0) + e)], x0 from a      
 =====================  =========================================================  ==================
 
 Saliency and input x gradient run natively (one forward, one backward; equal to Captum's output,
-tested); the others through Captum. Integrated gradients satisfies completeness:
+tested), SmoothGrad, GradientSHAP and integrated gradients natively too (equal to Captum's IG;
+noise drawn from a seeded CPU generator, so the same seed gives the same attributions on every
+device).
+Integrated gradients satisfies completeness:
 sum(attributions) = y(x) - y(x0) up to the quadrature error, reported as ``extras["delta"]``.
 """
 
@@ -32,7 +35,6 @@ from pellucid.explainers.attribution import (
     gaussian_blur,
     reduce_channels,
     rows_for,
-    score_function,
 )
 from pellucid.explainers.base import Explanation
 from pellucid.explainers.registry import register
@@ -125,36 +127,79 @@ def check_background(background: torch.Tensor, inputs: torch.Tensor) -> None:
 @register
 @dataclass
 class IntegratedGradients(InputAttribution):
-    """Integrated gradients along the straight path from a baseline (Sundararajan et al. 2017)."""
+    """Integrated gradients along the straight path from a baseline (Sundararajan et al. 2017):
+    (x - x0) * sum_k w_k dy/dx(x0 + a_k (x - x0)), nodes a_k and weights w_k of ``quadrature`` (Captum's
+    rules), path points batched ``batch_size`` rows per forward+backward; y(x0) for the
+    completeness delta rides along in the first batch."""
 
     steps: int = 64
     baseline: str | float | torch.Tensor = "zeros"
     blur_sigma: float = 5.0
     background: torch.Tensor | None = None
-    method: str = "gausslegendre"
+    quadrature: str = "gausslegendre"
     batch_size: int | None = None
     name: ClassVar[str] = "integratedgradients"
 
     def attribute(self, runner, model, inputs, bound, output):
-        from captum.attr import IntegratedGradients as CaptumIG
+        from captum.attr._utils.approximation_methods import approximation_parameters
 
         if self.steps < 1:
             raise ConfigError(f"steps must be >= 1, got {self.steps}")
+        try:
+            sizes_fn, alphas_fn = approximation_parameters(self.quadrature)
+        except ValueError:
+            raise ConfigError(f"integratedgradients: unknown quadrature {self.quadrature!r}; use "
+                              f"gausslegendre or riemann_left/right/middle/trapezoid") from None
+        weights, alphas = sizes_fn(self.steps), alphas_fn(self.steps)
         base = make_baseline(self.baseline, inputs, self.blur_sigma, self.background)
-        f = score_function(runner, bound)
-        attr, delta = CaptumIG(f).attribute(
-            inputs, baselines=base, n_steps=self.steps, method=self.method,
-            internal_batch_size=gradient_rows(self.batch_size, inputs),
-            additional_forward_args=(rows_for(inputs),),
-            return_convergence_delta=True)
-        return attr, {"delta": delta.detach(), "baseline": base}
+        b, diff = inputs.shape[0], inputs - base
+        per_call = max(1, gradient_rows(self.batch_size, inputs) // b)
+        rows, total, base_score = rows_for(inputs), torch.zeros_like(inputs), None
+        for start in range(0, self.steps, per_call):
+            chunk = range(start, min(start + per_call, self.steps))
+            points = [base + alphas[k] * diff for k in chunk]
+            if base_score is None:  # y(x0) for the completeness check rides along, no gradient
+                points.append(base)
+            x = torch.cat(points).requires_grad_(True)
+            with torch.enable_grad():
+                scores = bound.score(runner.forward(x), rows.repeat(len(points)))
+                (grad,) = runner.backward(scores[:len(chunk) * b].sum(), [x])
+            if base_score is None:
+                base_score = scores[len(chunk) * b:].detach()
+            for j, k in enumerate(chunk):
+                total += weights[k] * grad[j * b:(j + 1) * b]
+        attr = (total * diff).detach()
+        delta = attr.flatten(1).sum(1) - (bound.score(output, rows).detach() - base_score)
+        return attr, {"delta": delta, "baseline": base}
+
+
+def sampled_gradients(runner, bound, inputs: torch.Tensor, samples: int, rows_per_call: int,
+                      draw, combine) -> torch.Tensor:
+    """Mean over ``samples`` of ``combine(grad, extra)``, where ``draw()`` gives one sample's
+    (points, extra) for the whole batch and grad is the target's gradient at the points; as many
+    samples per forward+backward as ``rows_per_call`` allows. Draws are made in sample order, so
+    chunking never changes them."""
+    per_call = max(1, rows_per_call // inputs.shape[0])
+    rows = rows_for(inputs)
+    total = torch.zeros_like(inputs)
+    for start in range(0, samples, per_call):
+        k = min(per_call, samples - start)
+        drawn = [draw() for _ in range(k)]
+        points = torch.cat([d[0] for d in drawn]).requires_grad_(True)
+        with torch.enable_grad():
+            out = runner.forward(points)
+            (grad,) = runner.backward(bound.score(out, rows.repeat(k)).sum(), [points])
+        for j, (_, extra) in enumerate(drawn):
+            total += combine(grad[j * len(inputs):(j + 1) * len(inputs)].detach(), extra)
+    return total / samples
 
 
 @register
 @dataclass
 class SmoothGrad(InputAttribution):
     """SmoothGrad: saliency averaged over noisy copies, noise std = ``noise`` x (max - min) of the
-    batch (Smilkov et al. 2017); ``squared=True`` averages squared gradients (Hooker et al. 2019)."""
+    batch (Smilkov et al. 2017); ``squared=True`` averages squared gradients (Hooker et al. 2019).
+    Noise comes from a CPU generator seeded with ``seed``: the same on every device."""
 
     samples: int = 25
     noise: float = 0.15
@@ -165,20 +210,20 @@ class SmoothGrad(InputAttribution):
     name: ClassVar[str] = "smoothgrad"
 
     def attribute(self, runner, model, inputs, bound, output):
-        from captum.attr import NoiseTunnel
-        from captum.attr import Saliency as CaptumSaliency
-
         if self.samples < 1 or self.noise < 0:
             raise ConfigError("smoothgrad needs samples >= 1 and noise >= 0")
         std = float(self.noise * (inputs.max() - inputs.min()))
-        f = score_function(runner, bound)
-        samples_per_batch = max(1, gradient_rows(self.batch_size, inputs) // len(inputs))
-        with torch.random.fork_rng(devices=[inputs.device] if inputs.is_cuda else []):
-            torch.manual_seed(self.seed)
-            attr = NoiseTunnel(CaptumSaliency(f)).attribute(
-                inputs, nt_type="smoothgrad_sq" if self.squared else "smoothgrad",
-                nt_samples=self.samples, nt_samples_batch_size=samples_per_batch, stdevs=std,
-                abs=True, additional_forward_args=(rows_for(inputs),))
+        gen = torch.Generator(device="cpu").manual_seed(self.seed)
+
+        def draw():
+            eps = torch.randn(inputs.shape, generator=gen).to(inputs) * std
+            return inputs + eps, None
+
+        def combine(grad, _):
+            return grad.square() if self.squared else grad.abs()
+
+        attr = sampled_gradients(runner, bound, inputs, self.samples,
+                                 gradient_rows(self.batch_size, inputs), draw, combine)
         return attr, {"noise_std": std}
 
 
@@ -186,24 +231,38 @@ class SmoothGrad(InputAttribution):
 @dataclass
 class GradientSHAP(InputAttribution):
     """GradientSHAP / expected gradients: gradients at random points between the input and
-    baselines drawn from a background set (Lundberg & Lee 2017; Erion et al. 2021)."""
+    baselines drawn from a background set (Lundberg & Lee 2017; Erion et al. 2021).
+
+    Per sample and input: a baseline x0 drawn uniformly from ``background``, a ~ U(0, 1) and
+    (if ``noise`` > 0) e ~ N(0, noise^2); attribution = mean of (x + e - x0) * dy/dx at
+    x0 + a (x + e - x0) (Captum's GradientShap). Draws from a CPU generator seeded with ``seed``."""
 
     background: torch.Tensor | None = None
     samples: int = 32
     noise: float = 0.0
     seed: int = 0
+    batch_size: int | None = None
     name: ClassVar[str] = "gradientshap"
 
     def attribute(self, runner, model, inputs, bound, output):
-        from captum.attr import GradientShap
-
         if self.background is None:
             raise ConfigError("gradientshap needs background= (N, C, *spatial) reference images")
         check_background(self.background, inputs)
-        f = score_function(runner, bound)
-        with torch.random.fork_rng(devices=[inputs.device] if inputs.is_cuda else []):
-            torch.manual_seed(self.seed)
-            attr = GradientShap(f).attribute(
-                inputs, baselines=self.background.to(inputs), n_samples=self.samples,
-                stdevs=self.noise, additional_forward_args=(rows_for(inputs),))
+        if self.samples < 1 or self.noise < 0:
+            raise ConfigError("gradientshap needs samples >= 1 and noise >= 0")
+        background = self.background.to(inputs)
+        gen = torch.Generator(device="cpu").manual_seed(self.seed)
+        b, shape = inputs.shape[0], (-1, *([1] * (inputs.ndim - 1)))
+
+        def draw():
+            base = background[torch.randint(len(background), (b,), generator=gen).to(inputs.device)]
+            alpha = torch.rand(b, generator=gen).to(inputs).view(shape)
+            x = inputs
+            if self.noise > 0:
+                x = inputs + torch.randn(inputs.shape, generator=gen).to(inputs) * self.noise
+            return base + alpha * (x - base), x - base
+
+        attr = sampled_gradients(runner, bound, inputs, self.samples,
+                                 gradient_rows(self.batch_size, inputs), draw,
+                                 lambda grad, diff: grad * diff)
         return attr, {}

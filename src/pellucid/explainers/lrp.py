@@ -28,6 +28,7 @@ from pellucid.errors import ConfigError
 from pellucid.explainers.attribution import InputAttribution
 from pellucid.explainers.canonizers import canonized, canonizers_for
 from pellucid.explainers.registry import register
+from pellucid.runtime import full_precision
 
 COMPOSITES = ("epsilonplusflat", "epsilongammabox", "epsilonalpha2beta1")
 RULES = ("epsilon", "zplus", "alpha2beta1", "gamma", "flat", "pass")
@@ -90,7 +91,7 @@ class LRP(InputAttribution):
         if getattr(bound, "kind", "logit") != "logit":
             raise ConfigError("LRP explains logits; use a target with kind='logit'")
         composite = build_composite(self.composite, model, inputs, self.rules, self.low, self.high)
-        with canonized(model, composite), torch.enable_grad():
+        with canonized(model, composite), torch.enable_grad(), full_precision():
             x = inputs.clone().requires_grad_(True)
             out = runner.forward(x)
             score = bound.score(out)

@@ -21,6 +21,7 @@ blurred copy, or a number). The map paints each feature's value on its pixels.
 from __future__ import annotations
 
 import math
+import warnings
 from abc import abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
@@ -165,7 +166,16 @@ class KernelSHAP(FeatureAttribution):
         y = v - v0 - z[:, -1] * (v1 - v0)
         a = z[:, :-1] - z[:, -1:]
         aw = a * weights[:, None]
-        phi = torch.linalg.lstsq(aw.T @ a, aw.T @ y).solution
+        # a small (M-1) x (M-1) system, solved on the CPU: its rank-revealing driver (gelsy) is
+        # not offered on a GPU, whose 'gels' assumes full rank
+        gram = (aw.T @ a).cpu()
+        rank = int(torch.linalg.matrix_rank(gram))
+        if rank < m - 1:
+            warnings.warn(f"kernelshap: {len(z)} samples determine only {rank} of the {m - 1} free "
+                          f"Shapley values of {m} features (complementary pairs count once); the "
+                          f"minimum-norm solution is returned. Use samples >= {2 * m} or fewer "
+                          f"features", stacklevel=2)
+        phi = torch.linalg.lstsq(gram, (aw.T @ y).cpu()).solution.to(y.device)
         return torch.cat([phi, (v1 - v0 - phi.sum()).reshape(1)]).float()
 
     def _sample(self, m: int, device) -> torch.Tensor:

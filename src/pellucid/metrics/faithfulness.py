@@ -302,15 +302,30 @@ def pearson(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.where(den > 0, (a * b).sum(1) / den, torch.full_like(den, float("nan"))).float()
 
 
-def random_subsets(n_features: int, size: int, runs: int, batch: int, seed: int) -> torch.Tensor:
-    """(runs, batch, size) feature indices drawn without replacement by numpy's RandomState.
+SAMPLERS = ("quantus", "fast")
 
-    The stream is the one Quantus 0.6.0 consumes after ``np.random.seed(seed)``: per run, one draw
-    per sample, then ``batch`` uniforms (Quantus fills its "uniform" baseline on every perturbation
-    call whatever baseline is chosen), so equal seeds give equal subsets.
+
+def random_subsets(n_features: int, size: int, runs: int, batch: int, seed: int,
+                   sampler: str = "quantus") -> torch.Tensor:
+    """(runs, batch, size) feature indices drawn without replacement.
+
+    ``"quantus"``: the stream Quantus 0.6.0 consumes after ``np.random.seed(seed)``: per run, one
+    legacy ``RandomState.choice`` per sample (a full permutation of all features each), then
+    ``batch`` uniforms (Quantus fills its "uniform" baseline on every perturbation call whatever
+    baseline is chosen), so equal seeds give Quantus' subsets. ``"fast"``: numpy's ``Generator``
+    (PCG64) choice, which draws only ``size`` indices (Floyd's algorithm): the same distribution,
+    other draws, ~50x less sampling time (which bounds this metric on a GPU).
     """
     import numpy as np
 
+    if sampler not in SAMPLERS:
+        raise ConfigError(f"faithfulness_correlation: sampler must be one of {SAMPLERS}, got "
+                          f"{sampler!r}")
+    if sampler == "fast":
+        gen = np.random.default_rng(seed)
+        flat = [gen.choice(n_features, size, replace=False, shuffle=False)
+                for _ in range(runs * batch)]
+        return torch.as_tensor(np.stack(flat)).reshape(runs, batch, size)
     rng = np.random.RandomState(seed)
     draws = []
     for _ in range(runs):
@@ -326,7 +341,8 @@ class FaithfulnessCorrelation(Metric):
 
     Bhatt et al. 2020: for ``nr_runs`` random subsets S of ``subset_size`` pixels,
     corr_S( sum_{i in S} a_i , f(x) - f(x with S set to the baseline) ). Logits by default (as
-    Quantus); subsets drawn with a seeded numpy RandomState in Quantus' order.
+    Quantus); subsets drawn with a seeded numpy RandomState in Quantus' order (``sampler=
+    "quantus"``, equal to Quantus for equal seeds) or with the much faster ``sampler="fast"``.
     """
 
     nr_runs: int = 100
@@ -334,6 +350,7 @@ class FaithfulnessCorrelation(Metric):
     baseline: str | float = "black"
     probability: bool = False
     seed: int = 42
+    sampler: str = "quantus"
     name: ClassVar[str] = "faithfulness_correlation"
     category: ClassVar[str] = "faithfulness"
     higher_is_better: ClassVar[bool] = True
@@ -347,7 +364,8 @@ class FaithfulnessCorrelation(Metric):
         if not 0 < self.subset_size < n:
             raise ConfigError(f"faithfulness_correlation: subset_size must be in 1..{n - 1}, "
                               f"got {self.subset_size}")
-        subsets = random_subsets(n, self.subset_size, self.nr_runs, b, self.seed).to(x.device)
+        subsets = random_subsets(n, self.subset_size, self.nr_runs, b, self.seed,
+                                 self.sampler).to(x.device)
         flat = x.reshape(b, c, n)
         base = baseline_values(x, self.baseline)
         target = scoring_target(ctx, self.probability)

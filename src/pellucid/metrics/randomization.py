@@ -50,6 +50,21 @@ def randomisation_steps(model: nn.Module, granularity: str, depth: int) -> list[
     return steps
 
 
+def reset_as_on_cpu(module: torch.nn.Module, seed: int) -> None:
+    """``module.reset_parameters()`` after ``torch.manual_seed(seed)``, drawn on the CPU and copied
+    to the module's device: the same seed gives the same random weights on any device."""
+    torch.manual_seed(seed)
+    first = next(iter(module.parameters(recurse=False)), None)
+    if first is None or first.device.type == "cpu":
+        module.reset_parameters()
+        return
+    cpu = copy.deepcopy(module).cpu()
+    cpu.reset_parameters()
+    with torch.no_grad():
+        for (name, value) in cpu.state_dict().items():
+            module.state_dict()[name].copy_(value)
+
+
 def randomisation_baseline(maps: torch.Tensor, measure: str, pairs: int, seed: int) -> float:
     """Mean similarity of up to ``pairs`` random pairs of maps of different samples."""
     b = maps.shape[0]
@@ -94,8 +109,7 @@ class ModelRandomization(Metric):
         table: dict[str, dict[str, torch.Tensor]] = {}
         for step, names in track(steps, "cascading randomisation", enabled=self.progress):
             for name in names:
-                torch.manual_seed(self.seed + 1)
-                modules[name].reset_parameters()
+                reset_as_on_cpu(modules[name], self.seed + 1)
             maps = ctx.explain_fn(randomised, ctx.inputs, ctx.target)
             table[step] = {m: similarity(m, original, maps) for m in measures}
         last = table[steps[-1][0]][self.similarity]
