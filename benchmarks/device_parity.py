@@ -115,6 +115,67 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(diff.max() / scale)
 
 
+def method_row(case: dict, m: dict, device: torch.device) -> dict:
+    """One method on one case: same device out, same values as on the CPU."""
+    name, row = m["name"], {}
+    r = explain_both(case, name, m["needs_layer"], device)
+    gpu, cpu = r[device.type], r["cpu"]
+    on_device = gpu.attributions.device.type == device.type
+    if name == "counterfactual":
+        valid_gpu, valid_cpu = gpu.extras.get("valid"), cpu.extras.get("valid")
+        same = bool((valid_gpu == valid_cpu).all()) if isinstance(valid_gpu, torch.Tensor) else True
+        row["rel diff"] = "n/a (optimisation)"
+        ok = on_device and same
+    else:
+        d = relative(cpu.attributions, gpu.attributions)
+        row["rel diff"] = f"{d:.1e}"
+        ok = on_device and d <= FAMILY_TOLERANCE.get(m["family"], TOLERANCE)
+    row["on device"] = "yes" if on_device else "NO"
+    row["cpu s"], row["gpu s"] = f"{r['cpu s']:.2f}", f"{r[device.type + ' s']:.2f}"
+    row["result"] = "ok" if ok else "FAIL"
+    return row
+
+
+def metrics_row(case: dict, device: torch.device) -> dict:
+    """Every metric on one case's Grad-CAM map, on the CPU and on the device."""
+    specs = [(n["name"], METRIC_OPTIONS.get(n["name"], {})) for n in available_metrics()
+             if n["name"] not in ("box_accuracy", "msfi")]
+    scores, reference = {}, None
+    for dev in (torch.device("cpu"), device):
+        model = copy.deepcopy(case["model"]).to(dev)
+        x, target = case["x"].to(dev), _to(case["target"], dev)
+        e = pellucid.explain(model, x, "gradcam", target=target, layer=case["layer"])
+        # both devices score the CPU's map: a metric's own arithmetic is compared, not the rank
+        # order of two maps equal to 1e-6 (which moves a threshold's ties)
+        reference = e.attributions.cpu() if reference is None else reference
+        e = dataclasses.replace(e, attributions=reference.to(dev))
+        res = pellucid.evaluate(model, x, e, target=e.target, metrics=specs,
+                                masks=case["masks"].to(dev))
+        scores[dev.type] = {k: v.scores for k, v in res.items()}
+        assert all(v.scores.device.type in (dev.type, "cpu") for v in res.values())
+    worst, bad = 0.0, []
+    for k, v in scores["cpu"].items():
+        if k in NOT_COMPARED:
+            continue
+        d = relative(v, scores[device.type][k])
+        if not math.isfinite(d) or d > TOLERANCE:
+            bad.append(f"{k} {d:.1e}")
+        worst = max(worst, d if math.isfinite(d) else worst)
+    return {"rel diff": f"{worst:.1e}", "result": "FAIL" if bad else "ok", "error": ", ".join(bad)}
+
+
+def checked(row: dict, check) -> dict:
+    """``row`` completed by ``check()``; an exception becomes an ERROR row (one table of all)."""
+    try:
+        row.update(check())
+    except Exception as exc:
+        row["result"] = "ERROR"
+        row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:90]}"
+        traceback.print_exc(limit=4)
+    print(f"{row['case']:12s} {row['item']:20s} {row['result']} {row.get('error', '')}", flush=True)
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
@@ -122,76 +183,14 @@ def main() -> None:
     args = parser.parse_args()
     device = setup_device(args.device)
     start = time.perf_counter()
-    rows, failures = [], 0
-    methods = available_methods()
+    rows = []
     for case in cases():
-        for m in methods:
-            name = m["name"]
-            row = {"case": case["name"], "item": name}
-            try:
-                r = explain_both(case, name, m["needs_layer"], device)
-                gpu, cpu = r[device.type], r["cpu"]
-                on_device = gpu.attributions.device.type == device.type
-                if name == "counterfactual":
-                    same = bool((gpu.extras.get("valid") == cpu.extras.get("valid")).all()) \
-                        if isinstance(gpu.extras.get("valid"), torch.Tensor) else True
-                    row["rel diff"] = "n/a (optimisation)"
-                    ok = on_device and same
-                else:
-                    d = relative(cpu.attributions, gpu.attributions)
-                    row["rel diff"] = f"{d:.1e}"
-                    ok = on_device and d <= FAMILY_TOLERANCE.get(m["family"], TOLERANCE)
-                row["on device"] = "yes" if on_device else "NO"
-                row["cpu s"], row["gpu s"] = f"{r['cpu s']:.2f}", f"{r[device.type + ' s']:.2f}"
-                row["result"] = "ok" if ok else "FAIL"
-            except Exception as exc:  # report and go on: one table of everything
-                row["result"] = "ERROR"
-                row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:90]}"
-                traceback.print_exc(limit=3)
-                ok = False
-            failures += not ok
-            rows.append(row)
-            print(f"{row['case']:12s} {row['item']:20s} {row['result']}", flush=True)
-        if args.skip_metrics:
-            continue
-        row = {"case": case["name"], "item": "metrics (all)"}
-        try:
-            specs = [(n["name"], METRIC_OPTIONS.get(n["name"], {})) for n in available_metrics()
-                     if n["name"] not in ("box_accuracy", "msfi")]
-            scores, reference = {}, None
-            for dev in (torch.device("cpu"), device):
-                model = copy.deepcopy(case["model"]).to(dev)
-                x, target = case["x"].to(dev), _to(case["target"], dev)
-                e = pellucid.explain(model, x, "gradcam", target=target, layer=case["layer"])
-                # both devices score the CPU's map: a metric's own arithmetic is compared, not the
-                # rank order of two maps equal to 1e-6 (which moves a threshold's ties)
-                reference = e.attributions.cpu() if reference is None else reference
-                e = dataclasses.replace(e, attributions=reference.to(dev))
-                res = pellucid.evaluate(model, x, e, target=e.target, metrics=specs,
-                                        masks=case["masks"].to(dev))
-                scores[dev.type] = {k: v.scores for k, v in res.items()}
-                assert all(v.scores.device.type in (dev.type, "cpu") for v in res.values())
-            worst, bad = 0.0, []
-            for k, v in scores["cpu"].items():
-                if k in NOT_COMPARED:
-                    continue
-                d = relative(v, scores[device.type][k])
-                if not math.isfinite(d) or d > TOLERANCE:
-                    bad.append(f"{k} {d:.1e}")
-                worst = max(worst, d if math.isfinite(d) else worst)
-            row["rel diff"] = f"{worst:.1e}"
-            row["result"] = "ok" if not bad else "FAIL"
-            row["error"] = ", ".join(bad)
-            ok = not bad
-        except Exception as exc:
-            row["result"] = "ERROR"
-            row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:90]}"
-            traceback.print_exc(limit=4)
-            ok = False
-        failures += not ok
-        rows.append(row)
-        print(f"{row['case']:12s} {row['item']:20s} {row['result']} {row.get('error', '')}",
-              flush=True)
+        for m in available_methods():
+            rows.append(checked({"case": case["name"], "item": m["name"]},
+                                lambda case=case, m=m: method_row(case, m, device)))
+        if not args.skip_metrics:
+            rows.append(checked({"case": case["name"], "item": "metrics (all)"},
+                                lambda case=case: metrics_row(case, device)))
     columns = ["case", "item", "result", "on device", "rel diff", "cpu s", "gpu s", "error"]
     print(table(rows, columns))
     bad = [r for r in rows if r["result"] != "ok"]
@@ -201,7 +200,7 @@ def main() -> None:
     worst = max((float(r["rel diff"]) for r in rows if r.get("rel diff", "n/a")[0].isdigit()),
                 default=float("nan"))
     print(f"largest relative difference of the items compared: {worst:.1e}")
-    print(f"\n{len(rows) - failures} of {len(rows)} ok on {device_name(device)}, torch "
+    print(f"\n{len(rows) - len(bad)} of {len(rows)} ok on {device_name(device)}, torch "
           f"{torch.__version__}; {time.perf_counter() - start:.0f} s")
 
 
