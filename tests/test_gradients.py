@@ -139,3 +139,15 @@ def test_smoothgrad_and_gradientshap_agree_with_captum_in_expectation():
         large = pellucid.explain(model, x, method, target=0, batch_size=64, **opts)
         assert torch.allclose(small.raw, large.raw, atol=1e-6), method
         assert small.cost.forward_passes == 6 + 1 and large.cost.forward_passes == 1 + 1
+
+
+def test_integrated_gradients_quadratures_equal_captum_and_bad_names_are_refused():
+    torch.manual_seed(0)
+    model = build("resnet18", 2, 1, 3).module.eval()
+    x = torch.randn(2, 1, 48, 48)
+    for rule in ("riemann_trapezoid", "riemann_left"):
+        ours = pellucid.explain(model, x, "integratedgradients", target=1, steps=12, quadrature=rule)
+        ref = IntegratedGradients(model).attribute(x, target=1, n_steps=12, method=rule)
+        assert torch.allclose(ours.raw, ref, atol=1e-6), rule
+    with pytest.raises(ConfigError, match="unknown quadrature 'simpson'"):
+        pellucid.explain(model, x, "integratedgradients", quadrature="simpson")

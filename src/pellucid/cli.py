@@ -155,11 +155,9 @@ def explain(
     """Explain a model on files (overlay PNGs, raw maps, summary.json), or on a PACS study
     (--pacs URL --study UID): results go back to the study as DICOM objects."""
     from pellucid.models import load_model
+    from pellucid.runtime import use_precision
 
-    if precision is not None:
-        from pellucid.runtime import use_precision
-
-        use_precision(precision)
+    use_precision(precision)
     loaded = load_model(model, weights)
     if pacs is not None:
         from pellucid.pacs import DicomWeb, pull_explain_push
@@ -204,11 +202,9 @@ def bench(config: Annotated[str, typer.Argument(help="YAML configuration (or a b
     """Run (or resume) a benchmark grid and write results, statistics and report.html."""
     from pellucid.bench import load_config, run_bench
     from pellucid.bench.runner import print_leaderboard
+    from pellucid.runtime import use_precision
 
-    if precision is not None:
-        from pellucid.runtime import use_precision
-
-        use_precision(precision)
+    use_precision(precision)
 
     cfg = load_config(config)
     folder = out or Path(f"bench_{cfg.name}")

@@ -85,18 +85,21 @@ def autocast_dtype() -> torch.dtype | None:
     return PRECISIONS[precision_name()]
 
 
-def use_precision(name: str) -> None:
-    """``set_precision`` for this process and the workers it starts (through the environment)."""
+def use_precision(name: str | None) -> None:
+    """``set_precision`` for this process and the workers it starts (through the environment);
+    ``None`` (a command-line option left out) changes nothing."""
+    if name is None:
+        return
     set_precision(name)
     os.environ["PELLUCID_PRECISION"] = name
+
+
+_FULL_PRECISION: contextvars.ContextVar[bool] = contextvars.ContextVar("full", default=False)
 
 
 def reduced_precision() -> torch.dtype | None:
     """The autocast dtype that model calls here use now (None inside ``full_precision``)."""
     return None if _FULL_PRECISION.get() else autocast_dtype()
-
-
-_FULL_PRECISION: contextvars.ContextVar[bool] = contextvars.ContextVar("full", default=False)
 
 
 @contextlib.contextmanager

@@ -125,8 +125,7 @@ def _cache_path(unit: Unit) -> Path | None:
 
     text = json.dumps([unit.model, unit.dataset, unit.case_ids, unit.classes.tolist(),
                        unit.method.name, unit.method.options, unit.seed, unit.region, unit.layer,
-                       unit.reference, unit.sliding_window]
-                      + ([precision_name()] if precision_name() != "fp32" else []),
+                       unit.reference, unit.sliding_window, precision_name()],
                       sort_keys=True, default=str)
     return Path(unit.cache_dir) / f"{hashlib.sha1(text.encode()).hexdigest()[:20]}.pt"
 

@@ -20,6 +20,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from pellucid.runtime import memory_limit_bytes, model_precision, reduced_precision
+
 Forward = Callable[[torch.Tensor], torch.Tensor]
 _CACHE: dict[int, tuple[weakref.ref, tuple, Forward]] = {}
 
@@ -65,8 +67,6 @@ def inference_forward(model: nn.Module, example: torch.Tensor) -> Forward:
     """A faster forward-only equivalent of ``model`` for inputs shaped like ``example``. Under a
     reduced precision (``pellucid.runtime.set_precision``) the plain module runs under autocast
     and its output is returned as float32."""
-    from pellucid.runtime import model_precision, reduced_precision
-
     if reduced_precision() is not None:
         def mixed(x: torch.Tensor) -> torch.Tensor:
             with model_precision(x.device.type):
@@ -125,8 +125,6 @@ class AutoBatch:
     set_memory_limit``) no chunk exceeds limit / (activation bytes per input) inputs."""
 
     def __init__(self, fixed: int | None, model: nn.Module, example: torch.Tensor) -> None:
-        from pellucid.runtime import memory_limit_bytes
-
         self.key = (id(model), tuple(example.shape[1:]), example.device.type)
         self.fixed = fixed
         if fixed is None and example.device.type != "cpu":

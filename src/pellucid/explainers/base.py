@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pellucid.errors import ConfigError, ModelError
+from pellucid.runtime import model_precision
 from pellucid.targets import BoundTarget, Target, as_target
 
 UPSAMPLE_MODES = ("linear", "nearest", "bspline")
@@ -65,8 +66,6 @@ class ModelRunner:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.cost.forward_passes += 1
         self.cost.forward_samples += x.shape[0]
-        from pellucid.runtime import model_precision
-
         try:
             with model_precision(x.device.type) as mixed:
                 out = self.model(x)

@@ -60,9 +60,10 @@ def reset_as_on_cpu(module: torch.nn.Module, seed: int) -> None:
         return
     cpu = copy.deepcopy(module).cpu()
     cpu.reset_parameters()
+    own = module.state_dict()
     with torch.no_grad():
-        for (name, value) in cpu.state_dict().items():
-            module.state_dict()[name].copy_(value)
+        for name, value in cpu.state_dict().items():
+            own[name].copy_(value)
 
 
 def randomisation_baseline(maps: torch.Tensor, measure: str, pairs: int, seed: int) -> float:
