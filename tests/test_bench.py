@@ -121,6 +121,24 @@ def test_tidy_table_and_resume_skips_finished_units(tmp_path, tiny_model):
     assert (tmp_path / "out" / "results.csv").is_file()
 
 
+def test_metric_work_shared_between_methods_changes_no_value(tmp_path, tiny_model, monkeypatch):
+    """Units of two methods on the same cases share faithfulness correlation's perturbed forwards
+    and the clean forward (pellucid.bench.units.shared_metric_work); without sharing, every value
+    is the same."""
+    from pellucid.bench import units
+
+    metrics = [{"name": "faithfulness_correlation", "options": {"nr_runs": 8, "subset_size": 64}},
+               {"name": "deletion", "options": {"step": 256}}]
+    cfg = parse_config(_config(tiny_model, cases=2, metrics=metrics, cache=False))
+    shared = run_bench(cfg, tmp_path / "shared", progress=False, report=False)
+    calls: list = []
+    monkeypatch.setattr(units, "shared_metric_work", lambda unit: calls.append(unit) or {})
+    alone = run_bench(cfg, tmp_path / "alone", progress=False, report=False)
+    assert len(calls) >= 2  # at least one unit per method ran through it
+    assert shared["value"].notna().all()
+    pd.testing.assert_frame_equal(_values(shared), _values(alone))
+
+
 def test_sigkill_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path, tiny_model):
     cfg = _config(tiny_model, methods=("gradcam", "saliency", "occlusion", "lime"), cases=6,
                   cache=False)

@@ -93,3 +93,62 @@ def test_faithfulness_correlation_fast_sampler_draws_uniform_subsets():
     with pytest.raises(ConfigError, match="sampler must be one of"):
         pellucid.evaluate(model, x, a, target=0,
                           metrics=[("faithfulness_correlation", {"sampler": "numpy"})])
+
+
+class CountingModel(nn.Module):
+    """A small conv net that counts the rows it is run on (it refuses tracing, so pellucid runs
+    the module itself instead of an optimised copy)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                                 nn.Linear(4 * 8 * 8, 3))
+        self.rows = 0
+
+    def forward(self, x):
+        if torch.jit.is_tracing():
+            raise RuntimeError("counting needs the eager module")
+        self.rows += int(x.shape[0])
+        return self.net(x)
+
+
+def test_map_independent_work_is_shared_across_explanations_and_never_reused_wrongly():
+    from pellucid.metrics.base import digest
+
+    model = CountingModel().eval()
+    x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    maps = [torch.rand(3, 8, 8, generator=torch.Generator().manual_seed(s)) for s in (2, 3, 4)]
+    target = ClassTarget([0, 1, 2])
+    metrics = [("faithfulness_correlation", {"nr_runs": 10, "subset_size": 6}),
+               ("infidelity", {"n_perturb_samples": 4}), ("average_drop", {})]
+    alone = [pellucid.evaluate(model, x, a, target=target, metrics=metrics) for a in maps]
+    cache: dict = {}
+    model.rows = 0
+    first = pellucid.evaluate(model, x, maps[0], target=target, metrics=metrics, cache=cache)
+    rows_first = model.rows
+    model.rows = 0
+    second = pellucid.evaluate(model, x, maps[1], target=target, metrics=metrics, cache=cache)
+    # first: binding the target, clean logits, 10 + 4 perturbations per case, clean probabilities
+    # and the masked input of average drop; the second map only binds and runs its masked input
+    assert rows_first == 3 + 3 + 3 * 10 + 3 * 4 + 3 + 3 and model.rows == 3 + 3
+    for got, ref in ((first, alone[0]), (second, alone[1])):
+        for name in ("faithfulness_correlation", "infidelity", "average_drop"):
+            torch.testing.assert_close(got[name].scores, ref[name].scores, rtol=0, atol=0,
+                                       equal_nan=True)
+    # other inputs, another target, changed weights: the cache is emptied, values stay right
+    y = x.flip(-1)
+    other = pellucid.evaluate(model, y, maps[2], target=target, metrics=metrics, cache=cache)
+    fresh = pellucid.evaluate(model, y, maps[2], target=target, metrics=metrics)
+    again = pellucid.evaluate(model, x, maps[2], target=ClassTarget(0), metrics=metrics, cache=cache)
+    fresh_again = pellucid.evaluate(model, x, maps[2], target=ClassTarget(0), metrics=metrics)
+    with torch.no_grad():
+        model.net[0].weight.mul_(2.0)
+    changed = pellucid.evaluate(model, x, maps[2], target=target, metrics=metrics, cache=cache)
+    fresh_changed = pellucid.evaluate(model, x, maps[2], target=target, metrics=metrics)
+    for got, ref in ((other, fresh), (again, fresh_again), (changed, fresh_changed)):
+        for name in ("faithfulness_correlation", "infidelity", "average_drop"):
+            torch.testing.assert_close(got[name].scores, ref[name].scores, equal_nan=True)
+    assert not torch.equal(changed["infidelity"].scores, alone[2]["infidelity"].scores)
+    assert digest(x, target) == digest(x.clone(), ClassTarget([0, 1, 2]))
+    assert digest(x) != digest(y) and digest(x) != digest(x.double())

@@ -9,6 +9,7 @@ import hashlib
 import json
 import math
 import zlib
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,23 @@ from pellucid.bench.config import Entry
 from pellucid.errors import PellucidError
 
 _MODELS: dict[str, Any] = {}  # model folder -> LoadedModel, per process
+_SHARED: OrderedDict[str, dict] = OrderedDict()  # metric work shared by the units of one case set
+
+
+def shared_metric_work(unit: Unit) -> dict:
+    """The evaluate() cache of the unit's model and cases: units of different methods on the same
+    cases share the clean forward and the map-independent perturbations (faithfulness correlation,
+    infidelity); evaluate() empties it if the inputs or target differ after all. The last 8 case
+    sets are kept (a few small tensors each)."""
+    key = json.dumps([unit.model_folder, unit.dataset, unit.case_ids, unit.classes.tolist(),
+                      unit.region, unit.sliding_window], sort_keys=True, default=str)
+    if key in _SHARED:
+        _SHARED.move_to_end(key)
+    else:
+        _SHARED[key] = {}
+        while len(_SHARED) > 8:
+            _SHARED.popitem(last=False)
+    return _SHARED[key]
 
 
 @dataclass
@@ -208,7 +226,7 @@ def execute_unit(unit: Unit) -> tuple[list[dict[str, Any]], dict[str, np.ndarray
                 reasons[metric.label] = reason
             else:
                 todo.append(metric)
-        shared: dict = {}  # the clean forward and other work shared by the unit's metrics
+        shared = shared_metric_work(unit)  # the clean forward and other map-independent work
         for metric in todo:  # one evaluate() per metric keeps a failing metric from hiding others
             try:
                 out = pellucid.evaluate(loaded, unit.x, explanation,

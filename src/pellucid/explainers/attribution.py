@@ -43,14 +43,18 @@ class InputAttribution(Explainer):
                   bound: BoundTarget, output: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """Per-channel attributions (B, C, *spatial) and extras."""
 
+    def clean_forward(self, runner: ModelRunner, inputs: torch.Tensor) -> torch.Tensor:
+        """The unperturbed output, which binds the target (no gradient)."""
+        with torch.no_grad():
+            return runner.forward(inputs)
+
     def _explain(self, runner: ModelRunner, model: nn.Module, inputs: torch.Tensor,
                  target: Target | BoundTarget | None, layer: str | None,
                  handles: list) -> Explanation:
         if self.channel_reduce not in REDUCTIONS:
             raise ConfigError(f"channel_reduce must be one of {REDUCTIONS}, got "
                               f"{self.channel_reduce!r}")
-        with torch.no_grad():
-            output = runner.forward(inputs)
+        output = self.clean_forward(runner, inputs)
         bound = self.bind(target, output)
         attr, extras = self.attribute(runner, model, inputs, bound, output)
         attr = attr.detach()

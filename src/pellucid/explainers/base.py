@@ -122,8 +122,10 @@ def reset_peak_rss() -> int | None:
 def model_guard(model: nn.Module) -> Iterator[list]:
     """Put the model in eval mode with frozen parameters; on exit (also on error) remove every hook
     registered into the yielded list and restore train/eval modes and ``requires_grad``."""
-    training = [m for m in model.modules() if m.training]
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    modules = list(model.modules())  # one walk of the tree (this runs on every call)
+    training = [m for m in modules if m.training]
+    trainable = [p for m in modules for p in m._parameters.values()
+                 if p is not None and p.requires_grad]
     handles: list = []
     try:
         if training:

@@ -4,6 +4,7 @@ explanation, target, ground truth) and the per-sample result (NaN = sample exclu
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -52,7 +53,65 @@ class Context:
     boxes: list[torch.Tensor] | None = None
     explanation: Any = None
     explain_fn: ExplainFn | None = None
-    cache: dict[Any, Any] = field(default_factory=dict)  # work shared between metrics of one call
+    cache: dict[Any, Any] = field(default_factory=dict)  # work shared between metrics and calls
+    _checked: bool = field(default=False, repr=False)
+    _map_digest: str | None = field(default=None, repr=False)
+
+    def shared(self, key: tuple, compute: Callable[[], Any], per_map: bool = True) -> Any:
+        """``compute()``, memoised in ``cache`` under ``key``. ``per_map=True``: work that reads the
+        attributions, shared between the metrics of one map; ``per_map=False``: work that depends on
+        the model, inputs and target only (the clean forward, faithfulness correlation's random
+        subsets), shared by every map of the same cases evaluated with the same ``cache``. A cache
+        filled for other inputs, target or model weights is emptied first, never reused."""
+        if not self._checked:
+            owner = digest(_weights_key(self.model), self.inputs, self.target)
+            if self.cache.get(_OWNER) != owner:
+                self.cache.clear()
+                self.cache[_OWNER] = owner
+            self._checked = True
+        if per_map:
+            if self._map_digest is None:
+                self._map_digest = digest(self.attributions)
+            key = (*key, self._map_digest)
+        if key not in self.cache:
+            self.cache[key] = compute()
+        return self.cache[key]
+
+
+_OWNER = "inputs, target and model the cache was filled for"
+
+
+def _weights_key(model: nn.Module | None) -> tuple:
+    if model is None:
+        return ()
+    return (id(model), *((t.data_ptr(), t._version) for t in model.state_dict(keep_vars=True).values()))
+
+
+def _feed(h: Any, part: Any) -> None:
+    if isinstance(part, torch.Tensor):
+        t = part.detach().contiguous().cpu()
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif dataclasses.is_dataclass(part) and not isinstance(part, type):
+        h.update(type(part).__name__.encode())
+        for f in dataclasses.fields(part):
+            _feed(h, getattr(part, f.name))
+    elif isinstance(part, (tuple, list)):
+        h.update(b"(")
+        for item in part:
+            _feed(h, item)
+        h.update(b")")
+    else:
+        h.update(repr(part).encode())
+
+
+def digest(*parts: Any) -> str:
+    """A content digest (BLAKE2b) of tensors (dtype, shape, bytes), dataclasses (their fields) and
+    plain values (repr): equal for equal content whatever the objects' identity."""
+    h = hashlib.blake2b(digest_size=16)
+    for part in parts:
+        _feed(h, part)
+    return h.hexdigest()
 
 
 class Metric(ABC):

@@ -72,8 +72,11 @@ def evaluate(model: Any, inputs: torch.Tensor, explanation: Any, target: Any = N
     ``masks`` (B, [1,] *spatial) or ``boxes`` (per sample (N, 4) as x0, y0, x1, y1 pixels) give the
     ground truth for localisation metrics. Robustness and randomisation metrics re-explain: with an
     Explanation they re-run its method; with a bare tensor pass ``explain_fn(model, inputs,
-    bound_target) -> (N, *spatial)``. ``cache`` (a dict) shares work such as the clean forward
-    between calls on the same inputs, explanation and target. Returns {metric name: MetricResult}.
+    bound_target) -> (N, *spatial)``. ``cache`` (a dict) shares work between calls: the clean
+    forward and the perturbations that do not read the map (faithfulness correlation's random
+    subsets, infidelity's noise) across every explanation of the same inputs and target; the rest
+    per map. A cache filled for other inputs, target or weights is emptied, never reused.
+    Returns {metric name: MetricResult}.
     """
     attributions = getattr(explanation, "attributions", explanation)
     if not isinstance(attributions, torch.Tensor):

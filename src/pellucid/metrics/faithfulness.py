@@ -175,10 +175,7 @@ class Insertion(_Curve):
 def _masked_scores(ctx: Context, probability: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Scores Y on the inputs and O on the inputs times the min-max map; computed once per
     evaluate() call for Average Drop and Increase in Confidence together."""
-    key = ("masked_scores", probability)
-    if key not in ctx.cache:
-        ctx.cache[key] = _compute_masked_scores(ctx, probability)
-    return ctx.cache[key]
+    return ctx.shared(("masked_scores", probability), lambda: _compute_masked_scores(ctx, probability))
 
 
 def _compute_masked_scores(ctx: Context, probability: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -244,14 +241,13 @@ def baseline_values(x: torch.Tensor, baseline: str | float) -> torch.Tensor:
 
 
 def clean_scores(ctx: Context, probability: bool) -> torch.Tensor:
-    """Target scores on the unperturbed inputs, computed once per evaluate() call."""
-    key = ("clean", probability)
-    if key not in ctx.cache:
+    """Target scores on the unperturbed inputs, computed once per inputs, target and cache."""
+    def compute() -> torch.Tensor:
         target = scoring_target(ctx, probability)
         rows = torch.arange(ctx.inputs.shape[0], device=ctx.inputs.device)
-        ctx.cache[key] = run_batches(ctx.model, lambda lo, hi: ctx.inputs[lo:hi],
-                                     ctx.inputs.shape[0], ctx.inputs, target, lambda lo, hi: rows[lo:hi])
-    return ctx.cache[key]
+        return run_batches(ctx.model, lambda lo, hi: ctx.inputs[lo:hi], ctx.inputs.shape[0],
+                           ctx.inputs, target, lambda lo, hi: rows[lo:hi])
+    return ctx.shared(("clean", probability), compute, per_map=False)
 
 
 @register
@@ -357,18 +353,29 @@ class FaithfulnessCorrelation(Metric):
     needs: ClassVar[frozenset[str]] = frozenset({"model"})
 
     def compute(self, ctx: Context) -> MetricResult:
-        x = ctx.inputs
-        b, c = x.shape[:2]
-        spatial = tuple(x.shape[2:])
-        n = math.prod(spatial)
+        b, n = ctx.inputs.shape[0], math.prod(ctx.inputs.shape[2:])
         if not 0 < self.subset_size < n:
             raise ConfigError(f"faithfulness_correlation: subset_size must be in 1..{n - 1}, "
                               f"got {self.subset_size}")
+        key = ("faithfulness_correlation", self.nr_runs, self.subset_size, self.baseline,
+               self.probability, self.seed, self.sampler)
+        subsets, perturbed = ctx.shared(key, lambda: self._perturbed(ctx, n), per_map=False)
+        drops = clean_scores(ctx, self.probability)[:, None] - perturbed
+        a = ctx.attributions.reshape(b, n).double()
+        sums = a.gather(1, subsets.permute(1, 0, 2).reshape(b, -1)).reshape(
+            b, self.nr_runs, -1).sum(2)  # (B, nr_runs): sum_S a
+        return MetricResult(self.name, pearson(sums, drops), True,
+                            extras={"attribution_sums": sums, "score_drops": drops})
+
+    def _perturbed(self, ctx: Context, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (nr_runs, B, subset_size) subsets and the (B, nr_runs) scores with each subset at
+        the baseline: neither reads the map."""
+        x = ctx.inputs
+        b, c = x.shape[:2]
         subsets = random_subsets(n, self.subset_size, self.nr_runs, b, self.seed,
                                  self.sampler).to(x.device)
         flat = x.reshape(b, c, n)
         base = baseline_values(x, self.baseline)
-        target = scoring_target(ctx, self.probability)
         pairs = torch.cartesian_prod(torch.arange(self.nr_runs), torch.arange(b)).to(x.device)
 
         def build(lo: int, hi: int) -> torch.Tensor:
@@ -376,15 +383,11 @@ class FaithfulnessCorrelation(Metric):
             out = flat[rows].clone()
             idx = subsets[runs, rows][:, None].expand(-1, c, -1)
             out.scatter_(2, idx, base[rows].expand(-1, -1, idx.shape[2]))
-            return out.reshape(len(rows), c, *spatial)
+            return out.reshape(len(rows), c, *x.shape[2:])
 
-        perturbed = run_batches(ctx.model, build, len(pairs), x, target,
-                                lambda lo, hi: pairs[lo:hi, 1]).reshape(self.nr_runs, b).T
-        drops = clean_scores(ctx, self.probability)[:, None] - perturbed
-        a = ctx.attributions.reshape(b, n).double()
-        sums = torch.stack([a.gather(1, subsets[r]).sum(1) for r in range(self.nr_runs)], 1)
-        return MetricResult(self.name, pearson(sums, drops), True,
-                            extras={"attribution_sums": sums, "score_drops": drops})
+        scores = run_batches(ctx.model, build, len(pairs), x, scoring_target(ctx, self.probability),
+                             lambda lo, hi: pairs[lo:hi, 1])
+        return subsets, scores.reshape(self.nr_runs, b).T
 
 
 @register
@@ -420,9 +423,10 @@ class Infidelity(Metric):
         target = scoring_target(ctx, self.probability)
         pairs = torch.cartesian_prod(torch.arange(self.n_perturb_samples), torch.arange(b))
         pairs = pairs.to(x.device)
-        perturbed = run_batches(ctx.model, lambda lo, hi: x[pairs[lo:hi, 1]] - noise[pairs[lo:hi, 0],
-                                                                                   pairs[lo:hi, 1]],
-                                len(pairs), x, target, lambda lo, hi: pairs[lo:hi, 1])
+        key = ("infidelity", self.noise_std, self.n_perturb_samples, self.probability, self.seed)
+        perturbed = ctx.shared(key, lambda: run_batches(
+            ctx.model, lambda lo, hi: x[pairs[lo:hi, 1]] - noise[pairs[lo:hi, 0], pairs[lo:hi, 1]],
+            len(pairs), x, target, lambda lo, hi: pairs[lo:hi, 1]), per_map=False)
         diffs = (clean_scores(ctx, self.probability)[None] - perturbed.reshape(-1, b)).double()
         a = ctx.attributions[None, :, None].double()  # broadcast over channels
         dots = (noise.double() * a).flatten(2).sum(2)  # (n, B)

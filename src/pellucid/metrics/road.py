@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from pellucid.errors import ConfigError
 from pellucid.metrics.base import Context, Metric, MetricResult, register
-from pellucid.metrics.faithfulness import run_batches, scoring_target
+from pellucid.metrics.faithfulness import clean_scores, run_batches, scoring_target
 
 FRACTIONS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 0.9)
 
@@ -104,10 +104,13 @@ def removal_masks(attributions: torch.Tensor, fractions: torch.Tensor,
 
 def road_scores(ctx: Context, fractions: tuple[float, ...], noise: float, seed: int,
                 probability: bool) -> dict[str, torch.Tensor]:
-    """Scores (B, F) after MoRF and LeRF removal, and the clean scores; cached per call."""
-    key = ("road", tuple(fractions), noise, seed, probability)
-    if key in ctx.cache:
-        return ctx.cache[key]
+    """Scores (B, F) after MoRF and LeRF removal, and the clean scores; computed once per map."""
+    return ctx.shared(("road", tuple(fractions), noise, seed, probability),
+                      lambda: _road_scores(ctx, fractions, noise, seed, probability))
+
+
+def _road_scores(ctx: Context, fractions: tuple[float, ...], noise: float, seed: int,
+                 probability: bool) -> dict[str, torch.Tensor]:
     x = ctx.inputs
     if x.ndim not in (4, 5):
         raise ConfigError("ROAD needs 2D or 3D images (B, C, H, W) or (B, C, D, H, W)")
@@ -130,10 +133,7 @@ def road_scores(ctx: Context, fractions: tuple[float, ...], noise: float, seed: 
         scores = run_batches(ctx.model, lambda lo, hi, f=filled: f[lo:hi], len(filled), x, target,
                              lambda lo, hi, r=rep: r[lo:hi])
         out[order] = scores.reshape(b, len(fr))
-    rows = torch.arange(b, device=x.device)
-    out["clean"] = run_batches(ctx.model, lambda lo, hi: x[lo:hi], b, x, target,
-                               lambda lo, hi: rows[lo:hi])
-    ctx.cache[key] = out
+    out["clean"] = clean_scores(ctx, probability)
     return out
 
 
