@@ -155,6 +155,17 @@ class IntegratedGradients(InputAttribution):
     batch_size: int | None = None
     name: ClassVar[str] = "integratedgradients"
 
+    def __post_init__(self) -> None:
+        from captum.attr._utils.approximation_methods import approximation_parameters
+
+        if self.steps < 1:
+            raise ConfigError(f"steps must be >= 1, got {self.steps}")
+        try:
+            approximation_parameters(self.quadrature)
+        except ValueError:
+            raise ConfigError(f"integratedgradients: unknown quadrature {self.quadrature!r}; use "
+                              f"gausslegendre or riemann_left/right/middle/trapezoid") from None
+
     def clean_forward(self, runner, inputs):
         """The clean inputs and the baseline in one forward: y(x0) for the completeness delta
         costs no call of its own (small batches are slow per row on a CPU)."""
@@ -167,13 +178,7 @@ class IntegratedGradients(InputAttribution):
     def attribute(self, runner, model, inputs, bound, output):
         from captum.attr._utils.approximation_methods import approximation_parameters
 
-        if self.steps < 1:
-            raise ConfigError(f"steps must be >= 1, got {self.steps}")
-        try:
-            sizes_fn, alphas_fn = approximation_parameters(self.quadrature)
-        except ValueError:
-            raise ConfigError(f"integratedgradients: unknown quadrature {self.quadrature!r}; use "
-                              f"gausslegendre or riemann_left/right/middle/trapezoid") from None
+        sizes_fn, alphas_fn = approximation_parameters(self.quadrature)  # checked at creation
         weights, alphas = sizes_fn(self.steps), alphas_fn(self.steps)
         (base, base_output), self._reference = self._reference, None
         b, diff = inputs.shape[0], inputs - base
