@@ -299,12 +299,14 @@ def run_metrics(task, loaded, x, y, masks, maps, layer, fwd, fb, quantus) -> lis
                                       cache=cache, **kw) for m in names]
         return run
 
+    def each(peer_fn):
+        """One Quantus call per map."""
+        return lambda: [peer_fn(arrays[m]) for m in names]
+
     def add(name, ours_fn, peer_fn, floor, values, label=f"{len(names)} maps"):
-        """``ours_fn()`` gives a list of evaluate() results; ``peer_fn(map)`` is one Quantus call
-        per map (or, without ``label``'s maps, ``peer_fn()`` one call for the list's one item)."""
-        peer_all = (lambda: [peer_fn(arrays[m]) for m in names]) if label.endswith("maps") \
-            else (lambda: [peer_fn()])
-        t_ours, ours_out, t_peer, peer_out = measure_pair(ours_fn, peer_all)
+        """``ours_fn()`` (evaluate() results) and ``peer_fn()`` (Quantus scores) give lists of the
+        same length, compared pairwise."""
+        t_ours, ours_out, t_peer, peer_out = measure_pair(ours_fn, peer_fn)
         diff = max(float(np.nanmax(np.abs(values(o) - np.asarray(p, dtype=float))))
                    for o, p in zip(ours_out, peer_out, strict=True))
         rows.append({"model": task.name, "item": f"{name} [{label}]", "kind": "metric",
@@ -313,18 +315,18 @@ def run_metrics(task, loaded, x, y, masks, maps, layer, fwd, fb, quantus) -> lis
 
     logit = ClassTarget(y, kind="logit")
     add("pointing game", ours("pointing_game", logit, masks=masks),
-        lambda an: quantus.PointingGame(disable_warnings=True)(
-            model=model, x_batch=xn, y_batch=yn, a_batch=an, s_batch=sn, device=dev),
+        each(lambda an: quantus.PointingGame(disable_warnings=True)(
+            model=model, x_batch=xn, y_batch=yn, a_batch=an, s_batch=sn, device=dev)),
         0.0, lambda r: r["pointing_game"].scores.cpu().numpy())
     add("relevance mass", ours("relevance_mass", logit, masks=masks),
-        lambda an: quantus.RelevanceMassAccuracy(disable_warnings=True)(
-            model=model, x_batch=xn, y_batch=yn, a_batch=an, s_batch=sn, device=dev),
+        each(lambda an: quantus.RelevanceMassAccuracy(disable_warnings=True)(
+            model=model, x_batch=xn, y_batch=yn, a_batch=an, s_batch=sn, device=dev)),
         0.0, lambda r: r["relevance_mass"].scores.cpu().numpy())
     add("pixel flipping 16 steps",
         ours(("pixel_flipping", {"features_in_step": step}),
              ClassTarget(y, kind="probability", activation="softmax")),
-        lambda an: quantus.PixelFlipping(features_in_step=step, disable_warnings=True)(
-            model=model, x_batch=xn, y_batch=yn, a_batch=an, device=dev, softmax=True),
+        each(lambda an: quantus.PixelFlipping(features_in_step=step, disable_warnings=True)(
+            model=model, x_batch=xn, y_batch=yn, a_batch=an, device=dev, softmax=True)),
         n * (1 + 17 * len(names)) * fwd, lambda r: r["pixel_flipping"].curves.cpu().numpy())
 
     def quantus_fc(an):
@@ -333,7 +335,7 @@ def run_metrics(task, loaded, x, y, masks, maps, layer, fwd, fb, quantus) -> lis
             model=model, x_batch=xn, y_batch=yn, a_batch=an, device=dev)
 
     # the 100 random subsets (seeded) are the same for every map: pellucid runs them once
-    add("faithfulness correlation", ours("faithfulness_correlation", logit), quantus_fc,
+    add("faithfulness correlation", ours("faithfulness_correlation", logit), each(quantus_fc),
         n * 102 * fwd, lambda r: r["faithfulness_correlation"].scores.cpu().numpy())
     cam = maps["gradcam"]
 
@@ -351,7 +353,8 @@ def run_metrics(task, loaded, x, y, masks, maps, layer, fwd, fb, quantus) -> lis
 
     add("max-sensitivity 5 samples",
         lambda: [pellucid.evaluate(model, x, cam, metrics=[("max_sensitivity", {"nr_samples": 5})])],
-        quantus_ms, n * 5 * fb, lambda r: r["max_sensitivity"].scores.cpu().numpy(), "gradcam")
+        lambda: [quantus_ms()], n * 5 * fb, lambda r: r["max_sensitivity"].scores.cpu().numpy(),
+        "gradcam")
     return rows
 
 

@@ -30,6 +30,7 @@ from typing import ClassVar
 import torch
 
 from pellucid.errors import ConfigError
+from pellucid.explainers.accelerate import activation_bytes
 from pellucid.explainers.attribution import (
     REDUCTIONS,
     InputAttribution,
@@ -39,6 +40,7 @@ from pellucid.explainers.attribution import (
 )
 from pellucid.explainers.base import Explanation
 from pellucid.explainers.registry import register
+from pellucid.runtime import memory_limit_bytes
 
 
 class _OnePassGradient(InputAttribution):
@@ -90,20 +92,17 @@ def gradient_rows(batch_size: int | None, model: torch.nn.Module, inputs: torch.
     ``batch_size`` if given; on a GPU 128; on a CPU the power of two (8 to 64) whose activations
     come closest under 256 MiB (measured here: ResNet-18 at 128 px, 9 MiB a row, is fastest at 16
     rows, at 224 px, 29 MiB, at 8; a 2D U-Net at 5.5 MiB at 32), and under the memory limit
-    (``pellucid.runtime.set_memory_limit``, counting activations twice for the backward). Never
-    fewer than the batch."""
-    from pellucid.explainers.accelerate import activation_bytes
-    from pellucid.runtime import memory_limit_bytes
-
-    rows = batch_size
-    if rows is None and inputs.device.type != "cpu":
+    (``pellucid.runtime.set_memory_limit``, counting activations twice for the backward; then
+    as few as 1). Never fewer than the batch."""
+    if batch_size is not None:
+        rows = batch_size
+    elif inputs.device.type != "cpu":
         rows = 128
-    if rows is None:
-        per_row = activation_bytes(model, inputs[:1])
-        budget = min(256 * 2**20, (memory_limit_bytes() or 2**62) // 2)
-        rows = max(8, min(64, 2 ** int(math.log2(max(budget // per_row, 1)))))
-        if memory_limit_bytes():
-            rows = max(1, min(rows, budget // per_row))
+    else:
+        limit = memory_limit_bytes()
+        budget = min(256 * 2**20, limit // 2) if limit else 256 * 2**20
+        fits = max(budget // activation_bytes(model, inputs[:1]), 1)
+        rows = max(1 if limit else 8, min(64, 2 ** int(math.log2(fits))))
     return max(rows, inputs.shape[0])
 
 

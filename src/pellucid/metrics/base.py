@@ -54,8 +54,8 @@ class Context:
     explanation: Any = None
     explain_fn: ExplainFn | None = None
     cache: dict[Any, Any] = field(default_factory=dict)  # work shared between metrics and calls
-    _checked: bool = field(default=False, repr=False)
-    _map_digest: str | None = field(default=None, repr=False)
+    _checked: bool = field(default=False, init=False, repr=False)
+    _map_digest: str | None = field(default=None, init=False, repr=False)
 
     def shared(self, key: tuple, compute: Callable[[], Any], per_map: bool = True) -> Any:
         """``compute()``, memoised in ``cache`` under ``key``. ``per_map=True``: work that reads the
