@@ -140,6 +140,13 @@ def test_pull_explain_push_command(orthanc, shared_data, chest_model, tmp_path):
     env = dict(os.environ, PELLUCID_PACS_USER=USER, PELLUCID_PACS_PASSWORD=PASSWORD)
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
+    import pydicom
+
+    source = pydicom.dcmread(cr, stop_before_pixels=True)
+    for key in ("PatientName", "PatientID", "ReferringPhysicianName", "PatientBirthDate"):
+        value = str(source.get(key, "") or "")
+        if len(value) >= 3:  # nothing from the DICOM header reaches the console
+            assert value not in result.stdout + result.stderr, key
     time.sleep(0.2)
     out = _in_ns(orthanc, f"""
         import json

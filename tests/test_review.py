@@ -495,3 +495,151 @@ def test_cli_create_invite_analyze(review_run, tmp_path):
     assert set(by_method["method"]) == {"gradcam", "saliency"}
     assert (by_method["n"] == 4).all()  # 2 raters x 2 cases per method
     assert (tmp_path / "a" / "export" / "ratings.csv").is_file()
+
+
+# ---------------------------------------------------------------- hardening
+
+def _finish_one_case(client, token: str, csrf: str, comment: str) -> None:
+    """Stages 1-3 of case 1 (the study has one case)."""
+    page = client.get(f"/r/{token}/case/1").text
+    for stage in (1, 2):
+        client.post(f"/r/{token}/case/1/{stage}", data={"csrf": csrf, "finding": "no",
+                                                        "confidence": "3"})
+    page = client.get(f"/r/{token}/case/1").text
+    letters = sorted(set(re.findall(r'name="agreement_([A-Z])"', page)))
+    stage3 = {"csrf": csrf, "finding": "yes", "confidence": "4", "comment": comment}
+    if letters:
+        stage3["would_check"] = "no"
+    for letter in letters:
+        stage3 |= {f"agreement_{letter}": "5", f"spatial_{letter}": "3", f"usefulness_{letter}": "3",
+                   f"trust_{letter}": "3"}
+    r = client.post(f"/r/{token}/case/1/3", data=stage3, follow_redirects=True)
+    assert r.status_code == 200 and r.url.path == f"/r/{token}/end", r.text[-300:]
+
+
+def test_questionnaires_are_locked_once_answered(review_run, db_url):
+    """A replayed start or end questionnaire cannot change recorded answers (409), on SQLite and
+    PostgreSQL; replaying the same answers changes nothing either."""
+    from fastapi.testclient import TestClient
+
+    from pellucid.review.app import create_review_app
+
+    made = create_study(review_run, db_url, ["r1"], cases=1)
+    token = made.invitations["r1"]
+    app = create_review_app(db_url)
+    client = TestClient(app, follow_redirects=False)
+    csrf = _csrf(client.get(f"/r/{token}").text)
+    start = {"csrf": csrf, "role": "radiologist", "years_experience": "8", "ai_familiarity": "3",
+             "trust_start": "5", "willingness_start": "6"}
+    assert client.post(f"/r/{token}/start", data=start).status_code == 303
+    r = client.post(f"/r/{token}/start", data=start | {"trust_start": "0"})
+    assert r.status_code == 409 and "cannot be changed" in r.text
+    assert client.post(f"/r/{token}/start", data=start).status_code == 303  # same answers
+    r = client.post(f"/r/{token}/end", data={"csrf": csrf, "trust_end": "5", "willingness_end": "5"})
+    assert r.status_code == 303 and r.headers["location"].endswith("/case/1")  # not yet: cases first
+    _finish_one_case(client, token, csrf, "fine")
+    end = {"csrf": csrf, "trust_end": "5", "willingness_end": "7"}
+    assert client.post(f"/r/{token}/end", data=end).status_code == 303
+    r = client.post(f"/r/{token}/end", data=end | {"trust_end": "0"})  # the replay from the issue
+    assert r.status_code == 409 and "cannot be changed" in r.text
+    assert client.post(f"/r/{token}/end", data=end).status_code == 303
+    with Session(app.state.engine) as s:
+        rater = s.scalar(select(Rater))
+        assert (rater.trust_start, rater.trust_end, rater.willingness_end) == (5, 5, 7)
+    app.state.engine.dispose()
+
+
+def test_exports_neutralise_spreadsheet_formulas_and_keep_the_text(review_run, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from pellucid.review.app import create_review_app
+    from pellucid.review.security import neutralise_cell, recover_cell
+
+    hostile_texts = ["=HYPERLINK(\"http://x\",\"y\")", "+cmd|' /C calc'!A0", "-2+3", "@SUM(A1)",
+                     "\tTAB", "\rCR", "'quoted", "plain text"]
+    for text_ in hostile_texts:
+        assert recover_cell(neutralise_cell(text_)) == text_
+        assert not str(neutralise_cell(text_)).startswith(("=", "+", "-", "@", "\t", "\r"))
+    db = str(tmp_path / "f.db")
+    made = create_study(review_run, db, ["r1"], cases=1)
+    admin = {"Authorization": f"Bearer {made.admin_token}"}
+    app = create_review_app(db)
+    client = TestClient(app)
+    token = client.post("/admin/raters", json={"label": "=1+1"}, headers=admin).json()["link"]
+    token = token.rsplit("/", 1)[1]
+    csrf = _csrf(client.get(f"/r/{token}").text)
+    client.post(f"/r/{token}/start", data={"csrf": csrf, "role": "@SUM(A1)", "years_experience": "1",
+                                           "ai_familiarity": "1", "trust_start": "1",
+                                           "willingness_start": "1"})
+    _finish_one_case(client, token, csrf, hostile_texts[0])
+    cells = []
+    for table in ("raters", "reads"):
+        exported = client.get(f"/admin/export/{table}.csv", headers=admin).text
+        rows = list(csv.reader(exported.splitlines()))
+        cells += [c for row in rows[1:] for c in row]
+        assert not any(c.startswith(("=", "+", "@", "\t", "\r")) for c in cells), exported
+    assert neutralise_cell(hostile_texts[0]) in cells and "'=1+1" in cells and "'@SUM(A1)" in cells
+    analyze(db, tmp_path / "analysis")
+    on_disk = [c for f in (tmp_path / "analysis" / "export").glob("*.csv")
+               for row in csv.reader(f.read_text().splitlines()) for c in row]
+    assert "'=1+1" in on_disk and not any(c.startswith(("=", "+", "@")) for c in on_disk)
+    app.state.engine.dispose()
+
+
+def test_odd_secrets_are_refused_and_admin_checks_auth_before_the_body(review_run, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from pellucid.review.app import create_review_app
+
+    db = str(tmp_path / "s.db")
+    made = create_study(review_run, db, ["r1"], cases=1)
+    token = made.invitations["r1"]
+    app = create_review_app(db)
+    client = TestClient(app, raise_server_exceptions=False)
+    form = {"csrf": "ключ-é-\u2028", "role": "x", "years_experience": "1", "ai_familiarity": "1",
+            "trust_start": "1", "willingness_start": "1"}
+    assert client.post(f"/r/{token}/start", data=form).status_code == 403  # not a 500
+    assert client.get("/r/ключ").status_code == 403
+    odd = {"Authorization": "Bearer ".encode() + "ключ".encode()}
+    assert client.get("/admin/progress", headers=odd).status_code == 403
+    # no credentials and a body that is not JSON: refused for the credentials, never parsed
+    r = client.post("/admin/raters", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 403 and "invalid admin token" in r.text
+    admin = {"Authorization": f"Bearer {made.admin_token}"}
+    r = client.post("/admin/raters", content=b"{not json", headers=admin)
+    assert r.status_code == 422
+    assert client.post("/admin/raters", json=["a"], headers=admin).status_code == 422
+    assert client.post("/admin/raters", json={"label": "x\ny"}, headers=admin).status_code == 422
+    app.state.engine.dispose()
+
+
+def test_security_headers_and_a_limit_on_failed_tokens(review_run, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from pellucid.review.app import SECURITY_HEADERS, create_review_app
+    from pellucid.review.security import FailureLimiter
+
+    db = str(tmp_path / "h.db")
+    made = create_study(review_run, db, ["r1"], cases=1)
+    token = made.invitations["r1"]
+    app = create_review_app(db, FailureLimiter(limit=5, window=60))
+    client = TestClient(app)
+    for path in ("/", f"/r/{token}", f"/r/{token}/case/1", "/static/review.js"):
+        r = client.get(path)
+        assert r.status_code == 200, path
+        csp = r.headers["content-security-policy"]
+        assert "default-src 'self'" in csp and "frame-ancestors 'none'" in csp
+        assert r.headers["x-content-type-options"] == "nosniff"
+        assert r.headers["referrer-policy"] == "no-referrer"
+        if path.startswith("/r/"):
+            assert r.headers["cache-control"] == "no-store"
+    assert {k.lower() for k in SECURITY_HEADERS} <= set(client.get("/").headers)
+    page = client.get(f"/r/{token}").text
+    assert "<script>" not in page and "style=" not in page  # nothing inline that the CSP blocks
+    for i in range(5):
+        assert client.get(f"/r/guess-{i}").status_code == 403
+    r = client.get(f"/r/{token}")  # even the right token waits once the address is locked out
+    assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
+    assert client.get("/admin/progress").status_code == 429
+    assert client.get("/").status_code == 200  # pages without tokens stay up
+    app.state.engine.dispose()

@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from pellucid.errors import ConfigError, PellucidError
+from pellucid.guards import SERVICE_LIMITS
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Explain medical imaging models and measure how good the explanations are.")
@@ -158,9 +159,13 @@ def explain(
     from pellucid.runtime import use_precision
 
     use_precision(precision)
+    _out_folder(out, "--out")
     loaded = load_model(model, weights)
     if pacs is not None:
         from pellucid.pacs import DicomWeb, pull_explain_push
+        from pellucid.privacy import redact_library_messages
+
+        redact_library_messages()
 
         if not study:
             raise ConfigError("--pacs needs --study UID")
@@ -207,7 +212,7 @@ def bench(config: Annotated[str, typer.Argument(help="YAML configuration (or a b
     use_precision(precision)
 
     cfg = load_config(config)
-    folder = out or Path(f"bench_{cfg.name}")
+    folder = _out_folder(out or Path(f"bench_{cfg.name}"), "--out")
     table = run_bench(cfg, folder, executor=executor, address=address, report=not no_report,
                       workers=workers)
     print_leaderboard(table)
@@ -230,18 +235,57 @@ def serve(models: Annotated[Path, typer.Option(help="folder of model folders (ea
           host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
           port: Annotated[int, typer.Option(help="port")] = 8000,
           out: Annotated[Path, typer.Option(help="where results are kept")] = Path("pellucid_results"),
-          api_key: Annotated[str | None, typer.Option(envvar="PELLUCID_API_KEY",
-                                                      help="require this X-API-Key")] = None,
-          max_upload_mb: Annotated[float, typer.Option(help="largest upload")] = 64.0) -> None:
-    """Serve the REST API (POST /v1/explain, GET /v1/models, /health, /docs)."""
+          api_key: Annotated[str | None, typer.Option(
+              envvar="PELLUCID_API_KEY", help="require this X-API-Key; set it in the PELLUCID_API_KEY "
+                                              "environment variable (an option is visible in the "
+                                              "process list)")] = None,
+          max_upload_mb: Annotated[float, typer.Option(help="largest upload")] = 64.0,
+          max_pixels: Annotated[int, typer.Option(help="largest decoded 2D image (pixels)")] =
+          SERVICE_LIMITS.max_pixels,
+          max_voxels: Annotated[int, typer.Option(help="largest decoded volume (voxels)")] =
+          SERVICE_LIMITS.max_voxels,
+          max_frames: Annotated[int, typer.Option(help="most frames or slices")] =
+          SERVICE_LIMITS.max_frames,
+          max_methods: Annotated[int, typer.Option(help="most methods per request")] = 8,
+          workers: Annotated[int, typer.Option(help="worker processes running jobs")] = 2,
+          queue: Annotated[int, typer.Option(help="jobs waiting beyond the workers (then 503)")] = 8,
+          job_timeout: Annotated[float, typer.Option(help="seconds one job may run (then 504)")] = 300.0,
+          retention_hours: Annotated[float, typer.Option(
+              help="delete results older than this (0 keeps them)")] = 24.0) -> None:
+    """Serve the REST API (POST /v1/explain, GET /v1/models, /health, /docs); limits and their
+    reasons: docs/security.md."""
+    import logging
+
     import uvicorn
 
+    from pellucid.guards import DecodeLimits
+    from pellucid.privacy import redact_library_messages
     from pellucid.service import create_app
+    from pellucid.service.app import ServiceConfig
 
     if not models.is_dir():
-        raise ConfigError(f"{models}: no such models folder")
-    uvicorn.run(create_app(models, out, api_key, max_upload_mb), host=host, port=port,
-                log_level="info")
+        raise ConfigError(f"--models {models}: no such models folder")
+    _out_folder(out, "--out")
+    if "--api-key" in sys.argv or any(a.startswith("--api-key=") for a in sys.argv):
+        print("warning: --api-key is visible to every user of this machine in the process list; "
+              "set PELLUCID_API_KEY instead", file=sys.stderr)
+    try:
+        limits = DecodeLimits(max_pixels, max_voxels, max_frames)
+    except ValueError as exc:
+        raise ConfigError(f"--{str(exc).split()[0].replace('_', '-')}: {exc}") from None
+    config = ServiceConfig(api_key=api_key, max_upload_mb=max_upload_mb, max_methods=max_methods,
+                           workers=workers, queue=queue, job_timeout_s=job_timeout,
+                           retention_hours=retention_hours, limits=limits)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    redact_library_messages()
+    uvicorn.run(create_app(models, out, config=config), host=host, port=port, log_level="info")
+
+
+def _out_folder(path: Path, option: str) -> Path:
+    """An output folder that is not an existing file (it is created when needed)."""
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{option} {path}: exists and is not a folder")
+    return path
 
 
 @app.command()
@@ -252,7 +296,7 @@ def demo(out: Annotated[Path, typer.Option(help="output folder")] = Path("demo_o
     metric, and write the report."""
     from pellucid.demo import run_demo
 
-    run_demo(out, quick=quick)
+    run_demo(_out_folder(out, "--out"), quick=quick)
 
 
 review_app = typer.Typer(help="Clinician review study: create, serve, invite, analyze.",
@@ -332,7 +376,7 @@ def review_analyze(db: Annotated[str, typer.Option(help=DB_HELP)] = "review.db",
     alpha and Fleiss' kappa, Spearman with the benchmark; tables and CSV exports."""
     from pellucid.review.analysis import analyze
 
-    summary = analyze(db, out, study, bench)
+    summary = analyze(db, _out_folder(out, "--out"), study, bench)
     console.print(f"{summary['raters']} raters, {summary['complete_reads']} complete reads, "
                   f"{summary['ratings']} ratings -> {out}/summary.json, {out}/tables, {out}/export")
     for row in summary["tables"]["ratings_by_method"]:

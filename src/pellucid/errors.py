@@ -10,7 +10,12 @@ from pathlib import Path
 
 
 class PellucidError(Exception):
-    """Base class: a mistake in the user's input, configuration or environment."""
+    """Base class: a mistake in the user's input, configuration or environment. The message is
+    kept on one line (a library's multi-line text is joined) and at most 1000 characters."""
+
+    def __init__(self, message: object = "") -> None:
+        text = " ".join(str(message).split())
+        super().__init__(text if len(text) <= 1000 else text[:997] + "...")
 
 
 class DataError(PellucidError):

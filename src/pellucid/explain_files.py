@@ -31,7 +31,7 @@ REGIONS = ("predicted", "all", "fp", "fn")
 
 def load_mask(path: str | Path, size: list[int] | tuple[int, ...]) -> torch.Tensor:
     """A ground-truth mask file (NIfTI, PNG/TIFF, .npy) as booleans resized (nearest) to ``size``."""
-    from pellucid.data.io import is_nifti, read_mask_2d, read_nifti
+    from pellucid.data.io import is_nifti, read_mask_2d, read_nifti, read_npy
     from pellucid.data.transforms import resize_mask
 
     path = Path(path)
@@ -40,7 +40,7 @@ def load_mask(path: str | Path, size: list[int] | tuple[int, ...]) -> torch.Tens
     if is_nifti(path):
         data = read_nifti(path)[0]
     elif path.suffix.lower() == ".npy":
-        data = np.load(path)
+        data = read_npy(path)
     else:
         data = read_mask_2d(path)
     mask = torch.from_numpy(np.asarray(data) > 0)

@@ -88,7 +88,7 @@ def pull_explain_push(pacs: DicomWeb, study: str, loaded, model_name: str, metho
     {"explained": [...], "stored": [SOP Instance UIDs], "skipped": [...]}."""
     import pydicom
 
-    from pellucid.service.app import run_job
+    from pellucid.service.jobs import run_job
 
     if loaded.card is None or loaded.card.spatial_dims != 2:
         raise ConfigError("pull-explain-push explains 2D images with a 2D model (card needed)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
@@ -30,3 +31,8 @@ def track(items: Iterable[T], description: str, total: int | None = None,
         for item in items:
             yield item
             bar.advance(task)
+
+
+def warn(message: str) -> None:
+    """One ``warning:`` line on stderr: something was skipped or repaired and the run goes on."""
+    print(f"warning: {message}", file=sys.stderr, flush=True)

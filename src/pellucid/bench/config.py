@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -129,10 +130,26 @@ def _err(source: str, key: str, problem: str) -> ConfigError:
 def _check_keys(source: str, where: str, given: dict, allowed: set[str]) -> None:
     if not isinstance(given, dict):
         raise _err(source, where, f"expected a mapping, got {type(given).__name__}")
-    unknown = sorted(set(given) - allowed)
+    unknown = sorted(str(k) for k in set(given) - allowed)
     if unknown:
         raise _err(source, f"{where}.{unknown[0]}" if where else unknown[0],
                    f"unknown key; allowed: {', '.join(sorted(allowed))}")
+
+
+def _optional(source: str, where: str, value: Any, kind: type, what: str) -> Any:
+    """``value`` when it is None or a ``kind`` (a bool is not a number here), else a ConfigError."""
+    if value is None or (isinstance(value, kind) and (kind is bool or not isinstance(value, bool))):
+        return value
+    raise _err(source, where, f"must be {what}, got {value!r}"[:300])
+
+
+def _names(source: str, where: str, value: Any) -> list[str]:
+    """A list of names (strings); None is an empty list."""
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise _err(source, where, f"must be a list of names, got {value!r}"[:300])
+    return list(value)
 
 
 def _entries(source: str, key: str, raw: Any, known: list[str], kind: str) -> list[Entry]:
@@ -146,13 +163,18 @@ def _entries(source: str, key: str, raw: Any, known: list[str], kind: str) -> li
         _check_keys(source, where, item, ENTRY_KEYS)
         if "name" not in item:
             raise _err(source, where, "missing 'name'")
-        name = str(item["name"])
-        if name not in known:
+        name = item["name"]
+        if not isinstance(name, str) or name not in known:
             raise _err(source, f"{where}.name", f"unknown {kind} {name!r}; available: "
-                                                f"{', '.join(sorted(known))}")
-        entry = Entry(name, dict(item.get("options") or {}), list(item.get("skip_methods") or []),
-                      list(item.get("only_methods") or []), str(item.get("label") or ""),
-                      list(item.get("only_models") or []))
+                                                f"{', '.join(sorted(known))}"[:400])
+        options = _optional(source, f"{where}.options", item.get("options"), dict, "a mapping")
+        if options and not all(isinstance(k, str) for k in options):
+            raise _err(source, f"{where}.options", "option names must be text")
+        entry = Entry(name, dict(options or {}),
+                      _names(source, f"{where}.skip_methods", item.get("skip_methods")),
+                      _names(source, f"{where}.only_methods", item.get("only_methods")),
+                      _optional(source, f"{where}.label", item.get("label"), str, "text") or "",
+                      _names(source, f"{where}.only_models", item.get("only_models")))
         out.append(entry)
     labels = [e.label for e in out]
     dup = sorted({x for x in labels if labels.count(x) > 1})
@@ -177,16 +199,20 @@ def parse_config(raw: dict, source: str = "<dict>") -> BenchConfig:
     for name, spec in raw["datasets"].items():
         where = f"datasets.{name}"
         _check_keys(source, where, spec, DATASET_KEYS)
-        if spec.get("reader") not in DATASETS:
-            raise _err(source, f"{where}.reader", f"unknown reader {spec.get('reader')!r}; "
-                                                  f"available: {', '.join(DATASETS)}")
+        reader = spec.get("reader")
+        if not isinstance(reader, str) or reader not in DATASETS:
+            raise _err(source, f"{where}.reader", f"unknown reader {reader!r}; "
+                                                  f"available: {', '.join(DATASETS)}"[:400])
         if spec.get("require", "lesion") not in ("lesion", "any"):
             raise _err(source, f"{where}.require", "must be 'lesion' or 'any'")
         cases = spec.get("cases", 16)
-        if not isinstance(cases, int) or cases < 1:
+        if not isinstance(cases, int) or isinstance(cases, bool) or cases < 1:
             raise _err(source, f"{where}.cases", f"must be a positive integer, got {cases!r}")
-        datasets[name] = DatasetSpec(name, spec["reader"], spec.get("root"), spec.get("split", "test"),
-                                     cases, dict(spec.get("options") or {}), spec.get("require", "lesion"))
+        root = _optional(source, f"{where}.root", spec.get("root"), str, "a folder path")
+        split = _optional(source, f"{where}.split", spec.get("split", "test"), str, "a split name")
+        options = _optional(source, f"{where}.options", spec.get("options"), dict, "a mapping")
+        datasets[name] = DatasetSpec(name, reader, root, split or "test", cases, dict(options or {}),
+                                     spec.get("require", "lesion"))
     models = {}
     if not isinstance(raw["models"], dict) or not raw["models"]:
         raise _err(source, "models", "give a mapping of model names to specs")
@@ -195,12 +221,37 @@ def parse_config(raw: dict, source: str = "<dict>") -> BenchConfig:
         _check_keys(source, where, spec, MODEL_KEYS)
         if not spec.get("path") and not spec.get("train"):
             raise _err(source, where, "give 'path' (a saved model) or 'train' (a training spec)")
+        _optional(source, f"{where}.path", spec.get("path"), str, "a model folder or file")
+        _optional(source, f"{where}.layer", spec.get("layer"), str, "a layer name")
+        _optional(source, f"{where}.modality_importance", spec.get("modality_importance"), bool,
+                  "true or false")
+        targets = spec.get("targets", "positive")
+        if not isinstance(targets, str | list) or (isinstance(targets, list) and not all(
+                isinstance(t, str | int) and not isinstance(t, bool) for t in targets)):
+            raise _err(source, f"{where}.targets", f"give 'positive', 'predicted' or a list of "
+                                                   f"classes, got {targets!r}"[:300])
         if spec.get("train") is not None:
             _check_keys(source, f"{where}.train", spec["train"], TRAIN_KEYS)
-            if spec["train"].get("reader") not in DATASETS:
+            train_reader = spec["train"].get("reader")
+            if not isinstance(train_reader, str) or train_reader not in DATASETS:
                 raise _err(source, f"{where}.train.reader",
-                           f"unknown reader {spec['train'].get('reader')!r}")
-        used = spec.get("datasets") or []
+                           f"unknown reader {train_reader!r}"[:300])
+            _optional(source, f"{where}.train.options", spec["train"].get("options"), dict,
+                      "a mapping")
+            _optional(source, f"{where}.train.root", spec["train"].get("root"), str, "a folder path")
+            for key in ("n_train", "n_val", "epochs", "batch_size", "seed", "max_steps"):
+                value = spec["train"].get(key)
+                if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                          or value < (0 if key == "seed" else 1)):
+                    raise _err(source, f"{where}.train.{key}", f"must be a positive integer, got "
+                                                               f"{value!r}"[:300])
+            lr = spec["train"].get("lr")
+            if lr is not None and (not isinstance(lr, int | float) or isinstance(lr, bool)
+                                   or not 0 < lr < 10):
+                raise _err(source, f"{where}.train.lr", f"must be a number in (0, 10), got {lr!r}")
+            for key in ("arch", "backend"):
+                _optional(source, f"{where}.train.{key}", spec["train"].get(key), str, "a name")
+        used = _names(source, f"{where}.datasets", spec.get("datasets"))
         if not used:
             raise _err(source, f"{where}.datasets", "name at least one dataset")
         for d in used:
@@ -210,8 +261,9 @@ def parse_config(raw: dict, source: str = "<dict>") -> BenchConfig:
         if spec.get("region", "predicted") not in REGIONS:
             raise _err(source, f"{where}.region", f"must be one of {', '.join(REGIONS)}")
         reference = spec.get("reference")
-        if reference is not None and not isinstance(reference, int | float):
-            raise _err(source, f"{where}.reference", f"must be a number, got {reference!r}")
+        if reference is not None and (not isinstance(reference, int | float)
+                                      or isinstance(reference, bool) or not math.isfinite(reference)):
+            raise _err(source, f"{where}.reference", f"must be a finite number, got {reference!r}")
         window = spec.get("sliding_window")
         if window is not None:
             _check_keys(source, f"{where}.sliding_window", window, WINDOW_KEYS)
@@ -221,7 +273,12 @@ def parse_config(raw: dict, source: str = "<dict>") -> BenchConfig:
                 raise _err(source, f"{where}.sliding_window.roi_size",
                            f"give a list of positive integers, got {roi!r}")
             overlap = window.get("overlap", 0.25)
-            if not isinstance(overlap, int | float) or not 0 <= overlap < 1:
+            batch = window.get("batch_size", 4)
+            if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
+                raise _err(source, f"{where}.sliding_window.batch_size",
+                           f"must be a positive integer, got {batch!r}")
+            if not isinstance(overlap, int | float) or isinstance(overlap, bool) \
+                    or not 0 <= overlap < 1:
                 raise _err(source, f"{where}.sliding_window.overlap", f"must be in [0, 1), got "
                                                                       f"{overlap!r}")
             if window.get("mode", "gaussian") not in ("gaussian", "constant"):
@@ -247,8 +304,14 @@ def parse_config(raw: dict, source: str = "<dict>") -> BenchConfig:
                     raise _err(source, f"metrics[{i}].{key}", f"{name!r} is not a configured method")
     for key, low in (("batch_size", 1), ("gallery", 0), ("seed", 0)):
         value = raw.get(key, 0 if key != "batch_size" else 8)
-        if not isinstance(value, int) or value < low:
-            raise _err(source, key, f"must be an integer >= {low}, got {value!r}")
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise _err(source, key, f"must be an integer >= {low}, got {value!r}"[:300])
+    _optional(source, "name", raw.get("name"), str, "text")
+    _optional(source, "cache", raw.get("cache"), bool, "true or false")
+    threads = raw.get("threads")
+    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool)
+                                or threads < 1):
+        raise _err(source, "threads", f"must be a positive integer, got {threads!r}"[:300])
     return BenchConfig(str(raw.get("name", Path(source).stem)), datasets, models, methods, metrics,
                        int(raw.get("seed", 0)), int(raw.get("batch_size", 8)),
                        bool(raw.get("cache", True)), int(raw.get("gallery", 6)),

@@ -21,6 +21,8 @@ from jinja2 import Environment, FileSystemLoader
 
 from pellucid.bench import stats
 from pellucid.bench.store import ResultStore
+from pellucid.errors import DataError
+from pellucid.progress import warn
 
 LOCALISATION_ORDER = ("energy_pointing_game", "pointing_game", "relevance_mass", "iou", "auprc",
                       "chexlocalize")
@@ -304,18 +306,90 @@ def _performance_rows(perf: dict) -> list[dict[str, Any]]:
     return rows
 
 
+def _galleries(store: ResultStore, part: pd.DataFrame, gallery_npz: dict[str, np.ndarray], key: str,
+               methods: list[str], info: dict, size: int) -> dict[str, Any]:
+    """The task's map galleries: the first cases, the best and worst cases of the first method,
+    and the largest errors for fp/fn tasks."""
+    task: dict[str, Any] = {}
+    images = {f.split("::", 1)[1]: v for f, v in gallery_npz.items() if f.startswith(key + "::")}
+    n = min(len(images["images"]), size)
+    ids = [f"{c}|{t}" for c, t in zip(images["case_ids"], images["targets"], strict=True)]
+    maps = _task_maps(store, part)
+    task["gallery"] = _gallery(maps, images, methods, list(range(n)),
+                               [f"{images['case_ids'][i]} ({images['targets'][i]})" for i in range(n)])
+    if methods:
+        idx, titles, metric = _best_worst(part, methods[0], ids)
+        task["extremes_metric"] = metric
+        task["extremes"] = _gallery(maps, images, methods, idx, titles) if idx else None
+    if info.get("region") in ("fp", "fn"):
+        idx, titles = _largest_errors(images, n)
+        task["errors"] = _gallery(maps, images, methods, idx, titles) if idx else None
+    return task
+
+
+REQUIRED_COLUMNS = ("dataset", "model", "method", "metric", "metric_name", "value", "case_id",
+                    "target", "reason", "explain_seconds", "unit")
+
+
+def _side_file(path: Path) -> dict[str, Any]:
+    """A JSON object beside the results ({} with a warning when it is missing parts or broken)."""
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        warn(f"{path.name} unreadable ({type(exc).__name__}); its section is left out")
+        return {}
+    if not isinstance(data, dict):
+        warn(f"{path.name} does not hold an object; its section is left out")
+        return {}
+    return data
+
+
+def read_gallery(path: Path) -> dict[str, np.ndarray]:
+    """The gallery images (no unpickling; {} with a warning when the file is broken)."""
+    if not path.is_file():
+        return {}
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    except Exception as exc:  # zip and npy format errors of several types
+        warn(f"{path.name} unreadable ({type(exc).__name__}); the galleries are left out")
+        return {}
+
+
+def _optional(name: str, build, default):
+    """An optional report section built from a side file; a malformed file costs the section, not
+    the report."""
+    try:
+        return build()
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+        warn(f"{name} has unexpected content ({type(exc).__name__}); its section is left out")
+        return default
+
+
+def _int(value: Any, default: int) -> int:
+    try:
+        return int(value) if value else default
+    except (TypeError, ValueError):
+        return default
+
+
 def write_report(out: str | Path, frame: pd.DataFrame | None = None) -> Path:
     """Compute the statistics of the run in ``out`` and write ``report.html`` and ``tables/``."""
     out = Path(out)
     store = ResultStore(out)
     frame = store.table() if frame is None else frame
-    run = json.loads((out / "run.json").read_text()) if (out / "run.json").is_file() else {}
-    perf = json.loads((out / "performance.json").read_text()) \
-        if (out / "performance.json").is_file() else {}
-    gallery_npz = np.load(out / "gallery.npz") if (out / "gallery.npz").is_file() else None
-    modality = json.loads((out / "modality.json").read_text()) \
-        if (out / "modality.json").is_file() else {}
-    task_info = run.get("tasks", {})
+    missing = [c for c in REQUIRED_COLUMNS if c not in frame]
+    if frame.empty or missing:
+        raise DataError(out, "no verified result parts to report on" + (
+            f" (columns {missing} missing)" if missing and not frame.empty else "")
+            + "; run `pellucid bench` on its configuration to compute them")
+    run = _side_file(out / "run.json")
+    perf = _side_file(out / "performance.json")
+    gallery_npz = read_gallery(out / "gallery.npz")
+    modality = _side_file(out / "modality.json")
+    task_info = run.get("tasks", {}) if isinstance(run.get("tasks"), dict) else {}
     summ = stats.summary(frame)
     avg = stats.ranks(summ)
     tests, pairs = stats.friedman(frame)
@@ -329,7 +403,9 @@ def write_report(out: str | Path, frame: pd.DataFrame | None = None) -> Path:
         .size().rename(columns={"size": "rows"})
     write_tables({"summary": summ, "summary_by_class": stats.summary(frame, by=["target"]),
                   "leaderboard": costq, "friedman": tests, "pairwise": pairs,
-                  "cost": cost, "skipped": skipped, "performance": pd.DataFrame(_performance_rows(perf))},
+                  "cost": cost, "skipped": skipped,
+                  "performance": pd.DataFrame(_optional("performance.json",
+                                                        lambda: _performance_rows(perf), []))},
                  out / "tables")
     tasks = []
     for (dataset, model), part in frame.groupby(["dataset", "model"], sort=True):
@@ -346,37 +422,28 @@ def write_report(out: str | Path, frame: pd.DataFrame | None = None) -> Path:
         task["resolution"], task["resolution_table"] = _resolution(part)
         task["modality"], task["modality_table"] = None, pd.DataFrame()
         if key in modality:
-            task["modality"], task["modality_table"] = _modality_chart(
-                modality[key], _channel_shares(store, part))
-        if gallery_npz is not None and f"{key}::images" in gallery_npz.files:
-            images = {f.split("::", 1)[1]: gallery_npz[f] for f in gallery_npz.files
-                      if f.startswith(key + "::")}
-            n = min(len(images["images"]), int(run.get("gallery", 6) or 6))
-            ids = [f"{c}|{t}" for c, t in zip(images["case_ids"], images["targets"], strict=True)]
-            maps = _task_maps(store, part)
-            task["gallery"] = _gallery(maps, images, methods, list(range(n)),
-                                       [f"{images['case_ids'][i]} ({images['targets'][i]})"
-                                        for i in range(n)])
-            if methods:
-                idx, titles, metric = _best_worst(part, methods[0], ids)
-                task["extremes_metric"] = metric
-                task["extremes"] = _gallery(maps, images, methods, idx, titles) if idx else None
-            if info.get("region") in ("fp", "fn"):
-                idx, titles = _largest_errors(images, n)
-                task["errors"] = _gallery(maps, images, methods, idx, titles) if idx else None
+            task["modality"], task["modality_table"] = _optional(
+                "modality.json", lambda key=key, part=part: _modality_chart(
+                    modality[key], _channel_shares(store, part)), (None, pd.DataFrame()))
+        if f"{key}::images" in gallery_npz:
+            task.update(_optional("gallery.npz", lambda key=key, part=part, info=info, methods=methods:
+                                  _galleries(store, part, gallery_npz, key, methods, info,
+                                             _int(run.get("gallery"), 6)), {}))
         task["friedman"] = tests[(tests["dataset"] == dataset) & (tests["model"] == model)] \
             if not tests.empty else pd.DataFrame()
         tasks.append(task)
     env = Environment(loader=FileSystemLoader(Path(__file__).parent / "templates"),
                       autoescape=True)  # select_autoescape would skip ".j2"
     env.filters["fmt"] = _fmt
-    perf_rows = _performance_rows(perf)
+    perf_rows = _optional("performance.json", lambda: _performance_rows(perf), [])
     columns = list(dict.fromkeys(k for row in perf_rows for k in row))
     perf_rows = [{k: row.get(k, "") for k in columns} for row in perf_rows]
     review = None
     if (out / "review" / "summary.json").is_file():  # `pellucid review analyze --bench OUT`
-        review = json.loads((out / "review" / "summary.json").read_text())
-        review["frames"] = {k: pd.DataFrame(v) for k, v in review["tables"].items()}
+        review = _side_file(out / "review" / "summary.json")
+        frames = _optional("review/summary.json", lambda: {
+            k: pd.DataFrame(v) for k, v in review["tables"].items()}, None)
+        review = dict(review, frames=frames) if frames is not None else None
     html = env.get_template("report.html.j2").render(
         run=run, tasks=tasks, performance=perf_rows, recommendations=recs,
         cost=cost, skipped=skipped, rows=len(frame), review=review)

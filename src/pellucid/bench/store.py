@@ -1,14 +1,19 @@
-"""The result store: one Parquet part per finished work unit, written atomically.
+"""The result store: one Parquet part per finished work unit, written atomically and verified
+whenever it is read.
 
 A part is written to a temporary file in the same folder, flushed to disk and renamed into place,
-so a part either exists whole or not at all: a run killed at any moment (even SIGKILL) loses only
-the units in flight, and a re-run skips every unit whose part exists. The table is the union of the
-parts, sorted. Gallery maps of a unit are written (atomically) before its part, which commits it.
+then its manifest (``<part>.json``: the unit key, row count and SHA-256 of the part's bytes) the
+same way; the manifest commits the unit. A run killed at any moment (even SIGKILL) loses only the
+units in flight. A part that does not match its manifest (truncated, emptied, replaced, or not
+Parquet) is moved to ``parts/bad/`` with its manifest, the user is told in one line, and the unit
+counts as not done, so a resume re-runs it; the table is the union of the verified parts, sorted.
+Gallery maps of a unit are written (atomically) before its part and read without unpickling.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import tempfile
@@ -17,6 +22,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+
+from pellucid.progress import warn
 
 SORT = ["dataset", "model", "case_id", "target", "method", "metric"]
 
@@ -52,7 +59,47 @@ class ResultStore:
         return self.parts / f"{unit_digest(key)}.parquet"
 
     def done(self, key: str) -> bool:
-        return self.part(key).is_file()
+        """True when the unit's part exists and matches its manifest (a bad part is moved aside)."""
+        return self.part(key).is_file() and self._verified(self.part(key), key) is not None
+
+    def _quarantine(self, part: Path, why: str) -> None:
+        bad = self.parts / "bad"
+        bad.mkdir(exist_ok=True)
+        for f in (part, part.with_suffix(".json")):
+            if f.exists():
+                os.replace(f, bad / f.name)
+        warn(f"result part {part.name} is unusable ({why}); moved to {bad.name}/ (the next "
+             f"`pellucid bench` of this run computes its unit again)")
+
+    def _verified(self, part: Path, key: str | None = None) -> pd.DataFrame | None:
+        """The part's rows when it matches its manifest; else None (and the part is moved aside)."""
+        manifest = part.with_suffix(".json")
+        try:
+            data = part.read_bytes()
+            meta = json.loads(manifest.read_text())
+            if not isinstance(meta, dict):
+                raise ValueError("manifest is not an object")
+        except FileNotFoundError:
+            self._quarantine(part, "no manifest")
+            return None
+        except (OSError, ValueError) as exc:
+            self._quarantine(part, f"unreadable manifest: {type(exc).__name__}")
+            return None
+        if meta.get("sha256") != hashlib.sha256(data).hexdigest():
+            self._quarantine(part, "checksum does not match its manifest")
+            return None
+        if key is not None and meta.get("key") != key:
+            self._quarantine(part, "manifest names another unit")
+            return None
+        try:
+            frame = pd.read_parquet(io.BytesIO(data))
+        except Exception as exc:  # pyarrow raises several types for broken files
+            self._quarantine(part, f"not readable as Parquet: {type(exc).__name__}")
+            return None
+        if len(frame) != meta.get("rows") or "unit" not in frame:
+            self._quarantine(part, "row count does not match its manifest")
+            return None
+        return frame
 
     def write(self, key: str, rows: list[dict[str, Any]], maps: dict[str, np.ndarray] | None = None
               ) -> None:
@@ -61,14 +108,25 @@ class ResultStore:
                           lambda fh: np.savez_compressed(fh, **maps))
         frame = pd.DataFrame(rows)
         frame["unit"] = key
-        _atomic_write(self.part(key), lambda fh: frame.to_parquet(fh, index=False))
+        buf = io.BytesIO()
+        frame.to_parquet(buf, index=False)
+        data = buf.getvalue()
+        part = self.part(key)
+        _atomic_write(part, lambda fh: fh.write(data))
+        manifest = {"key": key, "rows": len(frame), "sha256": hashlib.sha256(data).hexdigest()}
+        _atomic_write(part.with_suffix(".json"), lambda fh: fh.write(json.dumps(manifest).encode()))
 
     def load_maps(self, key: str) -> dict[str, np.ndarray]:
+        """The unit's gallery maps; {} (with a warning) when the file is missing or unreadable."""
         path = self.maps / f"{unit_digest(key)}.npz"
         if not path.is_file():
             return {}
-        with np.load(path) as data:
-            return {k: data[k] for k in data.files}
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                return {k: data[k] for k in data.files}
+        except Exception as exc:  # zip/npy format errors of several types; object arrays refused
+            warn(f"gallery maps {path.name} unreadable ({type(exc).__name__}); left out")
+            return {}
 
     def sweep(self) -> int:
         """Remove temporary files left by a killed writer; returns how many."""
@@ -80,9 +138,14 @@ class ResultStore:
 
     def table(self) -> pd.DataFrame:
         files = sorted(f for f in self.parts.glob("*.parquet") if not f.name.startswith("."))
-        if not files:
+        frames = [f for f in (self._verified(p) for p in files) if f is not None and len(f)]
+        if not frames:
             return pd.DataFrame()
-        frame = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+        frame = pd.concat(frames, ignore_index=True)
+        missing = [c for c in SORT if c not in frame]
+        if missing:
+            warn(f"result parts lack the columns {missing}; the table is not sorted")
+            return frame
         return frame.sort_values(SORT, kind="stable").reset_index(drop=True)
 
     def export(self, frame: pd.DataFrame) -> None:

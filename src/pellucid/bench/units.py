@@ -17,8 +17,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from pellucid.bench.cache import CacheError, load_explanation, save_explanation
 from pellucid.bench.config import Entry
 from pellucid.errors import PellucidError
+from pellucid.progress import warn
 
 _MODELS: dict[str, Any] = {}  # model folder -> LoadedModel, per process
 _SHARED: OrderedDict[str, dict] = OrderedDict()  # metric work shared by the units of one case set
@@ -145,25 +147,32 @@ def _cache_path(unit: Unit) -> Path | None:
                        unit.method.name, unit.method.options, unit.seed, unit.region, unit.layer,
                        unit.reference, unit.sliding_window, precision_name()],
                       sort_keys=True, default=str)
-    return Path(unit.cache_dir) / f"{hashlib.sha1(text.encode()).hexdigest()[:20]}.pt"
+    return Path(unit.cache_dir) / f"{hashlib.sha1(text.encode()).hexdigest()[:20]}.safetensors"
 
 
 def explain_unit(unit: Unit, loaded):
-    """The unit's explanation, from the on-disk cache when it is there."""
+    """The unit's explanation, from the on-disk cache when it is there and verified (see
+    :mod:`pellucid.bench.cache`: nothing in it is unpickled); a bad entry is moved aside, said in
+    one line, and recomputed."""
     import pellucid
 
     path = _cache_path(unit)
     if path is not None and path.is_file():
-        return torch.load(path, weights_only=False)
+        try:
+            return load_explanation(path, unit.key)
+        except CacheError as exc:
+            aside = path.with_name(path.name + ".bad")
+            path.replace(aside)
+            warn(f"cache entry {path.name} not used ({exc}); moved to {aside.name}, recomputing")
     layer = unit.method.options.get("layer", unit.layer)
     explanation = pellucid.explain(loaded, unit.x, unit.method.name, target=_target(unit, loaded.card),
                                    layer=layer, **_options(unit))
     explanation.output = None
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save(explanation, tmp)
-        tmp.replace(path)
+        try:
+            save_explanation(path, explanation, unit.key)
+        except CacheError as exc:  # an extra that has no safe encoding: not cached
+            warn(f"explanation of {unit.method.label} not cached ({exc})")
     return explanation
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pellucid.data.io import IMAGE_SUFFIXES, is_nifti, read_image_2d, read_nifti
+from pellucid.data.io import IMAGE_SUFFIXES, is_nifti, read_image_2d, read_nifti, read_npy
 from pellucid.data.transforms import resize_image
 from pellucid.errors import DataError
 
@@ -37,6 +37,7 @@ def _read_dicom(path: Path, spatial_dims: int) -> tuple[np.ndarray, list]:
         arr = arr.mean(0, keepdims=True)
     if arr.ndim == 4 and spatial_dims == 2:
         arr = arr[:, arr.shape[1] // 2]
+    arr = arr.astype(np.float64)  # no overflow of the range for extreme values
     lo, hi = float(arr.min()), float(arr.max())
     return ((arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)).astype(np.float32), \
         image.datasets
@@ -59,10 +60,7 @@ def load_input(path: str | Path, in_channels: int, input_size: list[int] | None,
         data, affine, _ = read_nifti(path)
         original = zscore_nonzero(torch.from_numpy(data)[None])
     elif path.suffix.lower() == ".npy" and path.is_file():  # (C, *spatial) or (*spatial) array
-        data = np.load(path, allow_pickle=False)
-        if not np.issubdtype(data.dtype, np.number):
-            raise DataError(path, f"a .npy input must hold numbers, got dtype {data.dtype}")
-        original = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))
+        original = torch.from_numpy(read_npy(path))
         if original.ndim == spatial_dims:
             original = original[None]
     elif path.suffix.lower() in (".dcm", ".dicom"):
@@ -84,6 +82,9 @@ def load_input(path: str | Path, in_channels: int, input_size: list[int] | None,
             raise DataError(path, f"image has {original.shape[0]} channels, the model takes "
                                   f"{in_channels}")
     image = resize_image(original, input_size) if input_size else original
+    if not (torch.isfinite(image).all() and torch.isfinite(original).all()):
+        raise DataError(path, "the image's values overflow when normalised (non-finite results); "
+                              "pellucid does not explain them")
     return InputImage(image.float(), original.float(), affine, stem(path), path, datasets)
 
 

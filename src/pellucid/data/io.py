@@ -1,7 +1,9 @@
 """Low-level readers for the image files the dataset readers are built on.
 
 Every reader returns float32 numpy arrays channel-first and raises :class:`DataError` naming the
-file when it cannot be used. Conversion to tensors happens in the dataset classes.
+file when it cannot be used. Each checks the size its header declares against the decode limits
+before decoding and refuses non-finite values (:mod:`pellucid.guards`). Nothing is unpickled.
+Conversion to tensors happens in the dataset classes.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from pellucid.errors import DataError
+from pellucid.guards import TooLarge, check_shape, current_limits, require_finite
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -21,27 +24,52 @@ def _require_file(path: Path) -> None:
         raise DataError(path, "file not found")
 
 
+def _tiff(path: Path) -> np.ndarray:
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:
+        if not tif.series:
+            raise DataError(path, "the TIFF file holds no image")
+        series = tif.series[0]
+        shape = tuple(int(d) for d in series.shape)
+        rgb = len(shape) == 3 and shape[-1] in (3, 4)
+        spatial = shape[:2] if rgb else shape[-2:]
+        frames = 1 if rgb or len(shape) == 2 else int(np.prod(shape[:-2]))
+        check_shape(path, spatial, frames, shape[-1] if rgb else 1)
+        return series.asarray()
+
+
+def _pil(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    try:
+        im = Image.open(path)
+    except Image.DecompressionBombError:  # Pillow's guard (twice its limit, above any of ours)
+        raise TooLarge(path, f"the image is over the limit of {current_limits().max_pixels:,} "
+                             f"pixels (max_pixels)") from None
+    with im:
+        check_shape(path, im.size[::-1], 1, len(im.getbands()))
+        if im.mode in ("P", "PA", "LA", "RGBA", "CMYK", "YCbCr"):
+            im = im.convert("RGB")
+        return np.asarray(im)
+
+
 def read_raster(path: str | Path) -> np.ndarray:
     """Read a PNG/JPEG/TIFF/BMP as an array (H, W) or (H, W, C) of its native dtype."""
     path = Path(path)
     _require_file(path)
     try:
-        if path.suffix.lower() in (".tif", ".tiff"):
-            import tifffile
-
-            arr = tifffile.imread(path)
-        else:
-            from PIL import Image
-
-            with Image.open(path) as im:
-                if im.mode in ("P", "PA", "LA", "RGBA", "CMYK", "YCbCr"):
-                    im = im.convert("RGB")
-                arr = np.asarray(im)
+        arr = _tiff(path) if path.suffix.lower() in (".tif", ".tiff") else _pil(path)
+    except DataError:
+        raise
     except Exception as exc:  # any decoder failure is the file's fault
-        raise DataError(path, f"cannot read image ({type(exc).__name__}: {exc})") from None
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        raise DataError(path, f"cannot read image ({type(exc).__name__}: {first})") from None
     if arr.ndim not in (2, 3) or arr.size == 0:
         raise DataError(path, f"expected a 2D image, got an array of shape {arr.shape}")
-    return arr
+    if arr.dtype.kind not in "biuf":
+        raise DataError(path, f"unsupported pixel type {arr.dtype}")
+    return require_finite(arr, path)
 
 
 def _scale_to_unit(arr: np.ndarray) -> np.ndarray:
@@ -51,9 +79,9 @@ def _scale_to_unit(arr: np.ndarray) -> np.ndarray:
         return arr.astype(np.float32) / 65535.0
     if arr.dtype == bool:
         return arr.astype(np.float32)
-    out = arr.astype(np.float32)
+    out = arr.astype(np.float64)  # float64: the range of extreme float32 values does not overflow
     lo, hi = float(out.min()), float(out.max())
-    return (out - lo) / (hi - lo) if hi > lo else np.zeros_like(out)
+    return ((out - lo) / (hi - lo) if hi > lo else np.zeros_like(out)).astype(np.float32)
 
 
 def read_image_2d(path: str | Path, channels: int | None = None) -> np.ndarray:
@@ -90,15 +118,49 @@ def read_nifti(path: str | Path) -> tuple[np.ndarray, np.ndarray, tuple[float, .
     _require_file(path)
     try:
         img = nib.load(str(path))
+        shape = tuple(int(d) for d in img.shape)
+    except Exception as exc:
+        raise DataError(path, f"cannot read NIfTI ({type(exc).__name__}: {exc})") from None
+    spatial = shape[:3]
+    frames = int(np.prod(shape[3:])) if len(shape) > 3 else 1
+    if len(shape) != 3 and not (len(shape) == 4 and shape[3] == 1):
+        raise DataError(path, f"expected a 3D volume, got shape {shape}")
+    check_shape(path, spatial, frames)
+    try:
         data = np.asarray(img.dataobj, dtype=np.float32)
     except Exception as exc:
         raise DataError(path, f"cannot read NIfTI ({type(exc).__name__}: {exc})") from None
     if data.ndim == 4 and data.shape[-1] == 1:
         data = data[..., 0]
-    if data.ndim != 3:
-        raise DataError(path, f"expected a 3D volume, got shape {data.shape}")
     spacing = tuple(float(z) for z in img.header.get_zooms()[:3])
-    return data, np.asarray(img.affine, dtype=np.float64), spacing
+    if not all(np.isfinite(spacing)) or not np.isfinite(img.affine).all():
+        raise DataError(path, "the NIfTI header holds a non-finite voxel size or affine")
+    return require_finite(data, path), np.asarray(img.affine, dtype=np.float64), spacing
+
+
+def read_npy(path: str | Path) -> np.ndarray:
+    """A ``.npy`` array of numbers as float32; the header (shape, dtype) is checked before the data
+    is read, object arrays are refused (never unpickled), non-finite values refused."""
+    path = Path(path)
+    _require_file(path)
+    try:
+        with path.open("rb") as fh:
+            major, _minor = np.lib.format.read_magic(fh)
+            read_header = np.lib.format.read_array_header_1_0 if major == 1 else \
+                np.lib.format.read_array_header_2_0
+            shape, _fortran, dtype = read_header(fh, max_header_size=10000)
+    except Exception as exc:
+        raise DataError(path, f"not a .npy file ({type(exc).__name__})") from None
+    if dtype.hasobject or dtype.kind not in "biuf":
+        raise DataError(path, f"a .npy input must hold numbers, got dtype {dtype}")
+    if len(shape) < 2 or len(shape) > 4:
+        raise DataError(path, f"expected a 2D or 3D image (channels first), got shape {shape}")
+    check_shape(path, shape[-2:], int(np.prod(shape[:-2])) if len(shape) > 2 else 1)
+    try:
+        data = np.load(path, allow_pickle=False)
+    except Exception as exc:
+        raise DataError(path, f"cannot read the .npy data ({type(exc).__name__})") from None
+    return require_finite(np.ascontiguousarray(data, dtype=np.float32), path)
 
 
 def is_nifti(path: str | Path) -> bool:

@@ -291,6 +291,9 @@ class Explainer(ABC):
             raise ConfigError(f"inputs must be a tensor (B, C, H, W) or (B, C, D, H, W), got {shape}")
         if not inputs.is_floating_point():
             raise ConfigError(f"inputs must be floating point, got {inputs.dtype}")
+        if not torch.isfinite(inputs).all():
+            raise ConfigError(f"inputs hold {int((~torch.isfinite(inputs)).sum())} non-finite values "
+                              f"(NaN or Inf); an explanation of undefined pixels means nothing")
         self._activation = activation
         cost = Cost()
         device = inputs.device
@@ -314,6 +317,9 @@ class Explainer(ABC):
                 layer_name = resolve_layer(model, layer)[0] if layer is not None else \
                     default_layer(model, inputs[:1].detach())
             explanation = self._explain(runner, model, inputs.detach(), target, layer_name, handles)
+        if explanation.output is not None and not torch.isfinite(explanation.output).all():
+            raise ModelError("the model's output on these inputs is not finite (NaN or Inf); "
+                             "nothing to explain")
         if device.type == "cuda":
             torch.cuda.synchronize(device)
             cost.peak_memory_bytes = int(torch.cuda.max_memory_allocated(device))

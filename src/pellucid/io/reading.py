@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from pellucid.errors import DataError
+from pellucid.guards import check_shape, require_finite
 
 
 @dataclass
@@ -42,6 +43,7 @@ def _pixels(ds: Any, path: Path, voi: bool) -> np.ndarray:
 
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise DataError(path, "the DICOM file has no pixel data")
+    declared(ds, path)
     try:
         arr = ds.pixel_array
     except Exception as exc:  # pydicom raises many types for broken or truncated pixel data
@@ -53,7 +55,20 @@ def _pixels(ds: Any, path: Path, voi: bool) -> np.ndarray:
             arr = apply_voi_lut(arr, ds).astype(np.float32)
         if getattr(ds, "PhotometricInterpretation", "") == "MONOCHROME1":
             arr = arr.max() + arr.min() - arr
-    return np.asarray(arr, dtype=np.float32)
+    return require_finite(np.asarray(arr, dtype=np.float32), path)
+
+
+def declared(ds: Any, path: Path, slices: int = 1) -> None:
+    """Check the size the header declares (rows, columns, frames, samples; ``slices`` files of a
+    series) against the decode limits before any pixel is decoded."""
+    try:
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+        samples = int(getattr(ds, "SamplesPerPixel", 1) or 1)
+    except (AttributeError, TypeError, ValueError):
+        raise DataError(path, "the DICOM header lacks a valid Rows, Columns, NumberOfFrames or "
+                              "SamplesPerPixel") from None
+    check_shape(path, (rows, cols), frames * slices, samples)
 
 
 def _normal(ds: Any) -> np.ndarray | None:
@@ -138,6 +153,7 @@ def _read_series(folder: Path, voi: bool, series: str | None) -> MedicalImage:
     files = [(p, ds) for p, ds in headers if str(ds.SeriesInstanceUID) == chosen]
     if not files:
         raise DataError(folder, f"no file of series {chosen}")
+    declared(files[0][1], folder, len(files))
     normal = _normal(files[0][1])
     if normal is not None and all("ImagePositionPatient" in ds for _, ds in files):
         files.sort(key=lambda f: float(np.dot(np.asarray(f[1].ImagePositionPatient, float), normal)))

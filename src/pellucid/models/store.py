@@ -6,6 +6,7 @@ A zoo folder holds ``model.safetensors`` and ``card.json``. Loading never downlo
 from __future__ import annotations
 
 import importlib
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,9 +50,16 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             from safetensors.torch import load_file
 
             return load_file(str(path))
+        # a torch state dict: PyTorch's restricted loader, which builds tensors and plain
+        # containers only and refuses any other object (it runs no code from the file)
         state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise ModelError(f"{path}: refused: the file holds Python objects other than tensors; save "
+                         f"a state dict of tensors (torch.save(model.state_dict())) or safetensors") \
+            from None
     except Exception as exc:
-        raise ModelError(f"{path}: cannot read weights ({type(exc).__name__}: {exc})") from None
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        raise ModelError(f"{path}: cannot read weights ({type(exc).__name__}: {first})") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):

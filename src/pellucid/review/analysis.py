@@ -29,6 +29,7 @@ from sqlalchemy.engine import Engine
 
 from pellucid.errors import ConfigError, DataError
 from pellucid.review.db import Assignment, Case, Explanation, Rater, Rating, Read, Study, make_engine, migrate
+from pellucid.review.security import neutralised
 
 RATINGS = ("agreement", "spatial", "usefulness", "trust")
 
@@ -169,7 +170,7 @@ def analyze(db: str, out: str | Path, study_id: int | None = None,
     (out / "tables").mkdir(parents=True, exist_ok=True)
     (out / "export").mkdir(parents=True, exist_ok=True)
     for name, frame in t.items():
-        frame.to_csv(out / "export" / f"{name}.csv", index=False)
+        neutralised(frame).to_csv(out / "export" / f"{name}.csv", index=False)
     tables: dict[str, pd.DataFrame] = {}
     ratings, reads, cases = t["ratings"], t["reads"], t["cases"]
     # ratings per method
@@ -243,7 +244,7 @@ def analyze(db: str, out: str | Path, study_id: int | None = None,
     bench = Path(bench) if bench is not None else None
     tables["spearman"] = _spearman(bench, salt, ratings, cases) if bench is not None else pd.DataFrame()
     for name, frame in tables.items():
-        frame.to_csv(out / "tables" / f"{name}.csv", index=False)
+        neutralised(frame).to_csv(out / "tables" / f"{name}.csv", index=False)
     summary = {"study": info, "raters": len(t["raters"]), "cases": len(cases),
                "complete_reads": int(reads["complete"].sum()) if not reads.empty else 0,
                "ratings": len(ratings),

@@ -18,6 +18,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -36,13 +37,20 @@ from pellucid.review.db import (
     now,
     sessions,
 )
-from pellucid.review.security import csrf_ok, csrf_token, hash_token
+from pellucid.review.security import FailureLimiter, csrf_ok, csrf_token, hash_token, neutralised
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 RATING_FIELDS = (("agreement", 0, 10), ("spatial", 1, 5), ("usefulness", 1, 5), ("trust", 1, 5))
 START_FIELDS = (("years_experience", 0, 60), ("ai_familiarity", 1, 5), ("trust_start", 0, 10),
                 ("willingness_start", 0, 10))
 END_FIELDS = (("trust_end", 0, 10), ("willingness_end", 0, 10))
+SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'; "
+                               "form-action 'self'; base-uri 'none'; object-src 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "X-Frame-Options": "DENY",
+}
 
 
 class Invalid(Exception):
@@ -82,9 +90,11 @@ class RaterContext:
     csrf: str
 
 
-def create_review_app(db: str) -> FastAPI:
+def create_review_app(db: str, failures: FailureLimiter | None = None) -> FastAPI:
     """The review app on database ``db`` (a SQLite path or a SQLAlchemy/PostgreSQL URL); the
-    schema is migrated to the latest revision at start."""
+    schema is migrated to the latest revision at start. Every page carries the security headers
+    (CSP without inline code, no framing, no referrer; token pages are not cached); an address
+    with too many failed invitation or admin tokens (``failures``) is answered 429."""
     engine = make_engine(db)
     migrate(engine)
     make_session = sessions(engine)
@@ -95,6 +105,30 @@ def create_review_app(db: str) -> FastAPI:
     templates = Jinja2Templates(env=jinja2.Environment(loader=loader, autoescape=True))
     app = FastAPI(title="pellucid review", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine = engine
+    limiter = failures or FailureLimiter()
+    app.state.failures = limiter
+    app.mount("/static", StaticFiles(directory=Path(__file__).parent / "static"), name="static")
+
+    def address(request: Request) -> str:
+        return request.client.host if request.client else "unknown"
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        path = request.url.path
+        token_route = path.startswith(("/r/", "/admin/"))
+        if token_route:
+            wait = limiter.blocked(address(request))
+            if wait:
+                return JSONResponse({"error": "too many failed attempts from this address; try "
+                                              "again later"}, status_code=429,
+                                    headers={"Retry-After": str(int(wait))} | SECURITY_HEADERS)
+        response = await call_next(request)
+        if token_route and response.status_code == 403:
+            limiter.failed(address(request))
+        response.headers.update(SECURITY_HEADERS)
+        if token_route:
+            response.headers["Cache-Control"] = "no-store"
+        return response
 
     def page(request: Request, name: str, status: int = 200, **context: Any) -> HTMLResponse:
         return templates.TemplateResponse(request, name, context, status_code=status)
@@ -122,7 +156,7 @@ def create_review_app(db: str) -> FastAPI:
         return ctx
 
     async def form_of(request: Request) -> dict[str, str]:
-        return {k: str(v) for k, v in (await request.form()).items()}
+        return {k: str(v) for k, v in (await request.form(max_files=0, max_fields=200)).items()}
 
     def assignments(s: Session, rater: Rater) -> list[Assignment]:
         return list(s.scalars(select(Assignment).where(Assignment.rater_id == rater.id)
@@ -168,6 +202,13 @@ def create_review_app(db: str) -> FastAPI:
                 errors["role"] = "Role: please answer (at most 100 characters)"
             values = {key: _int(form, key, lo, hi, key.replace("_", " ").capitalize(), errors)
                       for key, lo, hi in START_FIELDS}
+            if ctx.rater.started_at is not None:  # answered once: a replay of the same answers is
+                recorded = {key: getattr(ctx.rater, key) for key, _, _ in START_FIELDS}  # no change
+                if not errors and role == ctx.rater.role and values == recorded:
+                    return RedirectResponse(f"/r/{token}", status_code=303)
+                return page(request, "start.html.j2", 409, ctx=ctx, token=token, values=form,
+                            errors={"role": "These answers are already recorded and cannot be "
+                                            "changed."}, cases=len(assignments(s, ctx.rater)))
             if errors:
                 return page(request, "start.html.j2", 422, ctx=ctx, token=token, values=form,
                             errors=errors, cases=len(assignments(s, ctx.rater)))
@@ -309,6 +350,15 @@ def create_review_app(db: str) -> FastAPI:
             errors: dict[str, str] = {}
             values = {key: _int(form, key, lo, hi, key.replace("_", " ").capitalize(), errors)
                       for key, lo, hi in END_FIELDS}
+            if ctx.rater.finished_at is not None:  # the study is finished for this rater
+                recorded = {key: getattr(ctx.rater, key) for key, _, _ in END_FIELDS}
+                if not errors and values == recorded:
+                    return RedirectResponse(f"/r/{token}/end", status_code=303)
+                return page(request, "end.html.j2", 409, ctx=ctx, token=token, values=form,
+                            errors={"trust_end": "These answers are already recorded and cannot "
+                                                 "be changed."})
+            if next_url(s, token, ctx) != f"/r/{token}/end":  # not every case is read yet
+                return RedirectResponse(next_url(s, token, ctx), status_code=303)
             if errors:
                 return page(request, "end.html.j2", 422, ctx=ctx, token=token, values=form,
                             errors=errors)
@@ -342,13 +392,20 @@ def create_review_app(db: str) -> FastAPI:
 
     @app.post("/admin/raters")
     async def invite(request: Request) -> Response:
-        body = await request.json()
-        label = str(body.get("label", "")).strip()
-        with make_session() as s:
+        with make_session() as s:  # authentication first, then the body
             study = admin_study(s, request)
             if study is None:
                 return JSONResponse({"error": "invalid admin token"}, status_code=403)
             study_id = study.id
+        try:
+            body = await request.json()
+        except ValueError:
+            return JSONResponse({"error": "send a JSON object {\"label\": ...}"}, status_code=422)
+        if not isinstance(body, dict):
+            return JSONResponse({"error": "send a JSON object {\"label\": ...}"}, status_code=422)
+        label = str(body.get("label", "")).strip()
+        if len(label) > 100 or not label.isprintable():
+            return JSONResponse({"error": "label: at most 100 printable characters"}, status_code=422)
         if not label:
             return JSONResponse({"error": "label: give the rater's label"}, status_code=422)
         from pellucid.errors import ConfigError
@@ -374,7 +431,7 @@ def create_review_app(db: str) -> FastAPI:
             return JSONResponse({"error": f"unknown table; available: {', '.join(tables)}"},
                                 status_code=404)
         buf = io.StringIO()
-        tables[table].to_csv(buf, index=False, quoting=csv.QUOTE_MINIMAL)
+        neutralised(tables[table]).to_csv(buf, index=False, quoting=csv.QUOTE_MINIMAL)
         return Response(buf.getvalue(), media_type="text/csv")
 
     return app

@@ -113,8 +113,10 @@ def create_study(run_dir: str | Path, db: str, raters: list[str], cases: int = 2
     if cases < 1:
         raise ConfigError(f"--cases must be at least 1, got {cases}")
     task, frame = _task(run, task)
-    gallery = np.load(run / "gallery.npz")
-    fields = {f.split("::", 1)[1]: gallery[f] for f in gallery.files if f.startswith(task + "::")}
+    from pellucid.bench.report import read_gallery
+
+    gallery = read_gallery(run / "gallery.npz")
+    fields = {f.split("::", 1)[1]: v for f, v in gallery.items() if f.startswith(task + "::")}
     if "predicted" not in fields:
         raise DataError(run, "the run predates stored predictions; re-run `pellucid bench`")
     available = sorted(frame["method"].unique())

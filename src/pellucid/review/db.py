@@ -156,7 +156,12 @@ def database_url(db: str) -> str:
         if db.startswith("postgresql://"):
             return "postgresql+psycopg://" + db[len("postgresql://"):]
         return db
-    return f"sqlite:///{Path(db).expanduser().resolve()}"
+    path = Path(db).expanduser().resolve()
+    if path.is_dir():
+        raise ConfigError(f"--db {db}: is a folder; give a SQLite file path")
+    if not path.parent.is_dir():
+        raise ConfigError(f"--db {db}: the folder {path.parent} does not exist")
+    return f"sqlite:///{path}"
 
 
 def make_engine(db: str) -> Engine:
@@ -196,6 +201,13 @@ def migrate(engine: Engine) -> None:
 
     cfg = Config()
     cfg.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
-    with engine.begin() as conn:
-        cfg.attributes["connection"] = conn
-        command.upgrade(cfg, "head")
+    from sqlalchemy.exc import SQLAlchemyError
+
+    try:
+        with engine.begin() as conn:
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "head")
+    except SQLAlchemyError as exc:
+        first = str(exc.orig if getattr(exc, "orig", None) else exc).strip().splitlines()
+        raise ConfigError(f"--db {engine.url.render_as_string(hide_password=True)}: cannot open the "
+                          f"database ({first[0] if first else type(exc).__name__})") from None

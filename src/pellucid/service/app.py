@@ -3,32 +3,66 @@
 the prediction, every class's probability, a summary per method, and links to the PNG overlays,
 raw maps and, for DICOM input, the DICOM objects (Secondary Capture overlay per method,
 Segmentation, Parametric Map where the source has a frame of reference, and the SR).
-``GET /v1/models`` lists the models, ``GET /health`` answers, ``/docs`` serves the OpenAPI docs.
+``GET /v1/models`` lists the models, ``GET /health`` answers, ``/docs`` serves the OpenAPI docs
+(behind the API key when one is set), ``DELETE /v1/results/{job}`` removes a job's results.
 
-Bad input gets a status and a one-line reason, never a traceback: not an image (400), too large
-(413), not multipart (415), an image the model cannot take (422). An optional API key is checked on
-``X-API-Key``. Logs carry the job id, sizes, model and methods, never file names or DICOM header
-values.
+Jobs run in a bounded pool of worker processes (:mod:`pellucid.service.workers`), never on the
+event loop. Bad input gets a status and a one-line reason, never a traceback: not an image or
+non-finite pixels (400), missing or wrong API key (401), too large, as an upload or as decoded
+pixels declared in the header (413, naming the limit), not multipart (415), an image the model
+cannot take (422), every worker busy and the queue full (503 with Retry-After), over the job's
+time limit (504). The upload is deleted on every path; results are private to the server's user
+(0600 files in 0700 folders) and deleted after ``retention_hours``. Logs carry the job id, sizes,
+model and methods, never file names or DICOM header values. See docs/security.md.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import secrets
+import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import numpy as np
-import torch
+import anyio
 from fastapi import FastAPI, Header, HTTPException, Request
 from fastapi.responses import FileResponse, JSONResponse
 
-from pellucid.errors import ConfigError, DataError, ModelError, PellucidError
+from pellucid.errors import ConfigError
+from pellucid.guards import SERVICE_LIMITS, DecodeLimits
+from pellucid.service.workers import Busy, Job, JobFailed, JobTimeout, PoolConfig, WorkerPool
 
 log = logging.getLogger("pellucid.service")
-SUFFIXES = {"dicom": ".dcm", "nifti": ".nii.gz", "png": ".png", "jpeg": ".jpg", "tiff": ".tif"}
+SUFFIXES = {"dicom": ".dcm", "nifti-gz": ".nii.gz", "nifti": ".nii", "png": ".png", "jpeg": ".jpg",
+            "tiff": ".tif"}
+
+
+@dataclass
+class ServiceConfig:
+    """The service's limits (see docs/security.md for what each bounds)."""
+
+    api_key: str | None = None
+    max_upload_mb: float = 64.0
+    max_methods: int = 8
+    workers: int = 2
+    queue: int = 8
+    job_timeout_s: float = 300.0
+    retention_hours: float = 24.0  # 0 keeps results until deleted
+    threads: int | None = None
+    limits: DecodeLimits = field(default_factory=lambda: SERVICE_LIMITS)
+
+    def __post_init__(self) -> None:
+        checks = {"max_upload_mb": self.max_upload_mb > 0, "max_methods": self.max_methods >= 1,
+                  "workers": self.workers >= 1, "queue": self.queue >= 0,
+                  "job_timeout_s": self.job_timeout_s > 0, "retention_hours": self.retention_hours >= 0}
+        for name, ok in checks.items():
+            if not ok:
+                raise ConfigError(f"{name}: got {getattr(self, name)!r}, which is out of range")
+        if self.api_key is not None and (not self.api_key or not self.api_key.isprintable()):
+            raise ConfigError("api key: give a non-empty printable key")
 
 
 def sniff(head: bytes) -> str | None:
@@ -42,152 +76,97 @@ def sniff(head: bytes) -> str | None:
     if head[:4] in (b"II*\x00", b"MM\x00*"):
         return "tiff"
     if head[:2] == b"\x1f\x8b":
-        return "nifti"  # gzip: a .nii.gz (the reader checks it)
-    if len(head) >= 348 and head[344:348] in (b"n+1\x00", b"ni1\x00"):
+        return "nifti-gz"  # gzip: a .nii.gz (the reader checks it)
+    if len(head) >= 348 and head[344:348] == b"n+1\x00":  # a single-file NIfTI-1
         return "nifti"
     return None
 
 
-class Models:
-    """The models of a folder (each sub-folder with a card.json), loaded once on first use."""
+def _same_secret(given: str | None, expected: str) -> bool:
+    """Constant-time comparison of secrets of any characters (bytes, so non-ASCII is no error)."""
+    return secrets.compare_digest((given or "").encode("utf-8", "surrogateescape"),
+                                  expected.encode("utf-8", "surrogateescape"))
+
+
+def _private_folder(path: Path) -> None:
+    path.mkdir(mode=0o700, parents=False, exist_ok=False)
+    os.chmod(path, 0o700)
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+
+
+class ModelFolders:
+    """The served models: the sub-folders of ``folder`` with a card.json (the workers load them)."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
-        self._loaded: dict[str, Any] = {}
 
     def names(self) -> list[str]:
         return sorted(p.parent.name for p in self.folder.glob("*/card.json"))
 
-    def get(self, name: str):
-        from pellucid.models import load_model
 
-        if name not in self.names():
-            raise ConfigError(f"unknown model {name!r}; available: {', '.join(self.names()) or 'none'}")
-        if name not in self._loaded:
-            self._loaded[name] = load_model(self.folder / name)
-        return self._loaded[name]
+class Retention:
+    """Deletes job folders older than ``hours`` (checked at most once a minute)."""
 
+    def __init__(self, results: Path, hours: float) -> None:
+        self.results, self.seconds, self._last = results, hours * 3600, 0.0
 
-def _probabilities(loaded, output: torch.Tensor) -> dict[str, float]:
-    card = loaded.card
-    names = card.class_names
-    if output.ndim > 2:
-        act = torch.sigmoid(output) if card.activation == "sigmoid" else torch.softmax(output, 1)
-        return {n: float((act[0, k] > 0.5).float().mean()) for k, n in enumerate(names)}
-    probs = torch.sigmoid(output[0]) if card.activation == "sigmoid" else torch.softmax(output[0], 0)
-    return {n: float(p) for n, p in zip(names, probs, strict=True)}
-
-
-def run_job(loaded, model_name: str, path: Path, methods: list[str], target: str | None,
-            out: Path) -> dict[str, Any]:
-    """Explain one input file with ``methods``; write overlays, maps and DICOM objects to ``out``."""
-    import pellucid
-    from pellucid import viz
-    from pellucid.data.inputs import load_input
-    from pellucid.explain_files import resolve_target
-    from pellucid.explainers.base import upsample
-
-    card = loaded.card
-    item = load_input(path, card.in_channels, card.input_size, card.spatial_dims)
-    x = card.normalize(item.image[None])
-    tgt = resolve_target(loaded, target)
-    result: dict[str, Any] = {"model": model_name, "methods": [], "files": [], "skipped": []}
-    first_map = None
-    for method in methods:
-        exp = pellucid.explain(loaded, x, method, target=tgt)
-        explained = int(exp.target.classes[0])
-        if "classes" not in result:
-            probs = _probabilities(loaded, exp.output)
-            result["classes"] = probs
-            name = card.class_names[explained]
-            result["prediction"] = {"class": name, "index": explained, "probability": probs[name]}
-        att = upsample(exp.attributions, tuple(item.original.shape[1:]), "linear")[0, 0]
-        heat = att.cpu().numpy().astype(np.float32)
-        first_map = heat if first_map is None else first_map
-        stem = f"{method}"
-        fig = viz.overlay(item.original, att[None], title=f"{method} | {result['prediction']['class']}"
-                          f" p={result['prediction']['probability']:.2f}")
-        viz.save(fig, out / f"{stem}.png")
-        if item.affine is not None and heat.ndim == 3:  # a volume: NIfTI with the source affine
-            import nibabel as nib
-
-            nib.save(nib.Nifti1Image(heat, item.affine), str(out / f"{stem}.nii.gz"))
-            map_name = f"{stem}.nii.gz"
-        else:
-            np.save(out / f"{stem}.npy", heat)
-            map_name = f"{stem}.npy"
-        entry = {"method": method, "seconds": round(exp.cost.seconds, 4),
-                 "forward_passes": exp.cost.forward_passes, "backward_passes": exp.cost.backward_passes,
-                 "layer": exp.layer, "overlay": f"{stem}.png", "map": map_name,
-                 "max_location": [int(v) for v in np.unravel_index(int(heat.argmax()), heat.shape)]}
-        if item.datasets and heat.ndim == 2:
-            try:
-                entry["dicom"] = _write_sc(item, heat, method, result["prediction"], out)
-            except PellucidError as exc:
-                result["skipped"].append({"object": f"{method} secondary capture", "reason": str(exc)})
-        result["methods"].append(entry)
-    if item.datasets and first_map is not None:
-        result["files"] += _write_dicom(item, first_map, methods[0], model_name, result, out)
-    return result
-
-
-def _write_sc(item, heat: np.ndarray, method: str, prediction: dict, out: Path) -> str:
-    from pellucid.io import dicom_objects as objects
-
-    image = item.original[0].numpy()
-    rgb = objects.overlay_rgb(image, heat, f"{method}: {prediction['class']} "
-                                           f"p={prediction['probability']:.2f}")
-    sc = objects.secondary_capture(item.datasets[0], rgb)
-    name = f"{method}_overlay.dcm"
-    sc.save_as(out / name)
-    return name
-
-
-def _write_dicom(item, heat: np.ndarray, method: str, model_name: str, result: dict,
-                 out: Path) -> list[str]:
-    from pellucid.io import dicom_objects as objects
-
-    written, source = [], item.datasets
-    frames = heat if heat.ndim == 3 else heat[None]
-    lo, hi = float(frames.min()), float(frames.max())
-    norm = (frames - lo) / (hi - lo) if hi > lo else np.zeros_like(frames)
-    pmap = seg = None
-    try:
-        pmap = objects.parametric_map(source, frames, method)
-        pmap.save_as(out / "parametric_map.dcm")
-        written.append("parametric_map.dcm")
-    except PellucidError as exc:
-        result["skipped"].append({"object": "parametric map", "reason": str(exc)})
-    try:
-        seg = objects.segmentation(source, norm >= 0.5, f"{method} region")
-        seg.save_as(out / "segmentation.dcm")
-        written.append("segmentation.dcm")
-    except PellucidError as exc:
-        result["skipped"].append({"object": "segmentation", "reason": str(exc)})
-    pred = result["prediction"]
-    sr = objects.structured_report(source, model_name, "0", pred["class"], pred["probability"],
-                                   method, pmap, seg)
-    sr.save_as(out / "report_sr.dcm")
-    written.append("report_sr.dcm")
-    return written
+    def sweep(self, force: bool = False) -> int:
+        now = time.time()
+        if self.seconds <= 0 or (not force and now - self._last < 60):
+            return 0
+        self._last = now
+        removed = 0
+        for folder in self.results.iterdir():
+            if folder.is_dir() and folder.name.isalnum() and now - folder.stat().st_mtime > self.seconds:
+                shutil.rmtree(folder, ignore_errors=True)
+                removed += 1
+        if removed:
+            log.info("retention: removed %d job folder(s) older than %g h", removed, self.seconds / 3600)
+        return removed
 
 
 def create_app(models: str | Path, out: str | Path = "pellucid_results", api_key: str | None = None,
-               max_upload_mb: float = 64.0):
-    """The FastAPI application serving the models under ``models``."""
+               max_upload_mb: float = 64.0, config: ServiceConfig | None = None) -> FastAPI:
+    """The FastAPI application serving the models under ``models``; ``config`` sets every limit
+    (``api_key`` and ``max_upload_mb`` are shortcuts for its fields)."""
     import pellucid
-    import pellucid.explainers
 
-    registry = Models(Path(models))
+    config = config or ServiceConfig(api_key=api_key, max_upload_mb=max_upload_mb)
+    registry = ModelFolders(Path(models))
     results = Path(out)
     results.mkdir(parents=True, exist_ok=True)
-    limit = int(max_upload_mb * 2**20)
+    os.chmod(results, 0o700)
+    limit = int(config.max_upload_mb * 2**20)
+    pool = WorkerPool(PoolConfig(Path(models), config.workers, config.queue, config.job_timeout_s,
+                                 config.threads, config.limits))
+    retention = Retention(results, config.retention_hours)
+    retention.sweep(force=True)
+    key_set = config.api_key is not None
     app = FastAPI(title="pellucid", version=pellucid.__version__,
-                  description="Explain medical imaging models; DICOM in, DICOM out.")
+                  description="Explain medical imaging models; DICOM in, DICOM out.",
+                  docs_url=None if key_set else "/docs", redoc_url=None,
+                  openapi_url=None if key_set else "/openapi.json")
+    app.state.pool = pool
+    pool.start()  # the workers import torch and the explainers while the server starts
+    app.router.add_event_handler("shutdown", pool.close)
 
     def check_key(key: str | None) -> None:
-        if api_key is not None and not secrets.compare_digest(key or "", api_key):
+        if config.api_key is not None and not _same_secret(key, config.api_key):
+            log.info("request refused: 401 (missing or wrong API key)")
             raise HTTPException(401, "missing or wrong API key (X-API-Key)")
+
+    @app.middleware("http")
+    async def headers(request: Request, call_next):
+        response = await call_next(request)
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        response.headers["Cache-Control"] = "no-store"
+        response.headers["Referrer-Policy"] = "no-referrer"
+        return response
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception):  # never a traceback to the client
@@ -196,70 +175,122 @@ def create_app(models: str | Path, out: str | Path = "pellucid_results", api_key
 
     @app.get("/health")
     def health() -> dict:
-        return {"status": "ok", "version": pellucid.__version__}
+        return {"status": "ok", "version": pellucid.__version__, "jobs_in_flight": pool.in_flight}
+
+    if key_set:
+        @app.get("/openapi.json", include_in_schema=False)
+        def openapi(x_api_key: str | None = Header(None)) -> dict:
+            check_key(x_api_key)
+            return app.openapi()
+
+        @app.get("/docs", include_in_schema=False)
+        def docs(x_api_key: str | None = Header(None)):
+            from fastapi.openapi.docs import get_swagger_ui_html
+
+            check_key(x_api_key)
+            return get_swagger_ui_html(openapi_url="/openapi.json", title="pellucid")
 
     @app.get("/v1/models")
     def list_models(x_api_key: str | None = Header(None)) -> dict:
         check_key(x_api_key)
         out_models = []
         for name in registry.names():
-            card = json.loads((registry.folder / name / "card.json").read_text())
+            try:
+                card = json.loads((registry.folder / name / "card.json").read_text())
+            except (OSError, ValueError):
+                card = {"task": None}
             out_models.append({"name": name, "task": card.get("task"), "arch": card.get("arch"),
                                "classes": card.get("class_names"),
                                "input_size": card.get("input_size"),
                                "in_channels": card.get("in_channels")})
-        return {"models": out_models, "methods": pellucid.explainers.names()}
+        return {"models": out_models, "methods": pool.methods(),
+                "limits": {"max_upload_mb": config.max_upload_mb, "max_methods": config.max_methods,
+                           "max_pixels": config.limits.max_pixels,
+                           "max_voxels": config.limits.max_voxels,
+                           "max_frames": config.limits.max_frames,
+                           "job_timeout_s": config.job_timeout_s}}
+
+    def refuse(status: int, reason: str, job: str | None = None, **headers: str) -> HTTPException:
+        log.info("%s: refused, %d", f"job {job}" if job else "request", status)
+        return HTTPException(status, reason, headers=headers or None)
+
+    def methods_of(text: str) -> list[str]:
+        given = [m.strip() for m in text.split(",") if m.strip()]
+        methods = list(dict.fromkeys(m.lower().replace("-", "").replace("_", "") for m in given))
+        if not methods:
+            raise refuse(400, "methods: give at least one method")
+        if len(methods) > config.max_methods:
+            raise refuse(400, f"methods: at most {config.max_methods} methods per request, got "
+                              f"{len(methods)}")
+        known = pool.methods()
+        for m, original in zip(methods, given, strict=False):
+            if m not in known:
+                raise refuse(400, f"unknown method {original[:64]!r}; available: {', '.join(known)}")
+        return methods
 
     @app.post("/v1/explain")
     async def explain(request: Request, x_api_key: str | None = Header(None)) -> dict:
         check_key(x_api_key)
         ctype = request.headers.get("content-type", "")
         if not ctype.startswith("multipart/form-data"):
-            raise HTTPException(415, "send multipart/form-data with a 'file' field")
+            raise refuse(415, "send multipart/form-data with a 'file' field")
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > limit + 65536:
-            raise HTTPException(413, f"upload larger than {max_upload_mb:g} MB")
-        form = await request.form(max_part_size=limit + 1)
+            raise refuse(413, f"upload larger than {config.max_upload_mb:g} MB (max_upload_mb)")
+        try:
+            pool.admit()
+        except Busy:
+            raise refuse(503, "every worker is busy and the queue is full; retry later",
+                         **{"Retry-After": "5"}) from None
+        try:
+            return await accepted(request)
+        finally:
+            pool.release()
+
+    async def accepted(request: Request) -> dict:
+        form = await request.form(max_files=1, max_fields=8, max_part_size=limit + 1)
         upload = form.get("file")
         if upload is None or isinstance(upload, str):
-            raise HTTPException(400, "no 'file' field in the form")
+            raise refuse(400, "no 'file' field in the form")
         data = await upload.read(limit + 1)
         if len(data) > limit:
-            raise HTTPException(413, f"upload larger than {max_upload_mb:g} MB")
+            raise refuse(413, f"upload larger than {config.max_upload_mb:g} MB (max_upload_mb)")
         kind = sniff(data[:400])
         if kind is None:
-            raise HTTPException(400, "not a DICOM, NIfTI or PNG/JPEG/TIFF file")
+            raise refuse(400, "not a DICOM, NIfTI-1 or PNG/JPEG/TIFF file")
         model_name = str(form.get("model") or (registry.names() or [""])[0])
-        methods = [m.strip() for m in str(form.get("methods") or "gradcam").split(",") if m.strip()]
+        if model_name not in registry.names():
+            raise refuse(400, f"unknown model {model_name[:64]!r}; available: "
+                              f"{', '.join(registry.names()) or 'none'}")
+        methods = methods_of(str(form.get("methods") or "gradcam"))
         target = form.get("target")
+        target = str(target) if target else None
+        if target is not None and (len(target) > 128 or not target.isprintable()):
+            raise refuse(400, "target: give a class name or index (at most 128 printable characters)")
+        retention.sweep()
         job = secrets.token_hex(8)
         folder = results / job
-        folder.mkdir(parents=True)
+        _private_folder(folder)
         path = folder / f"input{SUFFIXES[kind]}"
-        path.write_bytes(data)
         start = time.perf_counter()
-        log.info("job %s: %s upload, %d bytes, model %s, methods %s", job, kind, len(data),
-                 model_name, ",".join(methods))
+        ok = False
         try:
-            for m in methods:
-                pellucid.explainers.create(m)
-            loaded = registry.get(model_name)
-        except ConfigError as exc:
-            path.unlink(missing_ok=True)
-            raise HTTPException(400, str(exc)) from None
-        try:
-            answer = run_job(loaded, model_name, path, methods, str(target) if target else None,
-                             folder)
-        except (DataError, ConfigError) as exc:
-            log.info("job %s: rejected (%s)", job, type(exc).__name__)
-            message = str(exc)
-            unfit = any(p in message for p in ("cannot go to", "the model takes", "model cannot"))
-            raise HTTPException(422 if unfit else 400, _anonymous(message, path)) from None
-        except ModelError as exc:
-            log.info("job %s: the model cannot take the input", job)
-            raise HTTPException(422, _anonymous(str(exc), path)) from None
+            _write_private(path, data)
+            del data
+            log.info("job %s: accepted, %s upload of %d bytes, model %s, methods %s", job, kind,
+                     path.stat().st_size, model_name, ",".join(methods))
+            answer = await anyio.to_thread.run_sync(
+                pool.run, Job(model_name, path, methods, target, folder))
+            ok = True
+        except JobTimeout:
+            raise refuse(504, f"the job ran past the time limit of {config.job_timeout_s:g} s "
+                              f"(job_timeout_s)", job) from None
+        except JobFailed as exc:
+            raise refuse(exc.status, exc.reason, job) from None
         finally:
-            path.unlink(missing_ok=True)  # the upload is not kept
+            path.unlink(missing_ok=True)  # the upload is never kept
+            if not ok:
+                shutil.rmtree(folder, ignore_errors=True)
         base = f"/v1/results/{job}/"
         for entry in answer["methods"]:
             for key in ("overlay", "map", "dicom"):
@@ -271,21 +302,32 @@ def create_app(models: str | Path, out: str | Path = "pellucid_results", api_key
         log.info("job %s: done in %.2f s", job, answer["seconds"])
         return answer
 
+    def job_folder(job: str) -> Path:
+        if not (job.isascii() and job.isalnum() and len(job) <= 64):
+            raise HTTPException(404, "no such result")
+        return results / job
+
     @app.get("/v1/results/{job}/{name}")
     def download(job: str, name: str, x_api_key: str | None = Header(None)):
         check_key(x_api_key)
-        if not job.isalnum() or "/" in name or name.startswith("."):
+        folder = job_folder(job)
+        if "/" in name or "\\" in name or name.startswith(".") or name.startswith("input"):
             raise HTTPException(404, "no such result")
-        path = results / job / name
+        path = folder / name
         if not path.is_file():
             raise HTTPException(404, "no such result")
         media = {".png": "image/png", ".dcm": "application/dicom", ".npy": "application/octet-stream",
                  ".gz": "application/gzip"}
         return FileResponse(path, media_type=media.get(path.suffix, "application/octet-stream"))
 
+    @app.delete("/v1/results/{job}")
+    def delete(job: str, x_api_key: str | None = Header(None)) -> dict:
+        check_key(x_api_key)
+        folder = job_folder(job)
+        if not folder.is_dir():
+            raise HTTPException(404, "no such result")
+        shutil.rmtree(folder)
+        log.info("job %s: results deleted on request", job)
+        return {"job": job, "deleted": True}
+
     return app
-
-
-def _anonymous(message: str, path: Path) -> str:
-    """An error message without the server-side path of the upload."""
-    return message.replace(str(path), "the upload").replace(path.name, "the upload")

@@ -1,0 +1,365 @@
+"""Hostile and careless inputs to the readers, the command line and a benchmark run folder:
+decompression bombs refused from the header, non-finite pixels refused in every format, pickles
+planted wherever pellucid reads a run folder never executed, corrupt result parts moved aside and
+re-run, and property-based fuzzing of the readers and the configuration parser. Every case ends in
+a clean refusal (one ``error:`` line, exit status 2) or a correct result."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pellucid.cli import main
+from pellucid.data.inputs import load_input
+from pellucid.errors import ConfigError, DataError, PellucidError
+from pellucid.guards import SERVICE_LIMITS, TooLarge, decode_limits
+from tests import hostile
+
+VALUE_COLUMNS = ["dataset", "model", "case_id", "target", "method", "metric", "value", "reason"]
+
+
+def _cli(capsys, *argv: str) -> tuple[int, str]:
+    """Run the command line in-process: (exit status, stderr)."""
+    capsys.readouterr()
+    try:
+        main(list(argv))
+        code = 0
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    return code, capsys.readouterr().err
+
+
+def _one_error_line(err: str) -> str:
+    """The one ``error:`` line of stderr (``warning:`` lines about repaired state may precede it)."""
+    lines = [line for line in err.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0], err
+    assert all(line.startswith(("error: ", "warning: ")) for line in lines), err
+    return errors[0]
+
+
+# ---------------------------------------------------------------- readers
+
+@pytest.mark.parametrize("case", list(hostile.corpus(Path("/nonexistent"))))
+def test_decompression_bombs_and_non_finite_pixels_are_refused_by_every_reader(case, tmp_path):
+    name, data, expect = hostile.corpus(tmp_path)[case]
+    path = tmp_path / name
+    path.write_bytes(data)
+    tracemalloc.start()
+    try:
+        with decode_limits(SERVICE_LIMITS), pytest.raises(DataError) as info:
+            load_input(path, 1, [64, 64], 2)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    message = str(info.value)
+    assert "\n" not in message and str(path) in message
+    if expect == "too large":
+        assert isinstance(info.value, TooLarge)
+        assert any(k in message for k in ("(max_pixels)", "(max_voxels)", "(max_frames)"))
+        assert peak < 200 * 2**20, f"{case}: {peak / 2**20:.0f} MiB allocated before refusing"
+    elif expect == "non-finite":
+        assert "non-finite values" in message
+    assert not (tmp_path / "npy-marker").exists()
+
+
+def test_the_default_limits_admit_real_images_and_the_service_limits_are_tighter(tmp_path):
+    from pellucid.guards import DEFAULT_LIMITS
+
+    path = tmp_path / "big.png"
+    path.write_bytes(hostile.png_declaring(6000, 6000))  # 36 M pixels: over the service's 33.5 M
+    with decode_limits(SERVICE_LIMITS), pytest.raises(TooLarge, match=r"33,554,432 pixels"):
+        load_input(path, 1, [64, 64], 2)
+    assert SERVICE_LIMITS.max_pixels < DEFAULT_LIMITS.max_pixels
+    with pytest.raises(DataError) as info:  # under the default limits it is decoded (and is broken)
+        load_input(path, 1, [64, 64], 2)
+    assert not isinstance(info.value, TooLarge)
+
+
+def test_explain_api_refuses_non_finite_inputs_and_outputs():
+    import pellucid
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.AdaptiveAvgPool2d(1),
+                                torch.nn.Flatten())
+    x = torch.ones(1, 1, 16, 16)
+    x[0, 0, 3, 3] = float("nan")
+    with pytest.raises(ConfigError, match="1 non-finite values"):
+        pellucid.explain(model, x, "saliency")
+    huge = torch.full((1, 1, 16, 16), 3e38)  # finite pixels, an overflowing model output
+    model[0].weight.data.fill_(10.0)
+    with pytest.raises(PellucidError, match="output on these inputs is not finite"):
+        pellucid.explain(model, huge, "saliency")
+
+
+# ---------------------------------------------------------------- command line
+
+def test_cli_refuses_non_finite_and_bad_files_with_one_error_line(chest_model, tmp_path, capsys):
+    corpus = hostile.corpus(tmp_path)
+    for case in ("float tiff with NaN", "float tiff with Inf", "npy with NaN", "npy with Inf",
+                 "npy of objects", "png header 60000^2", "dicom truncated"):
+        name, data, expect = corpus[case]
+        path = tmp_path / name
+        path.write_bytes(data)
+        code, err = _cli(capsys, "explain", "--model", chest_model.source, "--input", str(path),
+                         "--out", str(tmp_path / "out"))
+        line = _one_error_line(err)
+        assert code == 2, (case, err)
+        if expect == "non-finite":
+            assert "non-finite values" in line
+    assert not (tmp_path / "npy-marker").exists()
+    (tmp_path / "a_file").write_text("x")
+    good = tmp_path / "good.png"
+    good.write_bytes(hostile.noise_png(128))
+    code, err = _cli(capsys, "explain", "--model", chest_model.source, "--input", str(good),
+                     "--out", str(tmp_path / "a_file"))
+    assert code == 2 and "exists and is not a folder" in _one_error_line(err)
+    code, err = _cli(capsys, "review", "serve", "--db", str(tmp_path / "missing" / "review.db"))
+    assert code == 2 and "does not exist" in _one_error_line(err)
+    code, err = _cli(capsys, "serve", "--models", str(tmp_path / "none"))
+    assert code == 2 and "no such models folder" in _one_error_line(err)
+
+
+def test_weights_with_python_objects_are_refused_in_one_line_and_never_run(tmp_path, capsys):
+    marker = tmp_path / "weights-marker"
+    evil = tmp_path / "evil.pt"
+    evil.write_bytes(hostile.torch_pickle_bytes(marker))
+    code, err = _cli(capsys, "layers", "torchvision.models:resnet18", "--weights", str(evil))
+    line = _one_error_line(err)
+    assert code == 2 and "refused: the file holds Python objects other than tensors" in line
+    assert not marker.exists()
+
+
+# ---------------------------------------------------------------- benchmark run folders
+
+@pytest.fixture(scope="module")
+def run_folder(tmp_path_factory):
+    """A finished tiny benchmark run (ResNet-18, one epoch on 64 px phantoms), with its config."""
+    from pellucid.bench import parse_config, run_bench
+    from pellucid.data import open_dataset
+    from pellucid.models import TrainConfig, save_model, train
+
+    root = tmp_path_factory.mktemp("hostile_run")
+    result = train(open_dataset("phantom-chest", split="train", n=64, size=64),
+                   TrainConfig(epochs=1, batch_size=32, progress=False))
+    model = save_model(root / "chest", result.module, result.card)
+    raw = {"name": "hostile", "seed": 0, "batch_size": 2, "gallery": 2,
+           "datasets": {"chest": {"reader": "phantom-chest", "cases": 3, "options": {"size": 64}}},
+           "models": {"r18": {"datasets": ["chest"], "path": str(model)}},
+           "methods": ["gradcam", "integratedgradients"],
+           "metrics": ["sparseness", {"name": "deletion", "options": {"step": 256}}]}
+    config = parse_config(raw)
+    table = run_bench(config, root / "run", progress=False)
+    return root / "run", config, table
+
+
+def _values(frame: pd.DataFrame) -> pd.DataFrame:
+    return frame[VALUE_COLUMNS].sort_values(VALUE_COLUMNS[:6]).reset_index(drop=True)
+
+
+def test_pickles_planted_in_a_run_folder_never_execute(run_folder, tmp_path, capsys):
+    """Every file pellucid reads from a run folder replaced by a pickle whose unpickling would
+    write a marker file: the cached explanations, result parts and manifests, gallery and map
+    archives; then the run is resumed and reported. Nothing executes, the table comes back equal."""
+    from pellucid.bench import run_bench
+
+    src, config, table = run_folder
+    run = tmp_path / "run"
+    shutil.copytree(src, run)
+    marker = tmp_path / "marker"
+    cached = sorted((run / "cache").glob("*.safetensors"))
+    assert cached, "the run cached its explanations"
+    for f in cached:
+        f.write_bytes(hostile.torch_pickle_bytes(marker))
+        f.with_suffix(".pt").write_bytes(hostile.torch_pickle_bytes(marker))  # the old name too
+    for f in (run / "parts").glob("*.parquet"):
+        f.write_bytes(hostile.pickle_bytes(marker))
+    for f in (run / "parts").glob("*.json"):
+        f.write_bytes(hostile.pickle_bytes(marker))
+    for f in [run / "gallery.npz", *(run / "maps").glob("*.npz")]:
+        f.write_bytes(hostile.object_npz_bytes(marker))
+    (run / "run.json").write_bytes(hostile.pickle_bytes(marker))
+    resumed = run_bench(config, run, progress=False)
+    err = capsys.readouterr().err
+    assert not marker.exists(), "a planted pickle was executed"
+    assert "moved to bad/" in err and "not used" in err
+    pd.testing.assert_frame_equal(_values(resumed), _values(table), atol=1e-6)
+    assert len(list((run / "cache").glob("*.bad"))) == len(cached)
+    code, err = _cli(capsys, "report", str(run))
+    assert code == 0 and not marker.exists()
+    # a model folder of the run (``models/<name>`` when the benchmark trained it)
+    model = tmp_path / "models" / "r18"
+    shutil.copytree(config.models["r18"].path, model)
+    (model / "model.safetensors").write_bytes(hostile.torch_pickle_bytes(marker))
+    code, err = _cli(capsys, "layers", str(model))
+    assert code == 2 and "cannot read weights" in _one_error_line(err) and not marker.exists()
+
+
+def test_a_corrupt_result_part_is_moved_aside_and_its_unit_re_run(run_folder, tmp_path, capsys):
+    from pellucid.bench import run_bench
+
+    src, config, table = run_folder
+    run = tmp_path / "run"
+    shutil.copytree(src, run)
+    parts = sorted((run / "parts").glob("*.parquet"))
+    parts[0].write_bytes(parts[0].read_bytes()[:100])  # truncated
+    parts[1].write_bytes(b"")  # emptied
+    code, err = _cli(capsys, "report", str(run))  # the report runs on what is left, says so
+    assert code == 0 and err.count("is unusable") == 2 and "Traceback" not in err
+    assert len(list((run / "parts" / "bad").glob("*.parquet"))) == 2
+    resumed = run_bench(config, run, progress=False, report=False)
+    pd.testing.assert_frame_equal(_values(resumed), _values(table), atol=1e-6)
+    assert len(list((run / "parts").glob("*.parquet"))) == len(parts)
+
+
+def _mutations(run: Path) -> dict:
+    parts = sorted((run / "parts").glob("*.parquet"))
+
+    def every_part(fn):
+        return lambda: [fn(p) for p in parts]
+
+    return {
+        "no parts at all": every_part(lambda p: p.unlink()),
+        "every part empty": every_part(lambda p: p.write_bytes(b"")),
+        "every manifest gone": every_part(lambda p: p.with_suffix(".json").unlink()),
+        "manifest not JSON": lambda: parts[0].with_suffix(".json").write_text("{nope"),
+        "manifest a list": lambda: parts[0].with_suffix(".json").write_text("[1, 2]"),
+        "manifest with other rows": lambda: parts[0].with_suffix(".json").write_text(json.dumps(
+            json.loads(parts[0].with_suffix(".json").read_text()) | {"rows": 999})),
+        "a part that is a folder": lambda: (run / "parts" / "x.parquet").mkdir(),
+        "run.json garbage": lambda: (run / "run.json").write_text("\x00\xff garbage"),
+        "run.json a list": lambda: (run / "run.json").write_text("[]"),
+        "run.json odd values": lambda: (run / "run.json").write_text(json.dumps(
+            {"gallery": "many", "tasks": {"r18|chest": 5}})),
+        "performance.json odd": lambda: (run / "performance.json").write_text(
+            json.dumps({"r18|chest": {"report": 7}})),
+        "gallery.npz garbage": lambda: (run / "gallery.npz").write_bytes(b"PK\x03\x04garbage"),
+        "gallery.npz without keys": lambda: np.savez(run / "gallery.npz", other=np.zeros(3)),
+        "gallery.npz wrong shapes": lambda: np.savez(run / "gallery.npz", **{
+            "r18|chest::images": np.zeros(3), "r18|chest::case_ids": np.array(["a"]),
+            "r18|chest::targets": np.array(["b", "c"])}),
+        "maps garbage": lambda: [f.write_bytes(b"junk") for f in (run / "maps").glob("*.npz")],
+        "modality.json odd": lambda: (run / "modality.json").write_text(
+            json.dumps({"r18|chest": {"channels": 3}})),
+        "review summary odd": lambda: ((run / "review").mkdir(), (run / "review" / "summary.json")
+                                       .write_text(json.dumps({"tables": 3}))),
+    }
+
+
+def test_no_run_folder_state_makes_report_crash(run_folder, tmp_path, capsys):
+    src = run_folder[0]
+    for name in _mutations(src):
+        run = tmp_path / name.replace(" ", "_")
+        shutil.copytree(src, run)
+        _mutations(run)[name]()
+        code, err = _cli(capsys, "report", str(run))
+        assert code in (0, 2), (name, err)
+        assert "Traceback" not in err, (name, err)
+        if code == 2:
+            assert "no verified result parts" in _one_error_line(err), name
+        else:
+            assert (run / "report.html").stat().st_size > 1000, name
+
+
+# ---------------------------------------------------------------- property-based fuzzing
+
+def _seed_files() -> dict[str, bytes]:
+    rng = np.random.default_rng(0)
+    img = rng.random((24, 24)).astype(np.float32)
+    return {".png": hostile.noise_png(24), ".tif": hostile.float_tiff(img),
+            ".nii.gz": hostile.nifti_bytes(rng.random((6, 6, 6)).astype(np.float32)),
+            ".nii": hostile.nifti_bytes(rng.random((6, 6, 6)).astype(np.float32), gz=False),
+            ".npy": hostile.npy_bytes(img[None]), ".dcm": hostile.dicom_bytes(16, 16)}
+
+
+SEEDS = _seed_files()
+
+
+@st.composite
+def mutated(draw):
+    suffix = draw(st.sampled_from(sorted(SEEDS)))
+    data = bytearray(SEEDS[suffix])
+    for _ in range(draw(st.integers(1, 8))):
+        kind = draw(st.sampled_from(["flip", "cut", "insert", "header"]))
+        if kind == "flip" and data:
+            i = draw(st.integers(0, len(data) - 1))
+            data[i] = draw(st.integers(0, 255))
+        elif kind == "cut" and data:
+            i = draw(st.integers(0, len(data) - 1))
+            del data[i:i + draw(st.integers(1, 64))]
+        elif kind == "insert":
+            i = draw(st.integers(0, len(data)))
+            data[i:i] = draw(st.binary(min_size=1, max_size=16))
+        elif kind == "header" and len(data) > 8:  # sizes and offsets live in the first bytes
+            i = draw(st.integers(0, min(len(data), 400) - 4))
+            data[i:i + 4] = draw(st.sampled_from([b"\xff\xff\xff\xff", b"\x00\x00\x00\x00",
+                                                  b"\x7f\xff\xff\xff", b"\x00\x00\x01\x00"]))
+    return suffix, bytes(data)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=mutated())
+def test_fuzzed_files_are_read_correctly_or_refused_cleanly(case, tmp_path):
+    suffix, data = case
+    path = tmp_path / f"fuzz{suffix}"
+    path.write_bytes(data)
+    dims = 3 if suffix.startswith(".nii") else 2
+    with decode_limits(SERVICE_LIMITS):
+        try:
+            item = load_input(path, 1, [16] * dims, dims)
+        except PellucidError as exc:
+            assert "\n" not in str(exc)
+            return
+    assert torch.isfinite(item.image).all() and torch.isfinite(item.original).all()
+
+
+def _yaml_like(leaves):
+    return st.recursive(leaves, lambda children: st.lists(children, max_size=4)
+                        | st.dictionaries(st.text(max_size=8), children, max_size=4), max_leaves=12)
+
+
+LEAVES = st.none() | st.booleans() | st.integers(-3, 10**9) | st.floats(allow_nan=True) \
+    | st.text(max_size=12) | st.sampled_from(["gradcam", "deletion", "phantom-chest", "chest", "r18"])
+
+
+@st.composite
+def configs(draw):
+    base = {"name": "fuzz", "datasets": {"chest": {"reader": "phantom-chest", "cases": 2}},
+            "models": {"r18": {"datasets": ["chest"], "path": "m"}}, "methods": ["gradcam"],
+            "metrics": ["deletion"]}
+    for _ in range(draw(st.integers(1, 4))):
+        where = draw(st.sampled_from(["top", "datasets.chest", "models.r18", "methods", "metrics"]))
+        key = draw(st.sampled_from(["name", "seed", "batch_size", "cache", "gallery", "reader",
+                                    "cases", "options", "datasets", "path", "train", "targets",
+                                    "region", "layer", "sliding_window", "reference", "threads",
+                                    "skip_methods", "only_models", "x"]))
+        value = draw(_yaml_like(LEAVES))
+        if where == "top":
+            base[key] = value
+        elif where in ("methods", "metrics"):
+            base[where] = draw(st.sampled_from([value, [value], [{"name": "gradcam", key: value}],
+                                                [{"name": "deletion", "options": value}]]))
+        else:
+            section, name = where.split(".")
+            if isinstance(base.get(section), dict) and isinstance(base[section].get(name), dict):
+                base[section][name][key] = value
+    return base
+
+
+@settings(max_examples=300, deadline=None)
+@given(raw=configs())
+def test_fuzzed_configurations_parse_or_fail_with_a_config_error(raw):
+    from pellucid.bench import parse_config
+
+    try:
+        parse_config(raw, "fuzz.yaml")
+    except ConfigError as exc:
+        assert str(exc).startswith("fuzz.yaml") and "\n" not in str(exc), str(exc)
