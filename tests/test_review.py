@@ -600,7 +600,7 @@ def test_odd_secrets_are_refused_and_admin_checks_auth_before_the_body(review_ru
             "trust_start": "1", "willingness_start": "1"}
     assert client.post(f"/r/{token}/start", data=form).status_code == 403  # not a 500
     assert client.get("/r/ключ").status_code == 403
-    odd = {"Authorization": "Bearer ".encode() + "ключ".encode()}
+    odd = {"Authorization": b"Bearer " + "ключ".encode()}
     assert client.get("/admin/progress", headers=odd).status_code == 403
     # no credentials and a body that is not JSON: refused for the credentials, never parsed
     r = client.post("/admin/raters", content=b"{not json", headers={"content-type": "application/json"})
