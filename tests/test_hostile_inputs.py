@@ -126,6 +126,10 @@ def test_cli_refuses_non_finite_and_bad_files_with_one_error_line(chest_model, t
     assert code == 2 and "does not exist" in _one_error_line(err)
     code, err = _cli(capsys, "serve", "--models", str(tmp_path / "none"))
     assert code == 2 and "no such models folder" in _one_error_line(err)
+    assert "warning" not in err
+    code, err = _cli(capsys, "serve", "--models", str(tmp_path / "none"), "--api-key", "k")
+    assert code == 2 and "no such models folder" in _one_error_line(err)
+    assert "warning: --api-key is visible" in err and "PELLUCID_API_KEY" in err
 
 
 def test_weights_with_python_objects_are_refused_in_one_line_and_never_run(tmp_path, capsys):

@@ -231,7 +231,8 @@ def report(run: Annotated[Path, typer.Argument(help="a benchmark output folder")
 
 
 @app.command()
-def serve(models: Annotated[Path, typer.Option(help="folder of model folders (each with card.json)")],
+def serve(ctx: typer.Context,
+          models: Annotated[Path, typer.Option(help="folder of model folders (each with card.json)")],
           host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
           port: Annotated[int, typer.Option(help="port")] = 8000,
           out: Annotated[Path, typer.Option(help="where results are kept")] = Path("pellucid_results"),
@@ -263,12 +264,13 @@ def serve(models: Annotated[Path, typer.Option(help="folder of model folders (ea
     from pellucid.service import create_app
     from pellucid.service.app import ServiceConfig
 
+    source = ctx.get_parameter_source("api_key")
+    if api_key is not None and getattr(source, "name", "") == "COMMANDLINE":
+        print("warning: --api-key is visible to every user of this machine in the process list; "
+              "set PELLUCID_API_KEY instead", file=sys.stderr)
     if not models.is_dir():
         raise ConfigError(f"--models {models}: no such models folder")
     _out_folder(out, "--out")
-    if "--api-key" in sys.argv or any(a.startswith("--api-key=") for a in sys.argv):
-        print("warning: --api-key is visible to every user of this machine in the process list; "
-              "set PELLUCID_API_KEY instead", file=sys.stderr)
     try:
         limits = DecodeLimits(max_pixels, max_voxels, max_frames)
     except ValueError as exc:
