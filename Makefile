@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export PELLUCID_DATA ?= $(abspath ../shared/data)
 
-.PHONY: demo test lint install clean system-deps
+.PHONY: demo test check lint install clean system-deps
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,12 @@ system-deps:
 test: $(STAMP) system-deps
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(PY) -m pytest
+
+# the fast loop while developing: ruff and every test that trains, benchmarks and serves nothing
+# (tests/conftest.py marks the others "slow"); `make test` stays the full suite
+check: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(PY) -m pytest -m "not slow" -q
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks

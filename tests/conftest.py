@@ -63,3 +63,19 @@ def brain_unet(tmp_path_factory):
 @pytest.fixture()
 def rng() -> torch.Generator:
     return torch.Generator().manual_seed(0)
+
+
+# Fixtures that train a model, run a benchmark or start a service: a test using one is "slow" and
+# left out of `make check` (every test still runs under `make test`).
+HEAVY_FIXTURES = {"chest_model", "brain_unet", "tiny_model", "unet3d", "review_run", "run_folder",
+                  "server", "service", "orthanc", "postgres_server", "db_url", "throwaway"}
+# modules whose tests train or run benchmarks inline
+HEAVY_MODULES = {"test_training", "test_bench", "test_seed_systems", "test_metrics_vs_peers",
+                 "test_sliding_window", "test_service_hardening", "test_pacs"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
+        if HEAVY_FIXTURES & set(item.fixturenames) or module in HEAVY_MODULES:
+            item.add_marker(pytest.mark.slow)

@@ -75,6 +75,7 @@ def test_resnet18_trained_on_phantoms(chest_model, method):
     _check(method, model, "layer4", x)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", list(PEERS))
 def test_monai_densenet121(method):
     torch.manual_seed(0)

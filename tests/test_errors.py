@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 from pellucid.data import BraTS, ChestXray14, CSVDataset, LGGSegmentation
-from pellucid.data.io import read_image_2d
 from pellucid.errors import DataError
+from pellucid.io.files import read_image_2d
 
 
 def test_unreadable_image_names_the_file(tmp_path):

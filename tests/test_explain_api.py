@@ -12,11 +12,12 @@ from torch import nn
 import pellucid
 from pellucid.errors import ConfigError, ModelError
 from pellucid.explainers import available, candidate_layers, default_layer
+from pellucid.explainers.cam import CAM
+from pellucid.explainers.registry import REGISTRY
 from pellucid.models import build
 from pellucid.targets import ClassTarget, SegmentationTarget
 
-CAMS = ["ablationcam", "eigencam", "gradcam", "gradcampp", "hirescam", "layercam", "scorecam",
-        "xgradcam"]
+CAMS = [name for name, cls in REGISTRY.items() if issubclass(cls, CAM)]  # every single-layer CAM
 
 
 class TinyNet(nn.Module):
@@ -113,6 +114,7 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+@pytest.mark.slow
 def test_explaining_500_times_does_not_grow_memory():
     model = build("resnet18", 2, 1, 3).module.eval()
     x = torch.randn(2, 1, 32, 32)
@@ -174,6 +176,7 @@ def test_every_cam_runs_on_3d_classifier_and_3d_unet(method):
     assert seg.attributions.shape == (1, 1, 24, 24, 24) and torch.isfinite(seg.attributions).all()
 
 
+@pytest.mark.slow
 def test_scorecam_batching_bounds_work_without_changing_the_result():
     torch.manual_seed(0)
     model = build("resnet18", 2, 1, 3).module.eval()

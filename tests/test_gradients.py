@@ -115,6 +115,7 @@ def test_gradient_methods_on_3d_classification_and_segmentation(method):
     assert seg.attributions.abs().sum() > 0
 
 
+@pytest.mark.slow
 def test_smoothgrad_and_gradientshap_agree_with_captum_in_expectation():
     """Native SmoothGrad / GradientSHAP draw their noise from a seeded CPU generator (the same on
     every device), so they cannot equal Captum draw for draw; with many samples both estimate the

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 import pellucid
+from pellucid.bootstrap import bootstrap_ci
 from pellucid.errors import ConfigError
-from pellucid.metrics.protocols import bootstrap_ci, box_overlaps, heatmap_boxes
+from pellucid.metrics.protocols import box_overlaps, heatmap_boxes
 
 
 def test_chexlocalize_by_hand():

@@ -166,6 +166,7 @@ def test_perturbation_methods_on_3d_classification_and_segmentation(method):
     assert seg.attributions.shape == (1, 1, 32, 32) and seg.attributions.abs().sum() > 0
 
 
+@pytest.mark.slow
 def test_memory_limit_caps_chunks_and_keeps_results():
     """A memory bound cuts batched forwards into chunks of at most bound / (activation bytes per
     input) inputs; the maps do not change and the peak growth shrinks."""

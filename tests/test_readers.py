@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from pellucid.data import BraTS, ChestXray14, LGGSegmentation, collate
 from pellucid.data.brats import REGIONS
 from pellucid.data.chestxray14 import FINDINGS, boxes_to_masks
-from pellucid.data.io import read_image_2d
+from pellucid.io.files import read_image_2d
 
 
 def test_chestxray14_loads_every_image_with_labels(shared_data):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from pellucid.data import ChestXray14, LGGSegmentation, open_dataset
-from pellucid.data.io import read_mask_2d
+from pellucid.io.files import read_mask_2d
 from pellucid.models import TrainConfig, evaluate_model, train
 from pellucid.models.train import subset
 

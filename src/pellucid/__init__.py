@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-__version__ = "0.1.0"
+from pellucid.version import __version__
+
+__all__ = ["__version__", "evaluate", "explain"]
 
 
 def explain(model: Any, inputs: Any, method: str, target: Any = None, layer: Any = None,

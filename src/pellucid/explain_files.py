@@ -31,8 +31,8 @@ REGIONS = ("predicted", "all", "fp", "fn")
 
 def load_mask(path: str | Path, size: list[int] | tuple[int, ...]) -> torch.Tensor:
     """A ground-truth mask file (NIfTI, PNG/TIFF, .npy) as booleans resized (nearest) to ``size``."""
-    from pellucid.data.io import is_nifti, read_mask_2d, read_nifti, read_npy
     from pellucid.data.transforms import resize_mask
+    from pellucid.io.files import is_nifti, read_mask_2d, read_nifti, read_npy
 
     path = Path(path)
     if not path.is_file():

@@ -183,6 +183,26 @@ def _entries(source: str, key: str, raw: Any, known: list[str], kind: str) -> li
     return out
 
 
+RUNNER_OPTIONS = {"layer"}  # method options the runner itself reads (a method's own CAM layer)
+
+
+def _check_options(source: str, methods: list[Entry], metrics: list[Entry]) -> None:
+    """Build every method and metric with its options now, so that a typo in an option fails here,
+    naming the file and key, before any model is trained or any case is read."""
+    from pellucid.explainers import create as create_method
+    from pellucid.metrics import create as create_metric
+
+    for key, entries, create in (("methods", methods, create_method),
+                                 ("metrics", metrics, create_metric)):
+        for i, entry in enumerate(entries):
+            options = {k: v for k, v in entry.options.items()
+                       if not (key == "methods" and k in RUNNER_OPTIONS)}
+            try:
+                create(entry.name, **options)
+            except (ConfigError, TypeError, ValueError) as exc:
+                raise _err(source, f"{key}[{i}].options", str(exc)) from None
+
+
 def parse_config(raw: dict, source: str = "<dict>") -> BenchConfig:
     """Validate a configuration mapping; every error names ``source`` and the key."""
     from pellucid.data import DATASETS
@@ -292,6 +312,7 @@ def parse_config(raw: dict, source: str = "<dict>") -> BenchConfig:
     methods = _entries(source, "methods", raw["methods"], method_names(), "method")
     metrics = _entries(source, "metrics", raw["metrics"], [m["name"] for m in metric_list()],
                        "metric")
+    _check_options(source, methods, metrics)
     for i, m in enumerate(methods + metrics):
         where = f"methods[{i}]" if i < len(methods) else f"metrics[{i - len(methods)}]"
         for name in m.only_models:

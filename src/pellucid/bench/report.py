@@ -19,13 +19,26 @@ import numpy as np
 import pandas as pd
 from jinja2 import Environment, FileSystemLoader
 
-from pellucid.bench import stats
+import pellucid.bench.stats as stats
 from pellucid.bench.store import ResultStore
-from pellucid.errors import DataError
+from pellucid.errors import DataError, PellucidError
 from pellucid.progress import warn
 
-LOCALISATION_ORDER = ("energy_pointing_game", "pointing_game", "relevance_mass", "iou", "auprc",
-                      "chexlocalize")
+
+def _declared(frame: pd.DataFrame, attribute: str) -> dict[str, Any]:
+    """{metric name in the table: its class's ``attribute``} for the metrics that declare one (a
+    name the registry does not know, from an old run, declares nothing)."""
+    from pellucid.metrics.base import REGISTRY
+
+    out = {}
+    for name in sorted(set(frame["metric_name"])):
+        try:
+            value = getattr(REGISTRY.get(name), attribute)
+        except PellucidError:
+            continue
+        if value is not None:
+            out[name] = value
+    return out
 
 
 def _png(fig) -> str:
@@ -83,8 +96,16 @@ def _metric_charts(summ: pd.DataFrame) -> str:
     return _png(fig)
 
 
+def _curve_metrics(frame: pd.DataFrame) -> list[str]:
+    """The metrics of ``frame`` that declare a report curve and carry curves."""
+    labels = _declared(frame, "report_curve")
+    return [m for m in labels if frame[(frame["metric_name"] == m)]["curve"].notna().any()]
+
+
 def _curves(frame: pd.DataFrame) -> str | None:
-    names = [m for m in ("deletion", "insertion") if m in set(frame["metric_name"])]
+    """Mean curves of every metric that declares a report curve (its x-axis label)."""
+    labels = _declared(frame, "report_curve")
+    names = _curve_metrics(frame)
     if not names:
         return None
     fig, axes = plt.subplots(1, len(names), figsize=(6 * len(names), 4), squeeze=False)
@@ -96,7 +117,7 @@ def _curves(frame: pd.DataFrame) -> str | None:
             mean = np.mean([c[:length] for c in curves], axis=0)
             ax.plot(np.linspace(0, 1, length), mean, label=f"{method} ({group['value'].mean():.3f})",
                     lw=1)
-        ax.set_xlabel("fraction of pixels changed")
+        ax.set_xlabel(labels[metric])
         ax.set_ylabel("score")
         ax.set_title(f"{metric}: mean curve (AUC)")
         ax.legend(fontsize=6, ncol=2)
@@ -105,7 +126,9 @@ def _curves(frame: pd.DataFrame) -> str | None:
 
 
 def _randomisation(frame: pd.DataFrame) -> tuple[str | None, pd.DataFrame]:
-    part = frame[(frame["metric_name"] == "model_randomization") & frame["curve"].notna()]
+    """The panel of the metrics that declare ``report_panel = "randomisation"``."""
+    panel = [m for m, kind in _declared(frame, "report_panel").items() if kind == "randomisation"]
+    part = frame[frame["metric_name"].isin(panel) & frame["curve"].notna()]
     if part.empty:
         return None, pd.DataFrame()
     fig, ax = plt.subplots(figsize=(8, 4))
@@ -135,7 +158,7 @@ def _randomisation(frame: pd.DataFrame) -> tuple[str | None, pd.DataFrame]:
     return _png(fig), pd.DataFrame(rows).sort_values("final similarity")
 
 
-def _task_maps(store: ResultStore, frame: pd.DataFrame) -> dict[str, dict[str, np.ndarray]]:
+def task_maps(store: ResultStore, frame: pd.DataFrame) -> dict[str, dict[str, np.ndarray]]:
     """{method: {"case|target": map}} from the stored maps of the task's units."""
     maps: dict[str, dict[str, np.ndarray]] = {}
     for unit, part in frame.groupby("unit", sort=False):
@@ -205,10 +228,9 @@ def _gallery(maps: dict[str, dict[str, np.ndarray]], images: dict[str, np.ndarra
 
 
 def _best_worst(frame: pd.DataFrame, method: str, keys: list[str]) -> tuple[list[int], list[str], str]:
-    present = set(frame["metric_name"])
-    metric = next((m for m in LOCALISATION_ORDER if m in present
-                   and frame[(frame["metric_name"] == m)]["value"].notna().any()), None)
-    metric = metric or next((m for m in ("deletion", "insertion") if m in present), None)
+    ranks = _declared(frame, "gallery_rank")
+    metric = next((m for m in sorted(ranks, key=lambda m: (ranks[m], m))
+                   if frame[(frame["metric_name"] == m)]["value"].notna().any()), None)
     if metric is None:
         return [], [], ""
     part = frame[(frame["metric_name"] == metric) & (frame["method"] == method)].dropna(subset=["value"])
@@ -314,7 +336,7 @@ def _galleries(store: ResultStore, part: pd.DataFrame, gallery_npz: dict[str, np
     images = {f.split("::", 1)[1]: v for f, v in gallery_npz.items() if f.startswith(key + "::")}
     n = min(len(images["images"]), size)
     ids = [f"{c}|{t}" for c, t in zip(images["case_ids"], images["targets"], strict=True)]
-    maps = _task_maps(store, part)
+    maps = task_maps(store, part)
     task["gallery"] = _gallery(maps, images, methods, list(range(n)),
                                [f"{images['case_ids'][i]} ({images['targets'][i]})" for i in range(n)])
     if methods:
@@ -414,7 +436,8 @@ def write_report(out: str | Path, frame: pd.DataFrame | None = None) -> Path:
         methods = list(board["method"])
         task: dict[str, Any] = {"dataset": dataset, "model": model, "leaderboard": board,
                                 "charts": _metric_charts(tsumm) if not tsumm.empty else None,
-                                "curves": _curves(part)}
+                                "curves": _curves(part),
+                                "curve_metrics": _curve_metrics(part)}
         task["randomisation"], task["randomisation_table"] = _randomisation(part)
         key = f"{model}|{dataset}"
         info = task_info.get(key, {})

@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 from rich.console import Console
 
-from pellucid.bench import stats
+import pellucid.bench.stats as stats
 from pellucid.bench.config import BenchConfig, DatasetSpec, ModelSpec, load_config
 from pellucid.bench.store import ResultStore, unit_digest
 from pellucid.bench.units import Unit, execute_unit, focus_slice, with_window
@@ -273,8 +273,15 @@ def make_units(config: BenchConfig, model: str, folder: Path, dataset: str, case
                 layer=mspec.layer, reference=mspec.reference, sliding_window=mspec.sliding_window,
                 seed=config.seed,
                 cache_dir=str(out / "cache") if config.cache else None,
-                background=cases.background if method.name == "gradientshap" else None))
+                supplies={need: getattr(cases, need) for need in requires(method.name)}))
     return units
+
+
+def requires(method: str) -> frozenset[str]:
+    """What a method's class requires from the case set (each a CaseSet field of that name)."""
+    from pellucid.explainers.registry import REGISTRY
+
+    return REGISTRY.get(method).requires
 
 
 def environment(config: BenchConfig) -> dict[str, Any]:

@@ -29,7 +29,7 @@ def _valid(frame: pd.DataFrame) -> pd.DataFrame:
 def bootstrap_mean_ci(values: np.ndarray, resamples: int = 1000, seed: int = 0,
                       level: float = 0.95) -> tuple[float, float]:
     """The percentile bootstrap interval of the mean (the one CheXlocalize's metric reports)."""
-    from pellucid.metrics.protocols import bootstrap_ci
+    from pellucid.bootstrap import bootstrap_ci
 
     return bootstrap_ci(torch.tensor(np.array(values, dtype=np.float64)), resamples, level, seed)
 

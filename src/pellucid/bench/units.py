@@ -20,6 +20,7 @@ import torch
 from pellucid.bench.cache import CacheError, load_explanation, save_explanation
 from pellucid.bench.config import Entry
 from pellucid.errors import PellucidError
+from pellucid.metrics.base import unmet_needs
 from pellucid.progress import warn
 
 _MODELS: dict[str, Any] = {}  # model folder -> LoadedModel, per process
@@ -63,7 +64,7 @@ class Unit:
     sliding_window: dict[str, Any] | None = None
     seed: int = 0
     cache_dir: str | None = None
-    background: torch.Tensor | None = None
+    supplies: dict[str, torch.Tensor] = field(default_factory=dict)  # what the method requires
     skipped: dict[str, str] = field(default_factory=dict)  # metric label -> reason
 
 
@@ -96,10 +97,12 @@ def _to_device(unit: Unit) -> Unit:
     device = _device()
     if unit.x.device.type == device:
         return unit
-    move = {k: getattr(unit, k).to(device) for k in ("x", "classes", "masks", "truth_regions",
-                                                      "background") if getattr(unit, k) is not None}
+    move: dict[str, Any] = {k: getattr(unit, k).to(device) for k in ("x", "classes", "masks",
+                                                                     "truth_regions")
+                            if getattr(unit, k) is not None}
     if unit.boxes is not None:
         move["boxes"] = [b.to(device) for b in unit.boxes]
+    move["supplies"] = {k: v.to(device) for k, v in unit.supplies.items()}
     return dataclasses.replace(unit, **move)
 
 
@@ -129,12 +132,16 @@ def _target(unit: Unit, card):
 
 
 def _options(unit: Unit) -> dict[str, Any]:
+    """The method's options, with what its class ``requires`` taken from the unit's supplies."""
+    from pellucid.explainers.registry import REGISTRY
+
     options = dict(unit.method.options)
     options.pop("layer", None)  # a method's own layer (e.g. Grad-CAM at several depths)
-    if unit.method.name == "gradientshap" and "background" not in options:
-        if unit.background is None:
-            raise PellucidError("gradientshap needs a background set; the runner gives one")
-        options["background"] = unit.background
+    for need in REGISTRY.get(unit.method.name).requires:
+        if need not in options:
+            if need not in unit.supplies:
+                raise PellucidError(f"{unit.method.name} requires {need!r}; the runner gives none")
+            options[need] = unit.supplies[need]
     return options
 
 
@@ -178,7 +185,7 @@ def explain_unit(unit: Unit, loaded):
 
 def _applicable(unit: Unit, metric: Entry) -> str | None:
     """None if the metric applies to this unit, else the reason it is skipped."""
-    from pellucid.metrics import create
+    from pellucid.metrics.base import REGISTRY
 
     if metric.label in unit.skipped:
         return unit.skipped[metric.label]
@@ -188,21 +195,35 @@ def _applicable(unit: Unit, metric: Entry) -> str | None:
         return "skipped by the configuration (only_methods)"
     if unit.method.label in metric.skip_methods:
         return "skipped by the configuration (skip_methods)"
-    needs = create(metric.name, **metric.options).needs
-    if "mask" in needs and unit.masks is None:
-        return "the dataset has no ground-truth masks"
-    if "boxes" in needs and unit.boxes is None:
-        return "the dataset has no ground-truth boxes"
-    if "boxes" in needs and unit.x.ndim != 4:
+    missing = unmet_needs(REGISTRY.get(metric.name), available_needs(unit))
+    if not missing:
+        return None
+    if missing[0] == "boxes" and unit.boxes is not None:
         return "boxes are defined for 2D images"
-    if "channel_maps" in needs:
-        from pellucid.explainers import create as create_explainer
+    if missing[0] == "channel_maps" and unit.x.shape[1] < 2:
+        return "needs a multi-channel (multi-modal) input"
+    return NEED_REASONS[missing[0]]
 
-        if unit.x.shape[1] < 2:
-            return "needs a multi-channel (multi-modal) input"
-        if create_explainer(unit.method.name).family == "cam":
-            return "needs per-modality maps; a CAM gives one map for all channels"
-    return None
+
+NEED_REASONS = {"mask": "the dataset has no ground-truth masks",
+                "boxes": "the dataset has no ground-truth boxes",
+                "channel_maps": "needs per-modality maps; this method gives one map for all channels",
+                "model": "the model is not available", "explainer": "the method cannot re-explain",
+                "explanation": "the explanation is not available"}
+
+
+def available_needs(unit: Unit) -> set[str]:
+    """What the unit offers a metric (the vocabulary of ``pellucid.metrics.base.NEEDS``)."""
+    from pellucid.explainers.registry import REGISTRY
+
+    offered = {"model", "explainer", "explanation"}
+    if unit.masks is not None:
+        offered.add("mask")
+    if unit.boxes is not None and unit.x.ndim == 4:
+        offered.add("boxes")
+    if unit.x.shape[1] > 1 and REGISTRY.get(unit.method.name).channel_maps:
+        offered.add("channel_maps")
+    return offered
 
 
 def execute_unit(unit: Unit) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
@@ -254,8 +275,7 @@ def execute_unit(unit: Unit) -> tuple[list[dict[str, Any]], dict[str, np.ndarray
         for i in range(n):
             row = dict(base, case_id=unit.case_ids[i], target=unit.target_names[i],
                        class_index=int(unit.classes[i]), metric=metric.label, metric_name=metric.name,
-                       category=proto.category, higher_is_better=bool(
-                           r.higher_is_better if r is not None else proto.higher_is_better),
+                       category=proto.category, higher_is_better=proto.is_higher_better(),
                        value=float("nan"), reason=failure or reasons.get(metric.label, ""),
                        explain_seconds=cost.seconds / n if cost else float("nan"),
                        forwards_per_case=cost.forward_samples / n if cost else float("nan"),
@@ -271,10 +291,9 @@ def execute_unit(unit: Unit) -> tuple[list[dict[str, Any]], dict[str, np.ndarray
                     row["reason"] = "excluded (undefined here: no ground truth, or an empty map)"
                 if r.curves is not None:
                     row["curve"] = [float(v) for v in r.curves[i].tolist()]
-                if "passed" in r.extras:
-                    row["extra"] = json.dumps({"passed": bool(r.extras["passed"][i]),
-                                               "baseline": r.extras["baseline"],
-                                               "steps": r.extras["steps"]}, default=float)
+                extra = proto.row_extra(r, i)
+                if extra:
+                    row["extra"] = json.dumps(extra, default=float)
             rows.append(row)
     maps = {}
     if explanation is not None:
@@ -285,7 +304,7 @@ def execute_unit(unit: Unit) -> tuple[list[dict[str, Any]], dict[str, np.ndarray
         maps = {"attributions": a.numpy().astype(np.float16)}
         raw = explanation.raw
         if raw is not None and raw.ndim == unit.x.ndim and raw.shape[:2] == unit.x.shape[:2] \
-                and unit.x.shape[1] > 1 and explanation.method != "fusedcam":
+                and unit.x.shape[1] > 1 and "channel_maps" in available_needs(unit):
             share = raw.detach().float().clamp_min(0).flatten(2).sum(2)
             share = share / share.sum(1, keepdim=True).clamp_min(1e-30)
             maps["channel_share"] = share.cpu().numpy().astype(np.float32)

@@ -24,10 +24,10 @@ import numpy as np
 import torch
 
 from pellucid.data.base import PellucidDataset
-from pellucid.data.io import read_nifti
 from pellucid.data.splits import DEFAULT_FRACTIONS, check_split, group_split
 from pellucid.data.transforms import resize_affine, resize_image, resize_mask, zscore_nonzero
 from pellucid.errors import ConfigError, DataError
+from pellucid.io.files import read_nifti
 
 MODALITIES = ("t1", "t1ce", "t2", "flair")
 ALIASES = {

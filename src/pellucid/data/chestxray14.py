@@ -17,10 +17,10 @@ import numpy as np
 import torch
 
 from pellucid.data.base import PellucidDataset
-from pellucid.data.io import read_image_2d
 from pellucid.data.splits import DEFAULT_FRACTIONS, check_split, group_split
 from pellucid.data.transforms import resize_image
 from pellucid.errors import DataError
+from pellucid.io.files import read_image_2d
 
 FINDINGS = (
     "Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",

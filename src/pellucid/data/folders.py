@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 
 from pellucid.data.base import PellucidDataset
-from pellucid.data.io import IMAGE_SUFFIXES, read_image_2d, read_mask_2d
 from pellucid.data.splits import DEFAULT_FRACTIONS, check_split, group_split
 from pellucid.data.transforms import resize_image, resize_mask
 from pellucid.errors import DataError
+from pellucid.io.files import IMAGE_SUFFIXES, read_image_2d, read_mask_2d
 
 NO_LABEL = {"", "none", "no finding"}
 

@@ -10,9 +10,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pellucid.data.io import IMAGE_SUFFIXES, is_nifti, read_image_2d, read_nifti, read_npy
-from pellucid.data.transforms import resize_image
+from pellucid.data.brats import BraTS
+from pellucid.data.transforms import resize_image, zscore_nonzero
 from pellucid.errors import DataError
+from pellucid.io.files import IMAGE_SUFFIXES, is_nifti, read_image_2d, read_nifti, read_npy
+from pellucid.io.reading import read
 
 
 @dataclass
@@ -29,8 +31,6 @@ def _read_dicom(path: Path, spatial_dims: int) -> tuple[np.ndarray, list]:
     """A DICOM file through :func:`pellucid.io.read` (Modality LUT, MONOCHROME1, compressed
     syntaxes), colour to luminance, a multi-frame file's middle frame for a 2D model, min-max
     scaled to [0, 1] like the image readers; and the source datasets."""
-    from pellucid.io import read
-
     image = read(path)
     arr = image.array.numpy()
     if image.datasets and int(getattr(image.datasets[0], "SamplesPerPixel", 1)) == 3:
@@ -50,13 +50,9 @@ def load_input(path: str | Path, in_channels: int, input_size: list[int] | None,
     affine = None
     datasets: list = []
     if path.is_dir():
-        from pellucid.data.brats import BraTS
-
         case = BraTS(path, spatial_dims=3)[0]
         original, affine = case["image"], case["affine"].numpy()
     elif is_nifti(path):
-        from pellucid.data.transforms import zscore_nonzero
-
         data, affine, _ = read_nifti(path)
         original = zscore_nonzero(torch.from_numpy(data)[None])
     elif path.suffix.lower() == ".npy" and path.is_file():  # (C, *spatial) or (*spatial) array

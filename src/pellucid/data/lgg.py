@@ -14,10 +14,10 @@ from pathlib import Path
 import torch
 
 from pellucid.data.base import PellucidDataset
-from pellucid.data.io import read_image_2d, read_mask_2d
 from pellucid.data.splits import DEFAULT_FRACTIONS, check_split, group_split
 from pellucid.data.transforms import resize_image, resize_mask
 from pellucid.errors import DataError
+from pellucid.io.files import read_image_2d, read_mask_2d
 
 _SLICE = re.compile(r"^(?P<case>.+)_(?P<n>\d+)\.(?:tif|tiff|png)$", re.IGNORECASE)
 

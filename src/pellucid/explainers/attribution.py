@@ -36,6 +36,7 @@ class InputAttribution(Explainer):
     channel_reduce: str = "sum"
     family: ClassVar[str] = "gradient"
     needs_layer: ClassVar[bool] = False
+    channel_maps: ClassVar[bool] = True
     default_reduce: ClassVar[str] = "sum"
 
     @abstractmethod

@@ -275,6 +275,11 @@ class Explainer(ABC):
     name: ClassVar[str]
     family: ClassVar[str]
     needs_layer: ClassVar[bool] = False
+    # what the caller must supply as options (vocabulary: explainers.registry.REQUIRES); the
+    # benchmark gives each from its case set, e.g. "background": reference images of the dataset
+    requires: ClassVar[frozenset[str]] = frozenset()
+    # whether ``Explanation.raw`` holds one map per input channel (per-modality metrics use it)
+    channel_maps: ClassVar[bool] = False
 
     @abstractmethod
     def _explain(self, runner: ModelRunner, model: nn.Module, inputs: torch.Tensor,
@@ -305,9 +310,7 @@ class Explainer(ABC):
             runner = ModelRunner(model, cost)
             layer_name = None
             if self.needs_layer:
-                from pellucid.models.sliding import SlidingWindow
-
-                if isinstance(model, SlidingWindow):
+                if getattr(model, "runs_per_patch", False):  # a sliding-window wrapper
                     raise ConfigError(f"{self.name} hooks a layer that a sliding window runs once "
                                       f"per patch; use a gradient or perturbation method, or "
                                       f"explain the network on one patch")

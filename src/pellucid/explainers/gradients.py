@@ -32,37 +32,32 @@ import torch
 from pellucid.errors import ConfigError
 from pellucid.explainers.accelerate import activation_bytes
 from pellucid.explainers.attribution import (
-    REDUCTIONS,
     InputAttribution,
     gaussian_blur,
-    reduce_channels,
     rows_for,
 )
-from pellucid.explainers.base import Explanation
+from pellucid.explainers.base import ModelRunner
 from pellucid.explainers.registry import register
 from pellucid.runtime import memory_limit_bytes
 
 
 class _OnePassGradient(InputAttribution):
-    """Saliency and input x gradient need one forward and one backward: the forward that binds the
-    target is the one differentiated (Captum would run a second forward)."""
+    """Saliency and input x gradient need one forward and one backward: the clean forward that binds
+    the target is kept differentiable and is the one differentiated (Captum would run a second
+    forward)."""
 
-    def _explain(self, runner, model, inputs, target, layer, handles):
-        if self.channel_reduce not in REDUCTIONS:
-            raise ConfigError(f"channel_reduce must be one of {REDUCTIONS}, got "
-                              f"{self.channel_reduce!r}")
+    def clean_forward(self, runner: ModelRunner, inputs: torch.Tensor) -> torch.Tensor:
         with torch.enable_grad():
-            x = inputs.clone().requires_grad_(True)
-            output = runner.forward(x)
-            bound = self.bind(target, output.detach())
-            (grad,) = runner.backward(bound.score(output).sum(), [x])
-        attr = self.from_gradient(inputs, grad.detach())
-        return Explanation(reduce_channels(attr, self.channel_reduce), self.name, bound, None,
-                           raw=attr, output=output.detach())
+            self._leaf = inputs.clone().requires_grad_(True)
+            self._graph = runner.forward(self._leaf)
+        return self._graph.detach()
 
-    def attribute(self, runner, model, inputs, bound, output):  # pragma: no cover - not used
-        raise TypeError("one-pass gradient methods run through _explain")
-
+    def attribute(self, runner, model, inputs, bound, output):
+        leaf, graph = self._leaf, self._graph
+        self._leaf = self._graph = None  # the graph is not kept beyond this call
+        with torch.enable_grad():
+            (grad,) = runner.backward(bound.score(graph).sum(), [leaf])
+        return self.from_gradient(inputs, grad.detach()), {}
 
 @register
 @dataclass
@@ -267,6 +262,7 @@ class GradientSHAP(InputAttribution):
     seed: int = 0
     batch_size: int | None = None
     name: ClassVar[str] = "gradientshap"
+    requires: ClassVar[frozenset[str]] = frozenset({"background"})
 
     def attribute(self, runner, model, inputs, bound, output):
         if self.background is None:

@@ -1,50 +1,45 @@
-"""The one explainer registry: every method is registered here by name with its family."""
+"""The one explainer registry: every method is registered here by name with its family and what
+it requires from the caller beyond the model, inputs and target (``requires``: a vocabulary checked
+at registration; the benchmark supplies what a method declares, e.g. a background set)."""
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
-from pellucid.errors import ConfigError
+from pellucid.registry import Registry
 
-FAMILIES = ("cam", "gradient", "relevance", "perturbation", "counterfactual")
-_REGISTRY: dict[str, type] = {}
+FAMILIES = ("cam", "gradient", "relevance", "perturbation", "counterfactual", "baseline")
+REQUIRES = frozenset({"background"})  # "background": a set of reference inputs (GradientSHAP)
 
 
-def register(cls: type) -> type:
-    """Class decorator: add an explainer class under ``cls.name``."""
-    if cls.family not in FAMILIES:
+def _check(cls: type) -> None:
+    if getattr(cls, "family", None) not in FAMILIES:
         raise ValueError(f"{cls.__name__}: family must be one of {FAMILIES}")
-    if cls.name in _REGISTRY:
-        raise ValueError(f"explainer {cls.name!r} registered twice")
-    _REGISTRY[cls.name] = cls
-    return cls
+    unknown = set(getattr(cls, "requires", frozenset())) - REQUIRES
+    if unknown:
+        raise ValueError(f"{cls.__name__}: requires {sorted(unknown)} is not in {sorted(REQUIRES)}")
+
+
+REGISTRY: Registry = Registry("method", _check)
+register = REGISTRY.register
 
 
 def available() -> list[dict[str, Any]]:
-    """Every registered method: name, family, whether it needs a layer, and a one-line summary."""
+    """Every registered method: name, family, whether it needs a layer, what it requires, and a
+    one-line summary."""
     out = []
-    for name, cls in sorted(_REGISTRY.items()):
+    for name, cls in REGISTRY.items():
         doc = (cls.__doc__ or "").strip().splitlines()
         out.append({"name": name, "family": cls.family, "needs_layer": cls.needs_layer,
+                    "requires": sorted(getattr(cls, "requires", ())),
                     "summary": doc[0] if doc else ""})
     return out
 
 
 def names() -> list[str]:
-    return sorted(_REGISTRY)
+    return REGISTRY.names()
 
 
 def create(method: str, **options: Any):
     """Instantiate explainer ``method`` with ``options``; unknown names or options are errors."""
-    key = method.strip().lower().replace("-", "").replace("_", "")
-    lookup = {n.replace("-", "").replace("_", ""): n for n in _REGISTRY}
-    if key not in lookup:
-        raise ConfigError(f"unknown method {method!r}; available: {', '.join(names())}")
-    cls = _REGISTRY[lookup[key]]
-    valid = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(options) - valid)
-    if unknown:
-        raise ConfigError(f"method {cls.name!r} has no option {unknown[0]!r}; options: "
-                          f"{', '.join(sorted(valid)) or 'none'}")
-    return cls(**options)
+    return REGISTRY.create(method, **options)

@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-import pellucid
 from pellucid.errors import ConfigError
+from pellucid.version import __version__
 
 MANUFACTURER = "pellucid"
 PRIVATE_SCHEME = "99PELLUCID"
@@ -34,7 +34,7 @@ def _common(series_number: int) -> dict[str, Any]:
 
 def _device() -> dict[str, Any]:
     return {"manufacturer_model_name": "pellucid explanations",
-            "software_versions": pellucid.__version__, "device_serial_number": "0"}
+            "software_versions": __version__, "device_serial_number": "0"}
 
 
 def _frames(source: Sequence[Any], array: np.ndarray) -> np.ndarray:
@@ -102,7 +102,7 @@ def segmentation(source: Sequence[Any], mask: np.ndarray, label: str, kind: str 
         segmented_property_type=codes.SCT.Lesion,
         algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
         algorithm_identification=hd.AlgorithmIdentificationSequence(
-            name="pellucid", version=pellucid.__version__, family=codes.cid7162.ArtificialIntelligence))
+            name="pellucid", version=__version__, family=codes.cid7162.ArtificialIntelligence))
     extra = {"fractional_type": hd.seg.SegmentationFractionalTypeValues.PROBABILITY} \
         if kind == "fractional" else {}
     with _highdicom_errors("Segmentation"):

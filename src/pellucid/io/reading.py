@@ -20,6 +20,7 @@ import torch
 
 from pellucid.errors import DataError
 from pellucid.guards import check_shape, require_finite
+from pellucid.io.files import IMAGE_SUFFIXES, is_nifti, read_image_2d, read_nifti
 
 
 @dataclass
@@ -182,8 +183,6 @@ def read(path: str | Path, voi: bool = False, series: str | None = None) -> Medi
     ``voi`` applies the DICOM VOI LUT (window); ``series`` picks one series in a folder holding
     several. Errors name the file and the reason.
     """
-    from pellucid.data.io import IMAGE_SUFFIXES, is_nifti, read_image_2d, read_nifti
-
     p = Path(path)
     if not p.exists():
         raise DataError(p, "no such file or folder")

@@ -13,10 +13,15 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from pellucid.errors import ConfigError
+from pellucid.registry import Registry
 
 CATEGORIES = ("faithfulness", "localization", "robustness", "randomization", "complexity", "cost")
-_REGISTRY: dict[str, type[Metric]] = {}
+# what a metric may need beyond the attributions: the model, ground-truth masks (or boxes turned
+# into masks), the boxes themselves, a way to re-explain, the Explanation object, per-channel maps
+NEEDS = {"model": "the model", "mask": "ground truth (masks= or boxes=)",
+         "boxes": "ground-truth boxes (boxes=)", "explainer": "an explainer, it re-explains (pass an "
+         "Explanation or explain_fn=)", "explanation": "the Explanation object, not a bare tensor",
+         "channel_maps": "per-channel maps of a multi-channel input"}
 
 
 @dataclass
@@ -25,10 +30,10 @@ class MetricResult:
 
     name: str
     scores: torch.Tensor
-    higher_is_better: bool
     curves: torch.Tensor | None = None
     extras: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0  # wall time of the metric (set by evaluate)
+    higher_is_better: bool | None = None  # the metric's direction (set by evaluate)
 
     def mean(self) -> float:
         valid = self.scores[~torch.isnan(self.scores)]
@@ -122,33 +127,54 @@ class Metric(ABC):
     category: ClassVar[str]
     higher_is_better: ClassVar[bool]
     needs: ClassVar[frozenset[str]] = frozenset()
+    # how the benchmark report shows it: a mean-curve chart (the x-axis label) for metrics whose
+    # results carry curves; the order in which metrics are tried to pick the best and worst cases of
+    # the gallery (lower first; None: never); a dedicated panel ("randomisation")
+    report_curve: ClassVar[str | None] = None
+    gallery_rank: ClassVar[int | None] = None
+    report_panel: ClassVar[str | None] = None
 
     @abstractmethod
     def compute(self, ctx: Context) -> MetricResult:
         """Score every sample of the context."""
 
+    def is_higher_better(self) -> bool:
+        """The direction of this instance's scores: the class's, unless its options change it."""
+        return type(self).higher_is_better
 
-def register(cls: type[Metric]) -> type[Metric]:
-    if cls.category not in CATEGORIES:
+    def row_extra(self, result: MetricResult, i: int) -> dict[str, Any] | None:
+        """What the benchmark keeps of sample ``i``'s result beyond its score (JSON-able), or None."""
+        return None
+
+
+def unmet_needs(metric: Metric | type[Metric], available: set[str]) -> list[str]:
+    """The needs of ``metric`` not in ``available`` (the one place that reads ``needs``)."""
+    return [n for n in sorted(metric.needs) if n not in available]
+
+
+def _check(cls: type) -> None:
+    if getattr(cls, "category", None) not in CATEGORIES:
         raise ValueError(f"{cls.__name__}: category must be one of {CATEGORIES}")
-    _REGISTRY[cls.name] = cls
-    return cls
+    if cls.report_panel not in (None, "randomisation"):
+        raise ValueError(f"{cls.__name__}: report_panel must be None or 'randomisation'")
+    if not isinstance(getattr(cls, "higher_is_better", None), bool):
+        raise ValueError(f"{cls.__name__}: declare higher_is_better (True or False)")
+    unknown = set(getattr(cls, "needs", frozenset())) - set(NEEDS)
+    if unknown:
+        raise ValueError(f"{cls.__name__}: needs {sorted(unknown)} is not in {sorted(NEEDS)}")
+
+
+REGISTRY: Registry = Registry("metric", _check)
+register = REGISTRY.register
 
 
 def available() -> list[dict[str, Any]]:
     """Every metric: name, category, direction, needs and a one-line summary."""
     return [{"name": n, "category": c.category, "higher_is_better": c.higher_is_better,
              "needs": sorted(c.needs), "summary": (c.__doc__ or "").strip().splitlines()[0]}
-            for n, c in sorted(_REGISTRY.items())]
+            for n, c in REGISTRY.items()]
 
 
 def create(name: str, **options: Any) -> Metric:
-    if name not in _REGISTRY:
-        raise ConfigError(f"unknown metric {name!r}; available: {', '.join(sorted(_REGISTRY))}")
-    cls = _REGISTRY[name]
-    valid = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
-    unknown = sorted(set(options) - valid)
-    if unknown:
-        raise ConfigError(f"metric {name!r} has no option {unknown[0]!r}; options: "
-                          f"{', '.join(sorted(valid)) or 'none'}")
-    return cls(**options)
+    """Instantiate metric ``name`` with ``options``; unknown names or options are errors."""
+    return REGISTRY.create(name, **options)

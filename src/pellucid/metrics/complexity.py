@@ -30,7 +30,7 @@ class Sparseness(Metric):
         n = a.shape[1]
         i = torch.arange(1, n + 1, device=a.device, dtype=a.dtype)
         gini = ((2 * i - n - 1) * a).sum(1) / (n * a.sum(1)).clamp_min(1e-300)
-        return MetricResult(self.name, gini.float(), True)
+        return MetricResult(self.name, gini.float())
 
 
 @register
@@ -47,4 +47,4 @@ class Complexity(Metric):
         a = ctx.attributions.reshape(b, -1).abs().double()
         p = a / a.sum(1, keepdim=True).clamp_min(1e-300)
         entropy = -(p * torch.log(p.clamp_min(1e-300))).sum(1)
-        return MetricResult(self.name, entropy.float(), False)
+        return MetricResult(self.name, entropy.float())

@@ -30,4 +30,4 @@ class Cost(Metric):
                   "forward_samples_per_sample": cost.forward_samples / b,
                   "backward_passes": cost.backward_passes,
                   "peak_memory_bytes": cost.peak_memory_bytes}
-        return MetricResult(self.name, seconds, False, extras=extras)
+        return MetricResult(self.name, seconds, extras=extras)

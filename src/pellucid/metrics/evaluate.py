@@ -10,7 +10,7 @@ import torch
 
 from pellucid.errors import ConfigError
 from pellucid.explainers.base import model_guard
-from pellucid.metrics.base import Context, ExplainFn, MetricResult, create
+from pellucid.metrics.base import NEEDS, Context, ExplainFn, MetricResult, create, unmet_needs
 from pellucid.targets import BoundTarget, as_target
 
 
@@ -109,19 +109,18 @@ def evaluate(model: Any, inputs: torch.Tensor, explanation: Any, target: Any = N
     ctx = Context(module, inputs, attributions.detach(), target, gt, box_list,
                   explanation if hasattr(explanation, "method") else None, explain_fn,
                   cache if cache is not None else {})
+    available = {"explainer"} if explain_fn is not None else set()
+    available |= {k for k, present in (("model", ctx.model is not None), ("mask", gt is not None),
+                                       ("boxes", box_list is not None),
+                                       ("explanation", ctx.explanation is not None),
+                                       ("channel_maps", True)) if present}
     results = {}
     for name, metric in chosen:
-        if "mask" in metric.needs and gt is None:
-            raise ConfigError(f"metric {name!r} needs ground truth: pass masks= or boxes=")
-        if "boxes" in metric.needs and box_list is None:
-            raise ConfigError(f"metric {name!r} needs ground-truth boxes: pass boxes=")
-        if "model" in metric.needs and ctx.model is None:
-            raise ConfigError(f"metric {name!r} needs the model")
-        if "explainer" in metric.needs and explain_fn is None:
-            raise ConfigError(f"metric {name!r} re-explains: pass an Explanation or explain_fn=")
-        if "explanation" in metric.needs and ctx.explanation is None:
-            raise ConfigError(f"metric {name!r} needs the Explanation object, not a bare tensor")
+        missing = unmet_needs(metric, available)
+        if missing:
+            raise ConfigError(f"metric {name!r} needs {NEEDS[missing[0]]}")
         start = time.perf_counter()
         results[name] = metric.compute(ctx)
         results[name].seconds = time.perf_counter() - start
+        results[name].higher_is_better = metric.is_higher_better()
     return results

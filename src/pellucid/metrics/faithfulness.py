@@ -149,7 +149,7 @@ class _Curve(Metric):
         counts = torch.arange(steps + 1) * step
         curves = replaced_scores(ctx, target, pixel_ranks(ctx.attributions), start, replacement,
                                  counts)
-        return MetricResult(self.name, trapezoid_auc(curves), self.higher_is_better, curves=curves,
+        return MetricResult(self.name, trapezoid_auc(curves), curves=curves,
                             extras={"step": step})
 
 
@@ -159,6 +159,8 @@ class Deletion(_Curve):
     """Deletion AUC: the score as the most relevant pixels are removed first (lower is better)."""
 
     name: ClassVar[str] = "deletion"
+    gallery_rank: ClassVar[int | None] = 10
+    report_curve: ClassVar[str | None] = "fraction of pixels removed"
     higher_is_better: ClassVar[bool] = False
 
 
@@ -168,6 +170,8 @@ class Insertion(_Curve):
     """Insertion AUC: the score as the most relevant pixels are restored first (higher is better)."""
 
     name: ClassVar[str] = "insertion"
+    gallery_rank: ClassVar[int | None] = 11
+    report_curve: ClassVar[str | None] = "fraction of pixels inserted"
     higher_is_better: ClassVar[bool] = True
     inserting: ClassVar[bool] = True
 
@@ -204,7 +208,7 @@ class AverageDrop(Metric):
 
     def compute(self, ctx: Context) -> MetricResult:
         y, o = _masked_scores(ctx, self.probability)
-        return MetricResult(self.name, 100 * (y - o).clamp_min(0) / y, False,
+        return MetricResult(self.name, 100 * (y - o).clamp_min(0) / y,
                             extras={"clean": y, "masked": o})
 
 
@@ -221,7 +225,7 @@ class IncreaseInConfidence(Metric):
 
     def compute(self, ctx: Context) -> MetricResult:
         y, o = _masked_scores(ctx, self.probability)
-        return MetricResult(self.name, 100 * (y < o).float(), True)
+        return MetricResult(self.name, 100 * (y < o).float())
 
 
 def baseline_values(x: torch.Tensor, baseline: str | float) -> torch.Tensor:
@@ -268,12 +272,18 @@ class PixelFlipping(Metric):
     probability: bool = True
     name: ClassVar[str] = "pixel_flipping"
     category: ClassVar[str] = "faithfulness"
-    higher_is_better: ClassVar[bool] = False
+    higher_is_better: ClassVar[bool] = False  # with order="morf" (the default)
     needs: ClassVar[frozenset[str]] = frozenset({"model"})
 
-    def compute(self, ctx: Context) -> MetricResult:
+    def __post_init__(self) -> None:
         if self.order not in ("morf", "lerf"):
             raise ConfigError(f"pixel_flipping order must be 'morf' or 'lerf', got {self.order!r}")
+
+    def is_higher_better(self) -> bool:
+        """Removing the least relevant pixels first ("lerf") should keep the score: higher is better."""
+        return self.order == "lerf"
+
+    def compute(self, ctx: Context) -> MetricResult:
         x = ctx.inputs
         b, c = x.shape[:2]
         spatial = tuple(x.shape[2:])
@@ -286,7 +296,7 @@ class PixelFlipping(Metric):
         curves = replaced_scores(ctx, scoring_target(ctx, self.probability), rank, flat,
                                  replacement, counts)
         auc = curves.sum(1) - curves[:, 0] / 2 - curves[:, -1] / 2
-        return MetricResult(self.name, auc, self.order == "lerf", curves=curves,
+        return MetricResult(self.name, auc, curves=curves,
                             extras={"features_in_step": step})
 
 
@@ -364,7 +374,7 @@ class FaithfulnessCorrelation(Metric):
         a = ctx.attributions.reshape(b, n).double()
         sums = a.gather(1, subsets.permute(1, 0, 2).reshape(b, -1)).reshape(
             b, self.nr_runs, -1).sum(2)  # (B, nr_runs): sum_S a
-        return MetricResult(self.name, pearson(sums, drops), True,
+        return MetricResult(self.name, pearson(sums, drops),
                             extras={"attribution_sums": sums, "score_drops": drops})
 
     def _perturbed(self, ctx: Context, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -433,4 +443,4 @@ class Infidelity(Metric):
         if self.normalize:
             beta = (dots * diffs).mean(0) / dots.square().mean(0).clamp_min(1e-30)
             dots = dots * beta
-        return MetricResult(self.name, (dots - diffs).square().mean(0).float(), False)
+        return MetricResult(self.name, (dots - diffs).square().mean(0).float())

@@ -59,6 +59,7 @@ class PointingGame(Metric):
 
     tolerance: int = 0
     name: ClassVar[str] = "pointing_game"
+    gallery_rank: ClassVar[int | None] = 1
     category: ClassVar[str] = "localization"
     higher_is_better: ClassVar[bool] = True
     needs: ClassVar[frozenset[str]] = frozenset({"mask"})
@@ -70,7 +71,7 @@ class PointingGame(Metric):
         peak = a == a.amax(1, keepdim=True)
         hit = (peak & masks.reshape(b, -1)).any(1)
         empty = ctx.masks.reshape(b, -1).sum(1) == 0
-        return MetricResult(self.name, _nan_where(hit, empty), True)
+        return MetricResult(self.name, _nan_where(hit, empty))
 
 
 @register
@@ -79,6 +80,7 @@ class EnergyPointingGame(Metric):
     """Energy-based pointing game: share of the positive map's energy inside the mask."""
 
     name: ClassVar[str] = "energy_pointing_game"
+    gallery_rank: ClassVar[int | None] = 0
     category: ClassVar[str] = "localization"
     higher_is_better: ClassVar[bool] = True
     needs: ClassVar[frozenset[str]] = frozenset({"mask"})
@@ -87,7 +89,7 @@ class EnergyPointingGame(Metric):
         a, m, empty = _flat(ctx)
         a = a.clamp_min(0)
         score = (a * m).sum(1) / a.sum(1).clamp_min(1e-12)
-        return MetricResult(self.name, _nan_where(score, empty), True)
+        return MetricResult(self.name, _nan_where(score, empty))
 
 
 @register
@@ -97,6 +99,7 @@ class RelevanceMass(Metric):
 
     positive: bool = True
     name: ClassVar[str] = "relevance_mass"
+    gallery_rank: ClassVar[int | None] = 2
     category: ClassVar[str] = "localization"
     higher_is_better: ClassVar[bool] = True
     needs: ClassVar[frozenset[str]] = frozenset({"mask"})
@@ -106,7 +109,7 @@ class RelevanceMass(Metric):
         if self.positive:
             a = a.clamp_min(0)
         score = (a * m).sum(1) / a.sum(1)
-        return MetricResult(self.name, _nan_where(score, empty), True)
+        return MetricResult(self.name, _nan_where(score, empty))
 
 
 @register
@@ -126,7 +129,7 @@ class RelevanceRank(Metric):
         ranked = torch.gather(m, 1, order)
         top = torch.arange(a.shape[1], device=a.device)[None] < k[:, None]
         score = (ranked & top).sum(1).float() / k.clamp_min(1)
-        return MetricResult(self.name, _nan_where(score, empty), True)
+        return MetricResult(self.name, _nan_where(score, empty))
 
 
 def otsu_threshold(values: torch.Tensor, bins: int = 256) -> torch.Tensor:
@@ -175,7 +178,7 @@ class _Overlap(Metric):
         inter = (pred & m).sum(1).float()
         score = self.formula(inter, pred.sum(1).float(), m.sum(1).float())
         excluded = empty | (pred.sum(1) == 0)  # CheXlocalize: both masks non-empty
-        return MetricResult(self.name, _nan_where(score, excluded), True)
+        return MetricResult(self.name, _nan_where(score, excluded))
 
 
 @register
@@ -184,6 +187,7 @@ class IoU(_Overlap):
     """IoU of the binarised map with the mask (counted when both are non-empty)."""
 
     name: ClassVar[str] = "iou"
+    gallery_rank: ClassVar[int | None] = 3
 
     @staticmethod
     def formula(inter, pred, true):
@@ -223,6 +227,7 @@ class LocalizationAUPRC(Metric):
     """Localisation AUPRC: average precision of the map's pixels as detectors of the mask."""
 
     name: ClassVar[str] = "auprc"
+    gallery_rank: ClassVar[int | None] = 4
     category: ClassVar[str] = "localization"
     higher_is_better: ClassVar[bool] = True
     needs: ClassVar[frozenset[str]] = frozenset({"mask"})
@@ -232,4 +237,4 @@ class LocalizationAUPRC(Metric):
         scores = torch.stack([average_precision(a[i], m[i]) if not empty[i]
                               else torch.tensor(float("nan"), dtype=torch.float64)
                               for i in range(len(a))])
-        return MetricResult(self.name, scores.float(), True)
+        return MetricResult(self.name, scores.float())

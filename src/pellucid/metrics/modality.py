@@ -56,4 +56,4 @@ class MSFI(Metric):
         empty = ctx.masks.flatten(1).sum(1) == 0
         score = msfi(raw.detach(), ctx.masks, importance)
         score = torch.where(empty.to(score.device), torch.full_like(score, float("nan")), score)
-        return MetricResult(self.name, score, True, extras={"modality_importance": importance})
+        return MetricResult(self.name, score, extras={"modality_importance": importance})

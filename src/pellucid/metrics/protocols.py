@@ -19,23 +19,12 @@ from typing import ClassVar
 import numpy as np
 import torch
 
+from pellucid.bootstrap import bootstrap_ci
 from pellucid.errors import ConfigError
 from pellucid.metrics.base import Context, Metric, MetricResult, register
 from pellucid.metrics.localization import binarise
 
 THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
-
-
-def bootstrap_ci(values: torch.Tensor, resamples: int = 1000, level: float = 0.95,
-                 seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean of the non-NaN ``values``."""
-    v = values[~torch.isnan(values)].double().cpu().numpy()
-    if len(v) == 0:
-        return float("nan"), float("nan")
-    rng = np.random.RandomState(seed)
-    means = v[rng.randint(0, len(v), size=(resamples, len(v)))].mean(1)
-    tail = (1 - level) / 2 * 100
-    return float(np.percentile(means, tail)), float(np.percentile(means, 100 - tail))
 
 
 def _nanmean(values: torch.Tensor) -> float:
@@ -53,6 +42,7 @@ class CheXlocalize(Metric):
     resamples: int = 1000
     seed: int = 0
     name: ClassVar[str] = "chexlocalize"
+    gallery_rank: ClassVar[int | None] = 5
     category: ClassVar[str] = "localization"
     higher_is_better: ClassVar[bool] = True
     needs: ClassVar[frozenset[str]] = frozenset({"mask"})
@@ -71,7 +61,7 @@ class CheXlocalize(Metric):
         extras = {"miou": _nanmean(iou), "miou_ci": bootstrap_ci(iou, self.resamples, seed=self.seed),
                   "hit_rate": _nanmean(hits),
                   "hit_rate_ci": bootstrap_ci(hits, self.resamples, seed=self.seed), "hits": hits}
-        return MetricResult(self.name, iou, True, extras=extras)
+        return MetricResult(self.name, iou, extras=extras)
 
 
 def heatmap_boxes(heatmap: np.ndarray, threshold: float) -> list[tuple[float, float, float, float]]:
@@ -126,4 +116,4 @@ class BoxAccuracy(Metric):
         valid = ~torch.isnan(iou)
         accuracy = {f"{kind}>{t}": float((v[valid] > t).float().mean()) if valid.any() else float("nan")
                     for kind, v in (("iou", iou), ("iobb", iobb)) for t in self.thresholds}
-        return MetricResult(self.name, iobb, True, extras={"iou": iou, "accuracy": accuracy})
+        return MetricResult(self.name, iobb, extras={"iou": iou, "accuracy": accuracy})

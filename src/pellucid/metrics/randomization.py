@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -33,7 +33,7 @@ from pellucid.progress import track
 from pellucid.targets import BoundClassTarget, BoundSegmentationTarget
 
 
-def randomisation_steps(model: nn.Module, granularity: str, depth: int) -> list[tuple[str, list[str]]]:
+def randomization_steps(model: nn.Module, granularity: str, depth: int) -> list[tuple[str, list[str]]]:
     """Steps from the output down: (step name, names of the modules re-initialised in it)."""
     if granularity not in ("block", "layer"):
         raise ConfigError(f"granularity must be 'block' or 'layer', got {granularity!r}")
@@ -66,7 +66,7 @@ def reset_as_on_cpu(module: torch.nn.Module, seed: int) -> None:
             own[name].copy_(value)
 
 
-def randomisation_baseline(maps: torch.Tensor, measure: str, pairs: int, seed: int) -> float:
+def randomization_baseline(maps: torch.Tensor, measure: str, pairs: int, seed: int) -> float:
     """Mean similarity of up to ``pairs`` random pairs of maps of different samples."""
     b = maps.shape[0]
     if b < 2:
@@ -93,6 +93,7 @@ class ModelRandomization(Metric):
     baseline_pairs: int = 50
     progress: bool = True
     name: ClassVar[str] = "model_randomization"
+    report_panel: ClassVar[str | None] = "randomisation"
     category: ClassVar[str] = "randomization"
     higher_is_better: ClassVar[bool] = False
     needs: ClassVar[frozenset[str]] = frozenset({"model", "explainer"})
@@ -106,7 +107,7 @@ class ModelRandomization(Metric):
         original = ctx.attributions
         randomised = copy.deepcopy(ctx.model)
         modules = dict(randomised.named_modules())
-        steps = randomisation_steps(randomised, self.granularity, self.depth)
+        steps = randomization_steps(randomised, self.granularity, self.depth)
         table: dict[str, dict[str, torch.Tensor]] = {}
         for step, names in track(steps, "cascading randomisation", enabled=self.progress):
             for name in names:
@@ -114,13 +115,20 @@ class ModelRandomization(Metric):
             maps = ctx.explain_fn(randomised, ctx.inputs, ctx.target)
             table[step] = {m: similarity(m, original, maps) for m in measures}
         last = table[steps[-1][0]][self.similarity]
-        baseline = {m: randomisation_baseline(original, m, self.baseline_pairs, self.seed)
+        baseline = {m: randomization_baseline(original, m, self.baseline_pairs, self.seed)
                     for m in measures}
         passed = last < baseline[self.similarity]
-        return MetricResult(self.name, last.float(), False,
+        return MetricResult(self.name, last.float(),
                             curves=torch.stack([table[s][self.similarity] for s, _ in steps], 1).float(),
                             extras={"steps": [s for s, _ in steps], "table": table,
                                     "baseline": baseline, "passed": passed})
+
+    def row_extra(self, result: MetricResult, i: int) -> dict[str, Any]:
+        """Whether sample ``i`` passed (its final similarity below the baseline), the baselines and
+        the randomised steps: what the report's randomisation panel draws."""
+        return {"passed": bool(result.extras["passed"][i]),
+                "baseline": {k: float(v) for k, v in result.extras["baseline"].items()},
+                "steps": list(result.extras["steps"])}
 
 
 @register
@@ -152,4 +160,4 @@ class RandomLogit(Metric):
             other = BoundSegmentationTarget(others, target.region, target.kind, target.activation)
         maps = ctx.explain_fn(ctx.model, ctx.inputs, other)
         return MetricResult(self.name, similarity(self.similarity, ctx.attributions, maps).float(),
-                            False, extras={"other_classes": others})
+                            extras={"other_classes": others})

@@ -161,7 +161,7 @@ class RoadMoRF(_Road):
 
     def compute(self, ctx: Context) -> MetricResult:
         s = self.scores(ctx)
-        return MetricResult(self.name, s["morf"].mean(1), False, curves=s["morf"],
+        return MetricResult(self.name, s["morf"].mean(1), curves=s["morf"],
                             extras={"fractions": list(self.fractions), "clean": s["clean"]})
 
 
@@ -175,7 +175,7 @@ class RoadLeRF(_Road):
 
     def compute(self, ctx: Context) -> MetricResult:
         s = self.scores(ctx)
-        return MetricResult(self.name, s["lerf"].mean(1), True, curves=s["lerf"],
+        return MetricResult(self.name, s["lerf"].mean(1), curves=s["lerf"],
                             extras={"fractions": list(self.fractions), "clean": s["clean"]})
 
 
@@ -189,7 +189,7 @@ class Road(_Road):
 
     def compute(self, ctx: Context) -> MetricResult:
         s = self.scores(ctx)
-        return MetricResult(self.name, (s["lerf"].mean(1) - s["morf"].mean(1)) / 2, True,
+        return MetricResult(self.name, (s["lerf"].mean(1) - s["morf"].mean(1)) / 2,
                             extras={"morf": s["morf"], "lerf": s["lerf"], "clean": s["clean"],
                                     "fractions": list(self.fractions)})
 

@@ -97,7 +97,7 @@ class MaxSensitivity(_Robustness):
         a = ctx.attributions.flatten(1).double()
         diff = (maps.flatten(2).double() - a[None]).norm(dim=2)
         ratio = diff / a.norm(dim=1).clamp_min(1e-30)[None]
-        return MetricResult(self.name, _nanmax(ratio, keep).float(), False,
+        return MetricResult(self.name, _nanmax(ratio, keep).float(),
                             extras={"per_sample": ratio.T.float()})
 
 
@@ -119,5 +119,5 @@ class LocalLipschitz(_Robustness):
         num = (maps.flatten(2).double() - a[None]).norm(dim=2)
         den = (perturbed.flatten(2).double() - ctx.inputs.flatten(1).double()[None]).norm(dim=2)
         ratio = num / (den + 1e-10)
-        return MetricResult(self.name, _nanmax(ratio, keep).float(), False,
+        return MetricResult(self.name, _nanmax(ratio, keep).float(),
                             extras={"per_sample": ratio.T.float()})

@@ -20,6 +20,8 @@ from pellucid.errors import ConfigError
 class SlidingWindow(nn.Module):
     """``model`` applied by sliding window over inputs larger than ``roi_size``."""
 
+    runs_per_patch = True  # layer hooks would see one patch at a time: CAMs refuse it
+
     def __init__(self, model: nn.Module, roi_size: Sequence[int], overlap: float = 0.25,
                  batch_size: int = 4, mode: str = "gaussian") -> None:
         super().__init__()

@@ -19,7 +19,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-import pellucid
 from pellucid.data.base import PellucidDataset, collate
 from pellucid.errors import ConfigError
 from pellucid.models.card import ModelCard
@@ -32,6 +31,7 @@ from pellucid.models.performance import (
 from pellucid.models.zoo import CLASSIFIERS, build
 from pellucid.progress import track
 from pellucid.runtime import configure_threads, seed_everything
+from pellucid.version import __version__
 
 
 @dataclass
@@ -158,7 +158,7 @@ def train(train_ds: PellucidDataset, config: TrainConfig, val_ds: PellucidDatase
         "sigmoid" if task == "segmentation" or train_ds.multilabel else "softmax",
         backend=built.backend, channel_names=list(train_ds.channel_names),
         normalization=_channel_stats(train_ds, config.normalize_samples),
-        default_layer=built.default_layer, pellucid_version=pellucid.__version__,
+        default_layer=built.default_layer, pellucid_version=__version__,
         seed=config.seed,
         training={"dataset": dataset_name or type(train_ds).__name__, "n_train": len(train_ds),
                   "n_val": len(val_ds) if val_ds is not None else 0, "epochs": config.epochs,

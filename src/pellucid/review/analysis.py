@@ -92,7 +92,7 @@ def mcnemar_exact(first: np.ndarray, second: np.ndarray) -> dict[str, float]:
 
 
 def _ci(values: np.ndarray, seed: int = 0) -> tuple[float, float]:
-    from pellucid.metrics.protocols import bootstrap_ci
+    from pellucid.bootstrap import bootstrap_ci
 
     return bootstrap_ci(torch.as_tensor(np.asarray(values, dtype=np.float64).copy()), 1000, 0.95, seed)
 

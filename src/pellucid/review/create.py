@@ -102,7 +102,7 @@ def create_study(run_dir: str | Path, db: str, raters: list[str], cases: int = 2
                  finding: str | None = None, control: float = 0.0, threshold: float = 0.5,
                  seed: int = 0, name: str | None = None) -> CreatedStudy:
     """Create a study in ``db`` from the benchmark run in ``run_dir``."""
-    from pellucid.bench.report import _task_maps
+    from pellucid.bench.report import task_maps
     from pellucid.bench.store import ResultStore
 
     run = Path(run_dir)
@@ -127,7 +127,7 @@ def create_study(run_dir: str | Path, db: str, raters: list[str], cases: int = 2
                           f"{', '.join(available)}")
     targets = list(fields["targets"])
     finding = finding or max(set(targets), key=targets.count)
-    maps = _task_maps(ResultStore(run), frame)
+    maps = task_maps(ResultStore(run), frame)
     usable = [i for i, t in enumerate(targets) if t == finding
               and all(f"{fields['case_ids'][i]}|{t}" in maps.get(m, {}) for m in methods)]
     if not usable:

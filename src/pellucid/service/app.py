@@ -34,6 +34,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from pellucid.errors import ConfigError
 from pellucid.guards import SERVICE_LIMITS, DecodeLimits
 from pellucid.service.workers import Busy, Job, JobFailed, JobTimeout, PoolConfig, WorkerPool
+from pellucid.version import __version__
 
 log = logging.getLogger("pellucid.service")
 SUFFIXES = {"dicom": ".dcm", "nifti-gz": ".nii.gz", "nifti": ".nii", "png": ".png", "jpeg": ".jpg",
@@ -134,8 +135,6 @@ def create_app(models: str | Path, out: str | Path = "pellucid_results", api_key
                max_upload_mb: float = 64.0, config: ServiceConfig | None = None) -> FastAPI:
     """The FastAPI application serving the models under ``models``; ``config`` sets every limit
     (``api_key`` and ``max_upload_mb`` are shortcuts for its fields)."""
-    import pellucid
-
     config = config or ServiceConfig(api_key=api_key, max_upload_mb=max_upload_mb)
     registry = ModelFolders(Path(models))
     results = Path(out)
@@ -147,7 +146,7 @@ def create_app(models: str | Path, out: str | Path = "pellucid_results", api_key
     retention = Retention(results, config.retention_hours)
     retention.sweep(force=True)
     key_set = config.api_key is not None
-    app = FastAPI(title="pellucid", version=pellucid.__version__,
+    app = FastAPI(title="pellucid", version=__version__,
                   description="Explain medical imaging models; DICOM in, DICOM out.",
                   docs_url=None if key_set else "/docs", redoc_url=None,
                   openapi_url=None if key_set else "/openapi.json")
@@ -175,7 +174,7 @@ def create_app(models: str | Path, out: str | Path = "pellucid_results", api_key
 
     @app.get("/health")
     def health() -> dict:
-        return {"status": "ok", "version": pellucid.__version__, "jobs_in_flight": pool.in_flight}
+        return {"status": "ok", "version": __version__, "jobs_in_flight": pool.in_flight}
 
     if key_set:
         @app.get("/openapi.json", include_in_schema=False)
