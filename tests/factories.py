@@ -5,3 +5,21 @@ from pellucid.models import build
 
 def tiny_resnet():
     return build("resnet18", 2, 1, 2).module
+
+
+def tiny_bench(folder, name: str, methods: list, metrics: list, cases: int, size: int,
+               n_train: int) -> dict:
+    """A ResNet-18 trained for one epoch on ``n_train`` chest phantoms of ``size`` px, saved under
+    ``folder/chest``, and the configuration of a benchmark of ``methods`` x ``metrics`` on
+    ``cases`` phantom cases (a dict, as a user's YAML would read)."""
+    from pellucid.data import open_dataset
+    from pellucid.models import TrainConfig, save_model, train
+
+    result = train(open_dataset("phantom-chest", split="train", n=n_train, size=size),
+                   TrainConfig(epochs=1, batch_size=min(32, n_train // 2), progress=False))
+    model = save_model(folder / "chest", result.module, result.card)
+    return {"name": name, "seed": 0, "batch_size": 2, "gallery": 2,
+            "datasets": {"chest": {"reader": "phantom-chest", "cases": cases,
+                                   "options": {"size": size}}},
+            "models": {"r18": {"datasets": ["chest"], "path": str(model)}},
+            "methods": methods, "metrics": metrics}

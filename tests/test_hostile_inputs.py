@@ -148,18 +148,12 @@ def test_weights_with_python_objects_are_refused_in_one_line_and_never_run(tmp_p
 def run_folder(tmp_path_factory):
     """A finished tiny benchmark run (ResNet-18, one epoch on 64 px phantoms), with its config."""
     from pellucid.bench import parse_config, run_bench
-    from pellucid.data import open_dataset
-    from pellucid.models import TrainConfig, save_model, train
+    from tests.factories import tiny_bench
 
     root = tmp_path_factory.mktemp("hostile_run")
-    result = train(open_dataset("phantom-chest", split="train", n=64, size=64),
-                   TrainConfig(epochs=1, batch_size=32, progress=False))
-    model = save_model(root / "chest", result.module, result.card)
-    raw = {"name": "hostile", "seed": 0, "batch_size": 2, "gallery": 2,
-           "datasets": {"chest": {"reader": "phantom-chest", "cases": 3, "options": {"size": 64}}},
-           "models": {"r18": {"datasets": ["chest"], "path": str(model)}},
-           "methods": ["gradcam", "integratedgradients"],
-           "metrics": ["sparseness", {"name": "deletion", "options": {"step": 256}}]}
+    raw = tiny_bench(root, "hostile", ["gradcam", "integratedgradients"],
+                     ["sparseness", {"name": "deletion", "options": {"step": 256}}], cases=3, size=64,
+                     n_train=64)
     config = parse_config(raw)
     table = run_bench(config, root / "run", progress=False)
     return root / "run", config, table

@@ -129,17 +129,11 @@ def throwaway():
 
 def test_a_new_method_and_metric_are_one_class_each(throwaway, tmp_path):
     from pellucid.bench import parse_config, run_bench
-    from pellucid.data import open_dataset
-    from pellucid.models import TrainConfig, save_model, train
+    from tests.factories import tiny_bench
 
-    result = train(open_dataset("phantom-chest", split="train", n=32, size=48),
-                   TrainConfig(epochs=1, batch_size=16, progress=False))
-    model = save_model(tmp_path / "chest", result.module, result.card)
-    raw = {"name": "throwaway", "seed": 0, "batch_size": 2, "gallery": 2,
-           "datasets": {"chest": {"reader": "phantom-chest", "cases": 2, "options": {"size": 48}}},
-           "models": {"r18": {"datasets": ["chest"], "path": str(model)}},
-           "methods": ["backgrounddistance", "saliency"],
-           "metrics": [{"name": "mass_curve", "options": {"points": 4}}, "sparseness"]}
+    raw = tiny_bench(tmp_path, "throwaway", ["backgrounddistance", "saliency"],
+                     [{"name": "mass_curve", "options": {"points": 4}}, "sparseness"], cases=2,
+                     size=48, n_train=32)
     with pytest.raises(ConfigError, match=r"metrics\[0\].options: metric 'mass_curve' has no option"):
         parse_config({**raw, "metrics": [{"name": "mass_curve", "options": {"pionts": 4}}]}, "t.yaml")
     table = run_bench(parse_config(raw), tmp_path / "run", progress=False)
