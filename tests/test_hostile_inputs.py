@@ -361,3 +361,29 @@ def test_fuzzed_configurations_parse_or_fail_with_a_config_error(raw):
         parse_config(raw, "fuzz.yaml")
     except ConfigError as exc:
         assert str(exc).startswith("fuzz.yaml") and "\n" not in str(exc), str(exc)
+
+
+def test_the_explanation_cache_round_trips_and_refuses_what_does_not_match(tmp_path):
+    import pellucid
+    from pellucid.bench.cache import CacheError, load_explanation, save_explanation
+    from pellucid.targets import SegmentationTarget
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3, padding=1))
+    x = torch.rand(2, 1, 8, 8)
+    exp = pellucid.explain(net, x, "integratedgradients", target=SegmentationTarget(1, "predicted"),
+                           steps=4)
+    path = tmp_path / "entry.safetensors"
+    save_explanation(path, exp, "identity")
+    back = load_explanation(path, "identity")
+    assert torch.equal(back.attributions, exp.attributions) and torch.equal(back.raw, exp.raw)
+    assert type(back.target) is type(exp.target)
+    assert torch.equal(back.target.region, exp.target.region)
+    assert back.extras.keys() == exp.extras.keys() and back.options["steps"] == 4
+    with pytest.raises(CacheError, match="another unit"):
+        load_explanation(path, "another identity")
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF  # one bit of the last tensor
+    path.write_bytes(bytes(data))
+    with pytest.raises(CacheError, match="digest"):
+        load_explanation(path, "identity")

@@ -64,15 +64,15 @@ def decode_limits(limits: DecodeLimits) -> Iterator[DecodeLimits]:
 
 
 def check_shape(path: str | Path, spatial: Sequence[int], frames: int = 1, channels: int = 1) -> None:
-    """Refuse a declared image of ``spatial`` dims (x ``frames``) beyond the limits in force, or
-    one with a zero or negative dimension."""
+    """Refuse a declared image of ``spatial`` dims (x ``frames``, x ``channels`` samples per pixel)
+    beyond the limits in force, or one with a zero or negative dimension."""
     dims = [int(d) for d in spatial]
     if frames < 1 or channels < 1 or any(d < 1 for d in dims):
         raise DataError(path, f"the header declares an empty or negative size {tuple(dims)}"
                               f"{f' x {frames} frames' if frames != 1 else ''}")
-    limits = current_limits()
-    if channels > 4 and len(dims) == 2 and frames == 1:
+    if channels > 4:
         raise DataError(path, f"an image with {channels} samples per pixel is not supported")
+    limits = current_limits()
     if len(dims) <= 2 and frames == 1:
         pixels = math.prod(dims)
         if pixels > limits.max_pixels:
@@ -83,10 +83,11 @@ def check_shape(path: str | Path, spatial: Sequence[int], frames: int = 1, chann
     if depth > limits.max_frames:
         raise TooLarge(path, f"{depth:,} frames or slices is over the limit of {limits.max_frames:,} "
                              f"(max_frames)")
-    voxels = math.prod(dims) * frames
+    voxels = math.prod(dims) * frames * channels  # an RGB frame decodes to three values a pixel
     if voxels > limits.max_voxels:
-        raise TooLarge(path, f"{'x'.join(map(str, [frames] * (frames > 1) + dims))} = {voxels:,} "
-                             f"voxels is over the limit of {limits.max_voxels:,} voxels (max_voxels)")
+        shape = "x".join(map(str, [frames] * (frames > 1) + dims + [channels] * (channels > 1)))
+        raise TooLarge(path, f"{shape} = {voxels:,} voxels is over the limit of "
+                             f"{limits.max_voxels:,} voxels (max_voxels)")
 
 
 def require_finite(array: np.ndarray, path: str | Path) -> np.ndarray:

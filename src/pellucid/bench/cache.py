@@ -2,12 +2,12 @@
 
 A cached explanation is one ``.safetensors`` file: the tensors (attributions, raw map, the bound
 target's tensors, tensor-valued extras and options) as safetensors blobs, and everything else as
-JSON in the file's metadata, together with the unit's key text and a BLAKE2b digest of every
-tensor's bytes. Reading parses only that JSON header and raw arrays: a file planted in a run folder
-can be wrong or unreadable but can never execute. A file whose key, digest or structure does not
-match is discarded (moved aside) and the explanation recomputed. The bound target is rebuilt only
-as one of pellucid's own ``Bound*Target`` classes, named in the metadata and looked up in a fixed
-table, never imported by name.
+JSON in the file's metadata, with the unit's identity text (what the explanation depends on) and a
+BLAKE2b digest of every tensor's bytes. Reading parses only that JSON header and raw arrays: a
+file planted in a run folder can be wrong or unreadable but can never execute. A file whose
+identity, digest or structure does not match is discarded (moved aside) and the explanation
+recomputed. The bound target is rebuilt only as one of pellucid's own ``Bound*Target`` classes,
+named in the metadata and looked up in a fixed table, never imported by name.
 """
 
 from __future__ import annotations
@@ -84,7 +84,8 @@ def _digest(tensors: dict[str, torch.Tensor]) -> str:
 
 
 def save_explanation(path: Path, explanation: Explanation, key: str) -> None:
-    """Write ``explanation`` (its output tensor is not kept) atomically to ``path``."""
+    """Write ``explanation`` (its output tensor is not kept) atomically to ``path`` under ``key``,
+    the identity text of what it explains."""
     from safetensors.torch import save_file
 
     tensors: dict[str, torch.Tensor] = {}

@@ -140,7 +140,7 @@ def _optional(source: str, where: str, value: Any, kind: type, what: str) -> Any
     """``value`` when it is None or a ``kind`` (a bool is not a number here), else a ConfigError."""
     if value is None or (isinstance(value, kind) and (kind is bool or not isinstance(value, bool))):
         return value
-    raise _err(source, where, f"must be {what}, got {value!r}"[:300])
+    raise _err(source, where, f"must be {what}, got {value!r}")
 
 
 def _names(source: str, where: str, value: Any) -> list[str]:
@@ -148,7 +148,7 @@ def _names(source: str, where: str, value: Any) -> list[str]:
     if value is None:
         return []
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise _err(source, where, f"must be a list of names, got {value!r}"[:300])
+        raise _err(source, where, f"must be a list of names, got {value!r}")
     return list(value)
 
 
@@ -166,7 +166,7 @@ def _entries(source: str, key: str, raw: Any, known: list[str], kind: str) -> li
         name = item["name"]
         if not isinstance(name, str) or name not in known:
             raise _err(source, f"{where}.name", f"unknown {kind} {name!r}; available: "
-                                                f"{', '.join(sorted(known))}"[:400])
+                                                f"{', '.join(sorted(known))}")
         options = _optional(source, f"{where}.options", item.get("options"), dict, "a mapping")
         if options and not all(isinstance(k, str) for k in options):
             raise _err(source, f"{where}.options", "option names must be text")
@@ -222,7 +222,7 @@ def parse_config(raw: dict, source: str = "<dict>") -> BenchConfig:
         reader = spec.get("reader")
         if not isinstance(reader, str) or reader not in DATASETS:
             raise _err(source, f"{where}.reader", f"unknown reader {reader!r}; "
-                                                  f"available: {', '.join(DATASETS)}"[:400])
+                                                  f"available: {', '.join(DATASETS)}")
         if spec.get("require", "lesion") not in ("lesion", "any"):
             raise _err(source, f"{where}.require", "must be 'lesion' or 'any'")
         cases = spec.get("cases", 16)
@@ -249,13 +249,13 @@ def parse_config(raw: dict, source: str = "<dict>") -> BenchConfig:
         if not isinstance(targets, str | list) or (isinstance(targets, list) and not all(
                 isinstance(t, str | int) and not isinstance(t, bool) for t in targets)):
             raise _err(source, f"{where}.targets", f"give 'positive', 'predicted' or a list of "
-                                                   f"classes, got {targets!r}"[:300])
+                                                   f"classes, got {targets!r}")
         if spec.get("train") is not None:
             _check_keys(source, f"{where}.train", spec["train"], TRAIN_KEYS)
             train_reader = spec["train"].get("reader")
             if not isinstance(train_reader, str) or train_reader not in DATASETS:
                 raise _err(source, f"{where}.train.reader",
-                           f"unknown reader {train_reader!r}"[:300])
+                           f"unknown reader {train_reader!r}")
             _optional(source, f"{where}.train.options", spec["train"].get("options"), dict,
                       "a mapping")
             _optional(source, f"{where}.train.root", spec["train"].get("root"), str, "a folder path")
@@ -264,7 +264,7 @@ def parse_config(raw: dict, source: str = "<dict>") -> BenchConfig:
                 if value is not None and (not isinstance(value, int) or isinstance(value, bool)
                                           or value < (0 if key == "seed" else 1)):
                     raise _err(source, f"{where}.train.{key}", f"must be a positive integer, got "
-                                                               f"{value!r}"[:300])
+                                                               f"{value!r}")
             lr = spec["train"].get("lr")
             if lr is not None and (not isinstance(lr, int | float) or isinstance(lr, bool)
                                    or not 0 < lr < 10):
@@ -326,13 +326,13 @@ def parse_config(raw: dict, source: str = "<dict>") -> BenchConfig:
     for key, low in (("batch_size", 1), ("gallery", 0), ("seed", 0)):
         value = raw.get(key, 0 if key != "batch_size" else 8)
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
-            raise _err(source, key, f"must be an integer >= {low}, got {value!r}"[:300])
+            raise _err(source, key, f"must be an integer >= {low}, got {value!r}")
     _optional(source, "name", raw.get("name"), str, "text")
     _optional(source, "cache", raw.get("cache"), bool, "true or false")
     threads = raw.get("threads")
     if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool)
                                 or threads < 1):
-        raise _err(source, "threads", f"must be a positive integer, got {threads!r}"[:300])
+        raise _err(source, "threads", f"must be a positive integer, got {threads!r}")
     return BenchConfig(str(raw.get("name", Path(source).stem)), datasets, models, methods, metrics,
                        int(raw.get("seed", 0)), int(raw.get("batch_size", 8)),
                        bool(raw.get("cache", True)), int(raw.get("gallery", 6)),

@@ -145,7 +145,10 @@ def _options(unit: Unit) -> dict[str, Any]:
     return options
 
 
-def _cache_path(unit: Unit) -> Path | None:
+def _cache_entry(unit: Unit) -> tuple[Path, str] | None:
+    """The unit's cache file and the identity text it is stored under and checked against: what
+    the explanation depends on (model, cases, targets, method and options, seed, region, layer,
+    reference, sliding window, precision)."""
     if not unit.cache_dir:
         return None
     from pellucid.runtime import precision_name
@@ -154,7 +157,8 @@ def _cache_path(unit: Unit) -> Path | None:
                        unit.method.name, unit.method.options, unit.seed, unit.region, unit.layer,
                        unit.reference, unit.sliding_window, precision_name()],
                       sort_keys=True, default=str)
-    return Path(unit.cache_dir) / f"{hashlib.sha1(text.encode()).hexdigest()[:20]}.safetensors"
+    name = f"{hashlib.sha1(text.encode()).hexdigest()[:20]}.safetensors"
+    return Path(unit.cache_dir) / name, text
 
 
 def explain_unit(unit: Unit, loaded):
@@ -163,10 +167,11 @@ def explain_unit(unit: Unit, loaded):
     one line, and recomputed."""
     import pellucid
 
-    path = _cache_path(unit)
+    entry = _cache_entry(unit)
+    path, identity = entry if entry is not None else (None, "")
     if path is not None and path.is_file():
         try:
-            return load_explanation(path, unit.key)
+            return load_explanation(path, identity)
         except CacheError as exc:
             aside = path.with_name(path.name + ".bad")
             path.replace(aside)
@@ -177,7 +182,7 @@ def explain_unit(unit: Unit, loaded):
     explanation.output = None
     if path is not None:
         try:
-            save_explanation(path, explanation, unit.key)
+            save_explanation(path, explanation, identity)
         except CacheError as exc:  # an extra that has no safe encoding: not cached
             warn(f"explanation of {unit.method.label} not cached ({exc})")
     return explanation

@@ -13,7 +13,14 @@ import torch
 from pellucid.data.brats import BraTS
 from pellucid.data.transforms import resize_image, zscore_nonzero
 from pellucid.errors import DataError
-from pellucid.io.files import IMAGE_SUFFIXES, is_nifti, read_image_2d, read_nifti, read_npy
+from pellucid.io.files import (
+    IMAGE_SUFFIXES,
+    is_nifti,
+    minmax_unit,
+    read_image_2d,
+    read_nifti,
+    read_npy,
+)
 from pellucid.io.reading import read
 
 
@@ -37,10 +44,7 @@ def _read_dicom(path: Path, spatial_dims: int) -> tuple[np.ndarray, list]:
         arr = arr.mean(0, keepdims=True)
     if arr.ndim == 4 and spatial_dims == 2:
         arr = arr[:, arr.shape[1] // 2]
-    arr = arr.astype(np.float64)  # no overflow of the range for extreme values
-    lo, hi = float(arr.min()), float(arr.max())
-    return ((arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)).astype(np.float32), \
-        image.datasets
+    return minmax_unit(arr), image.datasets
 
 
 def load_input(path: str | Path, in_channels: int, input_size: list[int] | None,

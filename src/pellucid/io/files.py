@@ -63,8 +63,7 @@ def read_raster(path: str | Path) -> np.ndarray:
     except DataError:
         raise
     except Exception as exc:  # any decoder failure is the file's fault
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
-        raise DataError(path, f"cannot read image ({type(exc).__name__}: {first})") from None
+        raise DataError(path, f"cannot read image ({type(exc).__name__}: {exc})") from None
     if arr.ndim not in (2, 3) or arr.size == 0:
         raise DataError(path, f"expected a 2D image, got an array of shape {arr.shape}")
     if arr.dtype.kind not in "biuf":
@@ -79,7 +78,13 @@ def _scale_to_unit(arr: np.ndarray) -> np.ndarray:
         return arr.astype(np.float32) / 65535.0
     if arr.dtype == bool:
         return arr.astype(np.float32)
-    out = arr.astype(np.float64)  # float64: the range of extreme float32 values does not overflow
+    return minmax_unit(arr)
+
+
+def minmax_unit(arr: np.ndarray) -> np.ndarray:
+    """(x - min) / (max - min) as float32, computed in float64 so that the range of extreme float32
+    values does not overflow; a constant image becomes zeros."""
+    out = arr.astype(np.float64)
     lo, hi = float(out.min()), float(out.max())
     return ((out - lo) / (hi - lo) if hi > lo else np.zeros_like(out)).astype(np.float32)
 

@@ -58,8 +58,7 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
                          f"a state dict of tensors (torch.save(model.state_dict())) or safetensors") \
             from None
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
-        raise ModelError(f"{path}: cannot read weights ({type(exc).__name__}: {first})") from None
+        raise ModelError(f"{path}: cannot read weights ({type(exc).__name__}: {exc})") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):

@@ -33,6 +33,8 @@ from fastapi.responses import FileResponse, JSONResponse
 
 from pellucid.errors import ConfigError
 from pellucid.guards import SERVICE_LIMITS, DecodeLimits
+from pellucid.registry import normalise
+from pellucid.service.folders import ModelFolders
 from pellucid.service.workers import Busy, Job, JobFailed, JobTimeout, PoolConfig, WorkerPool
 from pellucid.version import __version__
 
@@ -98,16 +100,6 @@ def _write_private(path: Path, data: bytes) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as fh:
         fh.write(data)
-
-
-class ModelFolders:
-    """The served models: the sub-folders of ``folder`` with a card.json (the workers load them)."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-
-    def names(self) -> list[str]:
-        return sorted(p.parent.name for p in self.folder.glob("*/card.json"))
 
 
 class Retention:
@@ -202,7 +194,11 @@ def create_app(models: str | Path, out: str | Path = "pellucid_results", api_key
                                "classes": card.get("class_names"),
                                "input_size": card.get("input_size"),
                                "in_channels": card.get("in_channels")})
-        return {"models": out_models, "methods": pool.methods(),
+        try:
+            methods = pool.methods()
+        except JobFailed as exc:
+            raise refuse(exc.status, exc.reason) from None
+        return {"models": out_models, "methods": methods,
                 "limits": {"max_upload_mb": config.max_upload_mb, "max_methods": config.max_methods,
                            "max_pixels": config.limits.max_pixels,
                            "max_voxels": config.limits.max_voxels,
@@ -213,19 +209,27 @@ def create_app(models: str | Path, out: str | Path = "pellucid_results", api_key
         log.info("%s: refused, %d", f"job {job}" if job else "request", status)
         return HTTPException(status, reason, headers=headers or None)
 
-    def methods_of(text: str) -> list[str]:
-        given = [m.strip() for m in text.split(",") if m.strip()]
-        methods = list(dict.fromkeys(m.lower().replace("-", "").replace("_", "") for m in given))
+    async def methods_of(text: str) -> list[str]:
+        """The requested methods (names normalised as the registry does, duplicates once)."""
+        given: dict[str, str] = {}
+        for m in text.split(","):
+            if normalise(m):
+                given.setdefault(normalise(m), m.strip())
+        methods = list(given)
         if not methods:
             raise refuse(400, "methods: give at least one method")
         if len(methods) > config.max_methods:
             raise refuse(400, f"methods: at most {config.max_methods} methods per request, got "
                               f"{len(methods)}")
-        known = pool.methods()
-        for m, original in zip(methods, given, strict=False):
+        try:  # the workers report the names they serve once started (a wait, off the event loop)
+            known = {normalise(n): n for n in await anyio.to_thread.run_sync(pool.methods)}
+        except JobFailed as exc:
+            raise refuse(exc.status, exc.reason) from None
+        for m in methods:
             if m not in known:
-                raise refuse(400, f"unknown method {original[:64]!r}; available: {', '.join(known)}")
-        return methods
+                raise refuse(400, f"unknown method {given[m][:64]!r}; available: "
+                                  f"{', '.join(known.values())}")
+        return [known[m] for m in methods]
 
     @app.post("/v1/explain")
     async def explain(request: Request, x_api_key: str | None = Header(None)) -> dict:
@@ -261,12 +265,12 @@ def create_app(models: str | Path, out: str | Path = "pellucid_results", api_key
         if model_name not in registry.names():
             raise refuse(400, f"unknown model {model_name[:64]!r}; available: "
                               f"{', '.join(registry.names()) or 'none'}")
-        methods = methods_of(str(form.get("methods") or "gradcam"))
+        methods = await methods_of(str(form.get("methods") or "gradcam"))
         target = form.get("target")
         target = str(target) if target else None
         if target is not None and (len(target) > 128 or not target.isprintable()):
             raise refuse(400, "target: give a class name or index (at most 128 printable characters)")
-        retention.sweep()
+        await anyio.to_thread.run_sync(retention.sweep)
         job = secrets.token_hex(8)
         folder = results / job
         _private_folder(folder)
@@ -274,7 +278,7 @@ def create_app(models: str | Path, out: str | Path = "pellucid_results", api_key
         start = time.perf_counter()
         ok = False
         try:
-            _write_private(path, data)
+            await anyio.to_thread.run_sync(_write_private, path, data)
             del data
             log.info("job %s: accepted, %s upload of %d bytes, model %s, methods %s", job, kind,
                      path.stat().st_size, model_name, ",".join(methods))

@@ -11,21 +11,19 @@ import numpy as np
 import torch
 
 from pellucid.errors import ConfigError, ModelError, PellucidError
+from pellucid.service.folders import ModelFolders
 
 
 class ModelUnavailable(ModelError):
     """A served model whose files cannot be loaded (the operator's problem, not the request's)."""
 
 
-class Models:
-    """The models of a folder (each sub-folder with a card.json), loaded once on first use."""
+class Models(ModelFolders):
+    """The model folders under ``folder``, each loaded once on first use."""
 
     def __init__(self, folder: Path) -> None:
-        self.folder = folder
+        super().__init__(folder)
         self._loaded: dict[str, Any] = {}
-
-    def names(self) -> list[str]:
-        return sorted(p.parent.name for p in self.folder.glob("*/card.json"))
 
     def get(self, name: str):
         from pellucid.models import load_model
