@@ -5,12 +5,14 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export PELLUCID_DATA ?= $(abspath ../shared/data)
 
-.PHONY: demo test check lint install clean system-deps
+.PHONY: demo test test-main test-lowest check lint lock install clean system-deps
 
-$(STAMP): pyproject.toml
+# pyproject.toml declares the supported ranges; constraints.txt holds the exact versions known to
+# work together, so every `make` builds the same environment
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade --quiet pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -28,9 +30,28 @@ system-deps:
 	if [ -n "$$missing" ]; then echo "installing$$missing (apt)"; apt-get update -q && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing >/dev/null; fi
 
-test: $(STAMP) system-deps
+test: test-main test-lowest
+
+test-main: $(STAMP) system-deps
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(PY) -m pytest
+
+# A user's existing stack at pellucid's lowest supported versions (constraints-lowest.txt) in a fresh
+# venv; `pip install '.[test]'` (not editable, no constraints) must keep every one of those versions,
+# and the tests that train nothing must pass against the installed package.
+LOWEST := .venv-lowest
+test-lowest:
+	rm -rf $(LOWEST) && $(PYTHON) -m venv $(LOWEST)
+	$(LOWEST)/bin/pip install --quiet --upgrade pip
+	$(LOWEST)/bin/pip install --quiet -r constraints-lowest.txt
+	$(LOWEST)/bin/pip install --quiet '.[test]'
+	$(LOWEST)/bin/python tools/kept_versions.py constraints-lowest.txt
+	$(LOWEST)/bin/python -m pytest -m "not slow" -q -p no:cacheprovider
+
+# after an upgrade that passes `make test`: write the exact versions of .venv into constraints.txt
+lock: $(STAMP)
+	{ sed -n '1,3p' constraints.txt; $(PY) -m pip freeze --exclude-editable | grep -vi '^pellucid'; } \
+	  > constraints.new && mv constraints.new constraints.txt
 
 # the fast loop while developing: ruff and every test that trains, benchmarks and serves nothing
 # (tests/conftest.py marks the others "slow"); `make test` stays the full suite
@@ -42,4 +63,4 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
 
 clean:
-	rm -rf demo_out .pytest_cache
+	rm -rf demo_out .pytest_cache $(LOWEST)

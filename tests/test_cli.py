@@ -42,7 +42,9 @@ def test_explain_png_writes_overlays_maps_and_summary(chest_model, tmp_path, sha
     summary = json.loads((out / "summary.json").read_text())
     assert len(summary) == 2
     for row in summary:
-        assert "explaining Nodule" in row["prediction"] or row["prediction"].startswith("Nodule")
+        assert row["explained"]["class"] == "Nodule"
+        top = max(row["classes"], key=row["classes"].get)
+        assert row["prediction"]["class"] == top and row["prediction"]["text"].startswith(top)
         assert set(row["methods"]) == {"gradcam", "scorecam"}
     raw = np.load(out / "00000075_000_gradcam.npy")
     assert raw.shape == (256, 256)  # back at the source resolution

@@ -19,7 +19,7 @@ LAYERS: list[set[str]] = [
     {"explainers"},
     {"metrics"},
     {"viz", "(root)"},  # pellucid.explain / pellucid.evaluate: the API over explainers and metrics
-    {"pipeline", "explain_files", "bench"},
+    {"pipeline", "bench"},
     {"service", "pacs", "review"},
     {"demo", "cli"},
 ]

@@ -136,7 +136,7 @@ def test_pull_explain_push_command(orthanc, shared_data, chest_model, tmp_path):
     """)["study"]
     cmd = ["ip", "netns", "exec", orthanc, sys.executable, "-m", "pellucid.cli", "explain",
            "--pacs", URL, "--study", study, "--model", chest_model.source, "--method",
-           "gradcam,saliency"]
+           "gradcam,saliency", "--out", str(tmp_path / "out")]
     env = dict(os.environ, PELLUCID_PACS_USER=USER, PELLUCID_PACS_PASSWORD=PASSWORD)
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -161,3 +161,183 @@ def test_pull_explain_push_command(orthanc, shared_data, chest_model, tmp_path):
     assert classes.count("1.2.840.10008.5.1.4.1.1.66.4") == 1, classes  # Segmentation
     assert classes.count("1.2.840.10008.5.1.4.1.1.88.34") == 1, classes  # Comprehensive 3D SR
     assert len(out) == 5, classes
+
+
+# ------------------------------------------------ --pacs honours every option of `pellucid explain`
+
+def _zoo(folder, arch, task, classes, channels=1, size=64, activation="sigmoid", names=()):
+    """A randomly initialised 2D model saved as a zoo folder (what is tested is the plumbing)."""
+    import torch
+
+    from pellucid.models import ModelCard, build, save_model
+
+    torch.manual_seed(0)
+    built = build(arch, 2, channels, len(classes))
+    card = ModelCard(arch=arch, task=task, class_names=list(classes), in_channels=channels,
+                     spatial_dims=2, input_size=[size, size], activation=activation,
+                     channel_names=list(names), default_layer=built.default_layer,
+                     backend=built.backend)
+    return save_model(folder, built.module, card)
+
+
+def _cases(tmp_path, chest_model, ct_file):
+    """(name, model arguments, option arguments, map file stem) for every option of `explain`;
+    the first run of each model is its baseline."""
+    import numpy as np
+    import torch
+
+    from pellucid.models import load_model
+    from pellucid.pipeline import CaseOptions, read_case
+    from pellucid.targets import SegmentationErrorTarget
+
+    seg = _zoo(tmp_path / "seg", "unet", "segmentation", ["WT"])
+    reg = _zoo(tmp_path / "reg", "resnet18", "regression", ["OS"], channels=2, activation="identity",
+               names=("T1", "T2"))
+    weights = tmp_path / "factory" / "weights.pt"
+    weights.parent.mkdir()
+    from tests.factories import tiny_resnet
+
+    torch.manual_seed(1)
+    torch.save(tiny_resnet().state_dict(), weights)
+    card = load_model(chest_model.source).card
+    import dataclasses
+
+    dataclasses.replace(card, class_names=["A", "B"], input_size=[64, 64],
+                        default_layer="layer4").save(weights.parent / "card.json")
+    # a ground truth for the error regions: a square; fp or fn, whichever the model makes
+    loaded = load_model(seg)
+    case = read_case(loaded, ct_file, CaseOptions(["saliency"]))
+    truth = np.zeros((64, 64), np.uint8)
+    truth[16:40, 16:40] = 1
+    np.save(tmp_path / "truth.npy", truth)
+    with torch.no_grad():
+        out = loaded.module(case.x)
+    kind = "fp" if SegmentationErrorTarget(torch.from_numpy(truth > 0), 0, "fp").bind(out).region.any() \
+        else "fn"
+    chest, layer = chest_model.source, "layer3"
+    return [
+        ("chest", ["--model", chest], ["--method", "gradcam,saliency"]),
+        ("target", ["--model", chest], ["--method", "gradcam,saliency", "--target",
+                                        card.class_names[1]]),
+        ("layer", ["--model", chest], ["--method", "gradcam,saliency", "--layer", layer]),
+        ("precision", ["--model", chest], ["--method", "gradcam,saliency", "--precision", "bf16"]),
+        ("seg", ["--model", str(seg)], ["--method", "saliency"]),
+        ("region", ["--model", str(seg)], ["--method", "saliency", "--region", "all"]),
+        ("truth", ["--model", str(seg)], ["--method", "saliency", "--region", kind, "--truth",
+                                          str(tmp_path / "truth.npy")]),
+        ("window", ["--model", str(seg)], ["--method", "saliency", "--sliding-window", "32,32"]),
+        ("overlap", ["--model", str(seg)], ["--method", "saliency", "--sliding-window", "32,32",
+                                            "--overlap", "0.6"]),
+        ("reg", ["--model", str(reg)], ["--method", "saliency"]),
+        ("reference", ["--model", str(reg)], ["--method", "saliency", "--reference", "30"]),
+        ("modalities", ["--model", str(reg)], ["--method", "saliency", "--modalities"]),
+        ("weights", ["--model", "tests.factories:tiny_resnet", "--weights", str(weights)],
+         ["--method", "gradcam,saliency"]),
+    ]
+
+
+def test_pacs_honours_every_explain_option(orthanc, shared_data, chest_model, tmp_path):
+    """Each option of ``pellucid explain`` run on a PACS study gives the same maps and summary as the
+    same option on the file, and differs from the run without it (so neither path ignores it)."""
+    import numpy as np
+
+    from pellucid.cli import main
+
+    ct_file = tmp_path / "ct.dcm"
+    study = _in_ns(orthanc, f"""
+        import json, pydicom
+        from pydicom.uid import generate_uid
+        from pellucid.pacs import DicomWeb
+        ds = pydicom.dcmread("{shared_data / 'dicom-samples' / 'pydicom' / 'CT_small.dcm'}")
+        for key in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
+            setattr(ds, key, generate_uid())
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.save_as("{ct_file}")
+        DicomWeb("{URL}", "{USER}", "{PASSWORD}").store([ds])
+        print(json.dumps({{"study": str(ds.StudyInstanceUID), "sop": str(ds.SOPInstanceUID)}}))
+    """)
+    cases = _cases(tmp_path, chest_model, ct_file)
+    runs = [[*model, *opts, "--out", str(tmp_path / "pacs" / name), "--pacs", URL, "--study",
+             study["study"]] for name, model, opts in cases]
+    done = _in_ns(orthanc, f"""
+        import contextlib, io, json, os, sys
+        os.environ.update(PELLUCID_PACS_USER="{USER}", PELLUCID_PACS_PASSWORD="{PASSWORD}")
+        sys.path.insert(0, "{Path(__file__).resolve().parents[1]}")
+        from pellucid.cli import main
+        codes = []
+        for args in {runs!r}:
+            err = io.StringIO()
+            try:
+                with contextlib.redirect_stderr(err):
+                    main(["explain", *args])
+                codes.append("ok")
+            except SystemExit as exc:
+                codes.append(f"exit {{exc.code}}: {{err.getvalue()[-300:]}}")
+        print(json.dumps({{"codes": codes}}))
+    """, timeout=900)
+    failed = [(c[0], code) for c, code in zip(cases, done["codes"], strict=True) if code != "ok"]
+    assert failed == []
+    baseline = {}
+    for name, model, opts in cases:
+        main(["explain", *model, *opts, "--out", str(tmp_path / "files" / name), "--input", str(ct_file)])
+        pacs_rows = json.loads((tmp_path / "pacs" / name / "summary.json").read_text())
+        file_rows = json.loads((tmp_path / "files" / name / "summary.json").read_text())
+        assert len(pacs_rows) == 1 and pacs_rows[0]["sop_instance"] == study["sop"], name
+        pacs_row, file_row = pacs_rows[0], file_rows[0]
+        for key in ("prediction", "explained", "classes", "modality_importance"):
+            assert pacs_row.get(key) == file_row.get(key), (name, key)
+        maps = {}
+        for method, entry in pacs_row["methods"].items():
+            assert entry["target"] == file_row["methods"][method]["target"], (name, method)
+            assert entry["layer"] == file_row["methods"][method]["layer"], (name, method)
+            got = np.load(tmp_path / "pacs" / name / entry["map"])
+            want = np.load(tmp_path / "files" / name / file_row["methods"][method]["map"])
+            assert np.allclose(got, want, atol=1e-6), (name, method)
+            maps[method] = got
+        assert pacs_row["dicom_objects"], name  # and the objects went back to the study
+        family = {"chest": "chest", "seg": "seg", "reg": "reg", "weights": None}.get(name)
+        if family is not None or name == "weights":
+            baseline[name] = (pacs_row, maps)
+            continue
+        base_name = {"target": "chest", "layer": "chest", "precision": "chest", "region": "seg",
+                     "truth": "seg", "window": "seg", "overlap": "window", "reference": "reg",
+                     "modalities": "reg"}[name]
+        base_row, base_maps = baseline[base_name]
+        if name == "reference":  # a gradient does not move with the reference; the target does
+            assert pacs_row["methods"]["saliency"]["target"]["reference"] == 30.0
+            assert base_row["methods"]["saliency"]["target"]["reference"] == 0.0
+        elif name == "modalities":
+            shap = pacs_row["modality_importance"]["shapley"]
+            assert set(shap) == {"T1", "T2"} and "modality_importance" not in base_row
+            assert sum(shap.values()) == pytest.approx(pacs_row["modality_importance"]["f_all"]
+                                                       - pacs_row["modality_importance"]["f_none"],
+                                                       abs=1e-4)
+        elif name == "target":
+            assert pacs_row["explained"]["index"] == 1
+            assert not np.allclose(maps["saliency"], base_maps["saliency"])
+        elif name == "layer":
+            assert pacs_row["methods"]["gradcam"]["layer"] == "layer3"
+            assert not np.allclose(maps["gradcam"], base_maps["gradcam"])
+        else:
+            method = next(iter(maps))
+            assert not np.allclose(maps[method], base_maps[method]), name
+        if name == "window":
+            baseline["window"] = (pacs_row, maps)
+    # the factory's weights and card were used: its two classes, not the chest model's
+    assert set(baseline["weights"][0]["classes"]) == {"A", "B"}
+
+
+def test_pacs_refuses_options_it_cannot_honour(tmp_path, capsys):
+    from pellucid.cli import main
+
+    for args, line in (
+            (["--input", "x.dcm", "--pacs", URL, "--study", "1.2"], "not both"),
+            (["--pacs", URL], "--pacs needs --study"),
+            (["--study", "1.2", "--input", "x.dcm"], "--study goes with --pacs"),
+            (["--pacs", URL, "--study", "1.2", "--truth", "m.npy"], "--truth is the ground truth"),
+            (["--pacs", URL, "--study", "1.2", "--overlap", "0.5"], "--overlap goes with"),
+            (["--pacs", URL, "--study", "1.2", "--region", "fp"], "--region fp needs --truth")):
+        with pytest.raises(SystemExit) as exc:
+            main(["explain", "--model", "nowhere", "--out", str(tmp_path / "o"), *args])
+        assert exc.value.code == 2
+        assert line in capsys.readouterr().err, args

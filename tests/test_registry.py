@@ -160,3 +160,13 @@ def test_readme_counts_and_docs_come_from_the_registries():
     configs = sorted(p.stem for p in (ROOT / "src/pellucid/bench/configs").glob("*.yaml"))
     for name in configs:
         assert f"`{name}`" in readme, f"README does not mention the built-in config {name!r}"
+
+
+def test_readme_layout_names_every_module_and_package():
+    readme = (ROOT / "README.md").read_text()
+    layout = readme[readme.index("## Layout"):]
+    layout = layout[:layout.index("\n## ")] if "\n## " in layout else layout
+    top = sorted(p.name for p in (ROOT / "src/pellucid").iterdir()
+                 if (p.suffix == ".py" or (p.is_dir() and (p / "__init__.py").is_file())))
+    missing = [n for n in top if f"src/pellucid/{n}" not in layout]
+    assert missing == [], f"README layout table misses {missing}"

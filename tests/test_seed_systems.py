@@ -76,7 +76,8 @@ def test_survival_regressor_learns_and_explains_through_the_cli(survival_model, 
     x = card.normalize(sample["image"][None])
     with torch.no_grad():
         predicted = float(survival_model.module(x)[0, 0])
-    assert row["prediction"] == f"OverallSurvival = {predicted:.2f}"
+    assert row["prediction"]["text"] == f"OverallSurvival = {predicted:.2f}"
+    assert row["prediction"]["value"] == pytest.approx(predicted, abs=1e-5)
     target = row["methods"]["saliency"]["target"]
     assert target["type"] == "regression" and target["reference"] == 30.0
     mod = row["modality_importance"]

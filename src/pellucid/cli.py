@@ -156,26 +156,8 @@ def explain(
     """Explain a model on files (overlay PNGs, raw maps, summary.json), or on a PACS study
     (--pacs URL --study UID): results go back to the study as DICOM objects."""
     from pellucid.models import load_model
+    from pellucid.pipeline import CaseOptions
     from pellucid.runtime import use_precision
-
-    use_precision(precision)
-    _out_folder(out, "--out")
-    loaded = load_model(model, weights)
-    if pacs is not None:
-        from pellucid.pacs import DicomWeb, pull_explain_push
-        from pellucid.privacy import redact_library_messages
-
-        redact_library_messages()
-
-        if not study:
-            raise ConfigError("--pacs needs --study UID")
-        summary = pull_explain_push(DicomWeb(pacs, user, password), study, loaded, Path(model).name,
-                                    _split_list(method), target)
-        console.print(json.dumps(summary, indent=2, default=float))
-        return
-    if not input:
-        raise ConfigError("give --input FILE (or --pacs URL --study UID)")
-    from pellucid.explain_files import explain_files
 
     window = None
     if sliding_window:
@@ -184,11 +166,35 @@ def explain(
         except ValueError:
             raise ConfigError(f"--sliding-window: give integers like 96,96,96, got "
                               f"{sliding_window!r}") from None
-    summary = explain_files(loaded, input, _split_list(method), out, target=target, layer=layer,
-                            region=region, truth=truth, reference=reference,
-                            sliding_window=window, overlap=overlap, modalities=modalities)
-    for row in summary:
-        console.print(f"{row['input']}: {row['prediction']} -> {', '.join(row['files'])}")
+    options = CaseOptions(_split_list(method), target, layer, region, truth, reference, window,
+                          overlap, modalities)
+    options.check()  # every option is checked before the model loads, for files and PACS alike
+    if pacs is not None and input:
+        raise ConfigError("give --input FILE or --pacs URL --study UID, not both")
+    if pacs is not None and not study:
+        raise ConfigError("--pacs needs --study UID")
+    if study is not None and pacs is None:
+        raise ConfigError("--study goes with --pacs URL")
+    use_precision(precision)
+    _out_folder(out, "--out")
+    loaded = load_model(model, weights)
+    if pacs is not None:
+        from pellucid.pacs import DicomWeb, pull_explain_push
+        from pellucid.privacy import redact_library_messages
+
+        redact_library_messages()
+        summary = pull_explain_push(DicomWeb(pacs, user, password), study, loaded, Path(model).name,
+                                    options, out)
+        console.print(json.dumps(summary, indent=2, default=float))
+        return
+    if not input:
+        raise ConfigError("give --input FILE (or --pacs URL --study UID)")
+    from pellucid.pipeline import explain_files
+    from pellucid.pipeline.case import describe
+
+    for row in explain_files(loaded, input, options, out):
+        text = describe(row["prediction"], row["explained"])
+        console.print(f"{row['input']}: {text} -> {', '.join(row['files'])}")
         if "modality_importance" in row:
             shap = row["modality_importance"]["shapley"]
             console.print("  modality Shapley: " + ", ".join(f"{k} {v:+.3f}" for k, v in shap.items()))

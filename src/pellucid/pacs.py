@@ -5,12 +5,14 @@ SR) back into the same study."""
 
 from __future__ import annotations
 
+import json
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from pellucid.errors import ConfigError, DataError
+from pellucid.pipeline import CaseOptions, explain_case, prepare_model, read_case, write_case
 
 
 class DicomWeb:
@@ -82,37 +84,49 @@ def c_store(datasets: Sequence[Any], host: str, port: int, called_ae: str = "ORT
     return statuses
 
 
-def pull_explain_push(pacs: DicomWeb, study: str, loaded, model_name: str, methods: Sequence[str],
-                      target: str | None = None) -> dict[str, Any]:
-    """Fetch ``study``, explain every image the model can take, store the results back; returns
+def pull_explain_push(pacs: DicomWeb, study: str, loaded, model_name: str, options: CaseOptions,
+                      out: Path) -> dict[str, Any]:
+    """Fetch ``study``, explain every image the model can take through the case pipeline (every
+    option of ``pellucid explain`` applies), write each case's outputs into ``out`` (named by SOP
+    Instance UID) with ``summary.json``, and store the DICOM objects back into the study. Returns
     {"explained": [...], "stored": [SOP Instance UIDs], "skipped": [...]}."""
     import pydicom
 
-    from pellucid.service.jobs import run_job
-
+    options.check()
     if loaded.card is None or loaded.card.spatial_dims != 2:
         raise ConfigError("pull-explain-push explains 2D images with a 2D model (card needed)")
     instances = pacs.retrieve_study(study)
     if not instances:
         raise DataError(pacs.url, f"study {study} has no instances")
+    images = [ds for ds in instances if "PixelData" in ds
+              and str(ds.get("Modality", "")) not in ("SEG", "SR", "PR")
+              and str(ds.get("Manufacturer", "")) != "pellucid"]  # not pellucid's own results
+    if options.truth is not None and len(images) != 1:
+        raise ConfigError(f"--truth is the mask of one image; study {study} has {len(images)} images")
+    model = prepare_model(loaded, options)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     summary: dict[str, Any] = {"explained": [], "stored": [], "skipped": []}
+    records = []
     with tempfile.TemporaryDirectory() as tmp:
-        for k, ds in enumerate(instances):
-            if "PixelData" not in ds or str(ds.get("Modality", "")) in ("SEG", "SR", "PR") \
-                    or str(ds.get("Manufacturer", "")) == "pellucid":
-                continue  # not an image, or one of pellucid's own results
-            folder = Path(tmp) / f"i{k}"
-            folder.mkdir()
-            path = folder / "input.dcm"
+        for ds in images:
+            uid = str(ds.SOPInstanceUID)
+            path = Path(tmp) / "input.dcm"
             ds.save_as(path, enforce_file_format=True)
             try:
-                answer = run_job(loaded, model_name, path, list(methods), target, folder)
+                result = explain_case(model, read_case(model, path, options), options)
             except (DataError, ConfigError) as exc:
-                summary["skipped"].append({"sop_instance": str(ds.SOPInstanceUID), "reason": str(exc)})
+                summary["skipped"].append({"sop_instance": uid, "reason": str(exc)})
                 continue
-            produced = [pydicom.dcmread(p) for p in sorted(folder.glob("*.dcm")) if p.name != "input.dcm"]
+            finally:
+                path.unlink(missing_ok=True)
+            record = write_case(result, out, stem=uid, dicom=True, model_name=model_name)
+            records.append({"sop_instance": uid, **record})
+            produced = [pydicom.dcmread(out / name) for name in record["dicom_objects"]]
+            produced += [pydicom.dcmread(out / e["dicom"]) for e in record["methods"].values()
+                         if "dicom" in e]
             summary["stored"] += pacs.store(produced)
-            summary["explained"].append({"sop_instance": str(ds.SOPInstanceUID),
-                                         "prediction": answer["prediction"],
-                                         "objects": len(produced), "skipped": answer["skipped"]})
+            summary["explained"].append({"sop_instance": uid, "prediction": record["prediction"],
+                                         "objects": len(produced), "skipped": record["skipped"]})
+    (out / "summary.json").write_text(json.dumps(records, indent=2, default=float) + "\n")
     return summary

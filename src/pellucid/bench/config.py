@@ -45,6 +45,7 @@ from typing import Any
 import yaml
 
 from pellucid.errors import ConfigError
+from pellucid.pipeline.resolve import BENCH_REGIONS as REGIONS
 
 TOP_KEYS = {"name", "seed", "batch_size", "cache", "gallery", "datasets", "models", "methods",
             "metrics", "threads"}
@@ -52,7 +53,6 @@ DATASET_KEYS = {"reader", "root", "split", "cases", "options", "require"}
 MODEL_KEYS = {"datasets", "path", "train", "targets", "region", "layer", "reference",
               "sliding_window", "modality_importance"}
 WINDOW_KEYS = {"roi_size", "overlap", "batch_size", "mode"}
-REGIONS = ("predicted", "truth", "all", "fp", "fn")
 TRAIN_KEYS = {"reader", "root", "options", "n_train", "n_val", "arch", "epochs", "batch_size", "lr",
               "seed", "backend", "max_steps"}
 ENTRY_KEYS = {"name", "options", "skip_methods", "only_methods", "only_models", "label"}

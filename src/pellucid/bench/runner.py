@@ -428,14 +428,14 @@ def run_bench(config: BenchConfig | str | Path, out: str | Path | None = None,
 
 def modality_importance(loaded, cases: CaseSet, mspec: ModelSpec) -> dict[str, Any]:
     """Exact modality Shapley values (every input channel a player) of each benchmark case."""
-    from pellucid.bench.units import task_target
     from pellucid.explainers.modality import modality_shapley
+    from pellucid.pipeline.resolve import card_target
 
     values, full, empty = [], [], []
     for start in range(0, len(cases.x), 8):
         sl = slice(start, start + 8)
         truth = cases.truth[sl].float() if cases.truth is not None else None
-        target = task_target(loaded.card, cases.classes[sl], mspec.region, truth, mspec.reference)
+        target = card_target(loaded.card, cases.classes[sl], mspec.region, truth, mspec.reference)
         out = modality_shapley(loaded, cases.x[sl], target)
         values.append(out["values"].cpu())
         full.append(out["full"].cpu())

@@ -106,29 +106,10 @@ def _to_device(unit: Unit) -> Unit:
     return dataclasses.replace(unit, **move)
 
 
-def task_target(card, classes: torch.Tensor, region: str = "predicted",
-                truth: torch.Tensor | None = None, reference: float | None = None):
-    """The benchmark's target for a model card: the class logit, the regression output (minus
-    ``reference``), the segmentation logits over a region, or over the segmentation's errors."""
-    from pellucid.targets import (
-        ClassTarget,
-        RegressionTarget,
-        SegmentationErrorTarget,
-        SegmentationTarget,
-    )
-
-    if card.task == "classification":
-        return ClassTarget(classes, kind="logit", activation=card.activation)
-    if card.task == "regression":
-        return RegressionTarget(int(classes[0]), reference)
-    if region in ("fp", "fn"):
-        return SegmentationErrorTarget(truth, classes, region, card.activation)
-    return SegmentationTarget(classes, truth if region == "truth" else region, kind="logit",
-                              activation=card.activation)
-
-
 def _target(unit: Unit, card):
-    return task_target(card, unit.classes, unit.region, unit.truth_regions, unit.reference)
+    from pellucid.pipeline.resolve import card_target
+
+    return card_target(card, unit.classes, unit.region, unit.truth_regions, unit.reference)
 
 
 def _options(unit: Unit) -> dict[str, Any]:

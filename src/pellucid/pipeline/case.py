@@ -1,0 +1,204 @@
+"""Explaining one case: read -> check against the model -> normalise -> target -> explanations.
+The CLI (files), the REST service and the PACS command all go through :func:`read_case` and
+:func:`explain_case`; :mod:`pellucid.pipeline.outputs` writes what they produce."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pellucid.data.inputs import InputImage, load_input
+from pellucid.errors import ConfigError
+from pellucid.explainers.base import Explanation, upsample
+from pellucid.models.sliding import windowed
+from pellucid.pipeline.resolve import REGIONS, card_target, class_index, load_mask
+from pellucid.targets import Target
+
+
+@dataclass
+class CaseOptions:
+    """Everything a user chooses about explaining a case besides the model and the input: the
+    options of ``pellucid explain``, honoured the same way for files, the service and a PACS."""
+
+    methods: list[str]
+    target: str | None = None  # class name or index; None: the predicted class
+    layer: str | None = None  # the CAM layer; None: the card's
+    region: str = "predicted"  # segmentation: predicted | all | fp | fn
+    truth: Path | None = None  # ground-truth mask for fp / fn
+    reference: float | None = None  # regression: explain output - reference
+    sliding_window: list[int] | None = None  # patch size: segmentation by sliding window
+    overlap: float = 0.25
+    modalities: bool = False  # exact per-channel Shapley values
+
+    def check(self) -> None:
+        """Refuse, in one line, anything that would otherwise be ignored or fail after work."""
+        from pellucid.explainers import create
+
+        if not self.methods:
+            raise ConfigError("give at least one method")
+        for m in self.methods:
+            create(m)  # an unknown name fails before any work
+        if self.region not in REGIONS:
+            raise ConfigError(f"--region must be one of {', '.join(REGIONS)}, got {self.region!r}")
+        if self.region in ("fp", "fn") and self.truth is None:
+            raise ConfigError(f"--region {self.region} needs --truth MASK (the ground truth)")
+        if self.truth is not None and self.region not in ("fp", "fn"):
+            raise ConfigError("--truth is the ground truth of --region fp or fn; give one of them")
+        if not 0 <= self.overlap < 1:
+            raise ConfigError(f"--overlap must be in [0, 1), got {self.overlap}")
+        if self.sliding_window is None and self.overlap != 0.25:
+            raise ConfigError("--overlap goes with --sliding-window")
+        if self.sliding_window is not None and any(v <= 0 for v in self.sliding_window):
+            raise ConfigError(f"--sliding-window sides must be positive, got {self.sliding_window}")
+
+
+def prepare_model(loaded, options: CaseOptions):
+    """The model as the options run it: by sliding window when a patch size is given."""
+    if options.sliding_window is not None:
+        return windowed(loaded, options.sliding_window, options.overlap)
+    return loaded
+
+
+@dataclass
+class Case:
+    """One input, read and normalised for the model, with the target the options ask for."""
+
+    item: InputImage
+    x: torch.Tensor  # (1, C, *spatial), normalised as the card says
+    target: Target | int | None
+
+
+def read_case(loaded, path: Path, options: CaseOptions) -> Case:
+    """Read ``path`` at the model's channels and input size (at its own size under a sliding
+    window), normalise it, and resolve the target (with the ground truth resized to the input)."""
+    card = loaded.card
+    if card is not None:
+        size = None if options.sliding_window is not None else card.input_size
+        item = load_input(path, card.in_channels, size, card.spatial_dims)
+        x = card.normalize(item.image[None])
+    else:
+        item = load_input(path, 1, None, 2)
+        x = item.image[None]
+    truth = load_mask(options.truth, tuple(x.shape[2:])) if options.truth is not None else None
+    target = card_target(card, class_index(card, options.target), options.region, truth,
+                         options.reference)
+    return Case(item, x, target)
+
+
+@dataclass
+class CaseResult:
+    """The explanations of one case, their maps at the source resolution, and what the model said."""
+
+    case: Case
+    explanations: dict[str, Explanation]
+    maps: dict[str, torch.Tensor]  # method -> (1, *spatial) at the resolution the file was read
+    prediction: dict[str, Any]  # the model's own answer: class, index, probability | value | voxels
+    explained: dict[str, Any]  # the class (output, region) the explanations are of
+    classes: dict[str, float]  # every class: probability, predicted fraction, or value
+    modality_importance: dict[str, Any] | None = None
+    modality_share: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+def explain_case(loaded, case: Case, options: CaseOptions) -> CaseResult:
+    """Explain ``case`` with every method of ``options``."""
+    import pellucid
+
+    explanations: dict[str, Explanation] = {}
+    maps: dict[str, torch.Tensor] = {}
+    shares: dict[str, dict[str, float]] = {}
+    names = channel_names(loaded, case.x)
+    for m in options.methods:
+        exp = pellucid.explain(loaded, case.x, m, target=case.target, layer=options.layer)
+        explanations[m] = exp
+        maps[m] = upsample(exp.attributions, tuple(case.item.original.shape[1:]), "linear")[0]
+        if options.modalities and exp.raw is not None and exp.raw.shape[:2] == case.x.shape[:2]:
+            share = exp.raw.clamp_min(0).flatten(2).sum(2)[0]
+            shares[m] = dict(zip(names, (share / share.sum().clamp_min(1e-30)).tolist(), strict=True))
+    first = next(iter(explanations.values()))
+    explained = int(first.target.classes[0])
+    prediction, classes = answer(loaded, first.output, explained)
+    result = CaseResult(case, explanations, maps, prediction, _entry(loaded, classes, explained),
+                        classes, modality_share=shares)
+    if options.modalities:
+        result.modality_importance = modality_summary(loaded, case.x, case.target)
+    return result
+
+
+def _names(loaded, width: int) -> list[str]:
+    card = loaded.card
+    return list(card.class_names) if card is not None else [str(i) for i in range(width)]
+
+
+def _entry(loaded, classes: dict[str, float], index: int) -> dict[str, Any]:
+    name = list(classes)[index]
+    card = loaded.card
+    key = "value" if card is not None and card.task == "regression" else \
+        "fraction" if _dense(loaded) else "probability"
+    return {"class": name, "index": index, key: classes[name]}
+
+
+def _dense(loaded) -> bool:
+    return loaded.card is not None and loaded.card.task == "segmentation"
+
+
+def answer(loaded, output: torch.Tensor, explained: int = 0) -> tuple[dict[str, Any], dict[str, float]]:
+    """What the model said about one case, with a one-line text, and every class's value.
+    Classification: the top class, probabilities by the card's activation (softmax when there is
+    no card); segmentation: the ``explained`` region's predicted voxels (sigmoid > 0.5, or arg-max
+    for softmax, as :class:`pellucid.targets.SegmentationTarget` counts them) and each class's
+    predicted fraction; regression: the ``explained`` output's value."""
+    card = loaded.card
+    out = output.detach().float().cpu()
+    names = _names(loaded, out.shape[1])
+    activation = card.activation if card is not None else "softmax"
+    if card is not None and card.task == "regression":
+        values = out[0] if out.ndim == 2 else out
+        classes = {n: float(v) for n, v in zip(names, values, strict=True)}
+        top = explained
+        text = f"{names[top]} = {classes[names[top]]:.2f}"
+        return {"class": names[top], "index": top, "value": classes[names[top]], "text": text}, classes
+    if out.ndim > 2:
+        if activation == "softmax" and out.shape[1] > 1:
+            marked = torch.stack([out[0].argmax(0) == k for k in range(out.shape[1])])
+        else:
+            marked = out[0] > 0
+        voxels = marked.flatten(1).sum(1)
+        classes = {n: float(v) / marked[0].numel() for n, v in zip(names, voxels, strict=True)}
+        top = explained
+        return {"class": names[top], "index": top, "fraction": classes[names[top]],
+                "voxels": int(voxels[top]),
+                "text": f"{names[top]}: {int(voxels[top])} voxels predicted"}, classes
+    probs = torch.sigmoid(out[0]) if activation == "sigmoid" else torch.softmax(out[0], 0)
+    classes = {n: float(p) for n, p in zip(names, probs, strict=True)}
+    top = int(probs.argmax())
+    return {"class": names[top], "index": top, "probability": classes[names[top]],
+            "text": f"{names[top]} p={classes[names[top]]:.2f}"}, classes
+
+
+def describe(prediction: dict[str, Any], explained: dict[str, Any]) -> str:
+    """The one line that titles overlays and the console: what the model said, and what is explained
+    when that differs."""
+    text = prediction["text"]
+    ex = explained
+    if ex["index"] != prediction["index"]:
+        value = {k: v for k, v in ex.items() if k in ("probability", "fraction", "value")}
+        shown = "".join(f" {'p' if k == 'probability' else k}={v:.2f}" for k, v in value.items())
+        text += f"; explaining {ex['class']}{shown}"
+    return text
+
+
+def channel_names(loaded, x: torch.Tensor) -> list[str]:
+    names = list(loaded.card.channel_names) if loaded.card is not None else []
+    return names if len(names) == x.shape[1] else [f"channel {i}" for i in range(x.shape[1])]
+
+
+def modality_summary(loaded, x: torch.Tensor, target) -> dict[str, Any]:
+    """Exact modality Shapley values of one input: {channel: phi}, with f(all) and f(none)."""
+    from pellucid.explainers.modality import modality_shapley
+
+    out = modality_shapley(loaded, x, target)
+    return {"shapley": dict(zip(channel_names(loaded, x), out["values"][0].tolist(), strict=True)),
+            "f_all": float(out["full"][0]), "f_none": float(out["empty"][0])}

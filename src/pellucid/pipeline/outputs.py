@@ -1,0 +1,118 @@
+"""Writing an explained case: per method a PNG overlay and the raw map at the source resolution
+(``.nii.gz`` with the source affine for a volume, ``.npy`` otherwise); for DICOM input the DICOM
+objects (a Secondary Capture overlay per method; a Parametric Map, a Segmentation of the map's top
+half and a Comprehensive 3D SR from the first method's map). Returns the case's record, the one
+format the CLI's ``summary.json``, the service's answer and the PACS command's summary are made from."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pellucid import viz
+from pellucid.errors import PellucidError
+from pellucid.pipeline.case import CaseResult, describe
+
+
+def write_case(result: CaseResult, out: Path, stem: str = "", dicom: bool = False,
+               model_name: str = "") -> dict[str, Any]:
+    """Write ``result`` into ``out`` with file names ``{stem}_{method}.*`` (``{method}.*`` without a
+    stem). ``dicom``: also the DICOM objects when the input was DICOM. Returns the record:
+    prediction, explained class, classes, per method its files and cost, every file written, the
+    DICOM objects and what was skipped with the reason."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    item = result.case.item
+    prefix = f"{stem}_" if stem else ""
+    title = describe(result.prediction, result.explained)
+    record: dict[str, Any] = {"prediction": result.prediction, "explained": result.explained,
+                              "classes": result.classes, "methods": {}, "files": [],
+                              "dicom_objects": [], "skipped": []}
+    for method, att in result.maps.items():
+        exp = result.explanations[method]
+        name = f"{prefix}{method}"
+        heat = att[0].cpu().numpy().astype(np.float32)
+        map_file = write_map(heat, item.affine, out, name)
+        viz.save(viz.overlay(item.original, att, title=f"{method} | {title}"), out / f"{name}.png")
+        entry: dict[str, Any] = {
+            "layer": exp.layer, "seconds": round(exp.cost.seconds, 4),
+            "forward_passes": exp.cost.forward_passes, "backward_passes": exp.cost.backward_passes,
+            "cost": exp.cost.as_dict(), "target": _jsonable(exp.target.describe()),
+            "overlay": f"{name}.png", "map": map_file,
+            "max_location": [int(v) for v in np.unravel_index(int(heat.argmax()), heat.shape)]}
+        if method in result.modality_share:
+            entry["modality_share"] = result.modality_share[method]
+        record["files"] += [map_file, f"{name}.png"]
+        if dicom and item.datasets and heat.ndim == 2:
+            try:
+                entry["dicom"] = _write_sc(item, heat, method, title, out, name)
+                record["files"].append(entry["dicom"])
+            except PellucidError as exc:
+                record["skipped"].append({"object": f"{method} secondary capture", "reason": str(exc)})
+        record["methods"][method] = entry
+    if dicom and item.datasets:
+        first = next(iter(result.maps))
+        heat = result.maps[first][0].cpu().numpy().astype(np.float32)
+        objects = _write_derived(item, heat, first, model_name, result.explained, record, out, prefix)
+        record["dicom_objects"] += objects
+        record["files"] += objects
+    if result.modality_importance is not None:
+        record["modality_importance"] = result.modality_importance
+    return record
+
+
+def write_map(heat: np.ndarray, affine: np.ndarray | None, out: Path, name: str) -> str:
+    """A raw map: NIfTI with the source affine for a volume, ``.npy`` otherwise; the file name."""
+    if affine is not None and heat.ndim == 3:
+        import nibabel as nib
+
+        nib.save(nib.Nifti1Image(heat, affine), str(out / f"{name}.nii.gz"))
+        return f"{name}.nii.gz"
+    np.save(out / f"{name}.npy", heat)
+    return f"{name}.npy"
+
+
+def _jsonable(d: dict) -> dict:
+    return {k: (v.tolist() if isinstance(v, torch.Tensor) else v) for k, v in d.items()}
+
+
+def _write_sc(item, heat: np.ndarray, method: str, title: str, out: Path, name: str) -> str:
+    from pellucid.io import dicom_objects as objects
+
+    rgb = objects.overlay_rgb(item.original[0].numpy(), heat, f"{method}: {title}")
+    sc = objects.secondary_capture(item.datasets[0], rgb)
+    file = f"{name}_overlay.dcm"
+    sc.save_as(out / file)
+    return file
+
+
+def _write_derived(item, heat: np.ndarray, method: str, model_name: str, explained: dict,
+                   record: dict, out: Path, prefix: str) -> list[str]:
+    from pellucid.io import dicom_objects as objects
+
+    written, source = [], item.datasets
+    frames = heat if heat.ndim == 3 else heat[None]
+    lo, hi = float(frames.min()), float(frames.max())
+    norm = (frames - lo) / (hi - lo) if hi > lo else np.zeros_like(frames)
+    pmap = seg = None
+    try:
+        pmap = objects.parametric_map(source, frames, method)
+        pmap.save_as(out / f"{prefix}parametric_map.dcm")
+        written.append(f"{prefix}parametric_map.dcm")
+    except PellucidError as exc:
+        record["skipped"].append({"object": "parametric map", "reason": str(exc)})
+    try:
+        seg = objects.segmentation(source, norm >= 0.5, f"{method} region")
+        seg.save_as(out / f"{prefix}segmentation.dcm")
+        written.append(f"{prefix}segmentation.dcm")
+    except PellucidError as exc:
+        record["skipped"].append({"object": "segmentation", "reason": str(exc)})
+    value = explained.get("probability", explained.get("fraction", explained.get("value", 0.0)))
+    sr = objects.structured_report(source, model_name, "0", explained["class"], float(value),
+                                   method, pmap, seg)
+    sr.save_as(out / f"{prefix}report_sr.dcm")
+    written.append(f"{prefix}report_sr.dcm")
+    return written
