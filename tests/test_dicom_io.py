@@ -232,3 +232,41 @@ def test_secondary_capture_and_structured_report_on_a_real_cr(shared_data):
     assert str(source[0].SOPInstanceUID) in evidence and str(seg_obj.SOPInstanceUID) in evidence
     parsed = hd.sr.Comprehensive3DSR.from_dataset(sr)
     assert parsed.SOPInstanceUID == sr.SOPInstanceUID
+
+
+def test_a_dicom_series_folder_is_explained_with_its_affine_in_ras(shared_data, tmp_path):
+    """A series folder (files shuffled on disk) goes through the same pipeline as any input; the map
+    is written as NIfTI whose affine is the series' LPS affine with x and y negated (RAS)."""
+    import nibabel as nib
+    from pydicom.uid import generate_uid
+
+    from pellucid.cli import main
+    from pellucid.models import ModelCard, build, save_model
+
+    ct = pydicom.dcmread(shared_data / "dicom-samples" / "pydicom" / "CT_small.dcm")
+    folder = tmp_path / "series"
+    folder.mkdir()
+    series, normal = generate_uid(), np.cross(*np.reshape(np.asarray(ct.ImageOrientationPatient, float),
+                                                          (2, 3)))
+    for k in (3, 0, 5, 1, 4, 2):  # written out of order
+        ds = copy.deepcopy(ct)
+        ds.SeriesInstanceUID, ds.SOPInstanceUID = series, generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.ImagePositionPatient = [float(v) for v in np.asarray(ct.ImagePositionPatient, float)
+                                   + 2.5 * k * normal]
+        ds.InstanceNumber = 6 - k
+        ds.save_as(folder / f"slice{k}.dcm")
+    torch.manual_seed(0)
+    built = build("unet", 3, 1, 1)
+    card = ModelCard(arch="unet", task="segmentation", class_names=["WT"], in_channels=1,
+                     spatial_dims=3, input_size=[16, 32, 32], default_layer=built.default_layer)
+    model = save_model(tmp_path / "unet3d", built.module, card)
+    main(["explain", "--model", str(model), "--input", str(folder), "--method", "saliency",
+          "--region", "all", "--out", str(tmp_path / "out")])
+    saved = nib.load(tmp_path / "out" / "series_saliency.nii.gz")
+    assert saved.shape == (6, 128, 128)  # (slice, row, column) at the source size
+    lps = read(folder).affine
+    assert np.allclose(saved.affine, np.diag([-1, -1, 1, 1]) @ lps)
+    first = np.asarray(ct.ImagePositionPatient, float)  # the lowest slice along the normal
+    assert np.allclose(saved.affine @ [0, 0, 0, 1], [-first[0], -first[1], first[2], 1])
+    assert np.allclose(np.linalg.norm(saved.affine[:3, 0]), 2.5)

@@ -125,9 +125,9 @@ def _curves(frame: pd.DataFrame) -> str | None:
     return _png(fig)
 
 
-def _randomisation(frame: pd.DataFrame) -> tuple[str | None, pd.DataFrame]:
-    """The panel of the metrics that declare ``report_panel = "randomisation"``."""
-    panel = [m for m, kind in _declared(frame, "report_panel").items() if kind == "randomisation"]
+def _randomization(frame: pd.DataFrame) -> tuple[str | None, pd.DataFrame]:
+    """The panel of the metrics that declare ``report_panel = "randomization"``."""
+    panel = [m for m, kind in _declared(frame, "report_panel").items() if kind == "randomization"]
     part = frame[frame["metric_name"].isin(panel) & frame["curve"].notna()]
     if part.empty:
         return None, pd.DataFrame()
@@ -438,7 +438,7 @@ def write_report(out: str | Path, frame: pd.DataFrame | None = None) -> Path:
                                 "charts": _metric_charts(tsumm) if not tsumm.empty else None,
                                 "curves": _curves(part),
                                 "curve_metrics": _curve_metrics(part)}
-        task["randomisation"], task["randomisation_table"] = _randomisation(part)
+        task["randomization"], task["randomization_table"] = _randomization(part)
         key = f"{model}|{dataset}"
         info = task_info.get(key, {})
         task["info"] = info

@@ -1,10 +1,11 @@
-"""Loading a user's file as a model input: PNG/JPEG/TIFF, NIfTI, DICOM, or a BraTS case folder,
-brought to the model card's channels and input size, keeping what is needed to map results back
-(original shape, affine)."""
+"""A user's file as a model input: read through :func:`pellucid.io.read` (the one record of a file as
+read, :class:`pellucid.io.MedicalImage`) or, for a BraTS case folder, the BraTS reader; brought to
+reader units, the model card's channels and input size, keeping the source record to map results
+back (source size, affine, DICOM datasets)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -13,66 +14,78 @@ import torch
 from pellucid.data.brats import BraTS
 from pellucid.data.transforms import resize_image, zscore_nonzero
 from pellucid.errors import DataError
-from pellucid.io.files import (
-    IMAGE_SUFFIXES,
-    is_nifti,
-    minmax_unit,
-    read_image_2d,
-    read_nifti,
-    read_npy,
-)
-from pellucid.io.reading import read
+from pellucid.io.files import IMAGE_SUFFIXES, is_nifti, minmax_unit
+from pellucid.io.reading import MedicalImage, read
 
 
 @dataclass
 class InputImage:
-    image: torch.Tensor  # (C, *spatial) at the model's input size, reader units
-    original: torch.Tensor  # (C, *spatial) as read
-    affine: np.ndarray | None
+    """A :class:`~pellucid.io.MedicalImage` prepared for a model: ``original`` in reader units at the
+    source size (DICOM min-max scaled to [0, 1], NIfTI z-scored over non-zero voxels, images in
+    [0, 1]), ``image`` at the model's input size."""
+
+    source: MedicalImage
+    original: torch.Tensor  # (C, *spatial) reader units, source size
+    image: torch.Tensor  # (C, *spatial) reader units, the model's input size
     name: str
-    path: Path
-    datasets: list = field(default_factory=list)  # the DICOM source datasets, when read from DICOM
+
+    @property
+    def affine(self) -> np.ndarray | None:
+        """Voxel indices to RAS mm, for maps written as NIfTI."""
+        return self.source.ras_affine
+
+    @property
+    def datasets(self) -> list:
+        """The source DICOM datasets (empty for other files)."""
+        return self.source.datasets
+
+    @property
+    def path(self) -> Path:
+        return self.source.path
 
 
-def _read_dicom(path: Path, spatial_dims: int) -> tuple[np.ndarray, list]:
-    """A DICOM file through :func:`pellucid.io.read` (Modality LUT, MONOCHROME1, compressed
-    syntaxes), colour to luminance, a multi-frame file's middle frame for a 2D model, min-max
-    scaled to [0, 1] like the image readers; and the source datasets."""
-    image = read(path)
-    arr = image.array.numpy()
-    if image.datasets and int(getattr(image.datasets[0], "SamplesPerPixel", 1)) == 3:
-        arr = arr.mean(0, keepdims=True)
-    if arr.ndim == 4 and spatial_dims == 2:
-        arr = arr[:, arr.shape[1] // 2]
-    return minmax_unit(arr), image.datasets
+def _brats_case(path: Path) -> MedicalImage:
+    """A BraTS case folder: four modalities, each z-scored over its non-zero voxels by the reader."""
+    case = BraTS(path, spatial_dims=3)[0]
+    return MedicalImage(case["image"].float(), tuple(float(s) for s in case["spacing"]),
+                        case["affine"].numpy(), "nifti", path)
+
+
+def _reader_units(source: MedicalImage, in_channels: int, spatial_dims: int) -> torch.Tensor:
+    """The source pixels as the readers give them to models."""
+    arr = source.array
+    if source.kind == "dicom":
+        if source.datasets and int(getattr(source.datasets[0], "SamplesPerPixel", 1)) == 3 \
+                and arr.shape[0] == 3:
+            arr = arr.mean(0, keepdim=True)  # colour to luminance
+        if arr.ndim == 4 and spatial_dims == 2:  # a multi-frame file for a 2D model: middle frame
+            arr = arr[:, arr.shape[1] // 2]
+        return torch.from_numpy(minmax_unit(arr.numpy()))
+    if source.kind == "nifti":
+        return zscore_nonzero(arr)
+    if source.kind == "image" and in_channels == 1 and arr.shape[0] in (3, 4):
+        weights = torch.tensor([0.299, 0.587, 0.114])  # ITU-R 601 luminance
+        return torch.tensordot(weights, arr[:3], dims=1)[None]
+    return arr
 
 
 def load_input(path: str | Path, in_channels: int, input_size: list[int] | None,
                spatial_dims: int) -> InputImage:
-    """Read ``path`` and shape it for a model with ``in_channels`` and ``input_size``."""
+    """Read ``path`` (an image, NIfTI, DICOM file or series folder, ``.npy`` channels first, or a
+    BraTS case folder) and shape it for a model with ``in_channels`` and ``input_size``."""
     path = Path(path)
-    affine = None
-    datasets: list = []
-    if path.is_dir():
-        case = BraTS(path, spatial_dims=3)[0]
-        original, affine = case["image"], case["affine"].numpy()
-    elif is_nifti(path):
-        data, affine, _ = read_nifti(path)
-        original = zscore_nonzero(torch.from_numpy(data)[None])
-    elif path.suffix.lower() == ".npy" and path.is_file():  # (C, *spatial) or (*spatial) array
-        original = torch.from_numpy(read_npy(path))
-        if original.ndim == spatial_dims:
-            original = original[None]
-    elif path.suffix.lower() in (".dcm", ".dicom"):
-        arr, datasets = _read_dicom(path, spatial_dims)
-        original = torch.from_numpy(arr)
-    elif path.suffix.lower() in IMAGE_SUFFIXES:
-        original = torch.from_numpy(read_image_2d(path, channels=in_channels))
-    elif not path.exists():
+    if not path.exists():
         raise DataError(path, "file not found")
+    suffix = path.suffix.lower()
+    if path.is_dir() and any(is_nifti(p) for p in path.iterdir()):
+        source = _brats_case(path)
+        original = source.array  # z-scored by the BraTS reader
+    elif path.is_dir() or is_nifti(path) or suffix in (".npy", ".dcm", ".dicom", *IMAGE_SUFFIXES):
+        source = read(path, spatial_dims=spatial_dims)
+        original = _reader_units(source, in_channels, spatial_dims)
     else:
-        raise DataError(path, "unsupported input type (PNG/JPEG/TIFF, NIfTI, DICOM, .npy "
-                              "(channels first), or a BraTS case folder)")
+        raise DataError(path, "unsupported input type (PNG/JPEG/TIFF, NIfTI, DICOM file or series "
+                              "folder, .npy (channels first), or a BraTS case folder)")
     if original.ndim - 1 != spatial_dims:
         raise DataError(path, f"a {original.ndim - 1}D image cannot go to a {spatial_dims}D model")
     if original.shape[0] != in_channels:
@@ -85,7 +98,7 @@ def load_input(path: str | Path, in_channels: int, input_size: list[int] | None,
     if not (torch.isfinite(image).all() and torch.isfinite(original).all()):
         raise DataError(path, "the image's values overflow when normalised (non-finite results); "
                               "pellucid does not explain them")
-    return InputImage(image.float(), original.float(), affine, stem(path), path, datasets)
+    return InputImage(source, original.float(), image.float(), stem(path))
 
 
 def stem(path: Path) -> str:

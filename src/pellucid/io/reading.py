@@ -1,6 +1,6 @@
 """``pellucid.io.read``: DICOM (single and multi-frame files, a series folder sorted by position),
-NIfTI and PNG/JPEG/TIFF into one record: the image tensor, spacing, affine and, for DICOM, the
-source datasets that derived objects reference.
+NIfTI, PNG/JPEG/TIFF and ``.npy`` arrays into one record: the image tensor, spacing, affine and,
+for DICOM, the source datasets that derived objects reference.
 
 DICOM pixels go through the Modality LUT (rescale slope/intercept or a LUT), optionally the VOI LUT
 (window centre/width, ``voi=True``), and MONOCHROME1 images are inverted so that high values are
@@ -20,7 +20,7 @@ import torch
 
 from pellucid.errors import DataError
 from pellucid.guards import check_shape, require_finite
-from pellucid.io.files import IMAGE_SUFFIXES, is_nifti, read_image_2d, read_nifti
+from pellucid.io.files import IMAGE_SUFFIXES, is_nifti, read_image_2d, read_nifti, read_npy
 
 
 @dataclass
@@ -30,13 +30,21 @@ class MedicalImage:
     array: torch.Tensor
     spacing: tuple[float, ...]
     affine: np.ndarray | None
-    kind: str  # dicom | nifti | image
+    kind: str  # dicom | nifti | image | array
     path: Path
     datasets: list[Any] = field(default_factory=list)  # the source DICOM datasets, sorted
 
     @property
     def spatial_dims(self) -> int:
         return self.array.ndim - 1
+
+    @property
+    def ras_affine(self) -> np.ndarray | None:
+        """The affine in NIfTI's RAS convention, whatever the source: a DICOM affine (LPS) has its
+        first two world axes negated, a NIfTI affine is RAS already."""
+        if self.affine is None:
+            return None
+        return np.diag([-1.0, -1.0, 1.0, 1.0]) @ self.affine if self.kind == "dicom" else self.affine
 
 
 def _pixels(ds: Any, path: Path, voi: bool) -> np.ndarray:
@@ -177,17 +185,25 @@ def _read_series(folder: Path, voi: bool, series: str | None) -> MedicalImage:
                         "dicom", folder, datasets)
 
 
-def read(path: str | Path, voi: bool = False, series: str | None = None) -> MedicalImage:
-    """Read a DICOM file or series folder, a NIfTI file, or a PNG/JPEG/TIFF image.
+def read(path: str | Path, voi: bool = False, series: str | None = None,
+         spatial_dims: int | None = None) -> MedicalImage:
+    """Read a DICOM file or series folder, a NIfTI file, a PNG/JPEG/TIFF image or a ``.npy`` array:
+    the one entry point every reader of a user's file goes through.
 
     ``voi`` applies the DICOM VOI LUT (window); ``series`` picks one series in a folder holding
-    several. Errors name the file and the reason.
+    several; ``spatial_dims`` says whether a ``.npy`` array without a channel axis is 2D or 3D
+    (an array with one more axis is channels first). Errors name the file and the reason.
     """
     p = Path(path)
     if not p.exists():
         raise DataError(p, "no such file or folder")
     if p.is_dir():
         return _read_series(p, voi, series)
+    if p.suffix.lower() == ".npy":
+        data = torch.from_numpy(read_npy(p))
+        if data.ndim == (spatial_dims or 2):
+            data = data[None]
+        return MedicalImage(data, (1.0,) * (data.ndim - 1), None, "array", p)
     if is_nifti(p):
         data, affine, spacing = read_nifti(p)
         arr = torch.from_numpy(np.asarray(data, dtype=np.float32))

@@ -129,7 +129,7 @@ class Metric(ABC):
     needs: ClassVar[frozenset[str]] = frozenset()
     # how the benchmark report shows it: a mean-curve chart (the x-axis label) for metrics whose
     # results carry curves; the order in which metrics are tried to pick the best and worst cases of
-    # the gallery (lower first; None: never); a dedicated panel ("randomisation")
+    # the gallery (lower first; None: never); a dedicated panel ("randomization")
     report_curve: ClassVar[str | None] = None
     gallery_rank: ClassVar[int | None] = None
     report_panel: ClassVar[str | None] = None
@@ -155,8 +155,8 @@ def unmet_needs(metric: Metric | type[Metric], available: set[str]) -> list[str]
 def _check(cls: type) -> None:
     if getattr(cls, "category", None) not in CATEGORIES:
         raise ValueError(f"{cls.__name__}: category must be one of {CATEGORIES}")
-    if cls.report_panel not in (None, "randomisation"):
-        raise ValueError(f"{cls.__name__}: report_panel must be None or 'randomisation'")
+    if cls.report_panel not in (None, "randomization"):
+        raise ValueError(f"{cls.__name__}: report_panel must be None or 'randomization'")
     if not isinstance(getattr(cls, "higher_is_better", None), bool):
         raise ValueError(f"{cls.__name__}: declare higher_is_better (True or False)")
     unknown = set(getattr(cls, "needs", frozenset())) - set(NEEDS)

@@ -93,7 +93,7 @@ class ModelRandomization(Metric):
     baseline_pairs: int = 50
     progress: bool = True
     name: ClassVar[str] = "model_randomization"
-    report_panel: ClassVar[str | None] = "randomisation"
+    report_panel: ClassVar[str | None] = "randomization"
     category: ClassVar[str] = "randomization"
     higher_is_better: ClassVar[bool] = False
     needs: ClassVar[frozenset[str]] = frozenset({"model", "explainer"})
