@@ -76,13 +76,18 @@ def parametric_map(source: Sequence[Any], heatmap: np.ndarray, method: str,
         raise ConfigError("a Parametric Map needs a source image with a Frame of Reference (this "
                           "image, e.g. a CR without one, gets the Segmentation, Secondary Capture "
                           "and SR only)")
+    source = _without_bad_spacing(source)
+    # LINEAR_EXACT: the window maps the float range exactly, whatever its width (a width under 1
+    # is only valid with it, PS3.3 C.11.2.1.3)
+    window = hd.VOILUTTransformation(window_center=(lo + hi) / 2, window_width=max(hi - lo, 1e-6),
+                                     voi_lut_function=hd.VOILUTFunctionValues.LINEAR_EXACT)
     with _highdicom_errors("Parametric Map"):
-        return hd.pm.ParametricMap(
+        pm = hd.pm.ParametricMap(
             source_images=list(source), pixel_array=arr, real_world_value_mappings=[mapping],
-            window_center=(lo + hi) / 2, window_width=max(hi - lo, 1e-6),
-            contains_recognizable_visual_features=False,
+            voi_lut_transformations=[window], contains_recognizable_visual_features=False,
             content_label="PELLUCID", content_description=f"{method} explanation map",
             **_common(series_number), **_device())
+    return _series_attributes(pm, source[0], f"pellucid {method} map")
 
 
 def segmentation(source: Sequence[Any], mask: np.ndarray, label: str, kind: str = "binary",
@@ -105,14 +110,59 @@ def segmentation(source: Sequence[Any], mask: np.ndarray, label: str, kind: str 
             name="pellucid", version=__version__, family=codes.cid7162.ArtificialIntelligence))
     extra = {"fractional_type": hd.seg.SegmentationFractionalTypeValues.PROBABILITY} \
         if kind == "fractional" else {}
+    source = _without_bad_spacing(source)
     with _highdicom_errors("Segmentation"):
-        return hd.seg.Segmentation(
+        seg = hd.seg.Segmentation(
             source_images=list(source), pixel_array=arr,
             segmentation_type=hd.seg.SegmentationTypeValues.BINARY if kind == "binary"
             else hd.seg.SegmentationTypeValues.FRACTIONAL,
             segment_descriptions=[description], omit_empty_frames=False,
             content_label="PELLUCID", content_description=f"pellucid {kind} segmentation"[:64],
             **extra, **_common(series_number), **_device())
+    if "FrameOfReferenceUID" not in seg:  # a radiograph: the image plane is given by labels
+        seg.PatientOrientation = list(_patient_orientation(source[0]) or [])
+    seg.SeriesDescription = f"pellucid {label}"[:64]  # (a SEG series carries no Laterality)
+    return seg
+
+
+def _valid_spacing(value: Any) -> bool:
+    try:
+        return value is not None and len(value) == 2 and min(float(v) for v in value) > 0
+    except (TypeError, ValueError):
+        return False
+
+
+def _without_bad_spacing(source: Sequence[Any]) -> list[Any]:
+    """The source datasets, with a PixelSpacing that is not two positive values (e.g. ``0\\0``)
+    left out of copies, so that no derived object inherits it and misleads a measurement."""
+    import copy
+
+    out = []
+    for ds in source:
+        if "PixelSpacing" in ds and not _valid_spacing(ds.PixelSpacing):
+            ds = copy.deepcopy(ds)  # the caller's dataset keeps what the file says
+            del ds.PixelSpacing
+        out.append(ds)
+    return out
+
+
+def _series_attributes(obj: Any, source: Any, description: str) -> Any:
+    """What highdicom leaves out but a PACS and a validator expect of a new series: the source's
+    Laterality (Type 2C; empty when the source does not say), and a series description."""
+    if "Laterality" not in obj:
+        obj.Laterality = source.get("Laterality", "") or ""
+    obj.SeriesDescription = description[:64]
+    return obj
+
+
+def _patient_orientation(source: Any) -> tuple[str, str] | None:
+    """Row and column direction labels: the source's PatientOrientation, else derived from its
+    ImageOrientationPatient (also inside an enhanced image's shared functional groups), else the
+    conventional display of a frontal (PA/AP) radiograph."""
+    orientation = source.get("PatientOrientation") or _orientation_labels(source)
+    if not orientation and str(source.get("ViewPosition", "")).upper() in ("PA", "AP"):
+        orientation = ("L", "F")
+    return tuple(str(v) for v in orientation) if orientation and len(orientation) == 2 else None
 
 
 def overlay_rgb(image: np.ndarray, heatmap: np.ndarray, title: str, alpha: float = 0.45) -> np.ndarray:
@@ -153,26 +203,30 @@ def secondary_capture(source: Any, rgb: np.ndarray, series_number: int = 903) ->
     """An RGB Secondary Capture image (burned-in overlay) referencing ``source``."""
     import highdicom as hd
 
-    pixel_spacing = tuple(float(v) for v in source.PixelSpacing) if "PixelSpacing" in source else None
-    orientation = source.get("PatientOrientation") or _orientation_labels(source)
-    if not orientation and str(source.get("ViewPosition", "")).upper() in ("PA", "AP"):
-        orientation = ("L", "F")  # a frontal chest radiograph in its conventional display
-    if not orientation or len(orientation) != 2:
+    spacing = source.get("PixelSpacing")
+    pixel_spacing = tuple(float(v) for v in spacing) if _valid_spacing(spacing) else None
+    orientation = _patient_orientation(source)
+    if orientation is None:
         raise ConfigError("the source image gives no patient orientation (PatientOrientation, "
                           "ImageOrientationPatient or a PA/AP ViewPosition) for the overlay")
-    return hd.sc.SCImage.from_ref_dataset(
+    sc = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=source, pixel_array=np.asarray(rgb, np.uint8),
         photometric_interpretation=hd.PhotometricInterpretationValues.RGB, bits_allocated=8,
-        coordinate_system=hd.CoordinateSystemNames.PATIENT,
-        patient_orientation=tuple(str(v) for v in orientation),
+        coordinate_system=hd.CoordinateSystemNames.PATIENT, patient_orientation=orientation,
         pixel_spacing=pixel_spacing, series_description="pellucid overlay",
         **_common(series_number))
+    return _series_attributes(sc, source, "pellucid overlay")
 
 
 def _orientation_labels(ds: Any) -> tuple[str, str] | None:
     """Patient orientation labels (row direction, column direction) from ImageOrientationPatient:
     the dominant LPS axis of each direction cosine (e.g. ("L", "P") for an axial slice)."""
     iop = ds.get("ImageOrientationPatient")
+    for groups in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
+        if iop is None and groups in ds:  # an enhanced multi-frame image
+            first = ds[groups][0]
+            if "PlaneOrientationSequence" in first:
+                iop = first.PlaneOrientationSequence[0].get("ImageOrientationPatient")
     if iop is None or len(iop) != 6:
         return None
 
@@ -204,15 +258,19 @@ def structured_report(source: Sequence[Any], model_name: str, model_version: str
         unit=codes.UCUM.NoUnits, algorithm_id=algorithm)
     sources = [hd.sr.SourceImageForMeasurementGroup.from_source_image(ds) for ds in source]
     groups: list[Any] = []
-    rwvm = None
-    if pmap is not None:
-        rwvm = hd.sr.RealWorldValueMap(referenced_sop_instance_uid=pmap.SOPInstanceUID)
     groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier="prediction"),
         algorithm_id=algorithm, measurements=[measurement], source_images=sources,
-        referenced_real_world_value_map=rwvm, finding_type=finding,
+        finding_type=finding,
         qualitative_evaluations=[hd.sr.QualitativeEvaluation(
             name=Code("121071", "DCM", "Finding"), value=finding)]))
+    if pmap is not None:  # the map itself is an image (a Parametric Map), not a value mapping
+        groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier="explanation map"),
+            algorithm_id=algorithm, finding_type=finding,
+            source_images=[hd.sr.SourceImageForMeasurementGroup(
+                referenced_sop_class_uid=pmap.SOPClassUID,
+                referenced_sop_instance_uid=pmap.SOPInstanceUID)]))
     if seg is not None:
         if len(source) > 1 or int(getattr(source[0], "NumberOfFrames", 1) or 1) > 1:
             reference = hd.sr.ReferencedSegment(
@@ -234,6 +292,18 @@ def structured_report(source: Sequence[Any], model_name: str, model_version: str
         procedure_reported=Code("363679005", "SCT", "Imaging procedure"),
         imaging_measurements=groups)
     evidence = list(source) + [o for o in (pmap, seg) if o is not None]
-    return hd.sr.Comprehensive3DSR(
+    sr = hd.sr.Comprehensive3DSR(
         evidence=evidence, content=report, **_common(series_number),
         series_description="pellucid explanation report")
+    _segment_not_frame(sr)
+    return sr
+
+
+def _segment_not_frame(item: Any) -> None:
+    """A reference to a Segmentation names its segment; naming a frame as well is not allowed
+    (PS3.3 C.17.3.2.1, checked by dciodvfy): the frame number goes."""
+    for ref in item.get("ReferencedSOPSequence", []):
+        if "ReferencedSegmentNumber" in ref and "ReferencedFrameNumber" in ref:
+            del ref.ReferencedFrameNumber
+    for child in item.get("ContentSequence", []):
+        _segment_not_frame(child)
