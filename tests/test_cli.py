@@ -94,3 +94,18 @@ def test_explain_dicom_radiographs_keeps_dotted_names(chest_model, shared_data, 
     import pydicom
 
     assert raw.shape == pydicom.dcmread(j2k).pixel_array.shape[-2:]
+
+
+def test_an_input_outside_the_intended_use_is_refused_in_one_line(chest_model, shared_data, tmp_path,
+                                                                   capsys):
+    ct = shared_data / "dicom-samples" / "pydicom" / "CT_small.dcm"
+    with pytest.raises(SystemExit) as exc:
+        main(["explain", "--model", chest_model.source, "--input", str(ct), "--out", str(tmp_path)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "outside the model's intended use: modality CT" in err
+    assert not list(tmp_path.iterdir())  # nothing written
+    main(["explain", "--model", chest_model.source, "--input", str(ct), "--out", str(tmp_path),
+          "--outside-intended-use"])
+    row = json.loads((tmp_path / "summary.json").read_text())[0]
+    assert row["intended_use"]["override"] and "modality CT" in row["intended_use"]["outside"][0]

@@ -214,13 +214,14 @@ def _cases(tmp_path, chest_model, ct_file):
         out = loaded.module(case.x)
     kind = "fp" if SegmentationErrorTarget(torch.from_numpy(truth > 0), 0, "fp").bind(out).region.any() \
         else "fn"
+    # the chest model is for radiographs: explaining the CT slice is an override, recorded
     chest, layer = chest_model.source, "layer3"
     return [
-        ("chest", ["--model", chest], ["--method", "gradcam,saliency"]),
-        ("target", ["--model", chest], ["--method", "gradcam,saliency", "--target",
+        ("chest", ["--model", chest, "--outside-intended-use"], ["--method", "gradcam,saliency"]),
+        ("target", ["--model", chest, "--outside-intended-use"], ["--method", "gradcam,saliency", "--target",
                                         card.class_names[1]]),
-        ("layer", ["--model", chest], ["--method", "gradcam,saliency", "--layer", layer]),
-        ("precision", ["--model", chest], ["--method", "gradcam,saliency", "--precision", "bf16"]),
+        ("layer", ["--model", chest, "--outside-intended-use"], ["--method", "gradcam,saliency", "--layer", layer]),
+        ("precision", ["--model", chest, "--outside-intended-use"], ["--method", "gradcam,saliency", "--precision", "bf16"]),
         ("seg", ["--model", str(seg)], ["--method", "saliency"]),
         ("region", ["--model", str(seg)], ["--method", "saliency", "--region", "all"]),
         ("truth", ["--model", str(seg)], ["--method", "saliency", "--region", kind, "--truth",
@@ -231,12 +232,24 @@ def _cases(tmp_path, chest_model, ct_file):
         ("reg", ["--model", str(reg)], ["--method", "saliency"]),
         ("reference", ["--model", str(reg)], ["--method", "saliency", "--reference", "30"]),
         ("modalities", ["--model", str(reg)], ["--method", "saliency", "--modalities"]),
-        ("weights", ["--model", "tests.factories:tiny_resnet", "--weights", str(weights)],
+        ("weights", ["--model", "tests.factories:tiny_resnet", "--weights", str(weights),
+                     "--outside-intended-use"],
          ["--method", "gradcam,saliency"]),
     ]
 
 
-def test_pacs_honours_every_explain_option(orthanc, shared_data, chest_model, tmp_path):
+@pytest.fixture()
+def precision_restored(monkeypatch):
+    """``--precision`` run in this process sets it for the process: put fp32 back afterwards."""
+    from pellucid.runtime import set_precision
+
+    monkeypatch.setenv("PELLUCID_PRECISION", "fp32")  # recorded, so the teardown restores it
+    yield
+    set_precision(None)
+
+
+def test_pacs_honours_every_explain_option(orthanc, shared_data, chest_model, tmp_path,
+                                           precision_restored):
     """Each option of ``pellucid explain`` run on a PACS study gives the same maps and summary as the
     same option on the file, and differs from the run without it (so neither path ignores it)."""
     import numpy as np
@@ -295,6 +308,7 @@ def test_pacs_honours_every_explain_option(orthanc, shared_data, chest_model, tm
             assert np.allclose(got, want, atol=1e-6), (name, method)
             maps[method] = got
         assert pacs_row["dicom_objects"], name  # and the objects went back to the study
+        assert pacs_row["intended_use"]["override"] == ("--outside-intended-use" in model), name
         family = {"chest": "chest", "seg": "seg", "reg": "reg", "weights": None}.get(name)
         if family is not None or name == "weights":
             baseline[name] = (pacs_row, maps)

@@ -40,15 +40,51 @@ def _radiographs(shared_data) -> list:
                   if pydicom.dcmread(p, stop_before_pixels=True).get("Modality") == "CR")
 
 
+def _texts(item) -> list[str]:
+    """Every TEXT value of an SR content tree."""
+    found = [str(item.TextValue)] if "TextValue" in item else []
+    for child in item.get("ContentSequence", []):
+        found += _texts(child)
+    return found
+
+
 def test_every_cr_sample_through_the_service(service, shared_data):
+    """Chest radiographs are explained; the extremity radiograph is outside the chest model's
+    intended use (422 naming the body part) unless overridden, and then every object says so."""
     files = _radiographs(shared_data)
     assert len(files) >= 3
     for path in files:
+        part = str(pydicom.dcmread(path, stop_before_pixels=True).get("BodyPartExamined", ""))
         r = service.post("/v1/explain", files={"file": ("x.dcm", path.read_bytes(), "application/dicom")},
                          data={"model": "chest", "methods": "gradcam"})
+        if part != "CHEST":
+            assert r.status_code == 422, (path.name, r.text)
+            assert f"body part {part}; the model is for CHEST" in r.json()["detail"]
+            r = service.post("/v1/explain",
+                             files={"file": ("x.dcm", path.read_bytes(), "application/dicom")},
+                             data={"model": "chest", "methods": "gradcam", "outside_intended_use": "true"})
+            assert r.status_code == 200, (path.name, r.text)
+            assert r.json()["intended_use"]["override"] and r.json()["intended_use"]["outside"]
+            for url in [r.json()["methods"][0]["dicom"], *r.json()["files"]]:
+                ds = pydicom.dcmread(io.BytesIO(service.get(url).content))
+                text = str(ds.get("ImageComments", "")) + " ".join(_texts(ds))
+                assert "OUTSIDE THE MODEL'S INTENDED USE" in text, url
+            continue
         assert r.status_code == 200, (path.name, r.text)
         body = r.json()
         assert body["methods"][0]["dicom"] and len(body["files"]) >= 2, path.name
+        assert body["intended_use"] == {"outside": [], "not_checked": [], "override": False}
+
+
+def test_a_ct_slice_is_outside_the_chest_models_intended_use(service, shared_data):
+    ct = shared_data / "dicom-samples" / "pydicom" / "CT_small.dcm"
+    r = service.post("/v1/explain", files={"file": ("x.dcm", ct.read_bytes(), "application/dicom")},
+                     data={"model": "chest", "methods": "gradcam"})
+    assert r.status_code == 422
+    assert "modality CT; the model is for CR, DX" in r.json()["detail"]
+    r = service.post("/v1/explain", files={"file": ("x.dcm", ct.read_bytes(), "application/dicom")},
+                     data={"model": "chest", "methods": "gradcam", "outside_intended_use": "maybe"})
+    assert r.status_code == 400 and "outside_intended_use" in r.json()["detail"]
 
 
 def test_real_cr_end_to_end(service, shared_data, caplog):

@@ -145,6 +145,9 @@ def explain(
     overlap: Annotated[float, typer.Option(help="sliding-window overlap")] = 0.25,
     modalities: Annotated[bool, typer.Option(
         help="add exact per-channel (modality) Shapley values to summary.json")] = False,
+    outside_intended_use: Annotated[bool, typer.Option(
+        help="explain an input outside the model card's intended use (modality, body part, "
+             "photometric interpretation, channels, size); every output records the override")] = False,
     weights: Annotated[Path | None, typer.Option(help="weights for module:factory")] = None,
     pacs: Annotated[str | None, typer.Option(help="DICOMweb URL: pull --study, explain, push back")] = None,
     study: Annotated[str | None, typer.Option(help="Study Instance UID (with --pacs)")] = None,
@@ -167,7 +170,7 @@ def explain(
             raise ConfigError(f"--sliding-window: give integers like 96,96,96, got "
                               f"{sliding_window!r}") from None
     options = CaseOptions(_split_list(method), target, layer, region, truth, reference, window,
-                          overlap, modalities)
+                          overlap, modalities, outside_intended_use)
     options.check()  # every option is checked before the model loads, for files and PACS alike
     if pacs is not None and input:
         raise ConfigError("give --input FILE or --pacs URL --study UID, not both")

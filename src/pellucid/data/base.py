@@ -13,12 +13,21 @@ A sample is a dict:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch.utils.data import Dataset
 
 STACKED_KEYS = ("image", "label", "mask")
+# intended uses the built-in readers declare for the models trained on them
+CHEST_RADIOGRAPH = {"modalities": ["CR", "DX"], "body_parts": ["CHEST"],
+                    "photometric": ["MONOCHROME1", "MONOCHROME2"], "channels": [1]}
+
+
+def brain_mri(channels: int) -> dict[str, Any]:
+    """Brain MRI with ``channels`` sequences stacked as channels."""
+    return {"modalities": ["MR"], "body_parts": ["BRAIN", "HEAD"],
+            "photometric": ["MONOCHROME2"], "channels": [channels]}
 
 
 class PellucidDataset(Dataset):
@@ -30,6 +39,9 @@ class PellucidDataset(Dataset):
     channel_names: tuple[str, ...] = ()
     multilabel: bool = True
     spatial_dims: int = 2
+    # the inputs a model trained on this data is meant for (copied into its card; see
+    # pellucid.models.card.INTENDED_USE_KEYS); empty: the data does not say
+    intended_use: ClassVar[dict[str, Any]] = {}
 
     @property
     def in_channels(self) -> int:

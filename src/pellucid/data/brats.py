@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pellucid.data.base import PellucidDataset
+from pellucid.data.base import PellucidDataset, brain_mri
 from pellucid.data.splits import DEFAULT_FRACTIONS, check_split, group_split
 from pellucid.data.transforms import resize_affine, resize_image, resize_mask, zscore_nonzero
 from pellucid.errors import ConfigError, DataError
@@ -81,6 +81,7 @@ class BraTS(PellucidDataset):
     class_names = ("Tumour",)
     mask_names = REGIONS
     channel_names = ("T1", "T1ce", "T2", "FLAIR")
+    intended_use = brain_mri(4)
     multilabel = True
 
     def __init__(self, root: str | Path, split: str = "all", spatial_dims: int = 3,

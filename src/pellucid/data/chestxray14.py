@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pellucid.data.base import PellucidDataset
+from pellucid.data.base import CHEST_RADIOGRAPH, PellucidDataset
 from pellucid.data.splits import DEFAULT_FRACTIONS, check_split, group_split
 from pellucid.data.transforms import resize_image
 from pellucid.errors import DataError
@@ -63,6 +63,7 @@ class ChestXray14(PellucidDataset):
     class_names = FINDINGS
     mask_names = FINDINGS
     channel_names = ("X-ray",)
+    intended_use = CHEST_RADIOGRAPH
     multilabel = True
     spatial_dims = 2
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from pellucid.data.base import PellucidDataset
+from pellucid.data.base import PellucidDataset, brain_mri
 from pellucid.data.splits import DEFAULT_FRACTIONS, check_split, group_split
 from pellucid.data.transforms import resize_image, resize_mask
 from pellucid.errors import DataError
@@ -28,6 +28,7 @@ class LGGSegmentation(PellucidDataset):
     class_names = ("Abnormality",)
     mask_names = ("Abnormality",)
     channel_names = ("T1-pre", "FLAIR", "T1-post")
+    intended_use = brain_mri(3)
     multilabel = True
     spatial_dims = 2
 

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from pellucid.data.base import PellucidDataset
+from pellucid.data.base import CHEST_RADIOGRAPH, PellucidDataset, brain_mri
 from pellucid.errors import ConfigError
 
 CHEST_FINDINGS = ("Cardiomegaly", "Nodule", "Consolidation")
@@ -104,6 +104,7 @@ class ChestPhantom(_PhantomBase):
     class_names = CHEST_FINDINGS
     mask_names = CHEST_FINDINGS
     channel_names = ("X-ray",)
+    intended_use = CHEST_RADIOGRAPH
     multilabel = True
     spatial_dims = 2
 
@@ -185,6 +186,7 @@ class BrainPhantom(_PhantomBase):
     class_names = ("Tumour",)
     mask_names = BRAIN_REGIONS
     channel_names = BRAIN_CHANNELS
+    intended_use = brain_mri(len(BRAIN_CHANNELS))
     multilabel = True
 
     def __init__(self, n: int = 256, size: int | Sequence[int] = 96, seed: int = 0,

@@ -61,7 +61,7 @@ def _highdicom_errors(what: str) -> Iterator[None]:
 
 
 def parametric_map(source: Sequence[Any], heatmap: np.ndarray, method: str,
-                   series_number: int = 901) -> Any:
+                   series_number: int = 901, notes: Sequence[str] = ()) -> Any:
     """A Parametric Map of the float ``heatmap`` on the source grid."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
@@ -87,11 +87,11 @@ def parametric_map(source: Sequence[Any], heatmap: np.ndarray, method: str,
             voi_lut_transformations=[window], contains_recognizable_visual_features=False,
             content_label="PELLUCID", content_description=f"{method} explanation map",
             **_common(series_number), **_device())
-    return _series_attributes(pm, source[0], f"pellucid {method} map")
+    return _series_attributes(pm, source[0], f"pellucid {method} map", notes)
 
 
 def segmentation(source: Sequence[Any], mask: np.ndarray, label: str, kind: str = "binary",
-                 series_number: int = 902) -> Any:
+                 series_number: int = 902, notes: Sequence[str] = ()) -> Any:
     """A Segmentation of one segment: ``kind`` binary (``mask`` boolean) or fractional (``mask``
     in [0, 1], stored in 8 bits)."""
     import highdicom as hd
@@ -122,6 +122,8 @@ def segmentation(source: Sequence[Any], mask: np.ndarray, label: str, kind: str 
     if "FrameOfReferenceUID" not in seg:  # a radiograph: the image plane is given by labels
         seg.PatientOrientation = list(_patient_orientation(source[0]) or [])
     seg.SeriesDescription = f"pellucid {label}"[:64]  # (a SEG series carries no Laterality)
+    if notes:
+        seg.ImageComments = " ".join(notes)
     return seg
 
 
@@ -146,12 +148,15 @@ def _without_bad_spacing(source: Sequence[Any]) -> list[Any]:
     return out
 
 
-def _series_attributes(obj: Any, source: Any, description: str) -> Any:
+def _series_attributes(obj: Any, source: Any, description: str, notes: Sequence[str] = ()) -> Any:
     """What highdicom leaves out but a PACS and a validator expect of a new series: the source's
-    Laterality (Type 2C; empty when the source does not say), and a series description."""
+    Laterality (Type 2C; empty when the source does not say), a series description, and the
+    run's notes (e.g. an intended-use override) as Image Comments."""
     if "Laterality" not in obj:
         obj.Laterality = source.get("Laterality", "") or ""
     obj.SeriesDescription = description[:64]
+    if notes:
+        obj.ImageComments = " ".join(notes)
     return obj
 
 
@@ -199,7 +204,8 @@ def _burn_text(rgb: np.ndarray, text: str) -> None:
     rgb[...] = np.asarray(img)
 
 
-def secondary_capture(source: Any, rgb: np.ndarray, series_number: int = 903) -> Any:
+def secondary_capture(source: Any, rgb: np.ndarray, series_number: int = 903,
+                      notes: Sequence[str] = ()) -> Any:
     """An RGB Secondary Capture image (burned-in overlay) referencing ``source``."""
     import highdicom as hd
 
@@ -215,7 +221,7 @@ def secondary_capture(source: Any, rgb: np.ndarray, series_number: int = 903) ->
         coordinate_system=hd.CoordinateSystemNames.PATIENT, patient_orientation=orientation,
         pixel_spacing=pixel_spacing, series_description="pellucid overlay",
         **_common(series_number))
-    return _series_attributes(sc, source, "pellucid overlay")
+    return _series_attributes(sc, source, "pellucid overlay", notes)
 
 
 def _orientation_labels(ds: Any) -> tuple[str, str] | None:
@@ -239,9 +245,11 @@ def _orientation_labels(ds: Any) -> tuple[str, str] | None:
 
 def structured_report(source: Sequence[Any], model_name: str, model_version: str, prediction: str,
                       probability: float, method: str, pmap: Any | None = None,
-                      seg: Any | None = None, series_number: int = 904) -> Any:
+                      seg: Any | None = None, series_number: int = 904,
+                      notes: Sequence[str] = ()) -> Any:
     """A Comprehensive 3D SR (TID 1500) with the prediction, its probability, the method, and
-    references to the source images, the Parametric Map and the Segmentation."""
+    references to the source images, the Parametric Map and the Segmentation; ``notes`` (e.g. an
+    intended-use override) are recorded with the algorithm's parameters."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
     from pydicom.sr.coding import Code
@@ -251,7 +259,7 @@ def structured_report(source: Sequence[Any], model_name: str, model_version: str
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
             uid=hd.UID(), name="pellucid", manufacturer_name=MANUFACTURER, model_name=model_name))
     algorithm = hd.sr.AlgorithmIdentification(name=model_name, version=model_version,
-                                               parameters=[f"explanation method: {method}"])
+                                               parameters=[f"explanation method: {method}", *notes])
     finding = Code(prediction.replace(" ", "_")[:16], PRIVATE_SCHEME, prediction)
     measurement = hd.sr.Measurement(
         name=Code("PROB", PRIVATE_SCHEME, "Probability of finding"), value=float(probability),

@@ -17,6 +17,10 @@ import torch
 from pellucid.errors import DataError
 
 TASKS = ("classification", "segmentation", "regression")
+# what a card may say about the inputs the model is meant for (pellucid.pipeline.intended_use):
+# DICOM Modality and BodyPartExamined values, PhotometricInterpretation values, the number of
+# image channels, and the smallest and largest side in pixels
+INTENDED_USE_KEYS = ("modalities", "body_parts", "photometric", "channels", "min_size", "max_size")
 ACTIVATIONS = ("sigmoid", "softmax", "identity")  # identity: regression outputs
 
 
@@ -41,6 +45,7 @@ class ModelCard:
     pellucid_version: str = ""
     seed: int | None = None
     name: str = ""
+    intended_use: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -48,6 +53,10 @@ class ModelCard:
         if self.activation not in ACTIVATIONS:
             raise DataError(None, f"model card: activation must be one of {ACTIVATIONS}, "
                                   f"got {self.activation!r}")
+        unknown = sorted(set(self.intended_use) - set(INTENDED_USE_KEYS))
+        if unknown:
+            raise DataError(None, f"model card: intended_use has unknown key(s) {', '.join(unknown)}; "
+                                  f"known: {', '.join(INTENDED_USE_KEYS)}")
 
     @property
     def num_outputs(self) -> int:

@@ -14,6 +14,7 @@ from pellucid.data.inputs import InputImage, load_input
 from pellucid.errors import ConfigError
 from pellucid.explainers.base import Explanation, upsample
 from pellucid.models.sliding import windowed
+from pellucid.pipeline.intended_use import IntendedUse, check_intended_use
 from pellucid.pipeline.resolve import REGIONS, card_target, class_index, load_mask
 from pellucid.targets import Target
 
@@ -32,6 +33,7 @@ class CaseOptions:
     sliding_window: list[int] | None = None  # patch size: segmentation by sliding window
     overlap: float = 0.25
     modalities: bool = False  # exact per-channel Shapley values
+    outside_intended_use: bool = False  # explain an input the card does not cover, and say so
 
     def check(self) -> None:
         """Refuse, in one line, anything that would otherwise be ignored or fail after work."""
@@ -69,15 +71,19 @@ class Case:
     item: InputImage
     x: torch.Tensor  # (1, C, *spatial), normalised as the card says
     target: Target | int | None
+    intended_use: IntendedUse = field(default_factory=IntendedUse)
 
 
 def read_case(loaded, path: Path, options: CaseOptions) -> Case:
     """Read ``path`` at the model's channels and input size (at its own size under a sliding
-    window), normalise it, and resolve the target (with the ground truth resized to the input)."""
+    window), check it against the card's intended use, normalise it, and resolve the target (with
+    the ground truth resized to the input)."""
     card = loaded.card
+    use = IntendedUse(not_checked=["no model card"])
     if card is not None:
         size = None if options.sliding_window is not None else card.input_size
         item = load_input(path, card.in_channels, size, card.spatial_dims)
+        use = check_intended_use(card, item.source, options.outside_intended_use)
         x = card.normalize(item.image[None])
     else:
         item = load_input(path, 1, None, 2)
@@ -85,7 +91,7 @@ def read_case(loaded, path: Path, options: CaseOptions) -> Case:
     truth = load_mask(options.truth, tuple(x.shape[2:])) if options.truth is not None else None
     target = card_target(card, class_index(card, options.target), options.region, truth,
                          options.reference)
-    return Case(item, x, target)
+    return Case(item, x, target, use)
 
 
 @dataclass

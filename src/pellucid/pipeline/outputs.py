@@ -28,15 +28,19 @@ def write_case(result: CaseResult, out: Path, stem: str = "", dicom: bool = Fals
     item = result.case.item
     prefix = f"{stem}_" if stem else ""
     title = describe(result.prediction, result.explained)
+    note = result.case.intended_use.note()
+    notes = [note] if note else []
     record: dict[str, Any] = {"prediction": result.prediction, "explained": result.explained,
-                              "classes": result.classes, "methods": {}, "files": [],
-                              "dicom_objects": [], "skipped": []}
+                              "classes": result.classes,
+                              "intended_use": result.case.intended_use.as_dict(), "methods": {},
+                              "files": [], "dicom_objects": [], "skipped": []}
     for method, att in result.maps.items():
         exp = result.explanations[method]
         name = f"{prefix}{method}"
         heat = att[0].cpu().numpy().astype(np.float32)
         map_file = write_map(heat, item.affine, out, name)
-        viz.save(viz.overlay(item.original, att, title=f"{method} | {title}"), out / f"{name}.png")
+        caption = f"{method} | {title}" + ("\nOUTSIDE INTENDED USE (override)" if note else "")
+        viz.save(viz.overlay(item.original, att, title=caption), out / f"{name}.png")
         entry: dict[str, Any] = {
             "layer": exp.layer, "seconds": round(exp.cost.seconds, 4),
             "forward_passes": exp.cost.forward_passes, "backward_passes": exp.cost.backward_passes,
@@ -48,7 +52,7 @@ def write_case(result: CaseResult, out: Path, stem: str = "", dicom: bool = Fals
         record["files"] += [map_file, f"{name}.png"]
         if dicom and item.datasets and heat.ndim == 2:
             try:
-                entry["dicom"] = _write_sc(item, heat, method, title, out, name)
+                entry["dicom"] = _write_sc(item, heat, method, title, out, name, notes)
                 record["files"].append(entry["dicom"])
             except PellucidError as exc:
                 record["skipped"].append({"object": f"{method} secondary capture", "reason": str(exc)})
@@ -56,7 +60,8 @@ def write_case(result: CaseResult, out: Path, stem: str = "", dicom: bool = Fals
     if dicom and item.datasets:
         first = next(iter(result.maps))
         heat = result.maps[first][0].cpu().numpy().astype(np.float32)
-        objects = _write_derived(item, heat, first, model_name, result.explained, record, out, prefix)
+        objects = _write_derived(item, heat, first, model_name, result.explained, record, out, prefix,
+                                 notes)
         record["dicom_objects"] += objects
         record["files"] += objects
     if result.modality_importance is not None:
@@ -79,18 +84,19 @@ def _jsonable(d: dict) -> dict:
     return {k: (v.tolist() if isinstance(v, torch.Tensor) else v) for k, v in d.items()}
 
 
-def _write_sc(item, heat: np.ndarray, method: str, title: str, out: Path, name: str) -> str:
+def _write_sc(item, heat: np.ndarray, method: str, title: str, out: Path, name: str,
+              notes: list[str]) -> str:
     from pellucid.io import dicom_objects as objects
 
     rgb = objects.overlay_rgb(item.original[0].numpy(), heat, f"{method}: {title}")
-    sc = objects.secondary_capture(item.datasets[0], rgb)
+    sc = objects.secondary_capture(item.datasets[0], rgb, notes=notes)
     file = f"{name}_overlay.dcm"
     sc.save_as(out / file)
     return file
 
 
 def _write_derived(item, heat: np.ndarray, method: str, model_name: str, explained: dict,
-                   record: dict, out: Path, prefix: str) -> list[str]:
+                   record: dict, out: Path, prefix: str, notes: list[str]) -> list[str]:
     from pellucid.io import dicom_objects as objects
 
     written, source = [], item.datasets
@@ -99,20 +105,20 @@ def _write_derived(item, heat: np.ndarray, method: str, model_name: str, explain
     norm = (frames - lo) / (hi - lo) if hi > lo else np.zeros_like(frames)
     pmap = seg = None
     try:
-        pmap = objects.parametric_map(source, frames, method)
+        pmap = objects.parametric_map(source, frames, method, notes=notes)
         pmap.save_as(out / f"{prefix}parametric_map.dcm")
         written.append(f"{prefix}parametric_map.dcm")
     except PellucidError as exc:
         record["skipped"].append({"object": "parametric map", "reason": str(exc)})
     try:
-        seg = objects.segmentation(source, norm >= 0.5, f"{method} region")
+        seg = objects.segmentation(source, norm >= 0.5, f"{method} region", notes=notes)
         seg.save_as(out / f"{prefix}segmentation.dcm")
         written.append(f"{prefix}segmentation.dcm")
     except PellucidError as exc:
         record["skipped"].append({"object": "segmentation", "reason": str(exc)})
     value = explained.get("probability", explained.get("fraction", explained.get("value", 0.0)))
     sr = objects.structured_report(source, model_name, "0", explained["class"], float(value),
-                                   method, pmap, seg)
+                                   method, pmap, seg, notes=notes)
     sr.save_as(out / f"{prefix}report_sr.dcm")
     written.append(f"{prefix}report_sr.dcm")
     return written

@@ -1,5 +1,7 @@
 """The REST service (FastAPI): ``POST /v1/explain`` takes one DICOM, NIfTI or PNG/JPEG/TIFF file
-(multipart form field ``file``) with a model name, methods and an optional target, and answers JSON:
+(multipart form field ``file``) with a model name, methods, an optional target and
+``outside_intended_use`` (true to explain an input outside the model card's intended use, recorded
+in every output), and answers JSON:
 the prediction, every class's probability, a summary per method, and links to the PNG overlays,
 raw maps and, for DICOM input, the DICOM objects (Secondary Capture overlay per method,
 Segmentation, Parametric Map where the source has a frame of reference, and the SR).
@@ -10,7 +12,8 @@ Jobs run in a bounded pool of worker processes (:mod:`pellucid.service.workers`)
 event loop. Bad input gets a status and a one-line reason, never a traceback: not an image or
 non-finite pixels (400), missing or wrong API key (401), too large, as an upload or as decoded
 pixels declared in the header (413, naming the limit), not multipart (415), an image the model
-cannot take (422), every worker busy and the queue full (503 with Retry-After), over the job's
+cannot take or is not meant for (422: the card's intended use names what differs), every worker
+busy and the queue full (503 with Retry-After), over the job's
 time limit (504). The upload is deleted on every path; results are private to the server's user
 (0600 files in 0700 folders) and deleted after ``retention_hours``. Logs carry the job id, sizes,
 model and methods, never file names or DICOM header values. See docs/security.md.
@@ -270,6 +273,9 @@ def create_app(models: str | Path, out: str | Path = "pellucid_results", api_key
         target = str(target) if target else None
         if target is not None and (len(target) > 128 or not target.isprintable()):
             raise refuse(400, "target: give a class name or index (at most 128 printable characters)")
+        override = str(form.get("outside_intended_use") or "false").strip().lower()
+        if override not in ("true", "false"):
+            raise refuse(400, "outside_intended_use: give true or false")
         await anyio.to_thread.run_sync(retention.sweep)
         job = secrets.token_hex(8)
         folder = results / job
@@ -283,7 +289,7 @@ def create_app(models: str | Path, out: str | Path = "pellucid_results", api_key
             log.info("job %s: accepted, %s upload of %d bytes, model %s, methods %s", job, kind,
                      path.stat().st_size, model_name, ",".join(methods))
             answer = await anyio.to_thread.run_sync(
-                pool.run, Job(model_name, path, methods, target, folder))
+                pool.run, Job(model_name, path, methods, target, folder, override == "true"))
             ok = True
         except JobTimeout:
             raise refuse(504, f"the job ran past the time limit of {config.job_timeout_s:g} s "

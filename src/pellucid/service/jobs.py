@@ -36,17 +36,17 @@ class Models(ModelFolders):
 
 
 def run_job(loaded, model_name: str, path: Path, methods: list[str], target: str | None,
-            out: Path) -> dict[str, Any]:
+            out: Path, outside_intended_use: bool = False) -> dict[str, Any]:
     """Explain one uploaded file with ``methods`` through the case pipeline; write overlays, maps
     and (for DICOM input) the DICOM objects to ``out``; the service's answer."""
     from pellucid.pipeline import CaseOptions, explain_case, read_case, write_case
 
-    options = CaseOptions(list(methods), target)
+    options = CaseOptions(list(methods), target, outside_intended_use=outside_intended_use)
     options.check()
     result = explain_case(loaded, read_case(loaded, path, options), options)
     record = write_case(result, out, dicom=True, model_name=model_name)
     prediction = {k: v for k, v in record["prediction"].items() if k != "text"}
     return {"model": model_name, "prediction": prediction, "explained": record["explained"],
-            "classes": record["classes"],
+            "classes": record["classes"], "intended_use": record["intended_use"],
             "methods": [{"method": m, **entry} for m, entry in record["methods"].items()],
             "files": record["dicom_objects"], "skipped": record["skipped"]}

@@ -51,6 +51,7 @@ class Job:
     methods: list[str]
     target: str | None
     out: Path
+    outside_intended_use: bool = False
 
 
 @dataclass
@@ -105,11 +106,12 @@ def worker_main(conn, models: str, limits: DecodeLimits, threads: int) -> None:
         except (EOFError, OSError):
             return
         job = Job(spec["model"], Path(spec["path"]), list(spec["methods"]), spec["target"],
-                  Path(spec["out"]))
+                  Path(spec["out"]), bool(spec.get("outside_intended_use", False)))
         try:
             with decode_limits(limits):
                 answer: tuple = ("ok", run_job(registry.get(job.model), job.model, job.path,
-                                               job.methods, job.target, job.out))
+                                               job.methods, job.target, job.out,
+                                               job.outside_intended_use))
         except PellucidError as exc:
             answer = ("error", _status(exc), _anonymous(str(exc), job.path))
         except MemoryError:
@@ -236,7 +238,8 @@ class WorkerPool:
             if worker.failed or not worker.ready.is_set():
                 raise EOFError
             _send(worker.conn, [{"model": job.model, "path": str(job.path), "methods": job.methods,
-                                 "target": job.target, "out": str(job.out)}])
+                                 "target": job.target, "out": str(job.out),
+                                 "outside_intended_use": job.outside_intended_use}])
             if not worker.conn.poll(self.config.timeout):
                 log.warning("job %s: over the time limit of %g s; worker %d replaced",
                             job.out.name, self.config.timeout, worker.process.pid)
