@@ -215,13 +215,12 @@ def _cases(tmp_path, chest_model, ct_file):
     kind = "fp" if SegmentationErrorTarget(torch.from_numpy(truth > 0), 0, "fp").bind(out).region.any() \
         else "fn"
     # the chest model is for radiographs: explaining the CT slice is an override, recorded
-    chest, layer = chest_model.source, "layer3"
+    chest, methods = [chest_model.source, "--outside-intended-use"], ["--method", "gradcam,saliency"]
     return [
-        ("chest", ["--model", chest, "--outside-intended-use"], ["--method", "gradcam,saliency"]),
-        ("target", ["--model", chest, "--outside-intended-use"], ["--method", "gradcam,saliency", "--target",
-                                        card.class_names[1]]),
-        ("layer", ["--model", chest, "--outside-intended-use"], ["--method", "gradcam,saliency", "--layer", layer]),
-        ("precision", ["--model", chest, "--outside-intended-use"], ["--method", "gradcam,saliency", "--precision", "bf16"]),
+        ("chest", ["--model", *chest], methods),
+        ("target", ["--model", *chest], [*methods, "--target", card.class_names[1]]),
+        ("layer", ["--model", *chest], [*methods, "--layer", "layer3"]),
+        ("precision", ["--model", *chest], [*methods, "--precision", "bf16"]),
         ("seg", ["--model", str(seg)], ["--method", "saliency"]),
         ("region", ["--model", str(seg)], ["--method", "saliency", "--region", "all"]),
         ("truth", ["--model", str(seg)], ["--method", "saliency", "--region", kind, "--truth",
