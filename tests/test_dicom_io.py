@@ -270,3 +270,40 @@ def test_a_dicom_series_folder_is_explained_with_its_affine_in_ras(shared_data, 
     first = np.asarray(ct.ImagePositionPatient, float)  # the lowest slice along the normal
     assert np.allclose(saved.affine @ [0, 0, 0, 1], [-first[0], -first[1], first[2], 1])
     assert np.allclose(np.linalg.norm(saved.affine[:3, 0]), 2.5)
+
+
+def test_an_empty_map_stores_no_region_and_the_sr_says_so(shared_data, tmp_path):
+    """A model whose output ignores the image: saliency is all zero. No PM, SEG or overlay is
+    stored as if it were a finding; the SR is written and says the map was empty."""
+    from pellucid.models import ModelCard
+    from pellucid.models.store import LoadedModel
+    from pellucid.pipeline import CaseOptions, explain_case, read_case, write_case
+
+    class Blind(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bias = torch.nn.Parameter(torch.tensor([0.5, -0.5]))
+
+        def forward(self, x):
+            return self.bias.expand(x.shape[0], 2) + 0 * x.mean((1, 2, 3))[:, None]
+
+    card = ModelCard(arch="blind", task="classification", class_names=["A", "B"], in_channels=1,
+                     spatial_dims=2, input_size=[32, 32], activation="softmax")
+    loaded = LoadedModel(Blind().eval(), card, "blind")
+    options = CaseOptions(["saliency"])
+    ct = shared_data / "dicom-samples" / "pydicom" / "CT_small.dcm"
+    result = explain_case(loaded, read_case(loaded, ct, options), options)
+    record = write_case(result, tmp_path, dicom=True, model_name="blind", model_digest=loaded.digest())
+    assert record["methods"]["saliency"]["empty"]
+    assert record["dicom_objects"] == ["report_sr.dcm"]
+    assert {s["object"] for s in record["skipped"]} == {"parametric map", "segmentation",
+                                                        "saliency secondary capture"}
+    sr = pydicom.dcmread(tmp_path / "report_sr.dcm")
+
+    def texts(item):
+        found = [str(item.TextValue)] if "TextValue" in item else []
+        for child in item.get("ContentSequence", []):
+            found += texts(child)
+        return found
+
+    assert any("explanation map is empty" in t for t in texts(sr))

@@ -354,3 +354,43 @@ def test_pacs_refuses_options_it_cannot_honour(tmp_path, capsys):
             main(["explain", "--model", "nowhere", "--out", str(tmp_path / "o"), *args])
         assert exc.value.code == 2
         assert line in capsys.readouterr().err, args
+
+
+def test_a_jpeg2000_study_is_pulled_explained_and_a_rerun_adds_nothing(orthanc, shared_data,
+                                                                      chest_model, tmp_path):
+    """A chest CR stored as JPEG 2000 (which Orthanc cannot transcode) is pulled as stored and
+    decoded here; running the same model and methods again stores the same instances (the UIDs
+    derive from source, model weights, method and object), so the study does not grow."""
+    cr = shared_data / "dicom-samples" / "pydicom_data" / "RG1_J2KI.dcm"
+    out = _in_ns(orthanc, f"""
+        import json, pydicom
+        from pydicom.uid import generate_uid
+        from pellucid.pacs import DicomWeb
+        ds = pydicom.dcmread("{cr}")
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = (generate_uid() for _ in range(3))
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        DicomWeb("{URL}", "{USER}", "{PASSWORD}").store([ds])
+        print(json.dumps({{"study": str(ds.StudyInstanceUID),
+                          "syntax": str(ds.file_meta.TransferSyntaxUID)}}))
+    """)
+    assert out["syntax"].startswith("1.2.840.10008.1.2.4.9")  # JPEG 2000
+    env = dict(os.environ, PELLUCID_PACS_USER=USER, PELLUCID_PACS_PASSWORD=PASSWORD)
+    counts = []
+    for run in range(2):
+        cmd = ["ip", "netns", "exec", orthanc, sys.executable, "-m", "pellucid.cli", "explain",
+               "--pacs", URL, "--study", out["study"], "--model", chest_model.source, "--method",
+               "gradcam,saliency", "--out", str(tmp_path / f"run{run}")]
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+        assert result.returncode == 0, result.stderr[-2000:]
+        summary = json.loads((tmp_path / f"run{run}" / "summary.json").read_text())
+        assert len(summary) == 1 and summary[0]["dicom_objects"], summary
+        listed = _in_ns(orthanc, f"""
+            import json
+            from pellucid.pacs import DicomWeb
+            print(json.dumps(DicomWeb("{URL}", "{USER}", "{PASSWORD}").instances("{out['study']}")))
+        """)
+        counts.append(sorted(i["sop_instance"] for i in listed))
+    assert len(counts[0]) == 1 + 2 + 2  # the CR, two overlays, SEG and SR (no frame of reference: no PM)
+    assert counts[1] == counts[0]  # the re-run stored the same instances again: nothing new
+    series = [i["series"] for i in listed]
+    assert len(set(series)) == len(series)  # every object its own series

@@ -57,8 +57,11 @@ class DicomWeb:
                  "modality": value(i, "00080060")} for i in found]
 
     def retrieve_study(self, study: str) -> list[Any]:
-        """WADO-RS: every instance of ``study`` as pydicom datasets."""
-        return list(self._call("WADO-RS", self.client.retrieve_study, study))
+        """WADO-RS: every instance of ``study`` as pydicom datasets, in the transfer syntax it is
+        stored in (``transfer-syntax=*``): a PACS that cannot transcode (Orthanc and JPEG 2000)
+        would otherwise answer 500; pellucid decodes JPEG, JPEG-LS, JPEG 2000 and RLE itself."""
+        return list(self._call("WADO-RS", self.client.retrieve_study, study,
+                               media_types=(("application/dicom", "*"),)))
 
 
 def c_store(datasets: Sequence[Any], host: str, port: int, called_ae: str = "ORTHANC",
@@ -104,6 +107,7 @@ def pull_explain_push(pacs: DicomWeb, study: str, loaded, model_name: str, optio
     if options.truth is not None and len(images) != 1:
         raise ConfigError(f"--truth is the mask of one image; study {study} has {len(images)} images")
     model = prepare_model(loaded, options)
+    digest = model.digest()  # the weights identify the model in the objects' UIDs
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     summary: dict[str, Any] = {"explained": [], "stored": [], "skipped": []}
@@ -120,7 +124,8 @@ def pull_explain_push(pacs: DicomWeb, study: str, loaded, model_name: str, optio
                 continue
             finally:
                 path.unlink(missing_ok=True)
-            record = write_case(result, out, stem=uid, dicom=True, model_name=model_name)
+            record = write_case(result, out, stem=uid, dicom=True, model_name=model_name,
+                                model_digest=digest)
             records.append({"sop_instance": uid, **record})
             produced = [pydicom.dcmread(out / name) for name in record["dicom_objects"]]
             produced += [pydicom.dcmread(out / e["dicom"]) for e in record["methods"].values()

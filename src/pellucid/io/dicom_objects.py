@@ -25,11 +25,20 @@ MANUFACTURER = "pellucid"
 PRIVATE_SCHEME = "99PELLUCID"
 
 
-def _common(series_number: int) -> dict[str, Any]:
+def _common(series_number: int, uid_seed: str | None = None) -> dict[str, Any]:
+    """Series and instance identity. With ``uid_seed`` the UIDs derive from it (a hash under
+    pydicom's UID root): the same source, model weights, method and options give the same UIDs, so
+    a re-run stores the same instances again and a PACS keeps one copy instead of duplicates."""
     import highdicom as hd
+    from pydicom.uid import generate_uid
 
-    return {"series_instance_uid": hd.UID(), "series_number": series_number,
-            "sop_instance_uid": hd.UID(), "instance_number": 1, "manufacturer": MANUFACTURER}
+    if uid_seed is None:
+        series, instance = hd.UID(), hd.UID()
+    else:
+        series = generate_uid(entropy_srcs=[uid_seed, "series"])
+        instance = generate_uid(entropy_srcs=[uid_seed, "instance"])
+    return {"series_instance_uid": series, "series_number": series_number,
+            "sop_instance_uid": instance, "instance_number": 1, "manufacturer": MANUFACTURER}
 
 
 def _device() -> dict[str, Any]:
@@ -61,7 +70,8 @@ def _highdicom_errors(what: str) -> Iterator[None]:
 
 
 def parametric_map(source: Sequence[Any], heatmap: np.ndarray, method: str,
-                   series_number: int = 901, notes: Sequence[str] = ()) -> Any:
+                   series_number: int = 901, notes: Sequence[str] = (),
+                   uid_seed: str | None = None) -> Any:
     """A Parametric Map of the float ``heatmap`` on the source grid."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
@@ -86,12 +96,13 @@ def parametric_map(source: Sequence[Any], heatmap: np.ndarray, method: str,
             source_images=list(source), pixel_array=arr, real_world_value_mappings=[mapping],
             voi_lut_transformations=[window], contains_recognizable_visual_features=False,
             content_label="PELLUCID", content_description=f"{method} explanation map",
-            **_common(series_number), **_device())
+            **_common(series_number, uid_seed), **_device())
     return _series_attributes(pm, source[0], f"pellucid {method} map", notes)
 
 
 def segmentation(source: Sequence[Any], mask: np.ndarray, label: str, kind: str = "binary",
-                 series_number: int = 902, notes: Sequence[str] = ()) -> Any:
+                 series_number: int = 902, notes: Sequence[str] = (),
+                 uid_seed: str | None = None) -> Any:
     """A Segmentation of one segment: ``kind`` binary (``mask`` boolean) or fractional (``mask``
     in [0, 1], stored in 8 bits)."""
     import highdicom as hd
@@ -118,7 +129,7 @@ def segmentation(source: Sequence[Any], mask: np.ndarray, label: str, kind: str 
             else hd.seg.SegmentationTypeValues.FRACTIONAL,
             segment_descriptions=[description], omit_empty_frames=False,
             content_label="PELLUCID", content_description=f"pellucid {kind} segmentation"[:64],
-            **extra, **_common(series_number), **_device())
+            **extra, **_common(series_number, uid_seed), **_device())
     if "FrameOfReferenceUID" not in seg:  # a radiograph: the image plane is given by labels
         seg.PatientOrientation = list(_patient_orientation(source[0]) or [])
     seg.SeriesDescription = f"pellucid {label}"[:64]  # (a SEG series carries no Laterality)
@@ -205,7 +216,7 @@ def _burn_text(rgb: np.ndarray, text: str) -> None:
 
 
 def secondary_capture(source: Any, rgb: np.ndarray, series_number: int = 903,
-                      notes: Sequence[str] = ()) -> Any:
+                      notes: Sequence[str] = (), uid_seed: str | None = None) -> Any:
     """An RGB Secondary Capture image (burned-in overlay) referencing ``source``."""
     import highdicom as hd
 
@@ -220,7 +231,7 @@ def secondary_capture(source: Any, rgb: np.ndarray, series_number: int = 903,
         photometric_interpretation=hd.PhotometricInterpretationValues.RGB, bits_allocated=8,
         coordinate_system=hd.CoordinateSystemNames.PATIENT, patient_orientation=orientation,
         pixel_spacing=pixel_spacing, series_description="pellucid overlay",
-        **_common(series_number))
+        **_common(series_number, uid_seed))
     return _series_attributes(sc, source, "pellucid overlay", notes)
 
 
@@ -246,7 +257,7 @@ def _orientation_labels(ds: Any) -> tuple[str, str] | None:
 def structured_report(source: Sequence[Any], model_name: str, model_version: str, prediction: str,
                       probability: float, method: str, pmap: Any | None = None,
                       seg: Any | None = None, series_number: int = 904,
-                      notes: Sequence[str] = ()) -> Any:
+                      notes: Sequence[str] = (), uid_seed: str | None = None) -> Any:
     """A Comprehensive 3D SR (TID 1500) with the prediction, its probability, the method, and
     references to the source images, the Parametric Map and the Segmentation; ``notes`` (e.g. an
     intended-use override) are recorded with the algorithm's parameters."""
@@ -301,7 +312,7 @@ def structured_report(source: Sequence[Any], model_name: str, model_version: str
         imaging_measurements=groups)
     evidence = list(source) + [o for o in (pmap, seg) if o is not None]
     sr = hd.sr.Comprehensive3DSR(
-        evidence=evidence, content=report, **_common(series_number),
+        evidence=evidence, content=report, **_common(series_number, uid_seed),
         series_description="pellucid explanation report")
     _segment_not_frame(sr)
     return sr

@@ -29,6 +29,22 @@ class LoadedModel:
     card: ModelCard | None
     source: str
 
+    def digest(self) -> str:
+        """SHA-256 of the weights (every parameter and buffer, by name, shape, dtype and bytes):
+        what identifies this model in outputs, whatever its folder is called."""
+        return weights_digest(self.module)
+
+
+def weights_digest(module: nn.Module) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
 
 def save_model(folder: str | Path, module: nn.Module, card: ModelCard) -> Path:
     """Write ``model.safetensors`` and ``card.json`` into ``folder`` (created if needed)."""

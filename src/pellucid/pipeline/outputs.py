@@ -6,6 +6,7 @@ format the CLI's ``summary.json``, the service's answer and the PACS command's s
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +19,12 @@ from pellucid.pipeline.case import CaseResult, describe
 
 
 def write_case(result: CaseResult, out: Path, stem: str = "", dicom: bool = False,
-               model_name: str = "") -> dict[str, Any]:
+               model_name: str = "", model_digest: str = "") -> dict[str, Any]:
     """Write ``result`` into ``out`` with file names ``{stem}_{method}.*`` (``{method}.*`` without a
-    stem). ``dicom``: also the DICOM objects when the input was DICOM. Returns the record:
-    prediction, explained class, classes, per method its files and cost, every file written, the
-    DICOM objects and what was skipped with the reason."""
+    stem). ``dicom``: also the DICOM objects when the input was DICOM, their UIDs derived from the
+    source, ``model_digest`` (the weights), the method and its options, so that a re-run yields the
+    same instances. Returns the record: prediction, explained class, classes, intended use, per
+    method its files and cost, every file written, the DICOM objects and what was skipped, why."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     item = result.case.item
@@ -34,7 +36,8 @@ def write_case(result: CaseResult, out: Path, stem: str = "", dicom: bool = Fals
                               "classes": result.classes,
                               "intended_use": result.case.intended_use.as_dict(), "methods": {},
                               "files": [], "dicom_objects": [], "skipped": []}
-    for method, att in result.maps.items():
+    seeds = {}
+    for number, (method, att) in enumerate(result.maps.items()):
         exp = result.explanations[method]
         name = f"{prefix}{method}"
         heat = att[0].cpu().numpy().astype(np.float32)
@@ -45,28 +48,49 @@ def write_case(result: CaseResult, out: Path, stem: str = "", dicom: bool = Fals
             "layer": exp.layer, "seconds": round(exp.cost.seconds, 4),
             "forward_passes": exp.cost.forward_passes, "backward_passes": exp.cost.backward_passes,
             "cost": exp.cost.as_dict(), "target": _jsonable(exp.target.describe()),
-            "overlay": f"{name}.png", "map": map_file,
+            "overlay": f"{name}.png", "map": map_file, "empty": empty_map(heat),
             "max_location": [int(v) for v in np.unravel_index(int(heat.argmax()), heat.shape)]}
         if method in result.modality_share:
             entry["modality_share"] = result.modality_share[method]
         record["files"] += [map_file, f"{name}.png"]
+        seeds[method] = _seed(item, model_digest, method, entry)
         if dicom and item.datasets and heat.ndim == 2:
-            try:
-                entry["dicom"] = _write_sc(item, heat, method, title, out, name, notes)
-                record["files"].append(entry["dicom"])
-            except PellucidError as exc:
-                record["skipped"].append({"object": f"{method} secondary capture", "reason": str(exc)})
+            if entry["empty"]:
+                record["skipped"].append({"object": f"{method} secondary capture",
+                                          "reason": f"the {method} map is empty (constant)"})
+            else:
+                try:
+                    entry["dicom"] = _write_sc(item, heat, method, title, out, name, notes,
+                                               910 + number, seeds[method])
+                    record["files"].append(entry["dicom"])
+                except PellucidError as exc:
+                    record["skipped"].append({"object": f"{method} secondary capture",
+                                              "reason": str(exc)})
         record["methods"][method] = entry
     if dicom and item.datasets:
         first = next(iter(result.maps))
         heat = result.maps[first][0].cpu().numpy().astype(np.float32)
         objects = _write_derived(item, heat, first, model_name, result.explained, record, out, prefix,
-                                 notes)
+                                 notes, seeds[first])
         record["dicom_objects"] += objects
         record["files"] += objects
     if result.modality_importance is not None:
         record["modality_importance"] = result.modality_importance
     return record
+
+
+def empty_map(heat: np.ndarray) -> bool:
+    """A map that says nothing: constant (all zero included) or not finite."""
+    return not bool(np.isfinite(heat).all()) or float(heat.max()) <= float(heat.min())
+
+
+def _seed(item, model_digest: str, method: str, entry: dict) -> str:
+    """What the DICOM objects of a method derive their UIDs from."""
+    from pellucid.runtime import precision_name
+
+    sources = [str(ds.SOPInstanceUID) for ds in item.datasets]
+    return json.dumps([sources, model_digest, method, entry["target"], entry["layer"],
+                       precision_name()], sort_keys=True, default=str)
 
 
 def write_map(heat: np.ndarray, affine: np.ndarray | None, out: Path, name: str) -> str:
@@ -85,40 +109,51 @@ def _jsonable(d: dict) -> dict:
 
 
 def _write_sc(item, heat: np.ndarray, method: str, title: str, out: Path, name: str,
-              notes: list[str]) -> str:
+              notes: list[str], series_number: int, seed: str) -> str:
     from pellucid.io import dicom_objects as objects
 
     rgb = objects.overlay_rgb(item.original[0].numpy(), heat, f"{method}: {title}")
-    sc = objects.secondary_capture(item.datasets[0], rgb, notes=notes)
+    sc = objects.secondary_capture(item.datasets[0], rgb, series_number, notes=notes,
+                                   uid_seed=seed + "|sc")
     file = f"{name}_overlay.dcm"
     sc.save_as(out / file)
     return file
 
 
 def _write_derived(item, heat: np.ndarray, method: str, model_name: str, explained: dict,
-                   record: dict, out: Path, prefix: str, notes: list[str]) -> list[str]:
+                   record: dict, out: Path, prefix: str, notes: list[str], seed: str) -> list[str]:
+    """Parametric Map, Segmentation and SR of the first method's map. An empty (constant) map gives
+    no PM and no SEG (they would store nothing as if it were a finding); the SR then says so."""
     from pellucid.io import dicom_objects as objects
 
     written, source = [], item.datasets
     frames = heat if heat.ndim == 3 else heat[None]
-    lo, hi = float(frames.min()), float(frames.max())
-    norm = (frames - lo) / (hi - lo) if hi > lo else np.zeros_like(frames)
     pmap = seg = None
-    try:
-        pmap = objects.parametric_map(source, frames, method, notes=notes)
-        pmap.save_as(out / f"{prefix}parametric_map.dcm")
-        written.append(f"{prefix}parametric_map.dcm")
-    except PellucidError as exc:
-        record["skipped"].append({"object": "parametric map", "reason": str(exc)})
-    try:
-        seg = objects.segmentation(source, norm >= 0.5, f"{method} region", notes=notes)
-        seg.save_as(out / f"{prefix}segmentation.dcm")
-        written.append(f"{prefix}segmentation.dcm")
-    except PellucidError as exc:
-        record["skipped"].append({"object": "segmentation", "reason": str(exc)})
+    if empty_map(frames):
+        reason = f"the {method} map is empty (constant): no region to store"
+        record["skipped"] += [{"object": "parametric map", "reason": reason},
+                              {"object": "segmentation", "reason": reason}]
+        notes = [*notes, f"The {method} explanation map is empty (constant); no Parametric Map or "
+                         f"Segmentation was made."]
+    else:
+        lo, hi = float(frames.min()), float(frames.max())
+        try:
+            pmap = objects.parametric_map(source, frames, method, notes=notes,
+                                          uid_seed=seed + "|pm")
+            pmap.save_as(out / f"{prefix}parametric_map.dcm")
+            written.append(f"{prefix}parametric_map.dcm")
+        except PellucidError as exc:
+            record["skipped"].append({"object": "parametric map", "reason": str(exc)})
+        try:
+            seg = objects.segmentation(source, (frames - lo) / (hi - lo) >= 0.5, f"{method} region",
+                                       notes=notes, uid_seed=seed + "|seg")
+            seg.save_as(out / f"{prefix}segmentation.dcm")
+            written.append(f"{prefix}segmentation.dcm")
+        except PellucidError as exc:
+            record["skipped"].append({"object": "segmentation", "reason": str(exc)})
     value = explained.get("probability", explained.get("fraction", explained.get("value", 0.0)))
     sr = objects.structured_report(source, model_name, "0", explained["class"], float(value),
-                                   method, pmap, seg, notes=notes)
+                                   method, pmap, seg, notes=notes, uid_seed=seed + "|sr")
     sr.save_as(out / f"{prefix}report_sr.dcm")
     written.append(f"{prefix}report_sr.dcm")
     return written

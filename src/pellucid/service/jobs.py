@@ -44,7 +44,8 @@ def run_job(loaded, model_name: str, path: Path, methods: list[str], target: str
     options = CaseOptions(list(methods), target, outside_intended_use=outside_intended_use)
     options.check()
     result = explain_case(loaded, read_case(loaded, path, options), options)
-    record = write_case(result, out, dicom=True, model_name=model_name)
+    record = write_case(result, out, dicom=True, model_name=model_name,
+                        model_digest=loaded.digest())
     prediction = {k: v for k, v in record["prediction"].items() if k != "text"}
     return {"model": model_name, "prediction": prediction, "explained": record["explained"],
             "classes": record["classes"], "intended_use": record["intended_use"],
