@@ -213,25 +213,54 @@ def test_secondary_capture_and_structured_report_on_a_real_cr(shared_data):
     assert np.array_equal(sc.pixel_array, rgb)
     assert tuple(sc.PatientOrientation) == ("L", "F")
     seg_obj = objects.segmentation(source, heat > 0.5, "gradcam region")
-    sr = _reread(objects.structured_report(source, "chest-resnet18", "0.1.0", "Pneumothorax", 0.87,
-                                           "gradcam", None, seg_obj))
+    saliency_sc = objects.secondary_capture(source[0], rgb, 911)
+    found = [objects.Finding("Pneumothorax", 0.87, threshold=0.42, present=True,
+                             code=("SCT", "36118008", "Pneumothorax")),
+             objects.Finding("Effusion", 0.12, threshold=0.35, present=False)]
+    sr = _reread(objects.structured_report(
+        source, objects.ReportedModel("chest-resnet18", "0.1.0", "ab" * 32), found,
+        {"gradcam": {"layer": "layer4"}, "saliency": {"channel_reduce": "max_abs"}}, None, seg_obj,
+        {"gradcam": sc, "saliency": saliency_sc}, summary="Present: Pneumothorax. Absent: Effusion."))
     _common_checks(sr, source)
+    # parsed back with highdicom: a group per finding with its score, threshold and presence
+    parsed = hd.sr.Comprehensive3DSR.from_dataset(sr)
+    assert parsed.SOPInstanceUID == sr.SOPInstanceUID
     items = list(_walk(sr.ContentSequence))
-    numbers = [float(i.MeasuredValueSequence[0].NumericValue) for i in items
-               if i.ValueType == "NUM" and "MeasuredValueSequence" in i]
-    assert numbers == pytest.approx([0.87])
-    codes = [i.ConceptCodeSequence[0].CodeMeaning for i in items if i.ValueType == "CODE"]
-    assert "Pneumothorax" in codes
-    texts = [i.TextValue for i in items if i.ValueType == "TEXT"]
-    assert any("explanation method: gradcam" in t for t in texts)
-    assert "chest-resnet18" in texts and "0.1.0" in texts  # algorithm name and version
+    by_finding: dict[str, dict] = {}
+    current = None
+    for item in items:
+        if item.ValueType == "TEXT" and str(item.TextValue).startswith("finding "):
+            current = by_finding.setdefault(str(item.TextValue)[8:], {})
+        elif current is not None and item.ValueType == "NUM":
+            current[item.ConceptNameCodeSequence[0].CodeMeaning] = float(
+                item.MeasuredValueSequence[0].NumericValue)
+        elif current is not None and item.ValueType == "CODE" and \
+                item.ConceptNameCodeSequence[0].CodeMeaning == "Presence":
+            current["present"] = item.ConceptCodeSequence[0].CodeMeaning
+        elif item.ValueType == "TEXT" and str(item.TextValue).startswith("explanation "):
+            current = None
+    assert by_finding == {"Pneumothorax": {"Probability": 0.87, "Operating threshold": 0.42,
+                                           "present": "Present"},
+                          "Effusion": {"Probability": 0.12, "Operating threshold": 0.35,
+                                       "present": "Absent"}}, by_finding
+    codes = {(i.ConceptCodeSequence[0].CodingSchemeDesignator, i.ConceptCodeSequence[0].CodeValue)
+             for i in items if i.ValueType == "CODE"}
+    assert ("SCT", "36118008") in codes  # the card's SNOMED CT code for the finding
+    texts = [str(i.TextValue) for i in items if i.ValueType == "TEXT"]
+    assert "pellucid gradcam" in texts and "pellucid saliency" in texts  # every method
+    assert "layer: layer4" in texts and "channel_reduce: max_abs" in texts  # with its parameters
+    assert "chest-resnet18" in texts and "0.1.0" in texts and f"weights sha256: {'ab' * 32}" in texts
+    assert "summary: Present: Pneumothorax. Absent: Effusion." in texts
+    assert objects.RESEARCH_NOTICE in texts
+    referenced = {str(r.ReferencedSOPInstanceUID) for i in items
+                  for r in i.get("ReferencedSOPSequence", [])}
+    assert {str(sc.SOPInstanceUID), str(saliency_sc.SOPInstanceUID), str(seg_obj.SOPInstanceUID),
+            str(source[0].SOPInstanceUID)} <= referenced  # every overlay, the SEG, the image
     evidence = {str(ref.ReferencedSOPInstanceUID)
                 for study in sr.CurrentRequestedProcedureEvidenceSequence
                 for series in study.ReferencedSeriesSequence
                 for ref in series.ReferencedSOPSequence}
-    assert str(source[0].SOPInstanceUID) in evidence and str(seg_obj.SOPInstanceUID) in evidence
-    parsed = hd.sr.Comprehensive3DSR.from_dataset(sr)
-    assert parsed.SOPInstanceUID == sr.SOPInstanceUID
+    assert referenced - {str(source[0].SOPInstanceUID)} <= evidence
 
 
 def test_a_dicom_series_folder_is_explained_with_its_affine_in_ras(shared_data, tmp_path):
@@ -307,3 +336,45 @@ def test_an_empty_map_stores_no_region_and_the_sr_says_so(shared_data, tmp_path)
         return found
 
     assert any("explanation map is empty" in t for t in texts(sr))
+
+
+def _presence(sr) -> dict[str, str]:
+    """finding name -> Present / Absent, read from the SR's content tree."""
+    found, current = {}, None
+    for item in _walk(sr.ContentSequence):
+        if item.ValueType == "TEXT" and str(item.TextValue).startswith("finding "):
+            current = str(item.TextValue)[8:]
+        elif current and item.ValueType == "CODE" and \
+                item.ConceptNameCodeSequence[0].CodeMeaning == "Presence":
+            found[current] = item.ConceptCodeSequence[0].CodeMeaning
+    return found
+
+
+def test_the_report_states_only_findings_the_model_made(chest_model, shared_data, tmp_path):
+    """On a real chest CR: a class is Present exactly when its probability reaches the card's
+    operating threshold (chosen on validation); without thresholds a multi-label model's classes are
+    neither Present nor Absent, and the summary says they were not judged."""
+    import dataclasses
+
+    from pellucid.models.store import LoadedModel
+    from pellucid.pipeline import CaseOptions, explain_case, read_case, write_case
+
+    cr = next((shared_data / "dicom-samples" / "torchxrayvision").glob("*.dcm"))
+    card = chest_model.card
+    assert card.activation == "sigmoid" and len(card.thresholds) == len(card.class_names)
+    options = CaseOptions(["gradcam", "saliency"])
+    result = explain_case(chest_model, read_case(chest_model, cr, options), options)
+    record = write_case(result, tmp_path / "a", dicom=True, model_name="chest",
+                        model_digest=chest_model.digest(), card=card)
+    expected = {n: ("Present" if result.classes[n] >= t else "Absent")
+                for n, t in zip(card.class_names, card.thresholds, strict=True)}
+    assert {f["name"]: f["present"] for f in record["findings"]} == \
+        {n: v == "Present" for n, v in expected.items()}
+    sr = pydicom.dcmread(tmp_path / "a" / "report_sr.dcm")
+    assert _presence(sr) == expected
+    blind = LoadedModel(chest_model.module, dataclasses.replace(card, thresholds=[]), "chest")
+    record = write_case(explain_case(blind, read_case(blind, cr, options), options), tmp_path / "b",
+                        dicom=True, model_name="chest", model_digest="0", card=blind.card)
+    assert all(f["present"] is None for f in record["findings"])
+    assert record["summary"].startswith("Not judged (no operating threshold in the model card)")
+    assert _presence(pydicom.dcmread(tmp_path / "b" / "report_sr.dcm")) == {}

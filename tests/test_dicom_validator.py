@@ -74,8 +74,14 @@ def _objects(image) -> tuple[dict, dict]:
         except PellucidError as exc:
             refused[kind] = str(exc)
     made["structured report"] = objects.structured_report(
-        src, "chest", "1", "Lesion", 0.7, "gradcam", made.get("parametric map"),
-        made.get("binary segmentation"))
+        src, objects.ReportedModel("chest", "1", "0" * 64),
+        [objects.Finding("Lesion", 0.7, threshold=0.4, present=True,
+                         code=("SCT", "52988006", "Lesion")),
+         objects.Finding("Effusion", 0.2, threshold=0.5, present=False)],
+        {"gradcam": {"layer": "layer4"}}, made.get("parametric map"),
+        made.get("binary segmentation"),
+        {"gradcam": made["secondary capture"]} if "secondary capture" in made else None,
+        summary="Present: Lesion. Absent: Effusion.")
     return made, refused
 
 

@@ -92,7 +92,9 @@ OBJECTS = """
     seg = objects.segmentation(ct, heat > 0.5, "gradcam region")
     frac = objects.segmentation(ct, heat, "gradcam", kind="fractional")
     sc = objects.secondary_capture(ct[0], objects.overlay_rgb(ct[0].pixel_array, heat, "gradcam"))
-    sr = objects.structured_report(ct, "m", "1", "Lesion", 0.7, "gradcam", pm, seg)
+    sr = objects.structured_report(ct, objects.ReportedModel("m", "1", "0" * 64),
+                                   [objects.Finding("Lesion", 0.7, present=True)], {{"gradcam": {{}}}},
+                                   pm, seg)
     made = [ct[0], pm, seg, frac, sc, sr]
 """
 
@@ -116,7 +118,9 @@ def test_every_object_type_by_c_store(orthanc, shared_data):
     again = [  # new objects (new UIDs), so C-STORE does not re-store the STOW test's
              objects.parametric_map(ct, heat, "occlusion"), objects.segmentation(ct, heat > 0.3, "r"),
              objects.secondary_capture(ct[0], objects.overlay_rgb(ct[0].pixel_array, heat, "x")),
-             objects.structured_report(ct, "m", "1", "Lesion", 0.6, "occlusion")]
+             objects.structured_report(ct, objects.ReportedModel("m", "1", "0" * 64),
+                                       [objects.Finding("Lesion", 0.6, present=True)],
+                                       {{"occlusion": {{}}}})]
     status = c_store([ct[0]] + again, "127.0.0.1", 4242)
     pacs = DicomWeb("{URL}", "{USER}", "{PASSWORD}")
     found = {{i["sop_instance"] for i in pacs.instances(str(ct[0].StudyInstanceUID))}}

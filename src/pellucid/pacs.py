@@ -125,7 +125,7 @@ def pull_explain_push(pacs: DicomWeb, study: str, loaded, model_name: str, optio
             finally:
                 path.unlink(missing_ok=True)
             record = write_case(result, out, stem=uid, dicom=True, model_name=model_name,
-                                model_digest=digest)
+                                model_digest=digest, card=model.card)
             records.append({"sop_instance": uid, **record})
             produced = [pydicom.dcmread(out / name) for name in record["dicom_objects"]]
             produced += [pydicom.dcmread(out / e["dicom"]) for e in record["methods"].values()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -133,8 +134,7 @@ def segmentation(source: Sequence[Any], mask: np.ndarray, label: str, kind: str 
     if "FrameOfReferenceUID" not in seg:  # a radiograph: the image plane is given by labels
         seg.PatientOrientation = list(_patient_orientation(source[0]) or [])
     seg.SeriesDescription = f"pellucid {label}"[:64]  # (a SEG series carries no Laterality)
-    if notes:
-        seg.ImageComments = " ".join(notes)
+    seg.ImageComments = " ".join([*notes, RESEARCH_NOTICE])
     return seg
 
 
@@ -166,8 +166,7 @@ def _series_attributes(obj: Any, source: Any, description: str, notes: Sequence[
     if "Laterality" not in obj:
         obj.Laterality = source.get("Laterality", "") or ""
     obj.SeriesDescription = description[:64]
-    if notes:
-        obj.ImageComments = " ".join(notes)
+    obj.ImageComments = " ".join([*notes, RESEARCH_NOTICE])
     return obj
 
 
@@ -254,13 +253,65 @@ def _orientation_labels(ds: Any) -> tuple[str, str] | None:
     return label(np.asarray(iop[:3], float)), label(np.asarray(iop[3:], float))
 
 
-def structured_report(source: Sequence[Any], model_name: str, model_version: str, prediction: str,
-                      probability: float, method: str, pmap: Any | None = None,
-                      seg: Any | None = None, series_number: int = 904,
-                      notes: Sequence[str] = (), uid_seed: str | None = None) -> Any:
-    """A Comprehensive 3D SR (TID 1500) with the prediction, its probability, the method, and
-    references to the source images, the Parametric Map and the Segmentation; ``notes`` (e.g. an
-    intended-use override) are recorded with the algorithm's parameters."""
+RESEARCH_NOTICE = "For research use only. Not for diagnostic use."
+# pellucid's own coding scheme (documented in docs/clinical-integration.md) for what standard
+# terminologies do not name: a finding without a card mapping, the operating threshold, the
+# predicted fraction or value, an explanation map
+PRIVATE_CODES = {
+    "threshold": ("OPTHR", "Operating threshold"),
+    "fraction": ("PREDFRAC", "Fraction of the image predicted"),
+    "value": ("PREDVAL", "Predicted value"),
+    "explanation": ("EXPLMAP", "Explanation map"),
+}
+
+
+@dataclass
+class Finding:
+    """One class (output, region) of the model as the report states it: its score, the operating
+    threshold it is judged by, and whether it is present (None: no operating point, so neither)."""
+
+    name: str
+    score: float
+    kind: str = "probability"  # probability | fraction | value
+    threshold: float | None = None
+    present: bool | None = None
+    code: tuple[str, str, str] | None = None  # (scheme, value, meaning) where the card maps one
+
+    def concept(self) -> Any:
+        from pydicom.sr.coding import Code
+
+        if self.code is not None:
+            scheme, value, meaning = self.code
+            return Code(value, scheme, meaning)
+        return Code(self.name.upper().replace(" ", "_")[:16], PRIVATE_SCHEME, self.name)
+
+
+@dataclass
+class ReportedModel:
+    name: str
+    version: str
+    digest: str  # SHA-256 of the weights
+
+
+def _private(key: str) -> Any:
+    from pydicom.sr.coding import Code
+
+    value, meaning = PRIVATE_CODES[key]
+    return Code(value, PRIVATE_SCHEME, meaning)
+
+
+def structured_report(source: Sequence[Any], model: ReportedModel, findings: Sequence[Finding],
+                      methods: dict[str, dict[str, Any]], pmap: Any | None = None,
+                      seg: Any | None = None, overlays: dict[str, Any] | None = None,
+                      notes: Sequence[str] = (), summary: str = "", series_number: int = 904,
+                      uid_seed: str | None = None) -> Any:
+    """A Comprehensive 3D SR (TID 1500 Measurement Report) that states only what the model said:
+    one group per finding with its score, its operating threshold and Present / Absent (SNOMED CT)
+    where the card gives an operating point; one group per explanation method with its parameters,
+    referencing its Secondary Capture overlay and (the first method) the Parametric Map; the
+    explained region as a reference to the Segmentation. The model's name, version and weights
+    digest, the plain-text ``summary``, ``notes`` (e.g. an intended-use override) and the research-use
+    statement are the algorithm's parameters."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
     from pydicom.sr.coding import Code
@@ -268,28 +319,41 @@ def structured_report(source: Sequence[Any], model_name: str, model_version: str
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=hd.UID(), name="pellucid", manufacturer_name=MANUFACTURER, model_name=model_name))
-    algorithm = hd.sr.AlgorithmIdentification(name=model_name, version=model_version,
-                                               parameters=[f"explanation method: {method}", *notes])
-    finding = Code(prediction.replace(" ", "_")[:16], PRIVATE_SCHEME, prediction)
-    measurement = hd.sr.Measurement(
-        name=Code("PROB", PRIVATE_SCHEME, "Probability of finding"), value=float(probability),
-        unit=codes.UCUM.NoUnits, algorithm_id=algorithm)
+            uid=hd.UID(), name="pellucid", manufacturer_name=MANUFACTURER, model_name=model.name))
+    parameters = [f"weights sha256: {model.digest}", *([f"summary: {summary}"] if summary else []),
+                  *notes, RESEARCH_NOTICE]
+    algorithm = hd.sr.AlgorithmIdentification(name=model.name, version=model.version or "unversioned",
+                                               parameters=parameters)
     sources = [hd.sr.SourceImageForMeasurementGroup.from_source_image(ds) for ds in source]
+    presence = Code("705057003", "SCT", "Presence")
     groups: list[Any] = []
-    groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier="prediction"),
-        algorithm_id=algorithm, measurements=[measurement], source_images=sources,
-        finding_type=finding,
-        qualitative_evaluations=[hd.sr.QualitativeEvaluation(
-            name=Code("121071", "DCM", "Finding"), value=finding)]))
-    if pmap is not None:  # the map itself is an image (a Parametric Map), not a value mapping
+    for f in findings:
+        name = codes.DCM.Probability if f.kind == "probability" else _private(f.kind)
+        measurements = [hd.sr.Measurement(name=name, value=float(f.score), unit=codes.UCUM.NoUnits,
+                                          algorithm_id=algorithm)]
+        if f.threshold is not None:
+            measurements.append(hd.sr.Measurement(name=_private("threshold"), value=float(f.threshold),
+                                                  unit=codes.UCUM.NoUnits, algorithm_id=algorithm))
+        evaluations = [] if f.present is None else [hd.sr.QualitativeEvaluation(
+            name=presence, value=codes.SCT.Present if f.present else codes.SCT.Absent)]
         groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
-            tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier="explanation map"),
-            algorithm_id=algorithm, finding_type=finding,
+            tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(),
+                                                         identifier=f"finding {f.name}"[:64]),
+            algorithm_id=algorithm, measurements=measurements, source_images=sources,
+            finding_type=f.concept(), qualitative_evaluations=evaluations or None))
+    for number, (method, options) in enumerate(methods.items()):
+        method_id = hd.sr.AlgorithmIdentification(
+            name=f"pellucid {method}", version=__version__,
+            parameters=[f"{k}: {v}" for k, v in options.items()] or None)
+        images = [o for o in ((pmap if number == 0 else None), (overlays or {}).get(method))
+                  if o is not None]
+        groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(),
+                                                         identifier=f"explanation {method}"[:64]),
+            algorithm_id=method_id, finding_type=_private("explanation"),
             source_images=[hd.sr.SourceImageForMeasurementGroup(
-                referenced_sop_class_uid=pmap.SOPClassUID,
-                referenced_sop_instance_uid=pmap.SOPInstanceUID)]))
+                referenced_sop_class_uid=o.SOPClassUID, referenced_sop_instance_uid=o.SOPInstanceUID)
+                for o in images] or None))
     if seg is not None:
         if len(source) > 1 or int(getattr(source[0], "NumberOfFrames", 1) or 1) > 1:
             reference = hd.sr.ReferencedSegment(
@@ -305,12 +369,12 @@ def structured_report(source: Sequence[Any], model_name: str, model_version: str
             roi_class = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
         groups.append(roi_class(
             tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier="explained region"),
-            referenced_segment=reference, algorithm_id=algorithm, finding_type=finding))
+            referenced_segment=reference, algorithm_id=algorithm, finding_type=_private("explanation")))
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
         procedure_reported=Code("363679005", "SCT", "Imaging procedure"),
         imaging_measurements=groups)
-    evidence = list(source) + [o for o in (pmap, seg) if o is not None]
+    evidence = list(source) + [o for o in (pmap, seg, *(overlays or {}).values()) if o is not None]
     sr = hd.sr.Comprehensive3DSR(
         evidence=evidence, content=report, **_common(series_number, uid_seed),
         series_description="pellucid explanation report")

@@ -46,6 +46,10 @@ class ModelCard:
     seed: int | None = None
     name: str = ""
     intended_use: dict[str, Any] = field(default_factory=dict)
+    version: str = ""  # the model's own version, as its makers name it
+    # class name -> [coding scheme, code value, code meaning] (SNOMED CT "SCT", RadLex "RADLEX"),
+    # used by the structured report; a class without one is coded in pellucid's own scheme
+    finding_codes: dict[str, list[str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -53,6 +57,10 @@ class ModelCard:
         if self.activation not in ACTIVATIONS:
             raise DataError(None, f"model card: activation must be one of {ACTIVATIONS}, "
                                   f"got {self.activation!r}")
+        bad = [k for k, v in self.finding_codes.items() if k not in self.class_names or len(v) != 3]
+        if bad:
+            raise DataError(None, f"model card: finding_codes for {', '.join(bad)}: give a class name "
+                                  f"and [scheme, value, meaning]")
         unknown = sorted(set(self.intended_use) - set(INTENDED_USE_KEYS))
         if unknown:
             raise DataError(None, f"model card: intended_use has unknown key(s) {', '.join(unknown)}; "

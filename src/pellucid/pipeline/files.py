@@ -27,7 +27,7 @@ def explain_files(loaded, inputs: Sequence[Path], options: CaseOptions, out: Pat
     for path in inputs:
         case = read_case(loaded, Path(path), options)
         result = explain_case(loaded, case, options)
-        summary.append({"input": str(path), **write_case(result, out, stem=case.item.name)})
+        summary.append({"input": str(path), **write_case(result, out, stem=case.item.name, card=loaded.card)})
         images.append(case.item.original)
         for m, att in result.maps.items():
             grid_maps[m].append(att)

@@ -7,6 +7,7 @@ format the CLI's ``summary.json``, the service's answer and the PACS command's s
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +16,14 @@ import torch
 
 from pellucid import viz
 from pellucid.errors import PellucidError
+from pellucid.io.dicom_objects import Finding, ReportedModel
+from pellucid.models.card import ModelCard
 from pellucid.pipeline.case import CaseResult, describe
 
 
 def write_case(result: CaseResult, out: Path, stem: str = "", dicom: bool = False,
-               model_name: str = "", model_digest: str = "") -> dict[str, Any]:
+               model_name: str = "", model_digest: str = "", card: ModelCard | None = None
+               ) -> dict[str, Any]:
     """Write ``result`` into ``out`` with file names ``{stem}_{method}.*`` (``{method}.*`` without a
     stem). ``dicom``: also the DICOM objects when the input was DICOM, their UIDs derived from the
     source, ``model_digest`` (the weights), the method and its options, so that a re-run yields the
@@ -32,11 +36,13 @@ def write_case(result: CaseResult, out: Path, stem: str = "", dicom: bool = Fals
     title = describe(result.prediction, result.explained)
     note = result.case.intended_use.note()
     notes = [note] if note else []
+    found = findings(card, result)
     record: dict[str, Any] = {"prediction": result.prediction, "explained": result.explained,
-                              "classes": result.classes,
+                              "classes": result.classes, "findings": [asdict(f) for f in found],
+                              "summary": summary_text(found, list(result.maps)),
                               "intended_use": result.case.intended_use.as_dict(), "methods": {},
                               "files": [], "dicom_objects": [], "skipped": []}
-    seeds = {}
+    seeds, overlays = {}, {}
     for number, (method, att) in enumerate(result.maps.items()):
         exp = result.explanations[method]
         name = f"{prefix}{method}"
@@ -48,6 +54,8 @@ def write_case(result: CaseResult, out: Path, stem: str = "", dicom: bool = Fals
             "layer": exp.layer, "seconds": round(exp.cost.seconds, 4),
             "forward_passes": exp.cost.forward_passes, "backward_passes": exp.cost.backward_passes,
             "cost": exp.cost.as_dict(), "target": _jsonable(exp.target.describe()),
+            "options": {k: v for k, v in exp.options.items()
+                        if v is None or isinstance(v, (bool, int, float, str))},
             "overlay": f"{name}.png", "map": map_file, "empty": empty_map(heat),
             "max_location": [int(v) for v in np.unravel_index(int(heat.argmax()), heat.shape)]}
         if method in result.modality_share:
@@ -60,8 +68,8 @@ def write_case(result: CaseResult, out: Path, stem: str = "", dicom: bool = Fals
                                           "reason": f"the {method} map is empty (constant)"})
             else:
                 try:
-                    entry["dicom"] = _write_sc(item, heat, method, title, out, name, notes,
-                                               910 + number, seeds[method])
+                    entry["dicom"], overlays[method] = _write_sc(item, heat, method, title, out, name,
+                                                                 notes, 910 + number, seeds[method])
                     record["files"].append(entry["dicom"])
                 except PellucidError as exc:
                     record["skipped"].append({"object": f"{method} secondary capture",
@@ -70,8 +78,9 @@ def write_case(result: CaseResult, out: Path, stem: str = "", dicom: bool = Fals
     if dicom and item.datasets:
         first = next(iter(result.maps))
         heat = result.maps[first][0].cpu().numpy().astype(np.float32)
-        objects = _write_derived(item, heat, first, model_name, result.explained, record, out, prefix,
-                                 notes, seeds[first])
+        reported = ReportedModel(model_name, card.version if card is not None else "", model_digest)
+        objects = _write_derived(item, heat, first, reported, found, record, out, prefix, notes,
+                                 seeds[first], overlays)
         record["dicom_objects"] += objects
         record["files"] += objects
     if result.modality_importance is not None:
@@ -109,7 +118,7 @@ def _jsonable(d: dict) -> dict:
 
 
 def _write_sc(item, heat: np.ndarray, method: str, title: str, out: Path, name: str,
-              notes: list[str], series_number: int, seed: str) -> str:
+              notes: list[str], series_number: int, seed: str) -> tuple[str, Any]:
     from pellucid.io import dicom_objects as objects
 
     rgb = objects.overlay_rgb(item.original[0].numpy(), heat, f"{method}: {title}")
@@ -117,11 +126,57 @@ def _write_sc(item, heat: np.ndarray, method: str, title: str, out: Path, name: 
                                    uid_seed=seed + "|sc")
     file = f"{name}_overlay.dcm"
     sc.save_as(out / file)
-    return file
+    return file, sc
 
 
-def _write_derived(item, heat: np.ndarray, method: str, model_name: str, explained: dict,
-                   record: dict, out: Path, prefix: str, notes: list[str], seed: str) -> list[str]:
+def findings(card: ModelCard | None, result: CaseResult) -> list[Finding]:
+    """What the model said, class by class, judged only by its own operating points: a
+    classification class is present when its probability reaches the card's threshold (chosen on
+    validation); without thresholds a softmax model's arg-max class is present (its decision) and a
+    sigmoid model's classes are neither present nor absent (no operating point to judge by); a
+    segmentation class is present when any voxel is predicted; a regression output is a value."""
+    names = list(result.classes)
+    codes = card.finding_codes if card is not None else {}
+    task = card.task if card is not None else "classification"
+    out = []
+    for k, name in enumerate(names):
+        score, code = float(result.classes[name]), tuple(codes[name]) if name in codes else None
+        if task == "regression":
+            out.append(Finding(name, score, "value", code=code))
+        elif task == "segmentation":
+            out.append(Finding(name, score, "fraction", present=score > 0, code=code))
+        elif card is not None and len(card.thresholds) == len(names):
+            threshold = float(card.thresholds[k])
+            out.append(Finding(name, score, "probability", threshold, score >= threshold, code))
+        elif (card.activation if card is not None else "softmax") == "softmax":
+            out.append(Finding(name, score, "probability", None, k == result.prediction["index"], code))
+        else:
+            out.append(Finding(name, score, "probability", None, None, code))
+    return out
+
+
+def summary_text(found: list[Finding], methods: list[str]) -> str:
+    """The report's plain-text summary."""
+    def score(f: Finding) -> str:
+        label = {"probability": "p", "fraction": "fraction", "value": "value"}[f.kind]
+        cut = "" if f.threshold is None else f" {'>=' if f.present else '<'} threshold {f.threshold:.2f}"
+        return f"{f.name} ({label} {f.score:.2f}{cut})"
+
+    present = [score(f) for f in found if f.present]
+    absent = [score(f) for f in found if f.present is False]
+    undecided = [score(f) for f in found if f.present is None]
+    parts = []
+    if present or absent:
+        parts.append(f"Present: {', '.join(present) or 'none'}. Absent: {', '.join(absent) or 'none'}.")
+    if undecided:
+        parts.append(f"Not judged (no operating threshold in the model card): {', '.join(undecided)}.")
+    parts.append(f"Explanations: {', '.join(methods)}.")
+    return " ".join(parts)
+
+
+def _write_derived(item, heat: np.ndarray, method: str, model: ReportedModel, found: list[Finding],
+                   record: dict, out: Path, prefix: str, notes: list[str], seed: str,
+                   overlays: dict[str, Any]) -> list[str]:
     """Parametric Map, Segmentation and SR of the first method's map. An empty (constant) map gives
     no PM and no SEG (they would store nothing as if it were a finding); the SR then says so."""
     from pellucid.io import dicom_objects as objects
@@ -151,9 +206,10 @@ def _write_derived(item, heat: np.ndarray, method: str, model_name: str, explain
             written.append(f"{prefix}segmentation.dcm")
         except PellucidError as exc:
             record["skipped"].append({"object": "segmentation", "reason": str(exc)})
-    value = explained.get("probability", explained.get("fraction", explained.get("value", 0.0)))
-    sr = objects.structured_report(source, model_name, "0", explained["class"], float(value),
-                                   method, pmap, seg, notes=notes, uid_seed=seed + "|sr")
+    methods = {m: {"layer": e["layer"], "target": json.dumps(e["target"], default=str), **e["options"]}
+               for m, e in record["methods"].items()}
+    sr = objects.structured_report(source, model, found, methods, pmap, seg, overlays, notes=notes,
+                                   summary=record["summary"], uid_seed=seed + "|sr")
     sr.save_as(out / f"{prefix}report_sr.dcm")
     written.append(f"{prefix}report_sr.dcm")
     return written
