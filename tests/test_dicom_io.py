@@ -212,6 +212,13 @@ def test_secondary_capture_and_structured_report_on_a_real_cr(shared_data):
     assert sc.PhotometricInterpretation == "RGB"
     assert np.array_equal(sc.pixel_array, rgb)
     assert tuple(sc.PatientOrientation) == ("L", "F")
+    # the legend and caption are outside the image: the canvas grows, no image pixel is covered
+    assert rgb.shape[0] > 1024 and rgb.shape[1] > 1024
+    assert sc.BurnedInAnnotation == "YES" and objects.RESEARCH_NOTICE in str(sc.ImageComments)
+    assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == source[0].SOPInstanceUID
+    small = objects.overlay_rgb(np.zeros((64, 64)), np.random.RandomState(0).rand(64, 64),
+                                "gradcam: Lesion p=0.70; explaining Effusion p=0.20")
+    assert small.shape[1] >= 360 and small.shape[0] > 64  # a wrapped, readable caption
     seg_obj = objects.segmentation(source, heat > 0.5, "gradcam region")
     saliency_sc = objects.secondary_capture(source[0], rgb, 911)
     found = [objects.Finding("Pneumothorax", 0.87, threshold=0.42, present=True,

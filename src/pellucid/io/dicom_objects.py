@@ -181,9 +181,13 @@ def _patient_orientation(source: Any) -> tuple[str, str] | None:
 
 
 def overlay_rgb(image: np.ndarray, heatmap: np.ndarray, title: str, alpha: float = 0.45) -> np.ndarray:
-    """(rows, columns, 3) uint8: the grey image with the min-max heatmap blended in ``jet`` and a
-    colour bar with its end values on the right edge."""
+    """(rows, columns, 3) uint8: the grey image with the min-max heatmap blended in ``jet``, every
+    image pixel kept; the legend (a colour bar with the map's end values) in a panel to its right and
+    the caption (``title`` and the research-use statement), wrapped in a font scaled to the image
+    and never smaller than 12 px, in a band above it. The canvas is at least 360 px wide so that the
+    caption stays readable on small images; the image is padded, never resampled."""
     import matplotlib
+    from PIL import Image, ImageDraw, ImageFont
 
     cmap = matplotlib.colormaps["jet"]
     img = np.asarray(image, float)
@@ -192,26 +196,40 @@ def overlay_rgb(image: np.ndarray, heatmap: np.ndarray, title: str, alpha: float
     h = np.asarray(heatmap, float)
     hlo, hhi = h.min(), h.max()
     norm = (h - hlo) / (hhi - hlo) if hhi > hlo else np.zeros_like(h)
-    rgb = (1 - alpha) * np.repeat(grey[..., None], 3, 2) + alpha * cmap(norm)[..., :3]
+    blend = (1 - alpha) * np.repeat(grey[..., None], 3, 2) + alpha * cmap(norm)[..., :3]
     rows, cols = grey.shape
-    bar = max(4, cols // 40)
-    ramp = np.linspace(1, 0, rows)[:, None].repeat(bar, 1)
-    rgb[:, cols - bar:] = cmap(ramp)[..., :3]
-    out = (np.clip(rgb, 0, 1) * 255).astype(np.uint8)
-    _burn_text(out, f"{title}  [{hlo:.3g} .. {hhi:.3g}]")
-    return out
+    size = max(12, min(rows, cols) // 40)
+    font = ImageFont.load_default(size=size)
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    labels = f"{hhi:.3g}", f"{hlo:.3g}"
+    bar = max(6, size)
+    panel = bar + 12 + int(max(probe.textlength(t, font=font) for t in labels)) + 4
+    width = max(cols + panel, 360)
+    lines = _wrap(probe, f"{title} | {RESEARCH_NOTICE}", font, width - 8)
+    line_height = int(size * 1.3)
+    band = line_height * len(lines) + 8
+    canvas = Image.new("RGB", (width, band + rows), (0, 0, 0))
+    canvas.paste(Image.fromarray((np.clip(blend, 0, 1) * 255).astype(np.uint8)), (0, band))
+    ramp = cmap(np.linspace(1, 0, rows))[:, :3][:, None, :].repeat(bar, 1)
+    canvas.paste(Image.fromarray((ramp * 255).astype(np.uint8)), (cols + 4, band))
+    draw = ImageDraw.Draw(canvas)
+    for k, line in enumerate(lines):
+        draw.text((4, 4 + k * line_height), line, fill=(255, 255, 255), font=font)
+    draw.text((cols + bar + 8, band), labels[0], fill=(255, 255, 255), font=font)
+    draw.text((cols + bar + 8, band + rows - line_height), labels[1], fill=(255, 255, 255), font=font)
+    return np.asarray(canvas)
 
 
-def _burn_text(rgb: np.ndarray, text: str) -> None:
-    """Write ``text`` in the top-left corner (white on black) with Pillow's default font."""
-    from PIL import Image, ImageDraw
-
-    img = Image.fromarray(rgb)
-    draw = ImageDraw.Draw(img)
-    box = draw.textbbox((4, 4), text)
-    draw.rectangle((box[0] - 2, box[1] - 2, box[2] + 2, box[3] + 2), fill=(0, 0, 0))
-    draw.text((4, 4), text, fill=(255, 255, 255))
-    rgb[...] = np.asarray(img)
+def _wrap(draw: Any, text: str, font: Any, width: int) -> list[str]:
+    """``text`` in lines no wider than ``width`` pixels (words kept whole where they fit)."""
+    lines: list[str] = []
+    for word in text.split():
+        trial = f"{lines[-1]} {word}" if lines else word
+        if lines and draw.textlength(trial, font=font) <= width:
+            lines[-1] = trial
+        else:
+            lines.append(word)
+    return lines or [""]
 
 
 def secondary_capture(source: Any, rgb: np.ndarray, series_number: int = 903,
@@ -231,6 +249,12 @@ def secondary_capture(source: Any, rgb: np.ndarray, series_number: int = 903,
         coordinate_system=hd.CoordinateSystemNames.PATIENT, patient_orientation=orientation,
         pixel_spacing=pixel_spacing, series_description="pellucid overlay",
         **_common(series_number, uid_seed))
+    sc.BurnedInAnnotation = "YES"  # the caption and legend are pixels
+    from pydicom.dataset import Dataset
+
+    ref = Dataset()
+    ref.ReferencedSOPClassUID, ref.ReferencedSOPInstanceUID = source.SOPClassUID, source.SOPInstanceUID
+    sc.SourceImageSequence = [ref]
     return _series_attributes(sc, source, "pellucid overlay", notes)
 
 
