@@ -298,7 +298,7 @@ def test_pacs_honours_every_explain_option(orthanc, shared_data, chest_model, tm
         main(["explain", *model, *opts, "--out", str(tmp_path / "files" / name), "--input", str(ct_file)])
         pacs_rows = json.loads((tmp_path / "pacs" / name / "summary.json").read_text())
         file_rows = json.loads((tmp_path / "files" / name / "summary.json").read_text())
-        assert len(pacs_rows) == 1 and pacs_rows[0]["sop_instance"] == study["sop"], name
+        assert len(pacs_rows) == 1 and pacs_rows[0]["uid"] == study["sop"], name
         pacs_row, file_row = pacs_rows[0], file_rows[0]
         for key in ("prediction", "explained", "classes", "modality_importance"):
             assert pacs_row.get(key) == file_row.get(key), (name, key)
@@ -398,3 +398,65 @@ def test_a_jpeg2000_study_is_pulled_explained_and_a_rerun_adds_nothing(orthanc, 
     assert counts[1] == counts[0]  # the re-run stored the same instances again: nothing new
     series = [i["series"] for i in listed]
     assert len(set(series)) == len(series)  # every object its own series
+
+
+def test_a_ct_series_is_explained_as_a_volume_by_a_3d_model(orthanc, shared_data, tmp_path):
+    """A 3D model on a PACS study: the series' slices (stored out of order) are one case; the
+    Parametric Map and Segmentation have one frame per slice and go back into the study with the SR."""
+    import copy
+
+    import numpy as np
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    from pellucid.models import ModelCard, build, save_model
+
+    ct = pydicom.dcmread(shared_data / "dicom-samples" / "pydicom" / "CT_small.dcm")
+    normal = np.cross(*np.reshape(np.asarray(ct.ImageOrientationPatient, float), (2, 3)))
+    study, series = generate_uid(), generate_uid()
+    folder = tmp_path / "series"
+    folder.mkdir()
+    for k in (2, 0, 3, 1):
+        ds = copy.deepcopy(ct)
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = study, series, generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.ImagePositionPatient = [float(v) for v in np.asarray(ct.ImagePositionPatient, float)
+                                   + 2.5 * k * normal]
+        ds.InstanceNumber = k + 1
+        ds.save_as(folder / f"{k}.dcm")
+    import torch
+
+    torch.manual_seed(0)
+    built = build("unet", 3, 1, 1)
+    card = ModelCard(arch="unet", task="segmentation", class_names=["lesion"], in_channels=1,
+                     spatial_dims=3, input_size=[16, 32, 32], default_layer=built.default_layer)
+    model = save_model(tmp_path / "unet3d", built.module, card)
+    _in_ns(orthanc, f"""
+        import json, pydicom
+        from pathlib import Path
+        from pellucid.pacs import DicomWeb
+        DicomWeb("{URL}", "{USER}", "{PASSWORD}").store(
+            [pydicom.dcmread(p) for p in sorted(Path("{folder}").glob("*.dcm"))])
+        print(json.dumps({{"ok": True}}))
+    """)
+    env = dict(os.environ, PELLUCID_PACS_USER=USER, PELLUCID_PACS_PASSWORD=PASSWORD)
+    cmd = ["ip", "netns", "exec", orthanc, sys.executable, "-m", "pellucid.cli", "explain",
+           "--pacs", URL, "--study", study, "--model", str(model), "--method", "saliency",
+           "--region", "all", "--out", str(tmp_path / "out")]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert [r["uid"] for r in rows] == [series]  # one case: the series
+    assert rows[0]["dicom_objects"] == [f"{series}_parametric_map.dcm", f"{series}_segmentation.dcm",
+                                        f"{series}_report_sr.dcm"]
+    pm = pydicom.dcmread(tmp_path / "out" / f"{series}_parametric_map.dcm")
+    assert int(pm.NumberOfFrames) == 4 and (int(pm.Rows), int(pm.Columns)) == (128, 128)
+    listed = _in_ns(orthanc, f"""
+        import json
+        from pellucid.pacs import DicomWeb
+        print(json.dumps(DicomWeb("{URL}", "{USER}", "{PASSWORD}").instances("{study}")))
+    """)
+    classes = sorted(i["sop_class"] for i in listed)
+    assert classes.count("1.2.840.10008.5.1.4.1.1.2") == 4  # the CT slices
+    assert {"1.2.840.10008.5.1.4.1.1.30", "1.2.840.10008.5.1.4.1.1.66.4",
+            "1.2.840.10008.5.1.4.1.1.88.34"} <= set(classes)  # PM, SEG, SR

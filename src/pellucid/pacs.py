@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pellucid.errors import ConfigError, DataError
+from pellucid.errors import ConfigError, DataError, PellucidError
 from pellucid.pipeline import CaseOptions, explain_case, prepare_model, read_case, write_case
 
 
@@ -89,49 +89,67 @@ def c_store(datasets: Sequence[Any], host: str, port: int, called_ae: str = "ORT
 
 def pull_explain_push(pacs: DicomWeb, study: str, loaded, model_name: str, options: CaseOptions,
                       out: Path) -> dict[str, Any]:
-    """Fetch ``study``, explain every image the model can take through the case pipeline (every
-    option of ``pellucid explain`` applies), write each case's outputs into ``out`` (named by SOP
-    Instance UID) with ``summary.json``, and store the DICOM objects back into the study. Returns
-    {"explained": [...], "stored": [SOP Instance UIDs], "skipped": [...]}."""
+    """Fetch ``study``, explain what the model can take through the case pipeline (every option of
+    ``pellucid explain`` applies): each image for a 2D model, each series (slices sorted along
+    their normal, or one multi-frame instance) for a 3D model. Write each case's outputs into
+    ``out`` (named by SOP or Series Instance UID) with ``summary.json``, and store the DICOM objects
+    back into the study. An input the model cannot or should not take (intended use) is skipped
+    with its reason. Returns {"explained": [...], "stored": [SOP Instance UIDs], "skipped": [...]}."""
     import pydicom
 
     options.check()
-    if loaded.card is None or loaded.card.spatial_dims != 2:
-        raise ConfigError("pull-explain-push explains 2D images with a 2D model (card needed)")
+    if loaded.card is None:
+        raise ConfigError("pull-explain-push needs a model card (a zoo folder, or card.json beside "
+                          "the weights) to know what the model takes")
     instances = pacs.retrieve_study(study)
     if not instances:
         raise DataError(pacs.url, f"study {study} has no instances")
     images = [ds for ds in instances if "PixelData" in ds
               and str(ds.get("Modality", "")) not in ("SEG", "SR", "PR")
               and str(ds.get("Manufacturer", "")) != "pellucid"]  # not pellucid's own results
-    if options.truth is not None and len(images) != 1:
-        raise ConfigError(f"--truth is the mask of one image; study {study} has {len(images)} images")
+    units = _units(images, loaded.card.spatial_dims)
+    if options.truth is not None and len(units) != 1:
+        raise ConfigError(f"--truth is the mask of one case; study {study} has {len(units)}")
     model = prepare_model(loaded, options)
     digest = model.digest()  # the weights identify the model in the objects' UIDs
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     summary: dict[str, Any] = {"explained": [], "stored": [], "skipped": []}
     records = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for ds in images:
-            uid = str(ds.SOPInstanceUID)
-            path = Path(tmp) / "input.dcm"
-            ds.save_as(path, enforce_file_format=True)
+    for uid, datasets in units:
+        with tempfile.TemporaryDirectory() as tmp:
+            for k, ds in enumerate(datasets):
+                ds.save_as(Path(tmp) / f"{k:05d}.dcm", enforce_file_format=True)
+            path = Path(tmp) if len(datasets) > 1 else Path(tmp) / "00000.dcm"
             try:
                 result = explain_case(model, read_case(model, path, options), options)
-            except (DataError, ConfigError) as exc:
-                summary["skipped"].append({"sop_instance": uid, "reason": str(exc)})
+                record = write_case(result, out, stem=uid, dicom=True, model_name=model_name,
+                                    model_digest=digest, card=model.card)
+            except PellucidError as exc:
+                summary["skipped"].append({"uid": uid, "reason": str(exc)})
                 continue
-            finally:
-                path.unlink(missing_ok=True)
-            record = write_case(result, out, stem=uid, dicom=True, model_name=model_name,
-                                model_digest=digest, card=model.card)
-            records.append({"sop_instance": uid, **record})
-            produced = [pydicom.dcmread(out / name) for name in record["dicom_objects"]]
-            produced += [pydicom.dcmread(out / e["dicom"]) for e in record["methods"].values()
-                         if "dicom" in e]
-            summary["stored"] += pacs.store(produced)
-            summary["explained"].append({"sop_instance": uid, "prediction": record["prediction"],
-                                         "objects": len(produced), "skipped": record["skipped"]})
+        records.append({"uid": uid, **record})
+        produced = [pydicom.dcmread(out / name) for name in record["dicom_objects"]]
+        produced += [pydicom.dcmread(out / e["dicom"]) for e in record["methods"].values()
+                     if "dicom" in e]
+        summary["stored"] += pacs.store(produced)
+        summary["explained"].append({"uid": uid, "prediction": record["prediction"],
+                                     "findings": record["summary"], "objects": len(produced),
+                                     "skipped": record["skipped"]})
     (out / "summary.json").write_text(json.dumps(records, indent=2, default=float) + "\n")
     return summary
+
+
+def _units(images: Sequence[Any], spatial_dims: int) -> list[tuple[str, list[Any]]]:
+    """What one case is: an image (SOP Instance UID) for a 2D model; for a 3D model a series
+    (Series Instance UID) of single-frame slices, or a multi-frame instance on its own."""
+    if spatial_dims == 2:
+        return [(str(ds.SOPInstanceUID), [ds]) for ds in images]
+    series: dict[str, list[Any]] = {}
+    units = []
+    for ds in images:
+        if int(getattr(ds, "NumberOfFrames", 1) or 1) > 1:
+            units.append((str(ds.SOPInstanceUID), [ds]))
+        else:
+            series.setdefault(str(ds.SeriesInstanceUID), []).append(ds)
+    return units + list(series.items())
