@@ -373,6 +373,7 @@ def test_a_jpeg2000_study_is_pulled_explained_and_a_rerun_adds_nothing(orthanc, 
         ds = pydicom.dcmread("{cr}")
         ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = (generate_uid() for _ in range(3))
         ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.PatientName, ds.PatientID, ds.AccessionNumber = "Zyxwvut^Qponmlk", "PID-778899", "ACC-5566"
         DicomWeb("{URL}", "{USER}", "{PASSWORD}").store([ds])
         print(json.dumps({{"study": str(ds.StudyInstanceUID),
                           "syntax": str(ds.file_meta.TransferSyntaxUID)}}))
@@ -386,6 +387,12 @@ def test_a_jpeg2000_study_is_pulled_explained_and_a_rerun_adds_nothing(orthanc, 
                "gradcam,saliency", "--out", str(tmp_path / f"run{run}")]
         result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
         assert result.returncode == 0, result.stderr[-2000:]
+        # no patient data in the console, the file names or any output but the DICOM objects
+        readable = [p.name for p in (tmp_path / f"run{run}").iterdir()] + [
+            p.read_text(errors="replace") for p in (tmp_path / f"run{run}").iterdir()
+            if p.suffix in (".json", ".txt")]
+        for value in ("Zyxwvut", "Qponmlk", "PID-778899", "ACC-5566"):
+            assert value not in result.stdout + result.stderr + " ".join(readable), value
         summary = json.loads((tmp_path / f"run{run}" / "summary.json").read_text())
         assert len(summary) == 1 and summary[0]["dicom_objects"], summary
         listed = _in_ns(orthanc, f"""
