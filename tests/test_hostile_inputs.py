@@ -387,3 +387,28 @@ def test_the_explanation_cache_round_trips_and_refuses_what_does_not_match(tmp_p
     path.write_bytes(bytes(data))
     with pytest.raises(CacheError, match="digest"):
         load_explanation(path, "identity")
+
+
+def test_a_tiff_whose_page_chain_loops_is_refused_at_once(tmp_path):
+    """Found by the fuzzer: a TIFF whose next-page offset points back at its own page made
+    tifffile walk the chain for minutes and gigabytes before any size check. Only the first two
+    page headers are read now."""
+    import struct
+    import time
+
+    import tifffile
+
+    from pellucid.io.files import read_raster
+
+    tifffile.imwrite(tmp_path / "one.tif", np.random.default_rng(0).random((8, 8)).astype(np.float32))
+    data = bytearray((tmp_path / "one.tif").read_bytes())
+    ifd = struct.unpack("<I", data[4:8])[0]
+    entries = struct.unpack("<H", data[ifd:ifd + 2])[0]
+    nxt = ifd + 2 + 12 * entries
+    data[nxt:nxt + 4] = struct.pack("<I", ifd)  # the next page is this page again
+    (tmp_path / "loop.tif").write_bytes(bytes(data))
+    start = time.perf_counter()
+    with pytest.raises(PellucidError, match="multi-page TIFF"):
+        read_raster(tmp_path / "loop.tif")
+    assert time.perf_counter() - start < 2
+    assert read_raster(tmp_path / "one.tif").shape == (8, 8)

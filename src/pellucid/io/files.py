@@ -25,18 +25,30 @@ def _require_file(path: Path) -> None:
 
 
 def _tiff(path: Path) -> np.ndarray:
+    """The first page of a TIFF, its declared size checked before decoding. Only the first two
+    page headers are ever read: walking a file's whole page chain (as tifffile's ``series`` does)
+    lets a crafted file with a long or looping chain take minutes and gigabytes before any check."""
     import tifffile
 
     with tifffile.TiffFile(path) as tif:
-        if not tif.series:
+        try:
+            page = tif.pages.first
+        except (IndexError, KeyError, ValueError):
+            page = None
+        if page is None or not page.shape:
             raise DataError(path, "the TIFF file holds no image")
-        series = tif.series[0]
-        shape = tuple(int(d) for d in series.shape)
+        try:
+            more = tif.pages[1] is not None
+        except (IndexError, KeyError):
+            more = False
+        if more:
+            raise DataError(path, "a multi-page TIFF; give one 2D image per file")
+        shape = tuple(int(d) for d in page.shape)
         rgb = len(shape) == 3 and shape[-1] in (3, 4)
         spatial = shape[:2] if rgb else shape[-2:]
         frames = 1 if rgb or len(shape) == 2 else int(np.prod(shape[:-2]))
         check_shape(path, spatial, frames, shape[-1] if rgb else 1)
-        return series.asarray()
+        return page.asarray()
 
 
 def _pil(path: Path) -> np.ndarray:
