@@ -159,7 +159,7 @@ def train(train_ds: PellucidDataset, config: TrainConfig, val_ds: PellucidDatase
         backend=built.backend, channel_names=list(train_ds.channel_names),
         normalization=_channel_stats(train_ds, config.normalize_samples),
         default_layer=built.default_layer, pellucid_version=__version__,
-        seed=config.seed, intended_use=dict(train_ds.intended_use),
+        seed=config.seed, intended_use=dict(getattr(train_ds, "intended_use", {})),
         training={"dataset": dataset_name or type(train_ds).__name__, "n_train": len(train_ds),
                   "n_val": len(val_ds) if val_ds is not None else 0, "epochs": config.epochs,
                   "batch_size": config.batch_size, "lr": config.lr, "max_steps": config.max_steps},
@@ -217,7 +217,8 @@ def subset(ds: PellucidDataset, indices: int | Sequence[int]) -> PellucidDataset
     task, classes and channels."""
     keep = range(min(indices, len(ds))) if isinstance(indices, int) else list(indices)
     sub = Subset(ds, keep)
-    for attr in ("task", "class_names", "mask_names", "channel_names", "multilabel", "spatial_dims"):
+    for attr in ("task", "class_names", "mask_names", "channel_names", "multilabel", "spatial_dims",
+                 "intended_use"):
         setattr(sub, attr, getattr(ds, attr))
     sub.in_channels = ds.in_channels  # type: ignore[attr-defined]
     return sub  # type: ignore[return-value]
