@@ -109,3 +109,15 @@ def test_an_input_outside_the_intended_use_is_refused_in_one_line(chest_model, s
           "--outside-intended-use"])
     row = json.loads((tmp_path / "summary.json").read_text())[0]
     assert row["intended_use"]["override"] and "modality CT" in row["intended_use"]["outside"][0]
+
+
+def test_without_a_model_card_no_probability_or_finding_is_claimed(tmp_path):
+    """A bare module:factory has no card, so no activation and no operating point: the summary
+    reports raw outputs and calls no class present or absent."""
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).random((32, 32)).astype(np.float32))
+    main(["explain", "--model", "tests.factories:tiny_resnet", "--input", str(tmp_path / "x.npy"),
+          "--method", "saliency", "--out", str(tmp_path / "o")])
+    row = json.loads((tmp_path / "o" / "summary.json").read_text())[0]
+    assert "probability" not in row["prediction"] and "logit" in row["prediction"]
+    assert "no model card" in row["prediction"]["text"]
+    assert [f["present"] for f in row["findings"]] == [None, None]

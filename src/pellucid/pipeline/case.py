@@ -142,7 +142,7 @@ def _entry(loaded, classes: dict[str, float], index: int) -> dict[str, Any]:
     name = list(classes)[index]
     card = loaded.card
     key = "value" if card is not None and card.task == "regression" else \
-        "fraction" if _dense(loaded) else "probability"
+        "fraction" if _dense(loaded) else "probability" if card is not None else "logit"
     return {"class": name, "index": index, key: classes[name]}
 
 
@@ -177,6 +177,12 @@ def answer(loaded, output: torch.Tensor, explained: int = 0) -> tuple[dict[str, 
         return {"class": names[top], "index": top, "fraction": classes[names[top]],
                 "voxels": int(voxels[top]),
                 "text": f"{names[top]}: {int(voxels[top])} voxels predicted"}, classes
+    if card is None:  # no card, no activation: a probability would be a guess, so raw outputs
+        classes = {n: float(v) for n, v in zip(names, out[0], strict=True)}
+        top = int(out[0].argmax())
+        return {"class": names[top], "index": top, "logit": classes[names[top]],
+                "text": f"{names[top]} logit={classes[names[top]]:.2f} (no model card: no "
+                        f"probability)"}, classes
     probs = torch.sigmoid(out[0]) if activation == "sigmoid" else torch.softmax(out[0], 0)
     classes = {n: float(p) for n, p in zip(names, probs, strict=True)}
     top = int(probs.argmax())
@@ -190,7 +196,7 @@ def describe(prediction: dict[str, Any], explained: dict[str, Any]) -> str:
     text = prediction["text"]
     ex = explained
     if ex["index"] != prediction["index"]:
-        value = {k: v for k, v in ex.items() if k in ("probability", "fraction", "value")}
+        value = {k: v for k, v in ex.items() if k in ("probability", "fraction", "value", "logit")}
         shown = "".join(f" {'p' if k == 'probability' else k}={v:.2f}" for k, v in value.items())
         text += f"; explaining {ex['class']}{shown}"
     return text

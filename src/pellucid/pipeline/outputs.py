@@ -136,8 +136,10 @@ def findings(card: ModelCard | None, result: CaseResult) -> list[Finding]:
     sigmoid model's classes are neither present nor absent (no operating point to judge by); a
     segmentation class is present when any voxel is predicted; a regression output is a value."""
     names = list(result.classes)
-    codes = card.finding_codes if card is not None else {}
-    task = card.task if card is not None else "classification"
+    if card is None:  # no card: no task, activation or operating point to judge a finding by
+        return [Finding(name, float(v), "value") for name, v in result.classes.items()]
+    codes = card.finding_codes
+    task = card.task
     out = []
     for k, name in enumerate(names):
         score, code = float(result.classes[name]), tuple(codes[name]) if name in codes else None
@@ -145,10 +147,10 @@ def findings(card: ModelCard | None, result: CaseResult) -> list[Finding]:
             out.append(Finding(name, score, "value", code=code))
         elif task == "segmentation":
             out.append(Finding(name, score, "fraction", present=score > 0, code=code))
-        elif card is not None and len(card.thresholds) == len(names):
+        elif len(card.thresholds) == len(names):
             threshold = float(card.thresholds[k])
             out.append(Finding(name, score, "probability", threshold, score >= threshold, code))
-        elif (card.activation if card is not None else "softmax") == "softmax":
+        elif card.activation == "softmax":
             out.append(Finding(name, score, "probability", None, k == result.prediction["index"], code))
         else:
             out.append(Finding(name, score, "probability", None, None, code))

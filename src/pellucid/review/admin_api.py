@@ -35,6 +35,7 @@ def progress(request: Request) -> Response:
                         "finished": r.finished_at is not None})
         return JSONResponse({"study": study.name, "raters": out})
 
+
 @router.post("/admin/raters")
 async def invite(request: Request) -> Response:
     site = site_of(request)
@@ -62,6 +63,7 @@ async def invite(request: Request) -> Response:
     except ConfigError as exc:
         return JSONResponse({"error": str(exc)}, status_code=409)
     return JSONResponse({"label": label, "link": f"/r/{token}"})
+
 
 @router.get("/admin/export/{table}.csv")
 def export(request: Request, table: str) -> Response:

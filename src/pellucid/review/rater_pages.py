@@ -23,6 +23,7 @@ def home(request: Request) -> HTMLResponse:
     site = site_of(request)
     return site.page(request, "home.html.j2")
 
+
 @router.get("/r/{token}", response_class=HTMLResponse)
 def landing(request: Request, token: str) -> Response:
     site = site_of(request)
@@ -35,11 +36,13 @@ def landing(request: Request, token: str) -> Response:
         return site.page(request, "start.html.j2", ctx=ctx, token=token, values={}, errors={},
                          cases=len(site.assignments(s, ctx.rater)))
 
+
 @router.post("/r/{token}/start", response_class=HTMLResponse)
 async def start(request: Request, token: str) -> Response:
     site = site_of(request)
     form = await site.form_of(request)
     return await run_in_threadpool(start_sync, request, token, form)
+
 
 def start_sync(request: Request, token: str, form: dict[str, str]) -> Response:
     site = site_of(request)
@@ -69,6 +72,7 @@ def start_sync(request: Request, token: str, form: dict[str, str]) -> Response:
         ctx.rater.started_at = ctx.rater.started_at or now()
     return RedirectResponse(f"/r/{token}", status_code=303)
 
+
 @router.get("/r/{token}/case/{position}", response_class=HTMLResponse)
 def show_case(request: Request, token: str, position: int) -> Response:
     site = site_of(request)
@@ -87,11 +91,13 @@ def show_case(request: Request, token: str, position: int) -> Response:
             s.flush()
         return site.case_page(request, s, token, ctx, a, case, read)
 
+
 @router.post("/r/{token}/case/{position}/{stage}", response_class=HTMLResponse)
 async def submit(request: Request, token: str, position: int, stage: int) -> Response:
     site = site_of(request)
     form = await site.form_of(request)
     return await run_in_threadpool(submit_sync, request, token, position, stage, form)
+
 
 def submit_sync(request: Request, token: str, position: int, stage: int,
                 form: dict[str, str]) -> Response:
@@ -152,6 +158,7 @@ def submit_sync(request: Request, token: str, position: int, stage: int,
         target = f"/r/{token}/case/{position}" if stage < 3 else site.next_url(s, token, ctx)
     return RedirectResponse(target, status_code=303)
 
+
 @router.get("/r/{token}/end", response_class=HTMLResponse)
 def end_page(request: Request, token: str) -> Response:
     site = site_of(request)
@@ -165,11 +172,13 @@ def end_page(request: Request, token: str) -> Response:
             return site.page(request, "done.html.j2", ctx=ctx, token=token)
         return site.page(request, "end.html.j2", ctx=ctx, token=token, values={}, errors={})
 
+
 @router.post("/r/{token}/end", response_class=HTMLResponse)
 async def end_submit(request: Request, token: str) -> Response:
     site = site_of(request)
     form = await site.form_of(request)
     return await run_in_threadpool(end_sync, request, token, form)
+
 
 def end_sync(request: Request, token: str, form: dict[str, str]) -> Response:
     site = site_of(request)
@@ -196,7 +205,6 @@ def end_sync(request: Request, token: str, form: dict[str, str]) -> Response:
             setattr(ctx.rater, key, value)
         ctx.rater.finished_at = now()
     return RedirectResponse(f"/r/{token}/end", status_code=303)
-
 
 
 def _aware(t):
