@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export PELLUCID_DATA ?= $(abspath ../shared/data)
 
-.PHONY: demo test test-main test-lowest check lint lock install clean system-deps
+.PHONY: demo test test-main test-lowest check lint lock install clean system-deps viewer
 
 # pyproject.toml declares the supported ranges; constraints.txt holds the exact versions known to
 # work together, so every `make` builds the same environment
@@ -30,9 +30,26 @@ system-deps:
 	if [ -n "$$missing" ]; then echo "installing$$missing (apt)"; apt-get update -q && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing >/dev/null; fi
 
+# The OHIF viewer of the viewer test: npm's @ohif/app at a pinned version, its tarball checked
+# against the pinned sha512 before its prebuilt dist/ is unpacked into .viewer/ (npm fetches only
+# the one package; nothing of it is built or run but the static files the test serves)
+OHIF_VERSION := 3.13.2
+OHIF_SHA512 := WZdxmpmG7rqFgW9ZJLcbgr3XCtLi1KDNPoMaeY5PPe6j4G4fjEjjkycZM6C6Zk2F87BKxFfpq+jd5xXZB9E8EA==
+OHIF_DIST := .viewer/ohif-$(OHIF_VERSION)/dist
+viewer: $(OHIF_DIST)/index.html
+$(OHIF_DIST)/index.html:
+	@command -v npm >/dev/null || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q nodejs npm >/dev/null; }
+	rm -rf .viewer/pack && mkdir -p .viewer/pack
+	cd .viewer/pack && npm pack --silent @ohif/app@$(OHIF_VERSION) >/dev/null
+	test "$$(openssl dgst -sha512 -binary .viewer/pack/ohif-app-$(OHIF_VERSION).tgz | base64 -w0)" = "$(OHIF_SHA512)" \
+	  || { echo "@ohif/app $(OHIF_VERSION): tarball does not match the pinned sha512"; exit 1; }
+	rm -rf .viewer/ohif-$(OHIF_VERSION) && mkdir -p .viewer/ohif-$(OHIF_VERSION)
+	tar xzf .viewer/pack/ohif-app-$(OHIF_VERSION).tgz -C .viewer/ohif-$(OHIF_VERSION) --strip-components=1 package/dist
+	rm -rf .viewer/pack
+
 test: test-main test-lowest
 
-test-main: $(STAMP) system-deps
+test-main: $(STAMP) system-deps viewer
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(PY) -m pytest
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from pellucid.registry import Registry
 
-FAMILIES = ("cam", "gradient", "relevance", "perturbation", "counterfactual")
+FAMILIES = ("cam", "gradient", "relevance", "perturbation", "counterfactual", "baseline")
 REQUIRES = frozenset({"background"})  # "background": a set of reference inputs (GradientSHAP)
 
 

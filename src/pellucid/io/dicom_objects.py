@@ -133,9 +133,22 @@ def segmentation(source: Sequence[Any], mask: np.ndarray, label: str, kind: str 
             **extra, **_common(series_number, uid_seed), **_device())
     if "FrameOfReferenceUID" not in seg:  # a radiograph: the image plane is given by labels
         seg.PatientOrientation = list(_patient_orientation(source[0]) or [])
+        _image_axes_orientation(seg)
     seg.SeriesDescription = f"pellucid {label}"[:64]  # (a SEG series carries no Laterality)
     seg.ImageComments = " ".join([*notes, RESEARCH_NOTICE])
     return seg
+
+
+def _image_axes_orientation(seg: Any) -> None:
+    """A SEG of an image without a frame of reference (a projection radiograph) gets a shared Plane
+    Orientation of the image's own axes (1\\0\\0\\0\\1\\0). Without a frame of reference it
+    places nothing in patient space (the directions are in PatientOrientation); it is the
+    convention viewers apply to such images, and OHIF overlays no SEG that lacks it."""
+    from pydicom.dataset import Dataset
+
+    plane = Dataset()
+    plane.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    seg.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence = [plane]
 
 
 def _valid_spacing(value: Any) -> bool:
@@ -233,8 +246,11 @@ def _wrap(draw: Any, text: str, font: Any, width: int) -> list[str]:
 
 
 def secondary_capture(source: Any, rgb: np.ndarray, series_number: int = 903,
-                      notes: Sequence[str] = (), uid_seed: str | None = None) -> Any:
-    """An RGB Secondary Capture image (burned-in overlay) referencing ``source``."""
+                      notes: Sequence[str] = (), uid_seed: str | None = None,
+                      method: str = "") -> Any:
+    """An RGB Secondary Capture image (burned-in overlay of ``method``'s map) referencing
+    ``source``."""
+    description = f"pellucid {method + ' ' if method else ''}overlay"[:64]
     import highdicom as hd
 
     spacing = source.get("PixelSpacing")
@@ -247,7 +263,7 @@ def secondary_capture(source: Any, rgb: np.ndarray, series_number: int = 903,
         ref_dataset=source, pixel_array=np.asarray(rgb, np.uint8),
         photometric_interpretation=hd.PhotometricInterpretationValues.RGB, bits_allocated=8,
         coordinate_system=hd.CoordinateSystemNames.PATIENT, patient_orientation=orientation,
-        pixel_spacing=pixel_spacing, series_description="pellucid overlay",
+        pixel_spacing=pixel_spacing, series_description=description,
         **_common(series_number, uid_seed))
     sc.BurnedInAnnotation = "YES"  # the caption and legend are pixels
     from pydicom.dataset import Dataset
@@ -255,7 +271,7 @@ def secondary_capture(source: Any, rgb: np.ndarray, series_number: int = 903,
     ref = Dataset()
     ref.ReferencedSOPClassUID, ref.ReferencedSOPInstanceUID = source.SOPClassUID, source.SOPInstanceUID
     sc.SourceImageSequence = [ref]
-    return _series_attributes(sc, source, "pellucid overlay", notes)
+    return _series_attributes(sc, source, description, notes)
 
 
 def _orientation_labels(ds: Any) -> tuple[str, str] | None:
@@ -286,6 +302,7 @@ PRIVATE_CODES = {
     "fraction": ("PREDFRAC", "Fraction of the image predicted"),
     "value": ("PREDVAL", "Predicted value"),
     "explanation": ("EXPLMAP", "Explanation map"),
+    "share": ("MAPSHARE", "Share of the map's positive mass in the region"),
 }
 
 
@@ -328,14 +345,22 @@ def structured_report(source: Sequence[Any], model: ReportedModel, findings: Seq
                       methods: dict[str, dict[str, Any]], pmap: Any | None = None,
                       seg: Any | None = None, overlays: dict[str, Any] | None = None,
                       notes: Sequence[str] = (), summary: str = "", series_number: int = 904,
-                      uid_seed: str | None = None) -> Any:
+                      uid_seed: str | None = None, regions: dict[str, ExplainedRegion] | None = None,
+                      explained: str | None = None) -> Any:
     """A Comprehensive 3D SR (TID 1500 Measurement Report) that states only what the model said:
     one group per finding with its score, its operating threshold and Present / Absent (SNOMED CT)
     where the card gives an operating point; one group per explanation method with its parameters,
-    referencing its Secondary Capture overlay and (the first method) the Parametric Map; the
-    explained region as a reference to the Segmentation. The model's name, version and weights
-    digest, the plain-text ``summary``, ``notes`` (e.g. an intended-use override) and the research-use
-    statement are the algorithm's parameters."""
+    referencing its Secondary Capture overlay and (the first method) the Parametric Map and the
+    Segmentation (of a volume: a volumetric ROI group referencing the segment). The model's name,
+    version and weights digest, the plain-text ``summary``, ``notes`` (e.g. an intended-use override)
+    and the research-use statement are the algorithm's parameters.
+
+    Single-frame images get what a viewer's measurement panel lists (OHIF reads exactly this
+    layout, and fails on a group without coordinates): each score is inferred from the whole image
+    (a closed POLYLINE around it: an image-level output), each method's group holds ``regions``'
+    box around its explained region as a TID 300 measurement (the share of the map's positive mass
+    in the box), and every group a Comment naming the finding, its score, the method and the
+    model."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
     from pydicom.sr.coding import Code
@@ -348,50 +373,45 @@ def structured_report(source: Sequence[Any], model: ReportedModel, findings: Seq
                   *notes, RESEARCH_NOTICE]
     algorithm = hd.sr.AlgorithmIdentification(name=model.name, version=model.version or "unversioned",
                                                parameters=parameters)
-    sources = [hd.sr.SourceImageForMeasurementGroup.from_source_image(ds) for ds in source]
     presence = Code("705057003", "SCT", "Presence")
     groups: list[Any] = []
+    planar = len(source) == 1 and int(getattr(source[0], "NumberOfFrames", 1) or 1) == 1
+    whole = ExplainedRegion(0, 0, int(source[0].Columns), int(source[0].Rows), 1.0)
     for f in findings:
         name = codes.DCM.Probability if f.kind == "probability" else _private(f.kind)
-        measurements = [hd.sr.Measurement(name=name, value=float(f.score), unit=codes.UCUM.NoUnits,
-                                          algorithm_id=algorithm)]
+        measurements = [hd.sr.Measurement(  # an image-level output: inferred from the whole image
+            name=name, value=float(f.score), unit=codes.UCUM.NoUnits, algorithm_id=algorithm,
+            referenced_coordinates=[whole.coordinates(source[0])] if planar else None)]
         if f.threshold is not None:
             measurements.append(hd.sr.Measurement(name=_private("threshold"), value=float(f.threshold),
                                                   unit=codes.UCUM.NoUnits, algorithm_id=algorithm))
         evaluations = [] if f.present is None else [hd.sr.QualitativeEvaluation(
             name=presence, value=codes.SCT.Present if f.present else codes.SCT.Absent)]
-        groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
-            tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(),
-                                                         identifier=f"finding {f.name}"[:64]),
-            algorithm_id=algorithm, measurements=measurements, source_images=sources,
-            finding_type=f.concept(), qualitative_evaluations=evaluations or None))
+        version = f" {model.version}" if model.version else ""
+        groups.append(_group(
+            source, whole if planar else None, f"finding {f.name}", f.concept(), algorithm,
+            measurements, evaluations, f"{_finding_words(f)}; model {model.name}{version}"))
     for number, (method, options) in enumerate(methods.items()):
         method_id = hd.sr.AlgorithmIdentification(
             name=f"pellucid {method}", version=__version__,
             parameters=[f"{k}: {v}" for k, v in options.items()] or None)
-        images = [o for o in ((pmap if number == 0 else None), (overlays or {}).get(method))
-                  if o is not None]
-        groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
-            tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(),
-                                                         identifier=f"explanation {method}"[:64]),
-            algorithm_id=method_id, finding_type=_private("explanation"),
-            source_images=[hd.sr.SourceImageForMeasurementGroup(
-                referenced_sop_class_uid=o.SOPClassUID, referenced_sop_instance_uid=o.SOPInstanceUID)
-                for o in images] or None))
-    if seg is not None:
-        if len(source) > 1 or int(getattr(source[0], "NumberOfFrames", 1) or 1) > 1:
-            reference = hd.sr.ReferencedSegment(
-                sop_class_uid=seg.SOPClassUID, sop_instance_uid=seg.SOPInstanceUID, segment_number=1,
-                source_images=[hd.sr.SourceImageForSegmentation.from_source_image(ds)
-                               for ds in source])
-            roi_class = hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
-        else:
-            reference = hd.sr.ReferencedSegmentationFrame(
-                sop_class_uid=seg.SOPClassUID, sop_instance_uid=seg.SOPInstanceUID, frame_number=1,
-                segment_number=1,
-                source_image=hd.sr.SourceImageForSegmentation.from_source_image(source[0]))
-            roi_class = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
-        groups.append(roi_class(
+        first = number == 0
+        made = [o for o in ((pmap if first else None), (seg if first and planar else None),
+                            (overlays or {}).get(method)) if o is not None]
+        region = (regions or {}).get(method) if planar else None
+        stated = next((f for f in findings if f.name == explained), None)
+        comment, measurements, shown = _region_comment(stated, explained, method, model), [], None
+        if region is not None:
+            measurements, shown = [region.measurement(source[0], method_id, made)], region
+        elif planar and regions is not None:  # the caller found no region: the map was empty
+            comment, shown = f"the {method} map is empty (constant): no explained region", whole
+        groups.append(_group(source, shown, f"explanation {method}", _private("explanation"),
+                             method_id, measurements, [], comment, made))
+    if seg is not None and not planar:  # a volume: the explained region as a referenced segment
+        reference = hd.sr.ReferencedSegment(
+            sop_class_uid=seg.SOPClassUID, sop_instance_uid=seg.SOPInstanceUID, segment_number=1,
+            source_images=[hd.sr.SourceImageForSegmentation.from_source_image(ds) for ds in source])
+        groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
             tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier="explained region"),
             referenced_segment=reference, algorithm_id=algorithm, finding_type=_private("explanation")))
     report = hd.sr.MeasurementReport(
@@ -404,6 +424,130 @@ def structured_report(source: Sequence[Any], model: ReportedModel, findings: Seq
         series_description="pellucid explanation report")
     _segment_not_frame(sr)
     return sr
+
+
+@dataclass
+class ExplainedRegion:
+    """The box (pixel edges, columns x0..x1, rows y0..y1) around a 2D map's explained region
+    (min-max normalised map >= 0.5, as in the Segmentation) and the share of the map's positive
+    mass inside it."""
+
+    x0: int
+    y0: int
+    x1: int
+    y1: int
+    share: float
+
+    @classmethod
+    def of(cls, heat: np.ndarray) -> ExplainedRegion | None:
+        heat = np.asarray(heat, dtype=np.float64)
+        if heat.ndim != 2 or not np.isfinite(heat).all() or heat.max() <= heat.min():
+            return None
+        rows, cols = np.nonzero((heat - heat.min()) / (heat.max() - heat.min()) >= 0.5)
+        y0, y1, x0, x1 = int(rows.min()), int(rows.max()) + 1, int(cols.min()), int(cols.max()) + 1
+        positive = np.clip(heat, 0, None)
+        total = float(positive.sum())
+        share = float(positive[y0:y1, x0:x1].sum()) / total if total > 0 else 0.0
+        return cls(x0, y0, x1, y1, share)
+
+    def corners(self) -> np.ndarray:
+        """The closed POLYLINE around the box in SCOORD image coordinates ((0, 0) is the top-left
+        corner of the first pixel)."""
+        x0, y0, x1, y1 = self.x0, self.y0, self.x1, self.y1
+        return np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]], dtype=np.float32)
+
+    def coordinates(self, source: Any) -> Any:
+        """The box on ``source`` for a measurement's INFERRED FROM."""
+        import highdicom as hd
+
+        return hd.sr.CoordinatesForMeasurement(
+            graphic_type=hd.sr.GraphicTypeValues.POLYLINE, graphic_data=self.corners(),
+            source_image=hd.sr.SourceImageForRegion.from_source_image(source))
+
+    def image_region(self, source: Any) -> Any:
+        """The box on ``source`` as a planar ROI group's region."""
+        import highdicom as hd
+
+        return hd.sr.ImageRegion(
+            graphic_type=hd.sr.GraphicTypeValues.POLYLINE, graphic_data=self.corners(),
+            source_image=hd.sr.SourceImageForRegion.from_source_image(source))
+
+    def measurement(self, source: Any, algorithm: Any, made: Sequence[Any] = ()) -> Any:
+        """TID 300: the share (%), INFERRED FROM the box on ``source`` and from the objects
+        ``made`` of the map (Parametric Map, Segmentation, overlay)."""
+        import highdicom as hd
+        from pydicom.sr.codedict import codes
+
+        images = [hd.sr.SourceImageForMeasurement(referenced_sop_class_uid=o.SOPClassUID,
+                                                  referenced_sop_instance_uid=o.SOPInstanceUID)
+                  for o in made]
+        return hd.sr.Measurement(name=_private("share"), value=round(100 * self.share, 2),
+                                 unit=codes.UCUM.Percent, algorithm_id=algorithm,
+                                 referenced_coordinates=[self.coordinates(source)],
+                                 referenced_images=images or None)
+
+
+def _group(source: Sequence[Any], region: ExplainedRegion | None, tracking: str, finding: Any,
+           algorithm: Any, measurements: list[Any], evaluations: list[Any], comment: str,
+           made: Sequence[Any] = ()) -> Any:
+    """One measurement group. On a single-frame image a TID 1410 planar ROI group whose region is
+    ``region`` (a viewer draws it and lists the group by its Comment); otherwise (a volume, a
+    multi-frame image) a TID 1501 group referencing the source images and the objects ``made``."""
+    import highdicom as hd
+
+    identifier = hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=tracking[:64])
+    if region is not None:
+        inferred = [m[0].ContentSequence.pop(k) for m in measurements
+                    for k, item in enumerate(m[0].get("ContentSequence", []))
+                    if item.ValueType == "SCOORD"]
+        group = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=identifier, referenced_region=region.image_region(source[0]),
+            finding_type=finding, algorithm_id=algorithm, measurements=measurements or None,
+            qualitative_evaluations=evaluations or None)
+        # highdicom keeps a measurement's own coordinates out of a planar ROI group (the group's
+        # region is the ROI); TID 300 allows them, and OHIF reads a measurement's geometry only
+        # from there, so they go back in after the group is built
+        numbers = [item for item in group[0].ContentSequence if item.ValueType == "NUM"]
+        for number, scoord in zip(numbers, inferred, strict=False):
+            number.ContentSequence.append(scoord)
+        _comment(group, comment)
+        return group
+    images = [hd.sr.SourceImageForMeasurementGroup.from_source_image(ds) for ds in source] + [
+        hd.sr.SourceImageForMeasurementGroup(referenced_sop_class_uid=o.SOPClassUID,
+                                             referenced_sop_instance_uid=o.SOPInstanceUID)
+        for o in made]
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=identifier, algorithm_id=algorithm, finding_type=finding,
+        measurements=measurements or None, qualitative_evaluations=evaluations or None,
+        source_images=images)
+    _comment(group, comment)
+    return group
+
+
+def _comment(group: Any, text: str) -> None:
+    """A Comment (DCM 121106) in a measurement group: the line a viewer lists for it."""
+    import highdicom as hd
+    from pydicom.sr.coding import Code
+
+    group[0].ContentSequence.append(hd.sr.TextContentItem(
+        name=Code("121106", "DCM", "Comment"), relationship_type="CONTAINS", value=text[:1024]))
+
+
+def _finding_words(f: Finding) -> str:
+    """A finding as the report states it, never more than the model said."""
+    verdict = {True: "present", False: "absent", None: "not judged"}[f.present]
+    cut = "" if f.threshold is None else f", threshold {f.threshold:.2f}"
+    if f.kind == "value":
+        return f"{f.name}: value {f.score:.4g}"
+    return f"{f.name} {verdict} ({f.kind} {f.score:.2f}{cut})"
+
+
+def _region_comment(stated: Finding | None, explained: str | None, method: str,
+                    model: ReportedModel) -> str:
+    """One line for a viewer's measurement panel: the explained finding, the method, the model."""
+    what = _finding_words(stated) if stated is not None else f"{explained or 'output'}"
+    version = f" {model.version}" if model.version else ""
+    return f"{what}; explained by {method}; model {model.name}{version}"
 
 
 def _segment_not_frame(item: Any) -> None:

@@ -16,7 +16,7 @@ import torch
 
 from pellucid import viz
 from pellucid.errors import PellucidError
-from pellucid.io.dicom_objects import Finding, ReportedModel
+from pellucid.io.dicom_objects import ExplainedRegion, Finding, ReportedModel
 from pellucid.models.card import ModelCard
 from pellucid.pipeline.case import CaseResult, describe
 
@@ -78,9 +78,14 @@ def write_case(result: CaseResult, out: Path, stem: str = "", dicom: bool = Fals
     if dicom and item.datasets:
         first = next(iter(result.maps))
         heat = result.maps[first][0].cpu().numpy().astype(np.float32)
-        reported = ReportedModel(model_name, card.version if card is not None else "", model_digest)
+        name = card.name if card is not None and card.name else model_name  # the card's own name
+        reported = ReportedModel(name, card.version if card is not None else "", model_digest)
+        regions = {}
+        if len(item.datasets) == 1 and int(getattr(item.datasets[0], "NumberOfFrames", 1) or 1) == 1:
+            regions = {m: r for m, att in result.maps.items()
+                       if (r := ExplainedRegion.of(att[0].cpu().numpy())) is not None}
         objects = _write_derived(item, heat, first, reported, found, record, out, prefix, notes,
-                                 seeds[first], overlays)
+                                 seeds[first], overlays, regions, result.explained.get("class"))
         record["dicom_objects"] += objects
         record["files"] += objects
     if result.modality_importance is not None:
@@ -123,7 +128,7 @@ def _write_sc(item, heat: np.ndarray, method: str, title: str, out: Path, name: 
 
     rgb = objects.overlay_rgb(item.original[0].numpy(), heat, f"{method}: {title}")
     sc = objects.secondary_capture(item.datasets[0], rgb, series_number, notes=notes,
-                                   uid_seed=seed + "|sc")
+                                   uid_seed=seed + "|sc", method=method)
     file = f"{name}_overlay.dcm"
     sc.save_as(out / file)
     return file, sc
@@ -178,7 +183,8 @@ def summary_text(found: list[Finding], methods: list[str]) -> str:
 
 def _write_derived(item, heat: np.ndarray, method: str, model: ReportedModel, found: list[Finding],
                    record: dict, out: Path, prefix: str, notes: list[str], seed: str,
-                   overlays: dict[str, Any]) -> list[str]:
+                   overlays: dict[str, Any], regions: dict[str, ExplainedRegion],
+                   explained: str | None) -> list[str]:
     """Parametric Map, Segmentation and SR of the first method's map. An empty (constant) map gives
     no PM and no SEG (they would store nothing as if it were a finding); the SR then says so."""
     from pellucid.io import dicom_objects as objects
@@ -211,7 +217,8 @@ def _write_derived(item, heat: np.ndarray, method: str, model: ReportedModel, fo
     methods = {m: {"layer": e["layer"], "target": json.dumps(e["target"], default=str), **e["options"]}
                for m, e in record["methods"].items()}
     sr = objects.structured_report(source, model, found, methods, pmap, seg, overlays, notes=notes,
-                                   summary=record["summary"], uid_seed=seed + "|sr")
+                                   summary=record["summary"], uid_seed=seed + "|sr",
+                                   regions=regions, explained=explained)
     sr.save_as(out / f"{prefix}report_sr.dcm")
     written.append(f"{prefix}report_sr.dcm")
     return written

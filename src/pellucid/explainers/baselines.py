@@ -1,0 +1,91 @@
+"""Trivial baselines: maps that know nothing of the model. An explanation method earns trust only
+where it scores better than these; the benchmark runs them by default and the report says, per
+metric, which methods do not beat the best of them.
+
+- ``random``: a uniform random map, U(0, 1) per pixel (seeded): chance on every metric.
+- ``centre``: a centred Gaussian prior, exp(-sum_d (x_d - c_d)^2 / (2 (sigma * n_d)^2)), n_d the
+  size of axis d and c_d its centre: what a pointing game rewards when lesions sit mid-image
+  (the "centre bias" of saliency benchmarks, Judd et al. 2012).
+- ``edges``: the gradient magnitude of the input, sqrt(sum_c sum_d (d x_c / d x_d)^2) by central
+  differences: structure of the image alone (Adebayo et al. 2018 show edge detectors pass for
+  saliency maps to the eye).
+
+Each runs the model once (the clean forward that binds the target, as every method does), so that
+its rows carry the same target and output as a real method's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from pellucid.errors import ConfigError
+from pellucid.explainers.attribution import InputAttribution
+from pellucid.explainers.registry import register
+
+
+class _Baseline(InputAttribution):
+    family: ClassVar[str] = "baseline"
+    channel_maps: ClassVar[bool] = False
+
+    def attribute(self, runner, model, inputs, bound, output):
+        return self.baseline_map(inputs).to(inputs.dtype), {}
+
+    def baseline_map(self, inputs: torch.Tensor) -> torch.Tensor:
+        """(B, 1, *spatial) from the inputs alone."""
+        raise NotImplementedError
+
+
+@register
+@dataclass
+class RandomBaseline(_Baseline):
+    """Uniform random map U(0, 1), seeded: the chance level of every metric."""
+
+    seed: int = 0
+    name: ClassVar[str] = "random"
+
+    def baseline_map(self, inputs: torch.Tensor) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(int(self.seed))
+        shape = (inputs.shape[0], 1, *inputs.shape[2:])
+        return torch.rand(shape, generator=generator, dtype=torch.float64).to(inputs.device)
+
+
+@register
+@dataclass
+class CentreBaseline(_Baseline):
+    """Centred Gaussian prior, sigma a fraction of each axis: the centre bias of a dataset."""
+
+    sigma: float = 0.25
+    name: ClassVar[str] = "centre"
+
+    def baseline_map(self, inputs: torch.Tensor) -> torch.Tensor:
+        if not self.sigma > 0:
+            raise ConfigError(f"centre: sigma must be > 0 (a fraction of the image size), got "
+                              f"{self.sigma!r}")
+        spatial = inputs.shape[2:]
+        exponent = torch.zeros(spatial, dtype=torch.float64)
+        for axis, n in enumerate(spatial):
+            coords = torch.arange(n, dtype=torch.float64) - (n - 1) / 2
+            shape = [1] * len(spatial)
+            shape[axis] = n
+            exponent = exponent + (coords.view(shape) / (self.sigma * n)) ** 2 / 2
+        prior = torch.exp(-exponent)
+        return prior.expand(inputs.shape[0], 1, *spatial).to(inputs.device).clone()
+
+
+@register
+@dataclass
+class EdgesBaseline(_Baseline):
+    """Gradient magnitude of the input (central differences, summed over channels)."""
+
+    name: ClassVar[str] = "edges"
+
+    def baseline_map(self, inputs: torch.Tensor) -> torch.Tensor:
+        x = inputs.double()
+        squared = torch.zeros_like(x)
+        for dim in range(2, x.ndim):
+            if x.shape[dim] > 1:
+                squared = squared + torch.gradient(x, dim=dim)[0] ** 2
+        return squared.sum(1, keepdim=True).sqrt()
