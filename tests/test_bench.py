@@ -44,6 +44,7 @@ def _config(model: Path, methods=("gradcam", "saliency"), cases: int = 4, **extr
         "metrics": ["pointing_game", {"name": "deletion", "options": {"step": 256}},
                     "sparseness", "box_accuracy",
                     {"name": "model_randomization", "options": {"progress": False, "depth": 1}}],
+        "baselines": False,  # the tests of the runner's mechanics; the baselines have their own
     }
     cfg.update(extra)
     return cfg
@@ -206,6 +207,60 @@ def test_statistics_by_hand():
                                                         "seconds": 0.1}) or rec["budgets"][0]["method"] == "c"
 
 
+def test_against_baselines_by_hand():
+    """Method a is better than every baseline, b equals the centre prior up to noise: a beats it, b
+    does not; the p-value is scipy's one-sided Wilcoxon, Holm-adjusted; the verdict says so in
+    words and the recommendation (never a baseline) carries the caveat."""
+    from scipy.stats import wilcoxon
+
+    rng = np.random.RandomState(1)
+    rows = []
+    for case in range(12):
+        centre = 0.5 + rng.rand() * 0.2
+        values = {"a": centre + 0.3 + rng.rand() * 0.05, "b": centre + rng.normal(0, 0.02),
+                  "centre": centre, "random": 0.1 + rng.rand() * 0.05}
+        for method, value in values.items():
+            rows.append({"dataset": "d", "model": "m", "case_id": str(case), "target": "t",
+                         "method": method, "metric": "pointing_game", "category": "localization",
+                         "higher_is_better": True, "value": value,
+                         "family": "baseline" if method in ("centre", "random") else "cam",
+                         "explain_seconds": 0.1, "forwards_per_case": 1.0})
+    frame = pd.DataFrame(rows)
+    assert bstats.baseline_methods(frame) == {"centre", "random"}
+    versus = bstats.against_baselines(frame).set_index("method")
+    assert set(versus["baseline"]) == {"centre"}  # the best baseline on this metric
+    wide = frame.pivot(index="case_id", columns="method", values="value")
+    raw = [wilcoxon(wide[m] - wide["centre"], alternative="greater").pvalue for m in ("a", "b")]
+    assert versus.loc[["a", "b"], "p_value"].tolist() == pytest.approx(raw)
+    assert versus.loc[["a", "b"], "p_holm"].tolist() == pytest.approx(bstats.holm(raw))
+    assert versus.loc["a", "beats"] and not versus.loc["b", "beats"]
+    assert bstats.baseline_verdicts(versus.reset_index()) == \
+        ["On pointing_game, b does not beat the centre baseline."]
+    summ = bstats.summary(frame)
+    costq = bstats.cost_quality(frame, bstats.ranks(summ))
+    rec = bstats.recommendations(costq, versus=versus.reset_index(), baselines={"centre", "random"})[0]
+    assert rec["best"] == "a" and rec["caveats"] == []
+    frame.loc[frame["method"] == "a", "value"] = frame.loc[frame["method"] == "centre", "value"].to_numpy()
+    versus = bstats.against_baselines(frame)
+    assert not versus["beats"].any()
+    assert bstats.baseline_verdicts(versus) == ["No method beats the centre baseline on pointing_game."]
+    rec = bstats.recommendations(bstats.cost_quality(frame, bstats.ranks(bstats.summary(frame))),
+                                 versus=versus, baselines={"centre", "random"})[0]
+    assert rec["best"] in ("a", "b") and rec["caveats"] and "centre" in rec["caveats"][0]
+
+
+def test_baselines_are_in_every_benchmark_unless_turned_off(tiny_model):
+    names = [m.name for m in parse_config(_config(tiny_model, baselines=True)).methods]
+    assert names == ["gradcam", "saliency", "random", "centre", "edges"]
+    cfg = _config(tiny_model)
+    del cfg["baselines"]  # the default
+    assert [m.name for m in parse_config(cfg).methods][-3:] == ["random", "centre", "edges"]
+    assert [m.name for m in parse_config(_config(tiny_model, baselines=["centre"])).methods] == \
+        ["gradcam", "saliency", "centre"]
+    with pytest.raises(ConfigError, match="baselines: give true, false or a list"):
+        parse_config(_config(tiny_model, baselines=["gradcam"]))
+
+
 def _chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -216,9 +271,15 @@ def test_report_is_self_contained_and_renders_in_chromium(tmp_path, tiny_model):
         if os.environ.get("CI"):
             pytest.fail("chromium is not installed (make system-deps installs it)")
         pytest.skip("chromium is not installed")
-    cfg = parse_config(_config(tiny_model, cases=4))
+    cfg = parse_config(_config(tiny_model, cases=4, baselines=True))
     run_bench(cfg, tmp_path / "out", progress=False)
     html = (tmp_path / "out" / "report.html").read_text()
+    assert "Against trivial baselines" in html and "(baseline)" in html
+    versus = pd.read_csv(tmp_path / "out" / "tables" / "against_baselines.csv")
+    assert set(versus["method"]) == {"gradcam", "saliency"}  # the baselines are what is compared to
+    assert set(versus["baseline"]) <= {"random", "centre", "edges"}
+    for sentence in bstats.baseline_verdicts(versus):
+        assert sentence in html
     assert "http://" not in html and "https://" not in html  # nothing fetched from outside
     images = html.count('src="data:image/png;base64,')
     assert images >= 4  # metric charts, curves, gallery, best/worst, randomisation

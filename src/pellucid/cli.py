@@ -148,6 +148,12 @@ def explain(
     outside_intended_use: Annotated[bool, typer.Option(
         help="explain an input outside the model card's intended use (modality, body part, "
              "photometric interpretation, channels, size); every output records the override")] = False,
+    evidence: Annotated[Path | None, typer.Option(
+        help="a `pellucid bench` run of this model (same weights): each method's benchmark scores, "
+             "whether it beat the trivial baselines and its randomisation check go into "
+             "summary.json and the SR")] = None,
+    evidence_model: Annotated[str | None, typer.Option(
+        help="the model's name in the --evidence run, when it has several")] = None,
     weights: Annotated[Path | None, typer.Option(help="weights for module:factory")] = None,
     pacs: Annotated[str | None, typer.Option(help="DICOMweb URL: pull --study, explain, push back")] = None,
     study: Annotated[str | None, typer.Option(help="Study Instance UID (with --pacs)")] = None,
@@ -170,7 +176,7 @@ def explain(
             raise ConfigError(f"--sliding-window: give integers like 96,96,96, got "
                               f"{sliding_window!r}") from None
     options = CaseOptions(_split_list(method), target, layer, region, truth, reference, window,
-                          overlap, modalities, outside_intended_use)
+                          overlap, modalities, outside_intended_use, evidence, evidence_model)
     options.check()  # every option is checked before the model loads, for files and PACS alike
     if pacs is not None and input:
         raise ConfigError("give --input FILE or --pacs URL --study UID, not both")

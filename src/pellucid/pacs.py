@@ -13,6 +13,7 @@ from typing import Any
 
 from pellucid.errors import ConfigError, DataError, PellucidError
 from pellucid.pipeline import CaseOptions, explain_case, prepare_model, read_case, write_case
+from pellucid.pipeline.evidence import load_options_evidence
 
 
 class DicomWeb:
@@ -101,6 +102,7 @@ def pull_explain_push(pacs: DicomWeb, study: str, loaded, model_name: str, optio
     if loaded.card is None:
         raise ConfigError("pull-explain-push needs a model card (a zoo folder, or card.json beside "
                           "the weights) to know what the model takes")
+    evidence = load_options_evidence(loaded, options)  # refused here, before anything is pulled
     instances = pacs.retrieve_study(study)
     if not instances:
         raise DataError(pacs.url, f"study {study} has no instances")
@@ -124,7 +126,7 @@ def pull_explain_push(pacs: DicomWeb, study: str, loaded, model_name: str, optio
             try:
                 result = explain_case(model, read_case(model, path, options), options)
                 record = write_case(result, out, stem=uid, dicom=True, model_name=model_name,
-                                    model_digest=digest, card=model.card)
+                                    model_digest=digest, card=model.card, evidence=evidence)
             except PellucidError as exc:
                 summary["skipped"].append({"uid": uid, "reason": str(exc)})
                 continue

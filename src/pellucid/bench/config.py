@@ -48,7 +48,9 @@ from pellucid.errors import ConfigError
 from pellucid.pipeline.resolve import BENCH_REGIONS as REGIONS
 
 TOP_KEYS = {"name", "seed", "batch_size", "cache", "gallery", "datasets", "models", "methods",
-            "metrics", "threads"}
+            "metrics", "threads", "baselines"}
+# the trivial baselines every benchmark runs unless ``baselines: false`` (or a list of some of them)
+DEFAULT_BASELINES = ("random", "centre", "edges")
 DATASET_KEYS = {"reader", "root", "split", "cases", "options", "require"}
 MODEL_KEYS = {"datasets", "path", "train", "targets", "region", "layer", "reference",
               "sliding_window", "modality_importance"}
@@ -310,6 +312,8 @@ def parse_config(raw: dict, source: str = "<dict>") -> BenchConfig:
                                  float(reference) if reference is not None else None, window,
                                  bool(spec.get("modality_importance", False)))
     methods = _entries(source, "methods", raw["methods"], method_names(), "method")
+    methods += [Entry(b) for b in _baselines(source, raw.get("baselines", True))
+                if b not in {e.name for e in methods}]
     metrics = _entries(source, "metrics", raw["metrics"], [m["name"] for m in metric_list()],
                        "metric")
     _check_options(source, methods, metrics)
@@ -337,6 +341,20 @@ def parse_config(raw: dict, source: str = "<dict>") -> BenchConfig:
                        int(raw.get("seed", 0)), int(raw.get("batch_size", 8)),
                        bool(raw.get("cache", True)), int(raw.get("gallery", 6)),
                        raw.get("threads"), source)
+
+
+def _baselines(source: str, value: Any) -> list[str]:
+    """``baselines``: true (the default: every trivial baseline), false, or a list of them."""
+    from pellucid.explainers.registry import REGISTRY
+
+    if value is True:
+        return list(DEFAULT_BASELINES)
+    if value is False or value is None:
+        return []
+    known = [n for n in REGISTRY.names() if REGISTRY.get(n).family == "baseline"]
+    if not isinstance(value, list) or not all(isinstance(v, str) and v in known for v in value):
+        raise _err(source, "baselines", f"give true, false or a list of {known}, got {value!r}")
+    return list(value)
 
 
 def load_config(path: str | Path) -> BenchConfig:

@@ -416,7 +416,9 @@ def write_report(out: str | Path, frame: pd.DataFrame | None = None) -> Path:
     avg = stats.ranks(summ)
     tests, pairs = stats.friedman(frame)
     costq = stats.cost_quality(frame, avg)
-    recs = stats.recommendations(costq)
+    versus = stats.against_baselines(frame)
+    baselines = stats.baseline_methods(frame)
+    recs = stats.recommendations(costq, versus=versus, baselines=baselines)
     cost = frame.groupby(["dataset", "model", "method"], as_index=False).agg(
         seconds_per_case=("explain_seconds", "mean"), forwards_per_case=("forwards_per_case", "mean"),
         backward_passes=("backward_passes", "mean"), peak_memory_mb=("peak_memory_bytes", "mean"))
@@ -425,6 +427,7 @@ def write_report(out: str | Path, frame: pd.DataFrame | None = None) -> Path:
         .size().rename(columns={"size": "rows"})
     write_tables({"summary": summ, "summary_by_class": stats.summary(frame, by=["target"]),
                   "leaderboard": costq, "friedman": tests, "pairwise": pairs,
+                  "against_baselines": versus,
                   "cost": cost, "skipped": skipped,
                   "performance": pd.DataFrame(_optional("performance.json",
                                                         lambda: _performance_rows(perf), []))},
@@ -437,7 +440,11 @@ def write_report(out: str | Path, frame: pd.DataFrame | None = None) -> Path:
         task: dict[str, Any] = {"dataset": dataset, "model": model, "leaderboard": board,
                                 "charts": _metric_charts(tsumm) if not tsumm.empty else None,
                                 "curves": _curves(part),
-                                "curve_metrics": _curve_metrics(part)}
+                                "curve_metrics": _curve_metrics(part),
+                                "baseline_methods": baselines}
+        task["against_baselines"] = versus[(versus["dataset"] == dataset) & (versus["model"] == model)] \
+            if not versus.empty else pd.DataFrame()
+        task["verdicts"] = stats.baseline_verdicts(task["against_baselines"])
         task["randomization"], task["randomization_table"] = _randomization(part)
         key = f"{model}|{dataset}"
         info = task_info.get(key, {})

@@ -243,17 +243,20 @@ def _metric_hash(config: BenchConfig) -> str:
     return unit_digest(text)[:8]
 
 
-def unit_key(model: str, dataset: str, batch: int, label: str, metrics: str, seed: int) -> str:
-    """A unit's identity in the result store; a reduced precision is part of it, so a run resumed
-    under another precision never mixes its results with float32 ones."""
+def unit_key(model: str, dataset: str, batch: int, label: str, metrics: str, seed: int,
+             weights: str = "") -> str:
+    """A unit's identity in the result store; the weights' digest and a reduced precision are part
+    of it, so a run resumed after the model was retrained (same name, new weights) or under another
+    precision never mixes its results with the earlier ones."""
     from pellucid.runtime import precision_name
 
     key = f"{model}|{dataset}|{batch:04d}|{label}|{metrics}|{seed}"
+    key = f"{key}|w{weights[:16]}" if weights else key
     return key if precision_name() == "fp32" else f"{key}|{precision_name()}"
 
 
 def make_units(config: BenchConfig, model: str, folder: Path, dataset: str, cases: CaseSet,
-               mspec: ModelSpec, out: Path) -> list[Unit]:
+               mspec: ModelSpec, out: Path, weights: str = "") -> list[Unit]:
     units = []
     n = len(cases.case_ids)
     metrics = _metric_hash(config)
@@ -262,7 +265,7 @@ def make_units(config: BenchConfig, model: str, folder: Path, dataset: str, case
             continue
         for b, start in enumerate(range(0, n, config.batch_size)):
             sl = slice(start, start + config.batch_size)
-            key = unit_key(model, dataset, b, method.label, metrics, config.seed)
+            key = unit_key(model, dataset, b, method.label, metrics, config.seed, weights)
             units.append(Unit(
                 key=key, model=model, model_folder=str(folder), dataset=dataset, method=method,
                 metrics=config.metrics, x=cases.x[sl], classes=cases.classes[sl],
@@ -378,12 +381,13 @@ def run_bench(config: BenchConfig | str | Path, out: str | Path | None = None,
     tasks: dict[str, Any] = {}
     for mname, mspec, dname, dspec in iter_tasks(config):
         loaded, folder = prepare_model(mspec, out, config.seed)
+        weights = loaded.digest()
         loaded = with_window(loaded, mspec.sliding_window)
         cases = prepare_cases(dspec, mspec, loaded)
         perf_key = f"{mname}|{dname}"
         tasks[perf_key] = {"task": loaded.card.task, "region": mspec.region,
                            "reference": mspec.reference, "sliding_window": mspec.sliding_window,
-                           "channels": list(loaded.card.channel_names)}
+                           "channels": list(loaded.card.channel_names), "weights_sha256": weights}
         if mspec.modality_importance:
             modality[perf_key] = modality_importance(loaded, cases, mspec)
         try:
@@ -398,7 +402,7 @@ def run_bench(config: BenchConfig | str | Path, out: str | Path | None = None,
         except PellucidError as exc:
             performance[perf_key] = {"task": loaded.card.task, "error": str(exc)}
         gallery[perf_key] = _gallery_images(cases)
-        units += make_units(config, mname, folder, dname, cases, mspec, out)
+        units += make_units(config, mname, folder, dname, cases, mspec, out, weights)
     todo = [u for u in units if not store.done(u.key)]
     if len(todo) < len(units):
         console.print(f"resuming: {len(units) - len(todo)} of {len(units)} units already done")

@@ -10,6 +10,11 @@
   paired tests over mean-rank post-hocs).
 - ``cost_quality``: per task and method, seconds per case against the average rank; the methods on
   the Pareto front (no other method is both cheaper and better ranked).
+- ``against_baselines``: per task, metric and method, whether it beats the best trivial baseline
+  (random map, centre prior, edges; explainers/baselines.py): a one-sided Wilcoxon signed-rank
+  test over the paired (case, target) blocks, Holm-corrected over the methods of that task and
+  metric. A method that does not beat it at 0.05 is no better than a map that knows nothing of
+  the model, whatever its rank.
 """
 
 from __future__ import annotations
@@ -134,11 +139,15 @@ def cost_quality(frame: pd.DataFrame, avg_ranks: pd.DataFrame) -> pd.DataFrame:
 BUDGETS = (0.05, 0.5, 5.0)  # seconds per case
 
 
-def recommendations(costq: pd.DataFrame, budgets: tuple[float, ...] = BUDGETS) -> list[dict]:
-    """Per task: the best average rank overall and within each cost budget, from the numbers."""
+def recommendations(costq: pd.DataFrame, budgets: tuple[float, ...] = BUDGETS,
+                    versus: pd.DataFrame | None = None, baselines: frozenset[str] | set[str] = frozenset()
+                    ) -> list[dict]:
+    """Per task: the best average rank overall and within each cost budget, from the numbers; a
+    baseline is never recommended, and ``caveats`` lists the metrics on which the recommended
+    method does not beat the best baseline (``versus``: ``against_baselines``)."""
     out = []
     for (dataset, model), group in costq.groupby(TASK, sort=True):
-        group = group.dropna(subset=["average_rank"])
+        group = group[~group["method"].isin(baselines)].dropna(subset=["average_rank"])
         if group.empty:
             continue
         best = group.sort_values(["average_rank", "seconds_per_case"]).iloc[0]
@@ -153,5 +162,75 @@ def recommendations(costq: pd.DataFrame, budgets: tuple[float, ...] = BUDGETS) -
             rec["budgets"].append({"budget": budget, "method": top["method"],
                                    "rank": float(top["average_rank"]),
                                    "seconds": float(top["seconds_per_case"])})
+        rec["caveats"] = []
+        if versus is not None and not versus.empty:
+            mine = versus[(versus["dataset"] == dataset) & (versus["model"] == model)
+                          & (versus["method"] == best["method"]) & ~versus["beats"]]
+            rec["caveats"] = [f"{r.metric} (the {r.baseline} baseline scores {r.baseline_mean:.3g}, "
+                              f"{best['method']} {r.mean:.3g}; Holm p {r.p_holm:.2g})"
+                              for r in mine.itertuples()]
         out.append(rec)
+    return out
+
+
+def baseline_methods(frame: pd.DataFrame) -> set[str]:
+    """The method labels of the table that are trivial baselines (family ``baseline``)."""
+    if "family" in frame:
+        return set(frame.loc[frame["family"] == "baseline", "method"])
+    from pellucid.explainers.registry import REGISTRY
+
+    return {m for m in frame["method"].unique()
+            if m in REGISTRY.names() and REGISTRY.get(m).family == "baseline"}
+
+
+def against_baselines(frame: pd.DataFrame, alpha: float = 0.05) -> pd.DataFrame:
+    """One row per task, metric and (non-baseline) method: the best baseline on that metric (best
+    mean over the blocks every compared method scored), both means, the one-sided Wilcoxon p-value
+    of "the method is better", its Holm-adjusted value and ``beats`` (adjusted p < ``alpha``)."""
+    baselines = baseline_methods(frame)
+    rows = []
+    if not baselines:
+        return pd.DataFrame(rows)
+    keys = [*TASK, "metric"]
+    for key, group in _valid(frame).groupby(keys, sort=True):
+        wide = group.pivot_table(index=["case_id", "target"], columns="method", values="value")
+        present = [b for b in baselines if b in wide.columns]
+        methods = [m for m in wide.columns if m not in baselines]
+        if not present or not methods:
+            continue
+        higher = bool(group["higher_is_better"].iloc[0])
+        sign = 1.0 if higher else -1.0
+        base_means = {b: float(wide[b].dropna().mean()) for b in present}
+        best = max(present, key=lambda b: sign * base_means[b])
+        found = []
+        for m in methods:
+            pair = wide[[m, best]].dropna()
+            d = sign * (pair[m] - pair[best]).to_numpy()
+            if len(d) < 2 or np.allclose(d, 0):
+                p = 1.0
+            else:
+                p = float(sps.wilcoxon(d, alternative="greater").pvalue)
+            found.append(dict(zip(keys, key, strict=True), method=m, baseline=best,
+                              mean=float(pair[m].mean()) if len(pair) else float("nan"),
+                              baseline_mean=float(pair[best].mean()) if len(pair) else float("nan"),
+                              blocks=len(pair), p_value=p))
+        for row, adj in zip(found, holm([r["p_value"] for r in found]), strict=True):
+            rows.append(row | {"p_holm": adj, "beats": bool(adj < alpha)})
+    return pd.DataFrame(rows)
+
+
+def baseline_verdicts(table: pd.DataFrame) -> list[str]:
+    """Plain sentences from ``against_baselines`` for one task: per metric, which methods do not
+    beat the best baseline."""
+    out = []
+    if table.empty:
+        return out
+    for metric, group in table.groupby("metric", sort=True):
+        losers = list(group.loc[~group["beats"], "method"])
+        baseline = group["baseline"].iloc[0]
+        if len(losers) == len(group):
+            out.append(f"No method beats the {baseline} baseline on {metric}.")
+        elif losers:
+            out.append(f"On {metric}, {', '.join(losers)} do{'es' if len(losers) == 1 else ''} not "
+                       f"beat the {baseline} baseline.")
     return out

@@ -224,8 +224,10 @@ def execute_unit(unit: Unit) -> tuple[list[dict[str, Any]], dict[str, np.ndarray
     loaded = _load(unit.model_folder, unit.sliding_window)
     unit = _to_device(unit)
     n = unit.x.shape[0]
+    from pellucid.explainers.registry import REGISTRY
+
     base = {"dataset": unit.dataset, "model": unit.model, "method": unit.method.label,
-            "seed": unit.seed}
+            "family": REGISTRY.get(unit.method.name).family, "seed": unit.seed}
     explanation, failure = None, None
     try:
         explanation = explain_unit(unit, loaded)

@@ -303,6 +303,7 @@ PRIVATE_CODES = {
     "value": ("PREDVAL", "Predicted value"),
     "explanation": ("EXPLMAP", "Explanation map"),
     "share": ("MAPSHARE", "Share of the map's positive mass in the region"),
+    "evidence": ("BENCHEV", "Benchmark evidence"),
 }
 
 
@@ -346,7 +347,8 @@ def structured_report(source: Sequence[Any], model: ReportedModel, findings: Seq
                       seg: Any | None = None, overlays: dict[str, Any] | None = None,
                       notes: Sequence[str] = (), summary: str = "", series_number: int = 904,
                       uid_seed: str | None = None, regions: dict[str, ExplainedRegion] | None = None,
-                      explained: str | None = None) -> Any:
+                      explained: str | None = None, evidence: dict[str, list[str]] | None = None
+                      ) -> Any:
     """A Comprehensive 3D SR (TID 1500 Measurement Report) that states only what the model said:
     one group per finding with its score, its operating threshold and Present / Absent (SNOMED CT)
     where the card gives an operating point; one group per explanation method with its parameters,
@@ -360,7 +362,11 @@ def structured_report(source: Sequence[Any], model: ReportedModel, findings: Seq
     (a closed POLYLINE around it: an image-level output), each method's group holds ``regions``'
     box around its explained region as a TID 300 measurement (the share of the map's positive mass
     in the box), and every group a Comment naming the finding, its score, the method and the
-    model."""
+    model.
+
+    ``evidence`` (``--evidence RUN``): per method, its benchmark scores on this model as text items
+    "Benchmark evidence" (99PELLUCID BENCHEV) in the method's group, one line per metric (mean, 95 %
+    interval, whether it beat the best trivial baseline) and the randomisation check's pass rate."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
     from pydicom.sr.coding import Code
@@ -405,8 +411,12 @@ def structured_report(source: Sequence[Any], model: ReportedModel, findings: Seq
             measurements, shown = [region.measurement(source[0], method_id, made)], region
         elif planar and regions is not None:  # the caller found no region: the map was empty
             comment, shown = f"the {method} map is empty (constant): no explained region", whole
-        groups.append(_group(source, shown, f"explanation {method}", _private("explanation"),
-                             method_id, measurements, [], comment, made))
+        group = _group(source, shown, f"explanation {method}", _private("explanation"),
+                       method_id, measurements, [], comment, made)
+        for line in (evidence or {}).get(method, []):
+            group[0].ContentSequence.append(hd.sr.TextContentItem(
+                name=_private("evidence"), relationship_type="CONTAINS", value=line[:1024]))
+        groups.append(group)
     if seg is not None and not planar:  # a volume: the explained region as a referenced segment
         reference = hd.sr.ReferencedSegment(
             sop_class_uid=seg.SOPClassUID, sop_instance_uid=seg.SOPInstanceUID, segment_number=1,

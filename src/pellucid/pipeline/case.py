@@ -34,6 +34,8 @@ class CaseOptions:
     overlap: float = 0.25
     modalities: bool = False  # exact per-channel Shapley values
     outside_intended_use: bool = False  # explain an input the card does not cover, and say so
+    evidence: Path | None = None  # a `pellucid bench` run of this model: its scores go in the SR
+    evidence_model: str | None = None  # the model's name in that run, when it has several
 
     def check(self) -> None:
         """Refuse, in one line, anything that would otherwise be ignored or fail after work."""
@@ -51,6 +53,10 @@ class CaseOptions:
             raise ConfigError("--truth is the ground truth of --region fp or fn; give one of them")
         if not 0 <= self.overlap < 1:
             raise ConfigError(f"--overlap must be in [0, 1), got {self.overlap}")
+        if self.evidence is not None and not (Path(self.evidence) / "run.json").is_file():
+            raise ConfigError(f"--evidence {self.evidence}: not a pellucid bench run (no run.json)")
+        if self.evidence_model is not None and self.evidence is None:
+            raise ConfigError("--evidence-model goes with --evidence RUN")
         if self.sliding_window is None and self.overlap != 0.25:
             raise ConfigError("--overlap goes with --sliding-window")
         if self.sliding_window is not None and any(v <= 0 for v in self.sliding_window):

@@ -12,6 +12,7 @@ from typing import Any
 from pellucid import viz
 from pellucid.errors import ConfigError
 from pellucid.pipeline.case import CaseOptions, explain_case, prepare_model, read_case
+from pellucid.pipeline.evidence import load_options_evidence
 from pellucid.pipeline.outputs import write_case
 
 
@@ -20,6 +21,7 @@ def explain_files(loaded, inputs: Sequence[Path], options: CaseOptions, out: Pat
     options.check()
     if options.truth is not None and len(inputs) != 1:
         raise ConfigError("--truth goes with exactly one --input")
+    evidence = load_options_evidence(loaded, options)
     loaded = prepare_model(loaded, options)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -27,7 +29,8 @@ def explain_files(loaded, inputs: Sequence[Path], options: CaseOptions, out: Pat
     for path in inputs:
         case = read_case(loaded, Path(path), options)
         result = explain_case(loaded, case, options)
-        summary.append({"input": str(path), **write_case(result, out, stem=case.item.name, card=loaded.card)})
+        summary.append({"input": str(path), **write_case(result, out, stem=case.item.name, card=loaded.card,
+                                                         evidence=evidence)})
         images.append(case.item.original)
         for m, att in result.maps.items():
             grid_maps[m].append(att)

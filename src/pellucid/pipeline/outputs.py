@@ -19,16 +19,19 @@ from pellucid.errors import PellucidError
 from pellucid.io.dicom_objects import ExplainedRegion, Finding, ReportedModel
 from pellucid.models.card import ModelCard
 from pellucid.pipeline.case import CaseResult, describe
+from pellucid.pipeline.evidence import Evidence
 
 
 def write_case(result: CaseResult, out: Path, stem: str = "", dicom: bool = False,
-               model_name: str = "", model_digest: str = "", card: ModelCard | None = None
-               ) -> dict[str, Any]:
+               model_name: str = "", model_digest: str = "", card: ModelCard | None = None,
+               evidence: Evidence | None = None) -> dict[str, Any]:
     """Write ``result`` into ``out`` with file names ``{stem}_{method}.*`` (``{method}.*`` without a
     stem). ``dicom``: also the DICOM objects when the input was DICOM, their UIDs derived from the
     source, ``model_digest`` (the weights), the method and its options, so that a re-run yields the
     same instances. Returns the record: prediction, explained class, classes, intended use, per
-    method its files and cost, every file written, the DICOM objects and what was skipped, why."""
+    method its files and cost, every file written, the DICOM objects and what was skipped, why.
+    ``evidence`` (``--evidence RUN``): each method's benchmark scores on this model, in the record
+    and in the SR."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     item = result.case.item
@@ -42,6 +45,9 @@ def write_case(result: CaseResult, out: Path, stem: str = "", dicom: bool = Fals
                               "summary": summary_text(found, list(result.maps)),
                               "intended_use": result.case.intended_use.as_dict(), "methods": {},
                               "files": [], "dicom_objects": [], "skipped": []}
+    if evidence is not None:
+        record["evidence"] = {"run": evidence.run, "model": evidence.model,
+                              "methods": {m: evidence.lines(m) for m in result.maps}}
     seeds, overlays = {}, {}
     for number, (method, att) in enumerate(result.maps.items()):
         exp = result.explanations[method]
@@ -84,8 +90,10 @@ def write_case(result: CaseResult, out: Path, stem: str = "", dicom: bool = Fals
         if len(item.datasets) == 1 and int(getattr(item.datasets[0], "NumberOfFrames", 1) or 1) == 1:
             regions = {m: r for m, att in result.maps.items()
                        if (r := ExplainedRegion.of(att[0].cpu().numpy())) is not None}
+        lines = {m: evidence.lines(m) for m in result.maps} if evidence is not None else None
+        seed = seeds[first] + (f"|evidence {evidence.run}" if evidence is not None else "")
         objects = _write_derived(item, heat, first, reported, found, record, out, prefix, notes,
-                                 seeds[first], overlays, regions, result.explained.get("class"))
+                                 seed, overlays, regions, result.explained.get("class"), lines)
         record["dicom_objects"] += objects
         record["files"] += objects
     if result.modality_importance is not None:
@@ -184,7 +192,7 @@ def summary_text(found: list[Finding], methods: list[str]) -> str:
 def _write_derived(item, heat: np.ndarray, method: str, model: ReportedModel, found: list[Finding],
                    record: dict, out: Path, prefix: str, notes: list[str], seed: str,
                    overlays: dict[str, Any], regions: dict[str, ExplainedRegion],
-                   explained: str | None) -> list[str]:
+                   explained: str | None, evidence: dict[str, list[str]] | None) -> list[str]:
     """Parametric Map, Segmentation and SR of the first method's map. An empty (constant) map gives
     no PM and no SEG (they would store nothing as if it were a finding); the SR then says so."""
     from pellucid.io import dicom_objects as objects
@@ -218,7 +226,7 @@ def _write_derived(item, heat: np.ndarray, method: str, model: ReportedModel, fo
                for m, e in record["methods"].items()}
     sr = objects.structured_report(source, model, found, methods, pmap, seg, overlays, notes=notes,
                                    summary=record["summary"], uid_seed=seed + "|sr",
-                                   regions=regions, explained=explained)
+                                   regions=regions, explained=explained, evidence=evidence)
     sr.save_as(out / f"{prefix}report_sr.dcm")
     written.append(f"{prefix}report_sr.dcm")
     return written
