@@ -410,3 +410,23 @@ def test_the_report_states_only_findings_the_model_made(chest_model, shared_data
     assert all(f["present"] is None for f in record["findings"])
     assert record["summary"].startswith("Not judged (no operating threshold in the model card)")
     assert _presence(pydicom.dcmread(tmp_path / "b" / "report_sr.dcm")) == {}
+
+
+def test_built_in_finding_codes_are_dicoms_own_snomed_codes():
+    """Every standard code pellucid's readers declare is the one DICOM's code tables (as pydicom
+    ships them) give under that meaning; a model trained on the chest phantoms carries the codes
+    of its own classes into its card, and its SR codes the finding with them."""
+    from pydicom.sr.codedict import codes
+
+    from pellucid.data import open_dataset
+    from pellucid.data.base import CHEST_FINDING_CODES
+    from pellucid.models.train import subset
+
+    for name, (scheme, value, meaning) in CHEST_FINDING_CODES.items():
+        standard = getattr(codes.SCT, meaning.title().replace(" ", ""))
+        assert (scheme, value, meaning) == ("SCT", standard.value, standard.meaning), name
+    ds = subset(open_dataset("phantom-chest", split="train", n=8, size=32), 4)
+    assert ds.finding_codes["Nodule"] == ["SCT", "27925004", "Nodule"]
+    found = objects.Finding("Nodule", 0.7, threshold=0.5, present=True,
+                            code=tuple(CHEST_FINDING_CODES["Nodule"]))
+    assert found.concept().value == "27925004" and found.concept().scheme_designator == "SCT"

@@ -202,11 +202,14 @@ def explain(
     from pellucid.pipeline.case import describe
 
     for row in explain_files(loaded, input, options, out):
-        text = describe(row["prediction"], row["explained"])
-        console.print(f"{row['input']}: {text} -> {', '.join(row['files'])}")
-        if "modality_importance" in row:
-            shap = row["modality_importance"]["shapley"]
-            console.print("  modality Shapley: " + ", ".join(f"{k} {v:+.3f}" for k, v in shap.items()))
+        for number, case in enumerate(row.get("frames", [row]), start=1):  # a multi-frame: per frame
+            where = f" frame {number}" if "frames" in row else ""
+            text = describe(case["prediction"], case["explained"])
+            console.print(f"{row['input']}{where}: {text} -> {', '.join(case['files'])}")
+            if "modality_importance" in case:
+                shap = case["modality_importance"]["shapley"]
+                console.print("  modality Shapley: " + ", ".join(f"{k} {v:+.3f}"
+                                                                 for k, v in shap.items()))
 
 
 @app.command()

@@ -14,6 +14,7 @@ from typing import Any
 from pellucid.errors import ConfigError, DataError, PellucidError
 from pellucid.pipeline import CaseOptions, explain_case, prepare_model, read_case, write_case
 from pellucid.pipeline.evidence import load_options_evidence
+from pellucid.pipeline.frames import multiframe_for_2d, read_frames, write_frames
 
 
 class DicomWeb:
@@ -124,20 +125,28 @@ def pull_explain_push(pacs: DicomWeb, study: str, loaded, model_name: str, optio
                 ds.save_as(Path(tmp) / f"{k:05d}.dcm", enforce_file_format=True)
             path = Path(tmp) if len(datasets) > 1 else Path(tmp) / "00000.dcm"
             try:
-                result = explain_case(model, read_case(model, path, options), options)
-                record = write_case(result, out, stem=uid, dicom=True, model_name=model_name,
-                                    model_digest=digest, card=model.card, evidence=evidence)
+                if multiframe_for_2d(model, path):  # each frame a case of its own
+                    results = [explain_case(model, case, options)
+                               for case in read_frames(model, path, options)]
+                    record = write_frames(results, out, uid, True, model_name, digest, model.card,
+                                          evidence)
+                else:
+                    result = explain_case(model, read_case(model, path, options), options)
+                    record = write_case(result, out, stem=uid, dicom=True, model_name=model_name,
+                                        model_digest=digest, card=model.card, evidence=evidence)
             except PellucidError as exc:
                 summary["skipped"].append({"uid": uid, "reason": str(exc)})
                 continue
         records.append({"uid": uid, **record})
         produced = [pydicom.dcmread(out / name) for name in record["dicom_objects"]]
-        produced += [pydicom.dcmread(out / e["dicom"]) for e in record["methods"].values()
+        produced += [pydicom.dcmread(out / e["dicom"]) for e in record.get("methods", {}).values()
                      if "dicom" in e]
         summary["stored"] += pacs.store(produced)
-        summary["explained"].append({"uid": uid, "prediction": record["prediction"],
-                                     "findings": record["summary"], "objects": len(produced),
-                                     "skipped": record["skipped"]})
+        answers = record.get("frames", [record])
+        summary["explained"].append({"uid": uid, "prediction": [a["prediction"] for a in answers]
+                                     if "frames" in record else record["prediction"],
+                                     "findings": " | ".join(a["summary"] for a in answers),
+                                     "objects": len(produced), "skipped": record["skipped"]})
     (out / "summary.json").write_text(json.dumps(records, indent=2, default=float) + "\n")
     return summary
 

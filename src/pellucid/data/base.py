@@ -23,6 +23,20 @@ STACKED_KEYS = ("image", "label", "mask")
 CHEST_RADIOGRAPH = {"modalities": ["CR", "DX"], "body_parts": ["CHEST"],
                     "photometric": ["MONOCHROME1", "MONOCHROME2"], "channels": [1]}
 
+# SNOMED CT codes of the findings that DICOM's own code tables (PS3.16, as pydicom ships them) name,
+# checked against them by tests/test_models.py; the others (atelectasis, infiltration, pneumonia,
+# consolidation, emphysema, pleural thickening, hernia) stay in pellucid's scheme until a card
+# maps them, since a wrong code in a hospital's records is worse than a private one
+CHEST_FINDING_CODES: dict[str, list[str]] = {
+    "Cardiomegaly": ["SCT", "287272002", "Cardiomegaly"],
+    "Effusion": ["SCT", "60046008", "Pleural effusion"],
+    "Mass": ["SCT", "4147007", "Mass"],
+    "Nodule": ["SCT", "27925004", "Nodule"],
+    "Pneumothorax": ["SCT", "36118008", "Pneumothorax"],
+    "Edema": ["SCT", "19242006", "Pulmonary edema"],
+    "Fibrosis": ["SCT", "112674009", "Fibrosis"],
+}
+
 
 def brain_mri(channels: int) -> dict[str, Any]:
     """Brain MRI with ``channels`` sequences stacked as channels."""
@@ -42,6 +56,9 @@ class PellucidDataset(Dataset):
     # the inputs a model trained on this data is meant for (copied into its card; see
     # pellucid.models.card.INTENDED_USE_KEYS); empty: the data does not say
     intended_use: ClassVar[dict[str, Any]] = {}
+    # standard codes of the classes (class -> [scheme, value, meaning]), copied into the card's
+    # finding_codes for the SR; a class without one is coded in pellucid's own scheme
+    finding_codes: ClassVar[dict[str, list[str]]] = {}
 
     @property
     def in_channels(self) -> int:

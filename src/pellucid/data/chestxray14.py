@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pellucid.data.base import CHEST_RADIOGRAPH, PellucidDataset
+from pellucid.data.base import CHEST_FINDING_CODES, CHEST_RADIOGRAPH, PellucidDataset
 from pellucid.data.splits import DEFAULT_FRACTIONS, check_split, group_split
 from pellucid.data.transforms import resize_image
 from pellucid.errors import DataError
@@ -64,6 +64,7 @@ class ChestXray14(PellucidDataset):
     mask_names = FINDINGS
     channel_names = ("X-ray",)
     intended_use = CHEST_RADIOGRAPH
+    finding_codes = CHEST_FINDING_CODES
     multilabel = True
     spatial_dims = 2
 

@@ -58,8 +58,10 @@ def _reader_units(source: MedicalImage, in_channels: int, spatial_dims: int) -> 
         if source.datasets and int(getattr(source.datasets[0], "SamplesPerPixel", 1)) == 3 \
                 and arr.shape[0] == 3:
             arr = arr.mean(0, keepdim=True)  # colour to luminance
-        if arr.ndim == 4 and spatial_dims == 2:  # a multi-frame file for a 2D model: middle frame
-            arr = arr[:, arr.shape[1] // 2]
+        if arr.ndim == 4 and spatial_dims == 2:  # never one frame standing for all of them
+            raise DataError(source.path, f"a multi-frame image ({arr.shape[1]} frames) for a 2D "
+                                         f"model: each frame is a case of its own (pellucid "
+                                         f"explain --input and --pacs explain them frame by frame)")
         return torch.from_numpy(minmax_unit(arr.numpy()))
     if source.kind == "nifti":
         return zscore_nonzero(arr)

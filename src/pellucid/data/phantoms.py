@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from pellucid.data.base import CHEST_RADIOGRAPH, PellucidDataset, brain_mri
+from pellucid.data.base import CHEST_FINDING_CODES, CHEST_RADIOGRAPH, PellucidDataset, brain_mri
 from pellucid.errors import ConfigError
 
 CHEST_FINDINGS = ("Cardiomegaly", "Nodule", "Consolidation")
@@ -105,6 +105,7 @@ class ChestPhantom(_PhantomBase):
     mask_names = CHEST_FINDINGS
     channel_names = ("X-ray",)
     intended_use = CHEST_RADIOGRAPH
+    finding_codes = CHEST_FINDING_CODES  # (train keeps the codes of its own classes)
     multilabel = True
     spatial_dims = 2
 

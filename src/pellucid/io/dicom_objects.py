@@ -318,6 +318,7 @@ class Finding:
     threshold: float | None = None
     present: bool | None = None
     code: tuple[str, str, str] | None = None  # (scheme, value, meaning) where the card maps one
+    frame: int | None = None  # the frame (from 1) of a multi-frame source it is about
 
     def concept(self) -> Any:
         from pydicom.sr.coding import Code
@@ -395,8 +396,10 @@ def structured_report(source: Sequence[Any], model: ReportedModel, findings: Seq
             name=presence, value=codes.SCT.Present if f.present else codes.SCT.Absent)]
         version = f" {model.version}" if model.version else ""
         groups.append(_group(
-            source, whole if planar else None, f"finding {f.name}", f.concept(), algorithm,
-            measurements, evaluations, f"{_finding_words(f)}; model {model.name}{version}"))
+            source, whole if planar else None,
+            f"finding {f.name}" + (f" frame {f.frame}" if f.frame else ""), f.concept(), algorithm,
+            measurements, evaluations, f"{_finding_words(f)}; model {model.name}{version}",
+            frame=f.frame))
     for number, (method, options) in enumerate(methods.items()):
         method_id = hd.sr.AlgorithmIdentification(
             name=f"pellucid {method}", version=__version__,
@@ -499,7 +502,7 @@ class ExplainedRegion:
 
 def _group(source: Sequence[Any], region: ExplainedRegion | None, tracking: str, finding: Any,
            algorithm: Any, measurements: list[Any], evaluations: list[Any], comment: str,
-           made: Sequence[Any] = ()) -> Any:
+           made: Sequence[Any] = (), frame: int | None = None) -> Any:
     """One measurement group. On a single-frame image a TID 1410 planar ROI group whose region is
     ``region`` (a viewer draws it and lists the group by its Comment); otherwise (a volume, a
     multi-frame image) a TID 1501 group referencing the source images and the objects ``made``."""
@@ -522,7 +525,9 @@ def _group(source: Sequence[Any], region: ExplainedRegion | None, tracking: str,
             number.ContentSequence.append(scoord)
         _comment(group, comment)
         return group
-    images = [hd.sr.SourceImageForMeasurementGroup.from_source_image(ds) for ds in source] + [
+    frames = {"referenced_frame_numbers": [frame]} if frame else {}
+    images = [hd.sr.SourceImageForMeasurementGroup.from_source_image(ds, **frames)
+              for ds in source] + [
         hd.sr.SourceImageForMeasurementGroup(referenced_sop_class_uid=o.SOPClassUID,
                                              referenced_sop_instance_uid=o.SOPInstanceUID)
         for o in made]
@@ -547,9 +552,10 @@ def _finding_words(f: Finding) -> str:
     """A finding as the report states it, never more than the model said."""
     verdict = {True: "present", False: "absent", None: "not judged"}[f.present]
     cut = "" if f.threshold is None else f", threshold {f.threshold:.2f}"
+    where = f" in frame {f.frame}" if f.frame else ""
     if f.kind == "value":
-        return f"{f.name}: value {f.score:.4g}"
-    return f"{f.name} {verdict} ({f.kind} {f.score:.2f}{cut})"
+        return f"{f.name}{where}: value {f.score:.4g}"
+    return f"{f.name} {verdict}{where} ({f.kind} {f.score:.2f}{cut})"
 
 
 def _region_comment(stated: Finding | None, explained: str | None, method: str,

@@ -160,6 +160,8 @@ def train(train_ds: PellucidDataset, config: TrainConfig, val_ds: PellucidDatase
         normalization=_channel_stats(train_ds, config.normalize_samples),
         default_layer=built.default_layer, pellucid_version=__version__,
         seed=config.seed, intended_use=dict(getattr(train_ds, "intended_use", {})),
+        finding_codes={k: list(v) for k, v in getattr(train_ds, "finding_codes", {}).items()
+                       if k in names},
         training={"dataset": dataset_name or type(train_ds).__name__, "n_train": len(train_ds),
                   "n_val": len(val_ds) if val_ds is not None else 0, "epochs": config.epochs,
                   "batch_size": config.batch_size, "lr": config.lr, "max_steps": config.max_steps},
@@ -218,7 +220,7 @@ def subset(ds: PellucidDataset, indices: int | Sequence[int]) -> PellucidDataset
     keep = range(min(indices, len(ds))) if isinstance(indices, int) else list(indices)
     sub = Subset(ds, keep)
     for attr in ("task", "class_names", "mask_names", "channel_names", "multilabel", "spatial_dims",
-                 "intended_use"):
+                 "intended_use", "finding_codes"):
         setattr(sub, attr, getattr(ds, attr))
     sub.in_channels = ds.in_channels  # type: ignore[attr-defined]
     return sub  # type: ignore[return-value]

@@ -13,6 +13,7 @@ from pellucid import viz
 from pellucid.errors import ConfigError
 from pellucid.pipeline.case import CaseOptions, explain_case, prepare_model, read_case
 from pellucid.pipeline.evidence import load_options_evidence
+from pellucid.pipeline.frames import multiframe_for_2d, read_frames, write_frames
 from pellucid.pipeline.outputs import write_case
 
 
@@ -27,14 +28,24 @@ def explain_files(loaded, inputs: Sequence[Path], options: CaseOptions, out: Pat
     out.mkdir(parents=True, exist_ok=True)
     summary, images, grid_maps = [], [], {m: [] for m in options.methods}
     for path in inputs:
-        case = read_case(loaded, Path(path), options)
-        result = explain_case(loaded, case, options)
-        summary.append({"input": str(path), **write_case(result, out, stem=case.item.name, card=loaded.card,
-                                                         evidence=evidence)})
-        images.append(case.item.original)
-        for m, att in result.maps.items():
-            grid_maps[m].append(att)
-    if len(inputs) > 1 or len(options.methods) > 1:
-        viz.save(viz.grid(images, grid_maps, [Path(p).name for p in inputs]), out / "grid.png")
+        if multiframe_for_2d(loaded, Path(path)):  # each frame of a multi-frame image on its own
+            results = [explain_case(loaded, case, options)
+                       for case in read_frames(loaded, Path(path), options)]
+            summary.append({"input": str(path), **write_frames(
+                results, out, Path(path).stem, False, "", "", loaded.card, evidence)})
+        else:
+            results = [explain_case(loaded, read_case(loaded, Path(path), options), options)]
+            summary.append({"input": str(path), **write_case(results[0], out,
+                                                             stem=results[0].case.item.name,
+                                                             card=loaded.card, evidence=evidence)})
+        for result in results:
+            images.append(result.case.item.original)
+            for m, att in result.maps.items():
+                grid_maps[m].append(att)
+    if len(images) > 1 or len(options.methods) > 1:
+        names = [r.get("input", "") for r in summary for _ in r.get("frames", [r])]
+        names = [f"{Path(n).name} {k + 1}" if names.count(n) > 1 else Path(n).name
+                 for k, n in enumerate(names)]
+        viz.save(viz.grid(images, grid_maps, names), out / "grid.png")
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
     return summary

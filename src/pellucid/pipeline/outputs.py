@@ -175,7 +175,8 @@ def summary_text(found: list[Finding], methods: list[str]) -> str:
     def score(f: Finding) -> str:
         label = {"probability": "p", "fraction": "fraction", "value": "value"}[f.kind]
         cut = "" if f.threshold is None else f" {'>=' if f.present else '<'} threshold {f.threshold:.2f}"
-        return f"{f.name} ({label} {f.score:.2f}{cut})"
+        where = f" in frame {f.frame}" if f.frame else ""
+        return f"{f.name}{where} ({label} {f.score:.2f}{cut})"
 
     present = [score(f) for f in found if f.present]
     absent = [score(f) for f in found if f.present is False]
