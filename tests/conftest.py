@@ -71,7 +71,8 @@ HEAVY_FIXTURES = {"chest_model", "brain_unet", "tiny_model", "unet3d", "review_r
                   "server", "service", "orthanc", "postgres_server", "db_url", "throwaway"}
 # modules whose tests train or run benchmarks inline
 HEAVY_MODULES = {"test_training", "test_bench", "test_seed_systems", "test_metrics_vs_peers",
-                 "test_sliding_window", "test_service_hardening", "test_pacs"}
+                 "test_sliding_window", "test_service_hardening", "test_pacs", "test_evidence",
+                 "test_frames", "test_viewer"}
 
 
 def pytest_collection_modifyitems(config, items):

@@ -150,8 +150,12 @@ def test_readme_counts_and_docs_come_from_the_registries():
     readme = (ROOT / "README.md").read_text()
     stated = re.search(r"Its (\d+) metrics", readme)
     assert stated and int(stated.group(1)) == len(METRICS.names()), "README metric count"
+    baselines = [n for n in METHODS.names() if METHODS.get(n).family == "baseline"]
     stated = re.search(r"(\d+) explanation methods", readme)
-    assert stated and int(stated.group(1)) == len(METHODS.names()), "README method count"
+    assert stated and int(stated.group(1)) == len(METHODS.names()) - len(baselines), \
+        "README method count"
+    stated = re.search(r"(\d+) trivial baselines", readme)
+    assert stated and int(stated.group(1)) == len(baselines), "README baseline count"
     metrics_doc = (ROOT / "docs" / "metrics.md").read_text()
     assert [n for n in METRICS.names() if f"`{n}`" not in metrics_doc] == []
     methods_doc = ((ROOT / "docs" / "cams.md").read_text() + (ROOT / "docs" / "attribution.md")

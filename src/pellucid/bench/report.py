@@ -324,6 +324,9 @@ def _performance_rows(perf: dict) -> list[dict[str, Any]]:
                   "mean_dice", "mean_hd95", "mae", "rmse", "r2", "c_index"):
             if k in rep:
                 row[k] = rep[k]
+            if k == "macro_auroc" and rep.get("macro_auroc_ci"):
+                lo, hi = rep["macro_auroc_ci"]
+                row["macro_auroc 95% CI"] = f"{lo:.3f} to {hi:.3f}"
         rows.append(row)
     return rows
 
@@ -474,8 +477,11 @@ def write_report(out: str | Path, frame: pd.DataFrame | None = None) -> Path:
         frames = _optional("review/summary.json", lambda: {
             k: pd.DataFrame(v) for k, v in review["tables"].items()}, None)
         review = dict(review, frames=frames) if frames is not None else None
+    from pellucid.models.performance import chance_warnings
+
     html = env.get_template("report.html.j2").render(
         run=run, tasks=tasks, performance=perf_rows, recommendations=recs,
+        warnings=_optional("performance.json", lambda: chance_warnings(perf), []),
         cost=cost, skipped=skipped, rows=len(frame), review=review)
     path = out / "report.html"
     path.write_text(html)

@@ -110,9 +110,14 @@ class ChestPhantom(_PhantomBase):
     spatial_dims = 2
 
     def __init__(self, n: int = 512, size: int = 128, seed: int = 0,
-                 finding_probability: float = 0.4, noise: float = 0.03) -> None:
+                 finding_probability: float = 0.4, noise: float = 0.03,
+                 nodule_at: str = "lung") -> None:
         super().__init__(n, size, seed)
+        if nodule_at not in ("lung", "centre"):
+            raise ConfigError(f"nodule_at must be 'lung' or 'centre', got {nodule_at!r}")
         self.finding_probability, self.noise = finding_probability, noise
+        # "centre": every nodule at the image centre (a dataset whose lesions a centre prior finds)
+        self.nodule_at = nodule_at
 
     def __getitem__(self, index: int) -> dict:
         rng = self._rng(index)
@@ -155,6 +160,8 @@ class ChestPhantom(_PhantomBase):
             (cy, cx), (ry, rx), lung = lungs[rng.integers(2)]
             r = rng.uniform(0.03, 0.05)
             centre = (cy + rng.uniform(-0.5, 0.5) * (ry - r), cx + rng.uniform(-0.4, 0.4) * (rx - r))
+            if self.nodule_at == "centre":
+                centre = (0.5 + rng.uniform(-0.02, 0.02), 0.5 + rng.uniform(-0.02, 0.02))
             nodule = _ellipsoid_distance(grid, centre, (r, r)) <= 1
             img[nodule] += 0.35
             masks[1] = nodule

@@ -70,11 +70,62 @@ def classification_report(probs: np.ndarray, labels: np.ndarray, class_names: Se
         vals = [v[key] for v in per_class.values() if not np.isnan(v[key])]
         return float(np.mean(vals)) if vals else float("nan")
     report = {f"macro_{m}": macro(m) for m in ("auroc", "accuracy", "precision", "recall", "f1")}
+    report["macro_auroc_ci"] = macro_auroc_interval(probs, labels)
     if not multilabel:
         report["accuracy"] = float((probs.argmax(1) == labels.argmax(1)).mean())
     report["per_class"] = per_class
     report["n"] = len(probs)
     return report
+
+
+def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
+    """AUROC as the Mann-Whitney statistic: (R_pos - n_pos (n_pos + 1) / 2) / (n_pos n_neg), R_pos
+    the sum of the positives' mid-ranks (ties count one half); NaN without both classes."""
+    from scipy.stats import rankdata
+
+    n_pos = int(positive.sum())
+    n_neg = len(positive) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    ranks = rankdata(scores)
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def macro_auroc_interval(probs: np.ndarray, labels: np.ndarray, resamples: int = 1000,
+                         seed: int = 0, level: float = 0.95) -> list[float]:
+    """The percentile bootstrap interval of the macro AUROC over cases (resampled with
+    replacement; a class without both labels in a resample is left out of its mean)."""
+    probs, labels = np.asarray(probs, np.float64), np.asarray(labels) > 0.5
+    rng = np.random.default_rng(seed)
+    n, values = len(probs), []
+    for _ in range(resamples):
+        idx = rng.integers(0, n, n)
+        per = [auroc(probs[idx, c], labels[idx, c]) for c in range(probs.shape[1])]
+        per = [v for v in per if not np.isnan(v)]
+        if per:
+            values.append(float(np.mean(per)))
+    if not values:
+        return [float("nan"), float("nan")]
+    alpha = (1 - level) / 2
+    return [float(np.quantile(values, alpha)), float(np.quantile(values, 1 - alpha))]
+
+
+def chance_warnings(performance: dict) -> list[str]:
+    """Plain sentences for the tasks whose model performs near chance: its macro AUROC interval
+    includes 0.5. Its explanations then say little about any finding."""
+    out = []
+    for key, info in performance.items():
+        report = info.get("report") if isinstance(info, dict) else None
+        interval = (report or {}).get("macro_auroc_ci")
+        if not interval or any(v is None or np.isnan(v) for v in interval):
+            continue
+        lo, hi = interval
+        if lo <= 0.5 <= hi:
+            model, dataset = key.split("|") if "|" in key else (key, "")
+            out.append(f"The model {model} performs near chance on {dataset}: macro AUROC "
+                       f"{report['macro_auroc']:.2f} (95% CI {lo:.2f} to {hi:.2f}) includes 0.5. "
+                       f"Its explanations say little about the findings; improve the model first.")
+    return out
 
 
 def dice_per_case(pred: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
