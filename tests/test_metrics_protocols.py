@@ -92,3 +92,50 @@ def test_metric_errors():
                           metrics=[("faithfulness_correlation", {"subset_size": 999})])
     with pytest.raises(ConfigError, match=r"metric 'road' has no option 'percent'; options: fractions"):
         pellucid.evaluate(model, x, a, target=0, metrics=[("road", {"percent": 3})])
+
+
+def _score(metric: str, a: torch.Tensor, masks: torch.Tensor, **options) -> torch.Tensor:
+    result = pellucid.evaluate(None, torch.zeros_like(a), a, metrics=[(metric, options)],
+                               masks=masks)
+    return result[metric].scores
+
+
+def test_pointing_game_ties_any_and_first_argmax_by_hand():
+    """Two equal maxima, the first (in C order) outside the mask and the second inside: a hit when
+    any maximum counts (Quantus), a miss when only the first argmax does (TorchRay)."""
+    a = torch.zeros(2, 1, 6, 6)
+    a[:, 0, 0, 0] = a[:, 0, 4, 4] = 1.0
+    masks = torch.zeros(2, 6, 6)
+    masks[0, 4, 4] = 1  # only the second maximum inside
+    masks[1, 0, 0] = 1  # only the first
+    assert _score("pointing_game", a, masks).tolist() == [1.0, 1.0]
+    flat = a.reshape(2, -1)
+    by_hand = [float(masks[i].reshape(-1)[int(flat[i].argmax())]) for i in range(2)]
+    assert _score("pointing_game", a, masks, ties="first").tolist() == by_hand == [0.0, 1.0]
+    with pytest.raises(ConfigError, match="ties must be"):
+        _score("pointing_game", a, masks, ties="last")
+
+
+def test_skimage_otsu_iou_equals_threshold_otsu():
+    from skimage.filters import threshold_otsu
+
+    rng = np.random.default_rng(0)
+    a = torch.from_numpy(rng.gamma(2.0, 1.0, (4, 1, 24, 20))).float()
+    masks = torch.from_numpy(rng.random((4, 24, 20)) < 0.3)
+    ious = _score("iou", a, masks, otsu="skimage")
+    for i in range(4):
+        pred = a[i, 0].numpy() > threshold_otsu(a[i, 0].numpy())
+        truth = masks[i].numpy()
+        assert ious[i].item() == pytest.approx((pred & truth).sum() / (pred | truth).sum(), abs=1e-6)
+    assert not torch.allclose(ious, _score("iou", a, masks))  # pellucid's own binning differs
+
+
+def test_energy_pointing_game_normalisations_by_hand():
+    a = torch.tensor([[[[2.0, -1.0], [1.0, 0.5]]]])
+    masks = torch.tensor([[[1.0, 1.0], [0.0, 0.0]]])
+    assert _score("energy_pointing_game", a, masks).item() == pytest.approx(2 / 3.5)  # clip
+    assert _score("energy_pointing_game", a, masks, normalise="none").item() == \
+        pytest.approx((2 - 1) / 2.5)
+    scaled = np.array([2.0, 0.0, 1.0, 0.5]) / 2.0  # clipped, then min-max (min 0, max 2)
+    assert _score("energy_pointing_game", a, masks, normalise="clip_minmax").item() == \
+        pytest.approx(scaled[:2].sum() / scaled.sum())

@@ -55,9 +55,13 @@ def dilate(masks: torch.Tensor, radius: int) -> torch.Tensor:
 @register
 @dataclass
 class PointingGame(Metric):
-    """Pointing game: is a maximum of the map inside the (tolerance-dilated) mask?"""
+    """Pointing game: is a maximum of the map inside the (tolerance-dilated) mask?
+
+    ``ties``: ``any`` (a hit when any of several equal maxima is inside, as Quantus) or ``first``
+    (only the first maximum in C order counts, as ``argmax`` does in TorchRay)."""
 
     tolerance: int = 0
+    ties: str = "any"
     name: ClassVar[str] = "pointing_game"
     gallery_rank: ClassVar[int | None] = 1
     category: ClassVar[str] = "localization"
@@ -65,10 +69,16 @@ class PointingGame(Metric):
     needs: ClassVar[frozenset[str]] = frozenset({"mask"})
 
     def compute(self, ctx: Context) -> MetricResult:
+        if self.ties not in ("any", "first"):
+            raise ConfigError(f"pointing_game: ties must be 'any' or 'first', got {self.ties!r}")
         masks = dilate(ctx.masks.bool(), self.tolerance)
         b = masks.shape[0]
         a = ctx.attributions.reshape(b, -1)
-        peak = a == a.amax(1, keepdim=True)
+        if self.ties == "first":
+            peak = torch.zeros_like(a, dtype=torch.bool)
+            peak[torch.arange(b, device=a.device), a.argmax(1)] = True
+        else:
+            peak = a == a.amax(1, keepdim=True)
         hit = (peak & masks.reshape(b, -1)).any(1)
         empty = ctx.masks.reshape(b, -1).sum(1) == 0
         return MetricResult(self.name, _nan_where(hit, empty))
@@ -77,8 +87,13 @@ class PointingGame(Metric):
 @register
 @dataclass
 class EnergyPointingGame(Metric):
-    """Energy-based pointing game: share of the positive map's energy inside the mask."""
+    """Energy-based pointing game: share of the map's energy inside the mask.
 
+    ``normalise`` the map first: ``clip`` (negative values to 0: the default, Score-CAM's code),
+    ``none`` (the raw map: a signed map's negative part counts against), or ``clip_minmax`` (clip,
+    then min-max to [0, 1] per sample, as pytorch-grad-cam's ``scale_cam_image`` hands a map out)."""
+
+    normalise: str = "clip"
     name: ClassVar[str] = "energy_pointing_game"
     gallery_rank: ClassVar[int | None] = 0
     category: ClassVar[str] = "localization"
@@ -87,8 +102,16 @@ class EnergyPointingGame(Metric):
 
     def compute(self, ctx: Context) -> MetricResult:
         a, m, empty = _flat(ctx)
-        a = a.clamp_min(0)
-        score = (a * m).sum(1) / a.sum(1).clamp_min(1e-12)
+        if self.normalise not in ("clip", "none", "clip_minmax"):
+            raise ConfigError(f"energy_pointing_game: normalise must be 'clip', 'none' or "
+                              f"'clip_minmax', got {self.normalise!r}")
+        if self.normalise != "none":
+            a = a.clamp_min(0)
+        if self.normalise == "clip_minmax":
+            lo = a.amin(1, keepdim=True)
+            a = (a - lo) / (a.amax(1, keepdim=True) - lo).clamp_min(1e-12)
+        total = a.sum(1)
+        score = (a * m).sum(1) / (total.clamp_min(1e-12) if self.normalise != "none" else total)
         return MetricResult(self.name, _nan_where(score, empty))
 
 
@@ -132,6 +155,27 @@ class RelevanceRank(Metric):
         return MetricResult(self.name, _nan_where(score, empty))
 
 
+def otsu_threshold_skimage(values: torch.Tensor, bins: int = 256) -> torch.Tensor:
+    """Otsu's threshold of each row as ``skimage.filters.threshold_otsu`` computes it for float
+    images: a ``bins``-bin histogram over [min, max], the threshold the centre of the bin that
+    maximises w1 w2 (mu1 - mu2)^2 between the bins up to it and those after it."""
+    out = []
+    for row in values.double():
+        lo, hi = row.min(), row.max()
+        if lo == hi:
+            out.append(lo)
+            continue
+        hist = torch.histc(row, bins, float(lo), float(hi))
+        edges = torch.linspace(float(lo), float(hi), bins + 1, dtype=torch.float64)
+        centres = (edges[:-1] + edges[1:]) / 2
+        w1, w2 = hist.cumsum(0), hist.flip(0).cumsum(0).flip(0)
+        m1 = (hist * centres).cumsum(0) / w1.clamp_min(1e-300)
+        m2 = ((hist * centres).flip(0).cumsum(0) / w2.flip(0).clamp_min(1e-300)).flip(0)
+        between = w1[:-1] * w2[1:] * (m1[:-1] - m2[1:]) ** 2
+        out.append(centres[int(torch.argmax(between))])
+    return torch.stack(out).to(values.dtype)[:, None]
+
+
 def otsu_threshold(values: torch.Tensor, bins: int = 256) -> torch.Tensor:
     """Otsu's threshold of each row (maximises the between-class variance over ``bins`` levels)."""
     lo, hi = values.amin(1, keepdim=True), values.amax(1, keepdim=True)
@@ -148,11 +192,14 @@ def otsu_threshold(values: torch.Tensor, bins: int = 256) -> torch.Tensor:
     return lo + (best + 0.5) / (bins - 1) * (hi - lo)
 
 
-def binarise(a: torch.Tensor, method: str, value: float) -> torch.Tensor:
+def binarise(a: torch.Tensor, method: str, value: float, otsu: str = "pellucid") -> torch.Tensor:
     """(B, N) maps to masks: ``otsu``, ``threshold`` (of the min-max scaled map) or ``topk``
-    (the ``value`` fraction of highest pixels)."""
+    (the ``value`` fraction of highest pixels). ``otsu``: ``pellucid`` (256 rounded levels of the
+    min-max map) or ``skimage`` (``skimage.filters.threshold_otsu``'s 256 bins)."""
     if method == "otsu":
-        return a > otsu_threshold(a)
+        if otsu not in ("pellucid", "skimage"):
+            raise ConfigError(f"otsu must be 'pellucid' or 'skimage', got {otsu!r}")
+        return a > (otsu_threshold(a) if otsu == "pellucid" else otsu_threshold_skimage(a))
     lo, hi = a.amin(1, keepdim=True), a.amax(1, keepdim=True)
     scaled = (a - lo) / (hi - lo).clamp_min(1e-12)
     if method == "threshold":
@@ -168,13 +215,14 @@ def binarise(a: torch.Tensor, method: str, value: float) -> torch.Tensor:
 class _Overlap(Metric):
     binarise: str = "otsu"
     value: float = 0.5
+    otsu: str = "pellucid"  # or "skimage": scikit-image's threshold_otsu
     category: ClassVar[str] = "localization"
     higher_is_better: ClassVar[bool] = True
     needs: ClassVar[frozenset[str]] = frozenset({"mask"})
 
     def compute(self, ctx: Context) -> MetricResult:
         a, m, empty = _flat(ctx)
-        pred = binarise(a, self.binarise, self.value)
+        pred = binarise(a, self.binarise, self.value, self.otsu)
         inter = (pred & m).sum(1).float()
         score = self.formula(inter, pred.sum(1).float(), m.sum(1).float())
         excluded = empty | (pred.sum(1) == 0)  # CheXlocalize: both masks non-empty
