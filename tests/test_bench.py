@@ -316,3 +316,71 @@ def test_shared_samples_short_run_end_to_end(shared_data, tmp_path):
     assert lgg[lgg["metric"] == "box_accuracy"]["reason"].str.contains("no ground-truth boxes").all()
     assert lgg[lgg["metric"] == "energy_pointing_game"]["value"].between(0, 1).all()
     assert (tmp_path / "out" / "report.html").stat().st_size > 10_000
+
+
+def _user_csv(folder: Path, n: int = 60) -> Path:
+    """Chest phantoms written as a user's data: PNG images, one mask PNG each, a CSV with the
+    single finding of each image, its mask and its box (the mask's bounding box, in pixels)."""
+    from PIL import Image
+
+    from pellucid.data import open_dataset
+
+    folder.mkdir()
+    ds = open_dataset("phantom-chest", split="test", n=4 * n, size=64)
+    rows = ["path,label,mask,x0,y0,x1,y1"]
+    for i in range(len(ds)):
+        s = ds[i]
+        present = torch.nonzero(s["label"] > 0).flatten().tolist()
+        if len(present) != 1:
+            continue
+        k = present[0]
+        mask = s["mask"][k].numpy() > 0
+        Image.fromarray((s["image"][0].numpy() * 255).astype(np.uint8)).save(folder / f"{i}.png")
+        Image.fromarray(mask.astype(np.uint8) * 255).save(folder / f"{i}_mask.png")
+        ys, xs = np.nonzero(mask)
+        rows.append(f"{i}.png,{ds.class_names[k]},{i}_mask.png,{xs.min()},{ys.min()},"
+                    f"{xs.max() + 1},{ys.max() + 1}")
+        if len(rows) > n:
+            break
+    (folder / "labels.csv").write_text("\n".join(rows) + "\n")
+    return folder / "labels.csv"
+
+
+def test_a_users_csv_boxes_and_masks_feed_every_localisation_metric(tmp_path, tiny_model):
+    """A 3-class CSV dataset with a mask column (one mask per image) no longer crashes on class 2,
+    and one with boxes only no longer leaves every localisation row NaN: the boxes become masks
+    exactly as ``pellucid.evaluate(boxes=...)`` makes them, and the values equal evaluate's."""
+    import pellucid
+
+    csv_file = _user_csv(tmp_path / "data")
+    boxes_only = tmp_path / "data" / "boxes.csv"
+    lines = csv_file.read_text().splitlines()
+    boxes_only.write_text("\n".join(",".join(c for j, c in enumerate(line.split(",")) if j != 2)
+                                    for line in lines) + "\n")
+    metrics = ["pointing_game", "energy_pointing_game", "iou"]
+    for source, name in ((csv_file, "masks"), (boxes_only, "boxes")):
+        cfg = parse_config(_config(tiny_model, methods=("gradcam",), cases=8) | {
+            "datasets": {"user": {"reader": "csv", "root": str(source), "cases": 12,
+                                  "options": {"size": 64, "class_names":
+                                              ["Cardiomegaly", "Nodule", "Consolidation"]}}},
+            "models": {"r18": {"datasets": ["user"], "path": str(tiny_model)}},
+            "metrics": metrics})
+        frame = run_bench(cfg, tmp_path / f"run-{name}", progress=False, report=False)
+        assert frame["value"].notna().all(), frame[frame["value"].isna()][["metric", "reason"]]
+        assert "Consolidation" in set(frame["target"])  # class 2 of a one-channel mask
+        from pellucid.data import open_dataset
+        from pellucid.models import load_model
+
+        ds = open_dataset("csv", root=str(source), split="test", size=64,
+                          class_names=["Cardiomegaly", "Nodule", "Consolidation"])
+        model = load_model(tiny_model)
+        by_case = {ds[i]["case_id"]: ds[i] for i in range(len(ds))}
+        for row in frame[frame["metric"] == "energy_pointing_game"].itertuples():
+            sample = by_case[row.case_id]
+            k = model.card.class_names.index(row.target)
+            x = model.card.normalize(sample["image"][None].float())
+            e = pellucid.explain(model, x, "gradcam", target=k)
+            gt = {"masks": sample["mask"][None]} if name == "masks" else \
+                {"boxes": [sample["boxes"][sample["box_labels"] == k]]}
+            ref = pellucid.evaluate(model, x, e, metrics=["energy_pointing_game"], **gt)
+            assert row.value == pytest.approx(ref["energy_pointing_game"].scores[0].item(), abs=1e-5)

@@ -155,7 +155,7 @@ def prepare_cases(dspec: DatasetSpec, mspec: ModelSpec, loaded) -> CaseSet:
     def masks_of(chosen: torch.Tensor) -> torch.Tensor | None:  # a regressor's lesion: mask 0
         if not has_masks:
             return None
-        return torch.stack([p[0]["mask"][0 if regression else k] > 0
+        return torch.stack([_class_mask(p[0], 0 if regression else k, dspec.name)
                             for (p, k) in zip(pairs, chosen.tolist(), strict=True)])
 
     errors = None
@@ -177,9 +177,11 @@ def prepare_cases(dspec: DatasetSpec, mspec: ModelSpec, loaded) -> CaseSet:
         truth, predicted = truth[keep_rows], predicted[keep_rows]
         pairs = [pairs[i] for i in keep_rows.tolist()]
     boxes = None
-    if all("boxes" in p[0] for p in pairs):
-        boxes = [p[0]["boxes"][p[0]["box_labels"] == k] for p, k in zip(pairs, classes.tolist(),
-                                                                         strict=True)]
+    if any("boxes" in p[0] for p in pairs):  # a case without a box of its class: no box (NaN)
+        boxes = [p[0]["boxes"][p[0]["box_labels"] == k] if "boxes" in p[0] else torch.zeros(0, 4)
+                 for p, k in zip(pairs, classes.tolist(), strict=True)]
+        if masks is None and x.ndim == 4:  # boxes feed every localisation metric, as in evaluate()
+            masks = boxes_as_masks(boxes, tuple(x.shape[2:]))
     labels = torch.tensor([_truth_label(p[0], k, segmentation, regression)
                            for p, k in zip(pairs, classes.tolist(), strict=True)])
     bg_source = extra or [p[0] for p in pairs[:8]]
@@ -187,6 +189,33 @@ def prepare_cases(dspec: DatasetSpec, mspec: ModelSpec, loaded) -> CaseSet:
     return CaseSet(x, images, classes, [names[k] for k in classes.tolist()],
                    [p[0]["case_id"] for p in pairs], masks, boxes, background, truth,
                    predicted, labels)
+
+
+def _class_mask(sample: dict, k: int, dataset: str) -> torch.Tensor:
+    """The ground truth of class ``k``: its channel of the mask, or the one mask of an image whose
+    reader gives a single mask (the lesion of the image's finding)."""
+    mask = sample["mask"]
+    if mask.shape[0] == 1:
+        return mask[0] > 0
+    if k >= mask.shape[0]:
+        raise DataError(dataset, f"case {sample.get('case_id', '?')}: its mask has {mask.shape[0]} "
+                                 f"channels, none for class {k}")
+    return mask[k] > 0
+
+
+def boxes_as_masks(boxes: list[torch.Tensor], spatial: tuple[int, int]) -> torch.Tensor:
+    """Boxes (x0, y0, x1, y1 in pixels) as masks exactly as ``pellucid.evaluate(boxes=...)`` makes
+    them, each box first clipped to the image (a box rounded past the border is not an error)."""
+    from pellucid.metrics.evaluate import _masks
+
+    h, w = spatial
+    clipped = []
+    for bx in boxes:
+        bx = torch.as_tensor(bx, dtype=torch.float32).reshape(-1, 4).clone()
+        bx[:, 0::2] = bx[:, 0::2].clamp(0, w)
+        bx[:, 1::2] = bx[:, 1::2].clamp(0, h)
+        clipped.append(bx[(bx[:, 2] > bx[:, 0]) & (bx[:, 3] > bx[:, 1])])
+    return _masks(None, clipped, spatial, len(boxes))
 
 
 def _truth_label(sample: dict, k: int, segmentation: bool, regression: bool) -> float:
@@ -234,7 +263,7 @@ def _lesion(sample: dict, k: int) -> bool:
     for a few images only)."""
     if not bool(sample["label"][k] > 0):
         return False
-    return "mask" not in sample or bool(sample["mask"][k].any())
+    return "mask" not in sample or bool(_class_mask(sample, k, "").any())
 
 
 def _metric_hash(config: BenchConfig) -> str:
