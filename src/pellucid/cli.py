@@ -106,6 +106,50 @@ def info(model: Annotated[str, typer.Argument(help="zoo folder, TorchScript file
     console.print_json(json.dumps(loaded.card.__dict__, default=str))
 
 
+@app.command("import-model")
+def import_model_command(
+    source: Annotated[str, typer.Argument(help="a state dict or safetensors file (with --arch), a "
+                                               "TorchScript file, or module:factory (with --weights)")],
+    out: Annotated[Path, typer.Option(help="the model folder to write")],
+    task: Annotated[str | None, typer.Option(help="classification, segmentation or regression")] = None,
+    classes: Annotated[str | None, typer.Option(help="output names in output order, comma-separated")] = None,
+    activation: Annotated[str | None, typer.Option(
+        help="softmax (one class per image or pixel), sigmoid (each class on its own) or identity "
+             "(regression); required for a multi-class head")] = None,
+    input_size: Annotated[str | None, typer.Option(help="e.g. 224,224 or 96,96,96")] = None,
+    channels: Annotated[int | None, typer.Option(help="input channels (default: read off the "
+                                                      "first convolution)")] = None,
+    weights: Annotated[Path | None, typer.Option(help="weights for module:factory")] = None,
+    arch: Annotated[str | None, typer.Option(help="with a weights file: resnet18, resnet50, "
+                                                 "densenet121 or unet")] = None,
+    backend: Annotated[str | None, typer.Option(help="with --arch: torchvision or monai")] = None,
+    normalization: Annotated[str, typer.Option(
+        help="none, imagenet or meanstd:M1,M2/S1,S2 (what the model was trained with, applied to "
+             "inputs in [0, 1])")] = "none",
+    layer: Annotated[str | None, typer.Option(help="CAM layer (default: the last down-sampled "
+                                                   "spatial layer)")] = None,
+    name: Annotated[str, typer.Option(help="the model's name in reports")] = "",
+    version: Annotated[str, typer.Option(help="the model's version in reports")] = "",
+) -> None:
+    """Make a model folder (card.json + network) from a state dict, safetensors, TorchScript or a
+    module:factory: what can be read off the network is checked, what cannot is asked for."""
+    from pellucid.models import load_model
+    from pellucid.models.importing import ImportSpec, import_model
+
+    try:
+        size = [int(v) for v in _split_list(input_size)] if input_size else []
+    except ValueError:
+        raise ConfigError(f"--input-size: give integers like 224,224, got {input_size!r}") from None
+    spec = ImportSpec(source, task, _split_list(classes) if classes else [], activation, size,
+                      channels, str(weights) if weights else None, arch, backend, normalization,
+                      layer, name, version)
+    folder = import_model(spec, out)
+    card = load_model(folder).card
+    console.print(f"{folder}: {card.task}, {len(card.class_names)} outputs ({card.activation}), "
+                  f"{card.in_channels} channel(s) at {'x'.join(map(str, card.input_size))}, "
+                  f"CAM layer {card.default_layer}")
+
+
 @app.command()
 def layers(model: Annotated[str, typer.Argument(help="zoo folder or module:factory")],
            weights: Path | None = None) -> None:

@@ -52,7 +52,7 @@ TOP_KEYS = {"name", "seed", "batch_size", "cache", "gallery", "datasets", "model
 # the trivial baselines every benchmark runs unless ``baselines: false`` (or a list of some of them)
 DEFAULT_BASELINES = ("random", "centre", "edges")
 DATASET_KEYS = {"reader", "root", "split", "cases", "options", "require"}
-MODEL_KEYS = {"datasets", "path", "train", "targets", "region", "layer", "reference",
+MODEL_KEYS = {"datasets", "path", "weights", "train", "targets", "region", "layer", "reference",
               "sliding_window", "modality_importance"}
 WINDOW_KEYS = {"roi_size", "overlap", "batch_size", "mode"}
 TRAIN_KEYS = {"reader", "root", "options", "n_train", "n_val", "arch", "epochs", "batch_size", "lr",
@@ -83,6 +83,7 @@ class ModelSpec:
     reference: float | None = None
     sliding_window: dict[str, Any] | None = None
     modality_importance: bool = False
+    weights: str | None = None  # with ``path: package.module:factory`` (and a card.json beside it)
 
 
 @dataclass
@@ -230,7 +231,8 @@ def parse_config(raw: dict, source: str = "<dict>") -> BenchConfig:
         cases = spec.get("cases", 16)
         if not isinstance(cases, int) or isinstance(cases, bool) or cases < 1:
             raise _err(source, f"{where}.cases", f"must be a positive integer, got {cases!r}")
-        root = _optional(source, f"{where}.root", spec.get("root"), str, "a folder path")
+        root = _beside(source, _optional(source, f"{where}.root", spec.get("root"), str,
+                                         "a folder path"))
         split = _optional(source, f"{where}.split", spec.get("split", "test"), str, "a split name")
         options = _optional(source, f"{where}.options", spec.get("options"), dict, "a mapping")
         datasets[name] = DatasetSpec(name, reader, root, split or "test", cases, dict(options or {}),
@@ -244,6 +246,9 @@ def parse_config(raw: dict, source: str = "<dict>") -> BenchConfig:
         if not spec.get("path") and not spec.get("train"):
             raise _err(source, where, "give 'path' (a saved model) or 'train' (a training spec)")
         _optional(source, f"{where}.path", spec.get("path"), str, "a model folder or file")
+        _optional(source, f"{where}.weights", spec.get("weights"), str, "a weights file")
+        if spec.get("weights") and ":" not in str(spec.get("path") or ""):
+            raise _err(source, f"{where}.weights", "goes with path: package.module:factory")
         _optional(source, f"{where}.layer", spec.get("layer"), str, "a layer name")
         _optional(source, f"{where}.modality_importance", spec.get("modality_importance"), bool,
                   "true or false")
@@ -306,11 +311,14 @@ def parse_config(raw: dict, source: str = "<dict>") -> BenchConfig:
             if window.get("mode", "gaussian") not in ("gaussian", "constant"):
                 raise _err(source, f"{where}.sliding_window.mode", "must be 'gaussian' or 'constant'")
             window = dict(window)
-        models[name] = ModelSpec(name, list(used), spec.get("path"), spec.get("train"),
+        path = spec.get("path")
+        path = path if path is None or (":" in path and not Path(path).exists()) else _beside(source, path)
+        models[name] = ModelSpec(name, list(used), path, spec.get("train"),
                                  spec.get("targets", "positive"), spec.get("region", "predicted"),
                                  spec.get("layer"),
                                  float(reference) if reference is not None else None, window,
-                                 bool(spec.get("modality_importance", False)))
+                                 bool(spec.get("modality_importance", False)),
+                                 _beside(source, spec.get("weights")))
     methods = _entries(source, "methods", raw["methods"], method_names(), "method")
     methods += [Entry(b) for b in _baselines(source, raw.get("baselines", True))
                 if b not in {e.name for e in methods}]
@@ -341,6 +349,16 @@ def parse_config(raw: dict, source: str = "<dict>") -> BenchConfig:
                        int(raw.get("seed", 0)), int(raw.get("batch_size", 8)),
                        bool(raw.get("cache", True)), int(raw.get("gallery", 6)),
                        raw.get("threads"), source)
+
+
+def _beside(source: str, path: str | None) -> str | None:
+    """A relative path of a configuration file is taken relative to that file (as a user writes
+    it) when it exists there; otherwise it stays as given, for the runner's other places (the
+    working folder, ``$PELLUCID_DATA`` for data, the output folder for trained models)."""
+    if path is None or Path(path).is_absolute() or source == "<dict>" or not Path(source).is_file():
+        return path
+    beside = Path(source).parent / path
+    return str(beside.resolve()) if beside.exists() else path
 
 
 def _baselines(source: str, value: Any) -> list[str]:

@@ -72,6 +72,17 @@ def prepare_model(spec: ModelSpec, out: Path, seed: int):
     """The model of ``spec``: loaded from its folder, or trained once into ``out/models``."""
     from pellucid.models import TrainConfig, load_model, save_model, train
 
+    if spec.path and ":" in spec.path and not Path(spec.path).exists():  # module:factory + weights
+        loaded = load_model(spec.path, spec.weights)
+        if loaded.card is None:
+            raise DataError(spec.weights or spec.path, f"model {spec.name!r}: no card.json beside the "
+                                                       f"weights; make one with pellucid import-model")
+        # kept as a model folder of the run (the factory and these weights), which every unit loads
+        import dataclasses
+
+        folder = save_model(out / "models" / spec.name, loaded.module,
+                            dataclasses.replace(loaded.card, factory=spec.path))
+        return load_model(folder), folder
     if spec.path:
         folder = Path(spec.path)
         if not folder.is_absolute() and not folder.exists():

@@ -50,6 +50,8 @@ class ModelCard:
     # class name -> [coding scheme, code value, code meaning] (SNOMED CT "SCT", RadLex "RADLEX"),
     # used by the structured report; a class without one is coded in pellucid's own scheme
     finding_codes: dict[str, list[str]] = field(default_factory=dict)
+    # "package.module:factory" that builds the network of an imported model (arch "custom")
+    factory: str = ""
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -100,6 +102,11 @@ class ModelCard:
         missing = sorted(required - data.keys())
         if missing:
             raise DataError(path, f"model card lacks key(s) {', '.join(missing)}")
+        if "activation" not in data and data.get("task") != "regression" \
+                and len(data.get("class_names") or []) > 1:
+            raise DataError(path, "model card lacks 'activation': say softmax (one class per image "
+                                  "or pixel) or sigmoid (each class on its own); pellucid does not "
+                                  "guess it for a multi-class head")
         unknown = sorted(data.keys() - known)
         if unknown:
             raise DataError(path, f"model card has unknown key(s) {', '.join(unknown)}")

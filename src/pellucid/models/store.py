@@ -102,6 +102,10 @@ def load_model(spec: str | Path, weights: str | Path | None = None,
     path = Path(text)
     if path.is_dir():
         card = ModelCard.load(path / CARD)
+        if card.factory or card.arch == "torchscript":  # an imported model (pellucid import-model)
+            from pellucid.models.importing import load_folder_network
+
+            return LoadedModel(load_folder_network(path, card).to(device).eval(), card, text)
         module = build(card.arch, card.spatial_dims, card.in_channels, card.num_outputs,
                        backend=card.backend).module
         _load_state(module, _read_state_dict(path / WEIGHTS), path / WEIGHTS)

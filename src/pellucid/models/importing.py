@@ -1,0 +1,221 @@
+"""``pellucid import-model``: a model folder (``card.json`` + the network) from what a user has:
+a state dict or safetensors file of a network pellucid builds (``--arch``), a ``module:factory``
+with its weights, or a TorchScript file. What can be read off the network is inferred and checked
+(input channels from its first convolution, the number of outputs from a forward pass, the CAM
+layer); what cannot is asked for, with a suggestion, never guessed: above all the activation of a
+multi-class head (softmax for one finding per image, sigmoid for several), which decides every
+probability pellucid reports.
+"""
+
+from __future__ import annotations
+
+import importlib
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pellucid.errors import ConfigError, ModelError
+from pellucid.models.card import ACTIVATIONS, TASKS, ModelCard
+from pellucid.models.store import CARD, WEIGHTS, _load_state, _read_state_dict, save_model
+
+TORCHSCRIPT = "model.pt"
+IMAGENET = {"kind": "meanstd", "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+
+
+@dataclass
+class ImportSpec:
+    """What the user says about the model (None: infer it, or ask)."""
+
+    source: str  # weights file, TorchScript file, or module:factory
+    task: str | None = None
+    classes: list[str] = field(default_factory=list)
+    activation: str | None = None
+    input_size: list[int] = field(default_factory=list)
+    channels: int | None = None
+    weights: str | None = None  # with module:factory
+    arch: str | None = None  # with a weights file: one of pellucid's zoo architectures
+    backend: str | None = None
+    normalization: str = "none"  # none | imagenet | meanstd:m1,m2,.../s1,s2,...
+    layer: str | None = None
+    name: str = ""
+    version: str = ""
+    intended_use: dict[str, Any] = field(default_factory=dict)
+
+
+def factory_module(text: str) -> nn.Module:
+    """Call ``package.module:factory`` (no arguments); it must return an ``nn.Module``."""
+    mod_name, _, factory_name = text.partition(":")
+    try:
+        factory = getattr(importlib.import_module(mod_name), factory_name)
+    except (ImportError, AttributeError) as exc:
+        raise ModelError(f"{text}: cannot import the factory ({exc})") from None
+    module = factory()
+    if not isinstance(module, nn.Module):
+        raise ModelError(f"{text}: factory returned {type(module).__name__}, not an nn.Module")
+    return module
+
+
+def _normalization(text: str) -> dict[str, Any]:
+    if text == "none":
+        return {"kind": "none"}
+    if text == "imagenet":
+        return dict(IMAGENET)
+    if text.startswith("meanstd:") and "/" in text:
+        try:
+            mean, std = ([float(v) for v in part.split(",")] for part in text[8:].split("/"))
+        except ValueError:
+            mean = std = []
+        if mean and len(mean) == len(std) and min(std) > 0:
+            return {"kind": "meanstd", "mean": mean, "std": std}
+    raise ConfigError(f"--normalization: give none, imagenet or meanstd:M1,M2/S1,S2 (per channel, "
+                      f"positive stds), got {text!r}")
+
+
+def first_conv_channels(module: nn.Module) -> int | None:
+    """The input channels of the network's first convolution (None without one)."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.Conv3d)):
+            return int(m.in_channels)
+    for _, p in module.named_parameters():  # a TorchScript module: its first 4D or 5D kernel
+        if p.ndim in (4, 5):
+            return int(p.shape[1])
+    return None
+
+
+def _network(spec: ImportSpec) -> tuple[nn.Module, str, str, str]:
+    """The network with its weights, and how a folder rebuilds it: (module, arch, backend,
+    factory)."""
+    source = spec.source
+    path = Path(source)
+    if ":" in source and not path.exists():
+        if spec.weights is None:
+            raise ConfigError(f"{source}: give --weights FILE (a state dict or safetensors) for the "
+                              f"factory's network")
+        module = factory_module(source)
+        _load_state(module, _read_state_dict(Path(spec.weights)), Path(spec.weights))
+        return module, "custom", "", source
+    if not path.is_file():
+        raise ConfigError(f"{source}: no such file (a weights file, a TorchScript file or "
+                          f"module:factory)")
+    try:
+        module = torch.jit.load(str(path), map_location="cpu")
+        return module, "torchscript", "", ""
+    except Exception:  # not TorchScript: a state dict or safetensors file
+        pass
+    if spec.arch is None:
+        from pellucid.models.zoo import ARCHS
+
+        raise ConfigError(f"{source}: a weights file; give --arch (one of {', '.join(ARCHS)}) or "
+                          f"a module:factory that builds the network with --weights {source}")
+    return None, spec.arch, spec.backend or "", ""  # built once the channels and classes are known
+
+
+def _activation(spec: ImportSpec, task: str, outputs: int) -> str:
+    if spec.activation is not None:
+        if spec.activation not in ACTIVATIONS:
+            raise ConfigError(f"--activation must be one of {', '.join(ACTIVATIONS)}, "
+                              f"got {spec.activation!r}")
+        if task == "regression" and spec.activation != "identity":
+            raise ConfigError("a regression model's outputs are values: --activation identity")
+        return spec.activation
+    if task == "regression":
+        return "identity"
+    if outputs == 1:
+        return "sigmoid"  # one output: a probability by the logistic function, nothing else fits
+    raise ConfigError(f"the model has {outputs} outputs: give --activation softmax (exactly one "
+                      f"class per {'pixel' if task == 'segmentation' else 'image'}) or sigmoid "
+                      f"(each class on its own); pellucid does not guess it")
+
+
+def import_model(spec: ImportSpec, out: str | Path) -> Path:
+    """Check ``spec`` against the network and write the model folder ``out``."""
+    from pellucid.explainers import default_layer
+    from pellucid.models.zoo import build
+
+    if spec.task not in TASKS:
+        raise ConfigError(f"--task: give one of {', '.join(TASKS)}"
+                          + (f", got {spec.task!r}" if spec.task else ""))
+    if not spec.classes:
+        raise ConfigError("--classes: give the names of the model's outputs, in output order "
+                          "(e.g. --classes Atelectasis,Effusion,Nodule)")
+    if not spec.input_size or any(v < 1 for v in spec.input_size) or len(spec.input_size) not in (2, 3):
+        raise ConfigError("--input-size: give the size the model takes, e.g. 224,224 (2D) or "
+                          "96,96,96 (3D)")
+    module, arch, backend, factory = _network(spec)
+    dims = len(spec.input_size)
+    if module is None:  # one of pellucid's architectures, built to the stated channels and classes
+        weights = Path(spec.source)
+        state = _read_state_dict(weights)
+        last = [v for k, v in state.items() if k.endswith("weight") and v.ndim >= 2]
+        if last and int(last[-1].shape[0]) != len(spec.classes):
+            raise ConfigError(f"--classes names {len(spec.classes)} outputs; the network gives "
+                              f"{int(last[-1].shape[0])} (its last layer's weights)")
+        channels = spec.channels or (int(last[0].shape[1]) if last and last[0].ndim > 2 else 3)
+        built = build(arch, dims, channels, len(spec.classes), backend=spec.backend)
+        module, backend = built.module, built.backend
+        _load_state(module, state, weights)
+    inferred = first_conv_channels(module)
+    channels = spec.channels or inferred
+    if channels is None:
+        raise ConfigError("--channels: the network has no convolution to read its input channels "
+                          "from; give them")
+    if inferred is not None and channels != inferred:
+        raise ConfigError(f"--channels {channels}: the network's first convolution takes {inferred}")
+    example = torch.zeros(1, channels, *spec.input_size)
+    module.eval()
+    try:
+        with torch.no_grad():
+            out_tensor = module(example)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"the network cannot take an input of {tuple(example.shape)}: {first}") \
+            from None
+    if isinstance(out_tensor, (tuple, list)):
+        out_tensor = out_tensor[0]
+    if not isinstance(out_tensor, torch.Tensor):
+        raise ModelError(f"the network returns {type(out_tensor).__name__}; wrap it so that it "
+                         f"returns a tensor of outputs")
+    outputs = int(out_tensor.shape[1]) if out_tensor.ndim >= 2 else 1
+    if outputs != len(spec.classes):
+        raise ConfigError(f"--classes names {len(spec.classes)} outputs; the network gives {outputs}")
+    if spec.task == "segmentation" and tuple(out_tensor.shape[2:]) != tuple(spec.input_size):
+        raise ConfigError(f"a segmentation network returns a map the size of its input; this one "
+                          f"returns {tuple(out_tensor.shape[2:])} for {tuple(spec.input_size)}")
+    if spec.task != "segmentation" and out_tensor.ndim != 2:
+        raise ConfigError(f"a {spec.task} network returns (batch, outputs); this one returns "
+                          f"{tuple(out_tensor.shape)}: is the task segmentation?")
+    activation = _activation(spec, spec.task, outputs)
+    layer = spec.layer
+    if layer is None and arch != "torchscript":
+        layer = default_layer(module, example)  # the last down-sampled spatial layer
+    elif layer is not None:
+        names = {n for n, _ in module.named_modules()}
+        if layer not in names:
+            raise ConfigError(f"--layer {layer!r} is not a layer of the network (pellucid layers "
+                              f"lists them once imported)")
+    card = ModelCard(arch=arch, task=spec.task, class_names=list(spec.classes), in_channels=channels,
+                     spatial_dims=dims, input_size=list(spec.input_size), activation=activation,
+                     backend=backend, normalization=_normalization(spec.normalization),
+                     default_layer=layer, name=spec.name, version=spec.version,
+                     intended_use=dict(spec.intended_use), factory=factory,
+                     training={"imported_from": str(spec.source)})
+    out = Path(out)
+    if arch == "torchscript":
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(spec.source, out / TORCHSCRIPT)
+        card.save(out / CARD)
+        return out
+    return save_model(out, module, card)
+
+
+def load_folder_network(folder: Path, card: ModelCard) -> nn.Module:
+    """The network of an imported folder: TorchScript, or the factory's with its weights."""
+    if card.arch == "torchscript":
+        return torch.jit.load(str(folder / TORCHSCRIPT), map_location="cpu")
+    module = factory_module(card.factory)
+    _load_state(module, _read_state_dict(folder / WEIGHTS), folder / WEIGHTS)
+    return module

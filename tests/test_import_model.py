@@ -1,0 +1,99 @@
+"""``pellucid import-model``: a user's torchvision ResNet-18 state dict, a module:factory with its
+weights and a TorchScript file each become a model folder whose network gives exactly the
+original's outputs; what cannot be read off the network is asked for in one line (above all the
+activation of a multi-class head), and a mismatch is refused."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torchvision
+
+from pellucid.cli import main
+from pellucid.errors import DataError
+from pellucid.models import load_model
+
+
+def _refused(args: list[str], capsys, expected: str) -> None:
+    """The command fails with status 2 and one ``error:`` line that says ``expected``."""
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: "), lines
+    assert expected in lines[0], lines[0]
+
+
+def _torchvision_state(tmp_path):
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(num_classes=3).eval()
+    torch.save(net.state_dict(), tmp_path / "model.pt")
+    return net, tmp_path / "model.pt"
+
+
+def test_a_torchvision_state_dict_becomes_a_folder_with_the_same_outputs(tmp_path):
+    net, weights = _torchvision_state(tmp_path)
+    main(["import-model", str(weights), "--out", str(tmp_path / "m"), "--arch", "resnet18",
+          "--backend", "torchvision", "--task", "classification", "--classes", "glioma,meningioma,pituitary",
+          "--activation", "softmax", "--input-size", "64,64", "--channels", "3",
+          "--normalization", "imagenet", "--name", "brain-r18", "--version", "1.2"])
+    loaded = load_model(tmp_path / "m")
+    card = loaded.card
+    assert (card.activation, card.class_names, card.in_channels, card.input_size) == \
+        ("softmax", ["glioma", "meningioma", "pituitary"], 3, [64, 64])
+    assert card.default_layer == "layer4" and card.normalization["kind"] == "meanstd"
+    assert (card.name, card.version) == ("brain-r18", "1.2")
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.module(x), net(x), rtol=0, atol=1e-6)
+
+
+def test_the_activation_of_a_multi_class_head_is_asked_for_never_guessed(tmp_path, capsys):
+    _, weights = _torchvision_state(tmp_path)
+    args = ["import-model", str(weights), "--out", str(tmp_path / "m"), "--arch", "resnet18",
+            "--backend", "torchvision", "--task", "classification", "--classes", "a,b,c",
+            "--input-size", "64,64", "--channels", "3"]
+    _refused(args, capsys, "3 outputs: give --activation softmax")
+    _refused([*args[:-5], "a,b", "--activation", "softmax", "--input-size", "64,64", "--channels", "3"],
+             capsys, "--classes names 2 outputs; the network gives 3")
+    _refused(["import-model", str(weights), "--out", str(tmp_path / "m"), "--arch", "resnet18"],
+             capsys, "--task: give one of")
+    _refused(["import-model", str(weights), "--out", str(tmp_path / "m"), "--task", "classification",
+              "--classes", "a,b,c", "--activation", "softmax", "--input-size", "64,64"], capsys,
+             "give --arch")
+    card = tmp_path / "card"
+    card.mkdir()
+    data = json.loads(json.dumps({"arch": "resnet18", "task": "classification", "class_names": ["a", "b"],
+                                  "in_channels": 1, "spatial_dims": 2, "input_size": [64, 64]}))
+    (card / "card.json").write_text(json.dumps(data))
+    with pytest.raises(DataError, match="lacks 'activation'"):
+        load_model(card)
+
+
+def test_a_factory_and_a_torchscript_file_import_with_inferred_channels(tmp_path, capsys):
+    from tests.factories import tiny_resnet
+
+    torch.manual_seed(1)
+    net = tiny_resnet().eval()
+    torch.save(net.state_dict(), tmp_path / "w.pt")
+    main(["import-model", "tests.factories:tiny_resnet", "--weights", str(tmp_path / "w.pt"),
+          "--out", str(tmp_path / "f"), "--task", "classification", "--classes", "no,yes",
+          "--activation", "softmax", "--input-size", "64,64"])
+    loaded = load_model(tmp_path / "f")
+    assert loaded.card.factory == "tests.factories:tiny_resnet" and loaded.card.in_channels == 1
+    x = torch.rand(2, 1, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.module(x), net(x), rtol=0, atol=1e-6)
+    scripted = torch.jit.script(net)
+    scripted.save(str(tmp_path / "net.ts"))
+    main(["import-model", str(tmp_path / "net.ts"), "--out", str(tmp_path / "t"), "--task",
+          "classification", "--classes", "no,yes", "--activation", "sigmoid", "--input-size", "64,64"])
+    ts = load_model(tmp_path / "t")
+    assert ts.card.arch == "torchscript" and ts.card.activation == "sigmoid"
+    with torch.no_grad():
+        torch.testing.assert_close(ts.module(x), net(x), rtol=0, atol=1e-6)
+    _refused(["import-model", "tests.factories:tiny_resnet", "--weights", str(tmp_path / "w.pt"),
+              "--out", str(tmp_path / "g"), "--task", "classification", "--classes", "no,yes",
+              "--activation", "softmax", "--input-size", "64,64", "--channels", "3"], capsys,
+             "first convolution takes 1")
