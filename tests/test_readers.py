@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from pellucid.data import BraTS, ChestXray14, LGGSegmentation, collate
 from pellucid.data.brats import REGIONS
 from pellucid.data.chestxray14 import FINDINGS, boxes_to_masks
+from pellucid.errors import DataError
 from pellucid.io.files import read_image_2d
 
 
@@ -179,3 +180,96 @@ def test_brats_2021_naming_and_labels(tmp_path):
     assert s["label_convention"] == "2021"
     assert [int(s["mask"][i].sum()) for i in range(3)] == [32, 8, 7]
     assert REGIONS == ("WT", "TC", "ET")
+
+
+def _phantom_pngs(folder, n=12):
+    """Chest phantoms as PNG files with their class masks; (file name, label index, mask) each."""
+    from PIL import Image
+
+    from pellucid.data import open_dataset
+
+    folder.mkdir(parents=True, exist_ok=True)
+    ds = open_dataset("phantom-chest", split="test", n=6 * n, size=64)
+    out = []
+    for i in range(len(ds)):
+        s = ds[i]
+        present = torch.nonzero(s["label"] > 0).flatten().tolist()
+        if len(present) == 1:
+            Image.fromarray((s["image"][0].numpy() * 255).astype(np.uint8)).save(folder / f"img{i}.png")
+            out.append((f"img{i}.png", present[0], s["mask"][present[0]].numpy() > 0))
+        if len(out) == n:
+            return out, ds.class_names
+    return out, ds.class_names
+
+
+def test_csv_with_its_own_columns_split_yolo_boxes_and_label_masks(tmp_path):
+    from PIL import Image
+
+    from pellucid.data import open_dataset
+
+    items, names = _phantom_pngs(tmp_path)
+    rows = ["filename,diagnosis,patient,fold,seg,cx,cy,bw,bh"]
+    expected = {}
+    for j, (file, k, mask) in enumerate(items):
+        label = np.where(mask, k + 1, 0).astype(np.uint8)
+        Image.fromarray(label).save(tmp_path / f"{file}.label.png")
+        ys, xs = np.nonzero(mask)
+        x0, y0, x1, y1 = xs.min(), ys.min(), xs.max() + 1, ys.max() + 1
+        expected[file] = [x0, y0, x1, y1]
+        fold = ("train", "validation", "test")[j % 3]
+        rows.append(f"{file},{names[k]},p{j},{fold},{file}.label.png,{(x0 + x1) / 128},"
+                    f"{(y0 + y1) / 128},{(x1 - x0) / 64},{(y1 - y0) / 64}")
+    (tmp_path / "my.csv").write_text("\n".join(rows) + "\n")
+    options = {"columns": {"path": "filename", "label": "diagnosis", "group": "patient",
+                           "split": "fold", "mask": "seg", "box": ["cx", "cy", "bw", "bh"]},
+               "box_format": "yolo", "mask_format": "label", "class_names": list(names)}
+    test = open_dataset("csv", root=tmp_path / "my.csv", split="test", **options)
+    assert sorted(test.records[i]["case_id"] for i in range(len(test))) == \
+        sorted(f for j, (f, _, _) in enumerate(items) if j % 3 == 2)  # the given split, as given
+    assert len(open_dataset("csv", root=tmp_path / "my.csv", split="val", **options)) == \
+        len([j for j in range(len(items)) if j % 3 == 1])
+    assert test.mask_names == tuple(names)
+    for i in range(len(test)):
+        sample = test[i]
+        file = sample["case_id"]
+        k = next(k for f, k, _ in items if f == file)
+        mask = next(m for f, _, m in items if f == file)
+        assert sample["mask"].shape == (len(names), 64, 64)
+        assert torch.equal(sample["mask"][k] > 0, torch.from_numpy(mask))
+        assert sample["mask"].sum() == sample["mask"][k].sum()  # the other channels are empty
+        torch.testing.assert_close(sample["boxes"][0], torch.tensor(expected[file], dtype=torch.float32))
+
+
+def test_coco_json_boxes_and_polygons(tmp_path):
+    import json
+
+    from pellucid.data import open_dataset
+
+    items, names = _phantom_pngs(tmp_path, n=4)
+    coco = {"images": [], "annotations": [],
+            "categories": [{"id": 10 + k, "name": n} for k, n in enumerate(names)]}
+    for j, (file, k, mask) in enumerate(items):
+        ys, xs = np.nonzero(mask)
+        x0, y0, x1, y1 = int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+        coco["images"].append({"id": j, "file_name": file, "width": 64, "height": 64})
+        coco["annotations"].append({"id": 100 + j, "image_id": j, "category_id": 10 + k,
+                                    "bbox": [x0, y0, x1 - x0, y1 - y0],
+                                    "segmentation": [[x0, y0, x1, y0, x1, y1, x0, y1]]})
+    (tmp_path / "coco.json").write_text(json.dumps(coco))
+    ds = open_dataset("coco", root=tmp_path / "coco.json")
+    assert ds.class_names == tuple(names) and len(ds) == len(items)
+    for j in range(len(ds)):
+        s = ds[j]
+        file, k, mask = next(it for it in items if it[0] == s["case_id"])
+        assert int(s["label"].argmax()) == k and s["label"].sum() == 1
+        x0, y0, x1, y1 = s["boxes"][0].tolist()
+        ys, xs = np.nonzero(mask)
+        assert (x0, y0, x1, y1) == (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+        box_mask = s["mask"][k] > 0  # the polygon of the box, rasterised
+        assert box_mask[int(y0):int(y1), int(x0):int(x1)].all()
+        assert box_mask.sum() <= (x1 - x0 + 1) * (y1 - y0 + 1)
+    coco["annotations"][0]["segmentation"] = {"counts": "abc", "size": [64, 64]}
+    coco["annotations"][0]["iscrowd"] = 1
+    (tmp_path / "rle.json").write_text(json.dumps(coco))
+    with pytest.raises(DataError, match="annotation 100: run-length"):
+        open_dataset("coco", root=tmp_path / "rle.json")

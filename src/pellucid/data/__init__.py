@@ -8,6 +8,7 @@ from typing import Any
 from pellucid.data.base import PellucidDataset, collate
 from pellucid.data.brats import BraTS
 from pellucid.data.chestxray14 import ChestXray14
+from pellucid.data.coco import COCODataset
 from pellucid.data.folders import CSVDataset, FolderDataset
 from pellucid.data.lgg import LGGSegmentation
 from pellucid.data.phantoms import BrainPhantom, ChestPhantom
@@ -26,7 +27,9 @@ DATASETS = {
     "lgg": "TCGA LGG FLAIR abnormality, Kaggle kaggle_3m layout",
     "brats": "BraTS 2021/2023 (or BrainLesion *_bet) NIfTI case folders",
     "folder": "a folder per class",
-    "csv": "a CSV with path,label[,mask][,x0,y0,x1,y1]",
+    "csv": "a CSV with path,label[,mask][,group][,split][,box]: any column names (columns:), boxes "
+           "as pixels, YOLO or fractions, masks binary or label images, a given split",
+    "coco": "COCO JSON (root = the JSON file): boxes and polygon masks per category",
 }
 
 
@@ -48,11 +51,11 @@ def open_dataset(name: str, root: str | Path | None = None, split: str = "all",
     if root is None:
         raise ConfigError(f"dataset {name!r} needs a root folder (--root)")
     readers = {"chestxray14": ChestXray14, "lgg": LGGSegmentation, "brats": BraTS,
-               "folder": FolderDataset, "csv": CSVDataset}
+               "folder": FolderDataset, "csv": CSVDataset, "coco": COCODataset}
     return readers[name](root, split=split, **options)
 
 
 __all__ = [
-    "DATASETS", "BraTS", "BrainPhantom", "CSVDataset", "ChestPhantom", "ChestXray14",
+    "DATASETS", "BraTS", "BrainPhantom", "COCODataset", "CSVDataset", "ChestPhantom", "ChestXray14",
     "FolderDataset", "LGGSegmentation", "PellucidDataset", "collate", "open_dataset",
 ]
