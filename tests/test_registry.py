@@ -174,3 +174,12 @@ def test_readme_layout_names_every_module_and_package():
                  if (p.suffix == ".py" or (p.is_dir() and (p / "__init__.py").is_file())))
     missing = [n for n in top if f"src/pellucid/{n}" not in layout]
     assert missing == [], f"README layout table misses {missing}"
+
+
+def test_docs_models_names_every_card_field():
+    from dataclasses import fields
+
+    from pellucid.models.card import ModelCard
+
+    doc = (ROOT / "docs" / "models.md").read_text()
+    assert [f.name for f in fields(ModelCard) if f"| `{f.name}` |" not in doc] == []

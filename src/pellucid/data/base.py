@@ -81,11 +81,14 @@ class PellucidDataset(Dataset):
 
 
 def collate(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Stack tensors that share a shape (image, label, mask); keep the rest as lists."""
+    """Stack tensors that share a shape (image, label, mask); keep the rest as lists, with None for
+    a sample that lacks the key (an image without boxes among images with boxes)."""
     batch: dict[str, Any] = {}
-    for key in samples[0]:
-        values = [s[key] for s in samples]
-        if key in STACKED_KEYS and all(isinstance(v, torch.Tensor) for v in values):
+    keys = list(dict.fromkeys(k for s in samples for k in s))
+    for key in keys:
+        values = [s.get(key) for s in samples]
+        if key in STACKED_KEYS and all(isinstance(v, torch.Tensor) for v in values) \
+                and len({tuple(v.shape) for v in values}) == 1:
             batch[key] = torch.stack(values)
         else:
             batch[key] = values
