@@ -299,6 +299,7 @@ def test_report_is_self_contained_and_renders_in_chromium(tmp_path, tiny_model):
 
     pixels = np.asarray(Image.open(shot).convert("L"), dtype=float)
     assert pixels.shape == (2400, 1280)
+    _first_screen_says_what_to_use(tmp_path / "out" / "report.html", browser)
     assert pixels.std() > 20  # text, tables and figures, not a blank page
     assert torch.tensor(pixels < 128).float().mean() > 0.01
 
@@ -384,3 +385,24 @@ def test_a_users_csv_boxes_and_masks_feed_every_localisation_metric(tmp_path, ti
                 {"boxes": [sample["boxes"][sample["box_labels"] == k]]}
             ref = pellucid.evaluate(model, x, e, metrics=["energy_pointing_game"], **gt)
             assert row.value == pytest.approx(ref["energy_pointing_game"].scores[0].item(), abs=1e-5)
+
+
+def _first_screen_says_what_to_use(report: Path, browser: str) -> None:
+    """What a person sees before scrolling (1280 x 900): the at-a-glance section with the best
+    method per metric family and its interval; a click enlarges a figure."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=browser, args=["--no-sandbox", "--disable-gpu"])
+        page = chromium.new_page(viewport={"width": 1280, "height": 900})
+        page.goto(report.as_uri())
+        first = page.evaluate("""() => Array.from(document.querySelectorAll("h2, p, td, th"))
+            .filter(e => e.getBoundingClientRect().top < window.innerHeight)
+            .map(e => e.innerText).join("\\n")""")
+        assert "At a glance: what to use, and how sure that is" in first
+        assert "best method" in first and "95% interval" in first
+        assert any(m in first for m in ("gradcam", "saliency"))  # a winner is named on screen
+        image = page.locator("img").first
+        image.click()
+        assert "zoomed" in (image.get_attribute("class") or "")
+        chromium.close()

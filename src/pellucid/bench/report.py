@@ -192,7 +192,7 @@ def _cell(image: np.ndarray, heat: np.ndarray | None, size: int) -> np.ndarray:
 
 
 def _gallery(maps: dict[str, dict[str, np.ndarray]], images: dict[str, np.ndarray],
-             methods: list[str], cases: list[int], titles: list[str], size: int = 96) -> str | None:
+             methods: list[str], cases: list[int], titles: list[str], size: int = 192) -> str | None:
     """Cases (rows) x methods (columns) as one mosaic: the image with the ground truth outlined,
     then each method's map over it."""
     from scipy.ndimage import binary_dilation, zoom
@@ -215,14 +215,14 @@ def _gallery(maps: dict[str, dict[str, np.ndarray]], images: dict[str, np.ndarra
         for c, tile in enumerate(tiles):
             y, x = r * (size + gap), c * (size + gap)
             mosaic[y:y + size, x:x + size] = tile
-    width = max(6.0, cols * 0.9)
+    width = max(8.0, cols * 2.2)  # large enough to read a lesion; a click enlarges it further
     fig, ax = plt.subplots(figsize=(width, width * mosaic.shape[0] / mosaic.shape[1] + 0.6))
     ax.imshow(mosaic, interpolation="nearest")
     for c, name in enumerate(["image", *methods]):
-        ax.text(c * (size + gap) + size / 2, -6, name, ha="center", va="bottom", fontsize=6,
-                rotation=30)
+        ax.text(c * (size + gap) + size / 2, -6, name, ha="center", va="bottom", fontsize=9,
+                rotation=20)
     for r, title in enumerate(titles):
-        ax.text(-6, r * (size + gap) + size / 2, title, ha="right", va="center", fontsize=6)
+        ax.text(-6, r * (size + gap) + size / 2, title, ha="right", va="center", fontsize=8)
     ax.axis("off")
     return _png(fig)
 
@@ -422,6 +422,7 @@ def write_report(out: str | Path, frame: pd.DataFrame | None = None) -> Path:
     versus = stats.against_baselines(frame)
     baselines = stats.baseline_methods(frame)
     recs = stats.recommendations(costq, versus=versus, baselines=baselines)
+    winners = stats.family_winners(summ, versus, baselines)
     cost = frame.groupby(["dataset", "model", "method"], as_index=False).agg(
         seconds_per_case=("explain_seconds", "mean"), forwards_per_case=("forwards_per_case", "mean"),
         backward_passes=("backward_passes", "mean"), peak_memory_mb=("peak_memory_bytes", "mean"))
@@ -481,7 +482,7 @@ def write_report(out: str | Path, frame: pd.DataFrame | None = None) -> Path:
 
     html = env.get_template("report.html.j2").render(
         run=run, tasks=tasks, performance=perf_rows, recommendations=recs,
-        warnings=_optional("performance.json", lambda: chance_warnings(perf), []),
+        warnings=_optional("performance.json", lambda: chance_warnings(perf), []), winners=winners,
         cost=cost, skipped=skipped, rows=len(frame), review=review)
     path = out / "report.html"
     path.write_text(html)

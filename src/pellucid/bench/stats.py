@@ -234,3 +234,33 @@ def baseline_verdicts(table: pd.DataFrame) -> list[str]:
             out.append(f"On {metric}, {', '.join(losers)} do{'es' if len(losers) == 1 else ''} not "
                        f"beat the {baseline} baseline.")
     return out
+
+
+def family_winners(summ: pd.DataFrame, versus: pd.DataFrame,
+                   baselines: set[str] | frozenset[str] = frozenset()) -> list[dict]:
+    """Per task and metric family (faithfulness, localization, ...): the method (never a baseline)
+    of best mean rank over the family's metrics, with its mean, 95 % interval and verdict against
+    the best baseline on each of them."""
+    out = []
+    part = summ[~summ["method"].isin(baselines)]
+    for (dataset, model, family), group in part.groupby([*TASK, "category"], sort=True):
+        ranked = []
+        for _, g in group.groupby("metric"):
+            higher = bool(g["higher_is_better"].iloc[0])
+            ranked.append(g.set_index("method")["mean"].rank(ascending=not higher))
+        mean_rank = pd.concat(ranked, axis=1).mean(axis=1).sort_values()
+        if mean_rank.empty:
+            continue
+        best = str(mean_rank.index[0])
+        rows = []
+        for r in group[group["method"] == best].itertuples():
+            verdict = None
+            if not versus.empty:
+                v = versus[(versus["dataset"] == dataset) & (versus["model"] == model)
+                           & (versus["metric"] == r.metric) & (versus["method"] == best)]
+                verdict = bool(v["beats"].iloc[0]) if not v.empty else None
+            rows.append({"metric": r.metric, "mean": r.mean, "ci_low": r.ci_low,
+                         "ci_high": r.ci_high, "beats_baselines": verdict})
+        out.append({"dataset": dataset, "model": model, "family": family, "method": best,
+                    "metrics": rows})
+    return out
