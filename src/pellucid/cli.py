@@ -64,8 +64,21 @@ def train(
     dims: Annotated[int | None, typer.Option(help="BraTS: 2 (slices) or 3 (volumes)")] = None,
     label_file: Annotated[str | None, typer.Option(help="BraTS: label file name in each case")] = None,
     max_steps: Annotated[int | None, typer.Option(help="stop after this many steps")] = None,
+    flip: Annotated[bool, typer.Option(help="augment: random flips along the width")] = False,
+    rotate: Annotated[float, typer.Option(help="augment: random rotations up to this many degrees "
+                                                "(2D)")] = 0.0,
+    intensity: Annotated[float, typer.Option(help="augment: random gain and offset up to this "
+                                                   "fraction")] = 0.0,
+    class_weights: Annotated[str, typer.Option(help="none or balanced (imbalanced and multi-label "
+                                                     "data)")] = "none",
+    optimizer: Annotated[str, typer.Option(help="adamw or sgd")] = "adamw",
+    schedule: Annotated[str, typer.Option(help="onecycle, cosine or constant")] = "onecycle",
+    csv_columns: Annotated[str | None, typer.Option(
+        help="csv data: the CSV's column names as JSON, e.g. '{\"path\": \"file\", \"label\": "
+             "\"finding\", \"split\": \"fold\"}' (a split column is used as given)")] = None,
 ) -> None:
-    """Train a zoo network on a dataset; writes weights, model card and metrics."""
+    """Train a zoo network on a dataset; writes weights, model card and metrics. A dataset with a
+    given split (a CSV's split column) is trained, validated and tested on it as given."""
     from pellucid.data import open_dataset
     from pellucid.models import TrainConfig, save_model
     from pellucid.models import train as run_train
@@ -77,6 +90,11 @@ def train(
         opts["spatial_dims"] = dims
     if label_file is not None:
         opts["label_file"] = label_file
+    if csv_columns is not None:
+        try:
+            opts["columns"] = json.loads(csv_columns)
+        except json.JSONDecodeError:
+            raise ConfigError(f"--csv-columns: not valid JSON: {csv_columns!r}") from None
     if data == "phantom-brain" or data == "phantom-brain-3d":
         opts["task"] = "segmentation" if arch == "unet" else "classification"
     splits = {}
@@ -86,7 +104,9 @@ def train(
             split_opts["n"] = n_train
         splits[split] = open_dataset(data, root, split=split, **split_opts)
     config = TrainConfig(arch=arch, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
-                         backend=backend, max_steps=max_steps)
+                         backend=backend, max_steps=max_steps, flip=flip, rotate=rotate,
+                         intensity=intensity, class_weights=class_weights, optimizer=optimizer,
+                         schedule=schedule)
     result = run_train(splits["train"], config, splits["val"], splits["test"], dataset_name=data)
     save_model(out, result.module, result.card)
     console.print(f"saved {arch} to {out} ({result.seconds:.0f} s)")

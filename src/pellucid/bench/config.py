@@ -56,7 +56,8 @@ MODEL_KEYS = {"datasets", "path", "weights", "train", "targets", "region", "laye
               "sliding_window", "modality_importance"}
 WINDOW_KEYS = {"roi_size", "overlap", "batch_size", "mode"}
 TRAIN_KEYS = {"reader", "root", "options", "n_train", "n_val", "arch", "epochs", "batch_size", "lr",
-              "seed", "backend", "max_steps"}
+              "seed", "backend", "max_steps", "flip", "rotate", "intensity", "class_weights",
+              "optimizer", "schedule"}
 ENTRY_KEYS = {"name", "options", "skip_methods", "only_methods", "only_models", "label"}
 
 

@@ -47,6 +47,17 @@ class TrainConfig:
     device: str = "cpu"
     progress: bool = True
     normalize_samples: int = 256
+    # augmentation of each training batch (off by default): flips along the image's width (and
+    # depth for volumes) with probability 0.5, rotations by up to ``rotate`` degrees (2D), and
+    # intensity x (1 + u) + v with u, v uniform in [-intensity, intensity]; masks follow the image
+    flip: bool = False
+    rotate: float = 0.0
+    intensity: float = 0.0
+    # "balanced": each class weighted by its rarity in the training labels (multi-label: the
+    # positive weight n_neg / n_pos per class; softmax: n / (K n_k)); "none": unweighted
+    class_weights: str = "none"
+    optimizer: str = "adamw"  # adamw | sgd (momentum 0.9, Nesterov)
+    schedule: str = "onecycle"  # onecycle | cosine | constant
 
 
 @dataclass
@@ -72,8 +83,56 @@ def _channel_stats(ds: PellucidDataset, n: int) -> dict[str, Any]:
     return {"kind": "meanstd", "mean": mean.tolist(), "std": std.tolist()}
 
 
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULES = ("onecycle", "cosine", "constant")
+CLASS_WEIGHTS = ("none", "balanced")
+
+
+def class_weights(labels: torch.Tensor, multilabel: bool) -> torch.Tensor:
+    """Per class: multi-label, the positive weight n_neg / n_pos (BCE's ``pos_weight``); softmax,
+    n / (K n_k) (cross-entropy's ``weight``). A class without examples gets 1."""
+    labels = labels.float()
+    n, k = labels.shape
+    if multilabel:
+        pos = labels.sum(0)
+        return torch.where(pos > 0, (n - pos) / pos.clamp_min(1), torch.ones(k))
+    counts = torch.bincount(labels.argmax(1), minlength=k).float()
+    return torch.where(counts > 0, n / (k * counts.clamp_min(1)), torch.ones(k))
+
+
+def augment(images: torch.Tensor, masks: torch.Tensor | None, config: TrainConfig,
+            generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The batch with ``config``'s flips, rotations and intensity changes, drawn per sample from
+    ``generator``; a mask gets the same flips and rotations (nearest), not the intensity change."""
+    b = images.shape[0]
+    spatial = images.ndim - 2
+    if config.flip:
+        for axis in ([images.ndim - 1] if spatial == 2 else [images.ndim - 1, 2]):
+            chosen = torch.rand(b, generator=generator) < 0.5
+            images = torch.where(chosen.view(-1, *[1] * (images.ndim - 1)), images.flip(axis), images)
+            if masks is not None:
+                masks = torch.where(chosen.view(-1, *[1] * (masks.ndim - 1)), masks.flip(axis), masks)
+    if config.rotate > 0 and spatial == 2:
+        angles = (torch.rand(b, generator=generator) * 2 - 1) * math.radians(config.rotate)
+        cos, sin = torch.cos(angles), torch.sin(angles)
+        theta = torch.stack([torch.stack([cos, -sin, torch.zeros(b)], 1),
+                             torch.stack([sin, cos, torch.zeros(b)], 1)], 1).to(images)
+        grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+        images = F.grid_sample(images, grid, mode="bilinear", padding_mode="border",
+                               align_corners=False)
+        if masks is not None:
+            masks = F.grid_sample(masks.float(), grid.to(masks.device), mode="nearest",
+                                  padding_mode="zeros", align_corners=False)
+    if config.intensity > 0:
+        shape = (b, *[1] * (images.ndim - 1))
+        gain = 1 + (torch.rand(shape, generator=generator) * 2 - 1) * config.intensity
+        shift = (torch.rand(shape, generator=generator) * 2 - 1) * config.intensity
+        images = images * gain.to(images) + shift.to(images)
+    return images, masks
+
+
 def _loss(task: str, multilabel: bool, logits: torch.Tensor, batch: dict,
-          scale: float = 1.0) -> torch.Tensor:
+          scale: float = 1.0, weights: torch.Tensor | None = None) -> torch.Tensor:
     if task == "regression":  # mean squared error in units of the training labels' std
         return F.mse_loss(logits / scale, batch["label"].to(logits) / scale)
     if task == "segmentation":
@@ -84,9 +143,10 @@ def _loss(task: str, multilabel: bool, logits: torch.Tensor, batch: dict,
         dice = 1 - (2 * inter + 1e-5) / (prob.sum(dims) + target.sum(dims) + 1e-5)
         return dice.mean() + F.binary_cross_entropy_with_logits(logits, target)
     target = batch["label"].to(logits)
+    w = weights.to(logits) if weights is not None else None
     if multilabel:
-        return F.binary_cross_entropy_with_logits(logits, target)
-    return F.cross_entropy(logits, target.argmax(1))
+        return F.binary_cross_entropy_with_logits(logits, target, pos_weight=w)
+    return F.cross_entropy(logits, target.argmax(1), weight=w)
 
 
 @torch.no_grad()
@@ -134,6 +194,13 @@ def train(train_ds: PellucidDataset, config: TrainConfig, val_ds: PellucidDatase
     generator = seed_everything(config.seed)
     if config.epochs < 1 or config.batch_size < 1 or config.lr <= 0:
         raise ConfigError("epochs and batch_size must be >= 1 and lr > 0")
+    for key, allowed in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES),
+                         ("class_weights", CLASS_WEIGHTS)):
+        if getattr(config, key) not in allowed:
+            raise ConfigError(f"{key} must be one of {', '.join(allowed)}, got {getattr(config, key)!r}")
+    if not 0 <= config.rotate <= 45 or not 0 <= config.intensity < 1:
+        raise ConfigError(f"rotate must be 0 to 45 degrees and intensity in [0, 1), got "
+                          f"{config.rotate}, {config.intensity}")
     if len(train_ds) == 0:
         raise ConfigError("the training split is empty")
     task = "segmentation" if config.arch == "unet" else "classification"
@@ -164,16 +231,33 @@ def train(train_ds: PellucidDataset, config: TrainConfig, val_ds: PellucidDatase
                        if k in names},
         training={"dataset": dataset_name or type(train_ds).__name__, "n_train": len(train_ds),
                   "n_val": len(val_ds) if val_ds is not None else 0, "epochs": config.epochs,
-                  "batch_size": config.batch_size, "lr": config.lr, "max_steps": config.max_steps},
+                  "batch_size": config.batch_size, "lr": config.lr, "max_steps": config.max_steps,
+                  "optimizer": config.optimizer, "schedule": config.schedule,
+                  "class_weights": config.class_weights, "flip": config.flip,
+                  "rotate": config.rotate, "intensity": config.intensity},
     )
     loader = _loader(train_ds, config.batch_size, shuffle=True, generator=generator)
     steps = config.epochs * len(loader)
     if config.max_steps is not None:
         steps = min(steps, config.max_steps)
-    opt = torch.optim.AdamW(module.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=max(steps, 1),
-                                                pct_start=0.15)
+    if config.optimizer == "sgd":
+        opt = torch.optim.SGD(module.parameters(), lr=config.lr, momentum=0.9, nesterov=True,
+                              weight_decay=config.weight_decay)
+    else:
+        opt = torch.optim.AdamW(module.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    if config.schedule == "onecycle":
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=max(steps, 1),
+                                                    pct_start=0.15)
+    elif config.schedule == "cosine":
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1))
+    else:
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
     multilabel = card.activation == "sigmoid"
+    weights = None
+    if config.class_weights == "balanced" and task == "classification":
+        labels = torch.stack([train_ds[i]["label"] for i in range(len(train_ds))])
+        weights = class_weights(labels, multilabel)
+        card.training["class_weight_values"] = [round(float(w), 4) for w in weights]
     scale = 1.0
     if task == "regression":
         labels = torch.stack([train_ds[int(i)]["label"] for i in
@@ -184,6 +268,7 @@ def train(train_ds: PellucidDataset, config: TrainConfig, val_ds: PellucidDatase
             head = [m for m in module.modules() if isinstance(m, nn.Linear)][-1]
             head.bias.fill_(float(labels.mean()))
     losses: list[float] = []
+    augment_generator = torch.Generator().manual_seed(config.seed + 1)  # apart from the shuffling
     start = time.perf_counter()
     module.train()
 
@@ -193,8 +278,14 @@ def train(train_ds: PellucidDataset, config: TrainConfig, val_ds: PellucidDatase
 
     for _, batch in track(zip(range(steps), batches(), strict=False), f"train {config.arch}",
                           total=steps, enabled=config.progress):
-        logits = module(card.normalize(batch["image"].to(config.device)))
-        loss = _loss(task, multilabel, logits, batch, scale)
+        images = batch["image"].to(config.device)
+        if config.flip or config.rotate or config.intensity:
+            masks = batch["mask"] if task == "segmentation" else None
+            images, masks = augment(images, masks, config, augment_generator)
+            if masks is not None:
+                batch = {**batch, "mask": masks}
+        logits = module(card.normalize(images))
+        loss = _loss(task, multilabel, logits, batch, scale, weights)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
