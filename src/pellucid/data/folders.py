@@ -19,9 +19,16 @@ import torch
 
 from pellucid.data.base import PellucidDataset
 from pellucid.data.splits import DEFAULT_FRACTIONS, check_split, group_split
-from pellucid.data.transforms import resize_image, resize_mask
+from pellucid.data.transforms import resize_image, resize_mask, zscore_nonzero
 from pellucid.errors import DataError
-from pellucid.io.files import IMAGE_SUFFIXES, read_image_2d, read_mask_2d, read_raster
+from pellucid.io.files import (
+    IMAGE_SUFFIXES,
+    is_nifti,
+    read_image_2d,
+    read_mask_2d,
+    read_nifti,
+    read_raster,
+)
 
 NO_LABEL = {"", "none", "no finding"}
 
@@ -36,6 +43,9 @@ class _ImageListDataset(PellucidDataset):
             parts = group_split([r["group"] for r in records], fractions, seed)
             records = [records[i] for i in parts[split]]
         self.records, self.size = records, size
+        if self.spatial_dims == 3:
+            self.channels, self.channel_names = 1, ("channel0",)
+            return
         if channels is None and records:
             channels = read_image_2d(records[0]["path"]).shape[0]
         self.channels = channels or 1
@@ -43,6 +53,26 @@ class _ImageListDataset(PellucidDataset):
 
     def __len__(self) -> int:
         return len(self.records)
+
+    def _volume(self, rec: dict) -> dict:
+        """A NIfTI volume (1, *shape), z-scored over its non-zero voxels (the readers' units for
+        MRI), with its mask, resized to ``size`` on every side when given."""
+        data, _, spacing = read_nifti(rec["path"])
+        image = zscore_nonzero(torch.from_numpy(data)[None])
+        sample = {"image": image, "label": rec["label"].clone(), "case_id": rec["case_id"],
+                  "spacing": tuple(float(v) for v in spacing)}
+        if rec.get("mask") is not None:
+            mask = self._mask(rec)
+            if mask.shape[1:] != image.shape[1:]:
+                raise DataError(rec["mask"], f"mask shape {tuple(mask.shape[1:])} differs from the "
+                                             f"image's {tuple(image.shape[1:])}")
+            sample["mask"] = mask
+        if self.size is not None:
+            size = (self.size,) * 3
+            sample["image"] = resize_image(sample["image"], size)
+            if "mask" in sample:
+                sample["mask"] = resize_mask(sample["mask"], size)
+        return sample
 
     def _mask(self, rec: dict) -> torch.Tensor:
         """(1, H, W): one binary mask for the image."""
@@ -53,6 +83,8 @@ class _ImageListDataset(PellucidDataset):
 
     def __getitem__(self, index: int) -> dict:
         rec = self.records[index]
+        if self.spatial_dims == 3:
+            return self._volume(rec)
         image = torch.from_numpy(read_image_2d(rec["path"], channels=self.channels))
         h, w = image.shape[1:]
         sample = {"image": image, "label": rec["label"].clone(), "case_id": rec["case_id"],
@@ -212,6 +244,14 @@ class CSVDataset(_ImageListDataset):
                     raise DataError(csv_path, f"line {line}: a row with a box needs exactly one label")
                 rec["boxes"].append((self.class_names.index(ns[0]), box))
         records = list(by_path.values())
+        if records and all(is_nifti(r["path"]) for r in records):  # volumes: a 3D dataset
+            self.spatial_dims = 3
+            if mask_format != "label" or not any(r["mask"] for r in records):
+                raise DataError(csv_path, "NIfTI volumes are segmentation data: give each a label "
+                                          "image (mask column) and mask_format: label")
+            self.task = "segmentation"
+        elif any(is_nifti(r["path"]) for r in records):
+            raise DataError(csv_path, "the CSV mixes NIfTI volumes and 2D images")
         if mask_format == "label":
             self.mask_names = self.class_names if any(r["mask"] for r in records) else ()
         else:
@@ -242,8 +282,11 @@ class CSVDataset(_ImageListDataset):
 
     def _mask(self, rec: dict) -> torch.Tensor:
         if self.mask_format == "label":
-            labels = read_raster(rec["mask"])
-            labels = labels.max(axis=-1) if labels.ndim == 3 else labels
+            if self.spatial_dims == 3:
+                labels = np.rint(read_nifti(rec["mask"])[0]).astype(np.int64)
+            else:
+                labels = read_raster(rec["mask"])
+                labels = labels.max(axis=-1) if labels.ndim == 3 else labels
             values = set(np.unique(labels).tolist()) - set(range(len(self.class_names) + 1))
             if values:
                 raise DataError(rec["mask"], f"label image holds values {sorted(values)[:5]}; "
