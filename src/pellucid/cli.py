@@ -163,7 +163,9 @@ def import_model_command(
     spec = ImportSpec(source, task, _split_list(classes) if classes else [], activation, size,
                       channels, str(weights) if weights else None, arch, backend, normalization,
                       layer, name, version)
-    folder = import_model(spec, out)
+    from pellucid.explainers import default_layer
+
+    folder = import_model(spec, out, find_layer=default_layer)
     card = load_model(folder).card
     console.print(f"{folder}: {card.task}, {len(card.class_names)} outputs ({card.activation}), "
                   f"{card.in_channels} channel(s) at {'x'.join(map(str, card.input_size))}, "

@@ -9,8 +9,8 @@ probability pellucid reports.
 
 from __future__ import annotations
 
-import importlib
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,9 +20,15 @@ from torch import nn
 
 from pellucid.errors import ConfigError, ModelError
 from pellucid.models.card import ACTIVATIONS, TASKS, ModelCard
-from pellucid.models.store import CARD, WEIGHTS, _load_state, _read_state_dict, save_model
+from pellucid.models.store import (
+    CARD,
+    TORCHSCRIPT,
+    _load_state,
+    _read_state_dict,
+    factory_module,
+    save_model,
+)
 
-TORCHSCRIPT = "model.pt"
 IMAGENET = {"kind": "meanstd", "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 
 
@@ -44,19 +50,6 @@ class ImportSpec:
     name: str = ""
     version: str = ""
     intended_use: dict[str, Any] = field(default_factory=dict)
-
-
-def factory_module(text: str) -> nn.Module:
-    """Call ``package.module:factory`` (no arguments); it must return an ``nn.Module``."""
-    mod_name, _, factory_name = text.partition(":")
-    try:
-        factory = getattr(importlib.import_module(mod_name), factory_name)
-    except (ImportError, AttributeError) as exc:
-        raise ModelError(f"{text}: cannot import the factory ({exc})") from None
-    module = factory()
-    if not isinstance(module, nn.Module):
-        raise ModelError(f"{text}: factory returned {type(module).__name__}, not an nn.Module")
-    return module
 
 
 def _normalization(text: str) -> dict[str, Any]:
@@ -131,9 +124,11 @@ def _activation(spec: ImportSpec, task: str, outputs: int) -> str:
                       f"(each class on its own); pellucid does not guess it")
 
 
-def import_model(spec: ImportSpec, out: str | Path) -> Path:
-    """Check ``spec`` against the network and write the model folder ``out``."""
-    from pellucid.explainers import default_layer
+def import_model(spec: ImportSpec, out: str | Path,
+                 find_layer: Callable[[nn.Module, torch.Tensor], str] | None = None) -> Path:
+    """Check ``spec`` against the network and write the model folder ``out``. ``find_layer``
+    (e.g. :func:`pellucid.explainers.default_layer`) names the CAM layer when ``spec`` does not;
+    without either the card has none and the CAMs find it when they run."""
     from pellucid.models.zoo import build
 
     if spec.task not in TASKS:
@@ -190,8 +185,8 @@ def import_model(spec: ImportSpec, out: str | Path) -> Path:
                           f"{tuple(out_tensor.shape)}: is the task segmentation?")
     activation = _activation(spec, spec.task, outputs)
     layer = spec.layer
-    if layer is None and arch != "torchscript":
-        layer = default_layer(module, example)  # the last down-sampled spatial layer
+    if layer is None and arch != "torchscript" and find_layer is not None:
+        layer = find_layer(module, example)  # the CLI's suggestion: the last down-sampled layer
     elif layer is not None:
         names = {n for n, _ in module.named_modules()}
         if layer not in names:
@@ -210,12 +205,3 @@ def import_model(spec: ImportSpec, out: str | Path) -> Path:
         card.save(out / CARD)
         return out
     return save_model(out, module, card)
-
-
-def load_folder_network(folder: Path, card: ModelCard) -> nn.Module:
-    """The network of an imported folder: TorchScript, or the factory's with its weights."""
-    if card.arch == "torchscript":
-        return torch.jit.load(str(folder / TORCHSCRIPT), map_location="cpu")
-    module = factory_module(card.factory)
-    _load_state(module, _read_state_dict(folder / WEIGHTS), folder / WEIGHTS)
-    return module

@@ -19,6 +19,7 @@ from pellucid.models.zoo import build
 
 WEIGHTS = "model.safetensors"
 CARD = "card.json"
+TORCHSCRIPT = "model.pt"  # an imported TorchScript network
 
 
 @dataclass
@@ -56,6 +57,29 @@ def save_model(folder: str | Path, module: nn.Module, card: ModelCard) -> Path:
     save_file(state, str(folder / WEIGHTS), metadata={"arch": card.arch, "task": card.task})
     card.save(folder / CARD)
     return folder
+
+
+def factory_module(text: str) -> nn.Module:
+    """Call ``package.module:factory`` (no arguments); it must return an ``nn.Module``."""
+    mod_name, _, factory_name = text.partition(":")
+    try:
+        factory = getattr(importlib.import_module(mod_name), factory_name)
+    except (ImportError, AttributeError) as exc:
+        raise ModelError(f"{text}: cannot import the factory ({exc})") from None
+    module = factory()
+    if not isinstance(module, nn.Module):
+        raise ModelError(f"{text}: factory returned {type(module).__name__}, not an nn.Module")
+    return module
+
+
+def load_folder_network(folder: Path, card: ModelCard) -> nn.Module:
+    """The network of an imported folder: TorchScript (``model.pt``), or the card's factory with
+    the folder's weights."""
+    if card.arch == "torchscript":
+        return torch.jit.load(str(folder / TORCHSCRIPT), map_location="cpu")
+    module = factory_module(card.factory)
+    _load_state(module, _read_state_dict(folder / WEIGHTS), folder / WEIGHTS)
+    return module
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -103,8 +127,6 @@ def load_model(spec: str | Path, weights: str | Path | None = None,
     if path.is_dir():
         card = ModelCard.load(path / CARD)
         if card.factory or card.arch == "torchscript":  # an imported model (pellucid import-model)
-            from pellucid.models.importing import load_folder_network
-
             return LoadedModel(load_folder_network(path, card).to(device).eval(), card, text)
         module = build(card.arch, card.spatial_dims, card.in_channels, card.num_outputs,
                        backend=card.backend).module
@@ -120,14 +142,7 @@ def load_model(spec: str | Path, weights: str | Path | None = None,
         card = ModelCard.load(card_path) if card_path.is_file() else None
         return LoadedModel(module.eval(), card, text)
     if ":" in text and not path.exists():
-        mod_name, _, factory_name = text.partition(":")
-        try:
-            factory = getattr(importlib.import_module(mod_name), factory_name)
-        except (ImportError, AttributeError) as exc:
-            raise ModelError(f"{text}: cannot import the factory ({exc})") from None
-        module = factory()
-        if not isinstance(module, nn.Module):
-            raise ModelError(f"{text}: factory returned {type(module).__name__}, not an nn.Module")
+        module = factory_module(text)
         card = None
         if weights is not None:
             wpath = Path(weights)
