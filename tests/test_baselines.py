@@ -109,3 +109,26 @@ def test_auroc_interval_and_the_near_chance_warning():
     assert lo < chance["macro_auroc"] < hi and lo <= 0.5 <= hi
     warnings = chance_warnings({"r18|chest": {"report": chance}, "good|chest": {"report": separable}})
     assert len(warnings) == 1 and warnings[0].startswith("The model r18 performs near chance on chest")
+
+
+def test_prior_baseline_is_the_given_map_and_the_bench_prior_is_the_training_mean(tmp_path):
+    """The prior method returns the given per-sample map (resized linearly); the benchmark's prior
+    of a class is the mean of that class's masks over the training split, by hand."""
+    from pellucid.bench.config import DatasetSpec
+    from pellucid.bench.runner import _class_priors
+    from pellucid.data import open_dataset
+
+    x = torch.rand(2, 2, 8, 8)
+    prior = torch.rand(2, 8, 8)
+    e = pellucid.explain(_model(), x, method="prior", prior=prior)
+    torch.testing.assert_close(e.attributions[:, 0], prior, rtol=1e-6, atol=1e-7)
+    with pytest.raises(Exception, match="prior: no ground truth"):
+        pellucid.explain(_model(), x, method="prior")
+    spec = DatasetSpec("chest", "phantom-chest", None, "test", 4, {"size": 32})
+    priors = _class_priors(spec, (32, 32), 3, False, n=40)
+    train = open_dataset("phantom-chest", split="train", n=40, size=32)
+    for k in range(3):
+        masks = [train[i]["mask"][k] for i in range(40) if train[i]["mask"][k].any()]
+        torch.testing.assert_close(priors[k], torch.stack(masks).float().mean(0), atol=1e-6, rtol=1e-5)
+    assert _class_priors(DatasetSpec("chest", "phantom-chest", None, "all", 4, {"size": 32}),
+                         (32, 32), 3, False) is None  # the benchmark's own cases: no prior

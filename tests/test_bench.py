@@ -251,10 +251,10 @@ def test_against_baselines_by_hand():
 
 def test_baselines_are_in_every_benchmark_unless_turned_off(tiny_model):
     names = [m.name for m in parse_config(_config(tiny_model, baselines=True)).methods]
-    assert names == ["gradcam", "saliency", "random", "centre", "edges"]
+    assert names == ["gradcam", "saliency", "random", "centre", "edges", "prior"]
     cfg = _config(tiny_model)
     del cfg["baselines"]  # the default
-    assert [m.name for m in parse_config(cfg).methods][-3:] == ["random", "centre", "edges"]
+    assert [m.name for m in parse_config(cfg).methods][-4:] == ["random", "centre", "edges", "prior"]
     assert [m.name for m in parse_config(_config(tiny_model, baselines=["centre"])).methods] == \
         ["gradcam", "saliency", "centre"]
     with pytest.raises(ConfigError, match="baselines: give true, false or a list"):
@@ -277,7 +277,10 @@ def test_report_is_self_contained_and_renders_in_chromium(tmp_path, tiny_model):
     assert "Against trivial baselines" in html and "(baseline)" in html
     versus = pd.read_csv(tmp_path / "out" / "tables" / "against_baselines.csv")
     assert set(versus["method"]) == {"gradcam", "saliency"}  # the baselines are what is compared to
-    assert set(versus["baseline"]) <= {"random", "centre", "edges"}
+    assert set(versus["baseline"]) <= {"random", "centre", "edges", "prior"}
+    prior = pd.read_csv(tmp_path / "out" / "results.csv")
+    prior = prior[(prior["method"] == "prior") & (prior["metric"] == "pointing_game")]
+    assert prior["value"].notna().all()  # the phantoms' training split gives the prior
     for sentence in bstats.baseline_verdicts(versus):
         assert sentence in html
     assert "http://" not in html and "https://" not in html  # nothing fetched from outside

@@ -273,3 +273,25 @@ def test_coco_json_boxes_and_polygons(tmp_path):
     (tmp_path / "rle.json").write_text(json.dumps(coco))
     with pytest.raises(DataError, match="annotation 100: run-length"):
         open_dataset("coco", root=tmp_path / "rle.json")
+
+
+def test_csv_masks_with_one_channel_per_class(tmp_path):
+    from pellucid.data import open_dataset
+
+    items, names = _phantom_pngs(tmp_path, n=3)
+    rows = ["path,label,mask"]
+    for file, k, mask in items:
+        stack = np.zeros((len(names), *mask.shape), np.float32)
+        stack[k] = mask
+        np.save(tmp_path / f"{file}.npy", stack)
+        rows.append(f"{file},{names[k]},{file}.npy")
+    (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
+    ds = open_dataset("csv", root=tmp_path / "m.csv", mask_format="channels", class_names=list(names))
+    assert ds.mask_names == tuple(names)
+    for i in range(len(ds)):
+        file, k, mask = next(it for it in items if it[0] == ds[i]["case_id"])
+        assert torch.equal(ds[i]["mask"][k] > 0, torch.from_numpy(mask)) and ds[i]["mask"].sum() == mask.sum()
+    np.save(tmp_path / f"{items[0][0]}.npy", np.zeros((2, 64, 64), np.float32))
+    first = next(i for i in range(len(ds)) if ds.records[i]["case_id"] == items[0][0])
+    with pytest.raises(DataError, match="needs 3 channels"):
+        ds[first]

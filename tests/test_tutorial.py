@@ -83,7 +83,9 @@ def test_the_tutorial_runs_as_written(tmp_path):
     for metric in ("pointing_game", "energy_pointing_game", "iou"):
         rows = table[table["metric"] == metric]
         assert rows["value"].notna().mean() > 0.8, (metric, rows["reason"].unique())
-    assert set(table["method"]) == {"gradcam", "gradcampp", "saliency", "random", "centre", "edges"}
+    assert set(table["method"]) == {"gradcam", "gradcampp", "saliency", "random", "centre", "edges",
+                                    "prior"}
+    assert table[table["method"] == "prior"]["value"].notna().any()  # from the given train split
     html = (tmp_path / "my_run" / "report.html").read_text()
     assert "Against trivial baselines" in html and "(baseline)" in html
     _equals_evaluate(tmp_path, table)

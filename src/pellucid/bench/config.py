@@ -50,7 +50,7 @@ from pellucid.pipeline.resolve import BENCH_REGIONS as REGIONS
 TOP_KEYS = {"name", "seed", "batch_size", "cache", "gallery", "datasets", "models", "methods",
             "metrics", "threads", "baselines"}
 # the trivial baselines every benchmark runs unless ``baselines: false`` (or a list of some of them)
-DEFAULT_BASELINES = ("random", "centre", "edges")
+DEFAULT_BASELINES = ("random", "centre", "edges", "prior")
 DATASET_KEYS = {"reader", "root", "split", "cases", "options", "require"}
 MODEL_KEYS = {"datasets", "path", "weights", "train", "targets", "region", "layer", "reference",
               "sliding_window", "modality_importance"}

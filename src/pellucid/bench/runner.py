@@ -43,6 +43,7 @@ class CaseSet:
     boxes: list[torch.Tensor] | None
     background: torch.Tensor
     truth: torch.Tensor | None = None  # the lesion masks of the explained classes
+    prior: torch.Tensor | None = None  # per pair, the mean training ground truth of its class
     predicted: torch.Tensor | None = None  # the model's output for each target (see _scan)
     labels: torch.Tensor | None = None  # the ground truth: finding present (or the value)
 
@@ -105,7 +106,7 @@ def prepare_model(spec: ModelSpec, out: Path, seed: int):
     return load_model(folder), folder
 
 
-def prepare_cases(dspec: DatasetSpec, mspec: ModelSpec, loaded) -> CaseSet:
+def prepare_cases(dspec: DatasetSpec, mspec: ModelSpec, loaded, need_prior: bool = False) -> CaseSet:
     """Scan the dataset for ``cases`` cases (with a lesion when required) and expand them into
     (case, target) pairs following the model's ``targets``."""
     card = loaded.card
@@ -197,9 +198,51 @@ def prepare_cases(dspec: DatasetSpec, mspec: ModelSpec, loaded) -> CaseSet:
                            for p, k in zip(pairs, classes.tolist(), strict=True)])
     bg_source = extra or [p[0] for p in pairs[:8]]
     background = card.normalize(torch.stack([s["image"] for s in bg_source[:8]]).float())
+    prior = _class_priors(dspec, tuple(x.shape[2:]), len(names), regression) if need_prior else None
     return CaseSet(x, images, classes, [names[k] for k in classes.tolist()],
                    [p[0]["case_id"] for p in pairs], masks, boxes, background, truth,
-                   predicted, labels)
+                   predicted=predicted, labels=labels,
+                   prior=prior[classes.clamp_min(0)] if prior is not None else None)
+
+
+def _class_priors(dspec: DatasetSpec, spatial: tuple[int, ...], classes: int, regression: bool,
+                  n: int = 256) -> torch.Tensor | None:
+    """(K, *spatial): per class, the mean ground-truth mask (masks, or boxes made masks) over up to
+    ``n`` cases of the dataset's training split, resized to the benchmark's grid. None when the
+    benchmark's own split is the training data (the prior would have seen the cases it is scored
+    on) or the training split has no ground truth."""
+    if dspec.split not in ("test", "val") or regression:
+        return None
+    try:
+        train_ds = _open(dspec.reader, dspec.root, "train", dspec.options, n)
+    except PellucidError:
+        return None
+    total, count = torch.zeros(classes, *spatial, dtype=torch.float64), torch.zeros(classes)
+    for i in range(min(len(train_ds), n)):
+        sample = train_ds[i]
+        for k in range(classes):
+            if "mask" in sample and sample["mask"].shape[0] in (1, classes):
+                m = sample["mask"][k if sample["mask"].shape[0] > 1 else 0].float()
+                if sample["mask"].shape[0] == 1 and not bool(sample["label"][k] > 0):
+                    continue  # one mask per image: the lesion of its own finding only
+            elif "boxes" in sample and len(spatial) == 2:
+                own = sample["boxes"][sample["box_labels"] == k]
+                if not len(own):
+                    continue
+                m = boxes_as_masks([own], tuple(sample["image"].shape[1:]))[0].float()
+            else:
+                continue
+            if not m.any():
+                continue
+            if tuple(m.shape) != tuple(spatial):
+                mode = "bilinear" if len(spatial) == 2 else "trilinear"
+                m = torch.nn.functional.interpolate(m[None, None], size=spatial, mode=mode,
+                                                    align_corners=False)[0, 0]
+            total[k] += m.double()
+            count[k] += 1
+    if not count.any():
+        return None
+    return (total / count.clamp_min(1).view(-1, *[1] * len(spatial))).float()
 
 
 def _class_mask(sample: dict, k: int, dataset: str) -> torch.Tensor:
@@ -316,8 +359,13 @@ def make_units(config: BenchConfig, model: str, folder: Path, dataset: str, case
                 layer=mspec.layer, reference=mspec.reference, sliding_window=mspec.sliding_window,
                 seed=config.seed,
                 cache_dir=str(out / "cache") if config.cache else None,
-                supplies={need: getattr(cases, need) for need in requires(method.name)}))
+                supplies={need: (getattr(cases, need)[sl] if need in PER_CASE_SUPPLIES
+                                 and getattr(cases, need) is not None else getattr(cases, need))
+                          for need in requires(method.name)}))
     return units
+
+
+PER_CASE_SUPPLIES = {"prior"}  # one per (case, target) pair, sliced with the unit's batch
 
 
 def requires(method: str) -> frozenset[str]:
@@ -423,7 +471,8 @@ def run_bench(config: BenchConfig | str | Path, out: str | Path | None = None,
         loaded, folder = prepare_model(mspec, out, config.seed)
         weights = loaded.digest()
         loaded = with_window(loaded, mspec.sliding_window)
-        cases = prepare_cases(dspec, mspec, loaded)
+        cases = prepare_cases(dspec, mspec, loaded,
+                              need_prior=any("prior" in requires(m.name) for m in config.methods))
         perf_key = f"{mname}|{dname}"
         tasks[perf_key] = {"task": loaded.card.task, "region": mspec.region,
                            "reference": mspec.reference, "sliding_window": mspec.sliding_window,

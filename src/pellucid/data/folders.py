@@ -27,6 +27,7 @@ from pellucid.io.files import (
     read_image_2d,
     read_mask_2d,
     read_nifti,
+    read_npy,
     read_raster,
 )
 
@@ -140,7 +141,7 @@ class FolderDataset(_ImageListDataset):
 SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val",
                "validation": "val", "dev": "val", "test": "test", "testing": "test"}
 BOX_FORMATS = ("xyxy", "xywh", "yolo", "fractions")
-MASK_FORMATS = ("binary", "label")
+MASK_FORMATS = ("binary", "label", "channels")
 COLUMN_KEYS = ("path", "label", "mask", "group", "split", "box")
 
 
@@ -157,9 +158,10 @@ class CSVDataset(_ImageListDataset):
     - ``box_format``: ``xyxy`` (pixels, the default), ``xywh`` (pixels), ``yolo`` (centre x,
       centre y, width, height as fractions of the image) or ``fractions`` (x0, y0, x1, y1 as
       fractions), of the image as stored.
-    - ``mask_format``: ``binary`` (one mask per image: the lesion of its finding) or ``label`` (a
-      label image: value k + 1 marks class k of ``class_names``, 0 is background), then one mask
-      channel per class.
+    - ``mask_format``: ``binary`` (one mask per image: the lesion of its finding), ``label`` (a
+      label image: value k + 1 marks class k of ``class_names``, 0 is background) or ``channels``
+      (one channel per class: a ``.npy`` array (K, H, W), or an image with K colour channels);
+      the last two give one mask channel per class.
     """
 
     def __init__(self, csv_path: str | Path, class_names: Sequence[str] | None = None,
@@ -252,7 +254,7 @@ class CSVDataset(_ImageListDataset):
             self.task = "segmentation"
         elif any(is_nifti(r["path"]) for r in records):
             raise DataError(csv_path, "the CSV mixes NIfTI volumes and 2D images")
-        if mask_format == "label":
+        if mask_format in ("label", "channels"):
             self.mask_names = self.class_names if any(r["mask"] for r in records) else ()
         else:
             self.mask_names = ("mask",) if any(r["mask"] for r in records) else ()
@@ -293,6 +295,14 @@ class CSVDataset(_ImageListDataset):
                                              f"expected 0 (background) to {len(self.class_names)}")
             return torch.stack([torch.from_numpy(labels == k + 1)
                                 for k in range(len(self.class_names))]).float()
+        if self.mask_format == "channels":
+            path = Path(rec["mask"])
+            arr = read_npy(path) if path.suffix.lower() == ".npy" else np.moveaxis(read_raster(path), -1, 0)
+            if arr.ndim != 3 or arr.shape[0] != len(self.class_names):
+                raise DataError(path, f"a mask of one channel per class needs {len(self.class_names)} "
+                                      f"channels ({', '.join(self.class_names)}); it has shape "
+                                      f"{tuple(arr.shape)}")
+            return torch.from_numpy(np.ascontiguousarray(arr > 0)).float()
         return super()._mask(rec)
 
 

@@ -9,6 +9,9 @@ metric, which methods do not beat the best of them.
 - ``edges``: the gradient magnitude of the input, sqrt(sum_c sum_d (d x_c / d x_d)^2) by central
   differences: structure of the image alone (Adebayo et al. 2018 show edge detectors pass for
   saliency maps to the eye).
+- ``prior``: the mean ground-truth map of the sample's class over the training data, given as
+  ``prior`` (the benchmark computes it from the dataset's training split): where lesions of that
+  class usually are, knowing nothing of the image.
 
 Each runs the model once (the clean forward that binds the target, as every method does), so that
 its rows carry the same target and output as a real method's.
@@ -20,6 +23,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 
 from pellucid.errors import ConfigError
 from pellucid.explainers.attribution import InputAttribution
@@ -89,3 +93,32 @@ class EdgesBaseline(_Baseline):
             if x.shape[dim] > 1:
                 squared = squared + torch.gradient(x, dim=dim)[0] ** 2
         return squared.sum(1, keepdim=True).sqrt()
+
+
+@register
+@dataclass
+class PriorBaseline(_Baseline):
+    """The mean ground-truth map of the sample's class over the training data (given as prior)."""
+
+    prior: torch.Tensor | None = None
+    name: ClassVar[str] = "prior"
+    requires: ClassVar[frozenset[str]] = frozenset({"prior"})
+
+    def baseline_map(self, inputs: torch.Tensor) -> torch.Tensor:
+        if self.prior is None:
+            raise ConfigError("prior: no ground truth to average (the benchmark takes it from the "
+                              "dataset's training split, which has no masks or boxes, or is the "
+                              "benchmark's own cases)")
+        prior = torch.as_tensor(self.prior).double()
+        spatial = inputs.shape[2:]
+        if prior.ndim == len(spatial):
+            prior = prior.expand(inputs.shape[0], *prior.shape)
+        if prior.ndim == len(spatial) + 1:
+            prior = prior[:, None]
+        if prior.shape[0] != inputs.shape[0] or prior.ndim != inputs.ndim:
+            raise ConfigError(f"prior: give one map per sample, (B, *spatial); got "
+                              f"{tuple(self.prior.shape)} for inputs {tuple(inputs.shape)}")
+        if tuple(prior.shape[2:]) != tuple(spatial):
+            mode = "bilinear" if len(spatial) == 2 else "trilinear"
+            prior = F.interpolate(prior, size=tuple(spatial), mode=mode, align_corners=False)
+        return prior.to(inputs.device)

@@ -9,7 +9,9 @@ from typing import Any
 from pellucid.registry import Registry
 
 FAMILIES = ("cam", "gradient", "relevance", "perturbation", "counterfactual", "baseline")
-REQUIRES = frozenset({"background"})  # "background": a set of reference inputs (GradientSHAP)
+# "background": a set of reference inputs (GradientSHAP); "prior": per sample, the mean
+# ground-truth map of its class over the training data (the ``prior`` baseline)
+REQUIRES = frozenset({"background", "prior"})
 
 
 def _check(cls: type) -> None:
