@@ -132,3 +132,19 @@ def test_prior_baseline_is_the_given_map_and_the_bench_prior_is_the_training_mea
         torch.testing.assert_close(priors[k], torch.stack(masks).float().mean(0), atol=1e-6, rtol=1e-5)
     assert _class_priors(DatasetSpec("chest", "phantom-chest", None, "all", 4, {"size": 32}),
                          (32, 32), 3, False) is None  # the benchmark's own cases: no prior
+
+
+def test_segmentation_near_chance_warning():
+    """A segmentation that marks random pixels at the true volume scores the chance Dice: warned;
+    a perfect one is not."""
+    from pellucid.models.performance import chance_warnings, segmentation_report
+
+    rng = torch.Generator().manual_seed(0)
+    true = torch.rand(12, 1, 16, 16, generator=rng) < 0.3
+    noise = torch.rand(12, 1, 16, 16, generator=rng) < 0.3
+    random_report = segmentation_report(noise, true, ["WT"])
+    assert random_report["chance_dice"] == pytest.approx(0.3, abs=0.06)
+    perfect = segmentation_report(true, true, ["WT"])
+    assert perfect["mean_dice_ci"] == [1.0, 1.0]
+    warnings = chance_warnings({"u|brain": {"report": random_report}, "p|brain": {"report": perfect}})
+    assert len(warnings) == 1 and warnings[0].startswith("The model u performs near chance on brain")

@@ -97,3 +97,33 @@ def test_a_factory_and_a_torchscript_file_import_with_inferred_channels(tmp_path
               "--out", str(tmp_path / "g"), "--task", "classification", "--classes", "no,yes",
               "--activation", "softmax", "--input-size", "64,64", "--channels", "3"], capsys,
              "first convolution takes 1")
+
+
+def test_a_card_resize_of_pil_uint8_reads_inputs_as_torchvision_did(tmp_path):
+    """A model trained on torchvision's Resize of 8-bit PIL images: with --resize pil_uint8 the
+    image pellucid gives it is exactly the one torchvision's pipeline makes (Resize, ToTensor)."""
+    import numpy as np
+    from PIL import Image
+    from torchvision import transforms
+
+    from pellucid.models import ModelCard, build, save_model
+    from pellucid.pipeline import CaseOptions, read_case
+
+    rng = np.random.default_rng(0)
+    pixels = (rng.random((90, 120)) * 255).astype(np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "x.png")
+    torch.manual_seed(0)
+    built = build("resnet18", 2, 1, 2)
+    for method, tolerance in (("pil_uint8", 0.0), ("bilinear", 1e-5)):
+        card = ModelCard(arch="resnet18", task="classification", class_names=["a", "b"], in_channels=1,
+                         spatial_dims=2, input_size=[64, 64], activation="softmax",
+                         backend=built.backend, resize=method)
+        loaded = load_model(save_model(tmp_path / method, built.module, card))
+        case = read_case(loaded, tmp_path / "x.png", CaseOptions(["saliency"]))
+        if method == "pil_uint8":
+            expected = transforms.Compose([transforms.Resize((64, 64)), transforms.ToTensor()])(
+                Image.open(tmp_path / "x.png"))
+        else:
+            grey = Image.fromarray(pixels.astype(np.float32) / 255, mode="F")
+            expected = torch.from_numpy(np.array(grey.resize((64, 64), Image.BILINEAR)))[None]
+        torch.testing.assert_close(case.item.image, expected.float(), atol=tolerance + 1e-7, rtol=0)

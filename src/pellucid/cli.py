@@ -148,6 +148,9 @@ def import_model_command(
              "inputs in [0, 1])")] = "none",
     layer: Annotated[str | None, typer.Option(help="CAM layer (default: the last down-sampled "
                                                    "spatial layer)")] = None,
+    resize: Annotated[str, typer.Option(
+        help="how inputs were resized in training: bilinear, pil_uint8 (torchvision's Resize of "
+             "8-bit PIL images), nearest or bicubic")] = "bilinear",
     name: Annotated[str, typer.Option(help="the model's name in reports")] = "",
     version: Annotated[str, typer.Option(help="the model's version in reports")] = "",
 ) -> None:
@@ -162,7 +165,7 @@ def import_model_command(
         raise ConfigError(f"--input-size: give integers like 224,224, got {input_size!r}") from None
     spec = ImportSpec(source, task, _split_list(classes) if classes else [], activation, size,
                       channels, str(weights) if weights else None, arch, backend, normalization,
-                      layer, name, version)
+                      layer, name, version, resize=resize)
     from pellucid.explainers import default_layer
 
     folder = import_model(spec, out, find_layer=default_layer)

@@ -110,7 +110,8 @@ def prepare_cases(dspec: DatasetSpec, mspec: ModelSpec, loaded, need_prior: bool
     """Scan the dataset for ``cases`` cases (with a lesion when required) and expand them into
     (case, target) pairs following the model's ``targets``."""
     card = loaded.card
-    ds = _open(dspec.reader, dspec.root, dspec.split, dspec.options, max(4 * dspec.cases, 64))
+    ds = _open(dspec.reader, dspec.root, dspec.split, card_options(dspec, card),
+               max(4 * dspec.cases, 64))
     names = list(card.class_names)
     segmentation = card.task == "segmentation"
     regression = card.task == "regression"
@@ -203,6 +204,22 @@ def prepare_cases(dspec: DatasetSpec, mspec: ModelSpec, loaded, need_prior: bool
                    [p[0]["case_id"] for p in pairs], masks, boxes, background, truth,
                    predicted=predicted, labels=labels,
                    prior=prior[classes.clamp_min(0)] if prior is not None else None)
+
+
+GENERIC_READERS = ("csv", "folder", "coco")  # a user's data: read as the model card says
+
+
+def card_options(dspec: DatasetSpec, card) -> dict:
+    """The reader options, with what the model card records about its inputs filled in for the
+    generic readers: the resize method, and the size when the card's input is square and 2D (as
+    ``pellucid explain`` reads an input for this model)."""
+    options = dict(dspec.options)
+    if dspec.reader in GENERIC_READERS:
+        options.setdefault("resize", card.resize)
+        size = list(card.input_size)
+        if card.spatial_dims == 2 and len(size) == 2 and size[0] == size[1]:
+            options.setdefault("size", size[0])
+    return options
 
 
 def _class_priors(dspec: DatasetSpec, spatial: tuple[int, ...], classes: int, regression: bool,
@@ -480,7 +497,7 @@ def run_bench(config: BenchConfig | str | Path, out: str | Path | None = None,
         if mspec.modality_importance:
             modality[perf_key] = modality_importance(loaded, cases, mspec)
         try:
-            test = _open(dspec.reader, dspec.root, dspec.split, dspec.options, 128)
+            test = _open(dspec.reader, dspec.root, dspec.split, card_options(dspec, loaded.card), 128)
             outputs = len(loaded.card.class_names)
             labels = len(test.mask_names if loaded.card.task == "segmentation" else test.class_names)
             if labels != outputs:

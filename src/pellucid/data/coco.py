@@ -26,7 +26,7 @@ class COCODataset(_ImageListDataset):
                  size: int | None = None, channels: int | None = None, seed: int = 0,
                  fractions: Sequence[float] = DEFAULT_FRACTIONS,
                  class_names: Sequence[str] | None = None, multilabel: bool | None = None,
-                 split_files: dict | None = None) -> None:
+                 split_files: dict | None = None, resize: str = "bilinear") -> None:
         json_path = Path(json_path)
         if not json_path.is_file():
             raise DataError(json_path, "COCO JSON file not found")
@@ -79,7 +79,7 @@ class COCODataset(_ImageListDataset):
             check_split(split)
             out = [r for r in out if split == "all" or given.get(r["case_id"]) == split]
             split = "all"
-        self._finish(out, split, seed, fractions, size, channels)
+        self._finish(out, split, seed, fractions, size, channels, resize)
 
     def _mask(self, rec: dict) -> torch.Tensor:
         from PIL import Image, ImageDraw

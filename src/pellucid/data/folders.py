@@ -19,7 +19,7 @@ import torch
 
 from pellucid.data.base import PellucidDataset
 from pellucid.data.splits import DEFAULT_FRACTIONS, check_split, group_split
-from pellucid.data.transforms import resize_image, resize_mask, zscore_nonzero
+from pellucid.data.transforms import RESIZE_METHODS, resize_image, resize_mask, zscore_nonzero
 from pellucid.errors import DataError
 from pellucid.io.files import (
     IMAGE_SUFFIXES,
@@ -38,7 +38,10 @@ class _ImageListDataset(PellucidDataset):
     spatial_dims = 2
 
     def _finish(self, records: list[dict], split: str, seed: int, fractions: Sequence[float],
-                size: int | None, channels: int | None) -> None:
+                size: int | None, channels: int | None, resize: str = "bilinear") -> None:
+        if resize not in RESIZE_METHODS:
+            raise DataError(None, f"resize must be one of {', '.join(RESIZE_METHODS)}, got {resize!r}")
+        self.resize = resize
         check_split(split)
         if split != "all":
             parts = group_split([r["group"] for r in records], fractions, seed)
@@ -117,7 +120,7 @@ class FolderDataset(_ImageListDataset):
 
     def __init__(self, root: str | Path, split: str = "all", size: int | None = None,
                  channels: int | None = None, seed: int = 0,
-                 fractions: Sequence[float] = DEFAULT_FRACTIONS) -> None:
+                 fractions: Sequence[float] = DEFAULT_FRACTIONS, resize: str = "bilinear") -> None:
         root = Path(root)
         if not root.is_dir():
             raise DataError(root, "image folder not found")
@@ -135,7 +138,7 @@ class FolderDataset(_ImageListDataset):
                                     "group": str(p)})
         if not records:
             raise DataError(root, "no images found in the class folders")
-        self._finish(records, split, seed, fractions, size, channels)
+        self._finish(records, split, seed, fractions, size, channels, resize)
 
 
 SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val",
@@ -158,6 +161,8 @@ class CSVDataset(_ImageListDataset):
     - ``box_format``: ``xyxy`` (pixels, the default), ``xywh`` (pixels), ``yolo`` (centre x,
       centre y, width, height as fractions of the image) or ``fractions`` (x0, y0, x1, y1 as
       fractions), of the image as stored.
+    - ``resize``: how images are resized to ``size`` (``bilinear``, ``pil_uint8`` as torchvision's
+      ``Resize`` of 8-bit PIL images, ``nearest``, ``bicubic``): the model card's, in a benchmark.
     - ``mask_format``: ``binary`` (one mask per image: the lesion of its finding), ``label`` (a
       label image: value k + 1 marks class k of ``class_names``, 0 is background) or ``channels``
       (one channel per class: a ``.npy`` array (K, H, W), or an image with K colour channels);
@@ -169,7 +174,7 @@ class CSVDataset(_ImageListDataset):
                  seed: int = 0, fractions: Sequence[float] = DEFAULT_FRACTIONS,
                  multilabel: bool | None = None, columns: dict | None = None,
                  box_format: str = "xyxy", mask_format: str = "binary",
-                 split_files: dict | None = None) -> None:
+                 split_files: dict | None = None, resize: str = "bilinear") -> None:
         csv_path = Path(csv_path)
         if not csv_path.is_file():
             raise DataError(csv_path, "CSV file not found")
@@ -266,7 +271,7 @@ class CSVDataset(_ImageListDataset):
             check_split(split)
             records = [r for r in records if split == "all" or r["split"] == split]
             split = "all"  # the given split is used as it is, never drawn again
-        self._finish(records, split, seed, fractions, size, channels)
+        self._finish(records, split, seed, fractions, size, channels, resize)
 
     def _boxes(self, rec: dict, h: int, w: int) -> torch.Tensor:
         """The record's boxes as pixels x0, y0, x1, y1 of the image as stored."""

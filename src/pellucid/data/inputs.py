@@ -72,7 +72,7 @@ def _reader_units(source: MedicalImage, in_channels: int, spatial_dims: int) -> 
 
 
 def load_input(path: str | Path, in_channels: int, input_size: list[int] | None,
-               spatial_dims: int) -> InputImage:
+               spatial_dims: int, resize: str = "bilinear") -> InputImage:
     """Read ``path`` (an image, NIfTI, DICOM file or series folder, ``.npy`` channels first, or a
     BraTS case folder) and shape it for a model with ``in_channels`` and ``input_size``."""
     path = Path(path)
@@ -96,7 +96,7 @@ def load_input(path: str | Path, in_channels: int, input_size: list[int] | None,
         else:
             raise DataError(path, f"image has {original.shape[0]} channels, the model takes "
                                   f"{in_channels}")
-    image = resize_image(original, input_size) if input_size else original
+    image = resize_image(original, input_size, resize) if input_size else original
     if not (torch.isfinite(image).all() and torch.isfinite(original).all()):
         raise DataError(path, "the image's values overflow when normalised (non-finite results); "
                               "pellucid does not explain them")

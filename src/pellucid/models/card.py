@@ -52,6 +52,9 @@ class ModelCard:
     finding_codes: dict[str, list[str]] = field(default_factory=dict)
     # "package.module:factory" that builds the network of an imported model (arch "custom")
     factory: str = ""
+    # how inputs are resized to input_size (pellucid.data.transforms.RESIZE_METHODS): bilinear, or
+    # pil_uint8 for a model trained on torchvision's Resize of 8-bit PIL images
+    resize: str = "bilinear"
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -63,6 +66,11 @@ class ModelCard:
         if bad:
             raise DataError(None, f"model card: finding_codes for {', '.join(bad)}: give a class name "
                                   f"and [scheme, value, meaning]")
+        from pellucid.data.transforms import RESIZE_METHODS
+
+        if self.resize not in RESIZE_METHODS:
+            raise DataError(None, f"model card: resize must be one of {RESIZE_METHODS}, got "
+                                  f"{self.resize!r}")
         unknown = sorted(set(self.intended_use) - set(INTENDED_USE_KEYS))
         if unknown:
             raise DataError(None, f"model card: intended_use has unknown key(s) {', '.join(unknown)}; "

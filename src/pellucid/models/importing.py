@@ -50,6 +50,7 @@ class ImportSpec:
     name: str = ""
     version: str = ""
     intended_use: dict[str, Any] = field(default_factory=dict)
+    resize: str = "bilinear"  # how inputs are resized (data.transforms.RESIZE_METHODS)
 
 
 def _normalization(text: str) -> dict[str, Any]:
@@ -196,7 +197,7 @@ def import_model(spec: ImportSpec, out: str | Path,
                      spatial_dims=dims, input_size=list(spec.input_size), activation=activation,
                      backend=backend, normalization=_normalization(spec.normalization),
                      default_layer=layer, name=spec.name, version=spec.version,
-                     intended_use=dict(spec.intended_use), factory=factory,
+                     intended_use=dict(spec.intended_use), factory=factory, resize=spec.resize,
                      training={"imported_from": str(spec.source)})
     out = Path(out)
     if arch == "torchscript":

@@ -112,16 +112,23 @@ def macro_auroc_interval(probs: np.ndarray, labels: np.ndarray, resamples: int =
 
 def chance_warnings(performance: dict) -> list[str]:
     """Plain sentences for the tasks whose model performs near chance: its macro AUROC interval
-    includes 0.5. Its explanations then say little about any finding."""
+    includes 0.5, or its mean Dice interval does not rise above the Dice a random mask of the
+    predicted volume would reach. Its explanations then say little about any finding."""
     out = []
     for key, info in performance.items():
         report = info.get("report") if isinstance(info, dict) else None
+        model, dataset = key.split("|") if "|" in key else (key, "")
+        dice = (report or {}).get("mean_dice_ci")
+        if dice and (report or {}).get("chance_dice") is not None and dice[0] <= report["chance_dice"]:
+            out.append(f"The model {model} performs near chance on {dataset}: mean Dice "
+                       f"{report['mean_dice']:.2f} (95% CI {dice[0]:.2f} to {dice[1]:.2f}) is not "
+                       f"above a random mask of its predicted volume ({report['chance_dice']:.2f}). "
+                       f"Its explanations say little about the lesions; improve the model first.")
         interval = (report or {}).get("macro_auroc_ci")
         if not interval or any(v is None or np.isnan(v) for v in interval):
             continue
         lo, hi = interval
         if lo <= 0.5 <= hi:
-            model, dataset = key.split("|") if "|" in key else (key, "")
             out.append(f"The model {model} performs near chance on {dataset}: macro AUROC "
                        f"{report['macro_auroc']:.2f} (95% CI {lo:.2f} to {hi:.2f}) includes 0.5. "
                        f"Its explanations say little about the findings; improve the model first.")
@@ -163,7 +170,18 @@ def segmentation_report(pred: torch.Tensor, true: torch.Tensor, region_names: Se
         per_region[name] = {"dice": float(dice[:, k].mean()),
                             "hd95": float(hk.mean()) if len(hk) else float("nan"),
                             "hd95_cases": len(hk)}
+    pred_f = pred.bool().flatten(2).float().mean(-1)
+    true_f = true.bool().flatten(2).float().mean(-1)
+    # a random mask of the predicted volume: expected Dice 2 p q / (p + q) (1 when both are empty)
+    chance = torch.where(pred_f + true_f > 0, 2 * pred_f * true_f / (pred_f + true_f).clamp_min(1e-12),
+                         torch.ones_like(pred_f))
+    per_case = dice.double().mean(1).numpy()
+    rng = np.random.default_rng(0)
+    boots = [float(per_case[rng.integers(0, len(per_case), len(per_case))].mean())
+             for _ in range(1000)]
     return {"mean_dice": float(dice.mean()),
+            "mean_dice_ci": [float(np.quantile(boots, 0.025)), float(np.quantile(boots, 0.975))],
+            "chance_dice": float(chance.mean()),
             "mean_hd95": float(np.nanmean([v["hd95"] for v in per_region.values()]))
             if any(v["hd95_cases"] for v in per_region.values()) else float("nan"),
             "per_region": per_region, "n": int(pred.shape[0])}

@@ -88,7 +88,7 @@ def read_case(loaded, path: Path, options: CaseOptions) -> Case:
     use = IntendedUse(not_checked=["no model card"])
     if card is not None:
         size = None if options.sliding_window is not None else card.input_size
-        item = load_input(path, card.in_channels, size, card.spatial_dims)
+        item = load_input(path, card.in_channels, size, card.spatial_dims, card.resize)
         use = check_intended_use(card, item.source, options.outside_intended_use)
         x = card.normalize(item.image[None])
     else:

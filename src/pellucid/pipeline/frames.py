@@ -52,7 +52,7 @@ def read_frames(loaded, path: Path, options: CaseOptions) -> list[Case]:
         original = _reader_units(frame, card.in_channels, 2)
         if original.shape[0] != card.in_channels:
             original = original.repeat(card.in_channels, 1, 1)
-        image = resize_image(original, card.input_size) if card.input_size else original
+        image = resize_image(original, card.input_size, card.resize) if card.input_size else original
         item = InputImage(frame, original.float(), image.float(), f"{Path(path).stem}_frame{k + 1:04d}")
         target = card_target(card, class_index(card, options.target), options.region, None,
                              options.reference)
