@@ -8,6 +8,7 @@ equal ``pellucid.evaluate`` on the same inputs."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,8 +23,10 @@ NAMES = ["Cardiomegaly", "Nodule", "Consolidation"]
 
 
 def _cli(folder: Path, *args: str) -> None:
+    """``pellucid ARGS`` run in ``folder`` (a user's own factory module importable as ``tests``)."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     done = subprocess.run([sys.executable, "-m", "pellucid.cli", *args], cwd=folder,
-                          capture_output=True, text=True, timeout=900)
+                          capture_output=True, text=True, timeout=900, env=env)
     assert done.returncode == 0, (args, done.stderr[-3000:])
 
 
@@ -183,3 +186,28 @@ def test_a_3d_nifti_set_with_an_imported_unet(tmp_path):
         ref = pellucid.evaluate(model, x, e, metrics=["energy_pointing_game"],
                                 masks=sample["mask"][0][None])
         assert row.value == pytest.approx(ref["energy_pointing_game"].scores[0].item(), abs=1e-5)
+
+
+@pytest.mark.slow
+def test_a_bench_config_takes_a_factory_and_its_weights_beside_a_card(tmp_path):
+    """``path: package.module:factory`` with ``weights:`` (relative to the YAML) and the card.json
+    beside the weights: the run keeps it as a model folder and scores it like any other."""
+    from tests.factories import tiny_resnet
+
+    torch.manual_seed(0)
+    torch.save(tiny_resnet().state_dict(), tmp_path / "w.pt")
+    _cli(tmp_path, "import-model", "tests.factories:tiny_resnet", "--weights", "w.pt", "--out", "f",
+         "--task", "classification", "--classes", "Cardiomegaly,Nodule", "--activation", "sigmoid",
+         "--input-size", "64,64")
+    (tmp_path / "weights").mkdir()
+    (tmp_path / "f" / "model.safetensors").rename(tmp_path / "weights" / "model.safetensors")
+    (tmp_path / "f" / "card.json").rename(tmp_path / "weights" / "card.json")
+    config = {"name": "factory", "seed": 0, "batch_size": 4, "baselines": False,
+              "datasets": {"chest": {"reader": "phantom-chest", "cases": 4, "options": {"size": 64}}},
+              "models": {"f": {"datasets": ["chest"], "path": "tests.factories:tiny_resnet",
+                               "weights": "weights/model.safetensors", "targets": [0, 1]}},
+              "methods": ["gradcam"], "metrics": ["pointing_game"]}
+    frame = _bench(tmp_path, config)
+    assert len(frame) and frame["value"].notna().all()
+    card = json.loads((tmp_path / "run" / "models" / "f" / "card.json").read_text())
+    assert card["factory"] == "tests.factories:tiny_resnet"
