@@ -206,7 +206,7 @@ def _cases(tmp_path, chest_model, ct_file):
     card = load_model(chest_model.source).card
     import dataclasses
 
-    dataclasses.replace(card, class_names=["A", "B"], input_size=[64, 64],
+    dataclasses.replace(card, class_names=["A", "B"], input_size=[64, 64], finding_codes={},
                         default_layer="layer4").save(weights.parent / "card.json")
     # a ground truth for the error regions: a square; fp or fn, whichever the model makes
     loaded = load_model(seg)

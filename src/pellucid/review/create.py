@@ -120,7 +120,11 @@ def create_study(run_dir: str | Path, db: str, raters: list[str], cases: int = 2
     if "predicted" not in fields:
         raise DataError(run, "the run predates stored predictions; re-run `pellucid bench`")
     available = sorted(frame["method"].unique())
-    methods = methods or available
+    from pellucid.bench.stats import baseline_methods
+
+    # the trivial baselines are what the benchmark compares with, not explanations to rate (they
+    # can still be asked for by name, e.g. as a sanity control)
+    methods = methods or [m for m in available if m not in baseline_methods(frame)]
     unknown = [m for m in methods if m not in available]
     if unknown:
         raise ConfigError(f"--methods: {unknown[0]!r} is not in task {task}; available: "
