@@ -19,6 +19,7 @@ its rows carry the same target and output as a real method's.
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -37,9 +38,9 @@ class _Baseline(InputAttribution):
     def attribute(self, runner, model, inputs, bound, output):
         return self.baseline_map(inputs).to(inputs.dtype), {}
 
+    @abstractmethod
     def baseline_map(self, inputs: torch.Tensor) -> torch.Tensor:
-        """(B, 1, *spatial) from the inputs alone."""
-        raise NotImplementedError
+        """(B, 1, *spatial) from the inputs alone (each baseline defines it)."""
 
 
 @register
