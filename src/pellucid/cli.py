@@ -178,7 +178,7 @@ def import_model_command(
 @app.command()
 def layers(model: Annotated[str, typer.Argument(help="zoo folder or module:factory")],
            weights: Path | None = None) -> None:
-    """List the layers a CAM can use (spatial outputs), with their output shapes."""
+    """List the layers a CAM can use (maps or token sequences), with their output shapes and layout."""
     import torch
 
     from pellucid.explainers import candidate_layers, default_layer
@@ -188,9 +188,10 @@ def layers(model: Annotated[str, typer.Argument(help="zoo folder or module:facto
     if loaded.card is None:
         raise ConfigError(f"{model}: listing layers needs a model card for the input shape")
     example = torch.zeros(1, loaded.card.in_channels, *loaded.card.input_size)
-    table = Table("layer", "type", "output (C, *spatial)")
+    table = Table("layer", "type", "output (without batch)", "layout", "grid", "channels")
     for info_ in candidate_layers(loaded.module, example):
-        table.add_row(info_["name"], info_["type"], str(info_["shape"]))
+        table.add_row(info_["name"], info_["type"], str(info_["shape"]), info_["layout"],
+                      "x".join(map(str, info_["grid"])), str(info_["channels"]))
     console.print(table)
     console.print(f"default: {loaded.card.default_layer or default_layer(loaded.module, example)}")
 

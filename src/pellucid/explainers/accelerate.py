@@ -20,6 +20,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from pellucid.models.outputs import reduce_output
 from pellucid.runtime import memory_limit_bytes, model_precision, reduced_precision
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
@@ -39,8 +40,8 @@ def _channels_last(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return model(x.contiguous(memory_format=fmt) if fmt else x)
 
 
-def _first(out):
-    return out[0] if isinstance(out, (tuple, list)) else out
+def _first(out):  # already a tensor under the model guard (pellucid.models.outputs)
+    return out if isinstance(out, torch.Tensor) else reduce_output(out)
 
 
 def _build(model: nn.Module, example: torch.Tensor) -> Forward:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pellucid.errors import ConfigError, ModelError
+from pellucid.models.outputs import reduce_output, selected_output, tensor_outputs
 from pellucid.runtime import model_precision
 from pellucid.targets import BoundTarget, Target, as_target
 
@@ -75,10 +76,7 @@ class ModelRunner:
                 raise ModelError(f"the model cannot take input of shape {tuple(x.shape)}: "
                                  f"{first}") from None
             raise
-        if isinstance(out, (tuple, list)):
-            out = out[0]
-        if isinstance(out, dict):
-            raise ModelError("the model returns a dict; wrap it so that it returns a tensor")
+        out = reduce_output(out, selected_output(self.model))  # a no-op under the model guard
         return out.float() if mixed else out
 
     def fast_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -120,8 +118,9 @@ def reset_peak_rss() -> int | None:
 
 @contextmanager
 def model_guard(model: nn.Module) -> Iterator[list]:
-    """Put the model in eval mode with frozen parameters; on exit (also on error) remove every hook
-    registered into the yielded list and restore train/eval modes and ``requires_grad``."""
+    """Put the model in eval mode with frozen parameters, its output reduced to one tensor
+    (:mod:`pellucid.models.outputs`); on exit (also on error) remove every hook registered into the
+    yielded list and restore train/eval modes and ``requires_grad``."""
     modules = list(model.modules())  # one walk of the tree (this runs on every call)
     training = [m for m in modules if m.training]
     trainable = [p for m in modules for p in m._parameters.values()
@@ -132,7 +131,8 @@ def model_guard(model: nn.Module) -> Iterator[list]:
             model.eval()
         for p in trainable:
             p.requires_grad_(False)
-        yield handles
+        with tensor_outputs(model):
+            yield handles
     finally:
         for h in handles:
             h.remove()
@@ -157,34 +157,95 @@ def resolve_layer(model: nn.Module, layer: str | nn.Module) -> tuple[str, nn.Mod
     raise ConfigError(f"unknown layer {layer!r}{hint}")
 
 
-def candidate_layers(model: nn.Module, example: torch.Tensor) -> list[dict[str, Any]]:
-    """Layers with a spatial output (B, C, *spatial) of the input's rank, in execution order, with
-    their output shape: the layers a CAM can use. Runs one forward pass of ``example``."""
-    found: list[dict[str, Any]] = []
-    with model_guard(model) as handles:
-        for name, module in model.named_modules():
-            if not name:
-                continue
+def _is_attention(name: str, module: nn.Module) -> bool:
+    return isinstance(module, nn.MultiheadAttention) or "attention" in type(module).__name__.lower() \
+        or name.lower() in ("attn", "attention", "self_attention", "self_attn")
 
-            def hook(mod, inp, out, name=name):
-                if isinstance(out, torch.Tensor) and out.ndim == example.ndim:
-                    found.append({"name": name, "type": type(mod).__name__,
-                                  "shape": tuple(out.shape[1:])})
-            handles.append(module.register_forward_hook(hook))
-        with torch.no_grad():
-            model(example)
+
+def _is_norm(module: nn.Module) -> bool:
+    return "norm" in type(module).__name__.lower() and not list(module.children())
+
+
+def attention_blocks(model: nn.Module) -> list[str]:
+    """Names of the transformer blocks of ``model`` (modules with an attention child and a norm
+    child: torchvision's, timm's, Hugging Face's and MONAI's blocks), in definition order."""
+    return [name for name, module in model.named_modules() if name
+            and any(_is_attention(n, c) for n, c in module.named_children())
+            and any(_is_norm(c) for c in module.children())]
+
+
+def candidate_layers(model: nn.Module, example: torch.Tensor) -> list[dict[str, Any]]:
+    """Layers a CAM can use, in execution order: those whose output has a layout pellucid can read
+    without asking (:mod:`pellucid.explainers.layouts`: channels-first or channels-last maps of the
+    input's rank, or a token sequence), with their output shape, layout and grid. Runs one forward
+    pass of ``example``."""
+    from pellucid.explainers.layouts import detect_layout, patch_size
+
+    def shapes_at(x: torch.Tensor) -> tuple[list[tuple[str, str, tuple[int, ...]]], torch.Tensor]:
+        seen: list[tuple[str, str, tuple[int, ...]]] = []
+        with model_guard(model) as handles:
+            for name, module in model.named_modules():
+                if name:
+                    handles.append(module.register_forward_hook(
+                        lambda mod, inp, out, name=name: seen.append(
+                            (name, type(mod).__name__, tuple(out.shape)))
+                        if isinstance(out, torch.Tensor) and out.ndim in (example.ndim, 3) else None))
+            with torch.no_grad():
+                output = model(x)
+        return seen, output
+
+    seen, output = shapes_at(example)
+    size, patch = tuple(example.shape[2:]), patch_size(model)
+    grown: dict[str, tuple[int, ...]] = {}
+
+    def probe(name: str) -> tuple[int, ...] | None:
+        if not grown:  # one forward at twice the size, only when some layer needs it
+            try:
+                bigger = F.interpolate(example[:1], scale_factor=2, mode="nearest")
+                grown.update({n: shape for n, _, shape in shapes_at(bigger)[0]})
+            except Exception:
+                grown["(none)"] = ()
+        return grown.get(name)
+
+    found: list[dict[str, Any]] = []
+    for name, kind, shape in seen:
+        try:
+            layout = detect_layout(shape, size, patch=patch, probe=lambda name=name: probe(name))
+        except ConfigError:
+            continue
+        found.append({"name": name, "type": kind, "shape": shape[1:], "layout": layout.kind,
+                      "grid": layout.grid,
+                      "channels": shape[1] if layout.kind == "channels_first" else shape[-1]})
+    if found:
+        found[0]["model_output_ndim"] = output.ndim
     return found
 
 
 def default_layer(model: nn.Module, example: torch.Tensor) -> str:
-    """The last layer (in execution order) whose output is spatial and smaller than the input: the
-    last convolutional block of a classifier, the deepest decoder stage of a U-Net."""
-    size = example.shape[2:]
+    """The default CAM layer. A transformer classifier: the first norm of its last attention block
+    (the input of the last attention, whose patch tokens still reach the class token; the peers'
+    advice for ViT and Swin). Otherwise the last layer (in execution order) whose output is a
+    channels-first map smaller than the input: the last convolutional block of a classifier, the
+    deepest decoder stage of a U-Net."""
+    size = tuple(example.shape[2:])
+    found = candidate_layers(model, example)
+    names = {info["name"] for info in found}
+    classifier = bool(found) and found[0].get("model_output_ndim") == 2
+    blocks = attention_blocks(model) if classifier else []
+    if blocks:
+        executed = [info["name"] for info in found]
+        last_block = max(blocks, key=lambda b: max((i for i, n in enumerate(executed)
+                                                    if n == b or n.startswith(b + ".")), default=-1))
+        norms = [n for n in executed if n.startswith(last_block + ".") and n.count(".") ==
+                 last_block.count(".") + 1 and _is_norm(model.get_submodule(n))]
+        if norms and norms[0] in names:
+            return norms[0]
     best = None
-    for info in candidate_layers(model, example):
-        spatial = info["shape"][1:]
-        if any(s > 1 for s in spatial) and all(s <= t for s, t in zip(spatial, size, strict=True)) \
-                and tuple(spatial) != tuple(size):
+    for info in found:
+        grid = info["grid"]
+        usable = info["layout"] == "channels_first" and info["type"] != "Identity"
+        smaller = all(s <= t for s, t in zip(grid, size, strict=True)) and tuple(grid) != size
+        if usable and any(s > 1 for s in grid) and smaller:
             best = info["name"]
     if best is None:
         raise ConfigError("no layer with a down-sampled spatial output found; pass layer=...")

@@ -21,7 +21,9 @@ Grad-CAM++ alpha (eq. 19 of the paper, read two ways):
 - ``plusplus="summed"`` (torch-cam, MONAI, M3d-CAM):
   alpha = g^2 / (2 g^2 + sum_space(A g^3) + 1e-6), alpha = 0 where g = 0
 
-Everything runs batched on the inputs' device, 2D and 3D through one code path.
+Everything runs batched on the inputs' device, 2D and 3D through one code path. The layer may
+output channels-first maps, channels-last maps (Swin) or a token sequence (ViT): ``layout``,
+``grid`` and ``prefix_tokens`` say which where :mod:`pellucid.explainers.layouts` cannot tell.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from pellucid.explainers.base import (
     replace_layer_output,
     resolve_layer,
 )
+from pellucid.explainers.layouts import LAYOUTS, FeatureLayout, detect_layout, grown_shape, patch_size
 from pellucid.explainers.registry import register
 from pellucid.targets import BoundTarget, Target
 
@@ -63,6 +66,9 @@ class CAM(Explainer):
     relu: bool = True
     upsample: str = "linear"
     normalize: str = "minmax"
+    layout: str = "auto"
+    grid: tuple[int, ...] | None = None
+    prefix_tokens: int | None = None
 
     family: ClassVar[str] = "cam"
     needs_layer: ClassVar[bool] = True
@@ -102,16 +108,26 @@ class CAM(Explainer):
         grads = grads.float() if grads is not None else None
         store.clear()
         handles.pop().remove()
-        if acts.ndim != inputs.ndim:
-            raise ConfigError(f"layer {layer!r} outputs shape {tuple(acts.shape)}; a CAM layer must "
-                              f"output (B, C, *spatial) like the input {tuple(inputs.shape)}")
+        layout = self.find_layout(model, module, layer, acts, inputs)
         ctx = {"runner": runner, "model": model, "module": module, "inputs": inputs,
-               "target": bound, "output": output}
+               "target": bound, "output": output, "layout": layout, "layer_output": acts}
+        acts = layout.to_channels_first(acts)
+        grads = layout.to_channels_first(grads) if grads is not None else None
         with torch.no_grad():
             raw = self.combine(acts, grads, ctx)[:, None]
             maps = postprocess(raw, tuple(inputs.shape[2:]), self.relu, self.upsample,
                                self.normalize)
-        return Explanation(maps, self.name, bound, layer, raw, output=output)
+        return Explanation(maps, self.name, bound, layer, raw, output=output,
+                           extras={"layout": layout.describe()})
+
+    def find_layout(self, model: nn.Module, module: nn.Module, layer: str | None,
+                    acts: torch.Tensor, inputs: torch.Tensor) -> FeatureLayout:
+        """The layer output's layout (:mod:`pellucid.explainers.layouts`), or a one-line refusal."""
+        if self.layout not in LAYOUTS:
+            raise ConfigError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
+        return detect_layout(tuple(acts.shape), tuple(inputs.shape[2:]), self.layout, self.grid,
+                             self.prefix_tokens, patch_size(model), f"layer {layer!r}",
+                             probe=lambda: grown_shape(model, module, inputs))
 
 
 @register
@@ -283,7 +299,7 @@ class AblationCAM(CAM):
 
     def channel_weights(self, acts, grads, ctx):
         runner, inputs, bound = ctx["runner"], ctx["inputs"], ctx["target"]
-        module, output = ctx["module"], ctx["output"]
+        module, output, layout = ctx["module"], ctx["output"], ctx["layout"]
         b, c = acts.shape[:2]
         original = bound.score(output).float()
         ablated = torch.empty(b, c, device=acts.device, dtype=torch.float32)
@@ -293,6 +309,7 @@ class AblationCAM(CAM):
                 chans = torch.arange(start, min(start + self.batch_size, c), device=acts.device)
                 copies = acts[i:i + 1].repeat(len(chans), *([1] * (acts.ndim - 1)))
                 copies[torch.arange(len(chans), device=acts.device), chans] = 0
+                copies = layout.from_channels_first(copies, ctx["layer_output"][i:i + 1])
                 rows = torch.full((len(chans),), i, device=acts.device, dtype=torch.long)
                 handles: list = []
                 replace_layer_output(module, handles, lambda out, copies=copies: copies)

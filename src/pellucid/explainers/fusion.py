@@ -38,8 +38,8 @@ def default_layers(model: nn.Module, example: torch.Tensor, count: int = 3) -> l
     layer is the encoder stage at that resolution (the skip connection's features: the finest
     detail the network computes): the last layer of the first run of layers at that size."""
     deepest = default_layer(model, example)
-    found = candidate_layers(model, example)
-    shapes = {f["name"]: tuple(f["shape"][1:]) for f in found}
+    found = [f for f in candidate_layers(model, example) if f["layout"] == "channels_first"]
+    shapes = {f["name"]: tuple(f["grid"]) for f in found}
     size = tuple(example.shape[2:])
     last_of: dict[tuple[int, ...], str] = {}
     for f in found:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -11,6 +12,7 @@ import torch
 from pellucid.errors import ConfigError
 from pellucid.explainers.base import model_guard
 from pellucid.metrics.base import NEEDS, Context, ExplainFn, MetricResult, create, unmet_needs
+from pellucid.models.outputs import tensor_outputs
 from pellucid.targets import BoundTarget, as_target
 
 
@@ -120,7 +122,8 @@ def evaluate(model: Any, inputs: torch.Tensor, explanation: Any, target: Any = N
         if missing:
             raise ConfigError(f"metric {name!r} needs {NEEDS[missing[0]]}")
         start = time.perf_counter()
-        results[name] = metric.compute(ctx)
+        with tensor_outputs(module) if module is not None else contextlib.nullcontext():
+            results[name] = metric.compute(ctx)
         results[name].seconds = time.perf_counter() - start
         results[name].higher_is_better = metric.is_higher_better()
     return results
