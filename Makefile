@@ -12,7 +12,7 @@ export PELLUCID_DATA ?= $(abspath ../shared/data)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade --quiet pip
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,models]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -63,7 +63,7 @@ test-lowest:
 	$(LOWEST)/bin/pip install --quiet -r constraints-lowest.txt
 	$(LOWEST)/bin/pip install --quiet '.[test]'
 	$(LOWEST)/bin/python tools/kept_versions.py constraints-lowest.txt
-	$(LOWEST)/bin/python -m pytest -m "not slow" -q -p no:cacheprovider
+	$(LOWEST)/bin/python -m pytest -m "not slow and not models" -q -p no:cacheprovider
 
 # after an upgrade that passes `make test`: write the exact versions of .venv into constraints.txt
 lock: $(STAMP)

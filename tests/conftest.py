@@ -75,8 +75,15 @@ HEAVY_MODULES = {"test_training", "test_bench", "test_seed_systems", "test_metri
                  "test_frames", "test_viewer"}
 
 
+# modules whose tests build networks of the model libraries of the "models" extra (timm,
+# transformers, smp, torchxrayvision, nnU-Net, ONNX Runtime, lxt); `make test-lowest` leaves them out
+MODEL_LIBRARY_MODULES = {"test_model_libraries", "test_blackbox"}
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         module = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
         if HEAVY_FIXTURES & set(item.fixturenames) or module in HEAVY_MODULES:
             item.add_marker(pytest.mark.slow)
+        if module in MODEL_LIBRARY_MODULES:
+            item.add_marker(pytest.mark.models)

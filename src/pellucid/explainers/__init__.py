@@ -1,6 +1,7 @@
 """Explainers: one registry of methods by name. ``available()`` lists them."""
 
 from pellucid.explainers import (  # noqa: F401  (each module registers its methods)
+    attention,
     baselines,
     cam,
     counterfactual,

@@ -73,7 +73,7 @@ def inference_forward(model: nn.Module, example: torch.Tensor) -> Forward:
             with model_precision(x.device.type):
                 return _first(model(x)).float()
         return mixed
-    if example.device.type != "cpu":
+    if example.device.type != "cpu" or getattr(model, "forward_only", False):
         return lambda x: _first(model(x))
     key = id(model)
     fingerprint = _fingerprint(model, example)

@@ -76,7 +76,8 @@ class ModelRunner:
                 raise ModelError(f"the model cannot take input of shape {tuple(x.shape)}: "
                                  f"{first}") from None
             raise
-        out = reduce_output(out, selected_output(self.model))  # a no-op under the model guard
+        if not isinstance(out, torch.Tensor):  # already reduced under the model guard
+            out = reduce_output(out, selected_output(self.model))
         return out.float() if mixed else out
 
     def fast_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -341,6 +342,8 @@ class Explainer(ABC):
     requires: ClassVar[frozenset[str]] = frozenset()
     # whether ``Explanation.raw`` holds one map per input channel (per-modality metrics use it)
     channel_maps: ClassVar[bool] = False
+    # whether the method needs only forward passes, so that it runs on a black-box model (ONNX)
+    black_box: ClassVar[bool] = False
 
     @abstractmethod
     def _explain(self, runner: ModelRunner, model: nn.Module, inputs: torch.Tensor,
@@ -360,6 +363,11 @@ class Explainer(ABC):
         if not torch.isfinite(inputs).all():
             raise ConfigError(f"inputs hold {int((~torch.isfinite(inputs)).sum())} non-finite values "
                               f"(NaN or Inf); an explanation of undefined pixels means nothing")
+        if getattr(model, "forward_only", False) and not self.black_box:
+            usable = ", ".join(n for n, c in _registered().items() if c.black_box)
+            what = getattr(model, "name", type(model).__name__)
+            raise ModelError(f"{self.name} needs gradients or layer hooks, which the {what} does "
+                             f"not have: it only runs forward; use one of: {usable}")
         self._activation = activation
         cost = Cost()
         device = inputs.device
@@ -399,6 +407,12 @@ class Explainer(ABC):
     def bind(self, target: Target | BoundTarget | int | None,
              output: torch.Tensor) -> BoundTarget:
         return as_target(target, output, getattr(self, "_activation", None))
+
+
+def _registered() -> dict[str, type]:
+    from pellucid.explainers.registry import REGISTRY
+
+    return dict(REGISTRY.items())
 
 
 def capture_layer(module: nn.Module, handles: list, grad: bool) -> dict[str, torch.Tensor]:

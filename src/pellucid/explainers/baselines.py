@@ -34,6 +34,7 @@ from pellucid.explainers.registry import register
 class _Baseline(InputAttribution):
     family: ClassVar[str] = "baseline"
     channel_maps: ClassVar[bool] = False
+    black_box: ClassVar[bool] = True
 
     def attribute(self, runner, model, inputs, bound, output):
         return self.baseline_map(inputs).to(inputs.dtype), {}

@@ -76,6 +76,7 @@ class FeatureAttribution(InputAttribution):
     batch_size: int | None = None
     seed: int = 0
     family: ClassVar[str] = "perturbation"
+    black_box: ClassVar[bool] = True
 
     @abstractmethod
     def feature_values(self, runner, bound, x, base, labels, m, row, batch):
@@ -232,6 +233,7 @@ class Occlusion(InputAttribution):
     baseline: str | float = 0.0
     batch_size: int | None = None
     family: ClassVar[str] = "perturbation"
+    black_box: ClassVar[bool] = True
     name: ClassVar[str] = "occlusion"
 
     def attribute(self, runner, model, inputs, bound, output):
@@ -281,6 +283,7 @@ class RISE(InputAttribution):
     seed: int = 0
     batch_size: int | None = None
     family: ClassVar[str] = "perturbation"
+    black_box: ClassVar[bool] = True
     name: ClassVar[str] = "rise"
 
     def random_masks(self, spatial: tuple[int, ...], device) -> torch.Tensor:

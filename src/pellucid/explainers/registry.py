@@ -8,7 +8,7 @@ from typing import Any
 
 from pellucid.registry import Registry
 
-FAMILIES = ("cam", "gradient", "relevance", "perturbation", "counterfactual", "baseline")
+FAMILIES = ("cam", "attention", "gradient", "relevance", "perturbation", "counterfactual", "baseline")
 # "background": a set of reference inputs (GradientSHAP); "prior": per sample, the mean
 # ground-truth map of its class over the training data (the ``prior`` baseline)
 REQUIRES = frozenset({"background", "prior"})

@@ -29,6 +29,7 @@ from torch import nn
 from pellucid.errors import ConfigError
 from pellucid.metrics.base import Context, Metric, MetricResult, register
 from pellucid.metrics.similarity import SIMILARITIES, similarity
+from pellucid.models.blackbox import is_forward_only
 from pellucid.progress import track
 from pellucid.targets import BoundClassTarget, BoundSegmentationTarget
 
@@ -104,6 +105,9 @@ class ModelRandomization(Metric):
             if m not in SIMILARITIES:
                 raise ConfigError(f"model_randomization: similarity must be one of {SIMILARITIES}, "
                                   f"got {m!r}")
+        if is_forward_only(ctx.model):
+            raise ConfigError("model_randomization randomises the model's weights, which a "
+                              "black-box (forward-only) model does not expose")
         original = ctx.attributions
         randomised = copy.deepcopy(ctx.model)
         modules = dict(randomised.named_modules())

@@ -1,0 +1,86 @@
+"""Models pellucid can only run forward: a deployed ONNX file (run by ONNX Runtime) or any callable
+from arrays to scores.
+
+A :class:`BlackBoxModel` is an ``nn.Module`` whose ``forward`` converts the input tensor to a
+float32 NumPy array, calls the model and returns its scores as a tensor, so every method that only
+needs forwards (occlusion, RISE, LIME, KernelSHAP, exact Shapley, the baselines) and every metric
+that only needs forwards (deletion/insertion, ROAD, Average Drop, faithfulness correlation, ...)
+runs unchanged. It has no parameters, layers or gradients: gradient, CAM, attention and LRP methods
+refuse it with the reason (``forward_only``). An ONNX model whose batch axis is fixed to 1 is run
+one sample at a time.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from pellucid.errors import DataError, ModelError
+
+
+class BlackBoxModel(nn.Module):
+    """``fn`` maps a float32 array (B, C, *spatial) to scores (B, K) or maps (B, K, *spatial)."""
+
+    forward_only = True
+
+    def __init__(self, fn: Callable[[np.ndarray], np.ndarray], name: str = "black box",
+                 batch: int | None = None) -> None:
+        super().__init__()
+        self.fn, self.name, self.batch = fn, name, batch
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.requires_grad and torch.is_grad_enabled():
+            raise ModelError(f"{self.name} runs outside PyTorch: no gradients flow through it")
+        arr = np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy())
+        step = self.batch or len(arr)
+        parts = [np.asarray(self.fn(arr[i:i + step])) for i in range(0, len(arr), max(step, 1))]
+        out = torch.from_numpy(np.concatenate(parts).astype(np.float32, copy=False))
+        return out.to(x.device)
+
+    def extra_repr(self) -> str:
+        return self.name
+
+
+def load_onnx(path: str | Path, output: str | int = 0, threads: int | None = None) -> BlackBoxModel:
+    """An ONNX model run by ONNX Runtime on the CPU (``threads`` intra-op threads, by default the
+    cores this process may use); ``output`` names or indexes the graph output to explain."""
+    import onnxruntime as ort
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, "no such ONNX file")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or len(os.sched_getaffinity(0))
+    options.inter_op_num_threads = 1
+    try:
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise DataError(path, f"ONNX Runtime cannot load it: {str(exc).splitlines()[0]}") from None
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    if len(inputs) != 1:
+        raise DataError(path, f"the model has {len(inputs)} inputs; pellucid explains one image input")
+    names = [o.name for o in outputs]
+    if isinstance(output, int):
+        if not -len(names) <= output < len(names):
+            raise DataError(path, f"output={output}: the model has {len(names)} outputs ({', '.join(names)})")
+        chosen = names[output]
+    elif output in names:
+        chosen = output
+    else:
+        raise DataError(path, f"output={output!r}: the model's outputs are {', '.join(names)}")
+    first = inputs[0].shape[0]
+    batch = first if isinstance(first, int) and first > 0 else None
+    name_in = inputs[0].name
+
+    def run(arr: np.ndarray) -> np.ndarray:
+        return session.run([chosen], {name_in: arr})[0]
+    return BlackBoxModel(run, f"ONNX model {path.name}", batch)
+
+
+def is_forward_only(model: object) -> bool:
+    return bool(getattr(model, "forward_only", False))
