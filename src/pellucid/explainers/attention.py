@@ -51,9 +51,14 @@ from pellucid.targets import BoundSegmentationTarget, BoundTarget, Target
 FUSIONS = ("mean", "max", "min")
 
 
-def _explicit_sdpa(record: list[torch.Tensor], softmax):
+def _explicit_sdpa(record: list[torch.Tensor], softmax, on_qkv=None):
+    """``scaled_dot_product_attention`` written out, recording the probabilities; dropout is not
+    applied (pellucid explains the model in eval mode). ``on_qkv`` may rewrite q, k, v first (the
+    LRP rules of :mod:`pellucid.explainers.lrp`)."""
     def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
              enable_gqa=False):
+        if on_qkv is not None:
+            query, key, value = on_qkv(query, key, value)
         if enable_gqa and key.shape[-3] != query.shape[-3]:
             repeat = query.shape[-3] // key.shape[-3]
             key, value = key.repeat_interleave(repeat, -3), value.repeat_interleave(repeat, -3)
@@ -68,16 +73,17 @@ def _explicit_sdpa(record: list[torch.Tensor], softmax):
                 else logits + attn_mask
         probs = softmax(logits, dim=-1)
         record.append(probs)
-        if dropout_p > 0:
-            probs = F.dropout(probs, dropout_p)
         return probs @ value
     return sdpa
 
 
 @contextmanager
-def capture_attention(model: nn.Module) -> Iterator[list[torch.Tensor]]:
+def capture_attention(model: nn.Module, on_qkv=None,
+                      explicit_softmax: str = "record") -> Iterator[list[torch.Tensor]]:
     """While inside, every attention probability tensor the model computes is appended, in call
-    order, to the yielded list (kept in the autograd graph)."""
+    order, to the yielded list (kept in the autograd graph). ``on_qkv`` rewrites the query, key and
+    value of every ``scaled_dot_product_attention``; ``explicit_softmax="refuse"`` raises when an
+    attention module computes its own softmax instead (then ``on_qkv`` cannot reach it)."""
     record: list[torch.Tensor] = []
     depth = [0]
     handles = []
@@ -95,11 +101,15 @@ def capture_attention(model: nn.Module) -> Iterator[list[torch.Tensor]]:
             out = fn(x, *args, **kwargs)
             dim = kwargs.get("dim", args[0] if args else None)
             if depth[0] > 0 and dim in (-1, x.ndim - 1) and out.ndim >= 3:
+                if explicit_softmax == "refuse":
+                    raise ConfigError("an attention layer computes its own softmax (windowed "
+                                      "attention, as in Swin, or an eager implementation), which "
+                                      "AttnLRP's rules cannot reach; use chefer, rollout or a CAM")
                 record.append(out)
             return out
         return softmax
 
-    F.scaled_dot_product_attention = _explicit_sdpa(record, originals["torch.softmax"])
+    F.scaled_dot_product_attention = _explicit_sdpa(record, originals["torch.softmax"], on_qkv)
     F.softmax = recording(originals["F.softmax"])
     torch.softmax = recording(originals["torch.softmax"])
     torch.Tensor.softmax = recording(originals["Tensor.softmax"])

@@ -182,20 +182,29 @@ def candidate_layers(model: nn.Module, example: torch.Tensor) -> list[dict[str, 
     pass of ``example``."""
     from pellucid.explainers.layouts import detect_layout, patch_size
 
-    def shapes_at(x: torch.Tensor) -> tuple[list[tuple[str, str, tuple[int, ...]]], torch.Tensor]:
-        seen: list[tuple[str, str, tuple[int, ...]]] = []
+    def shapes_at(x: torch.Tensor, graph: bool = False) -> tuple[list, torch.Tensor]:
+        seen: list[tuple[str, str, tuple[int, ...], Any]] = []
         with model_guard(model) as handles:
             for name, module in model.named_modules():
                 if name:
                     handles.append(module.register_forward_hook(
                         lambda mod, inp, out, name=name: seen.append(
-                            (name, type(mod).__name__, tuple(out.shape)))
+                            (name, type(mod).__name__, tuple(out.shape), out.grad_fn))
                         if isinstance(out, torch.Tensor) and out.ndim in (example.ndim, 3) else None))
-            with torch.no_grad():
-                output = model(x)
+            with torch.set_grad_enabled(graph):
+                output = model(x.clone().requires_grad_(graph))
         return seen, output
 
-    seen, output = shapes_at(example)
+    seen, output = shapes_at(example, graph=True)
+    # the layers the explained output depends on (not, e.g., a deep-supervision head): their
+    # outputs' autograd nodes are reachable from the output's
+    reachable, stack = set(), [output.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in reachable:
+            continue
+        reachable.add(node)
+        stack.extend(next_fn for next_fn, _ in node.next_functions)
     size, patch = tuple(example.shape[2:]), patch_size(model)
     grown: dict[str, tuple[int, ...]] = {}
 
@@ -203,13 +212,15 @@ def candidate_layers(model: nn.Module, example: torch.Tensor) -> list[dict[str, 
         if not grown:  # one forward at twice the size, only when some layer needs it
             try:
                 bigger = F.interpolate(example[:1], scale_factor=2, mode="nearest")
-                grown.update({n: shape for n, _, shape in shapes_at(bigger)[0]})
+                grown.update({n: shape for n, _, shape, _ in shapes_at(bigger)[0]})
             except Exception:
                 grown["(none)"] = ()
         return grown.get(name)
 
     found: list[dict[str, Any]] = []
-    for name, kind, shape in seen:
+    for name, kind, shape, node in seen:
+        if node is not None and node not in reachable:
+            continue
         try:
             layout = detect_layout(shape, size, patch=patch, probe=lambda name=name: probe(name))
         except ConfigError:
@@ -219,6 +230,7 @@ def candidate_layers(model: nn.Module, example: torch.Tensor) -> list[dict[str, 
                       "channels": shape[1] if layout.kind == "channels_first" else shape[-1]})
     if found:
         found[0]["model_output_ndim"] = output.ndim
+    del seen, output, reachable
     return found
 
 

@@ -15,22 +15,144 @@ composite for those layers. Canonizers for every zoo network come from :mod:`can
 The starting relevance is the model output times the target's gradient with respect to it, i.e.
 the explained logit (classification) or the class-k logits inside the region (segmentation), so
 the input relevance sums to the explained score when no relevance is absorbed by biases.
+
+Transformers (a model with attention blocks) get AttnLRP instead (Achtibat et al., ICML 2024), as
+gradient x input through modified gradients: linear layers and convolutions the epsilon rule (eps ->
+0, plain gradient x input); LayerNorm and InstanceNorm the identity rule on the normalisation (the
+standard deviation held constant); element-wise activations (GELU, SiLU, ReLU, ...) the identity
+rule (dR/dx = f(x)/x); softmax gradient x input (their softmax rule); the two products of
+attention, q k^T and A v, the uniform rule (each factor half the relevance: the gradient reaching
+q and k divided by 4, v by 2). ``attention="cp"`` holds the attention probabilities constant
+instead (CP-LRP, Ali et al., ICML 2022). The attention must run through
+``scaled_dot_product_attention`` (torchvision, timm, Hugging Face, MONAI's ``SABlock``, switched to
+it for the call); an attention that computes its own softmax (Swin) is refused.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
+from torch import nn
 
 from pellucid.errors import ConfigError
+from pellucid.explainers.attention import capture_attention
 from pellucid.explainers.attribution import InputAttribution
+from pellucid.explainers.base import attention_blocks
 from pellucid.explainers.canonizers import canonized, canonizers_for
 from pellucid.explainers.registry import register
 from pellucid.runtime import full_precision
 
 COMPOSITES = ("epsilonplusflat", "epsilongammabox", "epsilonalpha2beta1")
+ATTENTION_RULES = ("attnlrp", "cp")
+_ACTIVATIONS = (nn.GELU, nn.SiLU, nn.ReLU, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.Tanh, nn.Mish,
+                nn.Hardswish, nn.Softplus)
+
+
+class _Scale(torch.autograd.Function):
+    """Identity forward; the gradient multiplied by ``factor`` (the uniform rule's split)."""
+
+    @staticmethod
+    def forward(ctx, x, factor):
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.factor, None
+
+
+class _IdentityRule(torch.autograd.Function):
+    """y = f(x) exactly; the gradient is f(x) / x, so that x * grad passes the relevance on."""
+
+    @staticmethod
+    def forward(ctx, x, fn):
+        y = fn(x.clone())  # an in-place activation must not overwrite x
+        safe = torch.where(x.abs() > 1e-12, x, torch.full_like(x, 1e-12))
+        ctx.save_for_backward(y / safe)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        (ratio,) = ctx.saved_tensors
+        return grad * ratio, None
+
+
+class _NormRule(torch.autograd.Function):
+    """y = norm(x) exactly; the gradient of (x - mean) / std * w with std held constant."""
+
+    @staticmethod
+    def forward(ctx, x, fn, dims, weight, eps):
+        y = fn(x).clone()  # not a view: the next layer may work in place
+        std = torch.sqrt(x.float().var(dims, unbiased=False, keepdim=True) + eps)
+        ctx.dims = dims
+        ctx.save_for_backward(std.to(x.dtype), weight if weight is not None else torch.ones(()))
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        std, weight = ctx.saved_tensors
+        gw = grad * weight
+        return (gw - gw.mean(ctx.dims, keepdim=True)) / std, None, None, None, None
+
+
+def _norm_dims(module: nn.Module, ndim: int) -> tuple[int, ...] | None:
+    if isinstance(module, nn.LayerNorm):
+        return tuple(range(-len(module.normalized_shape), 0))
+    if isinstance(module, (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)):
+        return tuple(range(2, ndim))
+    return None
+
+
+@contextmanager
+def attnlrp_rules(model: nn.Module, attention: str) -> Iterator[None]:
+    """Inside, a backward pass of ``model`` computes AttnLRP (or CP-LRP) relevance / input: the
+    rules of the module docstring, set on module instances and undone on exit."""
+    if attention not in ATTENTION_RULES:
+        raise ConfigError(f"attention must be one of {ATTENTION_RULES}, got {attention!r}")
+    restore: list[tuple[object, str, object]] = []
+
+    def swap(obj: object, attr: str, value: object) -> None:
+        restore.append((obj, attr, obj.__dict__.get(attr, _MISSING)))
+        setattr(obj, attr, value)
+
+    for module in model.modules():
+        if _norm_dims(module, 3) is not None:
+            def norm(x, m=module, f=module.forward):
+                weight = getattr(m, "weight", None)
+                if weight is not None and not isinstance(m, nn.LayerNorm):
+                    weight = weight.view(-1, *([1] * (x.ndim - 2)))  # per channel
+                return _NormRule.apply(x, f, _norm_dims(m, x.ndim), weight, float(m.eps))
+            swap(module, "forward", norm)
+        elif isinstance(module, _ACTIVATIONS) or "gelu" in type(module).__name__.lower() \
+                or type(module).__name__.endswith("Activation"):
+            swap(module, "forward", lambda x, f=module.forward: _IdentityRule.apply(x, f))
+        if hasattr(module, "fused_attn"):  # timm: its fused path is scaled_dot_product_attention
+            swap(module, "fused_attn", True)
+        if hasattr(module, "use_flash_attention") and getattr(module, "rel_positional_embedding",
+                                                             None) is None:
+            swap(module, "use_flash_attention", True)  # MONAI's SABlock, likewise
+
+    def rules(q, k, v):
+        if attention == "cp":
+            return q.detach(), k.detach(), v
+        return _Scale.apply(q, 0.25), _Scale.apply(k, 0.25), _Scale.apply(v, 0.5)
+
+    try:
+        with capture_attention(model, on_qkv=rules, explicit_softmax="refuse") as record:
+            yield record
+    finally:
+        for obj, attr, old in reversed(restore):
+            if old is _MISSING:
+                delattr(obj, attr)
+            else:
+                setattr(obj, attr, old)
+
+
+_MISSING = object()
 RULES = ("epsilon", "zplus", "alpha2beta1", "gamma", "flat", "pass")
 
 
@@ -81,6 +203,7 @@ class LRP(InputAttribution):
     """Layer-wise relevance propagation with zennit composites and pellucid's canonizers."""
 
     composite: str = "epsilonplusflat"
+    attention: str = "attnlrp"
     rules: dict[str, str] = field(default_factory=dict)
     low: float | None = None
     high: float | None = None
@@ -90,6 +213,8 @@ class LRP(InputAttribution):
     def attribute(self, runner, model, inputs, bound, output):
         if getattr(bound, "kind", "logit") != "logit":
             raise ConfigError("LRP explains logits; use a target with kind='logit'")
+        if attention_blocks(model):
+            return self.transformer_relevance(runner, model, inputs, bound)
         composite = build_composite(self.composite, model, inputs, self.rules, self.low, self.high)
         with canonized(model, composite), torch.enable_grad(), full_precision():
             x = inputs.clone().requires_grad_(True)
@@ -102,3 +227,22 @@ class LRP(InputAttribution):
         total = relevance.flatten(1).sum(1).detach()
         return relevance.detach(), {"relevance_sum": total, "explained_score": score.detach(),
                                     "conservation": (total / score.detach()).cpu()}
+
+    def transformer_relevance(self, runner, model, inputs, bound):
+        """AttnLRP / CP-LRP (module docstring): x * the rule-modified gradient of the score."""
+        if self.rules:
+            raise ConfigError("lrp: per-layer rules apply to zennit's composites, not to AttnLRP")
+        with attnlrp_rules(model, self.attention) as record, torch.enable_grad(), full_precision():
+            x = inputs.clone().requires_grad_(True)
+            out = runner.forward(x)
+            score = bound.score(out)
+            if not record:
+                raise ConfigError("lrp: the model's attention blocks computed no attention through "
+                                  "scaled_dot_product_attention; AttnLRP cannot reach them")
+            runner.cost.backward_passes += 1
+            (grad,) = torch.autograd.grad(score.sum(), x)
+        relevance = (x * grad).detach()
+        total = relevance.flatten(1).sum(1)
+        return relevance, {"relevance_sum": total, "explained_score": score.detach(),
+                           "conservation": (total / score.detach()).cpu(),
+                           "rules": f"AttnLRP ({self.attention})"}
