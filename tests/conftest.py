@@ -72,7 +72,7 @@ HEAVY_FIXTURES = {"chest_model", "brain_unet", "tiny_model", "unet3d", "review_r
 # modules whose tests train or run benchmarks inline
 HEAVY_MODULES = {"test_training", "test_bench", "test_seed_systems", "test_metrics_vs_peers",
                  "test_sliding_window", "test_service_hardening", "test_pacs", "test_evidence",
-                 "test_frames", "test_viewer"}
+                 "test_frames", "test_viewer", "test_vit_phantoms"}
 
 
 # modules whose tests build networks of the model libraries of the "models" extra (timm,

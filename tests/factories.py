@@ -23,3 +23,22 @@ def tiny_bench(folder, name: str, methods: list, metrics: list, cases: int, size
                                    "options": {"size": size}}},
             "models": {"r18": {"datasets": ["chest"], "path": str(model)}},
             "methods": methods, "metrics": metrics}
+
+
+def hf_vit():
+    """A small Hugging Face ViT classifier (returns an ImageClassifierOutput)."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    return ViTForImageClassification(ViTConfig(
+        image_size=64, patch_size=16, num_hidden_layers=2, hidden_size=32, num_attention_heads=2,
+        intermediate_size=64, num_labels=2, initializer_range=0.2))
+
+
+def nnunet_2d():
+    """An nnU-Net v2 2D U-Net with deep supervision (returns a list, full resolution first)."""
+    from dynamic_network_architectures.architectures.unet import PlainConvUNet
+    from torch import nn
+
+    return PlainConvUNet(1, 3, (8, 16, 32), nn.Conv2d, 3, (1, 2, 2), (1, 1, 1), 2, (1, 1), False,
+                         nn.InstanceNorm2d, {"eps": 1e-5, "affine": True}, None, None, nn.LeakyReLU,
+                         {"inplace": True}, deep_supervision=True)

@@ -581,3 +581,39 @@ def test_cp_lrp_equals_lxt_on_torchvision_vit_and_conserves_without_biases():
     assert torch.allclose(cp.extras["conservation"], torch.ones(2), atol=1e-4)
     attn = pellucid.explain(model, x, "lrp", target=1)
     assert torch.isfinite(attn.extras["conservation"]).all()
+
+
+def test_import_model_records_the_library_and_the_output_and_explains_through_them(tmp_path):
+    """module:factory of a Hugging Face ViT and an nnU-Net with deep supervision: the card records
+    the library and the output selector, and the loaded model explains through them."""
+    from pellucid.cli import main
+    from pellucid.models import load_model
+    from tests.factories import hf_vit, nnunet_2d
+
+    torch.manual_seed(2)
+    vit = hf_vit().eval()
+    torch.save(vit.state_dict(), tmp_path / "vit.pt")
+    main(["import-model", "tests.factories:hf_vit", "--weights", str(tmp_path / "vit.pt"), "--out",
+          str(tmp_path / "vit"), "--task", "classification", "--classes", "no,yes", "--activation",
+          "softmax", "--input-size", "64,64", "--output", "logits"])
+    loaded = load_model(tmp_path / "vit")
+    import transformers
+
+    assert loaded.card.library == f"transformers {transformers.__version__}"
+    assert loaded.card.output == "logits" and loaded.card.default_layer.endswith("layernorm_before")
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(12))
+    exp = pellucid.explain(loaded, x, "gradcam", target=1)
+    with torch.no_grad():
+        assert torch.allclose(exp.output, vit(x).logits, atol=1e-5)
+    unet = nnunet_2d().eval()
+    torch.save(unet.state_dict(), tmp_path / "unet.pt")
+    main(["import-model", "tests.factories:nnunet_2d", "--weights", str(tmp_path / "unet.pt"),
+          "--out", str(tmp_path / "unet"), "--task", "segmentation", "--classes", "bg,lesion",
+          "--activation", "softmax", "--input-size", "32,32"])
+    seg = load_model(tmp_path / "unet")
+    assert seg.card.library.startswith("dynamic_network_architectures")
+    assert seg.card.default_layer.startswith("decoder.stages")  # not a deep-supervision head
+    x = torch.randn(1, 1, 32, 32)
+    exp = pellucid.explain(seg, x, "gradcam", target=SegmentationTarget(1, region="all"))
+    with torch.no_grad():
+        assert torch.allclose(exp.output, unet(x)[0], atol=1e-5)

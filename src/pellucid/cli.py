@@ -153,6 +153,9 @@ def import_model_command(
              "8-bit PIL images), nearest or bicubic")] = "bilinear",
     name: Annotated[str, typer.Option(help="the model's name in reports")] = "",
     version: Annotated[str, typer.Option(help="the model's version in reports")] = "",
+    output: Annotated[str, typer.Option(
+        help="which part of a tuple, dict or ModelOutput to explain: a key (logits, out) or an "
+             "index (default: logits, else out, else the only tensor, else the first element)")] = "",
 ) -> None:
     """Make a model folder (card.json + network) from a state dict, safetensors, TorchScript or a
     module:factory: what can be read off the network is checked, what cannot is asked for."""
@@ -165,7 +168,7 @@ def import_model_command(
         raise ConfigError(f"--input-size: give integers like 224,224, got {input_size!r}") from None
     spec = ImportSpec(source, task, _split_list(classes) if classes else [], activation, size,
                       channels, str(weights) if weights else None, arch, backend, normalization,
-                      layer, name, version, resize=resize)
+                      layer, name, version, resize=resize, output=output)
     from pellucid.explainers import default_layer
 
     folder = import_model(spec, out, find_layer=default_layer)

@@ -27,6 +27,7 @@ attention relevance update that replaces the LRP relevances of their CVPR 2021 m
 from __future__ import annotations
 
 import math
+from abc import abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -164,9 +165,9 @@ class _AttentionMethod(Explainer):
     family: ClassVar[str] = "attention"
     needs_gradient: ClassVar[bool] = False
 
+    @abstractmethod
     def relevance(self, layers: list[torch.Tensor], grads: list[torch.Tensor] | None) -> torch.Tensor:
         """(B, N, N) token-to-token relevance."""
-        raise TypeError(f"{type(self).__name__} must define relevance")
 
     def _explain(self, runner: ModelRunner, model: nn.Module, inputs: torch.Tensor,
                  target: Target | BoundTarget | None, layer: str | None,

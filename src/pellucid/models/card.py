@@ -55,6 +55,11 @@ class ModelCard:
     # how inputs are resized to input_size (pellucid.data.transforms.RESIZE_METHODS): bilinear, or
     # pil_uint8 for a model trained on torchvision's Resize of 8-bit PIL images
     resize: str = "bilinear"
+    # which part of a non-tensor output is explained (pellucid.models.outputs): a key, or an index
+    # written as digits; "" = the rule (logits, out, the only tensor, the first element)
+    output: str = ""
+    # the library and version the network's class comes from (e.g. "timm 1.0.22")
+    library: str = ""
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:

@@ -20,6 +20,7 @@ from torch import nn
 
 from pellucid.errors import ConfigError, ModelError
 from pellucid.models.card import ACTIVATIONS, TASKS, ModelCard
+from pellucid.models.outputs import output_selector, reduce_output
 from pellucid.models.store import (
     CARD,
     TORCHSCRIPT,
@@ -51,6 +52,7 @@ class ImportSpec:
     version: str = ""
     intended_use: dict[str, Any] = field(default_factory=dict)
     resize: str = "bilinear"  # how inputs are resized (data.transforms.RESIZE_METHODS)
+    output: str = ""  # which part of a non-tensor output to explain (pellucid.models.outputs)
 
 
 def _normalization(text: str) -> dict[str, Any]:
@@ -67,6 +69,20 @@ def _normalization(text: str) -> dict[str, Any]:
             return {"kind": "meanstd", "mean": mean, "std": std}
     raise ConfigError(f"--normalization: give none, imagenet or meanstd:M1,M2/S1,S2 (per channel, "
                       f"positive stds), got {text!r}")
+
+
+def network_library(module: nn.Module) -> str:
+    """The package (and its version) that the network's class comes from, e.g. "timm 1.0.22"."""
+    from importlib import metadata
+
+    package = type(module).__module__.split(".")[0]
+    if package in ("__main__", "builtins", "torch") and isinstance(module, torch.jit.ScriptModule):
+        return "torchscript"
+    names = {"pellucid": "pellucid", "segmentation_models_pytorch": "segmentation-models-pytorch"}
+    try:
+        return f"{package} {metadata.version(names.get(package, package))}"
+    except metadata.PackageNotFoundError:
+        return package
 
 
 def first_conv_channels(module: nn.Module) -> int | None:
@@ -151,7 +167,8 @@ def import_model(spec: ImportSpec, out: str | Path,
             raise ConfigError(f"--classes names {len(spec.classes)} outputs; the network gives "
                               f"{int(last[-1].shape[0])} (its last layer's weights)")
         channels = spec.channels or (int(last[0].shape[1]) if last and last[0].ndim > 2 else 3)
-        built = build(arch, dims, channels, len(spec.classes), backend=spec.backend)
+        built = build(arch, dims, channels, len(spec.classes), backend=spec.backend,
+                      input_size=spec.input_size)
         module, backend = built.module, built.backend
         _load_state(module, state, weights)
     inferred = first_conv_channels(module)
@@ -170,11 +187,7 @@ def import_model(spec: ImportSpec, out: str | Path,
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"the network cannot take an input of {tuple(example.shape)}: {first}") \
             from None
-    if isinstance(out_tensor, (tuple, list)):
-        out_tensor = out_tensor[0]
-    if not isinstance(out_tensor, torch.Tensor):
-        raise ModelError(f"the network returns {type(out_tensor).__name__}; wrap it so that it "
-                         f"returns a tensor of outputs")
+    out_tensor = reduce_output(out_tensor, output_selector(spec.output))
     outputs = int(out_tensor.shape[1]) if out_tensor.ndim >= 2 else 1
     if outputs != len(spec.classes):
         raise ConfigError(f"--classes names {len(spec.classes)} outputs; the network gives {outputs}")
@@ -198,6 +211,7 @@ def import_model(spec: ImportSpec, out: str | Path,
                      backend=backend, normalization=_normalization(spec.normalization),
                      default_layer=layer, name=spec.name, version=spec.version,
                      intended_use=dict(spec.intended_use), factory=factory, resize=spec.resize,
+                     output=spec.output, library=network_library(module),
                      training={"imported_from": str(spec.source)})
     out = Path(out)
     if arch == "torchscript":

@@ -91,6 +91,14 @@ def select_output(model: nn.Module, select: Selector) -> nn.Module:
     return model
 
 
+def output_selector(text: str | None) -> Selector:
+    """The selector a model card or command line writes as text: "" = the rule, digits = an
+    index, anything else = a key or attribute."""
+    if not text:
+        return None
+    return int(text) if text.lstrip("-").isdigit() else text
+
+
 def selected_output(model: nn.Module) -> Selector:
     return getattr(model, _ATTRIBUTE, None)
 

@@ -6,6 +6,7 @@ A zoo folder holds ``model.safetensors`` and ``card.json``. Loading never downlo
 from __future__ import annotations
 
 import importlib
+import json
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,7 @@ from torch import nn
 
 from pellucid.errors import ModelError
 from pellucid.models.card import ModelCard
+from pellucid.models.outputs import output_selector, select_output
 from pellucid.models.zoo import build
 
 WEIGHTS = "model.safetensors"
@@ -48,13 +50,26 @@ def weights_digest(module: nn.Module) -> str:
 
 
 def save_model(folder: str | Path, module: nn.Module, card: ModelCard) -> Path:
-    """Write ``model.safetensors`` and ``card.json`` into ``folder`` (created if needed)."""
+    """Write ``model.safetensors`` and ``card.json`` into ``folder`` (created if needed). A tensor
+    that several names share (nnU-Net's networks register their modules twice) is written once,
+    and the other names are recorded as aliases in the file's metadata."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
-    save_file(state, str(folder / WEIGHTS), metadata={"arch": card.arch, "task": card.task})
+    state, aliases, seen = {}, {}, {}
+    for name, tensor in module.state_dict().items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
+               tuple(tensor.stride()), tensor.dtype, tensor.device)
+        if tensor.numel() and key in seen:
+            aliases[name] = seen[key]
+            continue
+        seen[key] = name
+        state[name] = tensor.detach().cpu().contiguous()
+    metadata = {"arch": card.arch, "task": card.task}
+    if aliases:
+        metadata["aliases"] = json.dumps(aliases)
+    save_file(state, str(folder / WEIGHTS), metadata=metadata)
     card.save(folder / CARD)
     return folder
 
@@ -87,9 +102,17 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         raise ModelError(f"{path}: weights file not found")
     try:
         if path.suffix == ".safetensors":
+            from safetensors import safe_open
             from safetensors.torch import load_file
 
-            return load_file(str(path))
+            state = load_file(str(path))
+            with safe_open(str(path), "pt") as fh:
+                aliases = json.loads((fh.metadata() or {}).get("aliases", "{}"))
+            for name, source in aliases.items():
+                if source not in state:
+                    raise ModelError(f"{path}: alias {name} names a missing tensor {source}")
+                state[name] = state[source]
+            return state
         # a torch state dict: PyTorch's restricted loader, which builds tensors and plain
         # containers only and refuses any other object (it runs no code from the file)
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -127,9 +150,10 @@ def load_model(spec: str | Path, weights: str | Path | None = None,
     if path.is_dir():
         card = ModelCard.load(path / CARD)
         if card.factory or card.arch == "torchscript":  # an imported model (pellucid import-model)
-            return LoadedModel(load_folder_network(path, card).to(device).eval(), card, text)
+            module = select_output(load_folder_network(path, card), output_selector(card.output))
+            return LoadedModel(module.to(device).eval(), card, text)
         module = build(card.arch, card.spatial_dims, card.in_channels, card.num_outputs,
-                       backend=card.backend).module
+                       backend=card.backend, input_size=card.input_size).module
         _load_state(module, _read_state_dict(path / WEIGHTS), path / WEIGHTS)
         return LoadedModel(module.to(device).eval(), card, text)
     if path.is_file():
@@ -149,6 +173,8 @@ def load_model(spec: str | Path, weights: str | Path | None = None,
             _load_state(module, _read_state_dict(wpath), wpath)
             card_path = wpath.with_name(CARD)
             card = ModelCard.load(card_path) if card_path.is_file() else None
+        if card is not None and card.output:
+            select_output(module, output_selector(card.output))
         return LoadedModel(module.to(device).eval(), card, text)
     raise ModelError(f"{text}: no such model folder or file (expected a zoo folder with card.json, "
                      f"a TorchScript file, or 'module:factory')")

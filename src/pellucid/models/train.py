@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Subset
 from pellucid.data.base import PellucidDataset, collate
 from pellucid.errors import ConfigError
 from pellucid.models.card import ModelCard
+from pellucid.models.outputs import reduce_output
 from pellucid.models.performance import (
     classification_report,
     pick_thresholds,
@@ -158,7 +159,7 @@ def predict(module: nn.Module, card: ModelCard, ds: PellucidDataset, batch_size:
     outs, truths = [], []
     try:
         for batch in _loader(ds, batch_size, shuffle=False):
-            logits = module(card.normalize(batch["image"].to(device))).float().cpu()
+            logits = reduce_output(module(card.normalize(batch["image"].to(device)))).float().cpu()
             if card.task == "segmentation":
                 outs.append(torch.sigmoid(logits) > 0.5)
                 truths.append(batch["mask"] > 0.5)
@@ -214,10 +215,10 @@ def train(train_ds: PellucidDataset, config: TrainConfig, val_ds: PellucidDatase
     if task != "segmentation" and config.arch not in CLASSIFIERS:
         raise ConfigError(f"unknown arch {config.arch!r}")
     names = list(train_ds.mask_names if task == "segmentation" else train_ds.class_names)
-    built = build(config.arch, train_ds.spatial_dims, train_ds.in_channels, len(names),
-                  backend=config.backend)
-    module = built.module.to(config.device)
     sample = train_ds[0]
+    built = build(config.arch, train_ds.spatial_dims, train_ds.in_channels, len(names),
+                  backend=config.backend, input_size=tuple(sample["image"].shape[1:]))
+    module = built.module.to(config.device)
     card = ModelCard(
         arch=config.arch, task=task, class_names=names, in_channels=train_ds.in_channels,
         spatial_dims=train_ds.spatial_dims, input_size=list(sample["image"].shape[1:]),
@@ -284,7 +285,7 @@ def train(train_ds: PellucidDataset, config: TrainConfig, val_ds: PellucidDatase
             images, masks = augment(images, masks, config, augment_generator)
             if masks is not None:
                 batch = {**batch, "mask": masks}
-        logits = module(card.normalize(images))
+        logits = reduce_output(module(card.normalize(images)))
         loss = _loss(task, multilabel, logits, batch, scale, weights)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -7,7 +7,13 @@ resnet18/50    torchvision (``backend=monai``  MONAI ResNet, ``conv1_t_stride=2`
                for MONAI's)
 densenet121    MONAI DenseNet121               MONAI DenseNet121                ``class_layers.relu``
 unet           MONAI UNet, residual units      MONAI UNet                       ``model.1.submodule.2``
+vit            MONAI ViT (patch 16 or 8, 4     MONAI ViT                        ``blocks.3.norm1``
+               blocks of 4 heads, width 96, a class
+               token, a linear head)
 =============  ==============================  ===============================  ===================
+
+A ViT is built for one input size (``input_size``; patches of 16 px, or 8 below 224 px) and returns
+(logits, hidden states), whose first element pellucid explains (``pellucid.models.outputs``).
 """
 
 from __future__ import annotations
@@ -18,8 +24,9 @@ from torch import nn
 
 from pellucid.errors import ConfigError
 
-ARCHS = ("resnet18", "resnet50", "densenet121", "unet")
-CLASSIFIERS = ("resnet18", "resnet50", "densenet121")
+ARCHS = ("resnet18", "resnet50", "densenet121", "unet", "vit")
+CLASSIFIERS = ("resnet18", "resnet50", "densenet121", "vit")
+VIT = {"hidden_size": 96, "mlp_dim": 192, "num_layers": 4, "num_heads": 4}
 UNET_CHANNELS = (16, 32, 64, 128)
 
 
@@ -41,8 +48,10 @@ def _torchvision_resnet(arch: str, in_channels: int, num_classes: int) -> nn.Mod
 
 
 def build(arch: str, spatial_dims: int, in_channels: int, out_channels: int,
-          backend: str | None = None, unet_channels: tuple[int, ...] = UNET_CHANNELS) -> Built:
-    """Build an untrained network; ``out_channels`` is classes (classifiers) or mask channels."""
+          backend: str | None = None, unet_channels: tuple[int, ...] = UNET_CHANNELS,
+          input_size: tuple[int, ...] | list[int] | None = None) -> Built:
+    """Build an untrained network; ``out_channels`` is classes (classifiers) or mask channels;
+    ``input_size`` is needed by ``vit`` only."""
     if arch not in ARCHS:
         raise ConfigError(f"unknown arch {arch!r}; available: {', '.join(ARCHS)}")
     if spatial_dims not in (2, 3):
@@ -67,6 +76,18 @@ def build(arch: str, spatial_dims: int, in_channels: int, out_channels: int,
         return Built(module, backend, "layer4", "classification")
     if backend not in (None, "monai"):
         raise ConfigError(f"{arch} is built from MONAI only, got backend={backend!r}")
+    if arch == "vit":
+        if input_size is None or len(input_size) != spatial_dims:
+            raise ConfigError(f"arch vit is built for one input size; give input_size "
+                              f"({spatial_dims} values), got {input_size}")
+        patch = 16 if min(input_size) >= 224 else 8
+        if any(s % patch for s in input_size):
+            raise ConfigError(f"arch vit: the input size {tuple(input_size)} must be a multiple of "
+                              f"its patch size {patch}")
+        module = nets.ViT(in_channels=in_channels, img_size=tuple(input_size), patch_size=patch,
+                          spatial_dims=spatial_dims, classification=True, num_classes=out_channels,
+                          post_activation=None, **VIT)
+        return Built(module, "monai", f"blocks.{VIT['num_layers'] - 1}.norm1", "classification")
     if arch == "densenet121":
         module = nets.DenseNet121(spatial_dims=spatial_dims, in_channels=in_channels,
                                   out_channels=out_channels)
