@@ -42,3 +42,10 @@ def nnunet_2d():
     return PlainConvUNet(1, 3, (8, 16, 32), nn.Conv2d, 3, (1, 2, 2), (1, 1, 1), 2, (1, 1), False,
                          nn.InstanceNorm2d, {"eps": 1e-5, "affine": True}, None, None, nn.LeakyReLU,
                          {"inplace": True}, deep_supervision=True)
+
+
+def xrv_densenet():
+    """TorchXRayVision's DenseNet-121 (18 chest findings), built without its downloadable weights."""
+    import torchxrayvision as xrv
+
+    return xrv.models.DenseNet(weights=None)

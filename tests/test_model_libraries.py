@@ -79,10 +79,9 @@ def _timm_attention(model, x):
     for block in model.blocks:
         block.attn.fused_attn = False
         handles.append(block.attn.attn_drop.register_forward_hook(
-            lambda m, i, o: probs.append(i[0].detach())))
+            lambda m, i, o: probs.append(i[0])))
     try:
-        with torch.no_grad():
-            model(x)
+        return model(x), probs
     finally:
         for h in handles:
             h.remove()
@@ -104,15 +103,14 @@ def _hf_vit():
 def _hf_attention(model, x):
     model.set_attn_implementation("eager")
     try:
-        with torch.no_grad():
-            return list(model(x, output_attentions=True).attentions)
+        out = model(x, output_attentions=True)
+        return out.logits, list(out.attentions)
     finally:
         model.set_attn_implementation("sdpa")
 
 
 def _torchvision_attention(model, x):
-    with torch.no_grad():
-        return [a.detach() for a in _manual_vit(model, x)[1]]
+    return _manual_vit(model, x)
 
 
 def _unetr():
@@ -120,14 +118,18 @@ def _unetr():
 
     torch.manual_seed(0)
     return UNETR(in_channels=1, out_channels=2, img_size=(32, 32, 32), feature_size=8,
-                 hidden_size=48, mlp_dim=96, num_heads=4,
-                 save_attn=True)
+                 hidden_size=48, mlp_dim=96, num_heads=4)
 
 
 def _unetr_attention(model, x):
-    with torch.no_grad():
-        model(x)
-    return [block.attn.att_mat for block in model.vit.blocks]
+    probs = []
+    handles = [block.attn.drop_weights.register_forward_hook(lambda m, i, o: probs.append(i[0]))
+               for block in model.vit.blocks]
+    try:
+        return model(x), probs
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def _nnunet():
@@ -234,23 +236,33 @@ def _gradcam_reference(case, model, peer, x, layer, cls):
         return torch.from_numpy(cam(input_tensor=x, targets=targets))[:, None]
 
 
-def _rollout_reference(case, model, x, prefix: int, grid: tuple[int, ...]) -> torch.Tensor:
-    probs = [np.asarray(a, dtype=np.float64) for a in case.attention(model, x)]
-    n = probs[0].shape[-1]
+def _attention_references(case, model, x, cls, prefix: int, grid: tuple[int, ...]):
+    """Rollout and Chefer's rule recomputed in NumPy from the attention probabilities the library
+    itself computes (and their gradients)."""
+    with torch.enable_grad():
+        out, probs = case.attention(model, x)
+        score = out[:, cls] if case.task == "classification" else out[:, cls].flatten(1).sum(1)
+        grads = torch.autograd.grad(score.sum(), probs)
+    a = [np.asarray(p.detach(), dtype=np.float64) for p in probs]
+    g = [np.asarray(q, dtype=np.float64) for q in grads]
+    n = a[0].shape[-1]
     eye = np.eye(n)
-    maps = []
+    rollouts, chefers = [], []
     for i in range(len(x)):
-        rel = eye
-        for a in probs:
-            fused = 0.5 * a[i].mean(0) + 0.5 * eye
-            rel = (fused / fused.sum(-1, keepdims=True)) @ rel
+        rollout, chefer = eye, eye
+        for layer, grad in zip(a, g, strict=True):
+            fused = 0.5 * layer[i].mean(0) + 0.5 * eye
+            rollout = (fused / fused.sum(-1, keepdims=True)) @ rollout
+            chefer = chefer + np.maximum(grad[i] * layer[i], 0).mean(0) @ chefer
         row = np.zeros(n)
         if prefix:
             row[0] = 1.0
         else:
             row[:] = 1.0 / n  # a segmentation target over the whole image, or mean pooling
-        maps.append((row @ rel)[prefix:].reshape(grid))
-    return torch.from_numpy(np.stack(maps))[:, None].float()
+        rollouts.append((row @ rollout)[prefix:].reshape(grid))
+        chefers.append((row @ chefer)[prefix:].reshape(grid))
+    return (torch.from_numpy(np.stack(rollouts))[:, None].float(),
+            torch.from_numpy(np.stack(chefers))[:, None].float())
 
 
 def _lrp_reference(case, model, peer, x, cls, transformer: bool) -> torch.Tensor:
@@ -370,11 +382,14 @@ def _run_cell(case: Case, family: str, model, peer, x, target, cls) -> str:
         return f"= pytorch-grad-cam ({ours.extras['layout'].split(',')[0]})"
     if family == "attention":
         ours = pellucid.explain(model, x, method, target=target, normalize="none")
+        chefer = pellucid.explain(model, x, "chefer", target=target, normalize="none")
         layout = ours.extras["layout"]
         prefix = int(re.search(r"(\d+) prefix", layout).group(1)) if "prefix" in layout else 0
-        ref = _rollout_reference(case, model, x, prefix, tuple(ours.raw.shape[2:]))
-        _close(ours.raw.float(), ref, case.name)
-        return "= rollout of the library's own attention weights"
+        rollout_ref, chefer_ref = _attention_references(case, model, x, cls, prefix,
+                                                        tuple(ours.raw.shape[2:]))
+        _close(ours.raw.float(), rollout_ref, f"{case.name} rollout")
+        _close(chefer.raw.float(), chefer_ref, f"{case.name} chefer")
+        return "= the library's own attention weights (rollout and `chefer`)"
     if family == "gradient":
         from captum.attr import Saliency
 
@@ -617,3 +632,45 @@ def test_import_model_records_the_library_and_the_output_and_explains_through_th
     exp = pellucid.explain(seg, x, "gradcam", target=SegmentationTarget(1, region="all"))
     with torch.no_grad():
         assert torch.allclose(exp.output, unet(x)[0], atol=1e-5)
+
+
+def test_torchxrayvision_calibration_becomes_the_cards_operating_points(tmp_path):
+    """A TorchXRayVision network calibrated by op_threshs returns op_norm(sigmoid(z)), already
+    rescaled probabilities. Imported, it returns the logits z, and the op_threshs become the card's
+    thresholds (NaN, a class the calibration does not cover, becomes no operating point): the
+    same decisions, and no sigmoid applied twice."""
+    from pellucid.cli import main
+    from pellucid.models import load_model
+    from pellucid.pipeline.outputs import findings
+    from tests.factories import xrv_densenet
+
+    torch.manual_seed(4)
+    net = xrv_densenet().eval()
+    op = torch.rand(18) * 0.6 + 0.2
+    op[3] = float("nan")
+    net.op_threshs = op
+    torch.save(net.state_dict(), tmp_path / "xrv.pt")
+    names = [f"finding{i}" for i in range(18)]
+    main(["import-model", "tests.factories:xrv_densenet", "--weights", str(tmp_path / "xrv.pt"),
+          "--out", str(tmp_path / "xrv"), "--task", "classification", "--classes", ",".join(names),
+          "--input-size", "224,224"])
+    loaded = load_model(tmp_path / "xrv")
+    card = loaded.card
+    assert card.activation == "sigmoid" and card.thresholds[3] is None
+    assert card.thresholds[0] == pytest.approx(float(op[0]))
+    x = torch.rand(2, 1, 224, 224, generator=torch.Generator().manual_seed(13)) * 2048 - 1024
+    with torch.no_grad():
+        calibrated = net(x)  # TorchXRayVision's own output: 0.5 is each operating point
+        logits = loaded.module(x)
+    assert not torch.allclose(torch.sigmoid(logits), calibrated)
+    finite = torch.isfinite(op)
+    ours = torch.sigmoid(logits) >= torch.nan_to_num(op, nan=2.0)
+    assert torch.equal(ours[:, finite], (calibrated >= 0.5)[:, finite])
+
+    from types import SimpleNamespace
+
+    result = SimpleNamespace(classes={n: float(torch.sigmoid(logits[0, i])) for i, n in enumerate(names)},
+                             prediction={"index": 0})  # what the pipeline hands to findings()
+    found = findings(card, result)
+    assert found[3].present is None and found[3].threshold is None
+    assert found[0].present == bool(ours[0, 0])

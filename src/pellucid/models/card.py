@@ -39,7 +39,9 @@ class ModelCard:
     channel_names: list[str] = field(default_factory=list)
     normalization: dict[str, Any] = field(default_factory=lambda: {"kind": "none"})
     default_layer: str | None = None
-    thresholds: list[float] = field(default_factory=list)
+    # per class, the probability at which the model calls the finding present; None = the class has
+    # no operating point (e.g. a TorchXRayVision class its calibration does not cover)
+    thresholds: list[float | None] = field(default_factory=list)
     training: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     pellucid_version: str = ""
@@ -67,6 +69,10 @@ class ModelCard:
         if self.activation not in ACTIVATIONS:
             raise DataError(None, f"model card: activation must be one of {ACTIVATIONS}, "
                                   f"got {self.activation!r}")
+        if any(t is not None and not (isinstance(t, (int, float)) and 0 <= t <= 1)
+               for t in self.thresholds):
+            raise DataError(None, f"model card: thresholds must be probabilities in [0, 1] or null "
+                                  f"(no operating point), got {self.thresholds}")
         bad = [k for k, v in self.finding_codes.items() if k not in self.class_names or len(v) != 3]
         if bad:
             raise DataError(None, f"model card: finding_codes for {', '.join(bad)}: give a class name "

@@ -22,6 +22,7 @@ from pellucid.errors import ConfigError, ModelError
 from pellucid.models.card import ACTIVATIONS, TASKS, ModelCard
 from pellucid.models.outputs import output_selector, reduce_output
 from pellucid.models.store import (
+    CALIBRATION,
     CARD,
     TORCHSCRIPT,
     _load_state,
@@ -71,6 +72,20 @@ def _normalization(text: str) -> dict[str, Any]:
                       f"positive stds), got {text!r}")
 
 
+def _calibration(module: nn.Module, spec: ImportSpec) -> list[float | None] | None:
+    """A TorchXRayVision network's operating points (``op_threshs``; NaN: a class its calibration
+    does not cover -> None), after which the network returns logits (see store.CALIBRATION)."""
+    op = getattr(module, "op_threshs", None)
+    if not isinstance(op, torch.Tensor):
+        return None
+    if spec.activation not in (None, "sigmoid"):
+        raise ConfigError(f"--activation {spec.activation}: this TorchXRayVision network is "
+                          f"multi-label (sigmoid), calibrated by its op_threshs")
+    points = [None if not torch.isfinite(t) else float(t) for t in op.flatten()]
+    module.op_threshs = None
+    return points
+
+
 def network_library(module: nn.Module) -> str:
     """The package (and its version) that the network's class comes from, e.g. "timm 1.0.22"."""
     from importlib import metadata
@@ -106,7 +121,11 @@ def _network(spec: ImportSpec) -> tuple[nn.Module, str, str, str]:
             raise ConfigError(f"{source}: give --weights FILE (a state dict or safetensors) for the "
                               f"factory's network")
         module = factory_module(source)
-        _load_state(module, _read_state_dict(Path(spec.weights)), Path(spec.weights))
+        state = _read_state_dict(Path(spec.weights))
+        if isinstance(state.get("op_threshs"), torch.Tensor) and \
+                getattr(module, "op_threshs", False) is None:  # TorchXRayVision's calibration
+            module.op_threshs = state["op_threshs"].clone()
+        _load_state(module, state, Path(spec.weights))
         return module, "custom", "", source
     if not path.is_file():
         raise ConfigError(f"{source}: no such file (a weights file, a TorchScript file or "
@@ -171,6 +190,7 @@ def import_model(spec: ImportSpec, out: str | Path,
                       input_size=spec.input_size)
         module, backend = built.module, built.backend
         _load_state(module, state, weights)
+    calibration = _calibration(module, spec)
     inferred = first_conv_channels(module)
     channels = spec.channels or inferred
     if channels is None:
@@ -197,7 +217,7 @@ def import_model(spec: ImportSpec, out: str | Path,
     if spec.task != "segmentation" and out_tensor.ndim != 2:
         raise ConfigError(f"a {spec.task} network returns (batch, outputs); this one returns "
                           f"{tuple(out_tensor.shape)}: is the task segmentation?")
-    activation = _activation(spec, spec.task, outputs)
+    activation = "sigmoid" if calibration is not None else _activation(spec, spec.task, outputs)
     layer = spec.layer
     if layer is None and arch != "torchscript" and find_layer is not None:
         layer = find_layer(module, example)  # the CLI's suggestion: the last down-sampled layer
@@ -212,7 +232,9 @@ def import_model(spec: ImportSpec, out: str | Path,
                      default_layer=layer, name=spec.name, version=spec.version,
                      intended_use=dict(spec.intended_use), factory=factory, resize=spec.resize,
                      output=spec.output, library=network_library(module),
-                     training={"imported_from": str(spec.source)})
+                     thresholds=calibration or [],
+                     training={"imported_from": str(spec.source),
+                               **({"calibration": CALIBRATION} if calibration is not None else {})})
     out = Path(out)
     if arch == "torchscript":
         out.mkdir(parents=True, exist_ok=True)

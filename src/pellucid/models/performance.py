@@ -54,7 +54,8 @@ def classification_report(probs: np.ndarray, labels: np.ndarray, class_names: Se
     probs, labels = np.asarray(probs, np.float64), np.asarray(labels) > 0.5
     k = probs.shape[1]
     if multilabel:
-        thr = np.asarray(thresholds if thresholds is not None else [0.5] * k)
+        thr = np.asarray([np.nan if t is None else t for t in thresholds]
+                         if thresholds is not None else [0.5] * k, dtype=np.float64)
         preds = probs >= thr
     else:
         preds = np.eye(k, dtype=bool)[probs.argmax(1)]
@@ -64,7 +65,10 @@ def classification_report(probs: np.ndarray, labels: np.ndarray, class_names: Se
         auroc = float(roc_auc_score(y, probs[:, c])) if 0 < y.sum() < len(y) else float("nan")
         tp, fp, fn, tn = _binary_counts(preds[:, c], y)
         precision, recall, f1 = _prf(tp, fp, fn)
-        per_class[name] = {"auroc": auroc, "accuracy": (tp + tn) / len(y), "precision": precision,
+        accuracy = (tp + tn) / len(y)
+        if multilabel and np.isnan(thr[c]):  # no operating point: no decision to count
+            accuracy = precision = recall = f1 = float("nan")
+        per_class[name] = {"auroc": auroc, "accuracy": accuracy, "precision": precision,
                            "recall": recall, "f1": f1, "positives": int(y.sum())}
     def macro(key: str) -> float:
         vals = [v[key] for v in per_class.values() if not np.isnan(v[key])]

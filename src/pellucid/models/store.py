@@ -87,12 +87,20 @@ def factory_module(text: str) -> nn.Module:
     return module
 
 
+# a TorchXRayVision network's calibration (``op_threshs``): its forward returns op_norm(sigmoid(z)),
+# probabilities rescaled so that each class's operating point is 0.5. An imported model keeps the
+# logits z and moves the operating points to the card's thresholds (the same decisions)
+CALIBRATION = "op_threshs moved to thresholds"
+
+
 def load_folder_network(folder: Path, card: ModelCard) -> nn.Module:
     """The network of an imported folder: TorchScript (``model.pt``), or the card's factory with
     the folder's weights."""
     if card.arch == "torchscript":
         return torch.jit.load(str(folder / TORCHSCRIPT), map_location="cpu")
     module = factory_module(card.factory)
+    if card.training.get("calibration") == CALIBRATION and hasattr(module, "op_threshs"):
+        module.op_threshs = None  # its operating points are the card's thresholds
     _load_state(module, _read_state_dict(folder / WEIGHTS), folder / WEIGHTS)
     return module
 

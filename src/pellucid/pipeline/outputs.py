@@ -160,9 +160,11 @@ def findings(card: ModelCard | None, result: CaseResult) -> list[Finding]:
             out.append(Finding(name, score, "value", code=code))
         elif task == "segmentation":
             out.append(Finding(name, score, "fraction", present=score > 0, code=code))
-        elif len(card.thresholds) == len(names):
+        elif len(card.thresholds) == len(names) and card.thresholds[k] is not None:
             threshold = float(card.thresholds[k])
             out.append(Finding(name, score, "probability", threshold, score >= threshold, code))
+        elif len(card.thresholds) == len(names):  # this class has no operating point
+            out.append(Finding(name, score, "probability", None, None, code))
         elif card.activation == "softmax":
             out.append(Finding(name, score, "probability", None, k == result.prediction["index"], code))
         else:
