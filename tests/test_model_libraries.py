@@ -674,3 +674,26 @@ def test_torchxrayvision_calibration_becomes_the_cards_operating_points(tmp_path
     found = findings(card, result)
     assert found[3].present is None and found[3].threshold is None
     assert found[0].present == bool(ours[0, 0])
+
+
+def test_nnunet_deep_supervision_through_the_sliding_window():
+    """nnU-Net predicts patch-wise with Gaussian weights (sigma 1/8 of the patch) and a step of half
+    a patch: pellucid's sliding window with mode gaussian and overlap 0.5. The deep-supervision list
+    is stitched output by output and its full-resolution head is explained; on an input the size of
+    one patch the window equals the network."""
+    from pellucid.models.sliding import SlidingWindow
+    from tests.factories import nnunet_2d
+
+    torch.manual_seed(5)
+    net = nnunet_2d().eval()
+    x = torch.randn(1, 1, 32, 32, generator=torch.Generator().manual_seed(14))
+    one = SlidingWindow(net, (32, 32), overlap=0.5, mode="gaussian").eval()
+    with torch.no_grad():
+        assert torch.allclose(reduce_output(one(x)), net(x)[0], atol=1e-5)
+    big = torch.randn(1, 1, 64, 48, generator=torch.Generator().manual_seed(15))
+    window = SlidingWindow(net, (32, 32), overlap=0.5, mode="gaussian").eval()
+    target = SegmentationTarget(1, region="all")
+    exp = pellucid.explain(window, big, "saliency", target=target)
+    assert exp.attributions.shape == (1, 1, 64, 48) and exp.output.shape == (1, 2, 64, 48)
+    with pytest.raises(ConfigError, match="once per patch"):
+        pellucid.explain(window, big, "gradcam", target=target)
