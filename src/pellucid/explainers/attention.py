@@ -27,6 +27,7 @@ attention relevance update that replaces the LRP relevances of their CVPR 2021 m
 from __future__ import annotations
 
 import math
+import threading
 from abc import abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -52,12 +53,19 @@ from pellucid.targets import BoundSegmentationTarget, BoundTarget, Target
 FUSIONS = ("mean", "max", "min")
 
 
-def _explicit_sdpa(record: list[torch.Tensor], softmax, on_qkv=None):
+_CAPTURE = threading.Lock()  # one capture at a time; other threads keep the original functions
+
+
+def _explicit_sdpa(record: list[torch.Tensor], softmax, original, owner: int, on_qkv=None):
     """``scaled_dot_product_attention`` written out, recording the probabilities; dropout is not
     applied (pellucid explains the model in eval mode). ``on_qkv`` may rewrite q, k, v first (the
-    LRP rules of :mod:`pellucid.explainers.lrp`)."""
+    LRP rules of :mod:`pellucid.explainers.lrp`). Calls from other threads than ``owner`` go to
+    ``original``."""
     def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
              enable_gqa=False):
+        if threading.get_ident() != owner:
+            return original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
+                            is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
         if on_qkv is not None:
             query, key, value = on_qkv(query, key, value)
         if enable_gqa and key.shape[-3] != query.shape[-3]:
@@ -84,7 +92,14 @@ def capture_attention(model: nn.Module, on_qkv=None,
     """While inside, every attention probability tensor the model computes is appended, in call
     order, to the yielded list (kept in the autograd graph). ``on_qkv`` rewrites the query, key and
     value of every ``scaled_dot_product_attention``; ``explicit_softmax="refuse"`` raises when an
-    attention module computes its own softmax instead (then ``on_qkv`` cannot reach it)."""
+    attention module computes its own softmax instead (then ``on_qkv`` cannot reach it). The
+    functions are replaced for the calling thread only, and one capture runs at a time."""
+    with _CAPTURE:
+        yield from _capture(model, on_qkv, explicit_softmax)
+
+
+def _capture(model: nn.Module, on_qkv, explicit_softmax: str) -> Iterator[list[torch.Tensor]]:
+    owner = threading.get_ident()
     record: list[torch.Tensor] = []
     depth = [0]
     handles = []
@@ -100,6 +115,8 @@ def capture_attention(model: nn.Module, on_qkv=None,
     def recording(fn):
         def softmax(x, *args, **kwargs):
             out = fn(x, *args, **kwargs)
+            if threading.get_ident() != owner:
+                return out
             dim = kwargs.get("dim", args[0] if args else None)
             if depth[0] > 0 and dim in (-1, x.ndim - 1) and out.ndim >= 3:
                 if explicit_softmax == "refuse":
@@ -110,7 +127,8 @@ def capture_attention(model: nn.Module, on_qkv=None,
             return out
         return softmax
 
-    F.scaled_dot_product_attention = _explicit_sdpa(record, originals["torch.softmax"], on_qkv)
+    F.scaled_dot_product_attention = _explicit_sdpa(record, originals["torch.softmax"],
+                                                     originals["F.sdpa"], owner, on_qkv)
     F.softmax = recording(originals["F.softmax"])
     torch.softmax = recording(originals["torch.softmax"])
     torch.Tensor.softmax = recording(originals["Tensor.softmax"])

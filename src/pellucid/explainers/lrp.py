@@ -48,8 +48,9 @@ from pellucid.runtime import full_precision
 
 COMPOSITES = ("epsilonplusflat", "epsilongammabox", "epsilonalpha2beta1")
 ATTENTION_RULES = ("attnlrp", "cp")
+# element-wise activations with f(0) = 0, so that f(x) / x stays bounded near 0
 _ACTIVATIONS = (nn.GELU, nn.SiLU, nn.ReLU, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.Tanh, nn.Mish,
-                nn.Hardswish, nn.Softplus)
+                nn.Hardswish)
 
 
 class _Scale(torch.autograd.Function):
@@ -102,7 +103,8 @@ class _NormRule(torch.autograd.Function):
 def _norm_dims(module: nn.Module, ndim: int) -> tuple[int, ...] | None:
     if isinstance(module, nn.LayerNorm):
         return tuple(range(-len(module.normalized_shape), 0))
-    if isinstance(module, (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)):
+    if isinstance(module, (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)) \
+            and not module.track_running_stats:  # with running statistics it is affine: no rule
         return tuple(range(2, ndim))
     return None
 
