@@ -118,3 +118,28 @@ def test_a_fixed_batch_export_and_a_plain_callable(tmp_path):
         load_onnx(tmp_path / "missing.onnx")
     with pytest.raises(DataError, match="outputs are scores"):
         load_onnx(tmp_path / "fixed.onnx", output="logits")
+
+
+def test_an_onnx_file_loads_as_a_model_with_its_card_and_its_own_digest(tmp_path):
+    from pellucid.models import load_model
+    from pellucid.models.card import ModelCard
+    from pellucid.models.store import weights_digest
+
+    model, x, _ = _case("classifier")
+    export(model, x, tmp_path / "a.onnx")
+    ModelCard(arch="onnx", task="classification", class_names=["a", "b", "c"], in_channels=1,
+              spatial_dims=2, input_size=[32, 32], activation="softmax").save(tmp_path / "card.json")
+    loaded = load_model(tmp_path / "a.onnx")
+    assert loaded.card.class_names == ["a", "b", "c"] and loaded.module.forward_only
+    exp = pellucid.explain(loaded, x, "occlusion", window=8, stride=8)
+    ref = pellucid.explain(model, x, "occlusion", window=8, stride=8, activation="softmax")
+    assert (exp.attributions - ref.attributions).abs().max() <= TOL
+    torch.manual_seed(9)
+    other, _, _ = _case("classifier")
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.1)
+    export(other, x, tmp_path / "b.onnx")
+    digests = {weights_digest(load_model(tmp_path / n).module) for n in ("a.onnx", "b.onnx")}
+    assert len(digests) == 2  # two deployed models never share cached results
+    assert weights_digest(load_model(tmp_path / "a.onnx").module) in digests

@@ -12,7 +12,9 @@ one sample at a time.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,9 +31,12 @@ class BlackBoxModel(nn.Module):
     forward_only = True
 
     def __init__(self, fn: Callable[[np.ndarray], np.ndarray], name: str = "black box",
-                 batch: int | None = None) -> None:
+                 batch: int | None = None, digest: str | None = None) -> None:
         super().__init__()
         self.fn, self.name, self.batch = fn, name, batch
+        # what identifies the model's weights (the ONNX file's SHA-256); a function's cannot be
+        # known, so each wrapper gets its own and no cached result is ever taken for another's
+        self.weights_sha256 = digest or uuid.uuid4().hex
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.requires_grad and torch.is_grad_enabled():
@@ -79,7 +84,8 @@ def load_onnx(path: str | Path, output: str | int = 0, threads: int | None = Non
 
     def run(arr: np.ndarray) -> np.ndarray:
         return session.run([chosen], {name_in: arr})[0]
-    return BlackBoxModel(run, f"ONNX model {path.name}", batch)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    return BlackBoxModel(run, f"ONNX model {path.name}", batch, f"{digest}:{chosen}")
 
 
 def is_forward_only(model: object) -> bool:

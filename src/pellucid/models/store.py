@@ -39,7 +39,11 @@ class LoadedModel:
 
 
 def weights_digest(module: nn.Module) -> str:
+    """SHA-256 of the module's state dict (a black box's own digest: its ONNX file's)."""
     import hashlib
+
+    if isinstance(getattr(module, "weights_sha256", None), str):
+        return module.weights_sha256
 
     h = hashlib.sha256()
     for name, tensor in sorted(module.state_dict().items()):
@@ -147,7 +151,8 @@ def _load_state(module: nn.Module, state: dict[str, torch.Tensor], source: Path)
 
 def load_model(spec: str | Path, weights: str | Path | None = None,
                device: str | torch.device = "cpu") -> LoadedModel:
-    """Load a model from a zoo folder, a TorchScript file, or ``package.module:factory``.
+    """Load a model from a zoo folder, a TorchScript file, an ONNX file (a forward-only black box
+    run by ONNX Runtime, :mod:`pellucid.models.blackbox`), or ``package.module:factory``.
 
     ``module:factory`` is called with no arguments and must return an ``nn.Module``; ``weights``
     (safetensors or a torch state dict) are then loaded into it. A ``card.json`` beside a TorchScript
@@ -164,6 +169,13 @@ def load_model(spec: str | Path, weights: str | Path | None = None,
                        backend=card.backend, input_size=card.input_size).module
         _load_state(module, _read_state_dict(path / WEIGHTS), path / WEIGHTS)
         return LoadedModel(module.to(device).eval(), card, text)
+    if path.is_file() and path.suffix.lower() == ".onnx":  # a deployed model: forwards only
+        from pellucid.models.blackbox import load_onnx
+
+        card_path = path.with_name(CARD)
+        card = ModelCard.load(card_path) if card_path.is_file() else None
+        return LoadedModel(load_onnx(path, output=output_selector(card.output) if card and
+                                     card.output else 0), card, text)
     if path.is_file():
         try:
             module = torch.jit.load(str(path), map_location=device)
