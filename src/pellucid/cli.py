@@ -50,7 +50,7 @@ def methods() -> None:
 
 @app.command()
 def train(
-    arch: Annotated[str, typer.Option(help="resnet18, resnet50, densenet121 or unet")] = "resnet18",
+    arch: Annotated[str, typer.Option(help="resnet18, resnet50, densenet121, vit or unet")] = "resnet18",
     data: Annotated[str, typer.Option(help="dataset name (see `pellucid datasets`)")] = "phantom-chest",
     out: Annotated[Path, typer.Option(help="folder to write the model into")] = Path("models/model"),
     root: Annotated[Path | None, typer.Option(help="dataset folder (real datasets)")] = None,
@@ -141,7 +141,7 @@ def import_model_command(
                                                       "first convolution)")] = None,
     weights: Annotated[Path | None, typer.Option(help="weights for module:factory")] = None,
     arch: Annotated[str | None, typer.Option(help="with a weights file: resnet18, resnet50, "
-                                                 "densenet121 or unet")] = None,
+                                                 "densenet121, vit or unet")] = None,
     backend: Annotated[str | None, typer.Option(help="with --arch: torchvision or monai")] = None,
     normalization: Annotated[str, typer.Option(
         help="none, imagenet or meanstd:M1,M2/S1,S2 (what the model was trained with, applied to "
