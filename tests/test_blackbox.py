@@ -143,3 +143,24 @@ def test_an_onnx_file_loads_as_a_model_with_its_card_and_its_own_digest(tmp_path
     digests = {weights_digest(load_model(tmp_path / n).module) for n in ("a.onnx", "b.onnx")}
     assert len(digests) == 2  # two deployed models never share cached results
     assert weights_digest(load_model(tmp_path / "a.onnx").module) in digests
+
+
+def test_a_failing_runtime_and_a_non_float_input_are_one_line_errors(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    def broken(arr):
+        raise RuntimeError("[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : Got invalid dimensions\nmore")
+    x = torch.rand(2, 1, 16, 16)
+    with pytest.raises(ModelError, match=r"^the a service cannot take input of shape \(2, 1, 16, 16\): "
+                                         r"\[ONNXRuntimeError\].*dimensions$"):
+        pellucid.explain(BlackBoxModel(broken, "a service"), x, "occlusion", window=8, stride=8)
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["image"], ["f"], to=TensorProto.FLOAT),
+         helper.make_node("ReduceMean", ["f"], ["scores"], axes=[2, 3], keepdims=0)],
+        "uint8", [helper.make_tensor_value_info("image", TensorProto.UINT8, ["n", 1, 16, 16])],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["n", 1])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    onnx.save(model, tmp_path / "u8.onnx")
+    with pytest.raises(DataError, match=r"tensor\(uint8\); pellucid feeds float32"):
+        load_onnx(tmp_path / "u8.onnx")

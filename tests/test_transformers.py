@@ -254,3 +254,19 @@ def test_an_output_without_a_rule_asks_for_a_selector():
     assert torch.allclose(exp.output, model(x)["b"])
     with pytest.raises(ModelError, match="no such entry"):
         reduce_output({"a": x}, "logits")
+
+
+def test_the_selector_holds_outside_explanations_and_nested_uses_share_one_hook():
+    from pellucid.models.outputs import forward_tensor, tensor_outputs
+
+    x = torch.randn(2, 1, 16, 16)
+    model = _Wrapped("dict").eval()
+    with torch.no_grad():
+        assert torch.equal(forward_tensor(model, x), model(x)["out"])  # the rule
+        select_output(model, "aux")  # what training's predictions and the benchmark scan read too
+        assert torch.equal(forward_tensor(model, x), model(x)["aux"])
+        with tensor_outputs(model):
+            with tensor_outputs(model):
+                assert len(model._forward_hooks) == 1
+            assert torch.equal(model(x), forward_tensor(model, x))  # still reduced
+        assert not model._forward_hooks and isinstance(model(x), dict)

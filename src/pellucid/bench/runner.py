@@ -23,7 +23,7 @@ from pellucid.bench.config import BenchConfig, DatasetSpec, ModelSpec, load_conf
 from pellucid.bench.store import ResultStore, unit_digest
 from pellucid.bench.units import Unit, execute_unit, focus_slice, with_window
 from pellucid.errors import ConfigError, DataError, PellucidError
-from pellucid.models.outputs import reduce_output, selected_output
+from pellucid.models.outputs import forward_tensor
 from pellucid.paths import shared_data_dir
 from pellucid.progress import track
 
@@ -312,8 +312,7 @@ def _scan(loaded, x: torch.Tensor, classes: torch.Tensor,
     chosen, scores, regions = [], [], []
     for start in range(0, len(x), 8):
         sl = slice(start, start + 8)
-        module = loaded.module.eval()
-        y = reduce_output(module(x[sl]), selected_output(module)).float()
+        y = forward_tensor(loaded.module.eval(), x[sl]).float()
         k = classes[sl].to(y.device)
         k = torch.where(k < 0, y.argmax(1), k) if y.ndim == 2 else k
         if card.task == "regression":

@@ -13,7 +13,6 @@ one sample at a time.
 from __future__ import annotations
 
 import hashlib
-import os
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -43,8 +42,13 @@ class BlackBoxModel(nn.Module):
             raise ModelError(f"{self.name} runs outside PyTorch: no gradients flow through it")
         arr = np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy())
         step = self.batch or len(arr)
-        parts = [np.asarray(self.fn(arr[i:i + step])) for i in range(0, len(arr), max(step, 1))]
-        out = torch.from_numpy(np.concatenate(parts).astype(np.float32, copy=False))
+        try:
+            parts = [np.asarray(self.fn(arr[i:i + step])) for i in range(0, len(arr), max(step, 1))]
+            out = torch.from_numpy(np.concatenate(parts).astype(np.float32, copy=False))
+        except Exception as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ModelError(f"the {self.name} cannot take input of shape {tuple(arr.shape)}: "
+                             f"{first}") from None
         return out.to(x.device)
 
     def extra_repr(self) -> str:
@@ -52,15 +56,16 @@ class BlackBoxModel(nn.Module):
 
 
 def load_onnx(path: str | Path, output: str | int = 0, threads: int | None = None) -> BlackBoxModel:
-    """An ONNX model run by ONNX Runtime on the CPU (``threads`` intra-op threads, by default the
-    cores this process may use); ``output`` names or indexes the graph output to explain."""
+    """An ONNX model run by ONNX Runtime on the CPU (``threads`` intra-op threads, by default
+    torch's, as ``pellucid.runtime.configure_threads`` set them); ``output`` names or indexes the
+    graph output to explain. A model whose input is not float32 is refused."""
     import onnxruntime as ort
 
     path = Path(path)
     if not path.is_file():
         raise DataError(path, "no such ONNX file")
     options = ort.SessionOptions()
-    options.intra_op_num_threads = threads or len(os.sched_getaffinity(0))
+    options.intra_op_num_threads = threads or torch.get_num_threads()  # pellucid's setting
     options.inter_op_num_threads = 1
     try:
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
@@ -69,6 +74,9 @@ def load_onnx(path: str | Path, output: str | int = 0, threads: int | None = Non
     inputs, outputs = session.get_inputs(), session.get_outputs()
     if len(inputs) != 1:
         raise DataError(path, f"the model has {len(inputs)} inputs; pellucid explains one image input")
+    if inputs[0].type != "tensor(float)":
+        raise DataError(path, f"its input {inputs[0].name!r} is {inputs[0].type}; pellucid feeds float32 "
+                              f"images (export the model with a float32 input)")
     names = [o.name for o in outputs]
     if isinstance(output, int):
         if not -len(names) <= output < len(names):

@@ -20,6 +20,7 @@ the model, through a forward hook installed only while pellucid runs it (:func:`
 from __future__ import annotations
 
 import dataclasses
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -103,24 +104,40 @@ def selected_output(model: nn.Module) -> Selector:
     return getattr(model, _ATTRIBUTE, None)
 
 
+def forward_tensor(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``model(x)`` reduced to its one tensor, by the model's selector or the rule."""
+    out = model(x)
+    return out if isinstance(out, torch.Tensor) else reduce_output(out, selected_output(model))
+
+
+_USERS: dict[int, list] = {}  # id(model) -> [users inside tensor_outputs, hook handle]
+_USERS_LOCK = threading.Lock()
+
+
 @contextmanager
 def tensor_outputs(model: nn.Module) -> Iterator[None]:
     """While inside, calling ``model`` returns one tensor (by its selector or the rule). Nested
-    uses install one hook."""
-    if getattr(model, "_pellucid_reducing", False) or isinstance(model, torch.jit.ScriptModule):
+    and concurrent uses share one hook, removed when the last of them leaves."""
+    if isinstance(model, torch.jit.ScriptModule):  # no hooks; ModelRunner reduces its outputs
         yield
         return
-    select = selected_output(model)
 
     def hook(module: nn.Module, inputs: Any, out: Any) -> torch.Tensor | None:
+        select = selected_output(module)
         if select is None and isinstance(out, torch.Tensor):
             return None
         return reduce_output(out, select)
 
-    handle = model.register_forward_hook(hook)
-    model._pellucid_reducing = True
+    key = id(model)
+    with _USERS_LOCK:
+        if key in _USERS:
+            _USERS[key][0] += 1
+        else:
+            _USERS[key] = [1, model.register_forward_hook(hook)]
     try:
         yield
     finally:
-        handle.remove()
-        model._pellucid_reducing = False
+        with _USERS_LOCK:
+            _USERS[key][0] -= 1
+            if _USERS[key][0] == 0:
+                _USERS.pop(key)[1].remove()

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Subset
 from pellucid.data.base import PellucidDataset, collate
 from pellucid.errors import ConfigError
 from pellucid.models.card import ModelCard
-from pellucid.models.outputs import reduce_output
+from pellucid.models.outputs import forward_tensor
 from pellucid.models.performance import (
     classification_report,
     pick_thresholds,
@@ -159,7 +159,7 @@ def predict(module: nn.Module, card: ModelCard, ds: PellucidDataset, batch_size:
     outs, truths = [], []
     try:
         for batch in _loader(ds, batch_size, shuffle=False):
-            logits = reduce_output(module(card.normalize(batch["image"].to(device)))).float().cpu()
+            logits = forward_tensor(module, card.normalize(batch["image"].to(device))).float().cpu()
             if card.task == "segmentation":
                 outs.append(torch.sigmoid(logits) > 0.5)
                 truths.append(batch["mask"] > 0.5)
@@ -285,7 +285,7 @@ def train(train_ds: PellucidDataset, config: TrainConfig, val_ds: PellucidDatase
             images, masks = augment(images, masks, config, augment_generator)
             if masks is not None:
                 batch = {**batch, "mask": masks}
-        logits = reduce_output(module(card.normalize(images)))
+        logits = forward_tensor(module, card.normalize(images))
         loss = _loss(task, multilabel, logits, batch, scale, weights)
         opt.zero_grad(set_to_none=True)
         loss.backward()
