@@ -12,7 +12,7 @@ export PELLUCID_DATA ?= $(abspath ../shared/data)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade --quiet pip
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,models]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,models,runtimes]'
 	touch $(STAMP)
 
 install: $(STAMP)

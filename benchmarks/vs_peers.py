@@ -5,18 +5,22 @@ and with the stack a user would otherwise assemble: pytorch-grad-cam for the CAM
 gradients / occlusion / KernelSHAP, zennit for LRP, Quantus for the metrics. Outputs are checked to
 agree, then the script prints per method and metric: seconds, the peer/pellucid speed-up, and
 pellucid's ratio to the forward-pass floor (the forwards and backwards the item needs x the model's
-measured batched time per input); then totals, peak memory under a bound, and the same grid through
-pellucid's Ray executor with 1 and 2 workers.
+measured batched time per input: forward-only on the fastest backend that passes pellucid's
+verification, torch / ONNX Runtime / OpenVINO; forward+backward in eager torch); then totals,
+peak memory under a bound, and the same grid through pellucid's Ray executor with 1 and 2 workers.
 
     .venv/bin/python benchmarks/vs_peers.py            # the full grid (about 10 minutes here)
     .venv/bin/python benchmarks/vs_peers.py --quick    # a routine check (under 2 minutes)
+    .venv/bin/python benchmarks/vs_peers.py --backend torch   # pellucid's forward-only work in torch
     python benchmarks/vs_peers.py --device cuda --no-ray                    # the GPU table
     python benchmarks/vs_peers.py --device cuda --no-ray --precision bf16   # pellucid under autocast
 
 Models are trained once into --models (default /tmp/pellucid-vs-peers) and reused. On a GPU TF32 is
 off (both sides compute in float32); ``--precision bf16|fp16`` runs pellucid's model calls under
 autocast (``pellucid.runtime.set_precision``) while the peers stay in float32, so the agreement
-column then measures what the reduced precision changes.
+column then measures what the reduced precision changes. ``--backend`` (default ``auto``, decided
+per model at its first forward-only call, before anything is timed) picks pellucid's forward-only
+backend (:mod:`pellucid.inference`).
 """
 
 from __future__ import annotations
@@ -40,7 +44,9 @@ from common import bare_forward_backward, device_name, peak_rss_mb, setup_device
 from metrics_vs_quantus import per_image_seconds, without_ties
 
 import pellucid
+import pellucid.inference.select as select
 from pellucid.explainers.accelerate import inference_forward
+from pellucid.inference import SETTINGS, use_backend
 from pellucid.runtime import configure_threads, set_memory_limit, set_precision
 from pellucid.targets import ClassTarget, SegmentationTarget
 
@@ -243,9 +249,7 @@ def run_task(task: Task, root: Path) -> list[dict]:
     with torch.no_grad():
         region = (torch.sigmoid(model(x)[:, 0]) > 0.5) if seg else None
     target = SegmentationTarget(0, "predicted") if seg else ClassTarget(y, kind="logit")
-    fast = inference_forward(model, x[:1])
-    with torch.inference_mode():
-        fwd = per_image_seconds(fast, x, 16)
+    fwd, fastest, chosen = forward_floor(model, x)
     fb = per_image_seconds(lambda xb: bare_forward_backward(
         model, xb, torch.zeros(len(xb), dtype=torch.long, device=xb.device)), x, 8)
     features = None
@@ -253,8 +257,9 @@ def run_task(task: Task, root: Path) -> list[dict]:
         from pellucid.explainers.features import slic_labels
 
         features = torch.stack([slic_labels(x[i], 40, 10.0) for i in range(len(x))]).to(x.device)
-    print(f"{task.name}: {tuple(x.shape)}, forward {fwd * 1e3:.2f} ms/input (optimised, "
-          f"batched), forward+backward {fb * 1e3:.2f} ms/input", flush=True)
+    print(f"{task.name}: {tuple(x.shape)}, forward {fwd * 1e3:.2f} ms/input (fastest backend: "
+          f"{fastest}, batched), forward+backward {fb * 1e3:.2f} ms/input; pellucid's backend "
+          f"{chosen}", flush=True)
     maps = {}
     for method, opts in task.methods.items():
         kw = dict(opts)
@@ -272,6 +277,32 @@ def run_task(task: Task, root: Path) -> list[dict]:
     if task.metrics:
         rows += run_metrics(task, loaded, x, y, masks, maps, layer, fwd, fb, quantus)
     return rows
+
+
+def forward_floor(model, x) -> tuple[float, str, str]:
+    """Seconds per input of the fastest forward-only backend that passes pellucid's verification
+    (batches of 16), its name, and the backend pellucid's setting runs (``auto``: decided here,
+    before anything is timed)."""
+    import warnings
+
+    from pellucid.explainers.base import model_guard
+    from pellucid.inference import BACKENDS, backend_setting, set_backend
+
+    setting = backend_setting()
+    times = {}
+    for backend in BACKENDS if x.device.type == "cpu" else ("torch",):
+        set_backend(backend)
+        with warnings.catch_warnings(), model_guard(model):
+            warnings.simplefilter("ignore")
+            fast = inference_forward(model, x[:1])
+            if fast.backend == backend:  # refused by the verification: not a floor of pellucid's
+                with torch.inference_mode():
+                    times[backend] = per_image_seconds(fast, x, 16)
+    set_backend(setting)
+    with model_guard(model), torch.inference_mode():
+        chosen = inference_forward(model, x[:1]).backend
+    fastest = min(times, key=times.get)
+    return times[fastest], fastest, chosen
 
 
 def run_metrics(task, loaded, x, y, masks, maps, layer, fwd, fb, quantus) -> list[dict]:
@@ -444,6 +475,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
                         help="pellucid's model calls under autocast (the peers stay in float32)")
+    parser.add_argument("--backend", default="auto", choices=list(SETTINGS),
+                        help="pellucid's forward-only backend (auto decides per model before "
+                             "timing)")
     parser.add_argument("--probe", nargs=3, metavar=("MODEL", "METHOD", "BOUND_MB"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -462,6 +496,8 @@ def main() -> None:
     for task in tasks:  # train (or load) every model before anything is timed
         trained(task, args.models)
     set_precision(args.precision)
+    use_backend(args.backend)  # also for the probe and Ray processes
+    select.TRIAL_AFTER_S = 0.0  # auto decides at the first forward-only call, before the timing
     rows = run_grid(tasks, args.models)
     set_precision(None)
     printable = []
@@ -501,7 +537,7 @@ def main() -> None:
                                                                       "speed-up"]))
     print(f"\npellucid {pellucid.__version__}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, {device_name(DEVICE)}, pellucid precision "
-          f"{args.precision}; total {time.perf_counter() - start:.0f} s")
+          f"{args.precision}, backend {args.backend}; total {time.perf_counter() - start:.0f} s")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +15,14 @@ from pellucid.runtime import configure_threads
 
 configure_threads()
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+# Forward-only work runs in torch unless a test asks for a backend (tests/test_backends.py runs each
+# backend and auto's trial against torch); `PELLUCID_BACKEND=auto make test` runs the suite on auto.
+# Exports go to a private cache folder of this session, never the user's.
+os.environ.setdefault("PELLUCID_BACKEND", "torch")
+if "PELLUCID_CACHE" not in os.environ:
+    os.environ["PELLUCID_CACHE"] = tempfile.mkdtemp(prefix="pellucid-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["PELLUCID_CACHE"], True)
 
 
 def _shared_data() -> Path:
@@ -76,8 +87,9 @@ HEAVY_MODULES = {"test_training", "test_bench", "test_seed_systems", "test_metri
 
 
 # modules whose tests build networks of the model libraries of the "models" extra (timm,
-# transformers, smp, torchxrayvision, nnU-Net, ONNX Runtime, lxt); `make test-lowest` leaves them out
-MODEL_LIBRARY_MODULES = {"test_model_libraries", "test_blackbox"}
+# transformers, smp, torchxrayvision, nnU-Net, ONNX Runtime, OpenVINO, lxt); `make test-lowest`
+# leaves them out
+MODEL_LIBRARY_MODULES = {"test_model_libraries", "test_blackbox", "test_backends"}
 
 
 def pytest_collection_modifyitems(config, items):

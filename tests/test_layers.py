@@ -15,7 +15,7 @@ LAYERS: list[set[str]] = [
     {"registry", "guards", "privacy", "paths", "progress", "runtime", "bootstrap"},
     {"targets", "io"},
     {"data"},
-    {"models"},
+    {"models", "inference"},
     {"explainers"},
     {"metrics"},
     {"viz", "(root)"},  # pellucid.explain / pellucid.evaluate: the API over explainers and metrics

@@ -20,6 +20,9 @@ console = Console()
 
 
 PRECISION_HELP = "fp32 (default), bf16 or fp16: model calls under autocast (changes the numbers)"
+BACKEND_HELP = ("forward-only work (Score-CAM, occlusion, RISE, LIME, SHAP, faithfulness metrics) on "
+                "auto (default: the fastest, timed once per model), torch, onnxruntime or openvino; "
+                "also $PELLUCID_BACKEND")
 
 
 def _split_list(text: str) -> list[str]:
@@ -234,9 +237,11 @@ def explain(
     password: Annotated[str | None, typer.Option(envvar="PELLUCID_PACS_PASSWORD",
                                                  help="PACS password")] = None,
     precision: Annotated[str | None, typer.Option(help=PRECISION_HELP)] = None,
+    backend: Annotated[str | None, typer.Option(help=BACKEND_HELP)] = None,
 ) -> None:
     """Explain a model on files (overlay PNGs, raw maps, summary.json), or on a PACS study
     (--pacs URL --study UID): results go back to the study as DICOM objects."""
+    from pellucid.inference import use_backend
     from pellucid.models import load_model
     from pellucid.pipeline import CaseOptions
     from pellucid.runtime import use_precision
@@ -258,6 +263,7 @@ def explain(
     if study is not None and pacs is None:
         raise ConfigError("--study goes with --pacs URL")
     use_precision(precision)
+    use_backend(backend)
     _out_folder(out, "--out")
     loaded = load_model(model, weights)
     if pacs is not None:
@@ -293,14 +299,17 @@ def bench(config: Annotated[str, typer.Argument(help="YAML configuration (or a b
           address: Annotated[str | None, typer.Option(help="Ray cluster address (ray executor)")] = None,
           workers: Annotated[int | None, typer.Option(help="Ray workers of a local cluster")] = None,
           no_report: Annotated[bool, typer.Option("--no-report", help="skip report.html")] = False,
-          precision: Annotated[str | None, typer.Option(help=PRECISION_HELP)] = None
+          precision: Annotated[str | None, typer.Option(help=PRECISION_HELP)] = None,
+          backend: Annotated[str | None, typer.Option(help=BACKEND_HELP)] = None
           ) -> None:
     """Run (or resume) a benchmark grid and write results, statistics and report.html."""
     from pellucid.bench import load_config, run_bench
     from pellucid.bench.runner import print_leaderboard
+    from pellucid.inference import use_backend
     from pellucid.runtime import use_precision
 
     use_precision(precision)
+    use_backend(backend)
 
     cfg = load_config(config)
     folder = _out_folder(out or Path(f"bench_{cfg.name}"), "--out")

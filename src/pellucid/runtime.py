@@ -13,9 +13,37 @@ import numpy as np
 import torch
 
 
+def usable_cores() -> int:
+    """Cores this process may use: its CPU affinity, capped by a cgroup v2 CPU quota
+    (``/sys/fs/cgroup/cpu.max``, a container's limit) and, inside a Ray task, by the CPUs Ray
+    assigned to it."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        with open("/sys/fs/cgroup/cpu.max") as fh:
+            quota, period = fh.read().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, int(int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    import sys
+
+    if "ray" in sys.modules:  # only a process that imported Ray can be one of its workers
+        try:
+            import ray
+
+            if ray.is_initialized() and ray.get_runtime_context().worker.mode == ray.WORKER_MODE:
+                assigned = ray.get_runtime_context().get_assigned_resources().get("CPU")
+                if assigned:
+                    cores = min(cores, max(1, int(assigned)))
+        except Exception:  # an older Ray without these calls: keep the affinity
+            pass
+    return max(1, cores)
+
+
 def configure_threads(threads: int | None = None) -> int:
-    """Use ``threads`` (default: ``$PELLUCID_THREADS`` or every core) for torch's CPU kernels."""
-    n = threads or int(os.environ.get("PELLUCID_THREADS", "0")) or os.cpu_count() or 1
+    """Use ``threads`` (default: ``$PELLUCID_THREADS`` or every usable core, :func:`usable_cores`)
+    for torch's CPU kernels; ONNX Runtime and OpenVINO sessions take the same number."""
+    n = threads or int(os.environ.get("PELLUCID_THREADS", "0")) or usable_cores()
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
     return n

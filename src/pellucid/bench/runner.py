@@ -23,7 +23,8 @@ from pellucid.bench.config import BenchConfig, DatasetSpec, ModelSpec, load_conf
 from pellucid.bench.store import ResultStore, unit_digest
 from pellucid.bench.units import Unit, execute_unit, focus_slice, with_window
 from pellucid.errors import ConfigError, DataError, PellucidError
-from pellucid.models.outputs import forward_tensor
+from pellucid.explainers.accelerate import inference_forward
+from pellucid.explainers.base import model_guard
 from pellucid.paths import shared_data_dir
 from pellucid.progress import track
 
@@ -310,9 +311,11 @@ def _scan(loaded, x: torch.Tensor, classes: torch.Tensor,
 
     card = loaded.card
     chosen, scores, regions = [], [], []
-    for start in range(0, len(x), 8):
+    with model_guard(loaded.module):  # eval mode, one output tensor; the user's modes restored
+        forward = inference_forward(loaded.module, x[:1])  # forward-only: any backend
+        ys = [forward(x[start:start + 8]).float() for start in range(0, len(x), 8)]
+    for start, y in zip(range(0, len(x), 8), ys, strict=True):
         sl = slice(start, start + 8)
-        y = forward_tensor(loaded.module.eval(), x[sl]).float()
         k = classes[sl].to(y.device)
         k = torch.where(k < 0, y.argmax(1), k) if y.ndim == 2 else k
         if card.task == "regression":
@@ -399,15 +402,17 @@ def environment(config: BenchConfig) -> dict[str, Any]:
 
     versions = {}
     for pkg in ("pellucid", "torch", "torchvision", "monai", "captum", "zennit", "numpy", "scipy",
-                "pandas", "ray"):
+                "pandas", "ray", "onnxruntime", "openvino"):
         try:
             versions[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
             versions[pkg] = None
+    from pellucid.inference import backend_setting
     from pellucid.runtime import precision_name
 
     return {"config": config.name, "config_hash": config.digest(), "seed": config.seed,
-            "precision": precision_name(), "versions": versions, "python": platform.python_version(),
+            "precision": precision_name(), "backend": backend_setting(), "versions": versions,
+            "python": platform.python_version(),
             "hardware": {"machine": platform.machine(), "processor": platform.processor(),
                          "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                          "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
@@ -421,29 +426,39 @@ def _run_local(units: list[Unit], store: ResultStore, progress: bool) -> None:
 
 
 def _ray_execute(unit: Unit, threads: int):
-    torch.set_num_threads(threads)
+    from pellucid.runtime import configure_threads
+
+    configure_threads(threads)  # torch, ONNX Runtime and OpenVINO: the CPUs Ray gave this task
     return execute_unit(unit)
 
 
 def _run_ray(units: list[Unit], store: ResultStore, progress: bool, address: str | None,
-             workers: int | None = None) -> None:
+             workers: int | None = None, threads: int | None = None) -> None:
+    """Each task holds ``threads`` CPUs of Ray's and runs that many intra-op threads, so the tasks
+    running at once never ask for more threads than the cores Ray has. A local cluster gets every
+    usable core; ``workers`` tasks run at once, each with cores // workers threads."""
+    from pellucid.runtime import usable_cores
+
     try:
         import ray
     except ImportError:
         raise ConfigError("the ray executor needs Ray: pip install 'pellucid[ray]'") from None
     started = False
+    cores = usable_cores()
+    if threads is None:
+        threads = 1 if address or workers is None else max(1, cores // workers)
     if not ray.is_initialized():
         kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
         if address:
             kwargs["address"] = address
         else:
-            kwargs["num_cpus"] = workers or os.cpu_count() or 1
+            kwargs["num_cpus"] = threads * workers if workers else cores
         ray.init(**kwargs)
         started = True
     try:
         gpus = ray.cluster_resources().get("GPU", 0)
-        task = ray.remote(num_cpus=1, num_gpus=1 if gpus else 0)(_ray_execute)
-        pending = {task.remote(u, 1): u for u in units}
+        task = ray.remote(num_cpus=threads, num_gpus=1 if gpus else 0)(_ray_execute)
+        pending = {task.remote(u, threads): u for u in units}
         bar = track(range(len(units)), "explain + evaluate (ray)", enabled=progress)
         for _ in bar:
             done, _rest = ray.wait(list(pending), num_returns=1)

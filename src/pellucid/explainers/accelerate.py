@@ -1,91 +1,27 @@
-"""Fast forward-only copies of a model for the many perturbed inputs of perturbation methods.
+"""Forward-only work in chunks: the backend that runs it and the chunk sizes.
 
-``inference_forward(model, example)`` returns a callable equal to ``model`` (to float rounding) that
-runs faster: on a CPU, a traced, frozen copy with ``torch.jit.optimize_for_inference`` (convolution
-+ BatchNorm folding, oneDNN layouts); oneDNN graph fusion was measured slower here, as it
-re-compiles for every new batch shape. The user's model is never modified; the copy is cached
-while the model's parameters stay the same (same storage, same version counters). Models that
-cannot be traced, or whose copy disagrees with the original on the example, fall back to the
-plain module with channels-last inputs. On a GPU the plain module runs as is: there the traced
-copy re-specialised for every new chunk size (a U-Net's Score-CAM took 0.26 s instead of 0.03 s
-on an H200), while cuDNN already runs each layer at speed.
+``inference_forward(model, example)`` is the forward-only function of :mod:`pellucid.inference`
+(torch's optimised copy, ONNX Runtime or OpenVINO, chosen by ``--backend``); :class:`AutoBatch`
+cuts many inputs into the chunk sizes that run fastest on that backend (or fit a memory bound).
 """
 
 from __future__ import annotations
 
-import warnings
-import weakref
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from pellucid.models.outputs import reduce_output
-from pellucid.runtime import memory_limit_bytes, model_precision, reduced_precision
+from pellucid.inference import BackendForward, forward_only
+from pellucid.runtime import memory_limit_bytes
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
-_CACHE: dict[int, tuple[weakref.ref, tuple, Forward]] = {}
 
 
-def _fingerprint(model: nn.Module, example: torch.Tensor) -> tuple:
-    params = tuple((p.data_ptr(), p._version) for p in model.parameters())
-    buffers = tuple((b.data_ptr(), b._version) for b in model.buffers())
-    return (params, buffers, tuple(example.shape[1:]), example.dtype, example.device)
-
-
-def _channels_last(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    if x.device.type != "cpu":
-        return model(x)
-    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.ndim)
-    return model(x.contiguous(memory_format=fmt) if fmt else x)
-
-
-def _first(out):  # already a tensor under the model guard (pellucid.models.outputs)
-    return out if isinstance(out, torch.Tensor) else reduce_output(out)
-
-
-def _build(model: nn.Module, example: torch.Tensor) -> Forward:
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        traced = torch.jit.trace(model, example, check_trace=False, strict=False)
-        optimised = torch.jit.optimize_for_inference(torch.jit.freeze(traced.eval()))
-        fast = lambda x: _first(optimised(x))  # noqa: E731
-        # checked on the example and on a batch of three different inputs: a trace specialised to
-        # the example's batch size (shape-dependent Python control flow) must not be used
-        gen = torch.Generator(device="cpu").manual_seed(0)
-        noise = torch.randn((2, *example.shape[1:]), generator=gen).to(example)
-        batch = torch.cat([example, example + 0.1 * noise * example.std().clamp_min(1e-3)])
-        for probe in (example, batch):
-            reference = _first(model(probe)).float()
-            got = _first(fast(probe)).float()
-            scale = reference.abs().max().clamp_min(1.0)
-            if got.shape != reference.shape or (got - reference).abs().max() > 1e-4 * scale:
-                raise RuntimeError("optimised copy disagrees with the model")
-    return fast
-
-
-def inference_forward(model: nn.Module, example: torch.Tensor) -> Forward:
-    """A faster forward-only equivalent of ``model`` for inputs shaped like ``example``. Under a
-    reduced precision (``pellucid.runtime.set_precision``) the plain module runs under autocast
-    and its output is returned as float32."""
-    if reduced_precision() is not None:
-        def mixed(x: torch.Tensor) -> torch.Tensor:
-            with model_precision(x.device.type):
-                return _first(model(x)).float()
-        return mixed
-    if example.device.type != "cpu" or getattr(model, "forward_only", False):
-        return lambda x: _first(model(x))
-    key = id(model)
-    fingerprint = _fingerprint(model, example)
-    cached = _CACHE.get(key)
-    if cached is not None and cached[0]() is model and cached[1] == fingerprint:
-        return cached[2]
-    try:
-        fast = _build(model, example)
-    except Exception:  # any tracing failure: the plain module is always correct
-        fast = lambda x: _first(_channels_last(model, x))  # noqa: E731
-    _CACHE[key] = (weakref.ref(model), fingerprint, fast)
-    return fast
+def inference_forward(model: nn.Module, example: torch.Tensor) -> BackendForward:
+    """A faster forward-only equivalent of ``model`` for inputs shaped like ``example``
+    (:func:`pellucid.inference.forward_only`): float32 outputs on the input's device."""
+    return forward_only(model, example)
 
 
 _BEST_BATCH: dict[tuple, int] = {}
@@ -126,7 +62,8 @@ class AutoBatch:
     set_memory_limit``) no chunk exceeds limit / (activation bytes per input) inputs."""
 
     def __init__(self, fixed: int | None, model: nn.Module, example: torch.Tensor) -> None:
-        self.key = (id(model), tuple(example.shape[1:]), example.device.type)
+        backend = inference_forward(model, example[:1]).backend  # built once, memoised
+        self.key = (id(model), tuple(example.shape[1:]), example.device.type, backend)
         self.fixed = fixed
         if fixed is None and example.device.type != "cpu":
             self.fixed = 128

@@ -63,6 +63,7 @@ class ModelRunner:
 
     def __init__(self, model: nn.Module, cost: Cost) -> None:
         self.model, self.cost = model, cost
+        self._fast: dict[tuple, Callable[[torch.Tensor], torch.Tensor]] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.cost.forward_passes += 1
@@ -81,13 +82,17 @@ class ModelRunner:
         return out.float() if mixed else out
 
     def fast_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Forward-only pass through a cached, optimised copy of the model (see accelerate.py)."""
+        """Forward-only pass through the forward-only backend (:mod:`pellucid.inference`), resolved
+        once per input shape for this runner, so one explanation runs on one backend."""
         from pellucid.explainers.accelerate import inference_forward
 
         self.cost.forward_passes += 1
         self.cost.forward_samples += x.shape[0]
+        key = (tuple(x.shape[1:]), x.dtype, x.device)
         with torch.inference_mode():
-            return inference_forward(self.model, x[:1])(x)
+            if key not in self._fast:
+                self._fast[key] = inference_forward(self.model, x[:1])
+            return self._fast[key](x)
 
     def backward(self, scalar: torch.Tensor, inputs: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         self.cost.backward_passes += 1

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from pellucid.errors import ConfigError
+from pellucid.explainers.accelerate import inference_forward
 from pellucid.explainers.base import model_guard
 from pellucid.targets import as_target
 
@@ -67,13 +68,14 @@ def modality_shapley(model: Any, inputs: torch.Tensor, target: Any = None,
     else:
         raise ConfigError(f"baseline must be a number or 'mean', got {baseline!r}")
     with model_guard(module), torch.no_grad():
-        bound = as_target(target, module(inputs), activation)
+        forward = inference_forward(module, inputs[:1])  # forward-only: any backend
+        bound = as_target(target, forward(inputs), activation)
         values = []
         for i in range(b):
             keep = subsets.view(len(subsets), c, *([1] * (inputs.ndim - 2)))
             batch = torch.where(keep, inputs[i:i + 1], base[i:i + 1])
             rows = torch.full((len(subsets),), i, device=inputs.device)
-            values.append(bound.score(module(batch), rows))
+            values.append(bound.score(forward(batch), rows))
         v = torch.stack(values)  # (B, 2^C)
     return {"values": shapley_from_values(v, subsets), "full": v[:, -1], "empty": v[:, 0],
             "target": bound}

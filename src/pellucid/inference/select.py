@@ -1,0 +1,332 @@
+"""One forward-only interface over three backends: :func:`forward_only`.
+
+Everything that needs forwards only (Score-CAM's masked inputs, occlusion, RISE, LIME, KernelSHAP,
+Shapley values, the faithfulness metrics' perturbed inputs) calls ``forward_only(model, example)``
+and gets a function from a batch shaped like ``example`` (any batch size) to the model's output
+tensor, float32, on the input's device. Gradient methods never come here: they stay in torch.
+
+- ``torch``: the optimised copy (:mod:`pellucid.inference.torch_copy`), or under a reduced precision
+  (``pellucid.runtime.set_precision``) the module under autocast.
+- ``onnxruntime`` / ``openvino``: the model exported to ONNX once per weights and input shape
+  (:mod:`pellucid.inference.export`), run by the runtime (:mod:`pellucid.inference.runtimes`).
+  Before first use each is verified on a probe batch against the model in torch (the example,
+  variations of it, an all-zero and a constant input): per input, max |runtime - torch| <= 1e-5 x
+  max |torch| (3e-2 under bf16, whose rounding is the point). A
+  cached export that fails is exported again; an export or verification that fails falls back to
+  torch with one line (a :class:`BackendFallback` warning) and the same values.
+- ``auto`` (default): torch until forward-only work on the model and input shape has taken
+  ``TRIAL_AFTER_S`` seconds in this process (so small jobs never pay for an export); then each
+  available backend is timed once on a batch of eight and the fastest kept (another must be 5 %
+  faster than torch to replace it). The choice is kept on disk per export key, precision, thread
+  count and CPU, so the next process starts with it.
+
+Inputs on a GPU, and black boxes (already a runtime: :mod:`pellucid.models.blackbox`), run as
+they are.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import tempfile
+import threading
+import time
+import warnings
+import weakref
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from pellucid.errors import ConfigError
+from pellucid.inference.export import export_key, export_onnx
+from pellucid.inference.runtimes import BUILDERS, available, supports
+from pellucid.inference.settings import backend_setting, cache_dir
+from pellucid.inference.torch_copy import first_tensor, probe_batch, torch_forward
+from pellucid.runtime import model_precision, precision_name, reduced_precision
+
+TRIAL_AFTER_S = 2.0
+TOLERANCE = {"fp32": 1e-5, "bf16": 3e-2}
+TRIAL_BATCH = 8
+
+
+class BackendFallback(RuntimeWarning):
+    """A requested backend could not run a model; torch runs it instead."""
+
+
+class BackendForward:
+    """A forward-only function and the backend that runs it."""
+
+    def __init__(self, backend: str, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.backend, self.fn = backend, fn
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x)
+
+    def __repr__(self) -> str:
+        return f"BackendForward({self.backend!r})"
+
+
+_MEMO: dict[tuple, tuple[weakref.ref, tuple, BackendForward]] = {}
+_SPENT: dict[tuple, float] = {}
+_LOCK = threading.Lock()
+
+
+def _fingerprint(model: nn.Module, example: torch.Tensor) -> tuple:
+    params = tuple((p.data_ptr(), p._version) for p in model.parameters())
+    buffers = tuple((b.data_ptr(), b._version) for b in model.buffers())
+    return (params, buffers, tuple(example.shape[1:]), example.dtype, example.device)
+
+
+def _precision() -> str:
+    return "fp32" if reduced_precision() is None else precision_name()
+
+
+def _torch(model: nn.Module, example: torch.Tensor, precision: str) -> BackendForward:
+    if precision == "fp32":
+        return BackendForward("torch", torch_forward(model, example))
+
+    def mixed(x: torch.Tensor) -> torch.Tensor:
+        with model_precision(x.device.type):
+            return first_tensor(model(x)).float()
+    return BackendForward("torch", mixed)
+
+
+def _label(model: nn.Module, example: torch.Tensor) -> str:
+    return f"{type(model).__name__} on input {tuple(example.shape[1:])}"
+
+
+def _one_line(exc: BaseException) -> str:
+    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return text[:200]
+
+
+def verification_batch(example: torch.Tensor) -> torch.Tensor:
+    """The probe: the example, two variations of it (a batch size the export did not see), an
+    all-zero input and the example's channel means (constant inputs: the baselines of occlusion,
+    deletion, ROAD and the empty coalition of Shapley methods)."""
+    spatial = [1] * (example.ndim - 2)
+    means = example[:1].flatten(2).mean(2).view(1, -1, *spatial).expand_as(example[:1])
+    return torch.cat([probe_batch(example), torch.zeros_like(example[:1]), means])
+
+
+def verify(model: nn.Module, example: torch.Tensor, forward: BackendForward, precision: str) -> None:
+    """Raise RuntimeError unless ``forward`` gives the model's output on the probe
+    (:func:`verification_batch`): per input, max |runtime - torch| <= tolerance x max |torch|.
+    Constant inputs are where instance normalisation amplifies rounding (a constant feature map
+    has no variance): torch gives them exactly, the runtimes up to a few per cent off, so a model
+    with it fails here and runs in torch."""
+    probe = verification_batch(example)
+    with torch.no_grad():
+        reference = first_tensor(model(probe)).float()
+        got = forward(probe).float()
+    if got.shape != reference.shape:
+        raise RuntimeError(f"output shape {tuple(got.shape)} is not torch's {tuple(reference.shape)}")
+    if not torch.isfinite(got[torch.isfinite(reference)]).all():
+        raise RuntimeError("non-finite outputs where torch's are finite")
+    ref = reference.flatten(1).abs().amax(1)
+    scale = torch.maximum(ref, 1e-3 * ref.max()).clamp_min(1e-12)
+    rel = (got - reference).flatten(1).abs().amax(1) / scale
+    worst = int(rel.argmax())
+    if rel[worst] > TOLERANCE[precision]:
+        what = ("an input like the example", "a variation of the example", "a variation of the "
+                "example", "an all-zero input", "a constant input")[worst]
+        raise RuntimeError(f"on {what} its output differs from torch's by {float(rel[worst]):.1e} "
+                           f"of the output's scale (allowed {TOLERANCE[precision]:.0e})")
+
+
+def exported(model: nn.Module, example: torch.Tensor, backend: str, precision: str,
+             key: str | None = None) -> BackendForward:
+    """``backend`` running the cached export, verified; RuntimeError/ConfigError when it cannot."""
+    if not available(backend):
+        raise ConfigError(f"{backend} is not installed (pip install 'pellucid[runtimes]')")
+    key = key or export_key(model, example)
+    forward = BackendForward(backend, BUILDERS[backend](export_onnx(model, example, key),
+                                                                 precision))
+    try:
+        verify(model, example, forward, precision)
+    except RuntimeError:  # a cached file from elsewhere, or a damaged one: export once more
+        forward = BackendForward(backend, BUILDERS[backend](
+            export_onnx(model, example, key, fresh=True), precision))
+        verify(model, example, forward, precision)
+    return forward
+
+
+def _fallback(backend: str, model: nn.Module, example: torch.Tensor, exc: BaseException,
+              precision: str) -> BackendForward:
+    warnings.warn(f"pellucid: {backend} cannot run {_label(model, example)} ({_one_line(exc)}); "
+                  f"running it in torch", BackendFallback, stacklevel=4)
+    return _torch(model, example, precision)
+
+
+def _choices_path():
+    return cache_dir() / "backend-choices.json"
+
+
+def _choice_key(key: str, precision: str) -> str:
+    return f"{key}|{precision}|{torch.get_num_threads()}t|{platform.machine()}|{_cpu_name()}"
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def _read_choices() -> dict:
+    try:
+        return json.loads(_choices_path().read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_choice(choice_key: str, record: dict) -> None:
+    path = _choices_path()
+    choices = _read_choices()
+    choices[choice_key] = record
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".part")
+    with os.fdopen(fd, "w") as fh:
+        json.dump(choices, fh, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def time_per_input(forward: BackendForward, batch: torch.Tensor, repeat: int = 3) -> float:
+    """Median seconds per input of ``forward`` on ``batch`` after one warm-up call."""
+    with torch.inference_mode():
+        forward(batch)
+        times = []
+        for _ in range(repeat):
+            began = time.perf_counter()
+            forward(batch)
+            times.append(time.perf_counter() - began)
+    return statistics.median(times) / len(batch)
+
+
+def trial(model: nn.Module, example: torch.Tensor, precision: str) -> tuple[BackendForward, dict]:
+    """Time torch and every available runtime once; return the fastest and the record kept."""
+    key = export_key(model, example)
+    candidates = {"torch": _torch(model, example, precision)}
+    notes = {}
+    for backend in ("onnxruntime", "openvino"):
+        if available(backend) and supports(backend, precision):
+            try:
+                candidates[backend] = exported(model, example, backend, precision, key)
+            except Exception as exc:  # recorded, torch stays the answer
+                notes[backend] = _one_line(exc)
+    batch = probe_batch(example, TRIAL_BATCH)
+    ms = {name: 1e3 * time_per_input(fwd, batch) for name, fwd in candidates.items()}
+    best = min(ms, key=ms.get)
+    if ms[best] > 0.95 * ms["torch"]:
+        best = "torch"
+    return candidates[best], {"backend": best, "ms_per_input": {k: round(v, 3) for k, v in ms.items()},
+                              "not_usable": notes, "key": key}
+
+
+_PENDING: dict[tuple, str] = {}  # models on trial (none recorded on disk): their export keys
+
+
+def _auto(model: nn.Module, example: torch.Tensor, precision: str, spent_key: tuple
+          ) -> BackendForward | None:
+    """The decided backend (from this process or the disk), or None while torch is on trial."""
+    if precision == "fp16":
+        return _torch(model, example, precision)
+    key = _PENDING.get(spent_key)
+    if key is None:
+        key = export_key(model, example)
+        record = _read_choices().get(_choice_key(key, precision))
+        if record is not None:
+            if record.get("backend") == "torch":
+                return _torch(model, example, precision)
+            try:
+                return exported(model, example, record["backend"], precision, key)
+            except Exception:  # the runtime changed since: decide again
+                pass
+        else:
+            _PENDING[spent_key] = key
+    if _SPENT.get(spent_key, 0.0) < TRIAL_AFTER_S and spent_key in _PENDING:
+        return None
+    _PENDING.pop(spent_key, None)
+    forward, record = trial(model, example, precision)
+    _write_choice(_choice_key(key, precision), record)
+    return forward
+
+
+def _counting(forward: BackendForward, spent_key: tuple) -> BackendForward:
+    def counted(x: torch.Tensor) -> torch.Tensor:
+        began = time.perf_counter()
+        out = forward(x)
+        _SPENT[spent_key] = _SPENT.get(spent_key, 0.0) + time.perf_counter() - began
+        return out
+    return BackendForward("torch", counted)
+
+
+def forward_only(model: nn.Module, example: torch.Tensor) -> BackendForward:
+    """A forward-only function equal to ``model`` (within the verification tolerance) for inputs
+    shaped like ``example``, run by the backend in force (:func:`backend_setting`)."""
+    precision = _precision()
+    if getattr(model, "forward_only", False):
+        return BackendForward("blackbox", lambda x: first_tensor(model(x)))
+    if example.device.type != "cpu":
+        return _torch(model, example, precision)
+    setting = backend_setting()
+    fingerprint = (_fingerprint(model, example), setting, precision, torch.get_num_threads())
+    memo_key = (id(model), tuple(example.shape[1:]), example.dtype)
+    with _LOCK:
+        cached = _MEMO.get(memo_key)
+    if cached is not None and cached[0]() is model and cached[1] == fingerprint:
+        return cached[2]
+    spent_key = (id(model), fingerprint)
+    if setting == "torch":
+        forward = _torch(model, example, precision)
+    elif setting == "auto":
+        try:
+            decided = _auto(model, example, precision, spent_key)
+        except Exception as exc:  # e.g. an unreadable cache folder
+            decided = _fallback("auto", model, example, exc, precision)
+        if decided is None:  # on trial: not memoised, so the next call looks again
+            return _counting(_torch_memo(model, example, precision, spent_key), spent_key)
+        forward = decided
+    else:
+        if precision != "fp32" and not supports(setting, precision):
+            raise ConfigError(f"--backend {setting} does not run precision {precision} here; use "
+                              f"torch{' or openvino' if precision == 'bf16' else ''}")
+        try:
+            forward = exported(model, example, setting, precision)
+        except Exception as exc:  # any export or runtime failure: torch is correct
+            forward = _fallback(setting, model, example, exc, precision)
+    with _LOCK:
+        for stale in [k for k, v in _MEMO.items() if v[0]() is None]:
+            del _MEMO[stale]  # models that were garbage-collected
+        _MEMO[memo_key] = (weakref.ref(model), fingerprint, forward)
+    return forward
+
+
+_TORCH_MEMO: dict[tuple, BackendForward] = {}
+
+
+def _torch_memo(model: nn.Module, example: torch.Tensor, precision: str, spent_key: tuple
+                ) -> BackendForward:
+    """The torch forward used while ``auto`` is on trial, built once per model and shape."""
+    with _LOCK:
+        found = _TORCH_MEMO.get(spent_key)
+    if found is None:
+        found = _torch(model, example, precision)
+        with _LOCK:
+            if len(_TORCH_MEMO) > 64:
+                _TORCH_MEMO.clear()
+            _TORCH_MEMO[spent_key] = found
+    return found
+
+
+def current_backend(model: nn.Module, example: torch.Tensor) -> str:
+    """The backend chosen for ``model`` on inputs like ``example`` in this process (``torch``
+    before any choice)."""
+    cached = _MEMO.get((id(model), tuple(example.shape[1:]), example.dtype))
+    return cached[2].backend if cached is not None and cached[0]() is model else "torch"
