@@ -203,8 +203,8 @@ def test_auto_waits_for_enough_work_then_times_once_and_remembers(monkeypatch):
     assert set(record["ms_per_input"]) == {"torch", "onnxruntime", "openvino"}
     fastest = min(record["ms_per_input"], key=record["ms_per_input"].get)
     assert record["backend"] in (fastest, "torch")
-    if record["backend"] == "torch":  # another backend must be 5 % faster to replace torch
-        assert record["ms_per_input"][fastest] > 0.95 * record["ms_per_input"]["torch"]
+    if record["backend"] == "torch":  # another backend must be 10 % faster to replace torch
+        assert record["ms_per_input"][fastest] > select.SWITCH_BELOW * record["ms_per_input"]["torch"]
     assert current_backend(model, x) == record["backend"]
     assert (got.attributions - want.attributions).abs().max() <= TOL * max(
         1.0, want.target.score(want.output).abs().max().item())

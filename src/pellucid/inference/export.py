@@ -67,12 +67,17 @@ def export_onnx(model: nn.Module, example: torch.Tensor, key: str, fresh: bool =
         os.utime(path)  # recently used: kept longest when the cache is pruned
         return path
     buffer = io.BytesIO()
-    wrapped = _Exportable(model).eval()
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(wrapped, (example[:1].float(),), buffer, dynamo=False, opset_version=OPSET,
-                          input_names=["input"], output_names=["output"],
-                          dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
+    training = [m for m in model.modules() if m.training]
+    try:  # exported in eval mode; the user's modes are restored
+        wrapped = _Exportable(model).eval()
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(wrapped, (example[:1].float(),), buffer, dynamo=False,
+                              opset_version=OPSET, input_names=["input"], output_names=["output"],
+                              dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
+    finally:
+        for m in training:
+            m.train()
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".part")
     with os.fdopen(fd, "wb") as fh:
         fh.write(buffer.getvalue())
@@ -83,11 +88,17 @@ def export_onnx(model: nn.Module, example: torch.Tensor, key: str, fresh: bool =
 
 def prune(folder: Path, keep: Path) -> None:
     """Remove the least recently used exports until the folder fits the cache limit."""
-    files = sorted(folder.glob("*.onnx"), key=lambda p: p.stat().st_mtime)
-    total = sum(p.stat().st_size for p in files)
-    for p in files:
+    sizes = {}
+    for p in folder.glob("*.onnx"):
+        try:
+            st = p.stat()
+        except OSError:  # removed meanwhile by another process pruning the same folder
+            continue
+        sizes[p] = (st.st_mtime, st.st_size)
+    total = sum(size for _, size in sizes.values())
+    for p in sorted(sizes, key=lambda q: sizes[q][0]):
         if total <= cache_limit_bytes():
             break
         if p != keep:
-            total -= p.stat().st_size
+            total -= sizes[p][1]
             p.unlink(missing_ok=True)
