@@ -248,3 +248,30 @@ def test_bf16_through_openvino_is_opt_in_and_close():
     scale = want.target.score(want.output).abs().max().item()
     diff = (got.attributions - want.attributions).abs().max().item()
     assert 0 < diff <= 5e-2 * scale  # bf16 rounding: different, but close
+
+
+def test_threads_follow_the_usable_cores_and_a_container_quota(monkeypatch, tmp_path):
+    import os
+
+    from pellucid import runtime
+
+    affinity = len(os.sched_getaffinity(0))
+    quota = tmp_path / "cpu.max"
+    monkeypatch.setattr(runtime, "CGROUP_CPU_MAX", str(quota))
+    quota.write_text("max 100000\n")
+    assert runtime.usable_cores() == affinity
+    quota.write_text("150000 100000\n")  # 1.5 CPUs of quota: one thread, not every core
+    assert runtime.usable_cores() == 1
+    monkeypatch.setattr(runtime, "CGROUP_CPU_MAX", str(tmp_path / "absent"))
+    assert runtime.usable_cores() == affinity
+    before = torch.get_num_threads()
+    try:  # the runtimes' sessions take torch's thread count
+        runtime.configure_threads(1)
+        model, x, _ = _case("classifier")
+        set_backend("onnxruntime")
+        with model_guard(model), torch.inference_mode():
+            forward_only(model, x[:1])(x)
+        (entry,) = select._MEMO.values()
+        assert entry[1][3] == 1  # remembered per thread count: a new count builds a new session
+    finally:
+        runtime.configure_threads(before)

@@ -13,13 +13,16 @@ import numpy as np
 import torch
 
 
+CGROUP_CPU_MAX = "/sys/fs/cgroup/cpu.max"
+
+
 def usable_cores() -> int:
     """Cores this process may use: its CPU affinity, capped by a cgroup v2 CPU quota
     (``/sys/fs/cgroup/cpu.max``, a container's limit) and, inside a Ray task, by the CPUs Ray
     assigned to it."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     try:
-        with open("/sys/fs/cgroup/cpu.max") as fh:
+        with open(CGROUP_CPU_MAX) as fh:
             quota, period = fh.read().split()[:2]
         if quota != "max":
             cores = min(cores, max(1, int(int(quota) // int(period))))

@@ -32,6 +32,7 @@ decide, pellucid asks instead.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -187,9 +188,21 @@ def detect_layout(shape: tuple[int, ...], size: tuple[int, ...], layout: str = "
                       f"input {'x'.join(map(str, size))}{hint}")
 
 
+_GROWN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> {(model, shape): shape}
+
+
 def grown_shape(model: nn.Module, module: nn.Module, example: torch.Tensor) -> tuple[int, ...] | None:
     """The output shape of ``module`` when ``model`` runs on ``example`` (one sample) at twice its
-    spatial size; None when the model cannot take that input."""
+    spatial size; None when the model cannot take that input. Remembered per layer, model and
+    input shape (shapes do not depend on the weights), so the extra forward runs once."""
+    key = (id(model), tuple(example.shape[1:]), example.dtype)
+    known = _GROWN.setdefault(module, {})
+    if key not in known:
+        known[key] = _grown_shape(model, module, example)
+    return known[key]
+
+
+def _grown_shape(model: nn.Module, module: nn.Module, example: torch.Tensor) -> tuple[int, ...] | None:
     bigger = torch.nn.functional.interpolate(example[:1], scale_factor=2, mode="nearest")
     store: dict[str, tuple[int, ...]] = {}
 
