@@ -12,7 +12,6 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-
 CGROUP_CPU_MAX = "/sys/fs/cgroup/cpu.max"
 
 
