@@ -285,6 +285,7 @@ def forward_floor(model, x) -> tuple[float, str, str]:
     before anything is timed)."""
     import warnings
 
+    from pellucid.errors import ConfigError
     from pellucid.explainers.base import model_guard
     from pellucid.inference import BACKENDS, backend_setting, set_backend
 
@@ -294,7 +295,10 @@ def forward_floor(model, x) -> tuple[float, str, str]:
         set_backend(backend)
         with warnings.catch_warnings(), model_guard(model):
             warnings.simplefilter("ignore")
-            fast = inference_forward(model, x[:1])
+            try:
+                fast = inference_forward(model, x[:1])
+            except ConfigError:  # a backend without the precision asked for (bf16 on ORT)
+                continue
             if fast.backend == backend:  # refused by the verification: not a floor of pellucid's
                 with torch.inference_mode():
                     times[backend] = per_image_seconds(fast, x, 16)

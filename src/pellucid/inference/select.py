@@ -261,6 +261,9 @@ def _auto(model: nn.Module, example: torch.Tensor, precision: str, spent_key: tu
     if _SPENT.get(spent_key, 0.0) < TRIAL_AFTER_S and spent_key in _PENDING:
         return None
     _PENDING.pop(spent_key, None)
+    with _LOCK:  # the trial's torch copy and its clock are not needed any more
+        _TORCH_MEMO.pop(spent_key, None)
+        _SPENT.pop(spent_key, None)
     forward, record = trial(model, example, precision)
     _write_choice(_choice_key(key, precision), record)
     return forward
@@ -327,7 +330,7 @@ def _torch_memo(model: nn.Module, example: torch.Tensor, precision: str, spent_k
     if found is None:
         found = _torch(model, example, precision)
         with _LOCK:
-            if len(_TORCH_MEMO) > 64:
+            if len(_TORCH_MEMO) > 8:  # models on trial at once; each holds a traced copy
                 _TORCH_MEMO.clear()
             _TORCH_MEMO[spent_key] = found
     return found
