@@ -15,6 +15,7 @@ from torch import nn
 
 import pellucid
 import pellucid.inference.select as select
+import pellucid.inference.settings as settings
 from pellucid.errors import ConfigError
 from pellucid.explainers.base import model_guard
 from pellucid.inference import BackendFallback, cache_dir, current_backend, forward_only, set_backend
@@ -220,6 +221,11 @@ def test_settings_are_checked(monkeypatch):
     with pytest.raises(ConfigError, match="backend must be one of auto, torch, onnxruntime, "
                                           "openvino, got 'tensorrt'"):
         set_backend("tensorrt")
+    monkeypatch.setenv("PELLUCID_CACHE_MB", "lots")
+    with pytest.raises(ConfigError, match="PELLUCID_CACHE_MB must be a positive number of MiB, "
+                                          "got 'lots'"):
+        settings.cache_limit_bytes()
+    monkeypatch.delenv("PELLUCID_CACHE_MB")
     monkeypatch.setenv("PELLUCID_BACKEND", "ort")
     with pytest.raises(ConfigError, match="PELLUCID_BACKEND must be one of"):
         select.backend_setting()

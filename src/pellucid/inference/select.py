@@ -217,10 +217,12 @@ def time_per_input(forwards: dict[str, BackendForward], batch: torch.Tensor, rou
     return {name: statistics.median(t) / len(batch) for name, t in times.items()}
 
 
-def trial(model: nn.Module, example: torch.Tensor, precision: str) -> tuple[BackendForward, dict]:
-    """Time torch and every available runtime once; return the fastest and the record kept."""
+def trial(model: nn.Module, example: torch.Tensor, precision: str,
+          torch_forward: BackendForward | None = None) -> tuple[BackendForward, dict]:
+    """Time torch (``torch_forward`` when already built) and every available runtime once;
+    return the fastest and the record kept."""
     key = export_key(model, example)
-    candidates = {"torch": _torch(model, example, precision)}
+    candidates = {"torch": torch_forward or _torch(model, example, precision)}
     notes = {}
     for backend in ("onnxruntime", "openvino"):
         if available(backend) and supports(backend, precision):
@@ -261,10 +263,10 @@ def _auto(model: nn.Module, example: torch.Tensor, precision: str, spent_key: tu
     if _SPENT.get(spent_key, 0.0) < TRIAL_AFTER_S and spent_key in _PENDING:
         return None
     _PENDING.pop(spent_key, None)
-    with _LOCK:  # the trial's torch copy and its clock are not needed any more
-        _TORCH_MEMO.pop(spent_key, None)
+    with _LOCK:  # the copy that ran while on trial is timed as torch; its clock is done
+        on_trial = _TORCH_MEMO.pop(spent_key, None)
         _SPENT.pop(spent_key, None)
-    forward, record = trial(model, example, precision)
+    forward, record = trial(model, example, precision, on_trial)
     _write_choice(_choice_key(key, precision), record)
     return forward
 

@@ -60,4 +60,11 @@ def cache_dir() -> Path:
 
 def cache_limit_bytes() -> int:
     """Exported models kept at most: ``$PELLUCID_CACHE_MB`` (default 2048) MiB, oldest dropped."""
-    return int(float(os.environ.get("PELLUCID_CACHE_MB", "2048")) * 2**20)
+    text = os.environ.get("PELLUCID_CACHE_MB", "2048")
+    try:
+        megabytes = float(text)
+    except ValueError:
+        megabytes = -1.0
+    if not megabytes > 0:
+        raise ConfigError(f"PELLUCID_CACHE_MB must be a positive number of MiB, got {text!r}")
+    return int(megabytes * 2**20)
