@@ -79,14 +79,15 @@ def test_cams_beat_the_centre_prior_only_where_lesions_are_off_centre(tmp_path):
     frame, html = _nodule_bench(tmp_path, "lung")
     versus = stats.against_baselines(frame).set_index("metric")
     energy = versus.loc["energy_pointing_game"]
-    assert energy["baseline"] == "centre" and energy["beats"], versus
-    assert energy["mean"] > energy["baseline_mean"]
-    assert "No method beats the centre baseline on energy_pointing_game." not in html
+    assert energy["baseline"] == "centre" and energy["verdict"] == "better", versus
+    assert energy["mean"] > energy["baseline_mean"] and energy["diff_ci_low"] > 0
+    assert "No method is better than the centre baseline on energy_pointing_game." not in html
     frame, html = _nodule_bench(tmp_path, "centre")
     versus = stats.against_baselines(frame).set_index("metric")
     point = versus.loc["pointing_game"]
-    assert point["baseline"] == "centre" and point["baseline_mean"] > 0.9 and not point["beats"]
-    assert "No method beats the centre baseline on pointing_game." in html
+    assert point["baseline"] == "centre" and point["baseline_mean"] > 0.9
+    assert point["verdict"] == "not_better" and point["diff_ci_high"] <= 0, versus
+    assert "No method is better than the centre baseline on pointing_game." in html
 
 
 def test_auroc_interval_and_the_near_chance_warning():

@@ -3,7 +3,9 @@ local, the statistics, and report.html rendered by a real browser."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -233,20 +235,74 @@ def test_against_baselines_by_hand():
     raw = [wilcoxon(wide[m] - wide["centre"], alternative="greater").pvalue for m in ("a", "b")]
     assert versus.loc[["a", "b"], "p_value"].tolist() == pytest.approx(raw)
     assert versus.loc[["a", "b"], "p_holm"].tolist() == pytest.approx(bstats.holm(raw))
-    assert versus.loc["a", "beats"] and not versus.loc["b", "beats"]
-    assert bstats.baseline_verdicts(versus.reset_index()) == \
-        ["On pointing_game, b does not beat the centre baseline."]
+    assert versus.loc["a", "verdict"] == "better"
+    # b's advantage is about zero: its interval spans zero, so with no meaningful size given the
+    # data cannot call it; told that 0.05 is the smallest advantage that matters, they can
+    assert versus.loc["b", "verdict"] == "undetermined" and versus.loc["b", "diff_ci_low"] < 0
+    for column in ("p_holm", "min_attainable_p_holm", "diff", "diff_ci_low", "diff_ci_high"):
+        assert column in versus
+    assert versus.loc["a", "min_attainable_p_holm"] == pytest.approx(2 * 0.5 ** 12)
+    d = (wide["a"] - wide["centre"]).to_numpy()
+    assert versus.loc["a", "diff"] == pytest.approx(d.mean())
+    assert versus.loc["a", "diff_ci_low"] == pytest.approx(bstats.bootstrap_mean_ci(d)[0])
+    assert bstats.baseline_verdicts(versus.reset_index()) == [
+        "On pointing_game, these cases cannot tell whether b is better than the centre baseline."]
+    strict = bstats.against_baselines(frame, min_effect={"pointing_game": 0.05}).set_index("method")
+    assert strict.loc["b", "verdict"] == "not_better" and strict.loc["a", "verdict"] == "better"
+    assert bstats.baseline_verdicts(strict.reset_index()) == \
+        ["On pointing_game, b is not better than the centre baseline."]
     summ = bstats.summary(frame)
     costq = bstats.cost_quality(frame, bstats.ranks(summ))
     rec = bstats.recommendations(costq, versus=versus.reset_index(), baselines={"centre", "random"})[0]
-    assert rec["best"] == "a" and rec["caveats"] == []
+    assert rec["best"] == "a" and rec["caveats"] == [] and rec["verdicts"]["better"] == 1
     frame.loc[frame["method"] == "a", "value"] = frame.loc[frame["method"] == "centre", "value"].to_numpy()
-    versus = bstats.against_baselines(frame)
-    assert not versus["beats"].any()
-    assert bstats.baseline_verdicts(versus) == ["No method beats the centre baseline on pointing_game."]
+    versus = bstats.against_baselines(frame, min_effect=0.05)
+    assert not (versus["verdict"] == "better").any()
+    assert bstats.baseline_verdicts(versus) == \
+        ["No method is better than the centre baseline on pointing_game."]
     rec = bstats.recommendations(bstats.cost_quality(frame, bstats.ranks(bstats.summary(frame))),
                                  versus=versus, baselines={"centre", "random"})[0]
     assert rec["best"] in ("a", "b") and rec["caveats"] and "centre" in rec["caveats"][0]
+
+
+def _six_case_frame(cases: int, methods: int = 20) -> pd.DataFrame:
+    """``methods`` methods each clearly ahead of the centre baseline on every one of ``cases``
+    cases, plus a property metric (sparseness) on which the constant centre map wins."""
+    rng = np.random.RandomState(3)
+    rows = []
+    for case in range(cases):
+        for i in range(methods + 2):
+            method = "centre" if i == methods else "random" if i == methods + 1 else f"m{i}"
+            base = {"centre": 0.3, "random": 0.1}.get(method, 0.9)
+            for metric, category, value in (("auprc", "localization",
+                                             base + rng.rand() * 0.05),
+                                            ("sparseness", "complexity", rng.rand())):
+                rows.append({"dataset": "d", "model": "m", "case_id": str(case), "target": "t",
+                             "method": method, "metric": metric, "metric_name": metric,
+                             "category": category, "higher_is_better": True, "value": value,
+                             "family": "baseline" if method in ("centre", "random") else "cam",
+                             "explain_seconds": 0.1, "forwards_per_case": 1.0})
+    return pd.DataFrame(rows)
+
+
+def test_six_cases_cannot_tell_and_a_property_metric_gets_no_verdict():
+    """Six cases, 20 methods: the smallest one-sided Wilcoxon p on 6 pairs is 1/64 and Holm over 20
+    methods makes it 0.31, so even methods ahead on every case are undetermined, not "not better";
+    with 24 cases the same advantage is called better. Sparseness (a property) gets no verdict and
+    no rank."""
+    versus = bstats.against_baselines(_six_case_frame(6))
+    assert set(versus["metric"]) == {"auprc"}  # never the property metric
+    assert (versus["verdict"] == "undetermined").all() and len(versus) == 20
+    assert versus["min_attainable_p_holm"].iloc[0] == pytest.approx(min(1.0, 20 / 64))
+    assert (versus["diff_ci_low"] > 0).all()  # ahead on every case, and still undetermined
+    assert (versus["cases_to_settle"] > 6).all()
+    assert bstats.baseline_verdicts(versus)[0].startswith("On auprc, these cases cannot tell")
+    settled = bstats.against_baselines(_six_case_frame(24))
+    assert (settled["verdict"] == "better").all()
+    frame = _six_case_frame(6)
+    avg = bstats.ranks(bstats.summary(frame))
+    assert set(avg["metrics"]) == {1}  # ranked on the quality metric only
+    assert bstats.metric_roles(frame) == {"auprc": "quality", "sparseness": "property"}
 
 
 def test_baselines_are_in_every_benchmark_unless_turned_off(tiny_model):
@@ -278,6 +334,19 @@ def test_report_is_self_contained_and_renders_in_chromium(tmp_path, tiny_model):
     versus = pd.read_csv(tmp_path / "out" / "tables" / "against_baselines.csv")
     assert set(versus["method"]) == {"gradcam", "saliency"}  # the baselines are what is compared to
     assert set(versus["baseline"]) <= {"random", "centre", "edges", "prior"}
+    # four cases and two methods: the smallest Holm-adjusted p is 2/16, so nothing can be called
+    assert (versus["verdict"] == "undetermined").all() and (versus["min_attainable_p_holm"] >= 0.125).all()
+    assert "4 cases" in html and "With 4 cases" in html
+    from pellucid.bench.card import write_cards
+
+    written = write_cards(tmp_path / "out")
+    card = json.loads(next(p for p in written if p.suffix == ".json").read_text())
+    assert card["task"]["cases"] == 4 and card["verdict_counts"]["undetermined"] == len(versus)
+    assert card["recommended"] == []  # nothing shown better: nothing recommended
+    assert any("CLAIM" in c["item"] for c in card["checklist"])
+    assert any("13(3)(d)" in c["item"] for c in card["checklist"])
+    markdown = next(p for p in written if p.suffix == ".md").read_text()
+    assert markdown.startswith("# Explanation card: r18 on chest") and "No method is recommended" in markdown
     prior = pd.read_csv(tmp_path / "out" / "results.csv")
     prior = prior[(prior["method"] == "prior") & (prior["metric"] == "pointing_game")]
     assert prior["value"].notna().all()  # the phantoms' training split gives the prior
@@ -414,3 +483,69 @@ def _first_screen_says_what_to_use(report: Path, browser: str) -> None:
         image.click()
         assert "zoomed" in (image.get_attribute("class") or "")
         chromium.close()
+
+
+DEMO_METHODS = ("gradcam", "gradcampp", "scorecam", "lrp", "integratedgradients", "kernelshap",
+                "occlusion")
+DEMO_METRICS = (("pointing_game", "localization", True), ("auprc", "localization", True),
+                ("deletion", "faithfulness", False), ("model_randomization", "randomization", False),
+                ("cost", "cost", False))
+
+
+def _demo_shaped_frame(cases: int = 24) -> pd.DataFrame:
+    """A result table of the demo's shape (three tasks, its methods and metrics, the four
+    baselines, 24 cases), with values drawn so that every verdict occurs."""
+    rng = np.random.RandomState(5)
+    rows = []
+    tasks = (("chest", "chest-resnet18"), ("brain", "brain-unet"), ("brain-3d", "brain-unet-3d"))
+    for dataset, model in tasks:
+        for i, method in enumerate((*DEMO_METHODS, "random", "centre", "edges", "prior")):
+            family = "baseline" if i >= len(DEMO_METHODS) else "cam"
+            for case in range(cases):
+                for metric, category, higher in DEMO_METRICS:
+                    value = rng.rand() * 0.3 + (0.5 if i < 3 else 0.2 if i < len(DEMO_METHODS) else 0.35)
+                    extra = json.dumps({"passed": bool(rng.rand() < 0.8)}) \
+                        if metric == "model_randomization" else ""
+                    rows.append({"dataset": dataset, "model": model, "method": method,
+                                 "family": family, "metric": metric, "metric_name": metric,
+                                 "category": category, "higher_is_better": higher, "value": value,
+                                 "case_id": f"c{case}", "target": "t", "reason": "",
+                                 "explain_seconds": 0.01 * (i + 1), "forwards_per_case": 1.0,
+                                 "backward_passes": 1, "peak_memory_bytes": float("nan"),
+                                 "unit": f"{model}-{method}", "curve": None, "extra": extra,
+                                 "map_stride": 1.0})
+    return pd.DataFrame(rows)
+
+
+def test_the_first_screen_fits_one_viewport_per_task(tmp_path):
+    """Each task's first section (case count, verdict figure, sanity checks, three sentences) of a
+    demo-shaped run fits one 1400 x 900 Chromium viewport, measured in the rendered page."""
+    browser = _chromium()
+    if browser is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is not installed (make system-deps installs it)")
+        pytest.skip("chromium is not installed")
+    from pellucid.bench.report import write_report
+
+    out = tmp_path / "run"
+    (out / "parts").mkdir(parents=True)
+    html = write_report(out, _demo_shaped_frame()).read_text()
+    assert html.count('class="glance-task"') == 3 and "24 cases" in html
+    probe = """<script>window.addEventListener("load", () => {
+      const boxes = [...document.querySelectorAll(".glance-task")].map(e => e.getBoundingClientRect());
+      const out = document.createElement("pre"); out.id = "sizes";
+      out.textContent = JSON.stringify(boxes.map(b => [Math.ceil(b.width), Math.ceil(b.height)]));
+      document.body.appendChild(out); });</script></body>"""
+    page = tmp_path / "probe.html"
+    page.write_text(html.replace("</body>", probe))
+    dom = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                          "--disable-background-networking", "--disable-component-update",
+                          f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1400,900",
+                          "--virtual-time-budget=5000", "--dump-dom", page.as_uri()],
+                         check=True, timeout=120, capture_output=True, text=True).stdout
+    found = re.search(r'<pre id="sizes">(.*?)</pre>', dom)
+    assert found, dom[-2000:]
+    sizes = json.loads(found.group(1))
+    assert len(sizes) == 3
+    for width, height in sizes:
+        assert width <= 1400 and 200 < height <= 900, sizes

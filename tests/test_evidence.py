@@ -53,8 +53,10 @@ def test_evidence_lines_are_the_benchmark_statistics(benched):
         row, v = summ.loc[("gradcam", metric)], versus.loc[("gradcam", metric)]
         expected = (f"chest: {metric} mean {row['mean']:.3f} (95% CI {row['ci_low']:.3f} to "
                     f"{row['ci_high']:.3f}, n {row['n']}); best trivial baseline {v['baseline']} "
-                    f"{v['baseline_mean']:.3f}: {'beaten' if v['beats'] else 'NOT beaten'} "
-                    f"(Holm p {v['p_holm']:.2g})")
+                    f"{v['baseline_mean']:.3f}: {v['verdict']} (difference {v['diff']:+.3f}, 95% "
+                    f"CI {v['diff_ci_low']:+.3f} to {v['diff_ci_high']:+.3f}; Holm p "
+                    f"{v['p_holm']:.2g})")
+        assert v["verdict"] in ("better", "not_better", "undetermined")
         assert expected in lines, lines
     rand = frame[(frame["method"] == "gradcam") & (frame["metric"] == "model_randomization")]
     rate = pd.Series([json.loads(e)["passed"] for e in rand["extra"]]).mean()

@@ -9,7 +9,7 @@ import torch
 
 import pellucid
 from pellucid.bootstrap import bootstrap_ci
-from pellucid.errors import ConfigError
+from pellucid.errors import ConfigError, PellucidError
 from pellucid.metrics.protocols import box_overlaps, heatmap_boxes
 
 
@@ -54,10 +54,36 @@ def test_box_protocol_by_hand():
     boxes = [torch.tensor([[6.0, 2.0, 14.0, 6.0]]), torch.tensor([[0.0, 12.0, 4.0, 16.0]])]
     r = pellucid.evaluate(None, torch.zeros(2, 1, 20, 20), a, metrics=["box_accuracy"],
                           boxes=boxes)["box_accuracy"]
-    assert r.scores.tolist() == pytest.approx([0.5, 0.0])
-    assert r.extras["iou"].tolist() == pytest.approx([16 / 48, 0.0])
+    # the predicted region is the union of both components' boxes: 32 + 4 px, 16 of them in the box
+    assert r.scores.tolist() == pytest.approx([16 / 36, 0.0])
+    assert r.extras["iou"].tolist() == pytest.approx([16 / 52, 0.0])
     assert r.extras["accuracy"]["iobb>0.4"] == 0.5 and r.extras["accuracy"]["iobb>0.5"] == 0.0
     assert r.extras["accuracy"]["iou>0.3"] == 0.5 and r.extras["accuracy"]["iou>0.4"] == 0.0
+    best = pellucid.evaluate(None, torch.zeros(2, 1, 20, 20), a, boxes=boxes,
+                             metrics=[("box_accuracy", {"mode": "best_component"})])["box_accuracy"]
+    assert best.scores.tolist() == pytest.approx([0.5, 0.0])  # the earlier reading, by name
+
+
+def test_box_accuracy_does_not_reward_a_one_pixel_blob_or_a_random_map():
+    """A one-pixel maximum inside the box beside a large marked region outside it: the best single
+    component scored it 1.0 (the defect); the published IoBB is the marked area's share in the box.
+    A uniform random map marks about half the image and scores about the box's share of it."""
+    heat = torch.zeros(1, 1, 64, 64)
+    heat[0, 0, 40:60, 4:60] = 0.9  # a large region outside the box
+    heat[0, 0, 10, 10] = 1.0  # one pixel inside the box
+    box = [torch.tensor([[5.0, 5.0, 21.0, 21.0]])]
+    x = torch.zeros(1, 1, 64, 64)
+    union = pellucid.evaluate(None, x, heat, metrics=["box_accuracy"], boxes=box)["box_accuracy"]
+    assert union.scores.item() == pytest.approx(1 / (1 + 20 * 56))
+    best = pellucid.evaluate(None, x, heat, metrics=[("box_accuracy", {"mode": "best_component"})],
+                             boxes=box)["box_accuracy"]
+    assert best.scores.item() == 1.0
+    noise = torch.rand(8, 1, 64, 64, generator=torch.Generator().manual_seed(0))
+    r = pellucid.evaluate(None, torch.zeros(8, 1, 64, 64), noise, metrics=["box_accuracy"],
+                          boxes=box * 8)["box_accuracy"]
+    assert r.scores.max() < 0.2  # the box covers 16 x 16 of 64 x 64 px: its share is 1/16
+    with pytest.raises(PellucidError, match="box_accuracy: mode must be"):
+        pellucid.evaluate(None, x, heat, metrics=[("box_accuracy", {"mode": "best"})], boxes=box)
 
 
 def test_cost_metric_reports_passes_time_and_memory():

@@ -321,13 +321,21 @@ def bench(config: Annotated[str, typer.Argument(help="YAML configuration (or a b
 
 
 @app.command()
-def report(run: Annotated[Path, typer.Argument(help="a benchmark output folder")]) -> None:
+def report(run: Annotated[Path, typer.Argument(help="a benchmark output folder")],
+           card: Annotated[bool, typer.Option(
+               "--card", help="also write the explanation card of every task (cards/*.md, .json)")
+           ] = False) -> None:
     """Re-compute the statistics and report.html of a finished benchmark folder."""
     from pellucid.bench.report import write_report
 
     if not (run / "parts").is_dir():
         raise ConfigError(f"{run}: not a benchmark output folder (no parts/)")
     console.print(f"report: {write_report(run)}")
+    if card:
+        from pellucid.bench.card import write_cards
+
+        for path in write_cards(run):
+            console.print(f"card: {path}")
 
 
 @app.command()
@@ -392,13 +400,16 @@ def _out_folder(path: Path, option: str) -> Path:
 
 @app.command()
 def demo(out: Annotated[Path, typer.Option(help="output folder")] = Path("demo_out"),
-         quick: Annotated[bool, typer.Option(help="fewer cases and methods (a smoke run)")] = False
+         quick: Annotated[bool, typer.Option(help="fewer cases and methods (a smoke run)")] = False,
+         full: Annotated[bool, typer.Option(help="every method x every metric (about 20 minutes "
+                                                 "on 2 cores)")] = False
          ) -> None:
-    """The main job on the embedded phantoms: train, explain with every method, score with every
-    metric, and write the report."""
+    """The main job on the embedded phantoms: train, explain with the seed's methods beside the
+    trivial baselines, score them, and write the report and the explanation cards (--full: every
+    method x every metric)."""
     from pellucid.demo import run_demo
 
-    run_demo(_out_folder(out, "--out"), quick=quick)
+    run_demo(_out_folder(out, "--out"), quick=quick, full=full)
 
 
 review_app = typer.Typer(help="Clinician review study: create, serve, invite, analyze.",

@@ -2,9 +2,11 @@
 
 Runs the built-in benchmark ``demo`` (src/pellucid/bench/configs/demo.yaml): trains a ResNet-18 on
 chest-like phantoms, a 2D U-Net on brain-like slices and a 3D U-Net on brain-like volumes (or reuses
-them from ``out/models``), explains a few dozen held-out cases per task with every registered
-method, scores them with every applicable metric, prints the leaderboard and writes
-``out/report.html``. A second run resumes: finished work is skipped.
+them from ``out/models``), explains 24 held-out cases per task with the seed's methods beside the
+trivial baselines, scores them with a metric of each quality family, the randomisation check and
+cost, prints the leaderboard and writes ``out/report.html`` and the explanation cards. ``full``
+runs ``demo-full`` instead: every registered method x every applicable metric. A second run
+resumes: finished work is skipped.
 """
 
 from __future__ import annotations
@@ -20,9 +22,10 @@ from pellucid.bench.runner import print_leaderboard
 console = Console()
 
 
-def demo_config(quick: bool = False):
-    """The demo configuration; ``quick`` keeps 4 cases per task, five methods and cheap metrics."""
-    config = load_config("demo")
+def demo_config(quick: bool = False, full: bool = False):
+    """The demo configuration (``full``: every method x every metric); ``quick`` keeps 4 cases per
+    task, five methods and cheap metrics (a smoke run)."""
+    config = load_config("demo-full" if full else "demo")
     if quick:
         config.name = "demo-quick"
         for d in config.datasets.values():
@@ -38,11 +41,14 @@ def demo_config(quick: bool = False):
     return config
 
 
-def run_demo(out: str | Path = "demo_out", quick: bool = False):
-    """Train (or reuse) the demo models, run the benchmark, print the leaderboard; returns the
-    result table."""
+def run_demo(out: str | Path = "demo_out", quick: bool = False, full: bool = False):
+    """Train (or reuse) the demo models, run the benchmark, print the leaderboard, write the
+    explanation cards; returns the result table."""
+    from pellucid.bench.card import write_cards
+
     start = time.perf_counter()
-    table = run_bench(demo_config(quick), Path(out))
+    table = run_bench(demo_config(quick, full), Path(out))
+    write_cards(Path(out))
     print_leaderboard(table)
     console.print(f"[bold green]done[/] in {time.perf_counter() - start:.0f} s: report in "
                   f"{out}/report.html, results in {out}/results.parquet")

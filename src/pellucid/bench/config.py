@@ -29,6 +29,9 @@
     metrics: [pointing_game, {name: deletion, options: {step: 128}, skip_methods: [kernelshap]}]
     # a method's options may name its own layer; only_models restricts a method to some models:
     #   {name: gradcam, label: gradcam-layer2, options: {layer: layer2}, only_models: [chest-resnet18]}
+    verdict: {alpha: 0.05, min_effect: {pointing_game: 0.05}}  # the smallest advantage over the
+                                # baselines that matters (metric units); without it, "not better"
+                                # needs the interval of the difference at or below zero
 
 Every key is checked up front; an error names the file and the key.
 """
@@ -48,7 +51,10 @@ from pellucid.errors import ConfigError
 from pellucid.pipeline.resolve import BENCH_REGIONS as REGIONS
 
 TOP_KEYS = {"name", "seed", "batch_size", "cache", "gallery", "datasets", "models", "methods",
-            "metrics", "threads", "baselines"}
+            "metrics", "threads", "baselines", "verdict"}
+# how the report calls a method against the baselines (bench/stats.py ``verdict``): the test level
+# and the smallest advantage that matters, one number or one per metric (in the metric's units)
+VERDICT_KEYS = {"alpha", "min_effect"}
 # the trivial baselines every benchmark runs unless ``baselines: false`` (or a list of some of them)
 DEFAULT_BASELINES = ("random", "centre", "edges", "prior")
 DATASET_KEYS = {"reader", "root", "split", "cases", "options", "require"}
@@ -114,6 +120,7 @@ class BenchConfig:
     cache: bool = True
     gallery: int = 6
     threads: int | None = None
+    verdict: dict[str, Any] = field(default_factory=dict)
     source: str = "<dict>"
 
     def as_dict(self) -> dict[str, Any]:
@@ -349,7 +356,41 @@ def parse_config(raw: dict, source: str = "<dict>") -> BenchConfig:
     return BenchConfig(str(raw.get("name", Path(source).stem)), datasets, models, methods, metrics,
                        int(raw.get("seed", 0)), int(raw.get("batch_size", 8)),
                        bool(raw.get("cache", True)), int(raw.get("gallery", 6)),
-                       raw.get("threads"), source)
+                       raw.get("threads"), _verdict(source, raw.get("verdict"), metrics), source)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _verdict(source: str, value: Any, metrics: list[Entry]) -> dict[str, Any]:
+    """``verdict``: ``alpha`` (0 < alpha <= 0.5, default 0.05) and ``min_effect`` (>= 0, one
+    number or {metric label: number})."""
+    if value is None:
+        return {}
+    _check_keys(source, "verdict", value, VERDICT_KEYS)
+    out: dict[str, Any] = {}
+    if "alpha" in value:
+        alpha = value["alpha"]
+        if not _number(alpha) or not 0 < alpha <= 0.5:
+            raise _err(source, "verdict.alpha", f"must be a number in (0, 0.5], got {alpha!r}")
+        out["alpha"] = float(alpha)
+    if "min_effect" in value:
+        effect = value["min_effect"]
+        labels = {m.label for m in metrics}
+        if isinstance(effect, dict):
+            for k, v in effect.items():
+                if k not in labels:
+                    raise _err(source, f"verdict.min_effect.{k}", "not a configured metric")
+                if not _number(v) or v < 0:
+                    raise _err(source, f"verdict.min_effect.{k}", f"must be a number >= 0, got {v!r}")
+            out["min_effect"] = {str(k): float(v) for k, v in effect.items()}
+        elif _number(effect) and effect >= 0:
+            out["min_effect"] = float(effect)
+        else:
+            raise _err(source, "verdict.min_effect", f"give a number >= 0 or one per metric, got "
+                                                     f"{effect!r}")
+    return out
 
 
 def _beside(source: str, path: str | None) -> str | None:

@@ -20,6 +20,7 @@ import pandas as pd
 from jinja2 import Environment, FileSystemLoader
 
 import pellucid.bench.stats as stats
+from pellucid.bench import glance
 from pellucid.bench.store import ResultStore
 from pellucid.errors import DataError, PellucidError
 from pellucid.progress import warn
@@ -419,23 +420,38 @@ def write_report(out: str | Path, frame: pd.DataFrame | None = None) -> Path:
     avg = stats.ranks(summ)
     tests, pairs = stats.friedman(frame)
     costq = stats.cost_quality(frame, avg)
-    versus = stats.against_baselines(frame)
+    settings = run.get("verdict") if isinstance(run.get("verdict"), dict) else {}
+    versus = _optional("run.json verdict settings", lambda: stats.against_baselines(
+        frame, alpha=float(settings.get("alpha", stats.ALPHA)),
+        min_effect=settings.get("min_effect")), None)
+    if versus is None:
+        versus = stats.against_baselines(frame)
     baselines = stats.baseline_methods(frame)
     recs = stats.recommendations(costq, versus=versus, baselines=baselines)
     winners = stats.family_winners(summ, versus, baselines)
+    counts = stats.case_counts(frame)
+    block_ranks = stats.block_ranks(frame)
     cost = frame.groupby(["dataset", "model", "method"], as_index=False).agg(
         seconds_per_case=("explain_seconds", "mean"), forwards_per_case=("forwards_per_case", "mean"),
         backward_passes=("backward_passes", "mean"), peak_memory_mb=("peak_memory_bytes", "mean"))
     cost["peak_memory_mb"] = cost["peak_memory_mb"] / 2**20
+    if "conservation" in frame:  # LRP: the mean relevance sum over the explained score
+        kept = frame.drop_duplicates(["dataset", "model", "method", "case_id", "target"])
+        cons = kept.groupby(["dataset", "model", "method"], as_index=False).agg(
+            conservation=("conservation", "mean"))
+        cost = cost.merge(cons, on=["dataset", "model", "method"], how="left")
     skipped = frame[frame["reason"] != ""].groupby(["method", "metric", "reason"], as_index=False) \
         .size().rename(columns={"size": "rows"})
     write_tables({"summary": summ, "summary_by_class": stats.summary(frame, by=["target"]),
                   "leaderboard": costq, "friedman": tests, "pairwise": pairs,
-                  "against_baselines": versus,
+                  "against_baselines": versus, "critical_difference": block_ranks,
                   "cost": cost, "skipped": skipped,
                   "performance": pd.DataFrame(_optional("performance.json",
                                                         lambda: _performance_rows(perf), []))},
                  out / "tables")
+    from pellucid.models.performance import chance_warnings_by_task
+
+    chance = _optional("performance.json", lambda: chance_warnings_by_task(perf), {})
     tasks = []
     for (dataset, model), part in frame.groupby(["dataset", "model"], sort=True):
         tsumm = summ[(summ["dataset"] == dataset) & (summ["model"] == model)]
@@ -449,6 +465,21 @@ def write_report(out: str | Path, frame: pd.DataFrame | None = None) -> Path:
         task["against_baselines"] = versus[(versus["dataset"] == dataset) & (versus["model"] == model)] \
             if not versus.empty else pd.DataFrame()
         task["verdicts"] = stats.baseline_verdicts(task["against_baselines"])
+        task["counts"] = counts.get((dataset, model), {"cases": 0, "pairs": 0})
+        untrusted: set[str] = set()  # quality metrics that failed the metric checks (none yet)
+        rec = next((r for r in recs if r["dataset"] == dataset and r["model"] == model), None)
+        order = [rec["best"]] if rec else []
+        order += [m for m in board["method"] if m not in order and m not in baselines]
+        task["glance_figure"] = glance.verdict_figure(tsumm, task["against_baselines"], baselines,
+                                                      order, untrusted)
+        task["sanity"] = glance.sanity_rows(part, baselines)
+        task["chance"] = chance.get(f"{model}|{dataset}", [])
+        task["sentences"] = glance.sentences(rec, task["against_baselines"], task["counts"],
+                                             untrusted, task["chance"])
+        task["untrusted"] = sorted(untrusted)
+        task_ranks = block_ranks[(block_ranks["dataset"] == dataset) & (block_ranks["model"] == model)] \
+            if not block_ranks.empty else pd.DataFrame()
+        task["cd"] = glance.cd_diagram(task_ranks, baselines)
         task["randomization"], task["randomization_table"] = _randomization(part)
         key = f"{model}|{dataset}"
         info = task_info.get(key, {})
@@ -478,11 +509,9 @@ def write_report(out: str | Path, frame: pd.DataFrame | None = None) -> Path:
         frames = _optional("review/summary.json", lambda: {
             k: pd.DataFrame(v) for k, v in review["tables"].items()}, None)
         review = dict(review, frames=frames) if frames is not None else None
-    from pellucid.models.performance import chance_warnings
-
     html = env.get_template("report.html.j2").render(
         run=run, tasks=tasks, performance=perf_rows, recommendations=recs,
-        warnings=_optional("performance.json", lambda: chance_warnings(perf), []), winners=winners,
+        warnings=[w for t in tasks for w in t["chance"]], winners=winners,
         cost=cost, skipped=skipped, rows=len(frame), review=review)
     path = out / "report.html"
     path.write_text(html)

@@ -170,7 +170,8 @@ def prepare_cases(dspec: DatasetSpec, mspec: ModelSpec, loaded, need_prior: bool
     def masks_of(chosen: torch.Tensor) -> torch.Tensor | None:  # a regressor's lesion: mask 0
         if not has_masks:
             return None
-        return torch.stack([_class_mask(p[0], 0 if regression else k, dspec.name)
+        return torch.stack([_class_mask(p[0], 0 if regression else k, dspec.name,
+                                         not (segmentation or regression))
                             for (p, k) in zip(pairs, chosen.tolist(), strict=True)])
 
     errors = None
@@ -201,7 +202,8 @@ def prepare_cases(dspec: DatasetSpec, mspec: ModelSpec, loaded, need_prior: bool
                            for p, k in zip(pairs, classes.tolist(), strict=True)])
     bg_source = extra or [p[0] for p in pairs[:8]]
     background = card.normalize(torch.stack([s["image"] for s in bg_source[:8]]).float())
-    prior = _class_priors(dspec, tuple(x.shape[2:]), len(names), regression) if need_prior else None
+    prior = _class_priors(dspec, tuple(x.shape[2:]), len(names), regression,
+                          options=card_options(dspec, card)) if need_prior else None
     return CaseSet(x, images, classes, [names[k] for k in classes.tolist()],
                    [p[0]["case_id"] for p in pairs], masks, boxes, background, truth,
                    predicted=predicted, labels=labels,
@@ -209,6 +211,7 @@ def prepare_cases(dspec: DatasetSpec, mspec: ModelSpec, loaded, need_prior: bool
 
 
 GENERIC_READERS = ("csv", "folder", "coco")  # a user's data: read as the model card says
+RESIZING_READERS = (*GENERIC_READERS, "chestxray14", "lgg")  # 2D readers that take the card's resize
 
 
 def card_options(dspec: DatasetSpec, card) -> dict:
@@ -216,8 +219,9 @@ def card_options(dspec: DatasetSpec, card) -> dict:
     generic readers: the resize method, and the size when the card's input is square and 2D (as
     ``pellucid explain`` reads an input for this model)."""
     options = dict(dspec.options)
-    if dspec.reader in GENERIC_READERS:
+    if dspec.reader in RESIZING_READERS and (card.spatial_dims == 2 or card.resize != "bilinear"):
         options.setdefault("resize", card.resize)
+    if dspec.reader in GENERIC_READERS:
         size = list(card.input_size)
         if card.spatial_dims == 2 and len(size) == 2 and size[0] == size[1]:
             options.setdefault("size", size[0])
@@ -225,19 +229,21 @@ def card_options(dspec: DatasetSpec, card) -> dict:
 
 
 def _class_priors(dspec: DatasetSpec, spatial: tuple[int, ...], classes: int, regression: bool,
-                  n: int = 256) -> torch.Tensor | None:
-    """(K, *spatial): per class, the mean ground-truth mask (masks, or boxes made masks) over up to
-    ``n`` cases of the dataset's training split, resized to the benchmark's grid. None when the
-    benchmark's own split is the training data (the prior would have seen the cases it is scored
-    on) or the training split has no ground truth."""
+                  n: int | None = None, options: dict | None = None) -> torch.Tensor | None:
+    """(K, *spatial): per class, the mean ground-truth mask (masks, or boxes made masks) over every
+    case of the dataset's training split that has ground truth of that class (``n``: the first n
+    cases only, for tests), read with the benchmark's reader ``options`` and resized to its grid.
+    A class without any such case is NaN (the prior baseline refuses it in one line). None when
+    the benchmark's own split is the training data (the prior would have seen the cases it is
+    scored on) or the training split has no ground truth at all."""
     if dspec.split not in ("test", "val") or regression:
         return None
     try:
-        train_ds = _open(dspec.reader, dspec.root, "train", dspec.options, n)
+        train_ds = _open(dspec.reader, dspec.root, "train", dict(options or dspec.options), n)
     except PellucidError:
         return None
     total, count = torch.zeros(classes, *spatial, dtype=torch.float64), torch.zeros(classes)
-    for i in range(min(len(train_ds), n)):
+    for i in range(len(train_ds) if n is None else min(len(train_ds), n)):
         sample = train_ds[i]
         for k in range(classes):
             if "mask" in sample and sample["mask"].shape[0] in (1, classes):
@@ -261,14 +267,22 @@ def _class_priors(dspec: DatasetSpec, spatial: tuple[int, ...], classes: int, re
             count[k] += 1
     if not count.any():
         return None
-    return (total / count.clamp_min(1).view(-1, *[1] * len(spatial))).float()
+    prior = (total / count.clamp_min(1).view(-1, *[1] * len(spatial))).float()
+    prior[count == 0] = float("nan")  # no training ground truth of this class: no prior
+    return prior
 
 
-def _class_mask(sample: dict, k: int, dataset: str) -> torch.Tensor:
+def _class_mask(sample: dict, k: int, dataset: str, classification: bool = True) -> torch.Tensor:
     """The ground truth of class ``k``: its channel of the mask, or the one mask of an image whose
-    reader gives a single mask (the lesion of the image's finding)."""
+    reader gives a single mask, which belongs to the image's own finding(s) only: for a class the
+    image is not labelled with it is empty (no ground truth: the case is excluded, NaN, as a case
+    without a box of that class is)."""
     mask = sample["mask"]
     if mask.shape[0] == 1:
+        label = sample.get("label")
+        if classification and label is not None and label.ndim == 1 and k < len(label) \
+                and not bool(label[k] > 0):
+            return torch.zeros_like(mask[0], dtype=torch.bool)
         return mask[0] > 0
     if k >= mask.shape[0]:
         raise DataError(dataset, f"case {sample.get('case_id', '?')}: its mask has {mask.shape[0]} "
@@ -530,7 +544,7 @@ def run_bench(config: BenchConfig | str | Path, out: str | Path | None = None,
         console.print(f"resuming: {len(units) - len(todo)} of {len(units)} units already done")
     run_info = environment(config) | {"executor": executor, "units": len(units),
                                       "config_source": config.source, "tasks": tasks,
-                                      "gallery": config.gallery}
+                                      "gallery": config.gallery, "verdict": config.verdict}
     if modality:
         (out / "modality.json").write_text(json.dumps(modality, indent=2) + "\n")
     (out / "run.json").write_text(json.dumps(run_info, indent=2) + "\n")

@@ -10,14 +10,21 @@
   paired tests over mean-rank post-hocs).
 - ``cost_quality``: per task and method, seconds per case against the average rank; the methods on
   the Pareto front (no other method is both cheaper and better ranked).
-- ``against_baselines``: per task, metric and method, whether it beats the best trivial baseline
-  (random map, centre prior, edges; explainers/baselines.py): a one-sided Wilcoxon signed-rank
+- ``against_baselines``: per task, quality metric and method, the verdict against the best trivial
+  baseline (random map, centre prior, edges, training prior; explainers/baselines.py): ``better``,
+  ``not_better`` or ``undetermined`` (``verdict`` below), from a one-sided Wilcoxon signed-rank
   test over the paired (case, target) blocks, Holm-corrected over the methods of that task and
-  metric. A method that does not beat it at 0.05 is no better than a map that knows nothing of
-  the model, whatever its rank.
+  metric, and the 95 % bootstrap interval of the mean paired difference.
+
+Only ``quality`` metrics (faithfulness, localisation; metrics/base.py ``ROLES``) are compared with
+the baselines and ranked; ``sanity`` metrics pass or fail by their own criterion and ``property``
+metrics (robustness, complexity, cost) are reported beside them, never "beaten": a constant map is
+perfectly robust and costs nothing.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import pandas as pd
@@ -25,6 +32,45 @@ import torch
 from scipy import stats as sps
 
 TASK = ["dataset", "model"]
+ALPHA = 0.05
+VERDICTS = ("better", "not_better", "undetermined")
+
+
+def metric_roles(frame: pd.DataFrame) -> dict[str, str]:
+    """{metric label of the table: its role}. The registry's declaration for a known metric
+    (``metric_name``), else the role of its category; a label of neither is a property (it is
+    never compared)."""
+    import pellucid.metrics  # noqa: F401 - registers the metrics
+    from pellucid.metrics.base import CATEGORY_ROLES, REGISTRY
+
+    names = set(REGISTRY.names())
+    out: dict[str, str] = {}
+    cols = [c for c in ("metric", "metric_name", "category") if c in frame]
+    for row in frame[cols].drop_duplicates().itertuples(index=False):
+        info = dict(zip(cols, row, strict=True))
+        name = info.get("metric_name") or info["metric"]
+        if name in names:
+            out[info["metric"]] = REGISTRY.get(name).role
+        else:
+            out[info["metric"]] = CATEGORY_ROLES.get(info.get("category"), "property")
+    return out
+
+
+def with_role(frame: pd.DataFrame, role: str) -> pd.DataFrame:
+    """The rows of ``frame`` whose metric has ``role``."""
+    if frame.empty:
+        return frame
+    roles = metric_roles(frame)
+    return frame[frame["metric"].map(roles) == role]
+
+
+def case_counts(frame: pd.DataFrame) -> dict[tuple[str, str], dict[str, int]]:
+    """Per task: the cases explained and the (case, target) pairs scored."""
+    out = {}
+    for key, part in frame.groupby(TASK, sort=True):
+        out[key] = {"cases": int(part["case_id"].nunique()),
+                    "pairs": int(part[["case_id", "target"]].drop_duplicates().shape[0])}
+    return out
 
 
 def _valid(frame: pd.DataFrame) -> pd.DataFrame:
@@ -55,9 +101,10 @@ def summary(frame: pd.DataFrame, by: list[str] | None = None, seed: int = 0) -> 
 
 
 def ranks(summ: pd.DataFrame) -> pd.DataFrame:
-    """Rank of every method per task and metric, and the average rank per task and method."""
+    """Rank of every method per task and quality metric, and the average rank per task and method
+    (property and sanity metrics are no part of a quality ranking)."""
     out = []
-    for key, group in summ.groupby([*TASK, "metric"], sort=True):
+    for key, group in with_role(summ, "quality").groupby([*TASK, "metric"], sort=True):
         higher = bool(group["higher_is_better"].iloc[0])
         r = group["mean"].rank(ascending=not higher, method="average")
         for method, rank in zip(group["method"], r, strict=True):
@@ -90,7 +137,7 @@ def friedman(frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     (Demsar 2006, comparisons with a control)."""
     tests, pairs = [], []
     keys = [*TASK, "metric"]
-    for key, group in _valid(frame).groupby(keys, sort=True):
+    for key, group in with_role(_valid(frame), "quality").groupby(keys, sort=True):
         wide = group.pivot_table(index=["case_id", "target"], columns="method", values="value")
         wide = wide.dropna()
         methods = list(wide.columns)
@@ -142,15 +189,20 @@ BUDGETS = (0.05, 0.5, 5.0)  # seconds per case
 def recommendations(costq: pd.DataFrame, budgets: tuple[float, ...] = BUDGETS,
                     versus: pd.DataFrame | None = None, baselines: frozenset[str] | set[str] = frozenset()
                     ) -> list[dict]:
-    """Per task: the best average rank overall and within each cost budget, from the numbers; a
-    baseline is never recommended, and ``caveats`` lists the metrics on which the recommended
-    method does not beat the best baseline (``versus``: ``against_baselines``)."""
+    """Per task: the method shown better than the best baseline on the most quality metrics, ties
+    broken by the best average quality rank, overall and within each cost budget (cost is the
+    budget, never part of the rank); a baseline is never recommended. ``verdicts`` counts the
+    recommended method's verdicts against the best baseline over the quality metrics and
+    ``caveats`` names the metrics on which it is not shown better (``versus``:
+    ``against_baselines``)."""
     out = []
     for (dataset, model), group in costq.groupby(TASK, sort=True):
         group = group[~group["method"].isin(baselines)].dropna(subset=["average_rank"])
         if group.empty:
             continue
-        best = group.sort_values(["average_rank", "seconds_per_case"]).iloc[0]
+        group = group.assign(better=[_better_count(versus, dataset, model, m) for m in group["method"]])
+        order = ["better", "average_rank", "seconds_per_case"]
+        best = group.sort_values(order, ascending=[False, True, True]).iloc[0]
         rec = {"dataset": dataset, "model": model, "best": best["method"],
                "best_rank": float(best["average_rank"]),
                "best_seconds": float(best["seconds_per_case"]), "budgets": []}
@@ -158,19 +210,31 @@ def recommendations(costq: pd.DataFrame, budgets: tuple[float, ...] = BUDGETS,
             within = group[group["seconds_per_case"] <= budget]
             if within.empty:
                 continue
-            top = within.sort_values(["average_rank", "seconds_per_case"]).iloc[0]
+            top = within.sort_values(order, ascending=[False, True, True]).iloc[0]
             rec["budgets"].append({"budget": budget, "method": top["method"],
                                    "rank": float(top["average_rank"]),
                                    "seconds": float(top["seconds_per_case"])})
-        rec["caveats"] = []
+        rec["caveats"], rec["verdicts"] = [], {v: 0 for v in VERDICTS}
         if versus is not None and not versus.empty:
             mine = versus[(versus["dataset"] == dataset) & (versus["model"] == model)
-                          & (versus["method"] == best["method"]) & ~versus["beats"]]
-            rec["caveats"] = [f"{r.metric} (the {r.baseline} baseline scores {r.baseline_mean:.3g}, "
-                              f"{best['method']} {r.mean:.3g}; Holm p {r.p_holm:.2g})"
-                              for r in mine.itertuples()]
+                          & (versus["method"] == best["method"])]
+            for r in mine.itertuples():
+                rec["verdicts"][r.verdict] += 1
+                if r.verdict != "better":
+                    rec["caveats"].append(
+                        f"{r.metric} ({r.verdict.replace('_', ' ')}: the {r.baseline} baseline "
+                        f"scores {r.baseline_mean:.3g}, {best['method']} {r.mean:.3g}; Holm p "
+                        f"{r.p_holm:.2g})")
         out.append(rec)
     return out
+
+
+def _better_count(versus: pd.DataFrame | None, dataset: str, model: str, method: str) -> int:
+    if versus is None or versus.empty:
+        return 0
+    mine = versus[(versus["dataset"] == dataset) & (versus["model"] == model)
+                  & (versus["method"] == method)]
+    return int((mine["verdict"] == "better").sum())
 
 
 def baseline_methods(frame: pd.DataFrame) -> set[str]:
@@ -183,21 +247,89 @@ def baseline_methods(frame: pd.DataFrame) -> set[str]:
             if m in REGISTRY.names() and REGISTRY.get(m).family == "baseline"}
 
 
-def against_baselines(frame: pd.DataFrame, alpha: float = 0.05) -> pd.DataFrame:
-    """One row per task, metric and (non-baseline) method: the best baseline on that metric (best
-    mean over the blocks every compared method scored), both means, the one-sided Wilcoxon p-value
-    of "the method is better", its Holm-adjusted value and ``beats`` (adjusted p < ``alpha``)."""
+def min_attainable_p(n: int) -> float:
+    """The smallest p-value the one-sided Wilcoxon signed-rank test (scipy's, exact below 50
+    pairs) can give on ``n`` pairs: every difference positive and distinct (2^-n when exact)."""
+    if n < 1:
+        return 1.0
+    return float(sps.wilcoxon(np.arange(1.0, n + 1), alternative="greater").pvalue)
+
+
+def cases_to_settle(diff: np.ndarray, comparisons: int, alpha: float = ALPHA,
+                    power: float = 0.8) -> float:
+    """About how many pairs would show the observed mean advantage at ``alpha`` (Holm's first
+    step: alpha / comparisons) with ``power``: the normal approximation of the paired test,
+    n = ((z_(1-alpha/m) + z_power) sd / mean)^2, divided by 0.864 (the lowest asymptotic relative
+    efficiency of the signed-rank to the t test, Hodges and Lehmann 1956), and at least the n
+    whose smallest attainable Holm-adjusted p is below ``alpha``. NaN when the observed
+    difference does not favour the method (no number of cases would show an advantage then)."""
+    d = np.asarray(diff, dtype=float)
+    mean = float(d.mean()) if len(d) else float("nan")
+    if not len(d) or not mean > 0:
+        return float("nan")
+    floor = 1
+    while comparisons * min_attainable_p(floor) >= alpha and floor < 64:
+        floor += 1
+    sd = float(d.std(ddof=1)) if len(d) > 1 else 0.0
+    if sd == 0:
+        return float(floor)
+    z = sps.norm.ppf(1 - alpha / comparisons) + sps.norm.ppf(power)
+    return float(max(floor, math.ceil((z * sd / mean) ** 2 / 0.864)))
+
+
+def verdict(p_holm: float, min_p_holm: float, ci: tuple[float, float], min_effect: float = 0.0,
+            alpha: float = ALPHA) -> str:
+    """``better``, ``not_better`` or ``undetermined`` from the Holm-adjusted one-sided p of "the
+    method is better than the best baseline" and the 95 % interval of the mean paired advantage
+    (the method's score minus the baseline's, signed so that positive is better):
+
+    - ``undetermined`` whenever the cases could not have shown an advantage (``min_p_holm``, the
+      smallest Holm-adjusted p attainable with this many pairs, is at or above ``alpha``);
+    - ``better``: adjusted p below ``alpha`` and the interval above zero;
+    - ``not_better``: the interval excludes an advantage of ``min_effect`` or more (its upper end
+      at or below it: the data show no meaningful advantage);
+    - ``undetermined`` otherwise (the interval spans zero and ``min_effect``, or the test and the
+      interval disagree).
+    """
+    low, high = ci
+    if not min_p_holm < alpha:
+        return "undetermined"
+    if p_holm < alpha and low > 0:
+        return "better"
+    if high <= min_effect:
+        return "not_better"
+    return "undetermined"
+
+
+def _effect(min_effect: float | dict[str, float] | None, metric: str) -> float:
+    if isinstance(min_effect, dict):
+        return float(min_effect.get(metric, 0.0))
+    return float(min_effect or 0.0)
+
+
+def against_baselines(frame: pd.DataFrame, alpha: float = ALPHA,
+                      min_effect: float | dict[str, float] | None = None, seed: int = 0
+                      ) -> pd.DataFrame:
+    """One row per task, quality metric and (non-baseline) method: the best baseline on that metric
+    (best mean), both means over the pairs both scored, the one-sided Wilcoxon p-value of "the
+    method is better", its Holm-adjusted value over the task's methods, the smallest adjusted
+    value these pairs could give, the mean paired advantage ``diff`` (in the metric's units, signed
+    so that positive is better) with its 95 % percentile-bootstrap interval, the ``verdict`` and,
+    when undetermined, ``cases_to_settle`` (about how many cases would show the observed
+    advantage). ``min_effect``: the smallest advantage that matters, one number or per metric."""
     baselines = baseline_methods(frame)
-    rows = []
+    rows: list[dict] = []
     if not baselines:
         return pd.DataFrame(rows)
     keys = [*TASK, "metric"]
-    for key, group in _valid(frame).groupby(keys, sort=True):
+    quality = with_role(_valid(frame), "quality")
+    for key, group in quality.groupby(keys, sort=True):
         wide = group.pivot_table(index=["case_id", "target"], columns="method", values="value")
-        present = [b for b in baselines if b in wide.columns]
+        present = [b for b in sorted(baselines) if b in wide.columns]
         methods = [m for m in wide.columns if m not in baselines]
         if not present or not methods:
             continue
+        pairs_per_case = len(wide) / max(1, wide.index.get_level_values(0).nunique())
         higher = bool(group["higher_is_better"].iloc[0])
         sign = 1.0 if higher else -1.0
         base_means = {b: float(wide[b].dropna().mean()) for b in present}
@@ -206,43 +338,65 @@ def against_baselines(frame: pd.DataFrame, alpha: float = 0.05) -> pd.DataFrame:
         for m in methods:
             pair = wide[[m, best]].dropna()
             d = sign * (pair[m] - pair[best]).to_numpy()
-            if len(d) < 2 or np.allclose(d, 0):
+            if len(d) < 1 or np.allclose(d, 0):
                 p = 1.0
             else:
                 p = float(sps.wilcoxon(d, alternative="greater").pvalue)
-            found.append(dict(zip(keys, key, strict=True), method=m, baseline=best,
-                              mean=float(pair[m].mean()) if len(pair) else float("nan"),
-                              baseline_mean=float(pair[best].mean()) if len(pair) else float("nan"),
-                              blocks=len(pair), p_value=p))
-        for row, adj in zip(found, holm([r["p_value"] for r in found]), strict=True):
-            rows.append(row | {"p_holm": adj, "beats": bool(adj < alpha)})
+            if len(d):
+                lo, hi = bootstrap_mean_ci(d, seed=seed)
+            else:
+                lo = hi = float("nan")
+            found.append((dict(zip(keys, key, strict=True), method=m, baseline=best,
+                               mean=float(pair[m].mean()) if len(pair) else float("nan"),
+                               baseline_mean=float(pair[best].mean()) if len(pair) else float("nan"),
+                               blocks=len(pair), p_value=p,
+                               diff=float(d.mean()) if len(d) else float("nan"),
+                               diff_ci_low=lo, diff_ci_high=hi), d))
+        comparisons = len(found)
+        adjusted = holm([r["p_value"] for r, _ in found])
+        effect = _effect(min_effect, key[-1])
+        for (row, d), adj in zip(found, adjusted, strict=True):
+            floor = min(1.0, comparisons * min_attainable_p(len(d)))
+            word = verdict(adj, floor, (row["diff_ci_low"], row["diff_ci_high"]), effect, alpha)
+            settle = float("nan")
+            if word == "undetermined":
+                settle = math.ceil(cases_to_settle(d, comparisons, alpha) / pairs_per_case) \
+                    if not math.isnan(cases_to_settle(d, comparisons, alpha)) else float("nan")
+            rows.append(row | {"p_holm": adj, "min_attainable_p_holm": floor, "min_effect": effect,
+                               "verdict": word, "cases_to_settle": settle})
     return pd.DataFrame(rows)
 
 
 def baseline_verdicts(table: pd.DataFrame) -> list[str]:
-    """Plain sentences from ``against_baselines`` for one task: per metric, which methods do not
-    beat the best baseline."""
+    """Plain sentences from ``against_baselines`` for one task: per quality metric, which methods
+    are not shown better than the best baseline, kept apart by the reason (shown no better, or
+    undetermined with these cases)."""
     out = []
     if table.empty:
         return out
     for metric, group in table.groupby("metric", sort=True):
-        losers = list(group.loc[~group["beats"], "method"])
         baseline = group["baseline"].iloc[0]
-        if len(losers) == len(group):
-            out.append(f"No method beats the {baseline} baseline on {metric}.")
-        elif losers:
-            out.append(f"On {metric}, {', '.join(losers)} do{'es' if len(losers) == 1 else ''} not "
-                       f"beat the {baseline} baseline.")
+        worse = list(group.loc[group["verdict"] == "not_better", "method"])
+        unknown = list(group.loc[group["verdict"] == "undetermined", "method"])
+        if len(worse) == len(group):
+            out.append(f"No method is better than the {baseline} baseline on {metric}.")
+        elif worse:
+            out.append(f"On {metric}, {', '.join(worse)} {'is' if len(worse) == 1 else 'are'} not "
+                       f"better than the {baseline} baseline.")
+        if unknown:
+            out.append(f"On {metric}, these cases cannot tell whether {', '.join(unknown)} "
+                       f"{'is' if len(unknown) == 1 else 'are'} better than the {baseline} "
+                       f"baseline.")
     return out
 
 
 def family_winners(summ: pd.DataFrame, versus: pd.DataFrame,
                    baselines: set[str] | frozenset[str] = frozenset()) -> list[dict]:
-    """Per task and metric family (faithfulness, localization, ...): the method (never a baseline)
-    of best mean rank over the family's metrics, with its mean, 95 % interval and verdict against
-    the best baseline on each of them."""
+    """Per task and quality family (faithfulness, localisation): the method (never a baseline) of
+    best mean rank over the family's metrics, with its mean, 95 % interval and verdict against the
+    best baseline on each of them."""
     out = []
-    part = summ[~summ["method"].isin(baselines)]
+    part = with_role(summ[~summ["method"].isin(baselines)], "quality")
     for (dataset, model, family), group in part.groupby([*TASK, "category"], sort=True):
         ranked = []
         for _, g in group.groupby("metric"):
@@ -254,13 +408,42 @@ def family_winners(summ: pd.DataFrame, versus: pd.DataFrame,
         best = str(mean_rank.index[0])
         rows = []
         for r in group[group["method"] == best].itertuples():
-            verdict = None
+            word = None
             if not versus.empty:
                 v = versus[(versus["dataset"] == dataset) & (versus["model"] == model)
                            & (versus["metric"] == r.metric) & (versus["method"] == best)]
-                verdict = bool(v["beats"].iloc[0]) if not v.empty else None
+                word = str(v["verdict"].iloc[0]) if not v.empty else None
             rows.append({"metric": r.metric, "mean": r.mean, "ci_low": r.ci_low,
-                         "ci_high": r.ci_high, "beats_baselines": verdict})
+                         "ci_high": r.ci_high, "verdict": word})
         out.append({"dataset": dataset, "model": model, "family": family, "method": best,
                     "metrics": rows})
     return out
+
+
+def nemenyi_cd(k: int, n: int, alpha: float = ALPHA) -> float:
+    """Nemenyi's critical difference of average ranks, q_alpha sqrt(k (k + 1) / (6 n)), q_alpha
+    the studentized range quantile of k groups (infinite degrees of freedom) over sqrt(2)
+    (Demsar 2006, eq. 5)."""
+    if k < 2 or n < 1:
+        return float("nan")
+    q = float(sps.studentized_range.ppf(1 - alpha, k, np.inf)) / math.sqrt(2)
+    return q * math.sqrt(k * (k + 1) / (6 * n))
+
+
+def block_ranks(frame: pd.DataFrame) -> pd.DataFrame:
+    """Per task and quality metric: each method's average rank over the (case, target) blocks
+    every method scored (1 = best), the block count and Nemenyi's critical difference: what a
+    critical-difference diagram draws (Demsar 2006)."""
+    rows = []
+    for key, group in with_role(_valid(frame), "quality").groupby([*TASK, "metric"], sort=True):
+        wide = group.pivot_table(index=["case_id", "target"], columns="method", values="value")
+        wide = wide.dropna()
+        if wide.shape[1] < 2 or len(wide) < 2:
+            continue
+        higher = bool(group["higher_is_better"].iloc[0])
+        avg = wide.rank(axis=1, ascending=not higher).mean(0)
+        cd = nemenyi_cd(wide.shape[1], len(wide))
+        for method, rank in avg.items():
+            rows.append(dict(zip([*TASK, "metric"], key, strict=True), method=method,
+                             average_rank=float(rank), blocks=len(wide), critical_difference=cd))
+    return pd.DataFrame(rows)

@@ -255,6 +255,10 @@ def execute_unit(unit: Unit) -> tuple[list[dict[str, Any]], dict[str, np.ndarray
                 reasons[metric.label] = f"error: {exc}"
     cost = explanation.cost if explanation is not None else None
     stride = map_stride(explanation, unit.x) if explanation is not None else float("nan")
+    conservation = [float("nan")] * n  # LRP: relevance sum / explained score per sample
+    if explanation is not None and "conservation" in explanation.extras:
+        conservation = [float(v) for v in torch.as_tensor(explanation.extras["conservation"])
+                        .detach().float().cpu().reshape(-1)[:n].tolist()]
     from pellucid.metrics import create
 
     for metric in unit.metrics:
@@ -271,7 +275,7 @@ def execute_unit(unit: Unit) -> tuple[list[dict[str, Any]], dict[str, np.ndarray
                        peak_memory_bytes=float(cost.peak_memory_bytes)
                        if cost and cost.peak_memory_bytes is not None else float("nan"),
                        metric_seconds=r.seconds / n if r is not None else float("nan"),
-                       map_stride=stride, curve=None, extra="")
+                       map_stride=stride, conservation=conservation[i], curve=None, extra="")
             if r is not None:
                 value = float(r.scores[i])
                 row["value"] = value

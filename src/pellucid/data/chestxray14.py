@@ -18,7 +18,7 @@ import torch
 
 from pellucid.data.base import CHEST_FINDING_CODES, CHEST_RADIOGRAPH, PellucidDataset
 from pellucid.data.splits import DEFAULT_FRACTIONS, check_split, group_split
-from pellucid.data.transforms import resize_image
+from pellucid.data.transforms import check_resize, resize_image
 from pellucid.errors import DataError
 from pellucid.io.files import read_image_2d
 
@@ -71,8 +71,9 @@ class ChestXray14(PellucidDataset):
     def __init__(self, root: str | Path, split: str = "all", size: int | None = None,
                  seed: int = 0, fractions: Sequence[float] = DEFAULT_FRACTIONS,
                  images_dir: str | Path | None = None, missing: str = "error",
-                 box_masks: bool = False) -> None:
+                 box_masks: bool = False, resize: str = "bilinear") -> None:
         self.root = Path(root)
+        self.resize = check_resize(resize)
         if not self.root.is_dir():
             raise DataError(self.root, "ChestX-ray14 folder not found")
         check_split(split)
@@ -161,7 +162,7 @@ class ChestXray14(PellucidDataset):
         rec = self.records[index]
         image = torch.from_numpy(read_image_2d(rec["path"], channels=1))
         if self.size is not None:
-            image = resize_image(image, (self.size, self.size))
+            image = resize_image(image, (self.size, self.size), self.resize)
         height, width = image.shape[-2:]
         sample = {"image": image, "label": torch.from_numpy(rec["labels"]),
                   "case_id": rec["name"], "patient_id": rec["patient"],

@@ -73,7 +73,7 @@ class _ImageListDataset(PellucidDataset):
             sample["mask"] = mask
         if self.size is not None:
             size = (self.size,) * 3
-            sample["image"] = resize_image(sample["image"], size)
+            sample["image"] = resize_image(sample["image"], size, self.resize)
             if "mask" in sample:
                 sample["mask"] = resize_mask(sample["mask"], size)
         return sample
@@ -104,7 +104,7 @@ class _ImageListDataset(PellucidDataset):
             sample["box_labels"] = torch.tensor([c for c, _ in rec["boxes"]], dtype=torch.long)
         if self.size is not None:
             size = (self.size, self.size)
-            sample["image"] = resize_image(image, size)
+            sample["image"] = resize_image(image, size, self.resize)
             if "mask" in sample:
                 sample["mask"] = resize_mask(sample["mask"], size)
             if "boxes" in sample:

@@ -15,7 +15,7 @@ import torch
 
 from pellucid.data.base import PellucidDataset, brain_mri
 from pellucid.data.splits import DEFAULT_FRACTIONS, check_split, group_split
-from pellucid.data.transforms import resize_image, resize_mask
+from pellucid.data.transforms import check_resize, resize_image, resize_mask
 from pellucid.errors import DataError
 from pellucid.io.files import read_image_2d, read_mask_2d
 
@@ -34,8 +34,9 @@ class LGGSegmentation(PellucidDataset):
 
     def __init__(self, root: str | Path, split: str = "all", size: int | None = None,
                  seed: int = 0, fractions: Sequence[float] = DEFAULT_FRACTIONS,
-                 task: str = "segmentation") -> None:
+                 task: str = "segmentation", resize: str = "bilinear") -> None:
         self.root = Path(root)
+        self.resize = check_resize(resize)
         if not self.root.is_dir():
             raise DataError(self.root, "LGG folder not found")
         check_split(split)
@@ -72,7 +73,7 @@ class LGGSegmentation(PellucidDataset):
             raise DataError(rec["mask"], f"mask shape {tuple(mask.shape[1:])} differs from image "
                                          f"{rec['image'].name} shape {tuple(image.shape[1:])}")
         if self.size is not None:
-            image = resize_image(image, (self.size, self.size))
+            image = resize_image(image, (self.size, self.size), self.resize)
             mask = resize_mask(mask, (self.size, self.size))
         return {"image": image, "mask": mask, "label": mask.flatten(1).amax(1),
                 "case_id": f"{rec['case']}_{rec['slice']}", "patient_id": rec["patient"],

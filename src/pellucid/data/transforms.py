@@ -12,6 +12,13 @@ from pellucid.errors import ConfigError
 RESIZE_METHODS = ("bilinear", "pil_uint8", "nearest", "bicubic")
 
 
+def check_resize(method: str) -> str:
+    """``method`` if it is one of RESIZE_METHODS, else a one-line ConfigError naming them."""
+    if method not in RESIZE_METHODS:
+        raise ConfigError(f"resize must be one of {', '.join(RESIZE_METHODS)}, got {method!r}")
+    return method
+
+
 def resize_image(image: torch.Tensor, size: Sequence[int], method: str = "bilinear") -> torch.Tensor:
     """Resize (C, *spatial) to (C, *size). ``method``:
 

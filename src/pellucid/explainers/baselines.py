@@ -10,8 +10,9 @@ metric, which methods do not beat the best of them.
   differences: structure of the image alone (Adebayo et al. 2018 show edge detectors pass for
   saliency maps to the eye).
 - ``prior``: the mean ground-truth map of the sample's class over the training data, given as
-  ``prior`` (the benchmark computes it from the dataset's training split): where lesions of that
-  class usually are, knowing nothing of the image.
+  ``prior`` (the benchmark computes it from every case of the dataset's training split with ground
+  truth of that class): where lesions of that class usually are, knowing nothing of the image. A
+  class without training ground truth has no prior (NaN) and is refused in one line.
 
 Each runs the model once (the clean forward that binds the target, as every method does), so that
 its rows carry the same target and output as a real method's.
@@ -113,6 +114,12 @@ class PriorBaseline(_Baseline):
                               "benchmark's own cases)")
         prior = torch.as_tensor(self.prior).double()
         spatial = inputs.shape[2:]
+        missing = torch.isnan(prior.reshape(prior.shape[0], -1)).all(1) if prior.ndim > len(spatial) \
+            else torch.isnan(prior).all().reshape(1)
+        if missing.any():
+            raise ConfigError(f"prior: no ground truth of the class of sample(s) "
+                              f"{torch.nonzero(missing).flatten().tolist()} in the training data, "
+                              f"so no prior map for it (its rows stay empty)")
         if prior.ndim == len(spatial):
             prior = prior.expand(inputs.shape[0], *prior.shape)
         if prior.ndim == len(spatial) + 1:

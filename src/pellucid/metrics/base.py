@@ -16,6 +16,17 @@ from torch import nn
 from pellucid.registry import Registry
 
 CATEGORIES = ("faithfulness", "localization", "robustness", "randomization", "complexity", "cost")
+# what a metric's numbers are for in a benchmark's answer (bench/stats.py):
+# - quality: faithfulness and localisation; compared with the trivial baselines (a verdict) and
+#   across methods (the ranking and the recommendation);
+# - sanity: randomisation checks; pass or fail by their own criterion, never against a baseline
+#   (a baseline does not depend on the model at all);
+# - property: robustness, complexity, sparseness, cost; reported beside quality, never "beaten"
+#   and never part of a quality ranking (a constant map is perfectly robust and costs nothing).
+ROLES = ("quality", "sanity", "property")
+# the role each category's metrics take (checked at registration: a metric declares its role)
+CATEGORY_ROLES = {"faithfulness": "quality", "localization": "quality", "randomization": "sanity",
+                  "robustness": "property", "complexity": "property", "cost": "property"}
 # what a metric may need beyond the attributions: the model, ground-truth masks (or boxes turned
 # into masks), the boxes themselves, a way to re-explain, the Explanation object, per-channel maps
 NEEDS = {"model": "the model", "mask": "ground truth (masks= or boxes=)",
@@ -125,6 +136,7 @@ class Metric(ABC):
 
     name: ClassVar[str]
     category: ClassVar[str]
+    role: ClassVar[str]  # "quality", "sanity" or "property" (ROLES)
     higher_is_better: ClassVar[bool]
     needs: ClassVar[frozenset[str]] = frozenset()
     # how the benchmark report shows it: a mean-curve chart (the x-axis label) for metrics whose
@@ -155,6 +167,12 @@ def unmet_needs(metric: Metric | type[Metric], available: set[str]) -> list[str]
 def _check(cls: type) -> None:
     if getattr(cls, "category", None) not in CATEGORIES:
         raise ValueError(f"{cls.__name__}: category must be one of {CATEGORIES}")
+    role = getattr(cls, "role", None)
+    if role not in ROLES:
+        raise ValueError(f"{cls.__name__}: declare role, one of {ROLES}")
+    if role != CATEGORY_ROLES[cls.category]:
+        raise ValueError(f"{cls.__name__}: a {cls.category} metric has role "
+                         f"{CATEGORY_ROLES[cls.category]!r}, not {role!r}")
     if cls.report_panel not in (None, "randomization"):
         raise ValueError(f"{cls.__name__}: report_panel must be None or 'randomization'")
     if not isinstance(getattr(cls, "higher_is_better", None), bool):
@@ -170,7 +188,8 @@ register = REGISTRY.register
 
 def available() -> list[dict[str, Any]]:
     """Every metric: name, category, direction, needs and a one-line summary."""
-    return [{"name": n, "category": c.category, "higher_is_better": c.higher_is_better,
+    return [{"name": n, "category": c.category, "role": c.role,
+             "higher_is_better": c.higher_is_better,
              "needs": sorted(c.needs), "summary": (c.__doc__ or "").strip().splitlines()[0]}
             for n, c in REGISTRY.items()]
 

@@ -22,6 +22,7 @@ class Sparseness(Metric):
 
     name: ClassVar[str] = "sparseness"
     category: ClassVar[str] = "complexity"
+    role: ClassVar[str] = "property"
     higher_is_better: ClassVar[bool] = True
 
     def compute(self, ctx: Context) -> MetricResult:
@@ -40,6 +41,7 @@ class Complexity(Metric):
 
     name: ClassVar[str] = "complexity"
     category: ClassVar[str] = "complexity"
+    role: ClassVar[str] = "property"
     higher_is_better: ClassVar[bool] = False
 
     def compute(self, ctx: Context) -> MetricResult:

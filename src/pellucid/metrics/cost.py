@@ -19,6 +19,7 @@ class Cost(Metric):
 
     name: ClassVar[str] = "cost"
     category: ClassVar[str] = "cost"
+    role: ClassVar[str] = "property"
     higher_is_better: ClassVar[bool] = False
     needs: ClassVar[frozenset[str]] = frozenset({"explanation"})
 

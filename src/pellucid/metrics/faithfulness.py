@@ -124,6 +124,7 @@ class _Curve(Metric):
     baseline: float = 0.0
     start: str = "blur"
     category: ClassVar[str] = "faithfulness"
+    role: ClassVar[str] = "quality"
     needs: ClassVar[frozenset[str]] = frozenset({"model"})
     inserting: ClassVar[bool] = False
 
@@ -203,6 +204,7 @@ class AverageDrop(Metric):
     probability: bool = True
     name: ClassVar[str] = "average_drop"
     category: ClassVar[str] = "faithfulness"
+    role: ClassVar[str] = "quality"
     higher_is_better: ClassVar[bool] = False
     needs: ClassVar[frozenset[str]] = frozenset({"model"})
 
@@ -220,6 +222,7 @@ class IncreaseInConfidence(Metric):
     probability: bool = True
     name: ClassVar[str] = "increase_in_confidence"
     category: ClassVar[str] = "faithfulness"
+    role: ClassVar[str] = "quality"
     higher_is_better: ClassVar[bool] = True
     needs: ClassVar[frozenset[str]] = frozenset({"model"})
 
@@ -272,6 +275,7 @@ class PixelFlipping(Metric):
     probability: bool = True
     name: ClassVar[str] = "pixel_flipping"
     category: ClassVar[str] = "faithfulness"
+    role: ClassVar[str] = "quality"
     higher_is_better: ClassVar[bool] = False  # with order="morf" (the default)
     needs: ClassVar[frozenset[str]] = frozenset({"model"})
 
@@ -359,6 +363,7 @@ class FaithfulnessCorrelation(Metric):
     sampler: str = "quantus"
     name: ClassVar[str] = "faithfulness_correlation"
     category: ClassVar[str] = "faithfulness"
+    role: ClassVar[str] = "quality"
     higher_is_better: ClassVar[bool] = True
     needs: ClassVar[frozenset[str]] = frozenset({"model"})
 
@@ -417,6 +422,7 @@ class Infidelity(Metric):
     seed: int = 0
     name: ClassVar[str] = "infidelity"
     category: ClassVar[str] = "faithfulness"
+    role: ClassVar[str] = "quality"
     higher_is_better: ClassVar[bool] = False
     needs: ClassVar[frozenset[str]] = frozenset({"model"})
 

@@ -65,6 +65,7 @@ class PointingGame(Metric):
     name: ClassVar[str] = "pointing_game"
     gallery_rank: ClassVar[int | None] = 1
     category: ClassVar[str] = "localization"
+    role: ClassVar[str] = "quality"
     higher_is_better: ClassVar[bool] = True
     needs: ClassVar[frozenset[str]] = frozenset({"mask"})
 
@@ -97,6 +98,7 @@ class EnergyPointingGame(Metric):
     name: ClassVar[str] = "energy_pointing_game"
     gallery_rank: ClassVar[int | None] = 0
     category: ClassVar[str] = "localization"
+    role: ClassVar[str] = "quality"
     higher_is_better: ClassVar[bool] = True
     needs: ClassVar[frozenset[str]] = frozenset({"mask"})
 
@@ -124,6 +126,7 @@ class RelevanceMass(Metric):
     name: ClassVar[str] = "relevance_mass"
     gallery_rank: ClassVar[int | None] = 2
     category: ClassVar[str] = "localization"
+    role: ClassVar[str] = "quality"
     higher_is_better: ClassVar[bool] = True
     needs: ClassVar[frozenset[str]] = frozenset({"mask"})
 
@@ -142,6 +145,7 @@ class RelevanceRank(Metric):
 
     name: ClassVar[str] = "relevance_rank"
     category: ClassVar[str] = "localization"
+    role: ClassVar[str] = "quality"
     higher_is_better: ClassVar[bool] = True
     needs: ClassVar[frozenset[str]] = frozenset({"mask"})
 
@@ -217,6 +221,7 @@ class _Overlap(Metric):
     value: float = 0.5
     otsu: str = "pellucid"  # or "skimage": scikit-image's threshold_otsu
     category: ClassVar[str] = "localization"
+    role: ClassVar[str] = "quality"
     higher_is_better: ClassVar[bool] = True
     needs: ClassVar[frozenset[str]] = frozenset({"mask"})
 
@@ -277,6 +282,7 @@ class LocalizationAUPRC(Metric):
     name: ClassVar[str] = "auprc"
     gallery_rank: ClassVar[int | None] = 4
     category: ClassVar[str] = "localization"
+    role: ClassVar[str] = "quality"
     higher_is_better: ClassVar[bool] = True
     needs: ClassVar[frozenset[str]] = frozenset({"mask"})
 

@@ -40,6 +40,7 @@ class MSFI(Metric):
     baseline: float = 0.0
     name: ClassVar[str] = "msfi"
     category: ClassVar[str] = "localization"
+    role: ClassVar[str] = "quality"
     higher_is_better: ClassVar[bool] = True
     needs: ClassVar[frozenset[str]] = frozenset({"model", "mask", "explanation", "channel_maps"})
 

@@ -96,6 +96,7 @@ class ModelRandomization(Metric):
     name: ClassVar[str] = "model_randomization"
     report_panel: ClassVar[str | None] = "randomization"
     category: ClassVar[str] = "randomization"
+    role: ClassVar[str] = "sanity"
     higher_is_better: ClassVar[bool] = False
     needs: ClassVar[frozenset[str]] = frozenset({"model", "explainer"})
 
@@ -144,6 +145,7 @@ class RandomLogit(Metric):
     seed: int = 42
     name: ClassVar[str] = "random_logit"
     category: ClassVar[str] = "randomization"
+    role: ClassVar[str] = "sanity"
     higher_is_better: ClassVar[bool] = False
     needs: ClassVar[frozenset[str]] = frozenset({"model", "explainer"})
 

@@ -144,6 +144,7 @@ class _Road(Metric):
     seed: int = 0
     probability: bool = True
     category: ClassVar[str] = "faithfulness"
+    role: ClassVar[str] = "quality"
     needs: ClassVar[frozenset[str]] = frozenset({"model"})
 
     def scores(self, ctx: Context) -> dict[str, torch.Tensor]:

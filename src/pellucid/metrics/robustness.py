@@ -74,6 +74,7 @@ class _Robustness(Metric):
     seed: int = 42
     exclude_changed: bool = False
     category: ClassVar[str] = "robustness"
+    role: ClassVar[str] = "property"
     higher_is_better: ClassVar[bool] = False
     needs: ClassVar[frozenset[str]] = frozenset({"model", "explainer"})
 

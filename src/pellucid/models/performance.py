@@ -77,9 +77,64 @@ def classification_report(probs: np.ndarray, labels: np.ndarray, class_names: Se
     report["macro_auroc_ci"] = macro_auroc_interval(probs, labels)
     if not multilabel:
         report["accuracy"] = float((probs.argmax(1) == labels.argmax(1)).mean())
+    report.update(decision_balance(preds, labels, class_names, multilabel, thr if multilabel else None))
     report["per_class"] = per_class
     report["n"] = len(probs)
     return report
+
+
+def _balanced_accuracy(preds: np.ndarray, labels: np.ndarray, multilabel: bool) -> float:
+    """Softmax: the mean recall of the classes present; multi-label: the mean over classes with
+    both labels of (TPR + TNR) / 2 (chance: 1 / K and 0.5)."""
+    values = []
+    for c in range(labels.shape[1]):
+        y, p = labels[:, c], preds[:, c]
+        if not y.any() or (multilabel and y.all()):
+            continue
+        tpr = (p & y).sum() / y.sum()
+        values.append((tpr + (~p & ~y).sum() / (~y).sum()) / 2 if multilabel else tpr)
+    return float(np.mean(values)) if values else float("nan")
+
+
+def decision_balance(preds: np.ndarray, labels: np.ndarray, class_names: Sequence[str],
+                     multilabel: bool, thresholds: np.ndarray | None = None, resamples: int = 1000,
+                     seed: int = 0) -> dict:
+    """What the near-chance check reads of the model's decisions: balanced accuracy with its
+    percentile-bootstrap interval and its chance level (1 / K for a softmax head, 0.5 per class for
+    multi-label), the majority-class rate (softmax), and the classes onto which the decisions
+    collapse: a softmax head giving one class to at least 95 % of the cases when the truth is less
+    skewed; a multi-label class decided the same way for every case although both labels occur."""
+    k = labels.shape[1]
+    if multilabel and thresholds is not None:
+        usable = ~np.isnan(thresholds)
+        preds, labels = preds[:, usable], labels[:, usable]
+        class_names = [n for n, u in zip(class_names, usable, strict=True) if u]
+    out: dict = {"balanced_accuracy": _balanced_accuracy(preds, labels, multilabel),
+                 "chance_balanced_accuracy": 0.5 if multilabel else 1.0 / k}
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(resamples):
+        idx = rng.integers(0, len(preds), len(preds))
+        v = _balanced_accuracy(preds[idx], labels[idx], multilabel)
+        if not np.isnan(v):
+            values.append(v)
+    out["balanced_accuracy_ci"] = ([float(np.quantile(values, 0.025)), float(np.quantile(values, 0.975))]
+                                   if values else [float("nan"), float("nan")])
+    collapsed = []
+    if multilabel:
+        for c, name in enumerate(class_names):
+            y = labels[:, c]
+            if y.any() and not y.all() and (preds[:, c].all() or not preds[:, c].any()):
+                collapsed.append(f"{name} {'present' if preds[:, c].all() else 'absent'}")
+    elif len(preds):
+        truth = labels.argmax(1)
+        out["majority_rate"] = float(np.bincount(truth, minlength=k).max() / len(truth))
+        shares = np.bincount(preds.argmax(1), minlength=k) / len(preds)
+        top = int(shares.argmax())
+        if shares[top] >= 0.95 and out["majority_rate"] < 0.95:
+            collapsed.append(f"{class_names[top]} ({shares[top]:.0%} of the cases)")
+    out["collapsed_onto"] = collapsed
+    return out
 
 
 def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
@@ -116,27 +171,52 @@ def macro_auroc_interval(probs: np.ndarray, labels: np.ndarray, resamples: int =
 
 def chance_warnings(performance: dict) -> list[str]:
     """Plain sentences for the tasks whose model performs near chance: its macro AUROC interval
-    includes 0.5, or its mean Dice interval does not rise above the Dice a random mask of the
-    predicted volume would reach. Its explanations then say little about any finding."""
-    out = []
-    for key, info in performance.items():
-        report = info.get("report") if isinstance(info, dict) else None
-        model, dataset = key.split("|") if "|" in key else (key, "")
-        dice = (report or {}).get("mean_dice_ci")
-        if dice and (report or {}).get("chance_dice") is not None and dice[0] <= report["chance_dice"]:
-            out.append(f"The model {model} performs near chance on {dataset}: mean Dice "
-                       f"{report['mean_dice']:.2f} (95% CI {dice[0]:.2f} to {dice[1]:.2f}) is not "
-                       f"above a random mask of its predicted volume ({report['chance_dice']:.2f}). "
-                       f"Its explanations say little about the lesions; improve the model first.")
-        interval = (report or {}).get("macro_auroc_ci")
-        if not interval or any(v is None or np.isnan(v) for v in interval):
-            continue
-        lo, hi = interval
-        if lo <= 0.5 <= hi:
-            out.append(f"The model {model} performs near chance on {dataset}: macro AUROC "
-                       f"{report['macro_auroc']:.2f} (95% CI {lo:.2f} to {hi:.2f}) includes 0.5. "
-                       f"Its explanations say little about the findings; improve the model first.")
-    return out
+    includes 0.5; its balanced accuracy interval does not rise above chance (1 / K, or 0.5 per
+    class for multi-label); its accuracy is not above the majority-class rate; its decisions
+    collapse onto one class; or its mean Dice interval does not rise above the Dice a random mask
+    of the predicted volume would reach. Its explanations then say little about any finding."""
+    return [w for warnings in chance_warnings_by_task(performance).values() for w in warnings]
+
+
+def chance_warnings_by_task(performance: dict) -> dict[str, list[str]]:
+    """``chance_warnings`` per "model|dataset" key of the performance file."""
+    return {key: _chance(key, info) for key, info in performance.items() if _chance(key, info)}
+
+
+def _chance(key: str, info) -> list[str]:
+    """One sentence with every reason the model of ``key`` is near chance, or none."""
+    report = info.get("report") if isinstance(info, dict) else None
+    report = report if isinstance(report, dict) else {}
+    model, dataset = key.split("|", 1) if "|" in key else (key, "")
+
+    def known(values) -> bool:
+        return bool(values) and not any(v is None or np.isnan(v) for v in values)
+
+    reasons = []
+    dice = report.get("mean_dice_ci")
+    if known(dice) and report.get("chance_dice") is not None and dice[0] <= report["chance_dice"]:
+        reasons.append(f"mean Dice {report['mean_dice']:.2f} (95% CI {dice[0]:.2f} to {dice[1]:.2f}) "
+                       f"is not above a random mask of its predicted volume "
+                       f"({report['chance_dice']:.2f})")
+    if report.get("collapsed_onto"):
+        reasons.append(f"its decisions collapse onto {', '.join(report['collapsed_onto'])}")
+    balanced, chance = report.get("balanced_accuracy_ci"), report.get("chance_balanced_accuracy")
+    if known(balanced) and chance is not None and balanced[0] <= chance:
+        reasons.append(f"balanced accuracy {report['balanced_accuracy']:.2f} (95% CI "
+                       f"{balanced[0]:.2f} to {balanced[1]:.2f}) is not above chance ({chance:.2f})")
+    majority, accuracy = report.get("majority_rate"), report.get("accuracy")
+    if majority is not None and accuracy is not None and accuracy <= majority:
+        reasons.append(f"accuracy {accuracy:.2f} is not above the majority-class rate "
+                       f"({majority:.2f}), what always answering the most frequent class scores")
+    interval = report.get("macro_auroc_ci")
+    if known(interval) and interval[0] <= 0.5 <= interval[1]:
+        reasons.append(f"macro AUROC {report['macro_auroc']:.2f} (95% CI {interval[0]:.2f} to "
+                       f"{interval[1]:.2f}) includes 0.5")
+    if not reasons:
+        return []
+    what = "lesions" if dice else "findings"
+    return [f"The model {model} performs near chance on {dataset}: {'; '.join(reasons)}. Its "
+            f"explanations say little about the {what}; improve the model first."]
 
 
 def dice_per_case(pred: torch.Tensor, true: torch.Tensor) -> torch.Tensor:

@@ -1,10 +1,10 @@
 """Benchmark evidence for a report (``pellucid explain --evidence RUN``): for each method used on
 a case, how that method scored on this model in a ``pellucid bench`` run: every faithfulness and
-localisation metric with its mean and 95 % bootstrap interval, whether it beat the best trivial
-baseline (one-sided Wilcoxon, Holm-corrected: bench/stats.py ``against_baselines``) and the
-randomisation sanity check's pass rate. The run must have scored these very weights (its
-run.json records their SHA-256); anything else is refused, since another model's scores are no
-evidence for this one."""
+localisation metric with its mean and 95 % bootstrap interval, its verdict against the best trivial
+baseline (``better``, ``not_better`` or ``undetermined``: bench/stats.py ``against_baselines``, the
+same words as the report) and the randomisation sanity check's pass rate. The run must have
+scored these very weights (its run.json records their SHA-256); anything else is refused, since
+another model's scores are no evidence for this one."""
 
 from __future__ import annotations
 
@@ -93,7 +93,9 @@ def load_evidence(run: str | Path, loaded, methods: list[str], model: str | None
                 if not match.empty:
                     v = match.iloc[0]
                     line += (f"; best trivial baseline {v['baseline']} {v['baseline_mean']:.3f}: "
-                             f"{'beaten' if v['beats'] else 'NOT beaten'} (Holm p {v['p_holm']:.2g})")
+                             f"{v['verdict']} (difference {v['diff']:+.3f}, 95% CI "
+                             f"{v['diff_ci_low']:+.3f} to {v['diff_ci_high']:+.3f}; Holm p "
+                             f"{v['p_holm']:.2g})")
             lines.append(line)
         lines += _randomization(frame, method)
         evidence.methods[method] = lines
