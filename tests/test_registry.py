@@ -32,6 +32,7 @@ def test_lookups_are_normalised_and_duplicates_refused():
     class Twin(Metric):
         name: ClassVar[str] = "pointinggame"  # differs from pointing_game only by an underscore
         category: ClassVar[str] = "localization"
+        role: ClassVar[str] = "quality"
         higher_is_better: ClassVar[bool] = True
 
         def compute(self, ctx):
@@ -46,6 +47,7 @@ def test_declarations_are_checked_at_registration():
     class Vague(Metric):
         name: ClassVar[str] = "vague"
         category: ClassVar[str] = "localization"
+        role: ClassVar[str] = "quality"
         higher_is_better: ClassVar[bool] = True
         needs: ClassVar[frozenset[str]] = frozenset({"masks"})  # the vocabulary says "mask"
 
@@ -58,7 +60,27 @@ def test_declarations_are_checked_at_registration():
     Vague.higher_is_better = None  # type: ignore[assignment]
     with pytest.raises(ValueError, match="declare higher_is_better"):
         METRICS.register(Vague)
+    Vague.higher_is_better = True
+    Vague.role = "property"  # a localisation metric is a quality metric: compared and ranked
+    with pytest.raises(ValueError, match="a localization metric has role 'quality', not 'property'"):
+        METRICS.register(Vague)
+    del Vague.role
+    with pytest.raises(ValueError, match="declare role, one of"):
+        METRICS.register(Vague)
     assert "vague" not in METRICS.names()
+
+
+def test_every_metric_declares_its_role():
+    from pellucid.metrics.base import CATEGORY_ROLES, ROLES
+
+    roles = {name: cls.role for name, cls in METRICS.items()}
+    assert set(roles.values()) == set(ROLES)
+    for _, cls in METRICS.items():
+        assert cls.role == CATEGORY_ROLES[cls.category]
+    assert roles["pointing_game"] == "quality" and roles["deletion"] == "quality"
+    assert roles["model_randomization"] == "sanity" and roles["random_logit"] == "sanity"
+    assert {roles[m] for m in ("sparseness", "complexity", "cost", "max_sensitivity",
+                               "local_lipschitz")} == {"property"}
 
 
 def test_direction_is_declared_once_and_follows_the_options():
@@ -103,6 +125,7 @@ class MassCurve(Metric):
     points: int = 5
     name: ClassVar[str] = "mass_curve"
     category: ClassVar[str] = "complexity"
+    role: ClassVar[str] = "property"
     higher_is_better: ClassVar[bool] = True
     report_curve: ClassVar[str | None] = "fraction of pixels (most relevant first)"
     gallery_rank: ClassVar[int | None] = 100

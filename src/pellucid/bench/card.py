@@ -23,7 +23,8 @@ from typing import Any
 
 import pandas as pd
 
-from pellucid.bench import glance, stats
+import pellucid.bench.glance as glance
+import pellucid.bench.stats as stats
 from pellucid.bench.store import ResultStore
 from pellucid.errors import DataError
 

@@ -6,6 +6,8 @@ diagram of the ranking (Demsar 2006). Everything is computed from ``bench/stats.
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import math
 from typing import Any
@@ -17,7 +19,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from pellucid.bench import stats
+import pellucid.bench.stats as stats
 
 COLOURS = {"better": "#59a14f", "not_better": "#e15759", "undetermined": "#f2c14e",
            "baseline": "#d9d9d9", "best baseline": "#a0a0a0", "missing": "#ffffff"}
@@ -25,10 +27,12 @@ LABELS = {"better": "better than the best baseline", "not_better": "not better",
           "undetermined": "undetermined with these cases", "best baseline": "best baseline"}
 
 
-def _png(fig) -> str:
-    from pellucid.bench.report import _png as png
-
-    return png(fig)
+def png(fig) -> str:
+    """The figure as a PNG data URI (80 dpi, tight), closed afterwards."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=80, bbox_inches="tight")
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 def verdict_figure(summ: pd.DataFrame, versus: pd.DataFrame, baselines: set[str],
@@ -78,7 +82,7 @@ def verdict_figure(summ: pd.DataFrame, versus: pd.DataFrame, baselines: set[str]
     ax.legend(handles, list(LABELS.values()), fontsize=8, ncol=2, loc="upper center",
               bbox_to_anchor=(0.5, -0.01), frameon=False)
     fig.tight_layout()
-    return _png(fig)
+    return png(fig)
 
 
 def sanity_rows(part: pd.DataFrame, baselines: set[str]) -> list[dict[str, Any]]:
@@ -217,4 +221,4 @@ def cd_diagram(ranks: pd.DataFrame, baselines: set[str]) -> str | None:
     for ax in list(axes.flat)[len(metrics):]:
         ax.axis("off")
     fig.tight_layout()
-    return _png(fig)
+    return png(fig)

@@ -4,8 +4,6 @@ from the run's own table, performance file and stored maps."""
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import math
 from pathlib import Path
@@ -19,8 +17,8 @@ import numpy as np
 import pandas as pd
 from jinja2 import Environment, FileSystemLoader
 
+import pellucid.bench.glance as glance
 import pellucid.bench.stats as stats
-from pellucid.bench import glance
 from pellucid.bench.store import ResultStore
 from pellucid.errors import DataError, PellucidError
 from pellucid.progress import warn
@@ -42,11 +40,7 @@ def _declared(frame: pd.DataFrame, attribute: str) -> dict[str, Any]:
     return out
 
 
-def _png(fig) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=80, bbox_inches="tight")
-    plt.close(fig)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+_png = glance.png
 
 
 def markdown_table(frame: pd.DataFrame) -> str:

@@ -110,8 +110,8 @@ def ranks(summ: pd.DataFrame) -> pd.DataFrame:
         for method, rank in zip(group["method"], r, strict=True):
             out.append(dict(zip([*TASK, "metric"], key, strict=True), method=method, rank=float(rank)))
     frame = pd.DataFrame(out)
-    if frame.empty:
-        return frame
+    if frame.empty:  # no quality metric: nothing is ranked
+        return pd.DataFrame(columns=[*TASK, "method", "average_rank", "metrics"])
     avg = frame.groupby([*TASK, "method"], as_index=False).agg(average_rank=("rank", "mean"),
                                                               metrics=("rank", "size"))
     return avg.sort_values([*TASK, "average_rank"]).reset_index(drop=True)
