@@ -90,6 +90,8 @@ HEAVY_MODULES = {"test_training", "test_bench", "test_seed_systems", "test_metri
 # transformers, smp, torchxrayvision, nnU-Net, ONNX Runtime, OpenVINO, lxt); `make test-lowest`
 # leaves them out
 MODEL_LIBRARY_MODULES = {"test_model_libraries", "test_blackbox", "test_backends"}
+# tests against an oracle that `make install` adds outside the extras (MetaQuantus)
+ORACLE_TESTS = {"test_consistency_equals_metaquantus"}
 
 
 def pytest_collection_modifyitems(config, items):
@@ -99,3 +101,5 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.slow)
         if module in MODEL_LIBRARY_MODULES:
             item.add_marker(pytest.mark.models)
+        if item.originalname in ORACLE_TESTS:
+            item.add_marker(pytest.mark.oracles)

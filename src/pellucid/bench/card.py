@@ -25,6 +25,7 @@ import pandas as pd
 
 import pellucid.bench.glance as glance
 import pellucid.bench.stats as stats
+from pellucid.bench.report import task_trust
 from pellucid.bench.store import ResultStore
 from pellucid.errors import DataError
 
@@ -86,13 +87,15 @@ def task_cards(run: str | Path) -> list[dict[str, Any]]:
     from pellucid.models.performance import chance_warnings_by_task
 
     chance = chance_warnings_by_task(perf) if perf else {}
+    trust = _read(run / "metric_trust.json").get("tasks", {})
     cards = []
     for (dataset, model), part in frame.groupby(stats.TASK, sort=True):
         key = f"{model}|{dataset}"
         mine = versus[(versus["dataset"] == dataset) & (versus["model"] == model)] \
             if not versus.empty else pd.DataFrame()
         rec = next((r for r in recs if r["dataset"] == dataset and r["model"] == model), None)
-        untrusted: list[str] = []  # quality metrics that failed the metric checks (none yet)
+        checks = task_trust(trust, key)
+        untrusted = sorted(m for m, t in checks.items() if t.get("trusted") is False)
         task_info = (info.get("tasks") or {}).get(key, {}) if isinstance(info.get("tasks"), dict) \
             else {}
         cost = part.groupby("method", as_index=False).agg(seconds_per_case=("explain_seconds", "mean"),
@@ -138,6 +141,9 @@ def task_cards(run: str | Path) -> list[dict[str, Any]]:
             "verdict_counts": {v: int((mine["verdict"] == v).sum()) if not mine.empty else 0
                                for v in stats.VERDICTS},
             "sanity": glance.sanity_rows(part, baselines),
+            "metric_checks": {m: {k: t.get(k) for k in ("IEC_AR", "IEC_NR", "IAC_AR", "IAC_NR", "MC",
+                                                        "separates", "stable", "trusted", "pairs")}
+                              for m, t in checks.items()},
             "undetermined": undetermined[["metric", "method", "diff", "diff_ci_low", "diff_ci_high",
                                           "cases_to_settle"]].to_dict("records")
             if not undetermined.empty else [],
@@ -199,6 +205,11 @@ def card_markdown(card: dict[str, Any]) -> str:
                                                       f"{s['cases']} cases" if s["pass_rate"] is not None
                                                       else f"mean {_num(s['mean'])}")
               for s in card["sanity"]] or ["- none in this run"]
+    lines += ["", "## Which metrics can be trusted here (MetaQuantus criteria)", ""]
+    lines += [f"- {m}: {'trusted' if c['trusted'] else 'NOT trusted'} (tells randomised-model maps "
+              f"apart, IEC_AR {_num(c['IEC_AR'])}; ranks methods stably under input noise, IEC_NR "
+              f"{_num(c['IEC_NR'])}; {c['pairs']} pairs)" for m, c in card["metric_checks"].items()] \
+        or ["- not checked in this run (`metric_trust: true` in the configuration)"]
     lines += ["", "## What this run cannot tell", ""]
     if card["undetermined"]:
         for u in card["undetermined"]:

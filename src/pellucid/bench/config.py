@@ -29,6 +29,8 @@
     metrics: [pointing_game, {name: deletion, options: {step: 128}, skip_methods: [kernelshap]}]
     # a method's options may name its own layer; only_models restricts a method to some models:
     #   {name: gradcam, label: gradcam-layer2, options: {layer: layer2}, only_models: [chest-resnet18]}
+    metric_trust: {cases: 8, noise: 0.01}  # which quality metrics tell a randomised model's maps
+                                # apart and rank the methods stably under input noise (MetaQuantus)
     verdict: {alpha: 0.05, min_effect: {pointing_game: 0.05}}  # the smallest advantage over the
                                 # baselines that matters (metric units); without it, "not better"
                                 # needs the interval of the difference at or below zero
@@ -51,7 +53,10 @@ from pellucid.errors import ConfigError
 from pellucid.pipeline.resolve import BENCH_REGIONS as REGIONS
 
 TOP_KEYS = {"name", "seed", "batch_size", "cache", "gallery", "datasets", "models", "methods",
-            "metrics", "threads", "baselines", "verdict"}
+            "metrics", "threads", "baselines", "verdict", "metric_trust"}
+# which quality metrics can be trusted on each task (bench/trust.py): false (the default), true, or
+# {cases, noise, perturbations}
+TRUST_KEYS = {"cases", "noise", "perturbations"}
 # how the report calls a method against the baselines (bench/stats.py ``verdict``): the test level
 # and the smallest advantage that matters, one number or one per metric (in the metric's units)
 VERDICT_KEYS = {"alpha", "min_effect"}
@@ -121,6 +126,7 @@ class BenchConfig:
     gallery: int = 6
     threads: int | None = None
     verdict: dict[str, Any] = field(default_factory=dict)
+    metric_trust: dict[str, Any] | None = None
     source: str = "<dict>"
 
     def as_dict(self) -> dict[str, Any]:
@@ -356,7 +362,30 @@ def parse_config(raw: dict, source: str = "<dict>") -> BenchConfig:
     return BenchConfig(str(raw.get("name", Path(source).stem)), datasets, models, methods, metrics,
                        int(raw.get("seed", 0)), int(raw.get("batch_size", 8)),
                        bool(raw.get("cache", True)), int(raw.get("gallery", 6)),
-                       raw.get("threads"), _verdict(source, raw.get("verdict"), metrics), source)
+                       raw.get("threads"), _verdict(source, raw.get("verdict"), metrics),
+                       _trust(source, raw.get("metric_trust", False)), source)
+
+
+def _trust(source: str, value: Any) -> dict[str, Any] | None:
+    """``metric_trust``: false, true (8 cases, noise 0.01, 1 perturbation) or a mapping of those."""
+    if value is False or value is None:
+        return None
+    if value is True:
+        return {}
+    _check_keys(source, "metric_trust", value, TRUST_KEYS)
+    out: dict[str, Any] = {}
+    for key, low in (("cases", 3), ("perturbations", 1)):
+        if key in value:
+            v = value[key]
+            if not isinstance(v, int) or isinstance(v, bool) or v < low:
+                raise _err(source, f"metric_trust.{key}", f"must be an integer >= {low}, got {v!r}")
+            out[key] = v
+    if "noise" in value:
+        v = value["noise"]
+        if not _number(v) or not 0 < v <= 1:
+            raise _err(source, "metric_trust.noise", f"must be a number in (0, 1], got {v!r}")
+        out["noise"] = float(v)
+    return out
 
 
 def _number(value: Any) -> bool:

@@ -347,6 +347,15 @@ def _galleries(store: ResultStore, part: pd.DataFrame, gallery_npz: dict[str, np
     return task
 
 
+def task_trust(trust: Any, key: str) -> dict[str, dict]:
+    """{quality metric: its check record} of one task of metric_trust.json ({} without one)."""
+    part = trust.get(key) if isinstance(trust, dict) else None
+    metrics = part.get("metrics") if isinstance(part, dict) else None
+    if not isinstance(metrics, dict):
+        return {}
+    return {m: v for m, v in metrics.items() if isinstance(v, dict)}
+
+
 REQUIRED_COLUMNS = ("dataset", "model", "method", "metric", "metric_name", "value", "case_id",
                     "target", "reason", "explain_seconds", "unit")
 
@@ -425,6 +434,11 @@ def write_report(out: str | Path, frame: pd.DataFrame | None = None) -> Path:
     winners = stats.family_winners(summ, versus, baselines)
     counts = stats.case_counts(frame)
     block_ranks = stats.block_ranks(frame)
+    trust = _side_file(out / "metric_trust.json").get("tasks", {})
+    if not versus.empty:  # each verdict carries its metric's check (None: not checked)
+        versus["metric_trusted"] = [
+            task_trust(trust, f"{r.model}|{r.dataset}").get(r.metric, {}).get("trusted")
+            for r in versus.itertuples()]
     cost = frame.groupby(["dataset", "model", "method"], as_index=False).agg(
         seconds_per_case=("explain_seconds", "mean"), forwards_per_case=("forwards_per_case", "mean"),
         backward_passes=("backward_passes", "mean"), peak_memory_mb=("peak_memory_bytes", "mean"))
@@ -460,7 +474,8 @@ def write_report(out: str | Path, frame: pd.DataFrame | None = None) -> Path:
             if not versus.empty else pd.DataFrame()
         task["verdicts"] = stats.baseline_verdicts(task["against_baselines"])
         task["counts"] = counts.get((dataset, model), {"cases": 0, "pairs": 0})
-        untrusted: set[str] = set()  # quality metrics that failed the metric checks (none yet)
+        task["trust"] = task_trust(trust, f"{model}|{dataset}")
+        untrusted = {m for m, t in task["trust"].items() if t.get("trusted") is False}
         rec = next((r for r in recs if r["dataset"] == dataset and r["model"] == model), None)
         order = [rec["best"]] if rec else []
         order += [m for m in board["method"] if m not in order and m not in baselines]

@@ -3,6 +3,7 @@ Ray, store every finished unit atomically, then write the tables, statistics and
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -514,6 +515,7 @@ def run_bench(config: BenchConfig | str | Path, out: str | Path | None = None,
     gallery: dict[str, Any] = {}
     modality: dict[str, Any] = {}
     tasks: dict[str, Any] = {}
+    trust_inputs: list[tuple[str, Any, CaseSet, ModelSpec, Path, str]] = []
     for mname, mspec, dname, dspec in iter_tasks(config):
         loaded, folder = prepare_model(mspec, out, config.seed)
         weights = loaded.digest()
@@ -539,6 +541,8 @@ def run_bench(config: BenchConfig | str | Path, out: str | Path | None = None,
             performance[perf_key] = {"task": loaded.card.task, "error": str(exc)}
         gallery[perf_key] = _gallery_images(cases)
         units += make_units(config, mname, folder, dname, cases, mspec, out, weights)
+        if config.metric_trust is not None:
+            trust_inputs.append((perf_key, loaded, cases, mspec, folder, weights))
     todo = [u for u in units if not store.done(u.key)]
     if len(todo) < len(units):
         console.print(f"resuming: {len(units) - len(todo)} of {len(units)} units already done")
@@ -555,6 +559,8 @@ def run_bench(config: BenchConfig | str | Path, out: str | Path | None = None,
         _run_ray(todo, store, progress, address, workers)
     else:
         _run_local(todo, store, progress)
+    if trust_inputs:
+        trust_tasks(config, trust_inputs, out, run_info["config_hash"])
     table = store.table()
     store.export(table)
     run_info["seconds"] = round(time.perf_counter() - start, 1)
@@ -564,6 +570,63 @@ def run_bench(config: BenchConfig | str | Path, out: str | Path | None = None,
 
         write_report(out, table)
     return table
+
+
+def _first_pairs(cases: CaseSet, n: int) -> CaseSet:
+    """The first ``n`` (case, target) pairs of a case set."""
+    sliced = {}
+    for f in dataclasses.fields(cases):
+        value = getattr(cases, f.name)
+        sliced[f.name] = value if f.name == "background" or value is None else value[:n]
+    return CaseSet(**sliced)
+
+
+def trust_tasks(config: BenchConfig, inputs: list, out: Path, config_hash: str) -> None:
+    """``metric_trust.json``: per task, which quality metrics can be trusted (bench/trust.py), on
+    the first pairs of its cases; kept for a resumed run of the same configuration and weights."""
+    from pellucid.bench.stats import metric_roles
+    from pellucid.bench.trust import TrustSettings, metric_trust
+    from pellucid.metrics import create
+
+    path = out / "metric_trust.json"
+    done: dict[str, Any] = {}
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text())
+            if isinstance(old, dict) and old.get("config_hash") == config_hash:
+                done = old.get("tasks", {}) if isinstance(old.get("tasks"), dict) else {}
+        except ValueError:
+            done = {}
+    settings = TrustSettings(**(config.metric_trust or {}), seed=config.seed)
+    roles = metric_roles(pd.DataFrame({"metric": [m.label for m in config.metrics],
+                                       "metric_name": [m.name for m in config.metrics],
+                                       "category": [create(m.name, **m.options).category
+                                                    for m in config.metrics]}))
+    quality = [m for m in config.metrics if roles.get(m.label) == "quality"]
+    tasks: dict[str, Any] = {}
+    for key, loaded, cases, mspec, folder, weights in inputs:
+        previous = done.get(key)
+        if isinstance(previous, dict) and previous.get("weights_sha256") == weights:
+            tasks[key] = previous
+            continue
+        n = min(settings.cases, len(cases.case_ids))
+        part = _first_pairs(cases, n)
+        compared = [m for m in config.methods if _family(m.name) != "baseline"
+                    and (not m.only_models or key.split("|")[0] in m.only_models)]
+        cfg = dataclasses.replace(config, batch_size=n, cache=False, methods=compared)
+        units = make_units(cfg, key.split("|")[0], folder, key.split("|")[1], part, mspec, out, weights)
+        console.print(f"metric checks on {key}: {len(units)} methods x {n} cases")
+        found = metric_trust(units, loaded, quality, settings)
+        tasks[key] = {"weights_sha256": weights, "cases": n, "noise": settings.noise,
+                      "perturbations": settings.perturbations, "metrics": found}
+    path.write_text(json.dumps({"config_hash": config_hash, "tasks": tasks}, indent=2,
+                               default=float) + "\n")
+
+
+def _family(method: str) -> str:
+    from pellucid.explainers.registry import REGISTRY
+
+    return REGISTRY.get(method).family
 
 
 def modality_importance(loaded, cases: CaseSet, mspec: ModelSpec) -> dict[str, Any]:
