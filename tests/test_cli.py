@@ -121,3 +121,49 @@ def test_without_a_model_card_no_probability_or_finding_is_claimed(tmp_path):
     assert "probability" not in row["prediction"] and "logit" in row["prediction"]
     assert "no model card" in row["prediction"]["text"]
     assert [f["present"] for f in row["findings"]] == [None, None]
+
+
+def _commands(group, prefix=()):
+    """Every command path of the click group behind the typer app."""
+    for name, command in sorted(group.commands.items()):
+        path = (*prefix, name)
+        if hasattr(command, "commands"):
+            yield from _commands(command, path)
+        else:
+            yield path, command
+
+
+def test_every_command_line_mistake_is_one_line(capsys):
+    """For every subcommand: an unknown option, a misspelt one and a misspelt command each print
+    one `error:` line with the usage (and the closest valid spelling where there is one) and exit
+    with status 2; never a traceback."""
+    import typer.main
+
+    from pellucid import cli
+
+    group = typer.main.get_command(cli.app)
+    swept = 0
+    for path, command in _commands(group):
+        options = [o for p in command.params for o in p.opts if o.startswith("--") and len(o) > 5]
+        tries = [[*path, "--no-such-option-at-all"]]
+        if options:
+            wrong = options[0][:-1] + options[0][-1] * 2  # one letter doubled at the end
+            tries.append([*path, wrong])
+        for argv in tries:
+            with pytest.raises(SystemExit) as stop:
+                cli.main(argv)
+            err = capsys.readouterr().err.strip()
+            assert stop.value.code == 2, (argv, err)
+            assert len(err.splitlines()) == 1 and err.startswith("error: "), (argv, err)
+            assert f"Usage: pellucid {' '.join(path)}" in err, (argv, err)
+            if argv[-1] != "--no-such-option-at-all":
+                assert f"Did you mean {options[0]}" in err, (argv, err)
+        swept += 1
+    assert swept >= 15
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["explian"])
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == 2 and "Did you mean 'explain'?" in err and len(err.splitlines()) == 1
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["review", "craete"])
+    assert "Did you mean 'create'?" in capsys.readouterr().err

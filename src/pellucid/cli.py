@@ -498,20 +498,59 @@ def review_analyze(db: Annotated[str, typer.Option(help=DB_HELP)] = "review.db",
                           f"[{row['ci_low']:.2f}, {row['ci_high']:.2f}]")
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Entry point: run the app; a PellucidError becomes one line on stderr and exit status 2."""
+def _click_exceptions() -> tuple[tuple[type, ...], tuple[type, ...], tuple[type, ...]]:
+    """(ClickException, UsageError, Abort) of click and of the copy of click that typer carries."""
     import click
 
+    kinds: list[tuple[type, type, type]] = [(click.ClickException, click.UsageError,
+                                             click.exceptions.Abort)]
     try:
-        app(args=argv, standalone_mode=False)
+        from typer._click import exceptions as vendored
+    except ImportError:  # a typer that uses click itself
+        pass
+    else:
+        kinds.append((vendored.ClickException, vendored.UsageError, typer.Abort))
+    return tuple(k[0] for k in kinds), tuple(k[1] for k in kinds), tuple(k[2] for k in kinds)
+
+
+def usage_line(exc: Exception) -> str:
+    """One line for a command-line mistake: what was wrong, the closest valid spelling of an
+    unknown option or command when there is one, the command's usage and where its help is."""
+    import difflib
+
+    ctx = getattr(exc, "ctx", None)
+    message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+    message = " ".join(message.split())
+    if ctx is not None and "Did you mean" not in message:
+        wrong = getattr(exc, "option_name", None)
+        if wrong:
+            known = [o for p in ctx.command.params for o in (*p.opts, *p.secondary_opts)]
+            close = difflib.get_close_matches(wrong, known, n=1, cutoff=0.75)
+            if close:
+                message += f" Did you mean {close[0]}?"
+    if ctx is None:
+        return f"error: {message}"
+    usage = " ".join(ctx.get_usage().split())
+    return f"error: {message} ({usage}; `{ctx.command_path} --help` lists the options)"
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the app; a PellucidError or a command-line mistake (an unknown or misspelt
+    option or command, a missing or bad value) becomes one line on stderr and exit status 2."""
+    click_error, usage_error, abort = _click_exceptions()
+    try:
+        app(args=argv, standalone_mode=False, prog_name="pellucid")
     except PellucidError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
-    except click.exceptions.Abort:
+    except abort:
         print("error: aborted", file=sys.stderr)
         sys.exit(130)
-    except click.ClickException as exc:
-        print(f"error: {exc.format_message()}", file=sys.stderr)
+    except usage_error as exc:
+        print(usage_line(exc), file=sys.stderr)
+        sys.exit(2)
+    except click_error as exc:
+        print(f"error: {' '.join(exc.format_message().split())}", file=sys.stderr)
         sys.exit(exc.exit_code)
 
 
