@@ -107,8 +107,8 @@ def task_cards(run: str | Path) -> list[dict[str, Any]]:
                                 "verdicts": rows[["metric", "verdict", "mean", "baseline",
                                                   "baseline_mean", "diff", "diff_ci_low",
                                                   "diff_ci_high", "p_holm"]].to_dict("records")})
-            for b in rec["budgets"]:
-                if b["method"] not in {r["method"] for r in recommended}:
+            for b in rec["budgets"]:  # a cheaper method, where one is shown better on something
+                if b.get("better", 0) and b["method"] not in {r["method"] for r in recommended}:
                     rows = mine[mine["method"] == b["method"]]
                     recommended.append({"method": b["method"], "seconds_per_case": b["seconds"],
                                         "budget_seconds": b["budget"],
@@ -176,9 +176,9 @@ def card_markdown(card: dict[str, Any]) -> str:
     t, m = card["task"], card["model"]
     lines = [f"# Explanation card: {t['model']} on {t['dataset']}", ""]
     lines += ["## Model", ""]
-    lines.append(f"- name: {m.get('name', t['model'])}" + (f" {m['version']}" if m.get("version") else ""))
+    lines.append(f"- name: {m.get('name') or t['model']}" + (f" {m['version']}" if m.get("version") else ""))
     for k in ("arch", "task", "activation", "input_size", "class_names"):
-        if k in m:
+        if m.get(k):
             lines.append(f"- {k}: {m[k]}")
     lines.append(f"- weights SHA-256: {m.get('weights_sha256') or 'not recorded'}")
     lines += ["", "## Data", "",

@@ -103,6 +103,8 @@ def sanity_rows(part: pd.DataFrame, baselines: set[str]) -> list[dict[str, Any]]
                 if isinstance(info, dict) and "passed" in info:
                     passed.append(bool(info["passed"]))
         values = group["value"].dropna()
+        if not len(values):  # not run for this method (skipped by the configuration)
+            continue
         out.append({"metric": metric, "method": method, "cases": len(values),
                     "pass_rate": float(np.mean(passed)) if passed else float("nan"),
                     "mean": float(values.mean()) if len(values) else float("nan")})
@@ -135,7 +137,11 @@ def sentences(rec: dict | None, versus: pd.DataFrame, counts: dict[str, int],
                    and b["seconds"] < rec["best_seconds"]]
         if cheaper:
             b = cheaper[0]
-            use += f"; within {b['budget']:g} s per case, {b['method']} ({b['seconds']:.2g} s)"
+            if b.get("better", 0):
+                use += (f"; within {b['budget']:g} s per case, {b['method']} ({b['seconds']:.2g} s, "
+                        f"better on {b['better']})")
+            else:
+                use += f"; nothing within {b['budget']:g} s per case is shown better"
     out = [use + "."]
     if rec is not None and not versus.empty:
         mine = versus[versus["method"] == rec["best"]]

@@ -213,7 +213,8 @@ def recommendations(costq: pd.DataFrame, budgets: tuple[float, ...] = BUDGETS,
             top = within.sort_values(order, ascending=[False, True, True]).iloc[0]
             rec["budgets"].append({"budget": budget, "method": top["method"],
                                    "rank": float(top["average_rank"]),
-                                   "seconds": float(top["seconds_per_case"])})
+                                   "seconds": float(top["seconds_per_case"]),
+                                   "better": int(top["better"])})
         rec["caveats"], rec["verdicts"] = [], {v: 0 for v in VERDICTS}
         if versus is not None and not versus.empty:
             mine = versus[(versus["dataset"] == dataset) & (versus["model"] == model)
