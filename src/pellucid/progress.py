@@ -1,8 +1,11 @@
-"""Rich progress bars for long work; silent when ``enabled`` is False."""
+"""Progress of long work: a rich bar in a terminal; elsewhere (a log file, CI, a pipe) one plain
+line per finished item with the count, the elapsed time and an estimate of the rest (at most one
+line a second, and always the last); silent when ``enabled`` is False."""
 
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
@@ -24,13 +27,39 @@ def track(items: Iterable[T], description: str, total: int | None = None,
     if not enabled:
         yield from items
         return
+    from rich.console import Console
+
+    count = total if total is not None else len(items)  # type: ignore[arg-type]
+    if not Console().is_terminal:
+        yield from _lines(items, description, count)
+        return
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn(), TimeRemainingColumn())
     with Progress(*columns, transient=False) as bar:
-        task = bar.add_task(description, total=total if total is not None else len(items))  # type: ignore[arg-type]
+        task = bar.add_task(description, total=count)
         for item in items:
             yield item
             bar.advance(task)
+
+
+def _clock(seconds: float) -> str:
+    whole = round(seconds)
+    return f"{whole // 3600}:{whole // 60 % 60:02d}:{whole % 60:02d}"
+
+
+def _lines(items: Iterable[T], description: str, total: int, every: float = 1.0) -> Iterator[T]:
+    """``items``, printing "description: i/total done, elapsed H:MM:SS, about H:MM:SS left"."""
+    start = last = time.perf_counter()
+    done = 0
+    for item in items:
+        yield item
+        done += 1
+        now = time.perf_counter()
+        if now - last >= every or done == total:
+            left = (now - start) / done * (total - done) if total else 0.0
+            print(f"{description}: {done}/{total} done, elapsed {_clock(now - start)}, about "
+                  f"{_clock(left)} left", flush=True)
+            last = now
 
 
 def warn(message: str) -> None:
