@@ -50,10 +50,8 @@ def _clock(seconds: float) -> str:
 def _lines(items: Iterable[T], description: str, total: int, every: float = 1.0) -> Iterator[T]:
     """``items``, printing "description: i/total done, elapsed H:MM:SS, about H:MM:SS left"."""
     start = last = time.perf_counter()
-    done = 0
-    for item in items:
+    for done, item in enumerate(items, start=1):
         yield item
-        done += 1
         now = time.perf_counter()
         if now - last >= every or done == total:
             left = (now - start) / done * (total - done) if total else 0.0
