@@ -335,19 +335,24 @@ def test_report_is_self_contained_and_renders_in_chromium(tmp_path, tiny_model):
     versus = pd.read_csv(tmp_path / "out" / "tables" / "against_baselines.csv")
     assert set(versus["method"]) == {"gradcam", "saliency"}  # the baselines are what is compared to
     assert set(versus["baseline"]) <= {"random", "centre", "edges", "prior"}
-    # four cases and two methods: the smallest Holm-adjusted p is 2/16, so nothing can be called
-    assert (versus["verdict"] == "undetermined").all() and (versus["min_attainable_p_holm"] >= 0.125).all()
-    assert "4 cases" in html and "With 4 cases" in html
+    # two methods compared: the smallest Holm-adjusted p is 2 x 2^-pairs (a case may give several
+    # pairs); where it is not below 0.05 nothing can be called
+    assert versus["verdict"].isin(["better", "not_better", "undetermined"]).all()
+    assert versus["min_attainable_p_holm"].tolist() == pytest.approx(
+        [min(1.0, 2 * 0.5 ** b) for b in versus["blocks"]])
+    assert (versus.loc[versus["min_attainable_p_holm"] >= 0.05, "verdict"] == "undetermined").all()
+    assert "4 cases" in html and html.count("<li>") >= 3  # the count and the three sentences
     from pellucid.bench.card import write_cards
 
     written = write_cards(tmp_path / "out")
     card = json.loads(next(p for p in written if p.suffix == ".json").read_text())
-    assert card["task"]["cases"] == 4 and card["verdict_counts"]["undetermined"] == len(versus)
-    assert card["recommended"] == []  # nothing shown better: nothing recommended
+    assert card["task"]["cases"] == 4 and sum(card["verdict_counts"].values()) == len(versus)
+    if not (versus["verdict"] == "better").any():
+        assert card["recommended"] == []  # nothing shown better: nothing recommended
     assert any("CLAIM" in c["item"] for c in card["checklist"])
     assert any("13(3)(d)" in c["item"] for c in card["checklist"])
     markdown = next(p for p in written if p.suffix == ".md").read_text()
-    assert markdown.startswith("# Explanation card: r18 on chest") and "No method is recommended" in markdown
+    assert markdown.startswith("# Explanation card: r18 on chest") and "## The answer" in markdown
     prior = pd.read_csv(tmp_path / "out" / "results.csv")
     prior = prior[(prior["method"] == "prior") & (prior["metric"] == "pointing_game")]
     assert prior["value"].notna().all()  # the phantoms' training split gives the prior
@@ -466,23 +471,24 @@ def test_a_users_csv_boxes_and_masks_feed_every_localisation_metric(tmp_path, ti
 
 
 def _first_screen_says_what_to_use(report: Path, browser: str) -> None:
-    """What a person sees before scrolling (1280 x 900): the at-a-glance section with the best
-    method per metric family and its interval; a click enlarges a figure."""
+    """What a person sees before scrolling (1280 x 900): the at-a-glance section with the case
+    count, the verdict figure and the three sentences naming a method; a click enlarges a figure."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
         chromium = p.chromium.launch(executable_path=browser, args=["--no-sandbox", "--disable-gpu"])
         page = chromium.new_page(viewport={"width": 1280, "height": 900})
         page.goto(report.as_uri())
-        first = page.evaluate("""() => Array.from(document.querySelectorAll("h2, p, td, th"))
+        first = page.evaluate("""() => Array.from(document.querySelectorAll("h2, h3, p, li, td, th"))
             .filter(e => e.getBoundingClientRect().top < window.innerHeight)
             .map(e => e.innerText).join("\\n")""")
         assert "At a glance: what to use, and how sure that is" in first
-        assert "best method" in first and "95% interval" in first
-        assert any(m in first for m in ("gradcam", "saliency"))  # a winner is named on screen
-        image = page.locator("img").first
-        image.click()
-        assert "zoomed" in (image.get_attribute("class") or "")
+        assert re.search(r"\d+ cases", first), first
+        assert any(m in first for m in ("gradcam", "saliency"))  # a method is named on screen
+        figure = page.locator("img.glance-figure").first
+        assert figure.bounding_box()["y"] < 900  # the verdict figure is on the first screen
+        figure.click()
+        assert "zoomed" in (figure.get_attribute("class") or "")
         chromium.close()
 
 
