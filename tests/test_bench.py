@@ -556,3 +556,18 @@ def test_the_first_screen_fits_one_viewport_per_task(tmp_path):
     assert len(sizes) == 3
     for width, height in sizes:
         assert width <= 1400 and 200 < height <= 900, sizes
+
+
+def test_a_tampered_verdict_setting_is_named_and_the_default_used(capsys):
+    """run.json's verdict settings are what the report, the cards and the evidence share; one a
+    configuration could not have given is named in one warning and the default is used."""
+    from pellucid.bench.answers import verdict_settings
+
+    assert verdict_settings({"verdict": {"alpha": 0.01, "min_effect": {"deletion": 0.02}}}) == \
+        (0.01, {"deletion": 0.02})
+    assert verdict_settings({}) == (0.05, None)
+    assert verdict_settings({"verdict": {"alpha": "0.5", "min_effect": -1}}) == (0.05, None)
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["warning: run.json verdict.alpha '0.5' is not in (0, 0.5]; 0.05 is used",
+                   "warning: run.json verdict.min_effect -1 is not a number >= 0 or one per metric; "
+                   "0 is used"]

@@ -38,6 +38,14 @@ def test_consistency_scores_by_hand():
     assert record["separates"] is False and record["stable"] is True and record["trusted"] is False
     parts = [record[k] for k in ("IAC_NR", "IAC_AR", "IEC_NR", "IEC_AR")]
     assert record["MC"] == pytest.approx(np.mean(parts))
+    # no randomised copy (a black box) or no pair whose prediction changed: the check cannot tell,
+    # never "trusted"
+    blind = consistency({"a": q_star[0], "b": q_star[1]}, [{"a": q_hat[0], "b": q_hat[1]}], [keep],
+                        [], [], True)
+    assert blind["separates"] is None and blind["stable"] is True and blind["trusted"] is None
+    none_changed = consistency({"a": q_star[0], "b": q_star[1]}, [{"a": q_hat[0], "b": q_hat[1]}],
+                               [keep], [{"a": q_hat[0], "b": q_hat[1]}], [np.zeros(3, bool)], True)
+    assert none_changed["trusted"] is None and np.isnan(none_changed["MC"])
 
 
 def test_consistency_equals_metaquantus():

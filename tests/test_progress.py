@@ -19,3 +19,14 @@ def test_lines_when_the_output_is_not_a_terminal(capsys):
     assert [line.split(" done")[0] for line in lines] == [f"units: {i}/4" for i in range(1, 5)]
     assert list(track(range(3), "quiet", enabled=False)) == [0, 1, 2]
     assert capsys.readouterr().out == ""
+
+
+def test_quiet_holds_warnings_back_in_its_block_only(capsys):
+    from pellucid.progress import quiet, warn
+
+    with quiet():
+        warn("about a randomised copy")
+        with quiet(False):  # an inner block cannot lift an outer one
+            warn("still about the copy")
+    warn("about the user's model")
+    assert capsys.readouterr().err == "warning: about the user's model\n"

@@ -5,8 +5,10 @@ line a second, and always the last); silent when ``enabled`` is False."""
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import TypeVar
 
 from rich.progress import (
@@ -60,6 +62,22 @@ def _lines(items: Iterable[T], description: str, total: int, every: float = 1.0)
             last = now
 
 
+_quiet = threading.local()
+
+
+@contextmanager
+def quiet(enabled: bool = True) -> Iterator[None]:
+    """No ``warning:`` lines from this thread inside the block (work on perturbed copies whose
+    warnings would describe a model or input the user never gave)."""
+    before = getattr(_quiet, "on", False)
+    _quiet.on = before or enabled
+    try:
+        yield
+    finally:
+        _quiet.on = before
+
+
 def warn(message: str) -> None:
     """One ``warning:`` line on stderr: something was skipped or repaired and the run goes on."""
-    print(f"warning: {message}", file=sys.stderr, flush=True)
+    if not getattr(_quiet, "on", False):
+        print(f"warning: {message}", file=sys.stderr, flush=True)

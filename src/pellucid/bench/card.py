@@ -25,7 +25,7 @@ import pandas as pd
 
 import pellucid.bench.glance as glance
 import pellucid.bench.stats as stats
-from pellucid.bench.report import task_trust
+from pellucid.bench.answers import answers
 from pellucid.bench.store import ResultStore
 from pellucid.errors import DataError
 
@@ -74,28 +74,17 @@ def task_cards(run: str | Path) -> list[dict[str, Any]]:
     frame = ResultStore(run).table()
     if frame.empty:
         raise DataError(run, "no verified result parts to describe; run `pellucid bench` first")
-    info = _read(run / "run.json")
-    perf = _read(run / "performance.json")
-    settings = info.get("verdict") if isinstance(info.get("verdict"), dict) else {}
-    summ = stats.summary(frame)
-    costq = stats.cost_quality(frame, stats.ranks(summ))
-    versus = stats.against_baselines(frame, alpha=float(settings.get("alpha", stats.ALPHA)),
-                                     min_effect=settings.get("min_effect"))
-    baselines = stats.baseline_methods(frame)
-    recs = stats.recommendations(costq, versus=versus, baselines=baselines)
-    counts = stats.case_counts(frame)
-    from pellucid.models.performance import chance_warnings_by_task
-
-    chance = chance_warnings_by_task(perf) if perf else {}
-    trust = _read(run / "metric_trust.json").get("tasks", {})
+    found = answers(run, frame)
+    info, settings = found.run, found.settings
+    baselines = found.baselines
     cards = []
     for (dataset, model), part in frame.groupby(stats.TASK, sort=True):
         key = f"{model}|{dataset}"
-        mine = versus[(versus["dataset"] == dataset) & (versus["model"] == model)] \
-            if not versus.empty else pd.DataFrame()
-        rec = next((r for r in recs if r["dataset"] == dataset and r["model"] == model), None)
-        checks = task_trust(trust, key)
-        untrusted = sorted(m for m, t in checks.items() if t.get("trusted") is False)
+        parts = found.task(dataset, model)
+        mine, rec, checks = parts["versus"], parts["recommendation"], parts["checks"]
+        untrusted = sorted(parts["untrusted"])
+        chance = {key: parts["chance"]}
+        counts = {(dataset, model): parts["counts"]}
         task_info = (info.get("tasks") or {}).get(key, {}) if isinstance(info.get("tasks"), dict) \
             else {}
         cost = part.groupby("method", as_index=False).agg(seconds_per_case=("explain_seconds", "mean"),
@@ -116,9 +105,9 @@ def task_cards(run: str | Path) -> list[dict[str, Any]]:
                                                           "diff_ci_high"]].to_dict("records")})
         undetermined = mine[mine["verdict"] == "undetermined"] if not mine.empty else pd.DataFrame()
         limitations = list(chance.get(key, []))
-        if untrusted:
-            limitations.append(f"The metric checks failed for {', '.join(untrusted)}: their verdicts "
-                               f"carry little weight.")
+        for metric in untrusted:
+            limitations.append(f"{metric} {glance.failed_checks(parts['untrusted'][metric])}: its "
+                               f"verdicts carry little weight.")
         if "conservation" in part:
             lrp = part[part["method"].str.startswith("lrp")].drop_duplicates(["method", "case_id",
                                                                                "target"])
@@ -135,7 +124,7 @@ def task_cards(run: str | Path) -> list[dict[str, Any]]:
                       **_model_card(run, model)},
             "data": {"dataset": dataset, "cases": counts[(dataset, model)]["cases"],
                      "case_target_pairs": counts[(dataset, model)]["pairs"]},
-            "answer": glance.sentences(rec, mine, counts[(dataset, model)], set(untrusted),
+            "answer": glance.sentences(rec, mine, counts[(dataset, model)], parts["untrusted"],
                                        chance.get(key)),
             "recommended": recommended,
             "verdict_counts": {v: int((mine["verdict"] == v).sum()) if not mine.empty else 0
@@ -153,18 +142,10 @@ def task_cards(run: str | Path) -> list[dict[str, Any]]:
             "run": {"folder": str(run), "config": info.get("config"),
                     "config_hash": info.get("config_hash"), "started": info.get("started"),
                     "pellucid": (info.get("versions") or {}).get("pellucid"),
-                    "verdict_settings": settings or {"alpha": stats.ALPHA, "min_effect": 0.0}},
+                    "verdict_settings": {"alpha": settings[0], "min_effect": settings[1] or 0.0}},
         }
         cards.append(_clean(card))
     return cards
-
-
-def _read(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text()) if path.is_file() else {}
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def _num(v: Any, digits: str = ".3g") -> str:
@@ -206,7 +187,8 @@ def card_markdown(card: dict[str, Any]) -> str:
                                                       else f"mean {_num(s['mean'])}")
               for s in card["sanity"]] or ["- none in this run"]
     lines += ["", "## Which metrics can be trusted here (MetaQuantus criteria)", ""]
-    lines += [f"- {m}: {'trusted' if c['trusted'] else 'NOT trusted'} (tells randomised-model maps "
+    word = {True: "trusted", False: "NOT trusted", None: "cannot tell (no pairs for a criterion)"}
+    lines += [f"- {m}: {word[c['trusted']]} (tells randomised-model maps "
               f"apart, IEC_AR {_num(c['IEC_AR'])}; ranks methods stably under input noise, IEC_NR "
               f"{_num(c['IEC_NR'])}; {c['pairs']} pairs)" for m, c in card["metric_checks"].items()] \
         or ["- not checked in this run (`metric_trust: true` in the configuration)"]

@@ -115,13 +115,26 @@ def _fmt_ci(low: float, high: float) -> str:
     return f"[{low:+.2g}, {high:+.2g}]"
 
 
+def failed_checks(record: dict[str, Any]) -> str:
+    """What a metric that failed the metric checks (bench/trust.py) did, in words."""
+    parts = []
+    if record.get("separates") is False:
+        parts.append("did not tell the trained model's maps from a randomised model's")
+    if record.get("stable") is False:
+        parts.append("ranked the methods unstably under small input noise")
+    return " and ".join(parts)
+
+
 def sentences(rec: dict | None, versus: pd.DataFrame, counts: dict[str, int],
-              untrusted: set[str] = frozenset(), warnings: list[str] | None = None) -> list[str]:
+              untrusted: dict[str, dict] | None = None, warnings: list[str] | None = None
+              ) -> list[str]:
     """At most three sentences for one task: what to use within which budget, how sure that is,
-    what this run cannot tell."""
+    what this run cannot tell. ``untrusted``: {metric: its check record} of the metrics that
+    failed the metric checks; ``warnings``: the task's near-chance warnings."""
     cases = counts.get("cases", 0)
+    untrusted = untrusted or {}
     if warnings:
-        use = ("The model performs near chance here (above), so no method's maps can be "
+        use = ("The model performs near chance on this task, so no method's maps can be "
                "recommended as evidence of a finding")
     elif rec is None or versus.empty:
         use = "No method was compared with the trivial baselines on a quality metric"
@@ -164,10 +177,8 @@ def sentences(rec: dict | None, versus: pd.DataFrame, counts: dict[str, int],
     if not versus.empty:
         unknown = versus[versus["verdict"] == "undetermined"]
         tail = ""
-        if untrusted:
-            tail = (f"; {', '.join(sorted(untrusted))} (†) did not tell the trained model's maps "
-                    f"from a randomised model's or ranked methods unstably, so its verdicts carry "
-                    f"little weight")
+        for metric, record in sorted(untrusted.items()):
+            tail += f"; {metric} (†) {failed_checks(record)}, so its verdicts carry little weight"
         if len(unknown):
             settle = unknown["cases_to_settle"].dropna()
             need = (f"; where the observed difference favours the method, about "

@@ -19,6 +19,7 @@ from jinja2 import Environment, FileSystemLoader
 
 import pellucid.bench.glance as glance
 import pellucid.bench.stats as stats
+from pellucid.bench.answers import answers, side_file
 from pellucid.bench.store import ResultStore
 from pellucid.errors import DataError, PellucidError
 from pellucid.progress import warn
@@ -347,32 +348,8 @@ def _galleries(store: ResultStore, part: pd.DataFrame, gallery_npz: dict[str, np
     return task
 
 
-def task_trust(trust: Any, key: str) -> dict[str, dict]:
-    """{quality metric: its check record} of one task of metric_trust.json ({} without one)."""
-    part = trust.get(key) if isinstance(trust, dict) else None
-    metrics = part.get("metrics") if isinstance(part, dict) else None
-    if not isinstance(metrics, dict):
-        return {}
-    return {m: v for m, v in metrics.items() if isinstance(v, dict)}
-
-
 REQUIRED_COLUMNS = ("dataset", "model", "method", "metric", "metric_name", "value", "case_id",
                     "target", "reason", "explain_seconds", "unit")
-
-
-def _side_file(path: Path) -> dict[str, Any]:
-    """A JSON object beside the results ({} with a warning when it is missing parts or broken)."""
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        warn(f"{path.name} unreadable ({type(exc).__name__}); its section is left out")
-        return {}
-    if not isinstance(data, dict):
-        warn(f"{path.name} does not hold an object; its section is left out")
-        return {}
-    return data
 
 
 def read_gallery(path: Path) -> dict[str, np.ndarray]:
@@ -414,31 +391,16 @@ def write_report(out: str | Path, frame: pd.DataFrame | None = None) -> Path:
         raise DataError(out, "no verified result parts to report on" + (
             f" (columns {missing} missing)" if missing and not frame.empty else "")
             + "; run `pellucid bench` on its configuration to compute them")
-    run = _side_file(out / "run.json")
-    perf = _side_file(out / "performance.json")
+    found = answers(out, frame)
+    run, perf = found.run, found.performance
     gallery_npz = read_gallery(out / "gallery.npz")
-    modality = _side_file(out / "modality.json")
+    modality = side_file(out / "modality.json")
     task_info = run.get("tasks", {}) if isinstance(run.get("tasks"), dict) else {}
-    summ = stats.summary(frame)
-    avg = stats.ranks(summ)
+    summ, costq, versus, baselines = found.summary, found.costq, found.versus, found.baselines
     tests, pairs = stats.friedman(frame)
-    costq = stats.cost_quality(frame, avg)
-    settings = run.get("verdict") if isinstance(run.get("verdict"), dict) else {}
-    versus = _optional("run.json verdict settings", lambda: stats.against_baselines(
-        frame, alpha=float(settings.get("alpha", stats.ALPHA)),
-        min_effect=settings.get("min_effect")), None)
-    if versus is None:
-        versus = stats.against_baselines(frame)
-    baselines = stats.baseline_methods(frame)
-    recs = stats.recommendations(costq, versus=versus, baselines=baselines)
+    recs = found.recommendations
     winners = stats.family_winners(summ, versus, baselines)
-    counts = stats.case_counts(frame)
     block_ranks = stats.block_ranks(frame)
-    trust = _side_file(out / "metric_trust.json").get("tasks", {})
-    if not versus.empty:  # each verdict carries its metric's check (None: not checked)
-        versus["metric_trusted"] = [
-            task_trust(trust, f"{r.model}|{r.dataset}").get(r.metric, {}).get("trusted")
-            for r in versus.itertuples()]
     cost = frame.groupby(["dataset", "model", "method"], as_index=False).agg(
         seconds_per_case=("explain_seconds", "mean"), forwards_per_case=("forwards_per_case", "mean"),
         backward_passes=("backward_passes", "mean"), peak_memory_mb=("peak_memory_bytes", "mean"))
@@ -457,9 +419,6 @@ def write_report(out: str | Path, frame: pd.DataFrame | None = None) -> Path:
                   "performance": pd.DataFrame(_optional("performance.json",
                                                         lambda: _performance_rows(perf), []))},
                  out / "tables")
-    from pellucid.models.performance import chance_warnings_by_task
-
-    chance = _optional("performance.json", lambda: chance_warnings_by_task(perf), {})
     tasks = []
     for (dataset, model), part in frame.groupby(["dataset", "model"], sort=True):
         tsumm = summ[(summ["dataset"] == dataset) & (summ["model"] == model)]
@@ -470,22 +429,19 @@ def write_report(out: str | Path, frame: pd.DataFrame | None = None) -> Path:
                                 "curves": _curves(part),
                                 "curve_metrics": _curve_metrics(part),
                                 "baseline_methods": baselines}
-        task["against_baselines"] = versus[(versus["dataset"] == dataset) & (versus["model"] == model)] \
-            if not versus.empty else pd.DataFrame()
+        mine = found.task(dataset, model)
+        task["against_baselines"] = mine["versus"]
         task["verdicts"] = stats.baseline_verdicts(task["against_baselines"])
-        task["counts"] = counts.get((dataset, model), {"cases": 0, "pairs": 0})
-        task["trust"] = task_trust(trust, f"{model}|{dataset}")
-        untrusted = {m for m, t in task["trust"].items() if t.get("trusted") is False}
-        rec = next((r for r in recs if r["dataset"] == dataset and r["model"] == model), None)
+        task["counts"], task["trust"], task["chance"] = mine["counts"], mine["checks"], mine["chance"]
+        rec = mine["recommendation"]
         order = [rec["best"]] if rec else []
         order += [m for m in board["method"] if m not in order and m not in baselines]
         task["glance_figure"] = glance.verdict_figure(tsumm, task["against_baselines"], baselines,
-                                                      order, untrusted)
+                                                      order, set(mine["untrusted"]))
         task["sanity"] = glance.sanity_rows(part, baselines)
-        task["chance"] = chance.get(f"{model}|{dataset}", [])
         task["sentences"] = glance.sentences(rec, task["against_baselines"], task["counts"],
-                                             untrusted, task["chance"])
-        task["untrusted"] = sorted(untrusted)
+                                             mine["untrusted"], task["chance"])
+        task["untrusted"] = sorted(mine["untrusted"])
         task_ranks = block_ranks[(block_ranks["dataset"] == dataset) & (block_ranks["model"] == model)] \
             if not block_ranks.empty else pd.DataFrame()
         task["cd"] = glance.cd_diagram(task_ranks, baselines)
@@ -514,13 +470,13 @@ def write_report(out: str | Path, frame: pd.DataFrame | None = None) -> Path:
     perf_rows = [{k: row.get(k, "") for k in columns} for row in perf_rows]
     review = None
     if (out / "review" / "summary.json").is_file():  # `pellucid review analyze --bench OUT`
-        review = _side_file(out / "review" / "summary.json")
+        review = side_file(out / "review" / "summary.json")
         frames = _optional("review/summary.json", lambda: {
             k: pd.DataFrame(v) for k, v in review["tables"].items()}, None)
         review = dict(review, frames=frames) if frames is not None else None
     html = env.get_template("report.html.j2").render(
         run=run, tasks=tasks, performance=perf_rows, recommendations=recs,
-        warnings=[w for t in tasks for w in t["chance"]], winners=winners,
+        winners=winners,
         cost=cost, skipped=skipped, rows=len(frame), review=review)
     path = out / "report.html"
     path.write_text(html)

@@ -220,7 +220,7 @@ def card_options(dspec: DatasetSpec, card) -> dict:
     generic readers: the resize method, and the size when the card's input is square and 2D (as
     ``pellucid explain`` reads an input for this model)."""
     options = dict(dspec.options)
-    if dspec.reader in RESIZING_READERS and (card.spatial_dims == 2 or card.resize != "bilinear"):
+    if dspec.reader in RESIZING_READERS:
         options.setdefault("resize", card.resize)
     if dspec.reader in GENERIC_READERS:
         size = list(card.input_size)
@@ -584,9 +584,8 @@ def _first_pairs(cases: CaseSet, n: int) -> CaseSet:
 def trust_tasks(config: BenchConfig, inputs: list, out: Path, config_hash: str) -> None:
     """``metric_trust.json``: per task, which quality metrics can be trusted (bench/trust.py), on
     the first pairs of its cases; kept for a resumed run of the same configuration and weights."""
-    from pellucid.bench.stats import metric_roles
     from pellucid.bench.trust import TrustSettings, metric_trust
-    from pellucid.metrics import create
+    from pellucid.metrics.base import REGISTRY as METRICS
 
     path = out / "metric_trust.json"
     done: dict[str, Any] = {}
@@ -598,11 +597,7 @@ def trust_tasks(config: BenchConfig, inputs: list, out: Path, config_hash: str) 
         except ValueError:
             done = {}
     settings = TrustSettings(**(config.metric_trust or {}), seed=config.seed)
-    roles = metric_roles(pd.DataFrame({"metric": [m.label for m in config.metrics],
-                                       "metric_name": [m.name for m in config.metrics],
-                                       "category": [create(m.name, **m.options).category
-                                                    for m in config.metrics]}))
-    quality = [m for m in config.metrics if roles.get(m.label) == "quality"]
+    quality = [m for m in config.metrics if METRICS.get(m.name).role == "quality"]
     tasks: dict[str, Any] = {}
     for key, loaded, cases, mspec, folder, weights in inputs:
         previous = done.get(key)
@@ -613,7 +608,7 @@ def trust_tasks(config: BenchConfig, inputs: list, out: Path, config_hash: str) 
         part = _first_pairs(cases, n)
         compared = [m for m in config.methods if _family(m.name) != "baseline"
                     and (not m.only_models or key.split("|")[0] in m.only_models)]
-        cfg = dataclasses.replace(config, batch_size=n, cache=False, methods=compared)
+        cfg = dataclasses.replace(config, batch_size=n, methods=compared)
         units = make_units(cfg, key.split("|")[0], folder, key.split("|")[1], part, mspec, out, weights)
         console.print(f"metric checks on {key}: {len(units)} methods x {n} cases")
         found = metric_trust(units, loaded, quality, settings)

@@ -359,10 +359,9 @@ def against_baselines(frame: pd.DataFrame, alpha: float = ALPHA,
         for (row, d), adj in zip(found, adjusted, strict=True):
             floor = min(1.0, comparisons * min_attainable_p(len(d)))
             word = verdict(adj, floor, (row["diff_ci_low"], row["diff_ci_high"]), effect, alpha)
-            settle = float("nan")
-            if word == "undetermined":
-                settle = math.ceil(cases_to_settle(d, comparisons, alpha) / pairs_per_case) \
-                    if not math.isnan(cases_to_settle(d, comparisons, alpha)) else float("nan")
+            settle = cases_to_settle(d, comparisons, alpha) if word == "undetermined" else math.nan
+            if not math.isnan(settle):
+                settle = math.ceil(settle / pairs_per_case)
             rows.append(row | {"p_holm": adj, "min_attainable_p_holm": floor, "min_effect": effect,
                                "verdict": word, "cases_to_settle": settle})
     return pd.DataFrame(rows)

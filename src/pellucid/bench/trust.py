@@ -7,10 +7,10 @@ For each quality metric and every compared method m, on the first ``cases`` (cas
 - q[m]: the metric's scores of the trained model's maps;
 - q_nr[m] (input resilience, a minor perturbation): the inputs plus Gaussian noise of ``noise``
   times their standard deviation, re-explained and re-scored; only the pairs whose prediction does
-  not change count (classification: the arg-max class; segmentation: every pair);
+  not change count (classification: the arg-max class; segmentation and regression: every pair);
 - q_ar[m] (model adversary, a disruptive perturbation): a copy of the model with every layer
   re-initialised (``reset_parameters`` after a seed), re-explained and re-scored with that copy;
-  only the pairs whose prediction changes count (segmentation: every pair).
+  only the pairs whose prediction changes count (segmentation and regression: every pair).
 
 From these, as MetaQuantus defines them:
 
@@ -26,9 +26,11 @@ From these, as MetaQuantus defines them:
 
 A metric ``separates`` when IEC_AR > 0.5 (better than a metric blind to the model, which scores
 the two maps alike) and is ``stable`` when IEC_NR >= 0.5 (most rank positions survive noise that
-leaves the prediction); ``trusted`` needs both. A metric that fails is marked on the report's
-first screen and its verdicts carry the mark. ``perturbations`` noise draws and randomised copies
-are averaged, as MetaQuantus averages its K perturbations.
+leaves the prediction); ``trusted`` is True when both hold, False when either fails, and None
+when a criterion had no pair to decide on (no prediction changed under randomisation, or a
+black-box model that cannot be randomised): the check then cannot tell. A metric that fails is
+marked on the report's first screen and its verdicts carry the mark. ``perturbations`` noise draws
+and randomised copies are averaged, as MetaQuantus averages its K perturbations.
 """
 
 from __future__ import annotations
@@ -111,7 +113,8 @@ def consistency(q: dict[str, np.ndarray], q_nr: list[dict[str, np.ndarray]], kee
     out["MC"] = float(np.mean(parts)) if not any(np.isnan(parts)) else float("nan")
     out["separates"] = bool(out["IEC_AR"] > SEPARATES_ABOVE) if not np.isnan(out["IEC_AR"]) else None
     out["stable"] = bool(out["IEC_NR"] >= STABLE_FROM) if not np.isnan(out["IEC_NR"]) else None
-    out["trusted"] = out["separates"] is not False and out["stable"] is not False
+    verdicts = (out["separates"], out["stable"])
+    out["trusted"] = False if False in verdicts else None if None in verdicts else True
     return out
 
 
@@ -126,8 +129,9 @@ def randomised_copy(loaded, seed: int):
     return other
 
 
-def _predicted(loaded, x: torch.Tensor, segmentation: bool) -> np.ndarray | None:
-    if segmentation:
+def _predicted(loaded, x: torch.Tensor, classification: bool) -> np.ndarray | None:
+    """The arg-max class of each input (None for segmentation and regression: every pair counts)."""
+    if not classification:
         return None
     from pellucid.models.outputs import forward_tensor
 
@@ -149,34 +153,39 @@ def metric_trust(units: list, loaded, metrics: list, settings: TrustSettings,
 
     if not units:
         return {}
-    segmentation = loaded.card is not None and loaded.card.task == "segmentation"
+    from pellucid.progress import quiet
+
+    classification = loaded.card is not None and loaded.card.task == "classification"
     x = units[0].x
     generator = torch.Generator().manual_seed(settings.seed)
     sd = float(x.float().std())
     noisy = [x + settings.noise * sd * torch.randn(x.shape, generator=generator).to(x)
              for _ in range(settings.perturbations)]
-    clean_pred = _predicted(loaded, x, segmentation)
+    clean_pred = _predicted(loaded, x, classification)
     keep_nr = []
     for xn in noisy:
-        pred = _predicted(loaded, xn, segmentation)
+        pred = _predicted(loaded, xn, classification)
         keep_nr.append(np.ones(len(x), bool) if pred is None else pred == clean_pred)
     copies, keep_ar = [], []
     if not is_forward_only(loaded.module):
         for k in range(settings.perturbations):
             other = randomised_copy(loaded, settings.seed + 1000 * (k + 1))
             copies.append(other)
-            pred = _predicted(other, x, segmentation)
+            pred = _predicted(other, x, classification)
             keep_ar.append(np.ones(len(x), bool) if pred is None else pred != clean_pred)
     scores: dict[str, dict[str, list]] = {}
     skipped: set[str] = set()
     for unit in units:
-        unit = dataclasses.replace(unit, cache_dir=None)
+        # the clean maps may come from the benchmark's explanation cache; the perturbed ones never
+        # (the cache's identity names the cases and the model, not the noise or the weights)
+        fresh = dataclasses.replace(unit, cache_dir=None)
         runs = [("clean", unit, loaded)]
-        runs += [("nr", dataclasses.replace(unit, x=xn), loaded) for xn in noisy]
-        runs += [("ar", unit, other) for other in copies]
+        runs += [("nr", dataclasses.replace(fresh, x=xn), loaded) for xn in noisy]
+        runs += [("ar", fresh, other) for other in copies]
         for kind, run_unit, model in runs:
             try:
-                explanation = explain_unit(run_unit, model)
+                with quiet(kind != "clean"):  # LRP's conservation of a randomised copy, etc.
+                    explanation = explain_unit(run_unit, model)
             except PellucidError:
                 skipped.add(unit.method.label)
                 break

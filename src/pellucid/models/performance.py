@@ -180,7 +180,8 @@ def chance_warnings(performance: dict) -> list[str]:
 
 def chance_warnings_by_task(performance: dict) -> dict[str, list[str]]:
     """``chance_warnings`` per "model|dataset" key of the performance file."""
-    return {key: _chance(key, info) for key, info in performance.items() if _chance(key, info)}
+    found = {key: _chance(key, info) for key, info in performance.items()}
+    return {key: warnings for key, warnings in found.items() if warnings}
 
 
 def _chance(key: str, info) -> list[str]:

@@ -54,6 +54,7 @@ def load_evidence(run: str | Path, loaded, methods: list[str], model: str | None
     """The evidence of ``run`` for ``methods`` of ``loaded`` (``model``: its name in the run, when
     the run has several and the weights do not tell)."""
     from pellucid.bench import stats
+    from pellucid.bench.answers import trust_file, verdict_settings, verdict_table
     from pellucid.bench.store import ResultStore
 
     run = Path(run)
@@ -61,7 +62,8 @@ def load_evidence(run: str | Path, loaded, methods: list[str], model: str | None
     if not info_file.is_file():
         raise ConfigError(f"--evidence {run}: not a pellucid bench run (no run.json)")
     try:
-        tasks = json.loads(info_file.read_text()).get("tasks") or {}
+        info = json.loads(info_file.read_text())
+        tasks = info.get("tasks") or {}
     except (json.JSONDecodeError, AttributeError):
         raise DataError(info_file, "not a readable run record") from None
     digest = loaded.digest()
@@ -81,7 +83,7 @@ def load_evidence(run: str | Path, loaded, methods: list[str], model: str | None
     if frame.empty:
         return evidence
     summ = stats.summary(frame)
-    versus = stats.against_baselines(frame)
+    versus = verdict_table(frame, verdict_settings(info), trust_file(run))  # as the report says
     for method in methods:
         lines: list[str] = []
         for row in summ[(summ["method"] == method) & summ["category"].isin(CATEGORIES)].itertuples():
@@ -96,6 +98,9 @@ def load_evidence(run: str | Path, loaded, methods: list[str], model: str | None
                              f"{v['verdict']} (difference {v['diff']:+.3f}, 95% CI "
                              f"{v['diff_ci_low']:+.3f} to {v['diff_ci_high']:+.3f}; Holm p "
                              f"{v['p_holm']:.2g})")
+                    if v.get("metric_trusted") is False:
+                        line += (f"; {row.metric} did not pass the metric checks on this task, so "
+                                 f"this verdict carries little weight")
             lines.append(line)
         lines += _randomization(frame, method)
         evidence.methods[method] = lines
