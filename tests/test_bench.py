@@ -353,8 +353,13 @@ def test_report_is_self_contained_and_renders_in_chromium(tmp_path, tiny_model):
     assert any("13(3)(d)" in c["item"] for c in card["checklist"])
     markdown = next(p for p in written if p.suffix == ".md").read_text()
     assert markdown.startswith("# Explanation card: r18 on chest") and "## The answer" in markdown
-    prior = pd.read_csv(tmp_path / "out" / "results.csv")
-    prior = prior[(prior["method"] == "prior") & (prior["metric"] == "pointing_game")]
+    results = pd.read_csv(tmp_path / "out" / "results.csv")
+    sanity = results[results["metric"] == "model_randomization"]
+    on_baselines = sanity[sanity["method"].isin(["random", "centre", "edges", "prior"])]
+    assert len(on_baselines) and on_baselines["value"].isna().all()  # never run on a baseline
+    assert on_baselines["reason"].str.startswith("a trivial baseline does not depend on the model").all()
+    assert sanity[sanity["method"] == "gradcam"]["value"].notna().all()
+    prior = results[(results["method"] == "prior") & (results["metric"] == "pointing_game")]
     assert prior["value"].notna().all()  # the phantoms' training split gives the prior
     for sentence in bstats.baseline_verdicts(versus):
         assert sentence in html

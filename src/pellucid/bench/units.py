@@ -181,6 +181,10 @@ def _applicable(unit: Unit, metric: Entry) -> str | None:
         return "skipped by the configuration (only_methods)"
     if unit.method.label in metric.skip_methods:
         return "skipped by the configuration (skip_methods)"
+    from pellucid.explainers.registry import REGISTRY as METHODS
+
+    if REGISTRY.get(metric.name).role == "sanity" and METHODS.get(unit.method.name).family == "baseline":
+        return "a trivial baseline does not depend on the model: no sanity check to pass"
     missing = unmet_needs(REGISTRY.get(metric.name), available_needs(unit))
     if not missing:
         return None
