@@ -197,3 +197,106 @@ def corpus(tmp: Path) -> dict[str, tuple[str, bytes, str]]:
         "npy of objects": ("p.npy", object_npy_bytes(tmp / "npy-marker"), "refused"),
         "npy header 60000^2": ("q.npy", npy_declaring((1, 60000, 60000)), "too large"),
     }
+
+
+def _compressed_dicom(frames: list[bytes], syntax: str, rows: int, cols: int, bits: int = 16,
+                      samples: int = 1) -> bytes:
+    """A DICOM file whose header declares ``rows`` x ``cols`` and whose encapsulated pixel data is
+    ``frames`` (codestreams) under transfer syntax ``syntax``."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = syntax
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = SecondaryCaptureImageStorage
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.PatientName, ds.PatientID, ds.Modality = "Doe^Jane", "HOSTILE-2", "CR"
+    ds.Rows, ds.Columns = rows, cols
+    if len(frames) > 1:
+        ds.NumberOfFrames = len(frames)
+    ds.SamplesPerPixel = samples
+    ds.PhotometricInterpretation = "MONOCHROME2" if samples == 1 else "RGB"
+    if samples > 1:
+        ds.PlanarConfiguration = 0
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = bits, bits, bits - 1, 0
+    ds.PixelData = encapsulate(frames)
+    ds["PixelData"].VR = "OB"
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def jpeg2000_dicom(side: int = 64, declare: int | None = None) -> bytes:
+    """A JPEG 2000 DICOM of ``side`` x ``side`` 16-bit pixels whose codestream's SIZ marker is
+    rewritten to declare ``declare`` x ``declare`` (a decompression bomb when large)."""
+    from openjpeg import encode
+
+    pixels = (np.arange(side * side, dtype=np.uint16) % 4096).reshape(side, side)
+    stream = bytearray(encode(pixels, photometric_interpretation=2, use_mct=False))
+    if declare is not None:
+        assert stream[:4] == b"\xff\x4f\xff\x51"
+        stream[8:16] = struct.pack(">II", declare, declare)
+    return _compressed_dicom([bytes(stream)], "1.2.840.10008.1.2.4.90", side, side)
+
+
+def jpeg_dicom(side: int = 64, declare: int | None = None) -> bytes:
+    """A baseline-JPEG DICOM of 8-bit pixels whose start-of-frame declares ``declare`` x
+    ``declare``."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray((np.arange(side * side) % 251).astype(np.uint8).reshape(side, side)).save(
+        buf, format="JPEG", quality=95)
+    stream = bytearray(buf.getvalue())
+    if declare is not None:
+        pos = stream.index(b"\xff\xc0")
+        stream[pos + 5:pos + 9] = struct.pack(">HH", declare, declare)
+    return _compressed_dicom([bytes(stream)], "1.2.840.10008.1.2.4.50", side, side, bits=8)
+
+
+def rle_bomb(side: int = 64, expand_mb: int = 64) -> bytes:
+    """An RLE DICOM of ``side`` x ``side`` 8-bit pixels whose one segment is replicate runs that
+    would expand to ``expand_mb`` MB (each 2 bytes become 128)."""
+    runs = b"\x81\x07" * (expand_mb * 2**20 // 128)
+    header = struct.pack("<16I", 1, 64, *([0] * 14))
+    return _compressed_dicom([header + runs], "1.2.840.10008.1.2.5", side, side, bits=8)
+
+
+def rle_dicom(side: int = 64) -> bytes:
+    """A valid RLE DICOM of ``side`` x ``side`` 8-bit pixels (literal runs)."""
+    row = bytes(range(side))
+    segment = b"".join(bytes([side - 1]) + row for _ in range(side)) if side <= 128 else b""
+    header = struct.pack("<16I", 1, 64, *([0] * 14))
+    return _compressed_dicom([header + segment], "1.2.840.10008.1.2.5", side, side, bits=8)
+
+
+def deflate_bomb(mb: int = 2048) -> bytes:
+    """A Deflated Explicit VR Little Endian DICOM whose dataset inflates to ``mb`` MB (a private
+    OB element of zeros), while its header declares a 64 x 64 image."""
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    plain = dicom_bytes()
+    # the dataset after the file meta: rebuild it deflated with a large tail element
+    import pydicom
+
+    ds = pydicom.dcmread(io.BytesIO(plain))
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    head = io.BytesIO()
+    ds.save_as(head, enforce_file_format=True)
+    raw = head.getvalue()
+    # split: preamble + meta stay, the deflated dataset is replaced by a bomb stream
+    meta_end = 132 + 12 + struct.unpack("<I", raw[140:144])[0]
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    tag = struct.pack("<HH2sHI", 0x0009, 0x1010, b"OB", 0, mb * 2**20)
+    body = compressor.compress(tag)
+    zeros = b"\x00" * 2**20
+    for _ in range(mb):
+        body += compressor.compress(zeros)
+    body += compressor.flush()
+    return raw[:meta_end] + body

@@ -7,6 +7,7 @@ a clean refusal (one ``error:`` line, exit status 2) or a correct result."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tracemalloc
 from pathlib import Path
@@ -56,8 +57,9 @@ def test_decompression_bombs_and_non_finite_pixels_are_refused_by_every_reader(c
     path.write_bytes(data)
     tracemalloc.start()
     try:
+        volume = name.endswith((".nii", ".nii.gz"))  # read for a 3D model (a 2D one refuses it)
         with decode_limits(SERVICE_LIMITS), pytest.raises(DataError) as info:
-            load_input(path, 1, [64, 64], 2)
+            load_input(path, 1, [16, 16, 16] if volume else [64, 64], 3 if volume else 2)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -412,3 +414,108 @@ def test_a_tiff_whose_page_chain_loops_is_refused_at_once(tmp_path):
         read_raster(tmp_path / "loop.tif")
     assert time.perf_counter() - start < 2
     assert read_raster(tmp_path / "one.tif").shape == (8, 8)
+
+
+# ---------------------------------------------------------------- compressed DICOM codestreams
+
+CODESTREAM_BOMBS = {
+    "jpeg 2000 SIZ 40000^2 in a 64^2 header": lambda: hostile.jpeg2000_dicom(64, declare=40000),
+    "jpeg SOF 60000^2 in a 64^2 header": lambda: hostile.jpeg_dicom(64, declare=60000),
+    "rle segment expanding to 64 MB": lambda: hostile.rle_bomb(64, 64),
+    "deflated dataset inflating to 2 GB": lambda: hostile.deflate_bomb(2048),
+}
+
+
+@pytest.mark.parametrize("case", list(CODESTREAM_BOMBS))
+def test_codestream_bombs_are_refused_from_the_codestream_before_decoding(case, tmp_path):
+    import time
+
+    from pellucid.io import read
+
+    path = tmp_path / "bomb.dcm"
+    path.write_bytes(CODESTREAM_BOMBS[case]())
+    start = time.perf_counter()
+    tracemalloc.start()
+    try:
+        with decode_limits(SERVICE_LIMITS), pytest.raises(DataError) as info:
+            read(path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    seconds = time.perf_counter() - start
+    message = str(info.value)
+    assert "\n" not in message and str(path) in message
+    assert "refused before decoding" in message, message
+    assert seconds < 5 and peak < 256 * 2**20, (case, seconds, peak / 2**20)
+
+
+def test_valid_compressed_dicom_still_decodes_exactly(tmp_path):
+    from pellucid.io import read
+
+    for name, data, expected in [
+        ("j2k.dcm", hostile.jpeg2000_dicom(64), (np.arange(64 * 64) % 4096).reshape(64, 64)),
+        ("rle.dcm", hostile.rle_dicom(64), np.tile(np.arange(64), (64, 1))),
+    ]:
+        path = tmp_path / name
+        path.write_bytes(data)
+        image = read(path)
+        assert np.array_equal(image.array[0].numpy(), expected.astype(np.float32)), name
+    path = tmp_path / "jpeg.dcm"
+    path.write_bytes(hostile.jpeg_dicom(64))
+    assert tuple(read(path).array.shape) == (1, 64, 64)
+
+
+def test_the_cli_refuses_a_jpeg2000_bomb_under_an_address_space_cap(chest_model, tmp_path):
+    """The reported crash: under a 4 GiB address-space cap the CLI died with SIGSEGV decoding a
+    6 KB file whose codestream declares 40000 x 40000. Now: one error line, exit 2, and under
+    1 GiB above what importing torch and pellucid takes (about 0.85 GiB on its own)."""
+    import resource
+    import subprocess
+    import sys
+
+    bomb = tmp_path / "bomb.dcm"
+    bomb.write_bytes(hostile.jpeg2000_dicom(64, declare=40000))
+
+    def cap() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (8 * 2**30, 8 * 2**30))
+
+    proc = subprocess.Popen([sys.executable, "-m", "pellucid.cli", "explain", "--model",
+                             str(chest_model.source), "--input", str(bomb), "--out",
+                             str(tmp_path / "out")], stderr=subprocess.PIPE, text=True,
+                            preexec_fn=cap)
+    stderr = proc.stderr.read()
+    _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak memory
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    assert proc.returncode == 2, stderr[-2000:]
+    line = _one_error_line(stderr)
+    assert "JPEG 2000 codestream declares 40000 x 40000" in line
+    floor = subprocess.Popen([sys.executable, "-c", "import torch, pellucid.pipeline"])
+    _, _, floor_usage = os.wait4(floor.pid, 0)  # what importing torch and pellucid alone takes
+    extra_mib = (usage.ru_maxrss - floor_usage.ru_maxrss) / 1024
+    assert extra_mib < 1024, (usage.ru_maxrss / 1024, floor_usage.ru_maxrss / 1024)
+
+
+def test_a_planar_rgb_tiff_is_three_channels_not_sixty_four(tmp_path):
+    import tifffile
+
+    from pellucid.io.files import read_image_2d
+
+    rgb = (np.random.default_rng(0).random((3, 64, 48)) * 255).astype(np.uint8)
+    tifffile.imwrite(tmp_path / "planar.tif", rgb, photometric="rgb", planarconfig="separate")
+    tifffile.imwrite(tmp_path / "contig.tif", np.moveaxis(rgb, 0, -1), photometric="rgb")
+    for name in ("planar.tif", "contig.tif"):
+        image = read_image_2d(tmp_path / name)
+        assert image.shape == (3, 64, 48) and np.allclose(image, rgb / 255), name
+
+
+def test_a_volume_for_a_2d_model_is_refused_from_the_nifti_header(tmp_path):
+    """A 127 KB NIfTI of 131 M voxels (under the voxel limit) was decoded for 23 s and 3.2 GB before
+    being refused as 3D for a 2D model; the header decides now."""
+    import time
+
+    path = tmp_path / "big.nii.gz"
+    path.write_bytes(hostile.nifti_declaring((512, 512, 500)))
+    start = time.perf_counter()
+    with decode_limits(SERVICE_LIMITS), pytest.raises(DataError, match="cannot go to a 2D model"):
+        load_input(path, 1, [64, 64], 2)
+    assert time.perf_counter() - start < 2

@@ -76,7 +76,7 @@ class Server:
             if self.proc.poll() is not None:
                 raise AssertionError(self.log.read_text()[-3000:])
             try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                if httpx.get(self.url + "/ready", timeout=2).status_code == 200:
                     return self
             except httpx.TransportError:
                 time.sleep(0.2)
@@ -174,6 +174,8 @@ def test_hostile_uploads_are_refused_and_leave_nothing_behind(server, case, tmp_
     elif expect == "too large":
         assert r.status_code == 413, (case, r.text)
         assert any(k in detail for k in ("(max_pixels)", "(max_voxels)", "(max_frames)")), detail
+    elif name.endswith((".nii", ".nii.gz")):  # a volume for the 2D model: refused from its header
+        assert r.status_code == 422 and "2D model" in detail, (case, r.text)
     elif expect == "non-finite":
         assert r.status_code == 400 and "non-finite values" in detail, (case, r.text)
     else:
@@ -263,3 +265,129 @@ def test_server_memory_stayed_bounded_over_the_suite(server):
     with server.client() as c:
         assert c.get("/health").status_code == 200
     assert 0 < server.peak_mb < RSS_BOUND_MB, f"peak {server.peak_mb:.0f} MiB"
+
+
+# ---------------------------------------------------------------- second round
+
+def _raw_request(server: Server, head: str, body: bytes = b"") -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+    sock.sendall(head.encode() + b"\r\n" + body)
+    return sock
+
+
+def _multipart_head(server: Server, length: int | None, boundary: str = "b0undary") -> str:
+    size = f"Content-Length: {length}\r\n" if length is not None else "Transfer-Encoding: chunked\r\n"
+    return (f"POST /v1/explain HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\nX-API-Key: {KEY}\r\n"
+            f"Content-Type: multipart/form-data; boundary={boundary}\r\n{size}")
+
+
+@pytest.mark.parametrize("case", ["jpeg 2000 SIZ 40000^2", "rle 64 MB", "deflate 2 GB",
+                                  "nifti 131 M voxels for a 2D model"])
+def test_codestream_bombs_are_refused_by_the_server_before_any_worker(server, case):
+    data, name = {
+        "jpeg 2000 SIZ 40000^2": (lambda: hostile.jpeg2000_dicom(64, declare=40000), "a.dcm"),
+        "rle 64 MB": (lambda: hostile.rle_bomb(64, 64), "b.dcm"),
+        "deflate 2 GB": (lambda: hostile.deflate_bomb(2048), "c.dcm"),
+        "nifti 131 M voxels for a 2D model": (lambda: hostile.nifti_declaring((512, 512, 500)),
+                                              "d.nii.gz"),
+    }[case]
+    payload = data()
+    before = server.job_folders()
+    with server.client() as c:
+        start = time.perf_counter()
+        r = _post(c, name, payload)
+        seconds = time.perf_counter() - start
+    assert r.status_code in (413, 422), r.text
+    assert seconds < 5, seconds
+    detail = r.json()["detail"]
+    assert "refused before decoding" in detail or "2D model" in detail, detail
+    assert "/" not in detail.split(":")[0]  # the server-side path is never shown
+    assert server.job_folders() == before
+
+
+def test_fifty_slow_clients_do_not_keep_ten_valid_requests_from_an_answer(server):
+    """Uploads that declare a body and never send it used to hold every worker and queue slot.
+    Now a request is admitted only once its body has arrived: 50 clients hold their sockets open
+    while 10 valid requests are each answered 200."""
+    slow = []
+    try:
+        for i in range(50):
+            sock = _raw_request(server, _multipart_head(server, 5_000_000), b"--b0undary\r\n")
+            slow.append(sock)
+        time.sleep(0.5)
+        with server.client() as c:
+            codes = [_post(c, f"v{i}.png", _png()).status_code for i in range(10)]
+            health = c.get("/health").json()
+        assert codes == [200] * 10, codes
+        assert health["jobs_in_flight"] == 0 and health["ready"] is True, health
+    finally:
+        for sock in slow:
+            sock.close()
+
+
+def test_a_slow_upload_gets_408_and_a_chunked_oversized_one_stops_at_the_limit(server, tmp_path):
+    sock = _raw_request(server, _multipart_head(server, 100_000), b"--b0undary\r\n")
+    sock.settimeout(60)
+    start = time.perf_counter()
+    reply = sock.recv(4096).decode(errors="replace")
+    sock.close()
+    assert reply.startswith("HTTP/1.1 408"), reply
+    assert "body_idle_s" in reply and time.perf_counter() - start < 40
+    # a chunked upload of 200 MB against the 64 MB limit: refused as it streams, never spooled
+    sent = 0
+    sock = _raw_request(server, _multipart_head(server, None))
+    chunk = b"\x00" * 2**20
+    framed = f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n"
+    try:
+        while sent < 200 * 2**20:
+            sock.sendall(framed)
+            sent += len(chunk)
+    except OSError:
+        pass  # the server closed the connection after its answer
+    sock.settimeout(30)
+    try:
+        reply = sock.recv(4096).decode(errors="replace")
+    except OSError:
+        reply = ""
+    sock.close()
+    assert sent < 120 * 2**20, sent / 2**20
+    assert reply == "" or reply.startswith("HTTP/1.1 413"), reply
+    assert not list(server.results.rglob("input*"))
+
+
+def test_ready_is_true_only_with_every_worker_warm(tmp_path):
+    """``/ready`` answers 503 while the workers import and load models, 200 after; ``/health``
+    answers throughout and says which."""
+    from pellucid.models import build, save_model
+    from pellucid.models.card import ModelCard
+
+    card = ModelCard(arch="resnet18", task="classification", class_names=["A", "B"], in_channels=1,
+                     spatial_dims=2, input_size=[64, 64], activation="softmax",
+                     backend="torchvision")
+    save_model(tmp_path / "models" / "chest", build("resnet18", 2, 1, 2,
+                                                    backend="torchvision").module, card)
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "pellucid.cli", "serve", "--models",
+                             str(tmp_path / "models"), "--out", str(tmp_path / "results"),
+                             "--port", str(port), "--workers", "1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    seen: list[tuple[int, bool]] = []
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).json()
+                ready = httpx.get(f"http://127.0.0.1:{port}/ready", timeout=2).status_code
+            except httpx.TransportError:
+                time.sleep(0.1)
+                continue
+            seen.append((ready, health["ready"]))
+            if ready == 200:
+                break
+            time.sleep(0.1)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    assert seen and seen[-1] == (200, True), seen
+    assert seen[0] == (503, False), seen  # answered before the worker was warm, and said so
+    assert all((code == 200) == flag for code, flag in seen)

@@ -360,9 +360,13 @@ def serve(ctx: typer.Context,
           queue: Annotated[int, typer.Option(help="jobs waiting beyond the workers (then 503)")] = 8,
           job_timeout: Annotated[float, typer.Option(help="seconds one job may run (then 504)")] = 300.0,
           retention_hours: Annotated[float, typer.Option(
-              help="delete results older than this (0 keeps them)")] = 24.0) -> None:
-    """Serve the REST API (POST /v1/explain, GET /v1/models, /health, /docs); limits and their
-    reasons: docs/security.md."""
+              help="delete results older than this (0 keeps them)")] = 24.0,
+          body_timeout: Annotated[float, typer.Option(
+              help="seconds an upload may take to arrive (then 408)")] = 120.0,
+          body_idle: Annotated[float, typer.Option(
+              help="longest pause in seconds within an upload (then 408)")] = 15.0) -> None:
+    """Serve the REST API (POST /v1/explain, GET /v1/models, /health, /ready, /docs); limits and
+    their reasons: docs/security.md."""
     import logging
 
     import uvicorn
@@ -385,7 +389,8 @@ def serve(ctx: typer.Context,
         raise ConfigError(f"--{str(exc).split()[0].replace('_', '-')}: {exc}") from None
     config = ServiceConfig(api_key=api_key, max_upload_mb=max_upload_mb, max_methods=max_methods,
                            workers=workers, queue=queue, job_timeout_s=job_timeout,
-                           retention_hours=retention_hours, limits=limits)
+                           retention_hours=retention_hours, limits=limits,
+                           body_timeout_s=body_timeout, body_idle_s=body_idle)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     redact_library_messages()
     uvicorn.run(create_app(models, out, config=config), host=host, port=port, log_level="info")

@@ -83,6 +83,10 @@ def load_input(path: str | Path, in_channels: int, input_size: list[int] | None,
         source = _brats_case(path)
         original = source.array  # z-scored by the BraTS reader
     elif path.is_dir() or is_nifti(path) or suffix in (".npy", ".dcm", ".dicom", *IMAGE_SUFFIXES):
+        if is_nifti(path):  # a volume for a 2D model is refused from the header, before decoding
+            from pellucid.io.headers import check_fits, declared
+
+            check_fits(path, declared(path, "nifti"), spatial_dims)
         source = read(path, spatial_dims=spatial_dims)
         original = _reader_units(source, in_channels, spatial_dims)
     else:

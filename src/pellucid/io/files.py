@@ -24,31 +24,74 @@ def _require_file(path: Path) -> None:
         raise DataError(path, "file not found")
 
 
+def _tiff_page(tif, path: Path):
+    """The first page of an open TIFF. Only the first two page headers are ever read: walking a
+    file's whole page chain (as tifffile's ``series`` does) lets a crafted file with a long or
+    looping chain take minutes and gigabytes before any check."""
+    try:
+        page = tif.pages.first
+    except (IndexError, KeyError, ValueError):
+        page = None
+    if page is None or not page.shape:
+        raise DataError(path, "the TIFF file holds no image")
+    try:
+        more = tif.pages[1] is not None
+    except (IndexError, KeyError):
+        more = False
+    if more:
+        raise DataError(path, "a multi-page TIFF; give one 2D image per file")
+    return page
+
+
+def _tiff_size(page) -> tuple[tuple[int, int], int, int, bool]:
+    """(spatial, frames, samples, planar) of a TIFF page: colour samples are an axis of their own,
+    first when the samples are stored plane by plane (PlanarConfiguration 2), last otherwise."""
+    shape = tuple(int(d) for d in page.shape)
+    samples = int(getattr(page, "samplesperpixel", 1) or 1)
+    planar = samples > 1 and int(getattr(page, "planarconfig", 1) or 1) == 2
+    if samples > 1:
+        spatial = shape[1:3] if planar else shape[-3:-1]
+        frames = int(np.prod(shape[:-3])) if len(shape) > 3 else 1
+        return (int(spatial[0]), int(spatial[1])), frames, samples, planar
+    return (shape[-2], shape[-1]), int(np.prod(shape[:-2])) if len(shape) > 2 else 1, 1, False
+
+
 def _tiff(path: Path) -> np.ndarray:
-    """The first page of a TIFF, its declared size checked before decoding. Only the first two
-    page headers are ever read: walking a file's whole page chain (as tifffile's ``series`` does)
-    lets a crafted file with a long or looping chain take minutes and gigabytes before any check."""
+    """The first page of a TIFF, its declared size checked before decoding; colour samples last."""
     import tifffile
 
     with tifffile.TiffFile(path) as tif:
-        try:
-            page = tif.pages.first
-        except (IndexError, KeyError, ValueError):
-            page = None
-        if page is None or not page.shape:
-            raise DataError(path, "the TIFF file holds no image")
-        try:
-            more = tif.pages[1] is not None
-        except (IndexError, KeyError):
-            more = False
-        if more:
-            raise DataError(path, "a multi-page TIFF; give one 2D image per file")
-        shape = tuple(int(d) for d in page.shape)
-        rgb = len(shape) == 3 and shape[-1] in (3, 4)
-        spatial = shape[:2] if rgb else shape[-2:]
-        frames = 1 if rgb or len(shape) == 2 else int(np.prod(shape[:-2]))
-        check_shape(path, spatial, frames, shape[-1] if rgb else 1)
-        return page.asarray()
+        page = _tiff_page(tif, path)
+        spatial, frames, samples, planar = _tiff_size(page)
+        check_shape(path, spatial, frames, samples)
+        arr = page.asarray()
+        return np.moveaxis(arr, 0, -1) if planar and arr.ndim == 3 else arr
+
+
+def raster_header(path: str | Path) -> tuple[tuple[int, int], int, int]:
+    """(spatial, frames, channels) a PNG/JPEG/TIFF/BMP header declares; nothing decoded."""
+    path = Path(path)
+    _require_file(path)
+    with path.open("rb") as fh:
+        magic = fh.read(4)
+    try:
+        if path.suffix.lower() in (".tif", ".tiff") or magic in (b"II*\x00", b"MM\x00*"):
+            import tifffile
+
+            with tifffile.TiffFile(path) as tif:
+                spatial, frames, samples, _ = _tiff_size(_tiff_page(tif, path))
+                return spatial, frames, samples
+        from PIL import Image
+
+        with Image.open(path) as im:
+            return (im.size[1], im.size[0]), 1, len(im.getbands())
+    except DataError:
+        raise
+    except Exception as exc:
+        if type(exc).__name__ == "DecompressionBombError":  # Pillow's guard, above any of ours
+            raise TooLarge(path, f"the image is over the limit of {current_limits().max_pixels:,} "
+                                 f"pixels (max_pixels)") from None
+        raise DataError(path, f"cannot read the image header ({type(exc).__name__})") from None
 
 
 def _pil(path: Path) -> np.ndarray:

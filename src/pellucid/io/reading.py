@@ -20,6 +20,7 @@ import torch
 
 from pellucid.errors import DataError
 from pellucid.guards import check_shape, require_finite
+from pellucid.io.codestreams import check_deflated, check_encapsulated
 from pellucid.io.files import IMAGE_SUFFIXES, is_nifti, read_image_2d, read_nifti, read_npy
 
 
@@ -53,6 +54,7 @@ def _pixels(ds: Any, path: Path, voi: bool) -> np.ndarray:
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise DataError(path, "the DICOM file has no pixel data")
     declared(ds, path)
+    check_encapsulated(ds, path)
     try:
         arr = ds.pixel_array
     except Exception as exc:  # pydicom raises many types for broken or truncated pixel data
@@ -117,6 +119,7 @@ def _read_dicom_file(path: Path, voi: bool) -> MedicalImage:
     import pydicom
     from pydicom.errors import InvalidDicomError
 
+    check_deflated(path)
     try:
         ds = pydicom.dcmread(str(path))
     except InvalidDicomError:
@@ -147,7 +150,10 @@ def _read_series(folder: Path, voi: bool, series: str | None) -> MedicalImage:
         if not p.is_file():
             continue
         try:
+            check_deflated(p)
             ds = pydicom.dcmread(str(p), stop_before_pixels=True)
+        except DataError:
+            raise
         except Exception:  # non-DICOM files in a series folder are skipped
             continue
         if "SeriesInstanceUID" in ds:

@@ -30,6 +30,9 @@ def multiframe_for_2d(loaded, path: Path) -> bool:
         return False
     import pydicom
 
+    from pellucid.io.codestreams import check_deflated
+
+    check_deflated(Path(path))
     try:
         ds = pydicom.dcmread(str(path), stop_before_pixels=True)
     except Exception:

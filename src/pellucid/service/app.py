@@ -33,9 +33,10 @@ from pathlib import Path
 import anyio
 from fastapi import FastAPI, Header, HTTPException, Request
 from fastapi.responses import FileResponse, JSONResponse
+from starlette.requests import ClientDisconnect
 
-from pellucid.errors import ConfigError
-from pellucid.guards import SERVICE_LIMITS, DecodeLimits
+from pellucid.errors import ConfigError, DataError
+from pellucid.guards import SERVICE_LIMITS, DecodeLimits, TooLarge
 from pellucid.registry import normalise
 from pellucid.service.folders import ModelFolders
 from pellucid.service.workers import Busy, Job, JobFailed, JobTimeout, PoolConfig, WorkerPool
@@ -58,12 +59,17 @@ class ServiceConfig:
     job_timeout_s: float = 300.0
     retention_hours: float = 24.0  # 0 keeps results until deleted
     threads: int | None = None
+    body_timeout_s: float = 120.0  # the whole upload must arrive within this (then 408)
+    body_idle_s: float = 15.0  # longest pause between two pieces of an upload (then 408)
+    receive_budget_mb: float = 512.0  # bytes of uploads held in memory at once (then 503)
     limits: DecodeLimits = field(default_factory=lambda: SERVICE_LIMITS)
 
     def __post_init__(self) -> None:
         checks = {"max_upload_mb": self.max_upload_mb > 0, "max_methods": self.max_methods >= 1,
                   "workers": self.workers >= 1, "queue": self.queue >= 0,
-                  "job_timeout_s": self.job_timeout_s > 0, "retention_hours": self.retention_hours >= 0}
+                  "job_timeout_s": self.job_timeout_s > 0, "retention_hours": self.retention_hours >= 0,
+                  "body_timeout_s": self.body_timeout_s > 0, "body_idle_s": self.body_idle_s > 0,
+                  "receive_budget_mb": self.receive_budget_mb >= self.max_upload_mb}
         for name, ok in checks.items():
             if not ok:
                 raise ConfigError(f"{name}: got {getattr(self, name)!r}, which is out of range")
@@ -169,7 +175,16 @@ def create_app(models: str | Path, out: str | Path = "pellucid_results", api_key
 
     @app.get("/health")
     def health() -> dict:
-        return {"status": "ok", "version": __version__, "jobs_in_flight": pool.in_flight}
+        """Liveness: the server answers; ``ready`` says whether every worker is warm."""
+        return {"status": "ok", "version": __version__, "ready": pool.ready,
+                "workers_ready": pool.workers_ready, "jobs_in_flight": pool.in_flight}
+
+    @app.get("/ready")
+    def ready() -> JSONResponse:
+        """Readiness: 200 only when every worker has started and loaded every model, else 503."""
+        body = {"ready": pool.ready, "workers_ready": pool.workers_ready,
+                "workers": config.workers}
+        return JSONResponse(body, 200 if body["ready"] else 503)
 
     if key_set:
         @app.get("/openapi.json", include_in_schema=False)
@@ -234,6 +249,47 @@ def create_app(models: str | Path, out: str | Path = "pellucid_results", api_key
                                   f"{', '.join(known.values())}")
         return [known[m] for m in methods]
 
+    receiving = {"bytes": 0}
+
+    async def read_body(request: Request) -> bytes:
+        """The request body, read under the time limits (``body_timeout_s`` in all,
+        ``body_idle_s`` between pieces: 408) and stopped at the size limit as it streams in (413;
+        a chunked body has no length to check first). Bytes held across all uploads being
+        received are bounded by ``receive_budget_mb`` (503)."""
+        cap = limit + 65536  # the form's boundaries and fields around the file
+        budget = int(config.receive_budget_mb * 2**20)
+        chunks: list[bytes] = []
+        size = 0
+        deadline = time.monotonic() + config.body_timeout_s
+        stream = request.stream().__aiter__()
+        try:
+            while True:
+                wait = min(deadline - time.monotonic(), config.body_idle_s)
+                try:
+                    with anyio.fail_after(max(wait, 0.001)):
+                        chunk = await stream.__anext__()
+                except StopAsyncIteration:
+                    break
+                except TimeoutError:
+                    raise refuse(408, f"the upload did not arrive in time (body_idle_s "
+                                      f"{config.body_idle_s:g} s between pieces, body_timeout_s "
+                                      f"{config.body_timeout_s:g} s in all)",
+                                 Connection="close") from None
+                size += len(chunk)
+                receiving["bytes"] += len(chunk)
+                if size > cap:
+                    raise refuse(413, f"upload larger than {config.max_upload_mb:g} MB "
+                                      f"(max_upload_mb)", Connection="close")
+                if receiving["bytes"] > budget:
+                    raise refuse(503, "the server is receiving too many uploads; retry later",
+                                 **{"Retry-After": "5", "Connection": "close"})
+                chunks.append(chunk)
+        except ClientDisconnect:
+            raise refuse(400, "the client disconnected before the upload arrived") from None
+        finally:
+            receiving["bytes"] -= size
+        return b"".join(chunks)
+
     @app.post("/v1/explain")
     async def explain(request: Request, x_api_key: str | None = Header(None)) -> dict:
         check_key(x_api_key)
@@ -242,16 +298,26 @@ def create_app(models: str | Path, out: str | Path = "pellucid_results", api_key
             raise refuse(415, "send multipart/form-data with a 'file' field")
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > limit + 65536:
-            raise refuse(413, f"upload larger than {config.max_upload_mb:g} MB (max_upload_mb)")
-        try:
-            pool.admit()
-        except Busy:
-            raise refuse(503, "every worker is busy and the queue is full; retry later",
-                         **{"Retry-After": "5"}) from None
-        try:
-            return await accepted(request)
-        finally:
-            pool.release()
+            raise refuse(413, f"upload larger than {config.max_upload_mb:g} MB (max_upload_mb)",
+                         Connection="close")
+        request._body = await read_body(request)  # the form parser reads it from here
+        return await accepted(request)
+
+    def precheck(path: Path, kind: str, model_name: str) -> None:
+        """Header-level refusals in the server, before a worker is needed: the size the header
+        (and a compressed DICOM's codestreams) declares against the limits, and a file no model of
+        the card's dimensionality takes."""
+        from pellucid.guards import decode_limits
+        from pellucid.io.headers import check_fits, declared
+
+        with decode_limits(config.limits):
+            size = declared(path, kind)
+            try:
+                dims = int(json.loads((registry.folder / model_name / "card.json").read_text())
+                           ["spatial_dims"])
+            except (OSError, ValueError, KeyError, TypeError):
+                return  # the worker reports a broken card (503)
+            check_fits(path, size, dims)
 
     async def accepted(request: Request) -> dict:
         form = await request.form(max_files=1, max_fields=8, max_part_size=limit + 1)
@@ -268,7 +334,6 @@ def create_app(models: str | Path, out: str | Path = "pellucid_results", api_key
         if model_name not in registry.names():
             raise refuse(400, f"unknown model {model_name[:64]!r}; available: "
                               f"{', '.join(registry.names()) or 'none'}")
-        methods = await methods_of(str(form.get("methods") or "gradcam"))
         target = form.get("target")
         target = str(target) if target else None
         if target is not None and (len(target) > 128 or not target.isprintable()):
@@ -282,10 +347,23 @@ def create_app(models: str | Path, out: str | Path = "pellucid_results", api_key
         _private_folder(folder)
         path = folder / f"input{SUFFIXES[kind]}"
         start = time.perf_counter()
-        ok = False
+        ok = admitted = False
         try:
             await anyio.to_thread.run_sync(_write_private, path, data)
             del data
+            try:
+                await anyio.to_thread.run_sync(precheck, path, kind, model_name)
+            except DataError as exc:
+                status = 413 if isinstance(exc, TooLarge) else \
+                    422 if "cannot go to" in str(exc) else 400
+                raise refuse(status, str(exc).replace(str(path), "the upload"), job) from None
+            methods = await methods_of(str(form.get("methods") or "gradcam"))  # needs a worker
+            try:
+                pool.admit()  # counted only now that the whole upload is here and plausible
+                admitted = True
+            except Busy:
+                raise refuse(503, "every worker is busy and the queue is full; retry later", job,
+                             **{"Retry-After": "5"}) from None
             log.info("job %s: accepted, %s upload of %d bytes, model %s, methods %s", job, kind,
                      path.stat().st_size, model_name, ",".join(methods))
             answer = await anyio.to_thread.run_sync(
@@ -297,6 +375,8 @@ def create_app(models: str | Path, out: str | Path = "pellucid_results", api_key
         except JobFailed as exc:
             raise refuse(exc.status, exc.reason, job) from None
         finally:
+            if admitted:
+                pool.release()
             path.unlink(missing_ok=True)  # the upload is never kept
             if not ok:
                 shutil.rmtree(folder, ignore_errors=True)

@@ -7,7 +7,8 @@ the next is refused at once with :class:`Busy` (the app answers 503 with Retry-A
 runs past ``timeout`` seconds has its worker killed and replaced (:class:`JobTimeout`, 504): a hard
 limit, not a request to stop. A worker that dies (a crash in a decoder, the kernel's OOM killer) is
 replaced as well and the job fails cleanly. Inside a worker the decode limits bound what a reader
-may allocate.
+may allocate. A worker loads every model before it reports ready, so a job's time limit never
+counts model loading, and the pool is :attr:`WorkerPool.ready` only when every worker is warm.
 """
 
 from __future__ import annotations
@@ -99,6 +100,11 @@ def worker_main(conn, models: str, limits: DecodeLimits, threads: int) -> None:
     redact_library_messages()
     torch.set_num_threads(max(1, threads))
     registry = Models(Path(models))
+    for name in registry.names():  # warm: a job's time limit never pays for loading a model
+        try:
+            registry.get(name)
+        except PellucidError:
+            pass  # a model that cannot be loaded is refused per job (503)
     _send(conn, ["ready", os.getpid(), pellucid.explainers.names()])
     while True:
         try:
@@ -217,6 +223,17 @@ class WorkerPool:
     @property
     def in_flight(self) -> int:
         return self._admitted
+
+    @property
+    def workers_ready(self) -> int:
+        """Workers that have started, imported the explainers and loaded every model."""
+        with self._lock:
+            workers = list(self._all)
+        return sum(w.ready.is_set() and not w.failed for w in workers)
+
+    @property
+    def ready(self) -> bool:
+        return self._started and self.workers_ready >= self.config.workers
 
     def admit(self) -> None:
         """Reserve a place for one job, or raise :class:`Busy`."""
