@@ -311,7 +311,7 @@ def test_fifty_slow_clients_do_not_keep_ten_valid_requests_from_an_answer(server
     while 10 valid requests are each answered 200."""
     slow = []
     try:
-        for i in range(50):
+        for _ in range(50):
             sock = _raw_request(server, _multipart_head(server, 5_000_000), b"--b0undary\r\n")
             slow.append(sock)
         time.sleep(0.5)

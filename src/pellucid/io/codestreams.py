@@ -99,7 +99,7 @@ def rle_check(data: bytes, rows: int, cols: int, segments: int) -> None:
     if count != segments:
         raise ValueError(f"the RLE header declares {count} segments, the DICOM header needs "
                          f"{segments}")
-    ends = offsets[1:count] + [len(data)]
+    ends = [*offsets[1:count], len(data)]
     need = rows * cols
     for start, end in zip(offsets[:count], ends, strict=True):
         if not 64 <= start <= end <= len(data):

@@ -13,6 +13,7 @@ counts model loading, and the pool is :attr:`WorkerPool.ready` only when every w
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import multiprocessing as mp
@@ -101,10 +102,8 @@ def worker_main(conn, models: str, limits: DecodeLimits, threads: int) -> None:
     torch.set_num_threads(max(1, threads))
     registry = Models(Path(models))
     for name in registry.names():  # warm: a job's time limit never pays for loading a model
-        try:
+        with contextlib.suppress(PellucidError):  # a model that cannot load is refused per job
             registry.get(name)
-        except PellucidError:
-            pass  # a model that cannot be loaded is refused per job (503)
     _send(conn, ["ready", os.getpid(), pellucid.explainers.names()])
     while True:
         try:
