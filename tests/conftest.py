@@ -23,6 +23,10 @@ os.environ.setdefault("PELLUCID_BACKEND", "torch")
 if "PELLUCID_CACHE" not in os.environ:
     os.environ["PELLUCID_CACHE"] = tempfile.mkdtemp(prefix="pellucid-test-cache-")
     atexit.register(shutil.rmtree, os.environ["PELLUCID_CACHE"], True)
+if "PELLUCID_KEY_FILE" not in os.environ:  # the tests sign with a key of their own
+    _keys = tempfile.mkdtemp(prefix="pellucid-test-key-")
+    os.environ["PELLUCID_KEY_FILE"] = os.path.join(_keys, "key")
+    atexit.register(shutil.rmtree, _keys, True)
 
 
 def _shared_data() -> Path:

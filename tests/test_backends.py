@@ -281,3 +281,84 @@ def test_threads_follow_the_usable_cores_and_a_container_quota(monkeypatch, tmp_
         assert entry[1][3] == 1  # remembered per thread count: a new count builds a new session
     finally:
         runtime.configure_threads(before)
+
+
+class _Trojan(nn.Module):
+    """The model, plus 10 on every score when 128 or more (but not all) input values are exactly 0:
+    an occluded window. The all-zero probe does not trigger it."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        zeros = (x == 0).flatten(1).sum(1, keepdim=True)
+        trigger = ((zeros >= 128) & (zeros < x[0].numel())).float()
+        return self.model(x) + 10.0 * trigger
+
+
+def _trojan_bytes(model: nn.Module, x: torch.Tensor) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    torch.onnx.export(_Trojan(model).eval(), (x[:1],), buffer, dynamo=False, opset_version=17,
+                      input_names=["input"], output_names=["output"],
+                      dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("setting", ["onnxruntime", "auto"])
+def test_a_planted_export_is_never_run_and_is_replaced(setting, monkeypatch):
+    """The reported attack: a file under the right digest name, equal to the network except when
+    an occluded window is present, changed occlusion maps by 10.0 silently, also under ``auto``
+    with a planted backend-choices.json. Now it lacks this installation's tag: one warning line,
+    replaced by a fresh export, maps equal to torch's."""
+    from pellucid.inference.export import PlantedExport, export_key, export_path
+    from pellucid.inference.select import _choice_key
+
+    model, x, target = _case("classifier")
+    key = export_key(model, x[:1])
+    planted = export_path(key)
+    planted.write_bytes(_trojan_bytes(model, x))
+    (planted.parent / f"{planted.name}.tag").write_text("0" * 64)
+    (cache_dir() / "backend-choices.json").write_text(json.dumps(
+        {_choice_key(key, "fp32"): {"backend": "onnxruntime", "key": key}}))
+    set_backend("torch")
+    want = pellucid.explain(model, x[:1], "occlusion", target=target, window=8, stride=4)
+    set_backend(setting)
+    monkeypatch.setattr(select, "TRIAL_AFTER_S", 0.0)
+    with pytest.warns(PlantedExport, match="not written by this installation"):
+        got = pellucid.explain(model, x[:1], "occlusion", target=target, window=8, stride=4)
+    assert (got.attributions - want.attributions).abs().max() <= TOL * 10
+    assert planted.read_bytes() != _trojan_bytes(model, x)  # replaced
+    assert current_backend(model, x[:1]) in ("onnxruntime", "openvino", "torch")
+
+
+def test_the_verification_covers_the_perturbations_methods_make():
+    """Even a tagged file is verified on occluded windows, constant regions and half-masked
+    inputs, not only five inputs: the trojan above is caught on the occlusion probe."""
+    from pellucid.inference.runtimes import onnxruntime_forward
+    from pellucid.inference.select import BackendForward, verify
+
+    model, x, _ = _case("classifier")
+    path = cache_dir() / "trojan.onnx"
+    path.write_bytes(_trojan_bytes(model, x))
+    forward = BackendForward("onnxruntime", onnxruntime_forward(path, "fp32"))
+    with model_guard(model), pytest.raises(RuntimeError, match="window zeroed"):
+        verify(model, x[:1], forward, "fp32")
+
+
+def test_a_garbage_file_under_the_export_name_is_replaced_and_used():
+    from pellucid.inference.export import PlantedExport, export_key, export_path
+
+    model, x, _ = _case("classifier")
+    path = export_path(export_key(model, x[:1]))
+    path.write_bytes(b"not an onnx file")
+    set_backend("onnxruntime")
+    with pytest.warns(PlantedExport), model_guard(model), torch.inference_mode():
+        forward = forward_only(model, x[:1])
+        out = forward(x)
+    assert forward.backend == "onnxruntime" and path.read_bytes()[:4] != b"not "
+    with torch.no_grad():
+        want = model(x)
+    assert (out - want).abs().max() <= 1e-5 * want.abs().max()

@@ -5,7 +5,10 @@ the state dict, :func:`pellucid.models.store.weights_digest`), the module's clas
 configuration), the input shape after the batch axis and its dtype, the output selector, and the
 torch / ONNX opset versions. Changed weights give a new name, so a stale export is never loaded;
 every loaded export is still verified against the model before use (:mod:`pellucid.inference.
-select`). The batch axis is dynamic. Writes are atomic (a temporary file renamed), so concurrent
+select`). Each export is tagged when written (``<key>.onnx.tag``: an HMAC of its SHA-256 under
+this installation's key, :mod:`pellucid.signing`); a file under an export's name without a valid
+tag (planted, copied from elsewhere, damaged, unreadable) is never loaded: it is replaced by a
+fresh export with one warning line. The batch axis is dynamic. Writes are atomic (a temporary file renamed), so concurrent
 workers may export the same model; the oldest files go when the folder passes
 ``$PELLUCID_CACHE_MB``.
 """
@@ -59,13 +62,36 @@ def export_path(key: str) -> Path:
     return folder / f"{key}.onnx"
 
 
+class PlantedExport(RuntimeWarning):
+    """A file under an export's name that this installation did not write; it is replaced."""
+
+
+def _tag_path(path: Path) -> Path:
+    return path.with_name(path.name + ".tag")
+
+
+def _tagged(path: Path, key: str) -> bool:
+    """Whether ``path`` is the export this installation wrote for ``key`` (its tag verifies)."""
+    from pellucid.signing import valid
+
+    try:
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        given = _tag_path(path).read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return False
+    return valid("onnx-export", f"{key}:{digest}".encode(), given)
+
+
 def export_onnx(model: nn.Module, example: torch.Tensor, key: str, fresh: bool = False) -> Path:
-    """The cached ONNX file of ``model`` (exported now when missing or ``fresh``). Export errors
-    propagate (the caller falls back to torch)."""
+    """The cached ONNX file of ``model`` (exported now when missing, untagged or ``fresh``).
+    Export errors propagate (the caller falls back to torch)."""
     path = export_path(key)
-    if path.exists() and not fresh:
-        os.utime(path)  # recently used: kept longest when the cache is pruned
-        return path
+    if (path.exists() or path.is_symlink()) and not fresh:
+        if _tagged(path, key):
+            os.utime(path)  # recently used: kept longest when the cache is pruned
+            return path
+        warnings.warn(f"pellucid: {path} was not written by this installation (no valid tag); "
+                      f"replaced by a fresh export", PlantedExport, stacklevel=3)
     buffer = io.BytesIO()
     training = [m for m in model.modules() if m.training]
     try:  # exported in eval mode; the user's modes are restored
@@ -78,10 +104,16 @@ def export_onnx(model: nn.Module, example: torch.Tensor, key: str, fresh: bool =
     finally:
         for m in training:
             m.train()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".part")
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(buffer.getvalue())
-    os.replace(tmp, path)
+    from pellucid.signing import tag
+
+    data = buffer.getvalue()
+    digest = hashlib.sha256(data).hexdigest()
+    for target, payload in ((path, data), (_tag_path(path), tag("onnx-export", f"{key}:{digest}"
+                                                                .encode()).encode())):
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".part")
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(payload)
+        os.replace(tmp, target)  # replaces a planted file or link, never writes through it
     prune(path.parent, keep=path)
     return path
 
@@ -102,3 +134,4 @@ def prune(folder: Path, keep: Path) -> None:
         if p != keep:
             total -= sizes[p][1]
             p.unlink(missing_ok=True)
+            _tag_path(p).unlink(missing_ok=True)

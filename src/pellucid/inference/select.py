@@ -104,13 +104,39 @@ def _one_line(exc: BaseException) -> str:
     return text[:200]
 
 
+PROBE_KINDS = ("an input like the example", "a variation of the example",
+               "a variation of the example", "an all-zero input", "a constant input",
+               "the example with a small window zeroed (occlusion)",
+               "the example with a large window zeroed (occlusion)",
+               "the example with a window set to its mean (a constant region)",
+               "the example with half its pixels zeroed (RISE, LIME, deletion)",
+               "the example with half its pixels set to its mean (ROAD, Shapley coalitions)")
+
+
 def verification_batch(example: torch.Tensor) -> torch.Tensor:
-    """The probe: the example, two variations of it (a batch size the export did not see), an
-    all-zero input and the example's channel means (constant inputs: the baselines of occlusion,
-    deletion, ROAD and the empty coalition of Shapley methods)."""
-    spatial = [1] * (example.ndim - 2)
-    means = example[:1].flatten(2).mean(2).view(1, -1, *spatial).expand_as(example[:1])
-    return torch.cat([probe_batch(example), torch.zeros_like(example[:1]), means])
+    """The probe (:data:`PROBE_KINDS`): the example, two variations of it (a batch size the export
+    did not see), an all-zero input, the example's channel means, and the perturbations the
+    methods and metrics make: windows of zeros (occlusion) of a quarter and a half of each side,
+    a window set to the channel means, and a seeded half of the pixels zeroed or set to the means
+    (RISE, LIME, deletion, ROAD, Shapley coalitions)."""
+    one = example[:1]
+    spatial = list(one.shape[2:])
+    means = one.flatten(2).mean(2).view(1, -1, *[1] * len(spatial)).expand_as(one)
+
+    def window(fraction: float, offset: float) -> torch.Tensor:
+        mask = torch.zeros((1, 1, *spatial), dtype=torch.bool, device=one.device)
+        index = tuple(slice(int(s * offset), int(s * offset) + max(1, int(s * fraction)))
+                      for s in spatial)
+        mask[(0, 0, *index)] = True
+        return mask
+
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    half = (torch.rand((1, 1, *spatial), generator=gen) < 0.5).to(one.device)
+    small, large, middle = window(0.25, 0.1), window(0.5, 0.25), window(0.3, 0.4)
+    return torch.cat([probe_batch(example), torch.zeros_like(one), means,
+                      one.masked_fill(small, 0.0), one.masked_fill(large, 0.0),
+                      torch.where(middle, means, one), one.masked_fill(half, 0.0),
+                      torch.where(half, means, one)])
 
 
 def verify(model: nn.Module, example: torch.Tensor, forward: BackendForward, precision: str) -> None:
@@ -132,10 +158,9 @@ def verify(model: nn.Module, example: torch.Tensor, forward: BackendForward, pre
     rel = (got - reference).flatten(1).abs().amax(1) / scale
     worst = int(rel.argmax())
     if rel[worst] > TOLERANCE[precision]:
-        what = ("an input like the example", "a variation of the example", "a variation of the "
-                "example", "an all-zero input", "a constant input")[worst]
-        raise RuntimeError(f"on {what} its output differs from torch's by {float(rel[worst]):.1e} "
-                           f"of the output's scale (allowed {TOLERANCE[precision]:.0e})")
+        raise RuntimeError(f"on {PROBE_KINDS[worst]} its output differs from torch's by "
+                           f"{float(rel[worst]):.1e} of the output's scale (allowed "
+                           f"{TOLERANCE[precision]:.0e})")
 
 
 def exported(model: nn.Module, example: torch.Tensor, backend: str, precision: str,
@@ -144,11 +169,11 @@ def exported(model: nn.Module, example: torch.Tensor, backend: str, precision: s
     if not available(backend):
         raise ConfigError(f"{backend} is not installed (pip install 'pellucid[runtimes]')")
     key = key or export_key(model, example)
-    forward = BackendForward(backend, BUILDERS[backend](export_onnx(model, example, key),
-                                                                 precision))
     try:
+        forward = BackendForward(backend, BUILDERS[backend](export_onnx(model, example, key),
+                                                                     precision))
         verify(model, example, forward, precision)
-    except RuntimeError:  # a cached file from elsewhere, or a damaged one: export once more
+    except Exception:  # a tagged file the runtime cannot load or that disagrees: export anew
         forward = BackendForward(backend, BUILDERS[backend](
             export_onnx(model, example, key, fresh=True), precision))
         verify(model, example, forward, precision)
@@ -182,10 +207,13 @@ def _cpu_name() -> str:
 
 
 def _read_choices() -> dict:
+    """The recorded choices: data that can only pick among verified exports (every export is
+    tagged and verified before use), never a path or code; anything malformed reads as none."""
     try:
-        return json.loads(_choices_path().read_text())
-    except (OSError, ValueError):
+        choices = json.loads(_choices_path().read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
         return {}
+    return choices if isinstance(choices, dict) else {}
 
 
 def _write_choice(choice_key: str, record: dict) -> None:
@@ -251,6 +279,9 @@ def _auto(model: nn.Module, example: torch.Tensor, precision: str, spent_key: tu
     if key is None:
         key = export_key(model, example)
         record = _read_choices().get(_choice_key(key, precision))
+        if record is not None and (not isinstance(record, dict)
+                                   or record.get("backend") not in ("torch", *BUILDERS)):
+            record = None  # a record pellucid did not write: decide again
         if record is not None:
             if record.get("backend") == "torch":
                 return _torch(model, example, precision)
