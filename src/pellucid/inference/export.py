@@ -8,9 +8,9 @@ every loaded export is still verified against the model before use (:mod:`pelluc
 select`). Each export is tagged when written (``<key>.onnx.tag``: an HMAC of its SHA-256 under
 this installation's key, :mod:`pellucid.signing`); a file under an export's name without a valid
 tag (planted, copied from elsewhere, damaged, unreadable) is never loaded: it is replaced by a
-fresh export with one warning line. The batch axis is dynamic. Writes are atomic (a temporary file renamed), so concurrent
-workers may export the same model; the oldest files go when the folder passes
-``$PELLUCID_CACHE_MB``.
+fresh export with one warning line. The batch axis is dynamic. Writes are atomic (a temporary
+file renamed), so concurrent workers may export the same model; the oldest files go when the
+folder passes ``$PELLUCID_CACHE_MB``.
 """
 
 from __future__ import annotations
