@@ -142,11 +142,18 @@ def test_metric_work_shared_between_methods_changes_no_value(tmp_path, tiny_mode
     pd.testing.assert_frame_equal(_values(shared), _values(alone))
 
 
-def test_sigkill_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path, tiny_model):
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_sigkill_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path, tiny_model, backend,
+                                                                  monkeypatch):
+    """Bit-identical under ``auto`` too: the backend each model and shape got is recorded in the
+    run (backends.json) when first decided and reused by the resumed run."""
     cfg = _config(tiny_model, methods=("gradcam", "saliency", "occlusion", "lime"), cases=6,
                   cache=False)
     path = tmp_path / "kill.yaml"
     path.write_text(yaml.safe_dump(cfg))
+    monkeypatch.setenv("PELLUCID_THREADS", "1")
+    monkeypatch.setenv("PELLUCID_BACKEND", backend)
+    monkeypatch.setenv("PELLUCID_CACHE", str(tmp_path / "cache"))
     env = dict(os.environ, PELLUCID_THREADS="1")
     cmd = [sys.executable, "-m", "pellucid.cli", "bench", str(path), "--out", str(tmp_path / "killed"),
            "--no-report"]
@@ -170,7 +177,12 @@ def test_sigkill_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path, tiny_
     whole = run_bench(parse_config(cfg), tmp_path / "whole", progress=False, report=False)
     assert 3 <= done < whole["unit"].nunique(), done  # killed mid-run
     assert not stale.exists()
-    pd.testing.assert_frame_equal(_values(resumed), _values(whole), atol=1e-6)
+    pd.testing.assert_frame_equal(_values(resumed), _values(whole), check_exact=True)
+    if backend == "auto":
+        recorded = json.loads((tmp_path / "killed" / "backends.json").read_text())
+        backends = {v for k, v in recorded.items() if not k.endswith("|batch")}
+        assert backends and backends <= {"torch", "onnxruntime", "openvino"}
+        assert len(backends) == 1  # the benchmarked model only: randomised copies stay in torch
 
 
 def test_ray_gives_the_same_table_as_local(tmp_path, tiny_model):

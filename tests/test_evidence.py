@@ -124,9 +124,80 @@ def test_evidence_of_other_weights_is_refused(benched, tmp_path):
     for task in info["tasks"].values():
         task.pop("weights_sha256")
     (old / "run.json").write_text(json.dumps(info))
-    with pytest.raises(ConfigError, match="does not record the weights"):
+    with pytest.raises(ConfigError, match="this installation did not write the run"):
         load_evidence(old, load_model(model), ["gradcam"])
+    with pytest.raises(ConfigError, match="does not record the weights"):
+        load_evidence(old, load_model(model), ["gradcam"], unverified=True)
     with pytest.raises(ConfigError, match="not a pellucid bench run"):
         from pellucid.pipeline import CaseOptions
 
         CaseOptions(["gradcam"], evidence=Path(tmp_path / "missing")).check()
+
+
+def _forge(run: Path, into: Path) -> Path:
+    """The reported attack: rewrite every part's pointing_game values to 1.0 (and repeat its rows
+    four times), then recompute each manifest's row count and SHA-256."""
+    import hashlib
+    import io
+    import shutil
+
+    forged = into / "forged"
+    shutil.copytree(run, forged)
+    for part in (forged / "parts").glob("*.parquet"):
+        frame = pd.read_parquet(part)
+        frame.loc[frame["metric"] == "pointing_game", "value"] = 1.0
+        frame = pd.concat([frame] * 4, ignore_index=True)
+        buf = io.BytesIO()
+        frame.to_parquet(buf, index=False)
+        part.write_bytes(buf.getvalue())
+        manifest = part.with_suffix(".json")
+        meta = json.loads(manifest.read_text())
+        meta.update(rows=len(frame), sha256=hashlib.sha256(buf.getvalue()).hexdigest())
+        manifest.write_text(json.dumps(meta))
+    return forged
+
+
+def test_a_forged_run_is_refused_or_marked_unverified_in_every_output(benched, tmp_path):
+    from pellucid.models import load_model
+    from pellucid.pipeline.evidence import UNVERIFIED, load_evidence
+
+    model, run = benched
+    loaded = load_model(model)
+    honest = load_evidence(run, loaded, ["gradcam"])
+    assert honest.verified and not any(UNVERIFIED in line for line in honest.lines("gradcam"))
+    forged = _forge(run, tmp_path)
+    with pytest.raises(ConfigError, match=r"did not write the run \(\d+ of \d+ result parts"):
+        load_evidence(forged, loaded, ["gradcam"])
+    marked = load_evidence(forged, loaded, ["gradcam"], unverified=True)
+    assert not marked.verified and marked.as_dict()["verified"] is False
+    lines = marked.lines("gradcam")
+    assert lines and all(line.startswith(UNVERIFIED) for line in lines)
+    assert any("pointing_game mean 1.000" in line for line in lines)  # the forged number, marked
+    # a run.json edited by hand (a task's weights swapped) no longer verifies either
+    edited = tmp_path / "edited"
+    import shutil
+
+    shutil.copytree(run, edited)
+    (edited / "run.json").write_text((edited / "run.json").read_text() + " ")
+    with pytest.raises(ConfigError, match="run.json carries no valid tag"):
+        load_evidence(edited, loaded, ["gradcam"])
+
+
+@pytest.mark.parametrize("text", ['{"tasks": [1, 2]}', '{"tasks": {"r18|chest": "x"}}',
+                                  '{"tasks": {"nobar": {}}}', '[1, 2]', '"a string"', "{not json",
+                                  '{"tasks": {"r18|chest": {"weights_sha256": 5}}}', "\xff\xfe"])
+def test_every_malformed_run_json_is_one_line(benched, tmp_path, text):
+    import shutil
+
+    from pellucid.errors import PellucidError
+    from pellucid.models import load_model
+    from pellucid.pipeline.evidence import load_evidence
+
+    model, run = benched
+    bad = tmp_path / "bad"
+    shutil.copytree(run, bad)
+    (bad / "run.json").write_bytes(text.encode("latin-1"))
+    for unverified in (False, True):
+        with pytest.raises(PellucidError) as info:
+            load_evidence(bad, load_model(model), ["gradcam"], unverified=unverified)
+        assert "\n" not in str(info.value) and "run" in str(info.value)

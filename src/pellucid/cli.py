@@ -230,6 +230,9 @@ def explain(
              "summary.json and the SR")] = None,
     evidence_model: Annotated[str | None, typer.Option(
         help="the model's name in the --evidence run, when it has several")] = None,
+    evidence_unverified: Annotated[bool, typer.Option(
+        help="use an --evidence run this installation did not write (copied, edited, or older); "
+             "every stated number is marked UNVERIFIED")] = False,
     weights: Annotated[Path | None, typer.Option(help="weights for module:factory")] = None,
     pacs: Annotated[str | None, typer.Option(help="DICOMweb URL: pull --study, explain, push back")] = None,
     study: Annotated[str | None, typer.Option(help="Study Instance UID (with --pacs)")] = None,
@@ -254,7 +257,8 @@ def explain(
             raise ConfigError(f"--sliding-window: give integers like 96,96,96, got "
                               f"{sliding_window!r}") from None
     options = CaseOptions(_split_list(method), target, layer, region, truth, reference, window,
-                          overlap, modalities, outside_intended_use, evidence, evidence_model)
+                          overlap, modalities, outside_intended_use, evidence, evidence_model,
+                          evidence_unverified)
     options.check()  # every option is checked before the model loads, for files and PACS alike
     if pacs is not None and input:
         raise ConfigError("give --input FILE or --pacs URL --study UID, not both")

@@ -3,6 +3,7 @@ Ray, store every finished unit atomically, then write the tables, statistics and
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -21,6 +22,7 @@ from rich.console import Console
 
 import pellucid.bench.stats as stats
 from pellucid.bench.config import BenchConfig, DatasetSpec, ModelSpec, load_config
+from pellucid.bench.provenance import signed, write_signed
 from pellucid.bench.store import ResultStore, unit_digest
 from pellucid.bench.units import Unit, execute_unit, focus_slice, with_window
 from pellucid.errors import ConfigError, DataError, PellucidError
@@ -434,6 +436,35 @@ def environment(config: BenchConfig) -> dict[str, Any]:
             "started": datetime.now(UTC).isoformat(timespec="seconds")}
 
 
+@contextlib.contextmanager
+def pinned_backends(out: Path):
+    """Each model and input shape's forward-only backend (under ``--backend auto``) and chunk size
+    are decided at their first use in the run, the chunk size timed on throwaway batches, and
+    recorded in ``backends.json`` (tagged) at once; a resumed run reads them and computes with the
+    same backends and chunks, so resuming is bit-identical to running through. An untagged file
+    (not written here) is ignored and decided anew."""
+    from pellucid.inference.select import Pinned, pin_backends
+
+    path = out / "backends.json"
+    choices: dict[str, str | int] = {}
+    if path.is_file() and signed(path):
+        try:
+            found = json.loads(path.read_text())
+            choices = dict(found) if isinstance(found, dict) else {}
+        except ValueError:
+            choices = {}
+
+    def record(name: str, value: str | int) -> None:
+        choices[name] = value
+        write_signed(path, json.dumps(choices, indent=1, sort_keys=True) + "\n")
+
+    pin_backends(Pinned(dict(choices), record))
+    try:
+        yield
+    finally:
+        pin_backends(None)
+
+
 def _run_local(units: list[Unit], store: ResultStore, progress: bool) -> None:
     for unit in track(units, "explain + evaluate", enabled=progress):
         rows, maps = execute_unit(unit)
@@ -551,20 +582,21 @@ def run_bench(config: BenchConfig | str | Path, out: str | Path | None = None,
                                       "gallery": config.gallery, "verdict": config.verdict}
     if modality:
         (out / "modality.json").write_text(json.dumps(modality, indent=2) + "\n")
-    (out / "run.json").write_text(json.dumps(run_info, indent=2) + "\n")
+    write_signed(out / "run.json", json.dumps(run_info, indent=2) + "\n")
     (out / "performance.json").write_text(json.dumps(performance, indent=2, default=float) + "\n")
     np.savez_compressed(out / "gallery.npz", **{f"{k}::{f}": v for k, d in gallery.items()
                                                 for f, v in d.items()})
     if executor == "ray":
         _run_ray(todo, store, progress, address, workers)
     else:
-        _run_local(todo, store, progress)
+        with pinned_backends(out):
+            _run_local(todo, store, progress)
     if trust_inputs:
         trust_tasks(config, trust_inputs, out, run_info["config_hash"])
     table = store.table()
     store.export(table)
     run_info["seconds"] = round(time.perf_counter() - start, 1)
-    (out / "run.json").write_text(json.dumps(run_info, indent=2) + "\n")
+    write_signed(out / "run.json", json.dumps(run_info, indent=2) + "\n")
     if report:
         from pellucid.bench.report import write_report
 
@@ -589,7 +621,7 @@ def trust_tasks(config: BenchConfig, inputs: list, out: Path, config_hash: str) 
 
     path = out / "metric_trust.json"
     done: dict[str, Any] = {}
-    if path.is_file():
+    if path.is_file() and signed(path):  # kept only when this installation wrote it
         try:
             old = json.loads(path.read_text())
             if isinstance(old, dict) and old.get("config_hash") == config_hash:
@@ -614,8 +646,8 @@ def trust_tasks(config: BenchConfig, inputs: list, out: Path, config_hash: str) 
         found = metric_trust(units, loaded, quality, settings)
         tasks[key] = {"weights_sha256": weights, "cases": n, "noise": settings.noise,
                       "perturbations": settings.perturbations, "metrics": found}
-    path.write_text(json.dumps({"config_hash": config_hash, "tasks": tasks}, indent=2,
-                               default=float) + "\n")
+    write_signed(path, json.dumps({"config_hash": config_hash, "tasks": tasks}, indent=2,
+                                  default=float) + "\n")
 
 
 def _family(method: str) -> str:

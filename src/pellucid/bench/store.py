@@ -2,11 +2,13 @@
 whenever it is read.
 
 A part is written to a temporary file in the same folder, flushed to disk and renamed into place,
-then its manifest (``<part>.json``: the unit key, row count and SHA-256 of the part's bytes) the
-same way; the manifest commits the unit. A run killed at any moment (even SIGKILL) loses only the
+then its manifest (``<part>.json``: the unit key, row count, SHA-256 of the part's bytes, and
+this installation's tag over the three, :mod:`pellucid.bench.provenance`) the same way; the
+manifest commits the unit. A run killed at any moment (even SIGKILL) loses only the
 units in flight. A part that does not match its manifest (truncated, emptied, replaced, or not
 Parquet) is moved to ``parts/bad/`` with its manifest, the user is told in one line, and the unit
-counts as not done, so a resume re-runs it; the table is the union of the verified parts, sorted.
+counts as not done, so a resume re-runs it; a resume also re-runs a unit whose part carries no
+valid tag (written elsewhere). The table is the union of the verified parts, sorted.
 Gallery maps of a unit are written (atomically) before its part and read without unpickling.
 """
 
@@ -24,7 +26,9 @@ import numpy as np
 import pandas as pd
 
 from pellucid.progress import warn
+from pellucid.signing import tag, valid
 
+PART_PURPOSE = "run-part"  # a part's tag: HMAC over its unit key, row count and SHA-256
 SORT = ["dataset", "model", "case_id", "target", "method", "metric"]
 
 
@@ -91,6 +95,10 @@ class ResultStore:
         if key is not None and meta.get("key") != key:
             self._quarantine(part, "manifest names another unit")
             return None
+        if key is not None and not valid(PART_PURPOSE, f"{key}|{meta.get('rows')}|"
+                                         f"{meta['sha256']}".encode(), meta.get("tag")):
+            self._quarantine(part, "not written by this installation (no valid tag)")
+            return None
         try:
             frame = pd.read_parquet(io.BytesIO(data))
         except Exception as exc:  # pyarrow raises several types for broken files
@@ -113,8 +121,27 @@ class ResultStore:
         data = buf.getvalue()
         part = self.part(key)
         _atomic_write(part, lambda fh: fh.write(data))
-        manifest = {"key": key, "rows": len(frame), "sha256": hashlib.sha256(data).hexdigest()}
+        digest = hashlib.sha256(data).hexdigest()
+        manifest = {"key": key, "rows": len(frame), "sha256": digest,
+                    "tag": tag(PART_PURPOSE, f"{key}|{len(frame)}|{digest}".encode())}
         _atomic_write(part.with_suffix(".json"), lambda fh: fh.write(json.dumps(manifest).encode()))
+
+    def signed_parts(self) -> tuple[int, int]:
+        """(parts whose manifest carries this installation's tag over their unit, rows and
+        bytes, all parts); read only, nothing moved."""
+        files = sorted(f for f in self.parts.glob("*.parquet") if not f.name.startswith("."))
+        good = 0
+        for part in files:
+            try:
+                meta = json.loads(part.with_suffix(".json").read_text())
+                digest = hashlib.sha256(part.read_bytes()).hexdigest()
+            except (OSError, ValueError):
+                continue
+            if isinstance(meta, dict) and meta.get("sha256") == digest and valid(
+                    PART_PURPOSE, f"{meta.get('key')}|{meta.get('rows')}|{digest}".encode(),
+                    meta.get("tag")):
+                good += 1
+        return good, len(files)
 
     def load_maps(self, key: str) -> dict[str, np.ndarray]:
         """The unit's gallery maps; {} (with a warning) when the file is missing or unreadable."""

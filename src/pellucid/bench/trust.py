@@ -126,6 +126,7 @@ def randomised_copy(loaded, seed: int):
     other = copy.deepcopy(loaded)
     for i, module in enumerate(m for m in other.module.modules() if hasattr(m, "reset_parameters")):
         reset_as_on_cpu(module, seed + i)
+    other.module.pellucid_throwaway = True  # a bench run pins it to torch (no export per copy)
     return other
 
 

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from pellucid.inference import BackendForward, forward_only
+from pellucid.inference.select import pinned_batch
 from pellucid.runtime import memory_limit_bytes
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
@@ -71,6 +72,31 @@ class AutoBatch:
         self.timings: dict[int, float] = {}
         limit = memory_limit_bytes()
         self.cap = max(1, limit // activation_bytes(model, example)) if limit else None
+        if self.fixed is None and self.cap is None:  # a bench run: decided once, recorded
+            pinned = pinned_batch(model, example, backend,
+                                  lambda: self._time_sizes(model, example))
+            if pinned is not None:
+                self.fixed = pinned
+
+    def _time_sizes(self, model: nn.Module, example: torch.Tensor) -> int:
+        """The size of :data:`CPU_TRIALS` with the lowest time per input, timed on throwaway
+        batches (so that no computed value depends on which sizes were tried)."""
+        import time
+
+        from pellucid.inference.torch_copy import probe_batch
+
+        fast = inference_forward(model, example[:1])
+        timings = {}
+        with torch.inference_mode():
+            fast(probe_batch(example[:1], CPU_TRIALS[0]))  # warm-up
+            for size in CPU_TRIALS:
+                batch = probe_batch(example[:1], size)
+                began = time.perf_counter()
+                fast(batch)
+                timings[size] = (time.perf_counter() - began) / size
+        best = min(timings, key=timings.get)
+        _BEST_BATCH[self.key] = best
+        return best
 
     def chunks(self, total: int):
         """Yield (start, stop) ranges covering ``total``; time each one's processing."""

@@ -270,6 +270,92 @@ def trial(model: nn.Module, example: torch.Tensor, precision: str,
 _PENDING: dict[tuple, str] = {}  # models on trial (none recorded on disk): their export keys
 
 
+class Pinned:
+    """Backends fixed for a run (``pellucid bench``): ``choices`` maps ``export key|precision`` to
+    a backend (and ``...|backend|batch`` to a chunk size), used as they are whatever the cache's
+    records say; a model and shape not in it is decided at once (no trial period on torch) and
+    ``on_decision(name, value)`` is called, so that the run records it and a resumed run computes
+    with the same backend and chunks (bit-identical). A throwaway model (a randomised copy, marked
+    ``pellucid_throwaway``) runs in torch in chunks of :data:`THROWAWAY_BATCH`."""
+
+    def __init__(self, choices: dict[str, str | int],
+                 on_decision: Callable[[str, str | int], None]) -> None:
+        self.choices = {k: v for k, v in choices.items()
+                        if (isinstance(v, int) and 1 <= v <= 4096 if k.endswith("|batch")
+                            else v in ("torch", *BUILDERS))}
+        self.on_decision = on_decision
+        self._keys: dict[tuple, tuple[weakref.ref, tuple, str]] = {}
+
+    def key(self, model: nn.Module, example: torch.Tensor) -> str:
+        """The export key of ``model`` on inputs like ``example`` (memoised per model object)."""
+        memo = (id(model), tuple(example.shape[1:]), example.dtype)
+        fingerprint = _fingerprint(model, example)
+        found = self._keys.get(memo)
+        if found is None or found[0]() is not model or found[1] != fingerprint:
+            found = (weakref.ref(model), fingerprint, export_key(model, example))
+            self._keys[memo] = found
+        return found[2]
+
+
+def pinned_batch(model: nn.Module, example: torch.Tensor, backend: str,
+                 decide: Callable[[], int]) -> int | None:
+    """In a run with pinned backends: the chunk size recorded for ``model`` on inputs like
+    ``example`` under ``backend``, or ``decide()`` now (recorded at once); None outside a run."""
+    if not _PIN or example.device.type != "cpu":
+        return None
+    if getattr(model, "pellucid_throwaway", False):
+        return THROWAWAY_BATCH  # a randomised copy: fixed, never timed or recorded
+    pinned = _PIN[0]
+    key, precision = pinned.key(model, example[:1]), _precision()
+    name = f"{key}|{precision}|{backend}|batch"
+    size = pinned.choices.get(name)
+    if not isinstance(size, int):
+        disk = f"{_choice_key(key, precision)}|{backend}|batch"  # this machine's earlier choice
+        record = _read_choices().get(disk)
+        size = record.get("batch") if isinstance(record, dict) else None
+        if not (isinstance(size, int) and 1 <= size <= 4096):
+            size = int(decide())
+            _write_choice(disk, {"batch": size})
+        pinned.choices[name] = size
+        pinned.on_decision(name, size)
+    return size
+
+
+_PIN: list[Pinned] = []
+THROWAWAY_BATCH = 8  # chunk size of a throwaway model (a randomised copy) in a pinned run
+
+
+def pin_backends(pinned: Pinned | None) -> None:
+    """Fix backends for a run (see :class:`Pinned`); ``None`` ends it."""
+    _PIN.clear()
+    _MEMO.clear()
+    if pinned is not None:
+        _PIN.append(pinned)
+
+
+def _pinned_auto(model: nn.Module, example: torch.Tensor, precision: str) -> BackendForward:
+    pinned = _PIN[0]
+    key = pinned.key(model, example)
+    name = f"{key}|{precision}"
+    backend = pinned.choices.get(name)
+    if backend is None:
+        record = _read_choices().get(_choice_key(key, precision))
+        if isinstance(record, dict) and record.get("backend") in ("torch", *BUILDERS):
+            backend = record["backend"]
+        else:
+            forward, record = trial(model, example, precision)
+            _write_choice(_choice_key(key, precision), record)
+            backend = forward.backend
+        pinned.choices[name] = backend
+        pinned.on_decision(name, backend)
+    if backend == "torch":
+        return _torch(model, example, precision)
+    try:
+        return exported(model, example, backend, precision, key)
+    except Exception as exc:  # the runtime went away since the run began: torch, said once
+        return _fallback(backend, model, example, exc, precision)
+
+
 def _auto(model: nn.Module, example: torch.Tensor, precision: str, spent_key: tuple
           ) -> BackendForward | None:
     """The decided backend (from this process or the disk), or None while torch is on trial."""
@@ -329,6 +415,13 @@ def forward_only(model: nn.Module, example: torch.Tensor) -> BackendForward:
     spent_key = (id(model), fingerprint)
     if setting == "torch":
         forward = _torch(model, example, precision)
+    elif _PIN and getattr(model, "pellucid_throwaway", False):
+        forward = _torch(model, example, precision)  # a randomised copy in a run: never exported
+    elif setting == "auto" and _PIN and precision != "fp16":
+        try:
+            forward = _pinned_auto(model, example, precision)
+        except Exception as exc:  # e.g. an unreadable cache folder
+            forward = _fallback("auto", model, example, exc, precision)
     elif setting == "auto":
         try:
             decided = _auto(model, example, precision, spent_key)

@@ -111,6 +111,7 @@ class ModelRandomization(Metric):
                               "black-box (forward-only) model does not expose")
         original = ctx.attributions
         randomised = copy.deepcopy(ctx.model)
+        randomised.pellucid_throwaway = True  # a bench run pins it to torch (no export per copy)
         modules = dict(randomised.named_modules())
         steps = randomization_steps(randomised, self.granularity, self.depth)
         table: dict[str, dict[str, torch.Tensor]] = {}

@@ -36,6 +36,7 @@ class CaseOptions:
     outside_intended_use: bool = False  # explain an input the card does not cover, and say so
     evidence: Path | None = None  # a `pellucid bench` run of this model: its scores go in the SR
     evidence_model: str | None = None  # the model's name in that run, when it has several
+    evidence_unverified: bool = False  # accept a run not written here, every line marked
 
     def check(self) -> None:
         """Refuse, in one line, anything that would otherwise be ignored or fail after work."""
@@ -57,6 +58,8 @@ class CaseOptions:
             raise ConfigError(f"--evidence {self.evidence}: not a pellucid bench run (no run.json)")
         if self.evidence_model is not None and self.evidence is None:
             raise ConfigError("--evidence-model goes with --evidence RUN")
+        if self.evidence_unverified and self.evidence is None:
+            raise ConfigError("--evidence-unverified goes with --evidence RUN")
         if self.sliding_window is None and self.overlap != 0.25:
             raise ConfigError("--overlap goes with --sliding-window")
         if self.sliding_window is not None and any(v <= 0 for v in self.sliding_window):

@@ -4,7 +4,12 @@ localisation metric with its mean and 95 % bootstrap interval, its verdict again
 baseline (``better``, ``not_better`` or ``undetermined``: bench/stats.py ``against_baselines``, the
 same words as the report) and the randomisation sanity check's pass rate. The run must have
 scored these very weights (its run.json records their SHA-256); anything else is refused, since
-another model's scores are no evidence for this one."""
+another model's scores are no evidence for this one.
+
+The run must also show that this installation wrote it (:mod:`pellucid.bench.provenance`: run.json,
+metric_trust.json and every result part carry a valid tag): a run folder rewritten by hand, with
+its manifests' digests recomputed, is refused in one line. ``unverified=True``
+(``--evidence-unverified``) states such a run's numbers with every line marked unverified."""
 
 from __future__ import annotations
 
@@ -26,13 +31,39 @@ class Evidence:
     model: str
     weights_sha256: str
     methods: dict[str, list[str]] = field(default_factory=dict)
+    verified: bool = True  # False: the run does not verify as this installation's (see above)
 
     def lines(self, method: str) -> list[str]:
-        return self.methods.get(method) or [f"{method} was not benchmarked in {self.run}"]
+        lines = self.methods.get(method) or [f"{method} was not benchmarked in {self.run}"]
+        return lines if self.verified else [f"{UNVERIFIED}: {line}" for line in lines]
 
     def as_dict(self) -> dict[str, Any]:
         return {"run": self.run, "model": self.model, "weights_sha256": self.weights_sha256,
-                "methods": self.methods}
+                "verified": self.verified,
+                "methods": {m: self.lines(m) for m in self.methods}}
+
+
+UNVERIFIED = "UNVERIFIED (benchmark run not written by this installation)"
+
+
+def _run_record(info_file: Path) -> dict[str, Any]:
+    """run.json's tasks, each checked for the shape pellucid writes; one-line DataError else."""
+    try:
+        info = json.loads(info_file.read_text())
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise DataError(info_file, f"not a readable run record ({type(exc).__name__})") from None
+    if not isinstance(info, dict):
+        raise DataError(info_file, "not a run record (not a JSON object)")
+    tasks = info.get("tasks") or {}
+    if not isinstance(tasks, dict):
+        raise DataError(info_file, f"'tasks' must map MODEL|DATASET to a record, got "
+                                   f"{type(tasks).__name__}")
+    for key, task in tasks.items():
+        if "|" not in key or not isinstance(task, dict):
+            raise DataError(info_file, f"task {key[:60]!r}: expected 'MODEL|DATASET' with a record")
+        if not isinstance(task.get("weights_sha256"), (str, type(None))):
+            raise DataError(info_file, f"task {key[:60]!r}: weights_sha256 must be a string")
+    return info
 
 
 def _model_in_run(run: Path, tasks: dict[str, Any], digest: str, name: str | None) -> str:
@@ -50,22 +81,29 @@ def _model_in_run(run: Path, tasks: dict[str, Any], digest: str, name: str | Non
     raise ConfigError(f"{run} benchmarked {', '.join(models)}; give --evidence-model NAME")
 
 
-def load_evidence(run: str | Path, loaded, methods: list[str], model: str | None = None) -> Evidence:
+def load_evidence(run: str | Path, loaded, methods: list[str], model: str | None = None,
+                  unverified: bool = False) -> Evidence:
     """The evidence of ``run`` for ``methods`` of ``loaded`` (``model``: its name in the run, when
-    the run has several and the weights do not tell)."""
+    the run has several and the weights do not tell; ``unverified``: accept a run this
+    installation did not write, every line marked)."""
     from pellucid.bench import stats
     from pellucid.bench.answers import trust_file, verdict_settings, verdict_table
     from pellucid.bench.store import ResultStore
+
+    from pellucid.bench.provenance import provenance
 
     run = Path(run)
     info_file = run / "run.json"
     if not info_file.is_file():
         raise ConfigError(f"--evidence {run}: not a pellucid bench run (no run.json)")
-    try:
-        info = json.loads(info_file.read_text())
-        tasks = info.get("tasks") or {}
-    except (json.JSONDecodeError, AttributeError):
-        raise DataError(info_file, "not a readable run record") from None
+    info = _run_record(info_file)
+    tasks = info.get("tasks") or {}
+    origin = provenance(run)
+    if not origin.verified and not unverified:
+        raise ConfigError(f"--evidence {run}: this installation did not write the run "
+                          f"({origin.why_not()}: copied from elsewhere, edited, or made before "
+                          f"pellucid tagged runs); run `pellucid bench` here, or give "
+                          f"--evidence-unverified to state its numbers marked unverified")
     digest = loaded.digest()
     name = _model_in_run(run, tasks, digest, model)
     recorded = {t.get("weights_sha256") for key, t in tasks.items() if key.split("|")[0] == name}
@@ -79,7 +117,7 @@ def load_evidence(run: str | Path, loaded, methods: list[str], model: str | None
                           f"evidence for this model")
     frame = ResultStore(run).table()
     frame = frame[frame["model"] == name] if not frame.empty else frame
-    evidence = Evidence(str(run), name, digest)
+    evidence = Evidence(str(run), name, digest, verified=origin.verified)
     if frame.empty:
         return evidence
     summ = stats.summary(frame)
@@ -130,5 +168,8 @@ def load_options_evidence(loaded, options) -> Evidence | None:
     if options.evidence is None:
         if options.evidence_model is not None:
             raise ConfigError("--evidence-model goes with --evidence RUN")
+        if options.evidence_unverified:
+            raise ConfigError("--evidence-unverified goes with --evidence RUN")
         return None
-    return load_evidence(options.evidence, loaded, list(options.methods), options.evidence_model)
+    return load_evidence(options.evidence, loaded, list(options.methods), options.evidence_model,
+                         options.evidence_unverified)

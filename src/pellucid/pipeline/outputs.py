@@ -47,6 +47,7 @@ def write_case(result: CaseResult, out: Path, stem: str = "", dicom: bool = Fals
                               "files": [], "dicom_objects": [], "skipped": []}
     if evidence is not None:
         record["evidence"] = {"run": evidence.run, "model": evidence.model,
+                              "verified": evidence.verified,
                               "methods": {m: evidence.lines(m) for m in result.maps}}
     seeds, overlays = {}, {}
     for number, (method, att) in enumerate(result.maps.items()):
