@@ -179,7 +179,7 @@ def test_a_forged_run_is_refused_or_marked_unverified_in_every_output(benched, t
 
     shutil.copytree(run, edited)
     (edited / "run.json").write_text((edited / "run.json").read_text() + " ")
-    with pytest.raises(ConfigError, match="run.json carries no valid tag"):
+    with pytest.raises(ConfigError, match=r"run\.json carries no valid tag"):
         load_evidence(edited, loaded, ["gradcam"])
 
 

@@ -88,9 +88,8 @@ def load_evidence(run: str | Path, loaded, methods: list[str], model: str | None
     installation did not write, every line marked)."""
     from pellucid.bench import stats
     from pellucid.bench.answers import trust_file, verdict_settings, verdict_table
-    from pellucid.bench.store import ResultStore
-
     from pellucid.bench.provenance import provenance
+    from pellucid.bench.store import ResultStore
 
     run = Path(run)
     info_file = run / "run.json"
