@@ -519,3 +519,96 @@ def test_a_volume_for_a_2d_model_is_refused_from_the_nifti_header(tmp_path):
     with decode_limits(SERVICE_LIMITS), pytest.raises(DataError, match="cannot go to a 2D model"):
         load_input(path, 1, [64, 64], 2)
     assert time.perf_counter() - start < 2
+
+
+# ---------------------------------------------------------------- boxes, COCO and CSV fields
+
+def _coco_folder(tmp_path: Path, mutate) -> Path:
+    """A one-image COCO set (64 x 48 PNG, one category, one box) with ``mutate(data)`` applied."""
+    from PIL import Image
+
+    Image.fromarray(np.zeros((48, 64), np.uint8)).save(tmp_path / "a.png")
+    data = {"images": [{"id": 1, "file_name": "a.png", "width": 64, "height": 48}],
+            "categories": [{"id": 3, "name": "nodule"}],
+            "annotations": [{"id": 7, "image_id": 1, "category_id": 3, "bbox": [4, 5, 10, 12]}]}
+    mutate(data)
+    path = tmp_path / "coco.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+COCO_CASES = {
+    "category without id": (lambda d: d["categories"][0].pop("id"), "categories[0]: needs an integer 'id'"),
+    "unknown category_id": (lambda d: d["annotations"][0].update(category_id=9),
+                            "annotation 7: unknown category_id 9"),
+    "3-value bbox": (lambda d: d["annotations"][0].update(bbox=[1, 2, 3]), "annotation 7: a box needs 4"),
+    "negative width": (lambda d: d["annotations"][0].update(bbox=[4, 5, -10, 12]),
+                       "annotation 7: the box has a non-positive width"),
+    "NaN bbox": (lambda d: d["annotations"][0].update(bbox=[float("nan"), 5, 10, 12]),
+                 "annotation 7: box values must be finite"),
+    "Inf bbox": (lambda d: d["annotations"][0].update(bbox=[4, 5, float("inf"), 12]),
+                 "annotation 7: box values must be finite"),
+    "string bbox": (lambda d: d["annotations"][0].update(bbox=["4", 5, 10, 12]),
+                    "annotation 7: bbox must be"),
+    "image without file_name": (lambda d: d["images"][0].pop("file_name"), "images[0] (id 1): needs"),
+    "string image_id": (lambda d: d["annotations"][0].update(image_id="1"),
+                        "annotation 7: needs an integer 'image_id'"),
+    "Inf category id": (lambda d: d["categories"][0].update(id=float("inf")), "categories[0]"),
+    "odd polygon": (lambda d: d["annotations"][0].update(segmentation=[[1, 2, 3]]),
+                    "annotation 7: a polygon"),
+    "annotation not an object": (lambda d: d["annotations"].append(5), "annotation [1]"),
+    "box far outside the image": (lambda d: d["annotations"][0].update(bbox=[500, 500, 10, 10]),
+                                  "lies outside the 64 x 48 image"),
+}
+
+
+@pytest.mark.parametrize("case", list(COCO_CASES))
+def test_every_malformed_coco_field_is_one_line_naming_the_file_and_row(case, tmp_path):
+    from pellucid.data.coco import COCODataset
+
+    mutate, expected = COCO_CASES[case]
+    path = _coco_folder(tmp_path, mutate)
+    with pytest.raises(DataError) as info:
+        COCODataset(path)[0]
+    message = str(info.value)
+    assert "\n" not in message and expected in message, message
+    assert "coco.json" in message or "a.png" in message
+
+
+def test_deeply_nested_json_and_a_partly_outside_box(tmp_path):
+    from pellucid.data.coco import COCODataset
+
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 200_000 + "]" * 200_000)
+    with pytest.raises(DataError, match="nested too deeply"):
+        COCODataset(deep)
+    path = _coco_folder(tmp_path, lambda d: d["annotations"][0].update(bbox=[50, 40, 30, 30]))
+    sample = COCODataset(path)[0]  # partly outside: clipped to the image, the stated rule
+    assert sample["boxes"].tolist() == [[50.0, 40.0, 64.0, 48.0]]
+
+
+CSV_BOXES = {
+    "negative sides (xywh)": ("x,y,w,h", "4,5,-3,2", "xywh", "non-positive width or height"),
+    "inverted (xyxy)": ("x0,y0,x1,y1", "20,5,4,9", "xyxy", "non-positive width or height"),
+    "NaN": ("x0,y0,x1,y1", "nan,5,9,9", "xyxy", "must be finite"),
+    "Inf": ("x0,y0,x1,y1", "1,5,inf,9", "xyxy", "must be finite"),
+    "negative YOLO": ("cx,cy,bw,bh", "-0.2,0.5,0.1,0.1", "yolo", "fractions of the image"),
+    "YOLO over 1": ("cx,cy,bw,bh", "0.5,0.5,1.5,0.1", "yolo", "fractions of the image"),
+    "far outside": ("x0,y0,x1,y1", "900,900,950,950", "xyxy", "lies outside the 64 x 48 image"),
+}
+
+
+@pytest.mark.parametrize("case", list(CSV_BOXES))
+def test_csv_boxes_that_cannot_exist_are_refused_naming_the_line(case, tmp_path):
+    from PIL import Image
+
+    from pellucid.data.folders import CSVDataset
+
+    header, values, fmt, expected = CSV_BOXES[case]
+    Image.fromarray(np.zeros((48, 64), np.uint8)).save(tmp_path / "a.png")
+    cols = header.split(",")
+    (tmp_path / "boxes.csv").write_text(f"path,label,{header}\na.png,nodule,{values}\n")
+    with pytest.raises(DataError) as info:
+        CSVDataset(tmp_path / "boxes.csv", columns={"box": cols}, box_format=fmt)[0]
+    message = str(info.value)
+    assert "\n" not in message and expected in message and "line 2" in message, message

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from pellucid.data.base import CHEST_FINDING_CODES, CHEST_RADIOGRAPH, PellucidDataset
+from pellucid.data.boxes import clipped_boxes, parsed_box
 from pellucid.data.splits import DEFAULT_FRACTIONS, check_split, group_split
 from pellucid.data.transforms import check_resize, resize_image
 from pellucid.errors import DataError
@@ -132,7 +133,7 @@ class ChestXray14(PellucidDataset):
             if label not in FINDINGS:
                 raise DataError(path, f"line {line}: unknown finding {row[1]!r}")
             try:
-                x, y, w, h = (float(v) for v in row[2:6])
+                x, y, w, h = parsed_box([float(v) for v in row[2:6]], "xywh", path, f"line {line}")
             except ValueError:
                 raise DataError(path, f"line {line}: box values {row[2:6]} are not numbers") from None
             boxes.setdefault(row[0].strip(), []).append((FINDINGS.index(label), [x, y, x + w, y + h]))
@@ -172,6 +173,8 @@ class ChestXray14(PellucidDataset):
             scale_x, scale_y = width / BOX_FRAME, height / BOX_FRAME
             boxes = torch.tensor([[b[0] * scale_x, b[1] * scale_y, b[2] * scale_x, b[3] * scale_y]
                                   for _, b in found], dtype=torch.float32).reshape(-1, 4)
+            boxes = clipped_boxes(boxes, height, width, self.root / "BBox_List_2017.csv",
+                                  [f"the box of {rec['name']} ({i + 1})" for i in range(len(found))])
             sample["boxes"] = boxes
             sample["box_labels"] = torch.tensor([c for c, _ in found], dtype=torch.long)
             if self.box_masks:

@@ -8,15 +8,43 @@ in the CSV reader: ``split_files`` or drawn 70/10/20 (by image)."""
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from pellucid.data.boxes import parsed_box
 from pellucid.data.folders import _ImageListDataset, _split_lists
 from pellucid.data.splits import DEFAULT_FRACTIONS, check_split
 from pellucid.errors import DataError
+
+
+def _load_json(path: Path):
+    """The parsed JSON, refusing in one line text that is not JSON or not UTF-8, and JSON nested
+    deeper than the parser's recursion allows (a 200,000-deep list)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(path, f"cannot read the JSON file ({type(exc).__name__})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(path, f"not valid JSON ({str(exc)[:120]})") from None
+    except RecursionError:
+        raise DataError(path, "JSON nested too deeply to read") from None
+
+
+def _int(record, key: str, path: Path, where: str) -> int:
+    """``record[key]`` as an integer id, or one DataError naming the row."""
+    if not isinstance(record, dict):
+        raise DataError(path, f"{where}: expected an object")
+    value = record.get(key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or value != int(value):
+        raise DataError(path, f"{where}: needs an integer '{key}', got {value!r}")
+    return int(value)
 
 
 class COCODataset(_ImageListDataset):
@@ -30,44 +58,65 @@ class COCODataset(_ImageListDataset):
         json_path = Path(json_path)
         if not json_path.is_file():
             raise DataError(json_path, "COCO JSON file not found")
-        try:
-            data = json.loads(json_path.read_text())
-        except json.JSONDecodeError as exc:
-            raise DataError(json_path, f"not valid JSON ({exc})") from None
+        data = _load_json(json_path)
         if not isinstance(data, dict) or not all(isinstance(data.get(k), list)
                                                   for k in ("images", "categories", "annotations")):
             raise DataError(json_path, "expected a COCO object with lists 'images', 'categories' and "
                                        "'annotations'")
         folder = Path(images) if images is not None else json_path.parent
-        categories = {int(c["id"]): str(c["name"]) for c in data["categories"]}
+        categories: dict[int, str] = {}
+        for n, c in enumerate(data["categories"]):
+            cid = _int(c, "id", json_path, f"categories[{n}]")
+            if not isinstance(c.get("name"), str) or not c["name"]:
+                raise DataError(json_path, f"categories[{n}] (id {cid}): needs a 'name'")
+            if cid in categories:
+                raise DataError(json_path, f"categories[{n}]: id {cid} is given twice")
+            categories[cid] = c["name"]
         self.class_names = tuple(class_names or [categories[k] for k in sorted(categories)])
         unknown = sorted(set(categories.values()) - set(self.class_names))
         if unknown:
             raise DataError(json_path, f"categories {unknown} are not in class_names")
         index = {name: k for k, name in enumerate(self.class_names)}
         records: dict[int, dict] = {}
-        for img in data["images"]:
-            path = folder / str(img["file_name"])
+        for n, img in enumerate(data["images"]):
+            iid = _int(img, "id", json_path, f"images[{n}]")
+            if not isinstance(img.get("file_name"), str) or not img["file_name"]:
+                raise DataError(json_path, f"images[{n}] (id {iid}): needs a 'file_name'")
+            path = folder / img["file_name"]
             if not path.is_file():
                 raise DataError(json_path, f"image {img['file_name']!r} not found under {folder}")
-            records[int(img["id"])] = {"path": path, "label": torch.zeros(len(self.class_names)),
-                                       "case_id": str(img["file_name"]), "boxes": [], "polygons": [],
-                                       "group": str(img["file_name"]), "mask": None}
-        for ann in data["annotations"]:
-            rec = records.get(int(ann.get("image_id", -1)))
+            records[iid] = {"path": path, "label": torch.zeros(len(self.class_names)),
+                            "case_id": img["file_name"], "boxes": [], "polygons": [],
+                            "group": img["file_name"], "mask": None, "box_rows": []}
+        for n, ann in enumerate(data["annotations"]):
+            where = f"annotation {ann.get('id', f'[{n}]') if isinstance(ann, dict) else f'[{n}]'}"
+            rec = records.get(_int(ann, "image_id", json_path, where))
             if rec is None:
-                raise DataError(json_path, f"annotation {ann.get('id')}: unknown image_id "
-                                           f"{ann.get('image_id')!r}")
-            k = index[categories[int(ann["category_id"])]]
+                raise DataError(json_path, f"{where}: unknown image_id {ann.get('image_id')!r}")
+            cid = _int(ann, "category_id", json_path, where)
+            if cid not in categories:
+                raise DataError(json_path, f"{where}: unknown category_id {cid}")
+            k = index[categories[cid]]
             rec["label"][k] = 1.0
-            if ann.get("bbox"):
-                x, y, w, h = (float(v) for v in ann["bbox"])
+            if ann.get("bbox") is not None:
+                box = ann["bbox"]
+                if not isinstance(box, list) or not all(isinstance(v, (int, float))
+                                                        and not isinstance(v, bool) for v in box):
+                    raise DataError(json_path, f"{where}: bbox must be [x, y, width, height] numbers")
+                x, y, w, h = parsed_box([float(v) for v in box], "xywh", json_path, where)
                 rec["boxes"].append((k, [x, y, x + w, y + h]))
+                rec["box_rows"].append(f"{json_path.name} {where}")
             segmentation = ann.get("segmentation")
             if segmentation:
                 if not isinstance(segmentation, list) or ann.get("iscrowd"):
-                    raise DataError(json_path, f"annotation {ann.get('id')}: run-length "
-                                               f"segmentation is not read; give polygons")
+                    raise DataError(json_path, f"{where}: run-length segmentation is not read; "
+                                               f"give polygons")
+                for poly in segmentation:
+                    if not isinstance(poly, list) or len(poly) % 2 or not all(
+                            isinstance(v, (int, float)) and not isinstance(v, bool)
+                            and math.isfinite(v) for v in poly):
+                        raise DataError(json_path, f"{where}: a polygon is a flat list of finite "
+                                                   f"x, y numbers")
                 rec["polygons"] += [(k, [float(v) for v in poly]) for poly in segmentation]
                 rec["mask"] = rec["path"]  # masks come from the polygons
         out = list(records.values())

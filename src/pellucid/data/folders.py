@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from pellucid.data.base import PellucidDataset
+from pellucid.data.boxes import clipped_boxes, parsed_box
 from pellucid.data.splits import DEFAULT_FRACTIONS, check_split, group_split
 from pellucid.data.transforms import RESIZE_METHODS, resize_image, resize_mask, zscore_nonzero
 from pellucid.errors import DataError
@@ -100,7 +101,8 @@ class _ImageListDataset(PellucidDataset):
                                              f"{Path(rec['path']).name} shape {(h, w)}")
             sample["mask"] = mask
         if rec.get("boxes"):
-            sample["boxes"] = self._boxes(rec, h, w)
+            sample["boxes"] = clipped_boxes(self._boxes(rec, h, w), h, w, rec["path"],
+                                            rec.get("box_rows", []))
             sample["box_labels"] = torch.tensor([c for c, _ in rec["boxes"]], dtype=torch.long)
         if self.size is not None:
             size = (self.size, self.size)
@@ -249,7 +251,9 @@ class CSVDataset(_ImageListDataset):
                     raise DataError(csv_path, f"line {line}: box values are not numbers") from None
                 if len(ns) != 1:
                     raise DataError(csv_path, f"line {line}: a row with a box needs exactly one label")
-                rec["boxes"].append((self.class_names.index(ns[0]), box))
+                rec["boxes"].append((self.class_names.index(ns[0]),
+                                     parsed_box(box, box_format, csv_path, f"line {line}")))
+                rec.setdefault("box_rows", []).append(f"{csv_path.name} line {line}")
         records = list(by_path.values())
         if records and all(is_nifti(r["path"]) for r in records):  # volumes: a 3D dataset
             self.spatial_dims = 3
