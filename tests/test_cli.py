@@ -167,3 +167,24 @@ def test_every_command_line_mistake_is_one_line(capsys):
     with pytest.raises(SystemExit) as stop:
         cli.main(["review", "craete"])
     assert "Did you mean 'create'?" in capsys.readouterr().err
+
+
+def test_every_help_page_renders_its_text_as_written(capsys):
+    """Rich turns ``:name:`` into an emoji ("module:factory: ..." became "module" and a factory
+    emoji); no help page may hold one, and every page names module:factory as written."""
+    import contextlib
+
+    import typer.main
+
+    from pellucid import cli
+
+    group = typer.main.get_command(cli.app)
+    for path, _command in [((), group), *_commands(group)]:
+        with contextlib.suppress(SystemExit):
+            cli.main([*path, "--help"])
+        text = capsys.readouterr().out
+        emoji = [ch for ch in text if ord(ch) >= 0x1F000 or 0x2600 <= ord(ch) < 0x2800]
+        assert not emoji, (path, emoji)
+    with contextlib.suppress(SystemExit):
+        cli.main(["import-model", "--help"])
+    assert "module:factory" in capsys.readouterr().out

@@ -127,3 +127,51 @@ def test_a_card_resize_of_pil_uint8_reads_inputs_as_torchvision_did(tmp_path):
             grey = Image.fromarray(pixels.astype(np.float32) / 255, mode="F")
             expected = torch.from_numpy(np.array(grey.resize((64, 64), Image.BILINEAR)))[None]
         torch.testing.assert_close(case.item.image, expected.float(), atol=tolerance + 1e-7, rtol=0)
+
+
+def test_safetensors_import_equals_the_pt_import(tmp_path):
+    """The same ResNet-18 weights imported from .pt and from .safetensors (whose keys are sorted
+    by name, so that the last key is not the output layer) give the same folder and outputs."""
+    from safetensors.torch import save_file
+
+    net, weights = _torchvision_state(tmp_path)
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, tmp_path / "model.safetensors")
+    outputs = []
+    for source, out in ((weights, "pt"), (tmp_path / "model.safetensors", "st")):
+        main(["import-model", str(source), "--out", str(tmp_path / out), "--arch", "resnet18",
+              "--backend", "torchvision", "--task", "classification", "--classes", "a,b,c",
+              "--activation", "softmax", "--input-size", "64,64"])
+        loaded = load_model(tmp_path / out)
+        assert loaded.card.in_channels == 3
+        x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            outputs.append(loaded.module(x))
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=0)
+
+
+def test_bad_weights_and_options_are_one_line(tmp_path, capsys):
+    net, weights = _torchvision_state(tmp_path)
+    state = net.state_dict()
+    state["layer2.0.conv1.weight"][0, 0, 0, 0] = float("nan")
+    torch.save(state, tmp_path / "nan.pt")
+    base = ["--arch", "resnet18", "--backend", "torchvision", "--task", "classification",
+            "--classes", "a,b,c", "--activation", "softmax"]
+    _refused(["import-model", str(tmp_path / "nan.pt"), "--out", str(tmp_path / "n"), *base,
+              "--input-size", "64,64"], capsys, "1 non-finite value(s) in layer2.0.conv1.weight")
+    _refused(["import-model", str(weights), "--out", str(tmp_path / "h"), *base,
+              "--input-size", "1000000,1000000"], capsys, "is over the limit")
+    (tmp_path / "a_file").write_text("x")
+    _refused(["import-model", str(weights), "--out", str(tmp_path / "a_file"), *base,
+              "--input-size", "64,64"], capsys, "exists and is not a folder")
+    _refused(["import-model", str(weights), "--out", str(tmp_path / "w"), *base[:-4],
+              "--classes", "a,b", "--activation", "softmax", "--input-size", "64,64"], capsys,
+             "the network gives 3 (its output layer fc.weight)")
+    for factory, expected in (("os:system", "Python's standard library"),
+                              ("builtins:print", "Python's standard library"),
+                              ("pellucid.models.zoo:ARCHS", "not a function or class"),
+                              ("torchvision.models:resnet18.__call__", "not a function or class"),
+                              ("no such:thing", "a factory is package.module:function")):
+        _refused(["import-model", factory, "--weights", str(weights), "--out",
+                  str(tmp_path / "f"), "--task", "classification", "--classes", "a,b,c",
+                  "--activation", "softmax", "--input-size", "64,64"], capsys, expected)
+    assert not (tmp_path / "f").exists()

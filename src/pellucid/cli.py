@@ -161,7 +161,7 @@ def import_model_command(
              "index (default: logits, else out, else the only tensor, else the first element)")] = "",
 ) -> None:
     """Make a model folder (card.json + network) from a state dict, safetensors, TorchScript or a
-    module:factory: what can be read off the network is checked, what cannot is asked for."""
+    module:factory. What can be read off the network is checked, what cannot is asked for."""
     from pellucid.models import load_model
     from pellucid.models.importing import ImportSpec, import_model
 
@@ -169,6 +169,7 @@ def import_model_command(
         size = [int(v) for v in _split_list(input_size)] if input_size else []
     except ValueError:
         raise ConfigError(f"--input-size: give integers like 224,224, got {input_size!r}") from None
+    _out_folder(out, "--out")
     spec = ImportSpec(source, task, _split_list(classes) if classes else [], activation, size,
                       channels, str(weights) if weights else None, arch, backend, normalization,
                       layer, name, version, resize=resize, output=output)

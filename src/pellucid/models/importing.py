@@ -160,6 +160,42 @@ def _activation(spec: ImportSpec, task: str, outputs: int) -> str:
                       f"(each class on its own); pellucid does not guess it")
 
 
+def _end_layers(module: nn.Module) -> tuple[str | None, str | None]:
+    """State-dict names of the weights of the network's first convolution and of its output
+    layer: the last convolution or linear layer in the module's own registration order (the
+    order its constructor built it, which a safetensors file, sorted by name, does not keep)."""
+    layers = [n for n, m in module.named_modules()
+              if isinstance(m, (nn.Conv2d, nn.Conv3d, nn.Linear, nn.ConvTranspose2d,
+                                nn.ConvTranspose3d)) and getattr(m, "weight", None) is not None]
+    convs = [n for n, m in module.named_modules() if isinstance(m, (nn.Conv2d, nn.Conv3d))]
+    first = f"{convs[0]}.weight" if convs else None
+    return first, (f"{layers[-1]}.weight" if layers else None)
+
+
+def _require_finite_weights(module: nn.Module, spec: ImportSpec) -> None:
+    """Refuse a network with a NaN or infinite weight or buffer: every output would be undefined
+    or, worse, silently constant after a softmax."""
+    for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise ConfigError(f"{spec.weights or spec.source}: {bad} non-finite value(s) in {name}; "
+                              f"pellucid does not import a network with undefined weights")
+
+
+def _check_size(size: list[int]) -> None:
+    """--input-size within what a reader would accept (the default decode limits)."""
+    import math
+
+    from pellucid.guards import current_limits
+
+    limits = current_limits()
+    bound = limits.max_pixels if len(size) == 2 else limits.max_voxels
+    if math.prod(size) > bound:
+        raise ConfigError(f"--input-size {','.join(map(str, size))}: {math.prod(size):,} "
+                          f"{'pixels' if len(size) == 2 else 'voxels'} is over the limit of "
+                          f"{bound:,} that pellucid reads")
+
+
 def import_model(spec: ImportSpec, out: str | Path,
                  find_layer: Callable[[nn.Module, torch.Tensor], str] | None = None) -> Path:
     """Check ``spec`` against the network and write the model folder ``out``. ``find_layer``
@@ -176,21 +212,28 @@ def import_model(spec: ImportSpec, out: str | Path,
     if not spec.input_size or any(v < 1 for v in spec.input_size) or len(spec.input_size) not in (2, 3):
         raise ConfigError("--input-size: give the size the model takes, e.g. 224,224 (2D) or "
                           "96,96,96 (3D)")
+    _check_size(spec.input_size)
     module, arch, backend, factory = _network(spec)
     dims = len(spec.input_size)
     if module is None:  # one of pellucid's architectures, built to the stated channels and classes
         weights = Path(spec.source)
         state = _read_state_dict(weights)
-        last = [v for k, v in state.items() if k.endswith("weight") and v.ndim >= 2]
-        if last and int(last[-1].shape[0]) != len(spec.classes):
+        probe = build(arch, dims, spec.channels or 3, len(spec.classes), backend=spec.backend,
+                      input_size=spec.input_size).module
+        first, last = _end_layers(probe)  # found by the network's structure, not key order
+        for name, index, what in ((first, 1, "input channels"), (last, 0, "outputs")):
+            if name is not None and name in state and state[name].ndim < 2:
+                raise ConfigError(f"{weights}: {name} is not a layer's weight matrix ({what})")
+        channels = spec.channels or (int(state[first].shape[1]) if first in state else 3)
+        if last in state and int(state[last].shape[0]) != len(spec.classes):
             raise ConfigError(f"--classes names {len(spec.classes)} outputs; the network gives "
-                              f"{int(last[-1].shape[0])} (its last layer's weights)")
-        channels = spec.channels or (int(last[0].shape[1]) if last and last[0].ndim > 2 else 3)
+                              f"{int(state[last].shape[0])} (its output layer {last})")
         built = build(arch, dims, channels, len(spec.classes), backend=spec.backend,
                       input_size=spec.input_size)
         module, backend = built.module, built.backend
         _load_state(module, state, weights)
     calibration = _calibration(module, spec)
+    _require_finite_weights(module, spec)
     inferred = first_conv_channels(module)
     channels = spec.channels or inferred
     if channels is None:

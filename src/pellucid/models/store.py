@@ -80,12 +80,33 @@ def save_model(folder: str | Path, module: nn.Module, card: ModelCard) -> Path:
 
 def factory_module(text: str) -> nn.Module:
     """Call ``package.module:factory`` (no arguments); it must return an ``nn.Module``."""
+    import inspect
+    import sys
+
     mod_name, _, factory_name = text.partition(":")
+    if not mod_name or not factory_name or not all(
+            part.isidentifier() for part in [*mod_name.split("."), *factory_name.split(".")]):
+        raise ModelError(f"{text!r}: a factory is package.module:function (Python names)")
+    if mod_name.split(".")[0] in sys.stdlib_module_names or mod_name == "builtins":
+        raise ModelError(f"{text}: a factory builds a network; {mod_name} is Python's standard "
+                         f"library, not a model library")
     try:
-        factory = getattr(importlib.import_module(mod_name), factory_name)
+        factory = importlib.import_module(mod_name)
+        for part in factory_name.split("."):
+            factory = getattr(factory, part)
     except (ImportError, AttributeError) as exc:
         raise ModelError(f"{text}: cannot import the factory ({exc})") from None
-    module = factory()
+    except Exception as exc:  # the module's own import failed
+        raise ModelError(f"{text}: importing {mod_name} failed ({type(exc).__name__}: "
+                         f"{str(exc)[:160]})") from None
+    if not (inspect.isfunction(factory) or inspect.isclass(factory)) or inspect.isbuiltin(factory):
+        raise ModelError(f"{text}: not a function or class that builds a network")
+    try:
+        module = factory()
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise ModelError(f"{text}: the factory failed when called without arguments "
+                         f"({type(exc).__name__}: {first})") from None
     if not isinstance(module, nn.Module):
         raise ModelError(f"{text}: factory returned {type(module).__name__}, not an nn.Module")
     return module
