@@ -636,10 +636,57 @@ def test_security_headers_and_a_limit_on_failed_tokens(review_run, tmp_path):
     assert {k.lower() for k in SECURITY_HEADERS} <= set(client.get("/").headers)
     page = client.get(f"/r/{token}").text
     assert "<script>" not in page and "style=" not in page  # nothing inline that the CSP blocks
-    for i in range(5):
+    # a rater's own stale forms (a wrong CSRF token) count against her token, 1/5 each, never
+    # against the address others share
+    for _ in range(6):
+        assert client.post(f"/r/{token}/start", data={"csrf": "stale"}).status_code == 403
+    assert client.get("/r/guess-x").status_code == 403  # the address is not locked by them
+    for i in range(4):
         assert client.get(f"/r/guess-{i}").status_code == 403
-    r = client.get(f"/r/{token}")  # even the right token waits once the address is locked out
+    r = client.get("/r/guess-9")  # five wrong tokens from this address: locked out
     assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
     assert client.get("/admin/progress").status_code == 429
+    # a real rater behind the same (shared) address still gets her pages
+    assert client.get(f"/r/{token}").status_code == 200
     assert client.get("/").status_code == 200  # pages without tokens stay up
+    for _ in range(19):  # her token's own limit (5 x 5 stale forms) is separate and higher
+        client.post(f"/r/{token}/start", data={"csrf": "stale"})
+    assert client.get(f"/r/{token}").status_code == 429
     app.state.engine.dispose()
+
+
+def test_x_forwarded_for_is_honoured_only_from_configured_proxies(review_run, tmp_path):
+    """From 127.0.0.1 any X-Forwarded-For used to choose the address the limiter counted; now
+    ``pellucid review serve`` ignores the header unless --trusted-proxy names the sender."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    db = str(tmp_path / "x.db")
+    create_study(review_run, db, ["r1"], cases=1)
+    for trusted, expect_locked in ((None, True), ("127.0.0.1", False)):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        cmd = [sys.executable, "-m", "pellucid.cli", "review", "serve", "--db", db, "--port",
+               str(port)] + (["--trusted-proxy", trusted] if trusted else [])
+        env = {k: v for k, v in os.environ.items() if k != "FORWARDED_ALLOW_IPS"}
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            for _ in range(300):
+                try:
+                    httpx.get(url + "/", timeout=1)
+                    break
+                except httpx.TransportError:
+                    time.sleep(0.1)
+            codes = [httpx.get(f"{url}/r/guess-{i}", headers={"X-Forwarded-For": f"10.0.0.{i}"},
+                               timeout=5).status_code for i in range(25)]
+        finally:
+            proc.terminate()
+            proc.wait(30)
+        assert (429 in codes) is expect_locked, (trusted, codes)

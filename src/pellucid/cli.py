@@ -467,13 +467,26 @@ def review_create(
 @review_app.command("serve")
 def review_serve(db: Annotated[str, typer.Option(help=DB_HELP)] = "review.db",
                  host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
-                 port: Annotated[int, typer.Option(help="port")] = 8100) -> None:
+                 port: Annotated[int, typer.Option(help="port")] = 8100,
+                 trusted_proxy: Annotated[list[str] | None, typer.Option(
+                     help="address of a reverse proxy whose X-Forwarded-For is honoured "
+                          "(repeatable); without it the header is ignored")] = None) -> None:
     """Serve the rater pages and the admin API."""
+    import ipaddress
+
     import uvicorn
 
     from pellucid.review.app import create_review_app
 
-    uvicorn.run(create_review_app(db), host=host, port=port, log_level="warning")
+    proxies = list(trusted_proxy or [])
+    for address in proxies:
+        try:
+            ipaddress.ip_network(address, strict=False)
+        except ValueError:
+            raise ConfigError(f"--trusted-proxy: {address!r} is not an IP address or network") \
+                from None
+    uvicorn.run(create_review_app(db), host=host, port=port, log_level="warning",
+                proxy_headers=bool(proxies), forwarded_allow_ips=",".join(proxies) or None)
 
 
 @review_app.command("invite")

@@ -221,7 +221,7 @@ def import_model(spec: ImportSpec, out: str | Path,
         probe = build(arch, dims, spec.channels or 3, len(spec.classes), backend=spec.backend,
                       input_size=spec.input_size).module
         first, last = _end_layers(probe)  # found by the network's structure, not key order
-        for name, index, what in ((first, 1, "input channels"), (last, 0, "outputs")):
+        for name, what in ((first, "input channels"), (last, "outputs")):
             if name is not None and name in state and state[name].ndim < 2:
                 raise ConfigError(f"{weights}: {name} is not a layer's weight matrix ({what})")
         channels = spec.channels or (int(state[first].shape[1]) if first in state else 3)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import anyio
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
@@ -25,6 +26,14 @@ SECURITY_HEADERS = {
     "Referrer-Policy": "no-referrer",
     "X-Frame-Options": "DENY",
 }
+
+
+TOKEN_FAILURE_FACTOR = 5  # a valid token may fail its CSRF check 5x the address limit
+
+
+def _too_many(wait: float) -> JSONResponse:
+    return JSONResponse({"error": "too many failed attempts; try again later"}, status_code=429,
+                        headers={"Retry-After": str(int(wait))} | SECURITY_HEADERS)
 
 
 def create_review_app(db: str, failures: FailureLimiter | None = None) -> FastAPI:
@@ -53,15 +62,30 @@ def create_review_app(db: str, failures: FailureLimiter | None = None) -> FastAP
         path = request.url.path
         token_route = path.startswith(("/r/", "/admin/"))
         address = request.client.host if request.client else "unknown"
+        site = app.state.site
+        valid: str | None = None
         if token_route:
+            # an address past its limit is refused only for invalid tokens: a rater behind a
+            # shared address (a hospital's NAT) holding a valid invitation is never locked out
             wait = limiter.blocked(address)
             if wait:
-                return JSONResponse({"error": "too many failed attempts from this address; try "
-                                              "again later"}, status_code=429,
-                                    headers={"Retry-After": str(int(wait))} | SECURITY_HEADERS)
+                valid = await anyio.to_thread.run_sync(site.token_of, request)
+                if valid is None:
+                    return _too_many(wait)
+            else:
+                valid = "unchecked"
+            if valid not in (None, "unchecked"):
+                wait = limiter.blocked(valid)  # the token's own limit (its stale forms)
+                if wait:
+                    return _too_many(wait)
         response = await call_next(request)
         if token_route and response.status_code == 403:
-            limiter.failed(address)
+            if valid == "unchecked":
+                valid = await anyio.to_thread.run_sync(site.token_of, request)
+            # a valid token's 403 is a stale or missing CSRF token: counted against that token
+            # (with a higher limit), never against the address others share
+            limiter.failed(address if valid is None else valid,
+                           weight=1.0 if valid is None else 1.0 / TOKEN_FAILURE_FACTOR)
         response.headers.update(SECURITY_HEADERS)
         if token_route:
             response.headers["Cache-Control"] = "no-store"

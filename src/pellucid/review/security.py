@@ -34,35 +34,36 @@ def csrf_ok(secret: str, rater_id: int, given: str | None) -> bool:
 
 
 class FailureLimiter:
-    """At most ``limit`` failed token checks per client address within ``window`` seconds; past
-    that the address is refused (429) until its oldest failure leaves the window. At most
-    ``addresses`` addresses are tracked (the least recently failing are forgotten first)."""
+    """At most ``limit`` failures per key (a client address, or a valid token whose CSRF checks
+    fail, each of those weighing less) within ``window`` seconds; past that the key is refused
+    (429) until its oldest failures leave the window. At most ``addresses`` keys are tracked (the
+    least recently failing are forgotten first)."""
 
     def __init__(self, limit: int = 20, window: float = 600.0, addresses: int = 10000) -> None:
         self.limit, self.window, self.addresses = limit, window, addresses
-        self._failures: OrderedDict[str, deque[float]] = OrderedDict()
+        self._failures: OrderedDict[str, deque[tuple[float, float]]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def _recent(self, address: str, now: float) -> deque[float]:
+    def _recent(self, address: str, now: float) -> deque[tuple[float, float]]:
         times = self._failures.get(address, deque())
-        while times and now - times[0] > self.window:
+        while times and now - times[0][0] > self.window:
             times.popleft()
         return times
 
     def blocked(self, address: str) -> float:
-        """Seconds until ``address`` may try again (0 when it may now)."""
+        """Seconds until ``address`` (or token key) may try again (0 when it may now)."""
         now = time.monotonic()
         with self._lock:
             times = self._recent(address, now)
-            if len(times) < self.limit:
+            if sum(w for _, w in times) < self.limit - 1e-9:
                 return 0.0
-            return max(1.0, self.window - (now - times[0]))
+            return max(1.0, self.window - (now - times[0][0]))
 
-    def failed(self, address: str) -> None:
+    def failed(self, address: str, weight: float = 1.0) -> None:
         now = time.monotonic()
         with self._lock:
             times = self._recent(address, now)
-            times.append(now)
+            times.append((now, weight))
             self._failures[address] = times
             self._failures.move_to_end(address)
             while len(self._failures) > self.addresses:

@@ -85,6 +85,19 @@ class Site:
             return None
         return s.scalar(select(Study).where(Study.admin_token_hash == hash_token(auth[7:].strip())))
 
+    def token_of(self, request: Request) -> str | None:
+        """The request's invitation or admin token, as a key for the limiter ('' if none), when
+        it is valid; None when the request carries an invalid one or none."""
+        path = request.url.path
+        with self.make_session() as s:
+            if path.startswith("/r/"):
+                token = path.split("/")[2] if len(path.split("/")) > 2 else ""
+                return f"rater:{hash_token(token)}" if token and self.rater_of(s, token) else None
+            if path.startswith("/admin/"):
+                study = self.admin_study(s, request)
+                return f"admin:{study.id}" if study is not None else None
+        return None
+
     def load_case(self, s: Session, ctx: RaterContext, position: int):
         a = s.scalar(select(Assignment).where(Assignment.rater_id == ctx.rater.id,
                                               Assignment.position == position))
