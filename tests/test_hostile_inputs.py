@@ -612,3 +612,21 @@ def test_csv_boxes_that_cannot_exist_are_refused_naming_the_line(case, tmp_path)
         CSVDataset(tmp_path / "boxes.csv", columns={"box": cols}, box_format=fmt)[0]
     message = str(info.value)
     assert "\n" not in message and expected in message and "line 2" in message, message
+
+
+def test_a_fuzzing_campaign_over_the_new_readers_ends_cleanly(tmp_path):
+    """benchmarks/fuzz_readers.py (COCO, CSV boxes, safetensors, ONNX, run folders as evidence),
+    40 mutants a family here in a child process (a crash of the process fails too); the full
+    campaign is the script's default. Each mutant is read or refused in one line."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "fuzz_readers.py"
+    proc = subprocess.run([sys.executable, str(script), "--n", "40", "--json", "--seed", "1"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(results) == {"coco", "csv boxes", "safetensors", "onnx", "run folders"}
+    for family, counts in results.items():
+        assert counts["tried"] == 40 and not counts["unclean"], (family, counts["unclean"])
+        assert counts["refused"] > 0, family  # the mutants do reach the checks

@@ -190,10 +190,16 @@ class CSVDataset(_ImageListDataset):
         if unknown:
             raise DataError(csv_path, f"columns: unknown key(s) {', '.join(unknown)}; known: "
                                       f"{', '.join(COLUMN_KEYS)}")
-        with csv_path.open(newline="") as f:
-            reader = csv.DictReader(f)
-            header = [h.strip() for h in reader.fieldnames or []]
-            rows = [{k.strip(): (v or "").strip() for k, v in r.items() if k} for r in reader]
+        try:
+            with csv_path.open(newline="", encoding="utf-8") as f:
+                reader = csv.DictReader(f)
+                header = [h.strip() for h in reader.fieldnames or []]
+                rows = [{k.strip(): (v or "").strip() for k, v in r.items()
+                         if k and isinstance(v, (str, type(None)))} for r in reader]
+        except UnicodeDecodeError as exc:
+            raise DataError(csv_path, f"not UTF-8 text (byte {exc.start})") from None
+        except csv.Error as exc:
+            raise DataError(csv_path, f"not a readable CSV ({exc})") from None
         col = {k: k for k in COLUMN_KEYS if k != "box"} | dict(columns or {})
         for key in ("path", "label"):
             if col[key] not in header:
@@ -229,8 +235,12 @@ class CSVDataset(_ImageListDataset):
                                           f"of {', '.join(self.class_names)}")
             path = Path(row[col["path"]])
             path = path if path.is_absolute() else csv_path.parent / path
-            if not path.is_file():
-                raise DataError(csv_path, f"line {line}: image {row[col['path']]!r} not found")
+            try:
+                found = path.is_file()
+            except (OSError, ValueError):  # a name too long, or holding a NUL byte
+                found = False
+            if not found:
+                raise DataError(csv_path, f"line {line}: image {row[col['path']][:80]!r} not found")
             rec = by_path.get(str(path))
             if rec is None:
                 label = torch.zeros(len(self.class_names))

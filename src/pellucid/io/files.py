@@ -20,7 +20,11 @@ NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 
 def _require_file(path: Path) -> None:
-    if not path.is_file():
+    try:
+        found = path.is_file()
+    except (OSError, ValueError):  # a name too long, or holding a NUL byte
+        found = False
+    if not found:
         raise DataError(path, "file not found")
 
 
