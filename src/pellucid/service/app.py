@@ -5,15 +5,20 @@ in every output), and answers JSON:
 the prediction, every class's probability, a summary per method, and links to the PNG overlays,
 raw maps and, for DICOM input, the DICOM objects (Secondary Capture overlay per method,
 Segmentation, Parametric Map where the source has a frame of reference, and the SR).
-``GET /v1/models`` lists the models, ``GET /health`` answers, ``/docs`` serves the OpenAPI docs
-(behind the API key when one is set), ``DELETE /v1/results/{job}`` removes a job's results.
+``GET /v1/models`` lists the models, ``GET /health`` answers (and says whether the workers are
+warm), ``GET /ready`` is 200 only when every worker has loaded every model, ``/docs`` serves the
+OpenAPI docs (behind the API key when one is set), ``DELETE /v1/results/{job}`` removes a job's
+results.
 
 Jobs run in a bounded pool of worker processes (:mod:`pellucid.service.workers`), never on the
 event loop. Bad input gets a status and a one-line reason, never a traceback: not an image or
-non-finite pixels (400), missing or wrong API key (401), too large, as an upload or as decoded
-pixels declared in the header (413, naming the limit), not multipart (415), an image the model
+non-finite pixels (400), missing or wrong API key (401), an upload that does not arrive in time
+(408), too large, as an upload (checked as it streams in) or as decoded pixels declared in the
+header or a compressed DICOM's codestream (413, naming the limit; refused by the server itself,
+before a worker is needed), not multipart (415), an image the model
 cannot take or is not meant for (422: the card's intended use names what differs), every worker
-busy and the queue full (503 with Retry-After), over the job's
+busy and the queue full (503 with Retry-After; a job is admitted only once its whole body has
+arrived), over the job's
 time limit (504). The upload is deleted on every path; results are private to the server's user
 (0600 files in 0700 folders) and deleted after ``retention_hours``. Logs carry the job id, sizes,
 model and methods, never file names or DICOM header values. See docs/security.md.
