@@ -5,14 +5,14 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export PELLUCID_DATA ?= $(abspath ../shared/data)
 
-.PHONY: demo test test-main test-lowest check lint lock install clean system-deps viewer
+.PHONY: demo test test-main test-lowest check lint lock install clean system-deps viewer docs
 
 # pyproject.toml declares the supported ranges; constraints.txt holds the exact versions known to
 # work together, so every `make` builds the same environment
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade --quiet pip
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,models,runtimes]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,models,runtimes,docs]'
 	# the MetaQuantus oracle of tests/test_metric_trust.py: without its dependencies, whose
 	# cachetools==5.3.1 pin conflicts with the stack (it imports only what is installed above)
 	$(PY) -m pip install --quiet --no-deps metaquantus==0.0.5
@@ -52,6 +52,12 @@ $(OHIF_DIST)/index.html:
 
 test: test-main test-lowest
 
+# the documentation site in build/site: the catalogue pages generated from the registries, then
+# MkDocs in strict mode (a broken link or reference fails); tests/test_docs_site.py runs the same
+docs: $(STAMP)
+	$(PY) docs/gen_reference.py
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
+
 test-main: $(STAMP) system-deps viewer
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(PY) -m pytest
@@ -66,7 +72,7 @@ test-lowest:
 	$(LOWEST)/bin/pip install --quiet -r constraints-lowest.txt
 	$(LOWEST)/bin/pip install --quiet '.[test]'
 	$(LOWEST)/bin/python tools/kept_versions.py constraints-lowest.txt
-	$(LOWEST)/bin/python -m pytest -m "not slow and not models and not oracles" -q -p no:cacheprovider
+	$(LOWEST)/bin/python -m pytest -m "not slow and not models and not oracles and not docs" -q -p no:cacheprovider
 
 # after an upgrade that passes `make test`: write the exact versions of .venv into constraints.txt
 lock: $(STAMP)

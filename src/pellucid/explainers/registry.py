@@ -39,6 +39,7 @@ def available() -> list[dict[str, Any]]:
 
 
 def names() -> list[str]:
+    """The registered method names, sorted (``pellucid.explain``'s ``method`` takes any of them)."""
     return REGISTRY.names()
 
 
