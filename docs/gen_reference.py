@@ -26,7 +26,8 @@ def methods() -> str:
     for name in REGISTRY.names():
         cls = REGISTRY.get(name)
         lines += ["", f"## {name}", "", f"::: {cls.__module__}.{cls.__qualname__}",
-                  "    options:", "      show_root_heading: false", "      members: false", ""]
+                  "    options:", "      show_root_heading: false", "      members: false",
+                  "      show_bases: false", ""]
     return "\n".join(lines) + "\n"
 
 
@@ -45,7 +46,8 @@ def metrics() -> str:
     for name in REGISTRY.names():
         cls = REGISTRY.get(name)
         lines += ["", f"## {name}", "", f"::: {cls.__module__}.{cls.__qualname__}",
-                  "    options:", "      show_root_heading: false", "      members: false", ""]
+                  "    options:", "      show_root_heading: false", "      members: false",
+                  "      show_bases: false", ""]
     return "\n".join(lines) + "\n"
 
 
