@@ -72,7 +72,7 @@ def mutate_json(value, rng: random.Random):
     for _ in range(rng.randint(1, 3)):
         path = rng.choice(list(_paths(value, [])))
         if not path:
-            value = rng.choice(HOSTILE_VALUES)
+            value = copy.deepcopy(rng.choice(HOSTILE_VALUES))
             continue
         parent = value
         for k in path[:-1]:
@@ -81,7 +81,7 @@ def mutate_json(value, rng: random.Random):
         if isinstance(parent, dict) and rng.random() < 0.3:
             del parent[key]
         else:
-            parent[key] = rng.choice(HOSTILE_VALUES)
+            parent[key] = copy.deepcopy(rng.choice(HOSTILE_VALUES))  # never the shared object
     return value
 
 

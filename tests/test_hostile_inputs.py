@@ -559,6 +559,8 @@ COCO_CASES = {
     "annotation not an object": (lambda d: d["annotations"].append(5), "annotation [1]"),
     "box far outside the image": (lambda d: d["annotations"][0].update(bbox=[500, 500, 10, 10]),
                                   "lies outside the 64 x 48 image"),
+    "file name too long for the file system": (lambda d: d["images"][0].update(file_name="1" * 5000),
+                                               "not found under"),
 }
 
 

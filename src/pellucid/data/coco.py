@@ -83,8 +83,12 @@ class COCODataset(_ImageListDataset):
             if not isinstance(img.get("file_name"), str) or not img["file_name"]:
                 raise DataError(json_path, f"images[{n}] (id {iid}): needs a 'file_name'")
             path = folder / img["file_name"]
-            if not path.is_file():
-                raise DataError(json_path, f"image {img['file_name']!r} not found under {folder}")
+            try:
+                found = path.is_file()
+            except (OSError, ValueError):  # a name too long, or holding a NUL byte
+                found = False
+            if not found:
+                raise DataError(json_path, f"image {img['file_name'][:80]!r} not found under {folder}")
             records[iid] = {"path": path, "label": torch.zeros(len(self.class_names)),
                             "case_id": img["file_name"], "boxes": [], "polygons": [],
                             "group": img["file_name"], "mask": None, "box_rows": []}
