@@ -12,7 +12,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 # bottom to top; a module may import its own layer and those below it, never above
 LAYERS: list[set[str]] = [
     {"errors", "version"},
-    {"registry", "guards", "privacy", "paths", "progress", "runtime", "bootstrap"},
+    {"registry", "guards", "privacy", "paths", "progress", "runtime", "bootstrap", "signing"},
     {"targets", "io"},
     {"data"},
     {"models", "inference"},
