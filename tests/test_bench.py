@@ -588,3 +588,35 @@ def test_a_tampered_verdict_setting_is_named_and_the_default_used(capsys):
     assert err == ["warning: run.json verdict.alpha '0.5' is not in (0, 0.5]; 0.05 is used",
                    "warning: run.json verdict.min_effect -1 is not a number >= 0 or one per metric; "
                    "0 is used"]
+
+
+def test_cases_follow_the_readers_order_unless_shuffled(tmp_path, tiny_model):
+    """A CSV sorted by label gives its first class only in file order; ``shuffle: true`` draws
+    the cases in a seeded random order: several classes, the same cases for the same seed."""
+    from pellucid.bench.runner import prepare_cases
+    from pellucid.models import load_model
+
+    csv_file = _user_csv(tmp_path / "data", n=40)
+    header, *rows = csv_file.read_text().splitlines()
+    csv_file.write_text("\n".join([header, *sorted(rows, key=lambda r: r.split(",")[1])]) + "\n")
+    loaded = load_model(tiny_model)
+    names = ["Cardiomegaly", "Nodule", "Consolidation"]
+
+    def chosen(shuffle: bool, seed: int = 0) -> tuple[list[str], list[str]]:
+        cfg = parse_config(_config(tiny_model, cases=6) | {
+            "datasets": {"user": {"reader": "csv", "root": str(csv_file), "cases": 6,
+                                  "split": "all", "shuffle": shuffle,
+                                  "options": {"size": 64, "class_names": names}}},
+            "models": {"r18": {"datasets": ["user"], "path": str(tiny_model)}}})
+        cases = prepare_cases(cfg.datasets["user"], cfg.models["r18"], loaded, seed=seed)
+        return cases.case_ids, cases.target_names
+
+    ids, targets = chosen(False)
+    assert len(set(targets)) == 1  # the file's first class, as the docs warn
+    ids_a, targets_a = chosen(True, seed=0)
+    assert len(set(targets_a)) > 1 and chosen(True, seed=0)[0] == ids_a
+    assert chosen(True, seed=1)[0] != ids_a
+    with pytest.raises(ConfigError, match=r"datasets\.user\.shuffle: must be true or false"):
+        parse_config(_config(tiny_model) | {"datasets": {"user": {
+            "reader": "csv", "root": str(csv_file), "shuffle": "yes"}},
+            "models": {"r18": {"datasets": ["user"], "path": str(tiny_model)}}})

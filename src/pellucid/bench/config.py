@@ -13,6 +13,7 @@
         cases: 24
         options: {size: 128}
         require: lesion         # only cases with a positive label / non-empty mask
+        shuffle: false          # true: cases in a seeded random order, not the reader's order
     models:
       chest-resnet18:
         datasets: [chest]
@@ -62,7 +63,7 @@ TRUST_KEYS = {"cases", "noise", "perturbations"}
 VERDICT_KEYS = {"alpha", "min_effect"}
 # the trivial baselines every benchmark runs unless ``baselines: false`` (or a list of some of them)
 DEFAULT_BASELINES = ("random", "centre", "edges", "prior")
-DATASET_KEYS = {"reader", "root", "split", "cases", "options", "require"}
+DATASET_KEYS = {"reader", "root", "split", "cases", "options", "require", "shuffle"}
 MODEL_KEYS = {"datasets", "path", "weights", "train", "targets", "region", "layer", "reference",
               "sliding_window", "modality_importance"}
 WINDOW_KEYS = {"roi_size", "overlap", "batch_size", "mode"}
@@ -81,6 +82,9 @@ class DatasetSpec:
     cases: int = 16
     options: dict[str, Any] = field(default_factory=dict)
     require: str = "lesion"  # lesion | any
+    # False: cases in the reader's order (a CSV's rows, a folder's sorted names); True: a seeded
+    # random order (the run's seed), so that a file sorted by class does not give one class only
+    shuffle: bool = False
 
 
 @dataclass
@@ -249,8 +253,11 @@ def parse_config(raw: dict, source: str = "<dict>") -> BenchConfig:
                                          "a folder path"))
         split = _optional(source, f"{where}.split", spec.get("split", "test"), str, "a split name")
         options = _optional(source, f"{where}.options", spec.get("options"), dict, "a mapping")
+        shuffle = spec.get("shuffle", False)
+        if not isinstance(shuffle, bool):
+            raise _err(source, f"{where}.shuffle", f"must be true or false, got {shuffle!r}")
         datasets[name] = DatasetSpec(name, reader, root, split or "test", cases, dict(options or {}),
-                                     spec.get("require", "lesion"))
+                                     spec.get("require", "lesion"), shuffle)
     models = {}
     if not isinstance(raw["models"], dict) or not raw["models"]:
         raise _err(source, "models", "give a mapping of model names to specs")

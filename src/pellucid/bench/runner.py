@@ -111,12 +111,17 @@ def prepare_model(spec: ModelSpec, out: Path, seed: int):
     return load_model(folder), folder
 
 
-def prepare_cases(dspec: DatasetSpec, mspec: ModelSpec, loaded, need_prior: bool = False) -> CaseSet:
+def prepare_cases(dspec: DatasetSpec, mspec: ModelSpec, loaded, need_prior: bool = False,
+                  seed: int = 0) -> CaseSet:
     """Scan the dataset for ``cases`` cases (with a lesion when required) and expand them into
-    (case, target) pairs following the model's ``targets``."""
+    (case, target) pairs following the model's ``targets``. Cases are taken in the reader's order
+    (a CSV's rows, a folder's sorted file names) unless the dataset says ``shuffle: true``: then
+    in a random order drawn from ``seed``, the same on every run of the configuration."""
     card = loaded.card
     ds = _open(dspec.reader, dspec.root, dspec.split, card_options(dspec, card),
                max(4 * dspec.cases, 64))
+    order = (np.random.default_rng(seed).permutation(len(ds)).tolist() if dspec.shuffle
+             else range(len(ds)))
     names = list(card.class_names)
     segmentation = card.task == "segmentation"
     regression = card.task == "regression"
@@ -138,7 +143,7 @@ def prepare_cases(dspec: DatasetSpec, mspec: ModelSpec, loaded, need_prior: bool
     pairs: list[tuple[dict, int]] = []
     extra: list[dict] = []  # cases beyond the benchmark's: the background set of GradientSHAP
     n_cases = 0
-    for i in range(len(ds)):
+    for i in order:
         if n_cases >= dspec.cases and len(extra) >= 8:
             break
         sample = ds[i]
@@ -552,7 +557,8 @@ def run_bench(config: BenchConfig | str | Path, out: str | Path | None = None,
         weights = loaded.digest()
         loaded = with_window(loaded, mspec.sliding_window)
         cases = prepare_cases(dspec, mspec, loaded,
-                              need_prior=any("prior" in requires(m.name) for m in config.methods))
+                              need_prior=any("prior" in requires(m.name) for m in config.methods),
+                              seed=config.seed)
         perf_key = f"{mname}|{dname}"
         tasks[perf_key] = {"task": loaded.card.task, "region": mspec.region,
                            "reference": mspec.reference, "sliding_window": mspec.sliding_window,
