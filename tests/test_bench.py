@@ -611,7 +611,7 @@ def test_cases_follow_the_readers_order_unless_shuffled(tmp_path, tiny_model):
         cases = prepare_cases(cfg.datasets["user"], cfg.models["r18"], loaded, seed=seed)
         return cases.case_ids, cases.target_names
 
-    ids, targets = chosen(False)
+    _, targets = chosen(False)
     assert len(set(targets)) == 1  # the file's first class, as the docs warn
     ids_a, targets_a = chosen(True, seed=0)
     assert len(set(targets_a)) > 1 and chosen(True, seed=0)[0] == ids_a
