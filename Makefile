@@ -59,7 +59,7 @@ docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
 
 test-main: $(STAMP) system-deps viewer
-	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks docs
 	$(PY) -m pytest
 
 # A user's existing stack at pellucid's lowest supported versions (constraints-lowest.txt) in a fresh
@@ -82,11 +82,11 @@ lock: $(STAMP)
 # the fast loop while developing: ruff and every test that trains, benchmarks and serves nothing
 # (tests/conftest.py marks the others "slow"); `make test` stays the full suite
 check: $(STAMP)
-	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks docs
 	$(PY) -m pytest -m "not slow" -q
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks docs
 
 clean:
 	rm -rf demo_out .pytest_cache $(LOWEST)
