@@ -616,6 +616,7 @@ def test_csv_boxes_that_cannot_exist_are_refused_naming_the_line(case, tmp_path)
     assert "\n" not in message and expected in message and "line 2" in message, message
 
 
+@pytest.mark.models  # its ONNX family needs onnx (the 'models' extra)
 def test_a_fuzzing_campaign_over_the_new_readers_ends_cleanly(tmp_path):
     """benchmarks/fuzz_readers.py (COCO, CSV boxes, safetensors, ONNX, run folders as evidence),
     40 mutants a family here in a child process (a crash of the process fails too); the full

@@ -70,7 +70,8 @@ def test_a_csv_split_column_is_trained_and_tested_as_given(tmp_path):
     main(["train", "--data", "csv", "--root", str(tmp_path / "my_data" / "labels.csv"), "--size", "32",
           "--epochs", "1", "--batch-size", "8", "--out", str(tmp_path / "m"), "--csv-columns",
           json.dumps({"path": "file", "label": "finding", "group": "patient", "split": "split",
-                      "box": ["x_center", "y_center", "width", "height"]})])
+                      "box": ["x_center", "y_center", "width", "height"]}),
+          "--csv-box-format", "yolo"])
     card = json.loads((tmp_path / "m" / "card.json").read_text())
     rows = (tmp_path / "my_data" / "labels.csv").read_text().splitlines()[1:]
     given = {split: len({r.split(",")[0] for r in rows if r.split(",")[3] == split})

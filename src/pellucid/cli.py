@@ -79,6 +79,9 @@ def train(
     csv_columns: Annotated[str | None, typer.Option(
         help="csv data: the CSV's column names as JSON, e.g. '{\"path\": \"file\", \"label\": "
              "\"finding\", \"split\": \"fold\"}' (a split column is used as given)")] = None,
+    csv_box_format: Annotated[str | None, typer.Option(
+        help="csv data with box columns: xyxy (pixels, the default), xywh (pixels), yolo (centre "
+             "and size as fractions) or fractions (corners as fractions)")] = None,
 ) -> None:
     """Train a zoo network on a dataset; writes weights, model card and metrics. A dataset with a
     given split (a CSV's split column) is trained, validated and tested on it as given."""
@@ -98,6 +101,8 @@ def train(
             opts["columns"] = json.loads(csv_columns)
         except json.JSONDecodeError:
             raise ConfigError(f"--csv-columns: not valid JSON: {csv_columns!r}") from None
+    if csv_box_format is not None:
+        opts["box_format"] = csv_box_format
     if data == "phantom-brain" or data == "phantom-brain-3d":
         opts["task"] = "segmentation" if arch == "unet" else "classification"
     splits = {}
