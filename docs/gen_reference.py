@@ -11,44 +11,49 @@ from pathlib import Path
 OUT = Path(__file__).parent / "reference"
 
 
-def methods() -> str:
-    from pellucid.explainers.registry import REGISTRY
-
-    lines = ["# Explanation methods", "",
-             "Every method registered in `pellucid.explainers` (generated from the registry by "
-             "`docs/gen_reference.py`). The peers each equals, and the measured differences, are "
-             "in [Measured against the peers](../measured.md).", "",
-             "| method | family | needs a layer | class |", "|---|---|---|---|"]
-    for name in REGISTRY.names():
-        cls = REGISTRY.get(name)
-        lines.append(f"| `{name}` | {cls.family} | {'yes' if cls.needs_layer else 'no'} | "
-                     f"[`{cls.__name__}`](#{name}) |")
-    for name in REGISTRY.names():
-        cls = REGISTRY.get(name)
+def catalogue(registry, title: str, intro: str, columns: dict[str, object]) -> str:
+    """A page: a table of every registered name with ``columns`` (header -> function of the
+    class), then one section per name rendered by mkdocstrings from its class docstring."""
+    names = registry.names()
+    lines = [f"# {title}", "", intro, "",
+             "| " + " | ".join(["name", *columns, "class"]) + " |",
+             "|" + "---|" * (len(columns) + 2)]
+    for name in names:
+        cls = registry.get(name)
+        cells = [str(f(cls)) for f in columns.values()]
+        lines.append("| " + " | ".join([f"`{name}`", *cells, f"[`{cls.__name__}`](#{name})"]) + " |")
+    for name in names:
+        cls = registry.get(name)
         lines += ["", f"## {name}", "", f"::: {cls.__module__}.{cls.__qualname__}",
                   "    options:", "      show_root_heading: false", "      members: false",
                   "      show_bases: false", ""]
     return "\n".join(lines) + "\n"
+
+
+def yes(flag: bool) -> str:
+    return "yes" if flag else "no"
+
+
+def methods() -> str:
+    from pellucid.explainers.registry import REGISTRY
+
+    return catalogue(REGISTRY, "Explanation methods",
+                     "Every method registered in `pellucid.explainers` (generated from the registry "
+                     "by `docs/gen_reference.py`). The peers each equals, and the measured "
+                     "differences, are in [Measured against the peers](../measured.md).",
+                     {"family": lambda c: c.family, "needs a layer": lambda c: yes(c.needs_layer)})
 
 
 def metrics() -> str:
     from pellucid.metrics.base import REGISTRY
 
-    lines = ["# Metrics", "",
-             "Every metric registered in `pellucid.metrics` (generated from the registry by "
-             "`docs/gen_reference.py`). Role: *quality* metrics rank methods and get verdicts, "
-             "*sanity* checks get a pass rate, *property* metrics are reported only.", "",
-             "| metric | category | role | higher is better | class |", "|---|---|---|---|---|"]
-    for name in REGISTRY.names():
-        cls = REGISTRY.get(name)
-        lines.append(f"| `{name}` | {cls.category} | {cls.role} | "
-                     f"{'yes' if cls.higher_is_better else 'no'} | [`{cls.__name__}`](#{name}) |")
-    for name in REGISTRY.names():
-        cls = REGISTRY.get(name)
-        lines += ["", f"## {name}", "", f"::: {cls.__module__}.{cls.__qualname__}",
-                  "    options:", "      show_root_heading: false", "      members: false",
-                  "      show_bases: false", ""]
-    return "\n".join(lines) + "\n"
+    return catalogue(REGISTRY, "Metrics",
+                     "Every metric registered in `pellucid.metrics` (generated from the registry by "
+                     "`docs/gen_reference.py`). Role: *quality* metrics rank methods and get "
+                     "verdicts, *sanity* checks get a pass rate, *property* metrics are reported "
+                     "only.",
+                     {"category": lambda c: c.category, "role": lambda c: c.role,
+                      "higher is better": lambda c: yes(c.higher_is_better)})
 
 
 def main() -> None:

@@ -19,6 +19,7 @@ from pellucid.data.boxes import parsed_box
 from pellucid.data.folders import _ImageListDataset, _split_lists
 from pellucid.data.splits import DEFAULT_FRACTIONS, check_split
 from pellucid.errors import DataError
+from pellucid.io.files import is_file
 
 
 def _load_json(path: Path):
@@ -83,11 +84,7 @@ class COCODataset(_ImageListDataset):
             if not isinstance(img.get("file_name"), str) or not img["file_name"]:
                 raise DataError(json_path, f"images[{n}] (id {iid}): needs a 'file_name'")
             path = folder / img["file_name"]
-            try:
-                found = path.is_file()
-            except (OSError, ValueError):  # a name too long, or holding a NUL byte
-                found = False
-            if not found:
+            if not is_file(path):
                 raise DataError(json_path, f"image {img['file_name'][:80]!r} not found under {folder}")
             records[iid] = {"path": path, "label": torch.zeros(len(self.class_names)),
                             "case_id": img["file_name"], "boxes": [], "polygons": [],

@@ -24,6 +24,7 @@ from pellucid.data.transforms import RESIZE_METHODS, resize_image, resize_mask, 
 from pellucid.errors import DataError
 from pellucid.io.files import (
     IMAGE_SUFFIXES,
+    is_file,
     is_nifti,
     read_image_2d,
     read_mask_2d,
@@ -235,11 +236,7 @@ class CSVDataset(_ImageListDataset):
                                           f"of {', '.join(self.class_names)}")
             path = Path(row[col["path"]])
             path = path if path.is_absolute() else csv_path.parent / path
-            try:
-                found = path.is_file()
-            except (OSError, ValueError):  # a name too long, or holding a NUL byte
-                found = False
-            if not found:
+            if not is_file(path):
                 raise DataError(csv_path, f"line {line}: image {row[col['path']][:80]!r} not found")
             rec = by_path.get(str(path))
             if rec is None:

@@ -171,8 +171,7 @@ def check_deflated(path: Path) -> None:
 
     try:
         with open(path, "rb") as fh:
-            meta = pydicom.filereader.read_preamble(fh, False)
-            del meta
+            pydicom.filereader.read_preamble(fh, False)  # past the 128 bytes and DICM
             file_meta = pydicom.filereader._read_file_meta_info(fh)
             if str(file_meta.get("TransferSyntaxUID", "")) != DEFLATED:
                 return

@@ -19,12 +19,17 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 
-def _require_file(path: Path) -> None:
+def is_file(path: Path) -> bool:
+    """``path.is_file()``, False (never an exception) for a name the file system cannot hold: too
+    long, or holding a NUL byte, as a user's CSV or JSON may give."""
     try:
-        found = path.is_file()
-    except (OSError, ValueError):  # a name too long, or holding a NUL byte
-        found = False
-    if not found:
+        return path.is_file()
+    except (OSError, ValueError):
+        return False
+
+
+def _require_file(path: Path) -> None:
+    if not is_file(path):
         raise DataError(path, "file not found")
 
 

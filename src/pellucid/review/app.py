@@ -63,25 +63,17 @@ def create_review_app(db: str, failures: FailureLimiter | None = None) -> FastAP
         token_route = path.startswith(("/r/", "/admin/"))
         address = request.client.host if request.client else "unknown"
         site = app.state.site
-        valid: str | None = None
+        valid: str | None = None  # the limiter's key of a valid token; None: invalid or none
         if token_route:
-            # an address past its limit is refused only for invalid tokens: a rater behind a
-            # shared address (a hospital's NAT) holding a valid invitation is never locked out
-            wait = limiter.blocked(address)
+            valid = await anyio.to_thread.run_sync(site.token_of, request)
+            # invalid tokens are limited per address; a valid one only by its own limit (its
+            # stale forms), so a rater behind a shared address (a hospital's NAT) is never
+            # locked out by others' failures
+            wait = limiter.blocked(address if valid is None else valid)
             if wait:
-                valid = await anyio.to_thread.run_sync(site.token_of, request)
-                if valid is None:
-                    return _too_many(wait)
-            else:
-                valid = "unchecked"
-            if valid not in (None, "unchecked"):
-                wait = limiter.blocked(valid)  # the token's own limit (its stale forms)
-                if wait:
-                    return _too_many(wait)
+                return _too_many(wait)
         response = await call_next(request)
         if token_route and response.status_code == 403:
-            if valid == "unchecked":
-                valid = await anyio.to_thread.run_sync(site.token_of, request)
             # a valid token's 403 is a stale or missing CSRF token: counted against that token
             # (with a higher limit), never against the address others share
             limiter.failed(address if valid is None else valid,
