@@ -26,8 +26,9 @@ demo: $(STAMP)
 # Debian packages the tests need (root and apt): Chromium renders report.html; Orthanc with its
 # DICOMweb plugin is the PACS of the integration tests (started by the tests in a private network
 # namespace, never as a service); PostgreSQL is the review study's second database (a throwaway
-# cluster started by the tests on 127.0.0.1, never the system service).
-SYSTEM_PACKAGES := chromium orthanc orthanc-dicomweb iproute2 postgresql dicom3tools
+# cluster started by the tests on 127.0.0.1, never the system service); curl is the HTTP client of
+# docs/tutorial-pacs.md, whose commands a test runs as written.
+SYSTEM_PACKAGES := chromium orthanc orthanc-dicomweb iproute2 postgresql dicom3tools curl
 system-deps:
 	@missing=""; for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then echo "installing$$missing (apt)"; apt-get update -q && \

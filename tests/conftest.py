@@ -11,8 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from pellucid.runtime import configure_threads
+from pellucid.runtime import configure_threads, usable_cores
 
+# Under pytest-xdist each worker takes its share of the cores (two workers of two threads each on
+# two cores oversubscribe OpenMP, which then spins: the suite ran twice as slowly); the CLI
+# subprocesses a test starts inherit the same share.
+if os.environ.get("PYTEST_XDIST_WORKER") and "PELLUCID_THREADS" not in os.environ:
+    _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    os.environ["PELLUCID_THREADS"] = str(max(1, usable_cores() // _workers))
 configure_threads()
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -27,6 +33,29 @@ if "PELLUCID_KEY_FILE" not in os.environ:  # the tests sign with a key of their 
     _keys = tempfile.mkdtemp(prefix="pellucid-test-key-")
     os.environ["PELLUCID_KEY_FILE"] = os.path.join(_keys, "key")
     atexit.register(shutil.rmtree, _keys, True)
+
+
+# Models trained by the fixtures below are trained once per run and shared by every xdist worker:
+# the controller makes the folder before the workers start (they inherit the variable), a lock
+# makes one worker train while the others wait, and only the process that made it removes it.
+if "PELLUCID_TEST_MODELS" not in os.environ:
+    os.environ["PELLUCID_TEST_MODELS"] = tempfile.mkdtemp(prefix="pellucid-test-models-")
+    atexit.register(shutil.rmtree, os.environ["PELLUCID_TEST_MODELS"], True)
+
+
+def shared_model(name: str, train_and_save) -> Path:
+    """The folder of the test model ``name``: ``train_and_save(folder)`` writes it the first time
+    any worker of this run asks; later calls (in any worker) reuse it."""
+    from filelock import FileLock
+
+    root = Path(os.environ["PELLUCID_TEST_MODELS"])
+    folder = root / name
+    with FileLock(str(root / f"{name}.lock")):
+        if not (folder / ".complete").is_file():
+            shutil.rmtree(folder, ignore_errors=True)
+            train_and_save(folder)
+            (folder / ".complete").touch()
+    return folder
 
 
 def _shared_data() -> Path:
@@ -46,33 +75,35 @@ def shared_data() -> Path:
 
 
 @pytest.fixture(scope="session")
-def chest_model(tmp_path_factory):
+def chest_model():
     """A ResNet-18 trained on chest phantoms (saved as a zoo folder), with its test report."""
     from pellucid.data import open_dataset
     from pellucid.models import TrainConfig, load_model, save_model, train
 
-    opts = {"size": 128}
-    result = train(open_dataset("phantom-chest", split="train", n=640, **opts),
-                   TrainConfig(arch="resnet18", epochs=4, batch_size=32, progress=False, seed=0),
-                   open_dataset("phantom-chest", split="val", n=128, **opts),
-                   open_dataset("phantom-chest", split="test", n=160, **opts))
-    folder = save_model(tmp_path_factory.mktemp("models") / "chest", result.module, result.card)
-    return load_model(folder)
+    def make(folder: Path) -> None:
+        opts = {"size": 128}
+        result = train(open_dataset("phantom-chest", split="train", n=640, **opts),
+                       TrainConfig(arch="resnet18", epochs=4, batch_size=32, progress=False, seed=0),
+                       open_dataset("phantom-chest", split="val", n=128, **opts),
+                       open_dataset("phantom-chest", split="test", n=160, **opts))
+        save_model(folder, result.module, result.card)
+    return load_model(shared_model("chest", make))
 
 
 @pytest.fixture(scope="session")
-def brain_unet(tmp_path_factory):
+def brain_unet():
     """A 2D U-Net trained on brain phantoms (WT/TC/ET), saved as a zoo folder."""
     from pellucid.data import open_dataset
     from pellucid.models import TrainConfig, load_model, save_model, train
 
-    opts = {"size": 64, "task": "segmentation"}
-    result = train(open_dataset("phantom-brain", split="train", n=384, **opts),
-                   TrainConfig(arch="unet", epochs=25, batch_size=16, lr=3e-3, progress=False),
-                   open_dataset("phantom-brain", split="val", n=64, **opts),
-                   open_dataset("phantom-brain", split="test", n=96, **opts))
-    folder = save_model(tmp_path_factory.mktemp("models") / "unet", result.module, result.card)
-    return load_model(folder)
+    def make(folder: Path) -> None:
+        opts = {"size": 64, "task": "segmentation"}
+        result = train(open_dataset("phantom-brain", split="train", n=384, **opts),
+                       TrainConfig(arch="unet", epochs=25, batch_size=16, lr=3e-3, progress=False),
+                       open_dataset("phantom-brain", split="val", n=64, **opts),
+                       open_dataset("phantom-brain", split="test", n=96, **opts))
+        save_model(folder, result.module, result.card)
+    return load_model(shared_model("unet", make))
 
 
 @pytest.fixture()

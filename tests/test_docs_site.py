@@ -50,6 +50,9 @@ def test_the_site_builds_strictly_with_the_catalogue_and_the_api(tmp_path):
     for anchor in ("pellucid.explain", "pellucid.evaluate", "pellucid.io.reading.read",
                    "pellucid.bench.run_bench"):
         assert f'id="{anchor}"' in api, anchor
+    # docstrings' Sphinx roles become code (linked where the name is documented), never raw text
+    assert ":func:" not in api and ":class:" not in api
+    assert 'class="autorefs autorefs-internal"' in api
     import pellucid.explainers
     import pellucid.metrics  # noqa: F401
     from pellucid.explainers.registry import REGISTRY as METHODS

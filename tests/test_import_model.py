@@ -6,6 +6,7 @@ activation of a multi-class head), and a mismatch is refused."""
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ import torchvision
 from pellucid.cli import main
 from pellucid.errors import DataError
 from pellucid.models import load_model
+from pellucid.version import __version__
 
 
 def _refused(args: list[str], capsys, expected: str) -> None:
@@ -85,11 +87,20 @@ def test_a_factory_and_a_torchscript_file_import_with_inferred_channels(tmp_path
     x = torch.rand(2, 1, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(loaded.module(x), net(x), rtol=0, atol=1e-6)
-    scripted = torch.jit.script(net)
-    scripted.save(str(tmp_path / "net.ts"))
-    main(["import-model", str(tmp_path / "net.ts"), "--out", str(tmp_path / "t"), "--task",
-          "classification", "--classes", "no,yes", "--activation", "sigmoid", "--input-size", "64,64"])
-    ts = load_model(tmp_path / "t")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the test's own scripting, not pellucid's
+        scripted = torch.jit.script(net)
+        scripted.save(str(tmp_path / "net.ts"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        main(["import-model", str(tmp_path / "net.ts"), "--out", str(tmp_path / "t"), "--task",
+              "classification", "--classes", "no,yes", "--activation", "sigmoid", "--input-size",
+              "64,64"])
+        ts = load_model(tmp_path / "t")
+    # a model shipped as TorchScript imports and loads without torch's deprecation message, and
+    # its card names the pellucid that wrote it
+    assert not [w for w in caught if "deprecated" in str(w.message)], [str(w.message) for w in caught]
+    assert ts.card.pellucid_version == __version__ and loaded.card.pellucid_version == __version__
     assert ts.card.arch == "torchscript" and ts.card.activation == "sigmoid"
     with torch.no_grad():
         torch.testing.assert_close(ts.module(x), net(x), rtol=0, atol=1e-6)

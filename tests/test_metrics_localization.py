@@ -96,6 +96,27 @@ def test_iou_and_dice_of_binarised_maps():
     assert r["dice"].scores.item() == pytest.approx(8 / 32)
 
 
+def test_a_signed_map_is_clipped_before_otsu_when_asked():
+    """A signed map: +1 on the 4x4 mask, -4 on another 4x4 patch, 0 elsewhere. Otsu on the raw
+    values splits -4 from {0, 1} (between-class variance 2.36 against 0.42): 84 pixels predicted,
+    IoU 16/84. Clipped at 0: the mask alone, IoU 1. |a|: Otsu splits 4 from {0, 1} (1.95 against
+    1.36): the negative patch alone, IoU 0."""
+    a = torch.zeros(1, 1, 10, 10)
+    a[0, 0, 4:8, 4:8] = 1.0
+    a[0, 0, 0:4, 0:4] = -4.0
+    m = torch.zeros(1, 10, 10)
+    m[0, 4:8, 4:8] = 1
+    x = torch.zeros(1, 1, 10, 10)
+    raw, positive, absolute = (
+        pellucid.evaluate(None, x, a, metrics=[("iou", {"clip": c})], masks=m)["iou"].scores.item()
+        for c in ("none", "positive", "abs"))
+    assert raw == pytest.approx(16 / 84)
+    assert positive == pytest.approx(1.0)
+    assert absolute == 0.0
+    with pytest.raises(ConfigError, match="clip must be"):
+        pellucid.evaluate(None, x, a, metrics=[("iou", {"clip": "relu"})], masks=m)
+
+
 def test_boxes_become_masks_and_3d_works():
     x = torch.zeros(1, 1, 16, 16)
     a = torch.zeros(1, 1, 16, 16)

@@ -64,3 +64,21 @@ def test_cascading_randomisation_separates_gradcam_from_an_edge_detector(chest_m
     assert torch.allclose(e.scores, torch.ones_like(e.scores).double().float())  # unchanged maps
     # similarity falls as more of the network is randomised
     assert r.curves[:, -1].mean() < r.curves[:, 0].mean()
+    # skip_layers (Quantus' MPRT(skip_layers=True)): one explanation after the last step, the same
+    # score as the cascade's last step
+    skipped = pellucid.evaluate(chest_model, x, cam, metrics=[("model_randomization",
+                                                               {**opts, "skip_layers": True})])
+    s = skipped["model_randomization"]
+    torch.testing.assert_close(s.scores, r.scores)
+    torch.testing.assert_close(s.curves[:, 0], r.curves[:, -1])
+    assert s.extras["steps"] == r.extras["steps"][-1:] and s.curves.shape[1] == 1
+    calls = []
+
+    def counted(model, inputs, target):
+        calls.append(1)
+        return _edges(model, inputs, target)
+    for skip in (False, True):
+        calls.clear()
+        pellucid.evaluate(chest_model, x, edges[:, None], target=cam.target, explain_fn=counted,
+                          metrics=[("model_randomization", {**opts, "skip_layers": skip})])
+        assert len(calls) == (1 if skip else len(r.extras["steps"])), (skip, len(calls))

@@ -379,7 +379,8 @@ def _run_cell(case: Case, family: str, model, peer, x, target, cls) -> str:
         ours = pellucid.explain(model, x, method, target=target, layer=layer, **options)
         _close(ours.attributions.float(), _gradcam_reference(case, model, peer, x, layer, cls),
                f"{case.name} gradcam")
-        return f"= pytorch-grad-cam ({ours.extras['layout'].split(',')[0]})"
+        spline = ', `upsample="bspline"`' if x.ndim == 5 else ""
+        return f"= pytorch-grad-cam ({ours.extras['layout'].split(',')[0]}{spline})"
     if family == "attention":
         ours = pellucid.explain(model, x, method, target=target, normalize="none")
         chefer = pellucid.explain(model, x, "chefer", target=target, normalize="none")

@@ -12,7 +12,6 @@ import shutil
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -129,20 +128,24 @@ def test_every_object_type_by_c_store(orthanc, shared_data):
     assert out["status"] == [0] * 5 and out["ok"]
 
 
-def test_pull_explain_push_command(orthanc, shared_data, chest_model, tmp_path):
+def test_the_pacs_tutorial_runs_as_written(orthanc, shared_data, chest_model, tmp_path):
+    """docs/tutorial-pacs.md's commands, as one bash script in the PACS's namespace: a radiograph
+    uploaded, its study found by QIDO-RS, pulled, explained and the results pushed back."""
+    import re
+
     cr = next((shared_data / "dicom-samples" / "torchxrayvision").glob("*.dcm"))
-    study = _in_ns(orthanc, f"""
-        import json, pydicom
-        from pellucid.pacs import DicomWeb
-        ds = pydicom.dcmread("{cr}")
-        DicomWeb("{URL}", "{USER}", "{PASSWORD}").store([ds])
-        print(json.dumps({{"study": str(ds.StudyInstanceUID)}}))
-    """)["study"]
-    cmd = ["ip", "netns", "exec", orthanc, sys.executable, "-m", "pellucid.cli", "explain",
-           "--pacs", URL, "--study", study, "--model", chest_model.source, "--method",
-           "gradcam,saliency", "--out", str(tmp_path / "out")]
-    env = dict(os.environ, PELLUCID_PACS_USER=USER, PELLUCID_PACS_PASSWORD=PASSWORD)
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    shutil.copyfile(cr, tmp_path / "chest.dcm")
+    (tmp_path / "pacs-password.txt").write_text(PASSWORD + "\n")
+    (tmp_path / "demo_out" / "models").mkdir(parents=True)
+    (tmp_path / "demo_out" / "models" / "chest-resnet18").symlink_to(chest_model.source)
+    page = (Path(__file__).resolve().parents[1] / "docs" / "tutorial-pacs.md").read_text()
+    script = "set -euo pipefail\n" + "".join(re.findall(r"```bash\n(.*?)```", page, flags=re.S))
+    assert "pellucid explain" in script and f"PELLUCID_PACS_USER={USER}" in script
+    bin_dir = Path(sys.executable).parent  # `pellucid` and `python3` of this environment
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}")
+    env.pop("PELLUCID_PACS_PASSWORD", None)
+    result = subprocess.run(["ip", "netns", "exec", orthanc, "bash", "-c", script], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
     import pydicom
 
@@ -151,20 +154,25 @@ def test_pull_explain_push_command(orthanc, shared_data, chest_model, tmp_path):
         value = str(source.get(key, "") or "")
         if len(value) >= 3:  # nothing from the DICOM header reaches the console
             assert value not in result.stdout + result.stderr, key
-    time.sleep(0.2)
+    assert PASSWORD not in result.stdout + result.stderr
+    # the page's last command: the study's SOP classes with their counts
+    counts = {line.split()[1]: int(line.split()[0]) for line in result.stdout.splitlines()
+              if re.fullmatch(r"\s*\d+ [\d.]+", line)}
+    study = str(source.StudyInstanceUID)
     out = _in_ns(orthanc, f"""
         import json
         from pellucid.pacs import DicomWeb
         print(json.dumps(DicomWeb("{URL}", "{USER}", "{PASSWORD}").instances("{study}")))
     """)
     classes = sorted(i["sop_class"] for i in out)
+    assert counts == {c: classes.count(c) for c in set(classes)}, (counts, classes)
     # the radiograph, one overlay per method, the segmentation and the SR (a CR has no frame of
-    # reference, so no Parametric Map)
-    # the SIIM radiograph is itself stored as Secondary Capture: 1 + 2 overlays
+    # reference, so no Parametric Map); the SIIM radiograph is itself stored as Secondary Capture
     assert classes.count("1.2.840.10008.5.1.4.1.1.7") == 3, classes
     assert classes.count("1.2.840.10008.5.1.4.1.1.66.4") == 1, classes  # Segmentation
     assert classes.count("1.2.840.10008.5.1.4.1.1.88.34") == 1, classes  # Comprehensive 3D SR
     assert len(out) == 5, classes
+    assert (tmp_path / "round_trip").is_dir()
 
 
 # ------------------------------------------------ --pacs honours every option of `pellucid explain`

@@ -34,6 +34,8 @@ from pellucid.review.create import create_study, read_raters
 from pellucid.review.db import Assignment, Base, Case, Rater, Rating, Read, Study, make_engine, migrate
 from pellucid.review.security import hash_token
 
+ROOT = Path(__file__).resolve().parents[1]
+
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 CHROMIUM = "/usr/bin/chromium"
 
@@ -473,28 +475,67 @@ def test_playwright_drives_a_rater_session_in_chromium(review_run, tmp_path):
     engine.dispose()
 
 
-def test_cli_create_invite_analyze(review_run, tmp_path):
-    from pellucid.cli import main
+def test_the_review_tutorial_runs_as_written(review_run, tmp_path):
+    """docs/tutorial-review.md's commands as written, in a temporary folder: the benchmark (the
+    fixture's run copied to runs/review, so the command resumes it with nothing left to do), the
+    study, the server in the background, two raters' sessions by HTTP, the analysis."""
+    import shlex
 
-    raters = tmp_path / "raters.csv"
-    raters.write_text("label,email\nr1,a@example.org\nr2,b@example.org\n")
-    db = str(tmp_path / "cli.db")
-    inv = tmp_path / "inv.csv"
-    main(["review", "create", "--from", str(review_run), "--raters", str(raters), "--db", db,
-          "--cases", "2", "--methods", "gradcam,saliency", "--invitations", str(inv)])
-    links = {r["rater"]: r["link"] for r in csv.DictReader(inv.open())}
-    assert set(links) == {"r1", "r2"} and oct(inv.stat().st_mode)[-3:] == "600"
-    server = Server(db).start()
+    page = (ROOT / "docs" / "tutorial-review.md").read_text()
+    commands = [line for block in re.findall(r"```bash\n(.*?)```", page, flags=re.S)
+                for line in block.splitlines() if line.strip() and not line.startswith("#")]
+    assert [c.split()[:3] for c in commands if c.startswith("pellucid")] == [
+        ["pellucid", "bench", "review"], ["pellucid", "review", "create"],
+        ["pellucid", "review", "serve"], ["pellucid", "review", "analyze"]]
+    shutil.copytree(review_run, tmp_path / "runs" / "review")
+    bin_dir = Path(sys.executable).parent
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}")
+    server = None
     try:
-        for link in links.values():
-            rate_session(server.url, link.rsplit("/", 1)[1])
+        for command in commands:
+            if command.endswith("&"):  # the server: until the raters are done
+                args = shlex.split(command[:-1])
+                port = int(args[args.index("--port") + 1])
+                server = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                                          stderr=subprocess.STDOUT)
+                _wait_for(f"http://127.0.0.1:{port}/", server)
+                links = {r["rater"]: r["link"]
+                         for r in csv.DictReader((tmp_path / "invitations.csv").open())}
+                assert set(links) == {"reader1", "reader2"}
+                assert oct((tmp_path / "invitations.csv").stat().st_mode)[-3:] == "600"
+                for link in links.values():
+                    base, token = link.rsplit("/r/", 1)
+                    rate_session(base, token)
+                continue
+            done = subprocess.run(["bash", "-c", command], cwd=tmp_path, env=env,
+                                  capture_output=True, text=True, timeout=600)
+            assert done.returncode == 0, (command, done.stderr[-3000:])
     finally:
-        server.stop()
-    main(["review", "analyze", "--db", db, "--out", str(tmp_path / "a")])
-    by_method = pd.read_csv(tmp_path / "a" / "tables" / "ratings_by_method.csv")
+        if server is not None:
+            server.terminate()
+            server.wait(20)
+    out = tmp_path / "review_analysis"
+    by_method = pd.read_csv(out / "tables" / "ratings_by_method.csv")
     assert set(by_method["method"]) == {"gradcam", "saliency"}
     assert (by_method["n"] == 4).all()  # 2 raters x 2 cases per method
-    assert (tmp_path / "a" / "export" / "ratings.csv").is_file()
+    for table in ("accuracy", "mcnemar", "trust", "agreement", "spearman"):
+        assert (out / "tables" / f"{table}.csv").is_file(), table
+    assert not pd.read_csv(out / "tables" / "spearman.csv").empty
+    assert (out / "export" / "ratings.csv").is_file()
+    assert "Clinician review" in (tmp_path / "runs" / "review" / "report.html").read_text()
+
+
+def _wait_for(url: str, proc: subprocess.Popen) -> None:
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(proc.stdout.read().decode()[-3000:])
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            time.sleep(0.2)
+    raise AssertionError(f"{url} did not answer")
 
 
 # ---------------------------------------------------------------- hardening

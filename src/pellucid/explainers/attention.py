@@ -122,7 +122,9 @@ def _capture(model: nn.Module, on_qkv, explicit_softmax: str) -> Iterator[list[t
                 if explicit_softmax == "refuse":
                     raise ConfigError("an attention layer computes its own softmax (windowed "
                                       "attention, as in Swin, or an eager implementation), which "
-                                      "AttnLRP's rules cannot reach; use chefer, rollout or a CAM")
+                                      "AttnLRP's rules cannot reach; use a CAM, integrated gradients or "
+                                      "occlusion (chefer and rollout too for a ViT with eager "
+                                      "attention; they refuse Swin's windows)")
                 record.append(out)
             return out
         return softmax

@@ -220,6 +220,7 @@ class _Overlap(Metric):
     binarise: str = "otsu"
     value: float = 0.5
     otsu: str = "pellucid"  # or "skimage": scikit-image's threshold_otsu
+    clip: str = "none"  # "positive": max(a, 0) before binarising; "abs": |a|
     category: ClassVar[str] = "localization"
     role: ClassVar[str] = "quality"
     higher_is_better: ClassVar[bool] = True
@@ -227,6 +228,12 @@ class _Overlap(Metric):
 
     def compute(self, ctx: Context) -> MetricResult:
         a, m, empty = _flat(ctx)
+        if self.clip not in ("none", "positive", "abs"):
+            raise ConfigError(f"{self.name}: clip must be 'none', 'positive' or 'abs', "
+                              f"got {self.clip!r}")
+        # a signed map (integrated gradients, LRP): Otsu on the raw values splits the strongest
+        # negative evidence from the rest, so the "region" is mostly background; clip first
+        a = a.clamp_min(0) if self.clip == "positive" else a.abs() if self.clip == "abs" else a
         pred = binarise(a, self.binarise, self.value, self.otsu)
         inter = (pred & m).sum(1).float()
         score = self.formula(inter, pred.sum(1).float(), m.sum(1).float())

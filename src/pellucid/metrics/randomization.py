@@ -8,6 +8,9 @@ parameters or the explained class change cannot be explaining the model.
   one layer (``granularity="layer"``: Quantus' steps). After every step the explanation is re-run
   on the same inputs and target and compared with the original by Spearman (signed and absolute),
   SSIM and HOG similarity. The score is the ``similarity`` after the last step (lower is better).
+  ``skip_layers=True`` (Quantus' ``MPRT(skip_layers=True)``) explains only after the last step:
+  the same score (each module is reset from the same seed whatever the order), one explanation
+  instead of one per step, and a curve of one point.
   Arun et al. 2021's *randomisation baseline* is the mean similarity of ``baseline_pairs`` random
   pairs of original maps of different images; a sample passes when its last-step similarity falls
   below it.
@@ -93,6 +96,7 @@ class ModelRandomization(Metric):
     seed: int = 42
     baseline_pairs: int = 50
     progress: bool = True
+    skip_layers: bool = False
     name: ClassVar[str] = "model_randomization"
     report_panel: ClassVar[str | None] = "randomization"
     category: ClassVar[str] = "randomization"
@@ -115,11 +119,16 @@ class ModelRandomization(Metric):
         modules = dict(randomised.named_modules())
         steps = randomization_steps(randomised, self.granularity, self.depth)
         table: dict[str, dict[str, torch.Tensor]] = {}
-        for step, names in track(steps, "cascading randomisation", enabled=self.progress):
+        for i, (step, names) in enumerate(track(steps, "cascading randomisation",
+                                                enabled=self.progress)):
             for name in names:
                 reset_as_on_cpu(modules[name], self.seed + 1)
+            if self.skip_layers and i < len(steps) - 1:
+                continue
             maps = ctx.explain_fn(randomised, ctx.inputs, ctx.target)
             table[step] = {m: similarity(m, original, maps) for m in measures}
+        if self.skip_layers:
+            steps = steps[-1:]
         last = table[steps[-1][0]][self.similarity]
         baseline = {m: randomization_baseline(original, m, self.baseline_pairs, self.seed)
                     for m in measures}

@@ -28,8 +28,10 @@ from pellucid.models.store import (
     _load_state,
     _read_state_dict,
     factory_module,
+    load_torchscript,
     save_model,
 )
+from pellucid.version import __version__
 
 IMAGENET = {"kind": "meanstd", "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 
@@ -131,7 +133,7 @@ def _network(spec: ImportSpec) -> tuple[nn.Module, str, str, str]:
         raise ConfigError(f"{source}: no such file (a weights file, a TorchScript file or "
                           f"module:factory)")
     try:
-        module = torch.jit.load(str(path), map_location="cpu")
+        module = load_torchscript(path)
         return module, "torchscript", "", ""
     except Exception:  # not TorchScript: a state dict or safetensors file
         pass
@@ -273,7 +275,8 @@ def import_model(spec: ImportSpec, out: str | Path,
                      spatial_dims=dims, input_size=list(spec.input_size), activation=activation,
                      backend=backend, normalization=_normalization(spec.normalization),
                      default_layer=layer, name=spec.name, version=spec.version,
-                     intended_use=dict(spec.intended_use), factory=factory, resize=spec.resize,
+                     pellucid_version=__version__, intended_use=dict(spec.intended_use),
+                     factory=factory, resize=spec.resize,
                      output=spec.output, library=network_library(module),
                      thresholds=calibration or [],
                      training={"imported_from": str(spec.source),

@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib
 import json
 import pickle
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -118,11 +119,19 @@ def factory_module(text: str) -> nn.Module:
 CALIBRATION = "op_threshs moved to thresholds"
 
 
+def load_torchscript(path: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
+    """``torch.jit.load`` without torch's deprecation warning for TorchScript (a message to those
+    who write TorchScript, not to a user loading a model shipped as one)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning, message=".*deprecated.*")
+        return torch.jit.load(str(path), map_location=map_location)
+
+
 def load_folder_network(folder: Path, card: ModelCard) -> nn.Module:
     """The network of an imported folder: TorchScript (``model.pt``), or the card's factory with
     the folder's weights."""
     if card.arch == "torchscript":
-        return torch.jit.load(str(folder / TORCHSCRIPT), map_location="cpu")
+        return load_torchscript(folder / TORCHSCRIPT)
     module = factory_module(card.factory)
     if card.training.get("calibration") == CALIBRATION and hasattr(module, "op_threshs"):
         module.op_threshs = None  # its operating points are the card's thresholds
@@ -199,7 +208,7 @@ def load_model(spec: str | Path, weights: str | Path | None = None,
                                      card.output else 0), card, text)
     if path.is_file():
         try:
-            module = torch.jit.load(str(path), map_location=device)
+            module = load_torchscript(path, device)
         except Exception as exc:
             raise ModelError(f"{path}: not a TorchScript file ({type(exc).__name__}); pass a zoo "
                              f"folder or 'module:factory' with --weights") from None
