@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
+import ctypes
+import gc
 import os
 import shutil
 import tempfile
@@ -104,6 +107,17 @@ def brain_unet():
                        open_dataset("phantom-brain", split="test", n=96, **opts))
         save_model(folder, result.module, result.card)
     return load_model(shared_model("unet", make))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_memory():
+    """After each module: collect, and hand freed heap pages back to the system (glibc keeps them
+    otherwise), so that one xdist worker running many modules does not grow until the kernel
+    kills it (one reached 19 GB beside another worker's 5 GB)."""
+    yield
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to hand back
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 @pytest.fixture()

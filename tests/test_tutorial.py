@@ -22,8 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["Cardiomegaly", "Nodule", "Consolidation"]
 
 
-def _blocks(kind: str) -> list[str]:
-    text = (ROOT / "docs" / "tutorial.md").read_text()
+def _blocks(kind: str, page: str = "tutorial.md") -> list[str]:
+    text = (ROOT / "docs" / page).read_text()
     return re.findall(rf"```{kind}\n(.*?)```", text, flags=re.S)
 
 
@@ -117,3 +117,37 @@ def _equals_evaluate(folder: Path, table: pd.DataFrame) -> None:
         ref = pellucid.evaluate(model, x, explanation, metrics=["energy_pointing_game"],
                                 boxes=[sample["boxes"][sample["box_labels"] == k]])
         assert row.value == pytest.approx(ref["energy_pointing_game"].scores[0].item(), abs=1e-5)
+
+
+@pytest.mark.slow
+def test_the_demo_tutorial_runs(tmp_path):
+    """docs/tutorial-demo.md: `make demo` is `pellucid demo --out demo_out` once .venv exists; the
+    test runs it with --quick (the same code on 4 cases per task, five methods, shorter training),
+    then the page's explain command and its Python block as written."""
+    from PIL import Image
+
+    from pellucid.data import open_dataset
+
+    commands = [line for block in _blocks("bash", "tutorial-demo.md") for line in block.splitlines()
+                if line.strip() and not line.startswith("#")]
+    assert commands[0] == "make demo"
+    make = (ROOT / "Makefile").read_text()
+    assert "$(VENV)/bin/pellucid demo --out demo_out" in make  # what `make demo` runs
+    sample = open_dataset("phantom-chest", split="test", n=1, size=64)[0]
+    Image.fromarray((sample["image"][0].numpy() * 255).astype(np.uint8)).save(tmp_path / "chest.png")
+    for args in [["demo", "--out", "demo_out", "--quick"]] + \
+            [shlex.split(c)[1:] for c in commands[1:]]:
+        done = subprocess.run([sys.executable, "-m", "pellucid.cli", *args], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, (args, done.stderr[-3000:])
+    assert (tmp_path / "demo_out" / "report.html").is_file()
+    assert sorted(p.name for p in (tmp_path / "demo_out" / "cards").glob("*.md")) == [
+        "brain-unet-3d__brain-3d.md", "brain-unet__brain.md", "chest-resnet18__chest.md"]
+    assert {p.name for p in (tmp_path / "my_maps").glob("*.png")} and \
+        (tmp_path / "my_maps" / "summary.json").is_file()
+    code = _blocks("python", "tutorial-demo.md")[0]
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    pointing, deletion = (float(v) for v in done.stdout.split())
+    assert 0 <= pointing <= 1 and 0 <= deletion <= 1

@@ -553,6 +553,7 @@ def run_bench(config: BenchConfig | str | Path, out: str | Path | None = None,
     tasks: dict[str, Any] = {}
     trust_inputs: list[tuple[str, Any, CaseSet, ModelSpec, Path, str]] = []
     for mname, mspec, dname, dspec in iter_tasks(config):
+        task_start = time.perf_counter()
         loaded, folder = prepare_model(mspec, out, config.seed)
         weights = loaded.digest()
         loaded = with_window(loaded, mspec.sliding_window)
@@ -580,6 +581,9 @@ def run_bench(config: BenchConfig | str | Path, out: str | Path | None = None,
         units += make_units(config, mname, folder, dname, cases, mspec, out, weights)
         if config.metric_trust is not None:
             trust_inputs.append((perf_key, loaded, cases, mspec, folder, weights))
+        if progress:
+            console.print(f"{perf_key}: model, cases and performance ready in "
+                          f"{time.perf_counter() - task_start:.0f} s")
     todo = [u for u in units if not store.done(u.key)]
     if len(todo) < len(units):
         console.print(f"resuming: {len(units) - len(todo)} of {len(units)} units already done")
@@ -592,13 +596,19 @@ def run_bench(config: BenchConfig | str | Path, out: str | Path | None = None,
     (out / "performance.json").write_text(json.dumps(performance, indent=2, default=float) + "\n")
     np.savez_compressed(out / "gallery.npz", **{f"{k}::{f}": v for k, d in gallery.items()
                                                 for f, v in d.items()})
+    phase = time.perf_counter()
     if executor == "ray":
         _run_ray(todo, store, progress, address, workers)
     else:
         with pinned_backends(out):
             _run_local(todo, store, progress)
+    if progress and todo:
+        console.print(f"{len(todo)} units in {time.perf_counter() - phase:.0f} s")
     if trust_inputs:
+        phase = time.perf_counter()
         trust_tasks(config, trust_inputs, out, run_info["config_hash"])
+        if progress:
+            console.print(f"metric checks in {time.perf_counter() - phase:.0f} s")
     table = store.table()
     store.export(table)
     run_info["seconds"] = round(time.perf_counter() - start, 1)
@@ -606,7 +616,10 @@ def run_bench(config: BenchConfig | str | Path, out: str | Path | None = None,
     if report:
         from pellucid.bench.report import write_report
 
+        phase = time.perf_counter()
         write_report(out, table)
+        if progress:
+            console.print(f"report in {time.perf_counter() - phase:.0f} s")
     return table
 
 

@@ -23,7 +23,11 @@ from pellucid.errors import PellucidError
 from pellucid.metrics.base import unmet_needs
 from pellucid.progress import warn
 
-_MODELS: dict[str, Any] = {}  # model folder -> LoadedModel, per process
+# model folder -> LoadedModel, per process: the last few only, so that a long-lived process (a Ray
+# worker, a notebook running one benchmark after another) does not keep every model it ever ran,
+# with the exports and sessions that hang off each
+_MODELS: OrderedDict[str, Any] = OrderedDict()
+_MODELS_KEPT = 4
 _SHARED: OrderedDict[str, dict] = OrderedDict()  # metric work shared by the units of one case set
 
 
@@ -88,8 +92,12 @@ def _load(folder: str, sliding_window: dict[str, Any] | None = None):
     from pellucid.models import load_model
 
     key = json.dumps([folder, sliding_window], sort_keys=True)
-    if key not in _MODELS:
+    if key in _MODELS:
+        _MODELS.move_to_end(key)
+    else:
         _MODELS[key] = with_window(load_model(folder, device=_device()), sliding_window)
+        while len(_MODELS) > _MODELS_KEPT:
+            _MODELS.popitem(last=False)
     return _MODELS[key]
 
 
