@@ -16,7 +16,7 @@ SIZE = 128
 
 
 @pytest.fixture(scope="module")
-def cnn_vs_vit(tmp_path_factory):
+def cnn_vs_vit(tmp_path_factory, chest_model):
     out = tmp_path_factory.mktemp("vit") / "run"
     train = {"reader": "phantom-chest", "options": {"size": SIZE}, "n_train": 640, "n_val": 128,
              "batch_size": 32, "lr": 0.001, "seed": 0}
@@ -24,7 +24,8 @@ def cnn_vs_vit(tmp_path_factory):
         "name": "cnn-vs-vit", "seed": 0, "batch_size": 8, "gallery": 2,
         "datasets": {"chest": {"reader": "phantom-chest", "split": "test", "cases": 24,
                                "options": {"size": SIZE}, "require": "lesion"}},
-        "models": {"resnet18": {"datasets": ["chest"], "train": {**train, "arch": "resnet18", "epochs": 4}},
+        # the suite's ResNet-18 (conftest: the same phantoms, size and training), trained once
+        "models": {"resnet18": {"datasets": ["chest"], "path": str(chest_model.source)},
                    "vit": {"datasets": ["chest"],
                            "train": {**train, "arch": "vit", "epochs": 10, "n_train": 512}}},
         "methods": ["gradcam", "saliency",

@@ -49,7 +49,11 @@ from pellucid.runtime import model_precision, precision_name, reduced_precision
 
 TRIAL_AFTER_S = 2.0
 TOLERANCE = {"fp32": 1e-5, "bf16": 3e-2}
-TRIAL_BATCH = 8
+# the trial times each backend at a small and a larger batch and compares their best per-input
+# times: at 8 inputs alone, ONNX Runtime beat the traced torch copy on the demo's ResNet-18
+# (1.8 against 2.0 ms per input) and was chosen, while Score-CAM's chunks of 32 and more ran it
+# slower than torch would have (1.2-1.3 against 0.9-1.0 ms per input)
+TRIAL_BATCHES = (8, 32)
 SWITCH_BELOW = 0.9  # another backend replaces torch only at under 0.9 of torch's time per input
 
 
@@ -258,8 +262,10 @@ def trial(model: nn.Module, example: torch.Tensor, precision: str,
                 candidates[backend] = exported(model, example, backend, precision, key)
             except Exception as exc:  # recorded, torch stays the answer
                 notes[backend] = _one_line(exc)
-    batch = probe_batch(example, TRIAL_BATCH)
-    ms = {name: 1e3 * t for name, t in time_per_input(candidates, batch).items()}
+    ms: dict[str, float] = {}
+    for size in TRIAL_BATCHES:
+        for name, t in time_per_input(candidates, probe_batch(example, size)).items():
+            ms[name] = min(ms.get(name, float("inf")), 1e3 * t)
     best = min(ms, key=ms.get)
     if ms[best] > SWITCH_BELOW * ms["torch"]:
         best = "torch"
