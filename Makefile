@@ -59,9 +59,11 @@ docs: $(STAMP)
 	$(PY) docs/gen_reference.py
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
 
+# the suite on one worker per core (pytest-xdist; a module's tests stay on one worker, so its
+# trained fixtures are built once; tests/conftest.py gives each worker its share of the threads)
 test-main: $(STAMP) system-deps viewer
 	$(VENV)/bin/ruff check src tests benchmarks docs
-	$(PY) -m pytest
+	$(PY) -m pytest -n auto --dist loadfile
 
 # A user's existing stack at pellucid's lowest supported versions (constraints-lowest.txt) in a fresh
 # venv; `pip install '.[test]'` (not editable, no constraints) must keep every one of those versions,

@@ -143,7 +143,20 @@ MODEL_LIBRARY_MODULES = {"test_model_libraries", "test_blackbox", "test_backends
 ORACLE_TESTS = {"test_consistency_equals_metaquantus"}
 
 
+# the longest modules (minutes each on 2 cores), started first: under `pytest -n auto --dist
+# loadfile` a module runs whole on one worker, and one started last would leave the other idle
+LONGEST_FIRST = ["test_bench", "test_viewer", "test_tutorial", "test_seed_systems", "test_review",
+                 "test_vit_phantoms", "test_pacs", "test_model_libraries", "test_baselines",
+                 "test_service_hardening", "test_own_data", "test_evidence", "test_hostile_inputs"]
+
+
+def _module_rank(item) -> int:
+    module = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
+    return LONGEST_FIRST.index(module) if module in LONGEST_FIRST else len(LONGEST_FIRST)
+
+
 def pytest_collection_modifyitems(config, items):
+    items.sort(key=_module_rank)  # stable: a module's own order is kept
     for item in items:
         module = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
         if HEAVY_FIXTURES & set(item.fixturenames) or module in HEAVY_MODULES:
