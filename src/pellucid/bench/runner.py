@@ -599,18 +599,23 @@ def run_bench(config: BenchConfig | str | Path, out: str | Path | None = None,
     phase = time.perf_counter()
     # the metric checks too run with the run's backends: their randomised copies stay in torch
     # (unpinned, two of the demo's three were exported to ONNX and timed, about 10 s for nothing)
-    with pinned_backends(out):
-        if executor == "ray":
-            _run_ray(todo, store, progress, address, workers)
-        else:
-            _run_local(todo, store, progress)
-        if progress and todo:
-            console.print(f"{len(todo)} units in {time.perf_counter() - phase:.0f} s")
-        if trust_inputs:
-            phase = time.perf_counter()
-            trust_tasks(config, trust_inputs, out, run_info["config_hash"])
-            if progress:
-                console.print(f"metric checks in {time.perf_counter() - phase:.0f} s")
+    try:
+        with pinned_backends(out):
+            if executor == "ray":
+                _run_ray(todo, store, progress, address, workers)
+            else:
+                _run_local(todo, store, progress)
+            if progress and todo:
+                console.print(f"{len(todo)} units in {time.perf_counter() - phase:.0f} s")
+            if trust_inputs:
+                phase = time.perf_counter()
+                trust_tasks(config, trust_inputs, out, run_info["config_hash"])
+                if progress:
+                    console.print(f"metric checks in {time.perf_counter() - phase:.0f} s")
+    finally:
+        from pellucid.bench.units import release
+
+        release()
     table = store.table()
     store.export(table)
     run_info["seconds"] = round(time.perf_counter() - start, 1)

@@ -31,6 +31,14 @@ _MODELS_KEPT = 4
 _SHARED: OrderedDict[str, dict] = OrderedDict()  # metric work shared by the units of one case set
 
 
+def release() -> None:
+    """Forget the models and the shared metric work of a finished run: a process that runs one
+    benchmark after another (a notebook, a test session, a Ray worker) keeps nothing of the last
+    run (a test worker had grown to 15 GB)."""
+    _MODELS.clear()
+    _SHARED.clear()
+
+
 def shared_metric_work(unit: Unit) -> dict:
     """The evaluate() cache of the unit's model and cases: units of different methods on the same
     cases share the clean forward and the map-independent perturbations (faithfulness correlation,
