@@ -22,9 +22,10 @@ URL = "http://127.0.0.1:8042/dicom-web"
 
 def _in_ns(ns: str, code: str, timeout: int = 300) -> dict:
     """Run Python ``code`` inside the namespace; it prints one JSON line as its last output."""
+    # the environment as it is (an xdist worker's thread share among it): a CLI run here must
+    # compute with the threads of the in-process runs it is compared with, bit for bit
     result = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", textwrap.dedent(code)],
-                            capture_output=True, text=True, timeout=timeout,
-                            env=dict(os.environ, PELLUCID_THREADS="2"))
+                            capture_output=True, text=True, timeout=timeout)
     if result.returncode != 0:
         raise AssertionError(f"in-namespace code failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -308,8 +309,14 @@ def test_pacs_honours_every_explain_option(orthanc, shared_data, chest_model, tm
         file_rows = json.loads((tmp_path / "files" / name / "summary.json").read_text())
         assert len(pacs_rows) == 1 and pacs_rows[0]["uid"] == study["sop"], name
         pacs_row, file_row = pacs_rows[0], file_rows[0]
-        for key in ("prediction", "explained", "classes", "modality_importance"):
+        for key in ("prediction", "explained", "modality_importance"):
             assert pacs_row.get(key) == file_row.get(key), (name, key)
+        # the probabilities to float rounding: on one thread per xdist worker the two paths
+        # differed by 1.2e-7 (0.50672358 against 0.50672370), as maps may within atol below
+        classes = pacs_row.get("classes") or {}
+        assert classes.keys() == (file_row.get("classes") or {}).keys(), name
+        for cls, p in classes.items():
+            assert p == pytest.approx(file_row["classes"][cls], rel=1e-5, abs=1e-6), (name, cls)
         maps = {}
         for method, entry in pacs_row["methods"].items():
             assert entry["target"] == file_row["methods"][method]["target"], (name, method)
