@@ -63,7 +63,7 @@ docs: $(STAMP)
 # trained fixtures are built once; tests/conftest.py gives each worker its share of the threads)
 test-main: $(STAMP) system-deps viewer
 	$(VENV)/bin/ruff check src tests benchmarks docs
-	$(PY) -m pytest -n auto --dist loadfile
+	$(PY) -m pytest -n auto --dist loadfile --no-loadscope-reorder
 
 # A user's existing stack at pellucid's lowest supported versions (constraints-lowest.txt) in a fresh
 # venv; `pip install '.[test]'` (not editable, no constraints) must keep every one of those versions,
@@ -75,7 +75,7 @@ test-lowest:
 	$(LOWEST)/bin/pip install --quiet -r constraints-lowest.txt
 	$(LOWEST)/bin/pip install --quiet '.[test]'
 	$(LOWEST)/bin/python tools/kept_versions.py constraints-lowest.txt
-	$(LOWEST)/bin/python -m pytest -m "not slow and not models and not oracles and not docs" -q -p no:cacheprovider
+	$(LOWEST)/bin/python -m pytest -n auto --dist loadfile --no-loadscope-reorder -m "not slow and not models and not oracles and not docs" -q -p no:cacheprovider
 
 # after an upgrade that passes `make test`: write the exact versions of .venv into constraints.txt
 lock: $(STAMP)

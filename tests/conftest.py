@@ -8,20 +8,27 @@ import ctypes
 import gc
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
+
+# Under pytest-xdist every worker may use every core, with OpenMP's idle threads sleeping instead
+# of spinning (OMP_WAIT_POLICY=PASSIVE, read once when torch loads its OpenMP runtime, so before
+# `import torch`): then a worker that waits (on a subprocess, a browser, a lock) leaves the cores to
+# the other. Measured, two processes training at once on 2 cores: 2 threads each spinning 34 s,
+# 1 thread each 18 s, 2 threads each passive 17 s. The CLI subprocesses a test starts inherit both.
+if os.environ.get("PYTEST_XDIST_WORKER") and "PELLUCID_THREADS" not in os.environ:
+    if "torch" in sys.modules:  # too late for the wait policy: each worker takes its share
+        _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+        os.environ["PELLUCID_THREADS"] = str(max(1, (os.cpu_count() or 1) // _workers))
+    else:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest
 import torch
 
-from pellucid.runtime import configure_threads, usable_cores
+from pellucid.runtime import configure_threads
 
-# Under pytest-xdist each worker takes its share of the cores (two workers of two threads each on
-# two cores oversubscribe OpenMP, which then spins: the suite ran twice as slowly); the CLI
-# subprocesses a test starts inherit the same share.
-if os.environ.get("PYTEST_XDIST_WORKER") and "PELLUCID_THREADS" not in os.environ:
-    _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    os.environ["PELLUCID_THREADS"] = str(max(1, usable_cores() // _workers))
 configure_threads()
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -143,11 +150,14 @@ MODEL_LIBRARY_MODULES = {"test_model_libraries", "test_blackbox", "test_backends
 ORACLE_TESTS = {"test_consistency_equals_metaquantus"}
 
 
-# the longest modules (minutes each on 2 cores), started first: under `pytest -n auto --dist
-# loadfile` a module runs whole on one worker, and one started last would leave the other idle
-LONGEST_FIRST = ["test_bench", "test_viewer", "test_tutorial", "test_seed_systems", "test_review",
-                 "test_vit_phantoms", "test_pacs", "test_model_libraries", "test_baselines",
-                 "test_service_hardening", "test_own_data", "test_evidence", "test_hostile_inputs"]
+# the longest modules (minutes each on one thread), started first: `make test` runs `pytest -n auto
+# --dist loadfile --no-loadscope-reorder` (a module runs whole on one worker, in this order; xdist's
+# default reorder by test count started the one-test ViT module last and left a worker idle). The
+# first ones train the shared models (chest_model, brain_unet) while the others need neither.
+LONGEST_FIRST = ["test_bench", "test_hostile_inputs", "test_seed_systems", "test_cam_vs_gradcam",
+                 "test_tutorial", "test_review", "test_pacs", "test_model_libraries", "test_viewer",
+                 "test_service_hardening", "test_baselines", "test_vit_phantoms", "test_explain_api",
+                 "test_cli", "test_own_data", "test_gradients", "test_perturbation"]
 
 
 def _module_rank(item) -> int:

@@ -5,10 +5,11 @@ by Playwright the way a radiologist would use it. Both run inside the test's net
 
 - ``python tests/ohif_viewer.py serve DIST PORT PACS_URL USER PASSWORD`` serves until killed;
 - ``python tests/ohif_viewer.py look VIEWER STUDY OUT STEP...`` opens the study and, for each step
-  (``image``, or ``series:<description>`` to double-click a series in the study browser, accepting
-  OHIF's prompt to open a SEG or to track an SR's measurements, or ``measurements`` to open the
-  measurement panel), saves a screenshot and records the viewport's pixels and the page text. It
-  prints one JSON line."""
+  (``image``; ``series:<description>`` to double-click a series in the study browser, or
+  ``series?:<description>`` for one that OHIF asks about first (a SEG to open, an SR whose
+  measurements to track: the prompt is answered yes); ``measurements`` to open the measurement
+  panel), waits until the viewer has drawn it, saves a screenshot and records the viewport's
+  pixels and the page text. It prints one JSON line."""
 
 from __future__ import annotations
 
@@ -113,14 +114,41 @@ def _pixels(png: bytes) -> dict[str, float]:
     return {"coloured": float((chroma > 60).mean()), "grey_std": float(rgb.mean(axis=2).std())}
 
 
-def _accept_prompt(page) -> None:
-    """OHIF asks before it opens a SEG or tracks an SR's measurements: answer yes."""
-    for _ in range(20):
-        button = page.get_by_role("button", name="Yes")
-        if button.count():
-            button.first.click()
-            return
+def _yes(page) -> bool:
+    """Answer yes to OHIF's prompt to open a SEG or to track an SR's measurements, if one is shown."""
+    button = page.get_by_role("button", name="Yes")
+    if button.count():
+        button.first.click()
+        return True
+    return False
+
+
+def _settle(page, prompt: bool = False, at_least: float = 1.0, limit: float = 60.0) -> None:
+    """Wait until the viewport has drawn what the last action asked for: its pixels and the page's
+    text unchanged over two looks half a second apart, ``at_least`` seconds after the action (a
+    fixed sleep long enough for a busy machine wasted a minute a test). With ``prompt``, first
+    wait (up to ``limit``) for OHIF's yes/no prompt and answer it; a prompt that appears later is
+    answered too."""
+    start = time.monotonic()
+    while prompt and time.monotonic() - start < limit:
+        if _yes(page):
+            break
+        time.sleep(0.25)
+    else:
+        if prompt:
+            raise RuntimeError("OHIF showed no prompt to open the series")
+    viewport = page.locator("[data-viewportid]").first
+    seen = None
+    while time.monotonic() - start < limit:
         time.sleep(0.5)
+        if _yes(page):
+            seen = None
+            continue
+        now = (viewport.screenshot(), page.inner_text("body"))
+        if now == seen and time.monotonic() - start >= at_least:
+            return
+        seen = now
+    raise RuntimeError(f"the viewer was still changing after {limit:.0f} s")
 
 
 def look(viewer: str, study: str, out: str, *steps: str) -> None:
@@ -136,17 +164,20 @@ def look(viewer: str, study: str, out: str, *steps: str) -> None:
         page.on("pageerror", lambda e: errors.append(str(e)[:300]))
         page.goto(f"{viewer}/viewer?StudyInstanceUIDs={study}")
         page.wait_for_selector("[data-viewportid] canvas", timeout=120_000)
-        time.sleep(3)
+        _settle(page, at_least=2.0)
         if page.get_by_text("Skip all").count():  # the first-visit tour
             page.get_by_text("Skip all").click()
         for number, step in enumerate(steps):
-            if step.startswith("series:"):
-                page.get_by_text(step[7:], exact=True).first.dblclick()
-                time.sleep(2)
-                _accept_prompt(page)
+            if step.startswith(("series:", "series?:")):
+                name = step.split(":", 1)[1]
+                page.get_by_text(name, exact=True).first.dblclick()
+                _settle(page, prompt=step.startswith("series?:"), at_least=2.0)
             elif step == "measurements":
                 page.locator('[data-cy="trackedMeasurements-btn"]').click()
-            time.sleep(5)
+                _settle(page)
+            else:
+                _settle(page)
+            step = step.replace("series?:", "series:")
             shot = Path(out) / f"{number}-{step.replace(':', '-').replace(' ', '_')}.png"
             page.screenshot(path=str(shot))
             pixels = _pixels(page.locator("[data-viewportid]").first.screenshot())

@@ -45,7 +45,7 @@ def test_random_map_is_uniform_and_seeded():
     assert float(first.min()) >= 0 and float(first.max()) <= 1 and abs(float(first.mean()) - 0.5) < 0.02
 
 
-def _nodule_bench(tmp_path, where: str):
+def _nodule_bench(tmp_path, where: str, n_train: int = 384, epochs: int = 6):
     """A ResNet-18 trained on chest phantoms whose nodules sit in the lungs or at the image centre,
     benchmarked on 16 nodules with Grad-CAM against the centre and random baselines."""
     from pellucid.bench import parse_config, run_bench
@@ -53,8 +53,8 @@ def _nodule_bench(tmp_path, where: str):
     from pellucid.models import TrainConfig, save_model, train
 
     opts = {"size": 96, "nodule_at": where, "finding_probability": 0.6}
-    result = train(open_dataset("phantom-chest", split="train", n=384, **opts),
-                   TrainConfig(epochs=6, batch_size=32, lr=3e-3, progress=False, seed=0),
+    result = train(open_dataset("phantom-chest", split="train", n=n_train, **opts),
+                   TrainConfig(epochs=epochs, batch_size=32, lr=3e-3, progress=False, seed=0),
                    open_dataset("phantom-chest", split="val", n=64, **opts))
     model = save_model(tmp_path / f"chest-{where}", result.module, result.card)
     cfg = parse_config({
@@ -82,7 +82,9 @@ def test_cams_beat_the_centre_prior_only_where_lesions_are_off_centre(tmp_path):
     assert energy["baseline"] == "centre" and energy["verdict"] == "better", versus
     assert energy["mean"] > energy["baseline_mean"] and energy["diff_ci_low"] > 0
     assert "No method is better than the centre baseline on energy_pointing_game." not in html
-    frame, html = _nodule_bench(tmp_path, "centre")
+    # no map can beat a prior that finds every nodule: however well the model is trained, so
+    # one short epoch is enough here
+    frame, html = _nodule_bench(tmp_path, "centre", n_train=96, epochs=1)
     versus = stats.against_baselines(frame).set_index("metric")
     point = versus.loc["pointing_game"]
     assert point["baseline"] == "centre" and point["baseline_mean"] > 0.9

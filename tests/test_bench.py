@@ -147,8 +147,11 @@ def test_sigkill_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path, tiny_
                                                                   monkeypatch):
     """Bit-identical under ``auto`` too: the backend each model and shape got is recorded in the
     run (backends.json) when first decided and reused by the resumed run."""
-    cfg = _config(tiny_model, methods=("gradcam", "saliency", "occlusion", "lime"), cases=6,
-                  cache=False)
+    # perturbation methods among them (their seeded draws must resume identically), at sizes
+    # that keep a unit about a second: 9 occlusion windows, 50 LIME samples
+    methods = ("gradcam", "saliency", {"name": "occlusion", "options": {"window": 32, "stride": 16}},
+               {"name": "lime", "options": {"samples": 50}})
+    cfg = _config(tiny_model, methods=methods, cases=6, cache=False)
     path = tmp_path / "kill.yaml"
     path.write_text(yaml.safe_dump(cfg))
     monkeypatch.setenv("PELLUCID_THREADS", "1")

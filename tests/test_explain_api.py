@@ -180,7 +180,7 @@ def test_every_cam_runs_on_3d_classifier_and_3d_unet(method):
 def test_scorecam_batching_bounds_work_without_changing_the_result():
     torch.manual_seed(0)
     model = build("resnet18", 2, 1, 3).module.eval()
-    x = torch.randn(3, 1, 64, 64)
+    x = torch.randn(2, 1, 64, 64)  # 1024 channel maps: a chunk of 512 and ones that split them
     ref = pellucid.explain(model, x, "scorecam", layer="layer4", batch_size=512)
     for bs in (1, 7, 64):
         exp = pellucid.explain(model, x, "scorecam", layer="layer4", batch_size=bs)
@@ -193,10 +193,10 @@ def test_scorecam_batching_bounds_work_without_changing_the_result():
     h.remove()
     flat = store["a"].flatten(2)
     constant = int((flat.amax(2) == flat.amin(2)).sum())
-    live = 3 * 512 - constant
+    live = 2 * 512 - constant
     exp = pellucid.explain(model, x, "scorecam", layer="layer4", batch_size=64)
     assert exp.cost.forward_passes == 1 + (constant > 0) + math.ceil(live / 64)
-    assert exp.cost.forward_samples == 3 + (constant > 0) + live
+    assert exp.cost.forward_samples == 2 + (constant > 0) + live
 
 
 def test_ablationcam_weights_are_relative_score_drops():

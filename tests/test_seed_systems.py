@@ -17,7 +17,7 @@ from pellucid.bench import run_bench
 from pellucid.bench.config import load_config, parse_config
 from pellucid.cli import main
 from pellucid.errors import ConfigError
-from pellucid.models import ModelCard, TrainConfig, build, load_model, save_model, train
+from pellucid.models import ModelCard, build, load_model, save_model
 from pellucid.models.performance import concordance_index, regression_report
 from pellucid.models.sliding import SlidingWindow
 from pellucid.targets import RegressionTarget, SegmentationErrorTarget, SegmentationTarget
@@ -50,13 +50,15 @@ def test_survival_phantom_follows_its_formula():
 
 @pytest.fixture(scope="module")
 def survival_model(tmp_path_factory):
-    from pellucid.data import open_dataset
+    """The seed-systems benchmark's survival regressor, trained as the benchmark trains it (its
+    config's ``train`` spec, into ``models/`` of a run folder); the benchmark test below reuses it
+    as a resumed run would."""
+    from pellucid.bench.runner import prepare_model
 
-    opts = {"size": 48}
-    result = train(open_dataset("phantom-survival", split="train", n=384, **opts),
-                   TrainConfig(arch="resnet18", epochs=8, batch_size=32, lr=3e-3, progress=False),
-                   open_dataset("phantom-survival", split="val", n=64, **opts))
-    return load_model(save_model(tmp_path_factory.mktemp("surv") / "os", result.module, result.card))
+    config = load_config("seed-systems")
+    loaded, _ = prepare_model(config.models["survival-resnet18"], tmp_path_factory.mktemp("surv"),
+                              config.seed)
+    return loaded
 
 
 def test_survival_regressor_learns_and_explains_through_the_cli(survival_model, tmp_path):
@@ -184,7 +186,12 @@ def test_config_keys_for_the_seed_systems_are_checked():
         parse_config(bad, "x.yaml")
 
 
-def test_seed_systems_benchmark_end_to_end(tmp_path):
+def test_seed_systems_benchmark_end_to_end(survival_model, tmp_path):
+    # the survival model trained once (the fixture above, from this config's spec), found in the
+    # run's models/ folder as a resumed run finds it; the two U-Nets are trained here
+    import shutil
+
+    shutil.copytree(survival_model.source, tmp_path / "models" / "survival-resnet18")
     table = run_bench("seed-systems", tmp_path, progress=False)
     tasks = set(zip(table["model"], table["dataset"], strict=True))
     assert tasks == {("brain-unet", "brain"), ("brain-unet-fp", "brain"), ("brain-unet-fn", "brain"),

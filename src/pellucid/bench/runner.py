@@ -103,7 +103,8 @@ def prepare_model(spec: ModelSpec, out: Path, seed: int):
     reader, root, options = t.pop("reader"), t.pop("root", None), dict(t.pop("options", {}) or {})
     n_train, n_val = int(t.pop("n_train", 512)), int(t.pop("n_val", 128))
     config = TrainConfig(seed=int(t.pop("seed", seed)), progress=True, **t)
-    console.print(f"[bold]training[/] {spec.name} ({config.arch}, {config.epochs} epochs)")
+    console.print(f"[bold]training[/] {spec.name} ({config.arch}, {config.epochs} epoch"
+                  f"{'' if config.epochs == 1 else 's'})")
     result = train(_open(reader, root, "train", options, n_train), config,
                    _open(reader, root, "val", options, n_val),
                    _open(reader, root, "test", options, n_val), dataset_name=reader)
