@@ -199,6 +199,16 @@ def test_scorecam_batching_bounds_work_without_changing_the_result():
     assert exp.cost.forward_samples == 2 + (constant > 0) + live
 
 
+def test_ablationcam_cost_counts_every_ablated_copy():
+    """The fast path feeds one input and expands it at the layer: the 512 ablated rows of a
+    ResNet-18's layer4 are counted, in chunks of 64 (9 passes with the clean forward)."""
+    torch.manual_seed(0)
+    model = build("resnet18", 2, 1, 3).module.eval()
+    exp = pellucid.explain(model, torch.randn(1, 1, 64, 64), "ablationcam", layer="layer4")
+    assert exp.cost.forward_passes == 1 + 512 // 64
+    assert exp.cost.forward_samples == 1 + 512
+
+
 def test_ablationcam_weights_are_relative_score_drops():
     """On the tiny model, zeroing channel k at the ReLU changes y_c by W[c,k] mean(A_k)."""
     x = torch.tensor([[[[1.0, -2.0], [0.5, 0.0]]]])

@@ -27,7 +27,9 @@ NORMALIZE_MODES = ("minmax", "none")
 
 @dataclass
 class Cost:
-    """Compute spent on one explanation call (all samples of the batch together)."""
+    """Compute spent on one explanation call (all samples of the batch together):
+    ``forward_samples`` counts the rows the model's output had over all calls (Ablation-CAM's
+    ablated copies, expanded at its layer, count one each)."""
 
     forward_passes: int = 0
     forward_samples: int = 0

@@ -317,6 +317,9 @@ class AblationCAM(CAM):
                     if fast:
                         try:
                             out = runner.forward(inputs[i:i + 1])
+                            # one input fed, len(chans) ablated rows run on from the layer: the
+                            # cost counts the rows (it counted 9 for a ResNet-18's 512 channels)
+                            runner.cost.forward_samples += out.shape[0] - 1
                         except (RuntimeError, ModelError):
                             fast = False
                     if not fast:
