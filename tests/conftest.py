@@ -19,8 +19,10 @@ from pathlib import Path
 # 1 thread each 18 s, 2 threads each passive 17 s. The CLI subprocesses a test starts inherit both.
 if os.environ.get("PYTEST_XDIST_WORKER") and "PELLUCID_THREADS" not in os.environ:
     if "torch" in sys.modules:  # too late for the wait policy: each worker takes its share
+        from pellucid.runtime import usable_cores
+
         _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-        os.environ["PELLUCID_THREADS"] = str(max(1, (os.cpu_count() or 1) // _workers))
+        os.environ["PELLUCID_THREADS"] = str(max(1, usable_cores() // _workers))
     else:
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
