@@ -62,3 +62,31 @@ def test_the_site_builds_strictly_with_the_catalogue_and_the_api(tmp_path):
     metrics = (site / "reference" / "metrics" / "index.html").read_text()
     assert all(f'id="{m}"' in methods for m in METHODS.names())
     assert all(f'id="{m}"' in metrics for m in METRICS.names())
+
+
+def test_the_catalogue_states_each_peer_and_cost_from_the_measurements():
+    """docs/catalogue.json (benchmarks/catalogue.py) covers every registered name, and the
+    generated pages carry its peer, difference and cost class."""
+    import json
+
+    import pellucid.explainers
+    import pellucid.metrics  # noqa: F401
+    from pellucid.explainers.registry import REGISTRY as METHODS
+    from pellucid.metrics.base import REGISTRY as METRICS
+
+    subprocess.run([sys.executable, str(ROOT / "docs" / "gen_reference.py")], check=True, cwd=ROOT)
+    measured = json.loads((ROOT / "docs" / "catalogue.json").read_text())
+    for name in METHODS.names() + METRICS.names():
+        assert name in measured["peers"] or name in measured["no_peer"], name
+    for name in METHODS.names():
+        assert measured["method_costs"][name]["class"] in ("none", "one pass", "tens",
+                                                           "hundreds", "thousands"), name
+    page = (ROOT / "docs" / "reference" / "methods.md").read_text()
+    row = next(line for line in page.splitlines() if line.startswith("| `gradcam` |"))
+    worst = max(p["value"] for p in measured["peers"]["gradcam"])
+    assert "pytorch-grad-cam" in row and f"{worst:.1e}" in row and "| one pass |" in row
+    assert worst <= 1e-4  # the oracle tests' tolerance
+    assert "| thousands |" in next(line for line in page.splitlines() if line.startswith("| `rise` |"))
+    metrics_page = (ROOT / "docs" / "reference" / "metrics.md").read_text()
+    assert "quantus" in next(line for line in metrics_page.splitlines()
+                             if line.startswith("| `pointing_game` |"))

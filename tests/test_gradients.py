@@ -11,6 +11,7 @@ import pellucid
 from pellucid.errors import ConfigError
 from pellucid.models import build
 from pellucid.targets import ClassTarget, SegmentationTarget
+from tests.peers import peer, record
 
 
 def _chest_batch(chest_model, n=2, seed=12):
@@ -56,15 +57,20 @@ def test_saliency_and_ig_equal_captum_direct(chest_model):
     cls = torch.tensor([0, 1, 2])
     ours = pellucid.explain(model, x, "saliency", target=cls)
     ref = Saliency(model).attribute(x, target=cls, abs=True)
+    case = f"trained ResNet-18 {tuple(x.shape)}"
+    record("saliency", peer("captum", "Saliency"), ours.raw, ref, case)
     assert torch.allclose(ours.raw, ref, atol=1e-6)
     assert torch.allclose(ours.attributions, ref.abs().amax(1, keepdim=True), atol=1e-6)
     assert ours.cost.forward_passes == 1 and ours.cost.backward_passes == 1  # one pass each
     from captum.attr import InputXGradient
 
     ixg = pellucid.explain(model, x, "inputxgradient", target=cls)
-    assert torch.allclose(ixg.raw, InputXGradient(model).attribute(x, target=cls), atol=1e-6)
+    ref = InputXGradient(model).attribute(x, target=cls)
+    record("inputxgradient", peer("captum", "InputXGradient"), ixg.raw, ref, case)
+    assert torch.allclose(ixg.raw, ref, atol=1e-6)
     ours = pellucid.explain(model, x, "integratedgradients", target=cls, steps=32)
     ref = IntegratedGradients(model).attribute(x, target=cls, n_steps=32, baselines=0.0)
+    record("integratedgradients", peer("captum", "IntegratedGradients"), ours.raw, ref, case)
     assert torch.allclose(ours.raw, ref, atol=1e-5)
 
 
@@ -130,9 +136,13 @@ def test_smoothgrad_and_gradientshap_agree_with_captum_in_expectation():
     std = float(0.1 * (x.max() - x.min()))
     ref = NoiseTunnel(CaptumSaliency(model)).attribute(x, nt_type="smoothgrad", nt_samples=160,
                                                        stdevs=std, abs=True, target=0)
+    case = f"ResNet-18 {tuple(x.shape)}, 160-320 samples"
+    record("smoothgrad", peer("captum", "NoiseTunnel(Saliency)"), ours.raw, ref, case,
+           "correlation")
     assert torch.corrcoef(torch.stack([ours.raw.flatten(), ref.flatten()]))[0, 1] > 0.95
     ours = pellucid.explain(model, x, "gradientshap", target=0, samples=320, background=background)
     ref = GradientShap(model).attribute(x, baselines=background, n_samples=320, target=0)
+    record("gradientshap", peer("captum", "GradientShap"), ours.raw, ref, case, "correlation")
     assert torch.corrcoef(torch.stack([ours.raw.flatten(), ref.flatten()]))[0, 1] > 0.95
     for method, opts in (("smoothgrad", {"samples": 6}),
                          ("gradientshap", {"samples": 6, "background": background, "noise": 0.1})):
@@ -149,6 +159,8 @@ def test_integrated_gradients_quadratures_equal_captum_and_bad_names_are_refused
     for rule in ("riemann_trapezoid", "riemann_left"):
         ours = pellucid.explain(model, x, "integratedgradients", target=1, steps=12, quadrature=rule)
         ref = IntegratedGradients(model).attribute(x, target=1, n_steps=12, method=rule)
+        record("integratedgradients", peer("captum", f"IntegratedGradients({rule})"), ours.raw,
+               ref, f"ResNet-18 {tuple(x.shape)}")
         assert torch.allclose(ours.raw, ref, atol=1e-6), rule
     with pytest.raises(ConfigError, match="unknown quadrature 'simpson'"):
         pellucid.explain(model, x, "integratedgradients", quadrature="simpson")

@@ -13,6 +13,7 @@ from pellucid.explainers.canonizers import canonized, canonizers_for
 from pellucid.explainers.lrp import build_composite
 from pellucid.models import build
 from pellucid.targets import ClassTarget, SegmentationTarget
+from tests.peers import peer, record
 
 
 def zero_shifts(model: nn.Module) -> nn.Module:
@@ -98,6 +99,8 @@ def test_equal_to_zennit_on_torchvision_resnet(chest_model, monkeypatch):
     # zennit's BatchNorm merge leaves x / sqrt(1 + eps) per layer; pellucid's is exact: the two
     # differ by that shrink only, and agree once zennit's merge is made exact too
     scale = ref.abs().max()
+    case = f"trained ResNet-18 {tuple(x.shape)}"
+    record("lrp", peer("zennit", "EpsilonPlusFlat + ResNetCanonizer"), ours.raw, ref, case)
     assert (ours.raw - ref).abs().max() <= 5e-3 * scale  # 1.2e-3 on this model
     from zennit.canonizers import SequentialMergeBatchNorm
 
@@ -107,6 +110,8 @@ def test_equal_to_zennit_on_torchvision_resnet(chest_model, monkeypatch):
                         staticmethod(exact_merge_batch_norm))
     with Gradient(model=model, composite=EpsilonPlusFlat(canonizers=[ResNetCanonizer()])) as att:
         _, exact = att(x, torch.eye(3)[cls] * model(x).detach())
+    record("lrp", peer("zennit", "EpsilonPlusFlat + ResNetCanonizer, exact BatchNorm merge"),
+           ours.raw, exact, case)
     assert (ours.raw - exact).abs().max() <= 1e-6 * scale
     ratios = ours.extras["conservation"]
     assert torch.isfinite(ratios).all()  # trained: biases absorb some relevance (reported)

@@ -11,6 +11,7 @@ import torch
 import pellucid
 from pellucid.errors import ConfigError
 from pellucid.metrics import available
+from tests.peers import peer, record
 
 
 @pytest.fixture()
@@ -50,8 +51,12 @@ def test_against_quantus(maps_and_masks):
     }
     tolerance = {"pointing_game": 0, "relevance_mass": 1e-6, "relevance_rank": 1e-6,
                  "sparseness": 1e-3, "complexity": 1e-5}  # Quantus adds 1e-7 to every pixel
+    classes = {"pointing_game": "PointingGame", "relevance_mass": "RelevanceMassAccuracy",
+               "relevance_rank": "RelevanceRankAccuracy", "sparseness": "Sparseness",
+               "complexity": "Complexity"}
     for name, values in ref.items():
         got = ours[name].scores.numpy()
+        record(name, peer("quantus", classes[name]), got, values, "six 32 x 32 maps and masks")
         assert np.allclose(got, values.astype(float), atol=tolerance[name]), (name, got, values)
     assert ours["pointing_game"].scores[:2].tolist() == [1.0, 0.0]
 
@@ -163,6 +168,9 @@ def test_auprc_equals_scikit_learn(maps_and_masks):
     x, a, s = maps_and_masks
     a = (a * 20).round() / 20  # ties, which the threshold grouping must handle
     ours = pellucid.evaluate(None, x, a, metrics=["auprc"], masks=s)["auprc"].scores
-    for i in range(len(a)):
-        ref = average_precision_score(s[i].flatten().numpy(), a[i].flatten().numpy())
+    refs = [average_precision_score(s[i].flatten().numpy(), a[i].flatten().numpy())
+            for i in range(len(a))]
+    record("auprc", peer("scikit-learn", "average_precision_score"), ours, refs,
+           "six 32 x 32 maps with ties")
+    for i, ref in enumerate(refs):
         assert ours[i].item() == pytest.approx(ref, abs=1e-6)

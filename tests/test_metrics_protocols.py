@@ -11,6 +11,7 @@ import pellucid
 from pellucid.bootstrap import bootstrap_ci
 from pellucid.errors import ConfigError, PellucidError
 from pellucid.metrics.protocols import box_overlaps, heatmap_boxes
+from tests.peers import peer, record
 
 
 def test_chexlocalize_by_hand():
@@ -149,10 +150,14 @@ def test_skimage_otsu_iou_equals_threshold_otsu():
     a = torch.from_numpy(rng.gamma(2.0, 1.0, (4, 1, 24, 20))).float()
     masks = torch.from_numpy(rng.random((4, 24, 20)) < 0.3)
     ious = _score("iou", a, masks, otsu="skimage")
+    refs = []
     for i in range(4):
         pred = a[i, 0].numpy() > threshold_otsu(a[i, 0].numpy())
         truth = masks[i].numpy()
-        assert ious[i].item() == pytest.approx((pred & truth).sum() / (pred | truth).sum(), abs=1e-6)
+        refs.append((pred & truth).sum() / (pred | truth).sum())
+        assert ious[i].item() == pytest.approx(refs[-1], abs=1e-6)
+    record("iou", peer("scikit-image", "threshold_otsu, then IoU (otsu='skimage')"), ious, refs,
+           "four 24 x 20 maps")
     assert not torch.allclose(ious, _score("iou", a, masks))  # pellucid's own binning differs
 
 

@@ -11,6 +11,9 @@ import torch
 import pellucid
 from pellucid.models import build
 from pellucid.targets import ClassTarget
+from tests.peers import peer, record
+
+CASE = "ResNet-18, four 1 x 32 x 32 inputs"
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +44,7 @@ def test_pixel_flipping_equals_quantus(setup):
                           metrics=[("pixel_flipping", {"features_in_step": 32})])["pixel_flipping"]
     q = quantus.PixelFlipping(features_in_step=32, perturb_baseline="black", disable_warnings=True)
     curves = _q(q, model, x, y, a, softmax=True)  # its AUC option calls np.trapz, gone in numpy 2
+    record("pixel_flipping", peer("quantus", "PixelFlipping"), r.curves, curves, CASE)
     assert np.abs(r.curves.numpy() - curves).max() < 1e-5
     np.testing.assert_allclose(r.scores.numpy(), np.trapezoid(curves, axis=1), rtol=1e-5)
 
@@ -55,8 +59,10 @@ def test_faithfulness_correlation_equals_quantus_with_the_same_seed(setup):
     np.random.seed(3)
     q = quantus.FaithfulnessCorrelation(nr_runs=20, subset_size=50, perturb_baseline="black",
                                         disable_warnings=True, return_aggregate=False)
-    np.testing.assert_allclose(r["faithfulness_correlation"].scores.numpy(), _q(q, model, x, y, a),
-                               atol=1e-4)
+    ref = _q(q, model, x, y, a)
+    record("faithfulness_correlation", peer("quantus", "FaithfulnessCorrelation"),
+           r["faithfulness_correlation"].scores, ref, CASE)
+    np.testing.assert_allclose(r["faithfulness_correlation"].scores.numpy(), ref, atol=1e-4)
 
 
 def test_max_sensitivity_and_local_lipschitz_equal_quantus(setup):
@@ -68,10 +74,14 @@ def test_max_sensitivity_and_local_lipschitz_equal_quantus(setup):
     q = quantus.MaxSensitivity(nr_samples=5, lower_bound=0.2, disable_warnings=True,
                                return_aggregate=False)
     ref = _q(q, model, x, y, e.attributions, explain_func=_explain_func)
+    record("max_sensitivity", peer("quantus", "MaxSensitivity"), r["max_sensitivity"].scores, ref,
+           CASE)
     np.testing.assert_allclose(r["max_sensitivity"].scores.numpy(), ref, rtol=1e-4, atol=1e-6)
     np.random.seed(8)
     q = quantus.LocalLipschitzEstimate(nr_samples=5, disable_warnings=True, return_aggregate=False)
     ref = _q(q, model, x, y, e.attributions, explain_func=_explain_func)
+    record("local_lipschitz", peer("quantus", "LocalLipschitzEstimate"),
+           r["local_lipschitz"].scores, ref, CASE)
     np.testing.assert_allclose(r["local_lipschitz"].scores.numpy(), ref, rtol=1e-4, atol=1e-6)
 
 
@@ -83,10 +93,13 @@ def test_model_randomization_and_random_logit_equal_quantus(setup):
         ("random_logit", {"similarity": "spearman"})])
     q = quantus.MPRT(disable_warnings=True, return_last_correlation=True, abs=False, normalise=False)
     ref = _q(q, model, x, y, e.attributions, explain_func=_explain_func)
+    record("model_randomization", peer("quantus", "MPRT"), r["model_randomization"].scores, ref,
+           CASE)
     np.testing.assert_allclose(r["model_randomization"].scores.numpy(), ref, atol=1e-5)
     q = quantus.RandomLogit(num_classes=3, disable_warnings=True,
                             similarity_func=quantus.similarity_func.correlation_spearman)
     ref = _q(q, model, x, y, e.attributions, explain_func=_explain_func)
+    record("random_logit", peer("quantus", "RandomLogit"), r["random_logit"].scores, ref, CASE)
     np.testing.assert_allclose(r["random_logit"].scores.numpy(), ref, atol=1e-5)
     steps = r["model_randomization"].extras["steps"]
     assert steps[0] == "fc" and steps[-1] == "conv1" and len(steps) == 41  # every layer, top down
@@ -137,6 +150,12 @@ def test_road_equals_pytorch_grad_cam_without_noise():
         ref_m = morf(x, cams.numpy(), targets, model)
         ref_l = lerf(x, cams.numpy(), targets, model)
         clean = r.extras["clean"].numpy()
+        road = peer("grad-cam", "ROAD (noise 0)")
+        case = f"ResNet-18 {tuple(x.shape)}, {p:.0%} removed"
+        record("road_morf", road, r.extras["morf"][:, k].numpy() - clean, ref_m, case)
+        record("road_lerf", road, r.extras["lerf"][:, k].numpy() - clean, ref_l, case)
+        record("road", road, r.extras["lerf"][:, k].numpy() - r.extras["morf"][:, k].numpy(),
+               ref_l - ref_m, case)
         np.testing.assert_allclose(r.extras["morf"][:, k].numpy() - clean, ref_m, atol=1e-5)
         np.testing.assert_allclose(r.extras["lerf"][:, k].numpy() - clean, ref_l, atol=1e-5)
     with pytest.raises(Exception):  # noqa: B017  (Quantus 0.6.0 cannot impute 3-channel images)
@@ -166,6 +185,11 @@ def test_confidence_change_equals_pytorch_grad_cam(setup):
     r = pellucid.evaluate(model, x, e, metrics=["average_drop", "increase_in_confidence"])
     drop = DropInConfidence()(x, cams, targets, model)  # absolute: max(0, Y - O)
     clean = r["average_drop"].extras["clean"].numpy()
+    record("average_drop", peer("grad-cam", "DropInConfidence"),
+           r["average_drop"].scores.numpy() * clean / 100, drop, CASE)
+    record("increase_in_confidence", peer("grad-cam", "IncreaseInConfidence"),
+           r["increase_in_confidence"].scores.numpy() / 100,
+           IncreaseInConfidence()(x, cams, targets, model), CASE)
     np.testing.assert_allclose(r["average_drop"].scores.numpy() * clean / 100, drop, atol=1e-5)
     np.testing.assert_array_equal(r["increase_in_confidence"].scores.numpy() / 100,
                                   IncreaseInConfidence()(x, cams, targets, model))
@@ -191,4 +215,6 @@ def test_infidelity_equals_captum(setup):
                          normalize=normalize)
         r = pellucid.evaluate(model, x, a, target=ClassTarget(y, kind="logit"),
                               metrics=[("infidelity", {"n_perturb_samples": 6, "normalize": normalize})])
+        record("infidelity", peer("captum", "metrics.infidelity"), r["infidelity"].scores, ref,
+               CASE + f", normalize={normalize}")
         np.testing.assert_allclose(r["infidelity"].scores.numpy(), ref.numpy(), rtol=1e-3)

@@ -33,6 +33,8 @@ from pellucid.errors import ConfigError, ModelError
 from pellucid.explainers import default_layer
 from pellucid.models.outputs import reduce_output
 from pellucid.targets import SegmentationTarget
+from tests import peers
+from tests.peers import record
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_transformers import _manual_vit, small_swin, tiny_vit
@@ -361,7 +363,8 @@ def _lrp_reference(case, model, peer, x, cls, transformer: bool) -> torch.Tensor
     return (xx * xx.grad).detach()
 
 
-def _close(ours: torch.Tensor, ref: torch.Tensor, what: str) -> None:
+def _close(ours: torch.Tensor, ref: torch.Tensor, what: str, method: str, against: str) -> None:
+    record(method, against, ours, ref, what)
     assert ref.abs().max() > 0, f"{what}: degenerate reference"
     diff = (ours - ref).abs().max().item() / max(ref.abs().max().item(), 1e-12)
     assert diff <= TOL, f"{what}: relative difference {diff:.2e}"
@@ -380,7 +383,7 @@ def _run_cell(case: Case, family: str, model, peer, x, target, cls) -> str:
         options = {"upsample": "bspline"} if x.ndim == 5 else {}
         ours = pellucid.explain(model, x, method, target=target, layer=layer, **options)
         _close(ours.attributions.float(), _gradcam_reference(case, model, peer, x, layer, cls),
-               f"{case.name} gradcam")
+               f"{case.name} gradcam", "gradcam", peers.peer("grad-cam", "GradCAM"))
         spline = ', `upsample="bspline"`' if x.ndim == 5 else ""
         return f"= pytorch-grad-cam ({ours.extras['layout'].split(',')[0]}{spline})"
     if family == "attention":
@@ -390,15 +393,16 @@ def _run_cell(case: Case, family: str, model, peer, x, target, cls) -> str:
         prefix = int(re.search(r"(\d+) prefix", layout).group(1)) if "prefix" in layout else 0
         rollout_ref, chefer_ref = _attention_references(case, model, x, cls, prefix,
                                                         tuple(ours.raw.shape[2:]))
-        _close(ours.raw.float(), rollout_ref, f"{case.name} rollout")
-        _close(chefer.raw.float(), chefer_ref, f"{case.name} chefer")
+        own = "a computation from the library's own attention weights"
+        _close(ours.raw.float(), rollout_ref, f"{case.name} rollout", "rollout", own)
+        _close(chefer.raw.float(), chefer_ref, f"{case.name} chefer", "chefer", own)
         return "= the library's own attention weights (rollout and `chefer`)"
     if family == "gradient":
         from captum.attr import Saliency
 
         ours = pellucid.explain(model, x, method, target=target)
         ref = Saliency(_score_fn(peer, case.task, cls)).attribute(x, abs=True)
-        _close(ours.raw, ref, case.name)
+        _close(ours.raw, ref, case.name, "saliency", peers.peer("captum", "Saliency"))
         return "= Captum"
     if family == "relevance":
         # in float64: relevance rules divide by activations, and over a deep network (UNETR: 12
@@ -411,7 +415,10 @@ def _run_cell(case: Case, family: str, model, peer, x, target, cls) -> str:
         peer = _Tensor(model).eval()
         transformer = bool(attention_blocks(model))
         ours = pellucid.explain(model, x, method, target=target)
-        _close(ours.raw, _lrp_reference(case, model, peer, x, cls, transformer), f"{case.name} lrp")
+        against = (peers.peer("lxt", "AttnLRP") if transformer
+                   else peers.peer("zennit", "EpsilonPlusFlat"))
+        _close(ours.raw, _lrp_reference(case, model, peer, x, cls, transformer), f"{case.name} lrp",
+               "lrp", against)
         return "= lxt (AttnLRP rules)" if transformer else "= zennit"
     from captum.attr import Occlusion
 
@@ -420,7 +427,7 @@ def _run_cell(case: Case, family: str, model, peer, x, target, cls) -> str:
     ref = Occlusion(_score_fn(peer, case.task, cls)).attribute(
         x, sliding_window_shapes=(x.shape[1],) + (w,) * (x.ndim - 2),
         strides=(x.shape[1],) + (w,) * (x.ndim - 2), baselines=0.0)
-    _close(ours.raw, ref, case.name)
+    _close(ours.raw, ref, case.name, "occlusion", peers.peer("captum", "Occlusion"))
     return "= Captum"
 
 
@@ -444,7 +451,7 @@ def _onnx_row(tmp: Path) -> dict[str, str]:
             ours = pellucid.explain(box, x, method, target=1, window=16, stride=16)
             ref = Occlusion(lambda t: model(t)[:, 1]).attribute(
                 x, sliding_window_shapes=(3, 16, 16), strides=(3, 16, 16), baselines=0.0)
-            _close(ours.raw, ref, "ONNX")
+            _close(ours.raw, ref, "ONNX ConvNeXt", "occlusion", peers.peer("captum", "Occlusion"))
             row[family] = "= Captum on the PyTorch model"
             continue
         with pytest.raises(ModelError, match="only runs forward"):
@@ -564,7 +571,7 @@ def test_attnlrp_equals_lxt_monkey_patched_hugging_face_vit():
     finally:
         modeling_vit.eager_attention_forward, modeling_vit.ALL_ATTENTION_FUNCTIONS = saved_functions
         _restore_classes(saved)
-    _close(ours.raw, ref, "AttnLRP vs lxt")
+    _close(ours.raw, ref, "Hugging Face ViT, AttnLRP", "lrp", peers.peer("lxt", "AttnLRP"))
     # the classes are as they were: a plain forward equals the reference logits
     with torch.no_grad():
         assert torch.allclose(model(x).logits, ours.output, atol=1e-6)
@@ -590,7 +597,7 @@ def test_cp_lrp_equals_lxt_on_torchvision_vit_and_conserves_without_biases():
         ref = (xx * xx.grad).detach()
     finally:
         _restore_classes(saved)
-    _close(ours.raw, ref, "CP-LRP vs lxt")
+    _close(ours.raw, ref, "torchvision ViT, CP-LRP", "lrp", peers.peer("lxt", "CP-LRP"))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("bias") or name in ("class_token", "encoder.pos_embedding"):

@@ -13,6 +13,7 @@ from pellucid.errors import ConfigError
 from pellucid.explainers.features import grid_labels
 from pellucid.models import build
 from pellucid.targets import ClassTarget, SegmentationTarget
+from tests.peers import peer, record
 
 
 class RegionModel(nn.Module):
@@ -91,6 +92,8 @@ def test_kernelshap_agrees_with_shap_kernelexplainer(chest_model):
     full = explainer.shap_values(np.ones((1, 9)), nsamples=2**9 - 2, silent=True)[0]
     ours = pellucid.explain(model, x, "kernelshap", features=labels, samples=2**9,
                             target=cls).extras["feature_values"][0].numpy()
+    record("kernelshap", peer("shap", "KernelExplainer"), ours, full,
+           "trained ResNet-18, 9 features, every coalition")
     assert np.abs(ours - full).max() < 1e-4
     np.random.seed(0)
     sampled = explainer.shap_values(np.ones((1, 9)), nsamples=200, silent=True)[0]
@@ -117,6 +120,8 @@ def test_occlusion_equals_captum(chest_model):
     ours = pellucid.explain(chest_model.module, x, "occlusion", target=cls, window=16, stride=8)
     ref = Occlusion(chest_model.module).attribute(x, sliding_window_shapes=(1, 16, 16),
                                                   strides=(1, 8, 8), target=cls, baselines=0.0)
+    record("occlusion", peer("captum", "Occlusion"), ours.attributions, ref,
+           f"trained ResNet-18 {tuple(x.shape)}, window 16, stride 8")
     assert torch.allclose(ours.attributions, ref, atol=1e-4)
     assert ours.extras["windows"] == 15 * 15
 
