@@ -94,8 +94,10 @@ def chest_model():
 
     def make(folder: Path) -> None:
         opts = {"size": 128}
-        result = train(open_dataset("phantom-chest", split="train", n=640, **opts),
-                       TrainConfig(arch="resnet18", epochs=4, batch_size=32, progress=False, seed=0),
+        # 480 images x 3 epochs: test macro AUROC 0.98, every class >= 0.93 (measured; the
+        # training test asks 0.95 and 0.9), in 36 s on 2 quiet cores (640 x 4: about 60 s)
+        result = train(open_dataset("phantom-chest", split="train", n=480, **opts),
+                       TrainConfig(arch="resnet18", epochs=3, batch_size=32, progress=False, seed=0),
                        open_dataset("phantom-chest", split="val", n=128, **opts),
                        open_dataset("phantom-chest", split="test", n=160, **opts))
         save_model(folder, result.module, result.card)

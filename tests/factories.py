@@ -49,3 +49,36 @@ def xrv_densenet():
     import torchxrayvision as xrv
 
     return xrv.models.DenseNet(weights=None)
+
+
+def phantom_dicom(template, out, seed: int = 0, size: int = 128):
+    """A copy of the DICOM file ``template`` (its patient, study and equipment header, as a
+    hospital's file has them) whose pixels are a chest phantom, with new series and instance
+    UIDs: a file laid out like the real one whose image is like the phantom models' training data
+    (a phantom model refuses the real image itself). 12-bit MONOCHROME2, uncompressed."""
+    import numpy as np
+    import pydicom
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    from pellucid.data import ChestPhantom
+
+    ds = pydicom.dcmread(template)
+    # a phantom whose intensities already span [0, 1]: a DICOM reader scales stored values to
+    # that range, and a contrast-stretched phantom is itself unlike the training phantoms
+    image = next(im for k in range(seed, seed + 200)
+                 if float((im := ChestPhantom(1, size, seed=k)[0]["image"][0].numpy()).max()) >= 0.98)
+    pixels = (np.clip(image, 0, 1) * 4095).round().astype(np.uint16)
+    for keyword in ("NumberOfFrames", "ModalityLUTSequence", "VOILUTSequence", "RescaleSlope",
+                    "RescaleIntercept", "PixelPaddingValue", "SmallestImagePixelValue",
+                    "LargestImagePixelValue", "WindowCenter", "WindowWidth"):
+        if keyword in ds:
+            delattr(ds, keyword)
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelData = pixels.tobytes()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.save_as(out, enforce_file_format=True)
+    return out

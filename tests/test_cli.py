@@ -37,10 +37,15 @@ def test_explain_png_writes_overlays_maps_and_summary(chest_model, tmp_path, sha
     Image.fromarray((ChestPhantom(1, 128, seed=8)[0]["image"][0].numpy() * 255).astype(np.uint8)
                     ).save(phantom)
     out = tmp_path / "exp"
+    # the phantom model refuses the real radiograph unless overridden (tests/test_training_inputs.py)
     main(["explain", "--model", chest_model.source, "--method", "gradcam,scorecam", "--input",
-          str(src), "--input", str(phantom), "--out", str(out), "--target", "Nodule"])
+          str(src), "--input", str(phantom), "--out", str(out), "--target", "Nodule",
+          "--outside-intended-use"])
     summary = json.loads((out / "summary.json").read_text())
     assert len(summary) == 2
+    real, made = summary
+    assert real["training_data"]["unlike_training_data"] and real["findings"] == []
+    assert not made["training_data"]["unlike_training_data"] and len(made["findings"]) == 3
     for row in summary:
         assert row["explained"]["class"] == "Nodule"
         top = max(row["classes"], key=row["classes"].get)
@@ -57,7 +62,8 @@ def test_explain_brats_case_writes_nifti_with_source_affine(unet3d, shared_data,
     case = shared_data / "brats-format-samples" / "TCGA-DU-7294"
     out = tmp_path / "exp3d"
     main(["explain", "--model", str(unet3d), "--method", "gradcam", "--input", str(case),
-          "--out", str(out), "--target", "WT", "--region", "all"])
+          "--out", str(out), "--target", "WT", "--region", "all",
+          "--outside-intended-use"])  # a phantom model: it refuses the real volume otherwise
     written = nib.load(str(out / "TCGA-DU-7294_gradcam.nii.gz"))
     source = nib.load(str(case / "TCGA-DU-7294_fla_bet.nii.gz"))
     assert written.shape == source.shape
@@ -88,7 +94,7 @@ def test_explain_dicom_radiographs_keeps_dotted_names(chest_model, shared_data, 
     j2k = shared_data / "dicom-samples" / "pydicom_data" / "RG1_J2KI.dcm"  # JPEG 2000 coded
     out = tmp_path / "dcm"
     main(["explain", "--model", chest_model.source, "--method", "gradcam", "--input", str(siim),
-          "--input", str(j2k), "--out", str(out)])
+          "--input", str(j2k), "--out", str(out), "--outside-intended-use"])  # a phantom model
     assert (out / f"{siim.name[:-4]}_gradcam.npy").is_file()
     raw = np.load(out / "RG1_J2KI_gradcam.npy")
     import pydicom

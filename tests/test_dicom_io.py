@@ -383,15 +383,19 @@ def _presence(sr) -> dict[str, str]:
 
 
 def test_the_report_states_only_findings_the_model_made(chest_model, shared_data, tmp_path):
-    """On a real chest CR: a class is Present exactly when its probability reaches the card's
-    operating threshold (chosen on validation); without thresholds a multi-label model's classes are
-    neither Present nor Absent, and the summary says they were not judged."""
+    """On a chest CR file (a real one's header, a phantom's pixels: the phantom model refuses the
+    real image) a class is Present exactly when its probability reaches the card's operating
+    threshold (chosen on validation); without thresholds a multi-label model's classes are neither
+    Present nor Absent, and the summary says they were not judged. The real radiograph itself,
+    overridden, gets an SR that states no finding and says why."""
     import dataclasses
 
     from pellucid.models.store import LoadedModel
     from pellucid.pipeline import CaseOptions, explain_case, read_case, write_case
+    from tests.factories import phantom_dicom
 
-    cr = next((shared_data / "dicom-samples" / "torchxrayvision").glob("*.dcm"))
+    real = next((shared_data / "dicom-samples" / "torchxrayvision").glob("*.dcm"))
+    cr = phantom_dicom(real, tmp_path / "phantom.dcm")
     card = chest_model.card
     assert card.activation == "sigmoid" and len(card.thresholds) == len(card.class_names)
     options = CaseOptions(["gradcam", "saliency"])
@@ -410,12 +414,21 @@ def test_the_report_states_only_findings_the_model_made(chest_model, shared_data
     assert all(f["present"] is None for f in record["findings"])
     assert record["summary"].startswith("Not judged (no operating threshold in the model card)")
     assert _presence(pydicom.dcmread(tmp_path / "b" / "report_sr.dcm")) == {}
+    overridden = CaseOptions(["gradcam"], outside_intended_use=True)
+    record = write_case(explain_case(chest_model, read_case(chest_model, real, overridden),
+                                     overridden), tmp_path / "c", dicom=True, model_name="chest",
+                        model_digest=chest_model.digest(), card=card)
+    assert record["findings"] == [] and record["training_data"]["unlike_training_data"]
+    sr = pydicom.dcmread(tmp_path / "c" / "report_sr.dcm")
+    assert _presence(sr) == {}
+    assert "INPUT UNLIKE THE TRAINING DATA" in str(sr)
 
 
 def test_built_in_finding_codes_are_dicoms_own_snomed_codes():
     """Every standard code pellucid's readers declare is the one DICOM's code tables (as pydicom
-    ships them) give under that meaning; a model trained on the chest phantoms carries the codes
-    of its own classes into its card, and its SR codes the finding with them."""
+    ships them) give under that meaning (the chest phantoms declare the codes their findings have
+    in patients; a model trained on them does not carry them: tests/test_training_inputs.py), and
+    an SR codes a finding with them."""
     from pydicom.sr.codedict import codes
 
     from pellucid.data import open_dataset

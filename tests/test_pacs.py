@@ -399,7 +399,8 @@ def test_a_jpeg2000_study_is_pulled_explained_and_a_rerun_adds_nothing(orthanc, 
     for run in range(2):
         cmd = ["ip", "netns", "exec", orthanc, sys.executable, "-m", "pellucid.cli", "explain",
                "--pacs", URL, "--study", out["study"], "--model", chest_model.source, "--method",
-               "gradcam,saliency", "--out", str(tmp_path / f"run{run}")]
+               "gradcam,saliency", "--out", str(tmp_path / f"run{run}"),
+               "--outside-intended-use"]  # a phantom model and a patient's radiograph
         result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
         assert result.returncode == 0, result.stderr[-2000:]
         # no patient data in the console, the file names or any output but the DICOM objects

@@ -48,32 +48,46 @@ def _texts(item) -> list[str]:
     return found
 
 
-def test_every_cr_sample_through_the_service(service, shared_data):
-    """Chest radiographs are explained; the extremity radiograph is outside the chest model's
-    intended use (422 naming the body part) unless overridden, and then every object says so."""
+def test_every_cr_sample_through_the_service(service, shared_data, tmp_path):
+    """The chest model was trained on phantoms: every real radiograph is refused (422), the
+    extremity radiograph first for its body part, the chest ones as unlike the synthetic training
+    images; overridden, each is explained, every object says so and no finding is stated. The
+    same files with a phantom's pixels are answered as inside the intended use."""
+    from tests.factories import phantom_dicom
+
     files = _radiographs(shared_data)
     assert len(files) >= 3
     for path in files:
         part = str(pydicom.dcmread(path, stop_before_pixels=True).get("BodyPartExamined", ""))
         r = service.post("/v1/explain", files={"file": ("x.dcm", path.read_bytes(), "application/dicom")},
                          data={"model": "chest", "methods": "gradcam"})
+        assert r.status_code == 422, (path.name, r.text)
         if part != "CHEST":
-            assert r.status_code == 422, (path.name, r.text)
             assert f"body part {part}; the model is for CHEST" in r.json()["detail"]
-            r = service.post("/v1/explain",
-                             files={"file": ("x.dcm", path.read_bytes(), "application/dicom")},
-                             data={"model": "chest", "methods": "gradcam", "outside_intended_use": "true"})
-            assert r.status_code == 200, (path.name, r.text)
-            assert r.json()["intended_use"]["override"] and r.json()["intended_use"]["outside"]
-            for url in [r.json()["methods"][0]["dicom"], *r.json()["files"]]:
-                ds = pydicom.dcmread(io.BytesIO(service.get(url).content))
-                text = str(ds.get("ImageComments", "")) + " ".join(_texts(ds))
-                assert "OUTSIDE THE MODEL'S INTENDED USE" in text, url
+        else:
+            assert "unlike the synthetic images the model was trained on" in r.json()["detail"]
+        r = service.post("/v1/explain",
+                         files={"file": ("x.dcm", path.read_bytes(), "application/dicom")},
+                         data={"model": "chest", "methods": "gradcam", "outside_intended_use": "true"})
+        assert r.status_code == 200, (path.name, r.text)
+        body = r.json()
+        assert body["intended_use"]["override"] and body["intended_use"]["outside"]
+        assert body["training_data"]["unlike_training_data"] and body["findings"] == []
+        for url in [body["methods"][0]["dicom"], *body["files"]]:
+            ds = pydicom.dcmread(io.BytesIO(service.get(url).content))
+            text = str(ds.get("ImageComments", "")) + " ".join(_texts(ds))
+            assert "OUTSIDE THE MODEL'S INTENDED USE" in text, url
+        if part != "CHEST":
             continue
+        phantom = phantom_dicom(path, tmp_path / f"{path.stem}.dcm")
+        r = service.post("/v1/explain",
+                         files={"file": ("x.dcm", phantom.read_bytes(), "application/dicom")},
+                         data={"model": "chest", "methods": "gradcam"})
         assert r.status_code == 200, (path.name, r.text)
         body = r.json()
         assert body["methods"][0]["dicom"] and len(body["files"]) >= 2, path.name
         assert body["intended_use"] == {"outside": [], "not_checked": [], "override": False}
+        assert len(body["findings"]) == 3 and not body["training_data"]["unlike_training_data"]
 
 
 def test_a_ct_slice_is_outside_the_chest_models_intended_use(service, shared_data):
@@ -87,8 +101,11 @@ def test_a_ct_slice_is_outside_the_chest_models_intended_use(service, shared_dat
     assert r.status_code == 400 and "outside_intended_use" in r.json()["detail"]
 
 
-def test_real_cr_end_to_end(service, shared_data, caplog):
-    path = _cr(shared_data)
+def test_real_cr_end_to_end(service, shared_data, caplog, tmp_path):
+    """A real CR file's header with a phantom's pixels (the phantom model refuses the real image)."""
+    from tests.factories import phantom_dicom
+
+    path = phantom_dicom(_cr(shared_data), tmp_path / "cr.dcm")
     source = pydicom.dcmread(path)
     with caplog.at_level(logging.INFO, logger="pellucid.service"):
         r = service.post("/v1/explain", files={"file": ("x.dcm", path.read_bytes(), "application/dicom")},
@@ -117,14 +134,23 @@ def test_real_cr_end_to_end(service, shared_data, caplog):
 
 
 def test_png_upload(service, tmp_path):
+    import numpy as np
     from PIL import Image
 
+    from pellucid.data import ChestPhantom
+
     buf = io.BytesIO()
-    Image.new("L", (128, 128), 90).save(buf, format="PNG")
+    image = ChestPhantom(1, 128, seed=4)[0]["image"][0].numpy()
+    Image.fromarray((image * 255).astype(np.uint8)).save(buf, format="PNG")
     r = service.post("/v1/explain", files={"file": ("a.png", buf.getvalue(), "image/png")},
                      data={"model": "chest", "methods": "gradcam"})
     assert r.status_code == 200, r.text
     assert r.json()["files"] == []  # no DICOM source: overlays and maps only
+    flat = io.BytesIO()
+    Image.new("L", (128, 128), 90).save(flat, format="PNG")  # a grey square is no phantom
+    r = service.post("/v1/explain", files={"file": ("a.png", flat.getvalue(), "image/png")},
+                     data={"model": "chest", "methods": "gradcam"})
+    assert r.status_code == 422 and "unlike the synthetic images" in r.json()["detail"]
 
 
 def test_bad_requests_are_answered_and_the_server_stays_up(service, shared_data, tmp_path):

@@ -94,8 +94,13 @@ def _ct_model(folder: Path) -> str:
 
 def test_ohif_shows_the_map_segment_overlay_and_report_of_a_ct_and_a_radiograph(
         orthanc, ohif, shared_data, chest_model, tmp_path):  # noqa: F811
+    from tests.factories import phantom_dicom
+
     ct = _store(orthanc, shared_data / "dicom-samples" / "pydicom" / "CT_small.dcm")
-    cr = _store(orthanc, next((shared_data / "dicom-samples" / "torchxrayvision").glob("*.dcm")))
+    # the chest model was trained on phantoms and refuses the real radiograph: the radiograph's
+    # file with a phantom's pixels (tests/test_training_inputs.py)
+    cr = _store(orthanc, phantom_dicom(next((shared_data / "dicom-samples" / "torchxrayvision"
+                                              ).glob("*.dcm")), tmp_path / "cr.dcm"))
     _explain(orthanc, ct, _ct_model(tmp_path / "ct"), "gradcam,saliency", tmp_path / "ct-out")
     _explain(orthanc, cr, chest_model.source, "gradcam", tmp_path / "cr-out")
     record = json.loads((tmp_path / "ct-out" / "summary.json").read_text())[0]

@@ -97,11 +97,25 @@ def prepare_model(spec: ModelSpec, out: Path, seed: int):
             raise DataError(folder, f"model {spec.name!r}: no saved model (card.json) here")
         return load_model(folder), folder
     folder = out / "models" / spec.name
-    if (folder / "card.json").is_file():
-        return load_model(folder), folder
     t = dict(spec.train or {})
-    reader, root, options = t.pop("reader"), t.pop("root", None), dict(t.pop("options", {}) or {})
+    reader, root, options = t.pop("reader", None), t.pop("root", None), dict(t.pop("options", {}) or {})
     n_train, n_val = int(t.pop("n_train", 512)), int(t.pop("n_val", 128))
+    if (folder / "card.json").is_file():
+        loaded = load_model(folder)
+        if loaded.card is not None and not loaded.card.training_inputs and reader:
+            # trained before cards described their training inputs: describe them now, on the
+            # same validation and test splits, and keep the description with the model
+            from pellucid.models.training_inputs import describe_training_inputs
+
+            describe_training_inputs(loaded.module, loaded.card,
+                                     _open(reader, root, "val", options, n_val),
+                                     _open(reader, root, "test", options, n_val))
+            if reader in ("phantom-chest", "phantom-brain", "phantom-brain-3d", "phantom-survival"):
+                loaded.card.training_data = "synthetic"
+                loaded.card.finding_codes = {}
+            save_model(folder, loaded.module, loaded.card)
+            loaded = load_model(folder)
+        return loaded, folder
     config = TrainConfig(seed=int(t.pop("seed", seed)), progress=True, **t)
     console.print(f"[bold]training[/] {spec.name} ({config.arch}, {config.epochs} epoch"
                   f"{'' if config.epochs == 1 else 's'})")

@@ -59,6 +59,9 @@ class PellucidDataset(Dataset):
     # standard codes of the classes (class -> [scheme, value, meaning]), copied into the card's
     # finding_codes for the SR; a class without one is coded in pellucid's own scheme
     finding_codes: ClassVar[dict[str, list[str]]] = {}
+    # what the images are (copied into the card's training_data): "synthetic", "real" or ""
+    # (the reader does not know, e.g. a user's folder)
+    training_data: ClassVar[str] = ""
 
     @property
     def in_channels(self) -> int:

@@ -82,6 +82,7 @@ class BraTS(PellucidDataset):
     mask_names = REGIONS
     channel_names = ("T1", "T1ce", "T2", "FLAIR")
     intended_use = brain_mri(4)
+    training_data = "real"
     multilabel = True
 
     def __init__(self, root: str | Path, split: str = "all", spatial_dims: int = 3,

@@ -65,6 +65,7 @@ class ChestXray14(PellucidDataset):
     mask_names = FINDINGS
     channel_names = ("X-ray",)
     intended_use = CHEST_RADIOGRAPH
+    training_data = "real"
     finding_codes = CHEST_FINDING_CODES
     multilabel = True
     spatial_dims = 2

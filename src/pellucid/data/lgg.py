@@ -29,6 +29,7 @@ class LGGSegmentation(PellucidDataset):
     mask_names = ("Abnormality",)
     channel_names = ("T1-pre", "FLAIR", "T1-post")
     intended_use = brain_mri(3)
+    training_data = "real"
     multilabel = True
     spatial_dims = 2
 

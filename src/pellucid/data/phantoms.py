@@ -79,6 +79,8 @@ def _smooth_noise(rng: np.random.Generator, shape: Sequence[int], sigma: float) 
 
 
 class _PhantomBase(PellucidDataset):
+    training_data = "synthetic"
+
     def __init__(self, n: int, size: int | Sequence[int], seed: int) -> None:
         if n < 1:
             raise ConfigError(f"phantom n must be >= 1, got {n}")
@@ -105,7 +107,9 @@ class ChestPhantom(_PhantomBase):
     mask_names = CHEST_FINDINGS
     channel_names = ("X-ray",)
     intended_use = CHEST_RADIOGRAPH
-    finding_codes = CHEST_FINDING_CODES  # (train keeps the codes of its own classes)
+    # the codes the same findings have in patients; a model trained on phantoms does not get them
+    # (its classes are not findings in patients: pellucid.models.train)
+    finding_codes = CHEST_FINDING_CODES
     multilabel = True
     spatial_dims = 2
 

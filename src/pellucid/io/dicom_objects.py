@@ -304,6 +304,7 @@ PRIVATE_CODES = {
     "explanation": ("EXPLMAP", "Explanation map"),
     "share": ("MAPSHARE", "Share of the map's positive mass in the region"),
     "evidence": ("BENCHEV", "Benchmark evidence"),
+    "no_finding": ("NOFIND", "No finding stated"),
 }
 
 
@@ -400,6 +401,9 @@ def structured_report(source: Sequence[Any], model: ReportedModel, findings: Seq
             f"finding {f.name}" + (f" frame {f.frame}" if f.frame else ""), f.concept(), algorithm,
             measurements, evaluations, f"{_finding_words(f)}; model {model.name}{version}",
             frame=f.frame))
+    if not findings:  # nothing stated (an input unlike the training data): say so, and why
+        groups.append(_group(source, None, "no finding stated", _private("no_finding"), algorithm,
+                             [], [], (notes[0] if notes else summary or "no finding stated")[:1024]))
     for number, (method, options) in enumerate(methods.items()):
         method_id = hd.sr.AlgorithmIdentification(
             name=f"pellucid {method}", version=__version__,

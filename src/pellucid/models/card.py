@@ -22,6 +22,11 @@ TASKS = ("classification", "segmentation", "regression")
 # image channels, and the smallest and largest side in pixels
 INTENDED_USE_KEYS = ("modalities", "body_parts", "photometric", "channels", "min_size", "max_size")
 ACTIVATIONS = ("sigmoid", "softmax", "identity")  # identity: regression outputs
+TRAINING_DATA = ("synthetic", "real", "")  # "": the card does not say
+# the readers of pellucid's synthetic phantoms, as a card's training["dataset"] names them (cards
+# written before training_data existed are read as synthetic when they name one of these)
+PHANTOM_DATASETS = ("phantom-chest", "phantom-brain", "phantom-brain-3d", "phantom-survival",
+                    "ChestPhantom", "BrainPhantom")
 
 
 @dataclass
@@ -62,6 +67,13 @@ class ModelCard:
     output: str = ""
     # the library and version the network's class comes from (e.g. "timm 1.0.22")
     library: str = ""
+    # what the model was trained on: "synthetic" (e.g. pellucid's phantoms), "real", or "" (not
+    # stated). A model trained on synthetic data refuses inputs unlike its training data and never
+    # codes its classes in SNOMED CT or RadLex
+    training_data: str = ""
+    # how its training inputs are described, for the check every explanation makes
+    # (pellucid.models.training_inputs): method, layer, threshold, false-alarm rates
+    training_inputs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -82,10 +94,24 @@ class ModelCard:
         if self.resize not in RESIZE_METHODS:
             raise DataError(None, f"model card: resize must be one of {RESIZE_METHODS}, got "
                                   f"{self.resize!r}")
+        if self.training_data not in TRAINING_DATA:
+            raise DataError(None, f"model card: training_data must be synthetic, real or empty, "
+                                  f"got {self.training_data!r}")
+        if self.training_data == "synthetic" and self.finding_codes:
+            raise DataError(None, "model card: a model trained on synthetic data has no clinical "
+                                  "finding_codes (SNOMED CT, RadLex): its classes are not findings "
+                                  "in patients")
         unknown = sorted(set(self.intended_use) - set(INTENDED_USE_KEYS))
         if unknown:
             raise DataError(None, f"model card: intended_use has unknown key(s) {', '.join(unknown)}; "
                                   f"known: {', '.join(INTENDED_USE_KEYS)}")
+
+    @property
+    def synthetic(self) -> bool:
+        """Whether the model was trained on synthetic data (stated, or a pellucid phantom reader
+        named as its training dataset)."""
+        return self.training_data == "synthetic" or \
+            str(self.training.get("dataset", "")) in PHANTOM_DATASETS
 
     @property
     def num_outputs(self) -> int:

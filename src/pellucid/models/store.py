@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from pellucid.errors import ModelError
+from pellucid.models import training_inputs
 from pellucid.models.card import ModelCard
 from pellucid.models.outputs import output_selector, select_output
 from pellucid.models.zoo import build
@@ -55,7 +56,9 @@ def weights_digest(module: nn.Module) -> str:
 
 
 def save_model(folder: str | Path, module: nn.Module, card: ModelCard) -> Path:
-    """Write ``model.safetensors`` and ``card.json`` into ``folder`` (created if needed). A tensor
+    """Write ``model.safetensors`` and ``card.json`` into ``folder`` (created if needed), and the
+    description of the training inputs when the module carries one
+    (:mod:`pellucid.models.training_inputs`). A tensor
     that several names share (nnU-Net's networks register their modules twice) is written once,
     and the other names are recorded as aliases in the file's metadata."""
     from safetensors.torch import save_file
@@ -75,6 +78,9 @@ def save_model(folder: str | Path, module: nn.Module, card: ModelCard) -> Path:
     if aliases:
         metadata["aliases"] = json.dumps(aliases)
     save_file(state, str(folder / WEIGHTS), metadata=metadata)
+    stats = getattr(module, training_inputs.ATTRIBUTE, None)
+    if stats is not None and card.training_inputs.get("file"):
+        card.training_inputs["sha256"] = stats.save(folder / card.training_inputs["file"])
     card.save(folder / CARD)
     return folder
 
@@ -179,6 +185,24 @@ def _load_state(module: nn.Module, state: dict[str, torch.Tensor], source: Path)
         raise ModelError(f"{source}: weights do not fit the network ({first})") from None
 
 
+def _attach_training_inputs(module: nn.Module, card: ModelCard, folder: Path) -> None:
+    """Restore the description of the training inputs that the card names, checked against the
+    SHA-256 the card recorded (a changed or missing file is an error, never a silent skip)."""
+    import hashlib
+
+    name = card.training_inputs.get("file")
+    if not name:
+        return
+    file = folder / name
+    if not file.is_file():
+        raise ModelError(f"{file}: the model card names this description of the training inputs, "
+                         f"and it is missing")
+    expected = card.training_inputs.get("sha256")
+    if expected and hashlib.sha256(file.read_bytes()).hexdigest() != expected:
+        raise ModelError(f"{file}: differs from the SHA-256 the model card recorded")
+    setattr(module, training_inputs.ATTRIBUTE, training_inputs.TrainingInputs.load(file))
+
+
 def load_model(spec: str | Path, weights: str | Path | None = None,
                device: str | torch.device = "cpu") -> LoadedModel:
     """Load a model from a zoo folder, a TorchScript file, an ONNX file (a forward-only black box
@@ -194,10 +218,12 @@ def load_model(spec: str | Path, weights: str | Path | None = None,
         card = ModelCard.load(path / CARD)
         if card.factory or card.arch == "torchscript":  # an imported model (pellucid import-model)
             module = select_output(load_folder_network(path, card), output_selector(card.output))
+            _attach_training_inputs(module, card, path)
             return LoadedModel(module.to(device).eval(), card, text)
         module = build(card.arch, card.spatial_dims, card.in_channels, card.num_outputs,
                        backend=card.backend, input_size=card.input_size).module
         _load_state(module, _read_state_dict(path / WEIGHTS), path / WEIGHTS)
+        _attach_training_inputs(module, card, path)
         return LoadedModel(module.to(device).eval(), card, text)
     if path.is_file() and path.suffix.lower() == ".onnx":  # a deployed model: forwards only
         from pellucid.models.blackbox import load_onnx

@@ -29,6 +29,7 @@ from pellucid.models.performance import (
     regression_report,
     segmentation_report,
 )
+from pellucid.models.training_inputs import describe_training_inputs
 from pellucid.models.zoo import CLASSIFIERS, build
 from pellucid.progress import track
 from pellucid.runtime import configure_threads, seed_everything
@@ -228,8 +229,10 @@ def train(train_ds: PellucidDataset, config: TrainConfig, val_ds: PellucidDatase
         normalization=_channel_stats(train_ds, config.normalize_samples),
         default_layer=built.default_layer, pellucid_version=__version__,
         seed=config.seed, intended_use=dict(getattr(train_ds, "intended_use", {})),
-        finding_codes={k: list(v) for k, v in getattr(train_ds, "finding_codes", {}).items()
-                       if k in names},
+        training_data=getattr(train_ds, "training_data", ""),
+        # classes learnt from synthetic images are not findings in patients: no clinical codes
+        finding_codes={} if getattr(train_ds, "training_data", "") == "synthetic" else
+        {k: list(v) for k, v in getattr(train_ds, "finding_codes", {}).items() if k in names},
         training={"dataset": dataset_name or type(train_ds).__name__, "n_train": len(train_ds),
                   "n_val": len(val_ds) if val_ds is not None else 0, "epochs": config.epochs,
                   "batch_size": config.batch_size, "lr": config.lr, "max_steps": config.max_steps,
@@ -303,6 +306,10 @@ def train(train_ds: PellucidDataset, config: TrainConfig, val_ds: PellucidDatase
         card.metrics["val"] = evaluate_model(module, card, val_ds, batch_size=config.batch_size)
     if test_ds is not None and len(test_ds):
         card.metrics["test"] = evaluate_model(module, card, test_ds, batch_size=config.batch_size)
+    if val_ds is not None:
+        describe_training_inputs(module, card, val_ds, test_ds)
+    else:
+        card.training_inputs = {"not_described": "no validation images"}
     return TrainResult(module, card, losses, seconds)
 
 
@@ -312,7 +319,7 @@ def subset(ds: PellucidDataset, indices: int | Sequence[int]) -> PellucidDataset
     keep = range(min(indices, len(ds))) if isinstance(indices, int) else list(indices)
     sub = Subset(ds, keep)
     for attr in ("task", "class_names", "mask_names", "channel_names", "multilabel", "spatial_dims",
-                 "intended_use", "finding_codes"):
+                 "intended_use", "finding_codes", "training_data"):
         setattr(sub, attr, getattr(ds, attr))
     sub.in_channels = ds.in_channels  # type: ignore[attr-defined]
     return sub  # type: ignore[return-value]

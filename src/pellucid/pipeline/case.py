@@ -14,7 +14,8 @@ from pellucid.data.inputs import InputImage, load_input
 from pellucid.errors import ConfigError
 from pellucid.explainers.base import Explanation, upsample
 from pellucid.models.sliding import windowed
-from pellucid.pipeline.intended_use import IntendedUse, check_intended_use
+from pellucid.models.training_inputs import InputCheck
+from pellucid.pipeline.intended_use import IntendedUse, check_intended_use, check_training_data
 from pellucid.pipeline.resolve import REGIONS, card_target, class_index, load_mask
 from pellucid.targets import Target
 
@@ -81,26 +82,31 @@ class Case:
     x: torch.Tensor  # (1, C, *spatial), normalised as the card says
     target: Target | int | None
     intended_use: IntendedUse = field(default_factory=IntendedUse)
+    # how far the input is from the model's training inputs (pellucid.models.training_inputs)
+    training_data: InputCheck = field(default_factory=lambda: InputCheck(not_checked="not run"))
 
 
 def read_case(loaded, path: Path, options: CaseOptions) -> Case:
     """Read ``path`` at the model's channels and input size (at its own size under a sliding
-    window), check it against the card's intended use, normalise it, and resolve the target (with
-    the ground truth resized to the input)."""
+    window), check it against the card's intended use, normalise it, check it against the
+    model's training inputs, and resolve the target (with the ground truth resized to the
+    input)."""
     card = loaded.card
     use = IntendedUse(not_checked=["no model card"])
+    check = InputCheck(not_checked="no model card")
     if card is not None:
         size = None if options.sliding_window is not None else card.input_size
         item = load_input(path, card.in_channels, size, card.spatial_dims, card.resize)
         use = check_intended_use(card, item.source, options.outside_intended_use)
         x = card.normalize(item.image[None])
+        check = check_training_data(loaded, x, item.source, use, options.sliding_window is not None)
     else:
         item = load_input(path, 1, None, 2)
         x = item.image[None]
     truth = load_mask(options.truth, tuple(x.shape[2:])) if options.truth is not None else None
     target = card_target(card, class_index(card, options.target), options.region, truth,
                          options.reference)
-    return Case(item, x, target, use)
+    return Case(item, x, target, use, check)
 
 
 @dataclass

@@ -19,7 +19,7 @@ from pellucid.data.transforms import resize_image
 from pellucid.errors import DataError, PellucidError
 from pellucid.io.reading import MedicalImage, read
 from pellucid.pipeline.case import Case, CaseOptions, CaseResult
-from pellucid.pipeline.intended_use import check_intended_use
+from pellucid.pipeline.intended_use import check_intended_use, check_training_data
 from pellucid.pipeline.resolve import card_target, class_index
 
 
@@ -59,7 +59,9 @@ def read_frames(loaded, path: Path, options: CaseOptions) -> list[Case]:
         item = InputImage(frame, original.float(), image.float(), f"{Path(path).stem}_frame{k + 1:04d}")
         target = card_target(card, class_index(card, options.target), options.region, None,
                              options.reference)
-        cases.append(Case(item, card.normalize(item.image[None]), target, use))
+        x = card.normalize(item.image[None])
+        check = check_training_data(loaded, x, frame, use)
+        cases.append(Case(item, x, target, use, check))
     return cases
 
 
@@ -84,10 +86,17 @@ def write_frames(results: list[CaseResult], out: Path, stem: str, dicom: bool, m
     first = methods[0]
     stacked = np.stack([r.maps[first][0].cpu().numpy().astype(np.float32) for r in results])
     found = []
+    unlike = []
     for number, r in enumerate(results, start=1):
+        if r.case.training_data.unlike:  # no finding is stated for a frame unlike the training data
+            unlike.append(number)
+            continue
         found += [objects.Finding(**{**asdict(f), "frame": number}) for f in findings(card, r)]
     note = results[0].case.intended_use.note()
     notes = [note] if note else []
+    if unlike:
+        notes.append(f"INPUT UNLIKE THE TRAINING DATA in frame(s) {', '.join(map(str, unlike))}: "
+                     f"no finding is stated for them")
     entry = {"target": {"frames": len(results)}, "layer": records[0]["methods"][first]["layer"]}
     seed = _seed(results[0].case.item, model_digest, first, entry) + "|frames"
     if evidence is not None:

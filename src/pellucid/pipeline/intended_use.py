@@ -3,7 +3,12 @@
 channels and a size range; an input outside any of them is refused with one line naming what
 differs, unless the user overrides, and then every output records the override. What a file does
 not state (a PNG has no modality; a DICOM file may lack BodyPartExamined) is listed as not checked,
-never assumed."""
+never assumed.
+
+Then the input itself: :func:`check_training_data` measures how far it is from the inputs the model
+was trained on (:mod:`pellucid.models.training_inputs`). Beyond the card's threshold the outputs
+say "input unlike the training data" and state no finding; a model trained on synthetic data
+refuses such an input outright (a patient image is not a phantom), unless overridden."""
 
 from __future__ import annotations
 
@@ -12,10 +17,16 @@ from typing import Any
 
 from pellucid.errors import ModelError
 from pellucid.io.reading import MedicalImage
+from pellucid.models.training_inputs import InputCheck, check_input
 
 
 class OutsideIntendedUse(ModelError):
     """An input the model card does not cover (a chest-radiograph model given a CT slice)."""
+
+
+class UnlikeSyntheticTraining(OutsideIntendedUse):
+    """An input unlike the synthetic images a model was trained on (a patient's radiograph given
+    to a phantom model)."""
 
 
 @dataclass
@@ -86,3 +97,33 @@ def check_intended_use(card, source: MedicalImage, override: bool = False) -> In
                                  f"{'; '.join(result.outside)} (an explicit override, "
                                  f"--outside-intended-use, is recorded in every output)")
     return result
+
+
+def check_training_data(loaded, x, source: MedicalImage, use: IntendedUse,
+                        sliding_window: bool = False) -> InputCheck:
+    """Check the normalised input ``x`` (1, C, *spatial) against the model's training inputs.
+    A model trained on synthetic data refuses an input unlike them (:class:`UnlikeSyntheticTraining`)
+    unless ``use.override``; with the override it is recorded in ``use.outside``."""
+    card = loaded.card
+    if sliding_window:
+        return InputCheck(not_checked="a sliding window (the training inputs are described at the "
+                                      "card's input size)")
+    check = check_input(loaded.module, card, x)
+    if card is not None and card.synthetic and check.distance is None:
+        why = (f"the model was trained on synthetic data and cannot tell a patient image from its "
+               f"training images ({check.not_checked})")
+        if not use.override:
+            raise UnlikeSyntheticTraining(f"{source.path.name}: {why} (an explicit override, "
+                                          f"--outside-intended-use, is recorded in every output)")
+        use.outside.append(why)
+    if check.unlike and card is not None and card.synthetic:
+        why = (f"unlike the synthetic images the model was trained on (feature distance "
+               f"{check.distance:.1f} > {check.threshold:.1f}, the threshold at "
+               f"{check.false_alarm:.0%} false alarms)")
+        if not use.override:
+            raise UnlikeSyntheticTraining(
+                f"{source.path.name}: {why}: a model trained on phantoms does not answer for "
+                f"patient images (an explicit override, --outside-intended-use, is recorded in "
+                f"every output)")
+        use.outside.append(why)
+    return check

@@ -38,12 +38,15 @@ def write_case(result: CaseResult, out: Path, stem: str = "", dicom: bool = Fals
     prefix = f"{stem}_" if stem else ""
     title = describe(result.prediction, result.explained)
     note = result.case.intended_use.note()
-    notes = [note] if note else []
-    found = findings(card, result)
+    unlike = result.case.training_data.note()  # unlike the training data: no finding is stated
+    notes = [n for n in (unlike, note) if n]  # why no finding is stated comes first
+    found = [] if unlike else findings(card, result)
+    summary = summary_text(found, list(result.maps))
     record: dict[str, Any] = {"prediction": result.prediction, "explained": result.explained,
                               "classes": result.classes, "findings": [asdict(f) for f in found],
-                              "summary": summary_text(found, list(result.maps)),
-                              "intended_use": result.case.intended_use.as_dict(), "methods": {},
+                              "summary": f"{unlike}. {summary}" if unlike else summary,
+                              "intended_use": result.case.intended_use.as_dict(),
+                              "training_data": result.case.training_data.as_dict(), "methods": {},
                               "files": [], "dicom_objects": [], "skipped": []}
     if evidence is not None:
         record["evidence"] = {"run": evidence.run, "model": evidence.model,
@@ -55,7 +58,8 @@ def write_case(result: CaseResult, out: Path, stem: str = "", dicom: bool = Fals
         name = f"{prefix}{method}"
         heat = att[0].cpu().numpy().astype(np.float32)
         map_file = write_map(heat, item.affine, out, name)
-        caption = f"{method} | {title}" + ("\nOUTSIDE INTENDED USE (override)" if note else "")
+        caption = f"{method} | {title}" + ("\nOUTSIDE INTENDED USE (override)" if note else "") \
+            + ("\nINPUT UNLIKE THE TRAINING DATA: no finding" if unlike else "")
         viz.save(viz.overlay(item.original, att, title=caption), out / f"{name}.png")
         entry: dict[str, Any] = {
             "layer": exp.layer, "seconds": round(exp.cost.seconds, 4),
@@ -75,7 +79,10 @@ def write_case(result: CaseResult, out: Path, stem: str = "", dicom: bool = Fals
                                           "reason": f"the {method} map is empty (constant)"})
             else:
                 try:
-                    entry["dicom"], overlays[method] = _write_sc(item, heat, method, title, out, name,
+                    # the burnt-in caption carries the override and the training-data note too
+                    burnt = title + (" | OUTSIDE INTENDED USE (override)" if note else "") + \
+                        (" | UNLIKE THE TRAINING DATA: no finding" if unlike else "")
+                    entry["dicom"], overlays[method] = _write_sc(item, heat, method, burnt, out, name,
                                                                  notes, 910 + number, seeds[method])
                     record["files"].append(entry["dicom"])
                 except PellucidError as exc:
@@ -87,14 +94,17 @@ def write_case(result: CaseResult, out: Path, stem: str = "", dicom: bool = Fals
         heat = result.maps[first][0].cpu().numpy().astype(np.float32)
         name = card.name if card is not None and card.name else model_name  # the card's own name
         reported = ReportedModel(name, card.version if card is not None else "", model_digest)
-        regions = {}
-        if len(item.datasets) == 1 and int(getattr(item.datasets[0], "NumberOfFrames", 1) or 1) == 1:
+        regions = None if unlike else {}  # unlike: no region said to be of anything
+        if not unlike and len(item.datasets) == 1 and \
+                int(getattr(item.datasets[0], "NumberOfFrames", 1) or 1) == 1:
             regions = {m: r for m, att in result.maps.items()
                        if (r := ExplainedRegion.of(att[0].cpu().numpy())) is not None}
         lines = {m: evidence.lines(m) for m in result.maps} if evidence is not None else None
         seed = seeds[first] + (f"|evidence {evidence.run}" if evidence is not None else "")
+        # unlike the training data: no finding, and no region said to be of a class either
+        explained = None if unlike else result.explained.get("class")
         objects = _write_derived(item, heat, first, reported, found, record, out, prefix, notes,
-                                 seed, overlays, regions, result.explained.get("class"), lines)
+                                 seed, overlays, regions, explained, lines)
         record["dicom_objects"] += objects
         record["files"] += objects
     if result.modality_importance is not None:
@@ -152,7 +162,7 @@ def findings(card: ModelCard | None, result: CaseResult) -> list[Finding]:
     names = list(result.classes)
     if card is None:  # no card: no task, activation or operating point to judge a finding by
         return [Finding(name, float(v), "value") for name, v in result.classes.items()]
-    codes = card.finding_codes
+    codes = {} if card.synthetic else card.finding_codes  # phantom classes are not clinical findings
     task = card.task
     out = []
     for k, name in enumerate(names):

@@ -49,6 +49,6 @@ def run_job(loaded, model_name: str, path: Path, methods: list[str], target: str
     prediction = {k: v for k, v in record["prediction"].items() if k != "text"}
     return {"model": model_name, "prediction": prediction, "explained": record["explained"],
             "classes": record["classes"], "findings": record["findings"], "summary": record["summary"],
-            "intended_use": record["intended_use"],
+            "intended_use": record["intended_use"], "training_data": record["training_data"],
             "methods": [{"method": m, **entry} for m, entry in record["methods"].items()],
             "files": record["dicom_objects"], "skipped": record["skipped"]}
