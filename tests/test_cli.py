@@ -194,3 +194,42 @@ def test_every_help_page_renders_its_text_as_written(capsys):
     with contextlib.suppress(SystemExit):
         cli.main(["import-model", "--help"])
     assert "module:factory" in capsys.readouterr().out
+
+
+def test_explain_dicom_input_writes_the_dicom_objects_with_dicom(chest_model, shared_data,
+                                                                 tmp_path, capsys):
+    """``--dicom``: the objects ``--pacs`` stores, written beside the maps, each parsed back by
+    highdicom; the same command again writes the same instances (UIDs from the content)."""
+    import highdicom as hd
+    import pydicom
+
+    from tests.factories import phantom_dicom
+
+    real = next((shared_data / "dicom-samples" / "torchxrayvision").glob("*.dcm"))
+    cr = phantom_dicom(real, tmp_path / "cr.dcm", seed=3)
+    uids = []
+    for run in ("a", "b"):
+        main(["explain", "--model", chest_model.source, "--method", "gradcam,saliency", "--input",
+              str(cr), "--out", str(tmp_path / run), "--dicom"])
+        row = json.loads((tmp_path / run / "summary.json").read_text())[0]
+        assert sorted(row["dicom_objects"]) == ["cr_report_sr.dcm", "cr_segmentation.dcm"], row
+        files = row["dicom_objects"] + [row["methods"][m]["dicom"] for m in ("gradcam", "saliency")]
+        uids.append(sorted(str(pydicom.dcmread(tmp_path / run / f).SOPInstanceUID) for f in files))
+    sr = hd.sr.srread(tmp_path / "a" / "cr_report_sr.dcm")
+    assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34"
+    seg = hd.seg.segread(tmp_path / "a" / "cr_segmentation.dcm")
+    assert seg.number_of_segments == 1
+    assert uids[0] == uids[1]
+    with pytest.raises(SystemExit) as exc:
+        main(["explain", "--model", chest_model.source, "--pacs", "http://127.0.0.1:1",
+              "--study", "1.2", "--dicom", "--out", str(tmp_path / "c")])
+    assert exc.value.code == 2 and "--dicom goes with --input" in capsys.readouterr().err
+    # a Segmentation or an SR is never explained as if it were an image, override or not
+    for name, what in (("cr_segmentation.dcm", "a Segmentation (Modality SEG)"),
+                       ("cr_report_sr.dcm", "has no pixel data")):
+        with pytest.raises(SystemExit) as exc:
+            main(["explain", "--model", chest_model.source, "--input", str(tmp_path / "a" / name),
+                  "--out", str(tmp_path / "d"), "--outside-intended-use"])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and what in err, err

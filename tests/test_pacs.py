@@ -411,6 +411,10 @@ def test_a_jpeg2000_study_is_pulled_explained_and_a_rerun_adds_nothing(orthanc, 
             assert value not in result.stdout + result.stderr + " ".join(readable), value
         summary = json.loads((tmp_path / f"run{run}" / "summary.json").read_text())
         assert len(summary) == 1 and summary[0]["dicom_objects"], summary
+        printed = json.loads(result.stdout)  # stdout is one JSON document, unwrapped
+        assert [e["uid"] for e in printed["explained"]] == [summary[0]["uid"]]
+        assert printed["explained"][0]["findings"].startswith("INPUT UNLIKE THE TRAINING DATA")
+        assert summary[0]["findings"] == [] and summary[0]["training_data"]["unlike_training_data"]
         listed = _in_ns(orthanc, f"""
             import json
             from pellucid.pacs import DicomWeb

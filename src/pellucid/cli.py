@@ -247,9 +247,14 @@ def explain(
                                                  help="PACS password")] = None,
     precision: Annotated[str | None, typer.Option(help=PRECISION_HELP)] = None,
     backend: Annotated[str | None, typer.Option(help=BACKEND_HELP)] = None,
+    dicom: Annotated[bool, typer.Option(
+        help="for DICOM --input, also write the DICOM objects beside the maps: an overlay per "
+             "method (Secondary Capture), the Parametric Map, the Segmentation and the SR, as "
+             "--pacs stores them")] = False,
 ) -> None:
-    """Explain a model on files (overlay PNGs, raw maps, summary.json), or on a PACS study
-    (--pacs URL --study UID): results go back to the study as DICOM objects."""
+    """Explain a model on files (overlay PNGs, raw maps, summary.json; with --dicom the DICOM
+    objects of DICOM input too), or on a PACS study (--pacs URL --study UID): results go back to
+    the study as DICOM objects."""
     from pellucid.inference import use_backend
     from pellucid.models import load_model
     from pellucid.pipeline import CaseOptions
@@ -272,6 +277,8 @@ def explain(
         raise ConfigError("--pacs needs --study UID")
     if study is not None and pacs is None:
         raise ConfigError("--study goes with --pacs URL")
+    if dicom and pacs is not None:
+        raise ConfigError("--dicom goes with --input (--pacs always writes the DICOM objects)")
     use_precision(precision)
     use_backend(backend)
     _out_folder(out, "--out")
@@ -283,14 +290,15 @@ def explain(
         redact_library_messages()
         summary = pull_explain_push(DicomWeb(pacs, user, password), study, loaded, Path(model).name,
                                     options, out)
-        console.print(json.dumps(summary, indent=2, default=float))
+        # one JSON document on stdout, as written: rich would wrap long strings at the width
+        sys.stdout.write(json.dumps(summary, indent=2, default=float) + "\n")
         return
     if not input:
         raise ConfigError("give --input FILE (or --pacs URL --study UID)")
     from pellucid.pipeline import explain_files
     from pellucid.pipeline.case import describe
 
-    for row in explain_files(loaded, input, options, out):
+    for row in explain_files(loaded, input, options, out, dicom=dicom, model_name=Path(model).name):
         for number, case in enumerate(row.get("frames", [row]), start=1):  # a multi-frame: per frame
             where = f" frame {number}" if "frames" in row else ""
             text = describe(case["prediction"], case["explained"])

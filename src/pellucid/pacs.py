@@ -6,6 +6,7 @@ SR) back into the same study."""
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,6 +16,8 @@ from pellucid.errors import ConfigError, DataError, PellucidError
 from pellucid.pipeline import CaseOptions, explain_case, prepare_model, read_case, write_case
 from pellucid.pipeline.evidence import load_options_evidence
 from pellucid.pipeline.frames import multiframe_for_2d, read_frames, write_frames
+
+log = logging.getLogger("pellucid.pacs")
 
 
 class DicomWeb:
@@ -136,6 +139,11 @@ def pull_explain_push(pacs: DicomWeb, study: str, loaded, model_name: str, optio
                                         model_digest=digest, card=model.card, evidence=evidence)
             except PellucidError as exc:
                 summary["skipped"].append({"uid": uid, "reason": str(exc)})
+                continue
+            except Exception as exc:  # one instance's unexpected failure never stops the study
+                log.warning("instance %s failed: %s", uid, type(exc).__name__)
+                summary["skipped"].append({"uid": uid, "reason": f"unexpected {type(exc).__name__} "
+                                           f"while explaining it (pellucid's log has the type)"})
                 continue
         records.append({"uid": uid, **record})
         produced = [pydicom.dcmread(out / name) for name in record["dicom_objects"]]

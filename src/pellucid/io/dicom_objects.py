@@ -12,6 +12,7 @@ source study, series, images and frame of reference, with pellucid as manufactur
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -134,6 +135,13 @@ def segmentation(source: Sequence[Any], mask: np.ndarray, label: str, kind: str 
     if "FrameOfReferenceUID" not in seg:  # a radiograph: the image plane is given by labels
         seg.PatientOrientation = list(_patient_orientation(source[0]) or [])
         _image_axes_orientation(seg)
+        # Pixel Measures are required only with a frame of reference (PS3.3 A.51.5); a projection
+        # image has no slice thickness, and a Pixel Measures item without one is what highdicom
+        # cannot read back, so a radiograph's SEG carries none
+        shared = seg.SharedFunctionalGroupsSequence[0]
+        if "PixelMeasuresSequence" in shared and \
+                "SliceThickness" not in shared.PixelMeasuresSequence[0]:
+            del shared.PixelMeasuresSequence
     seg.SeriesDescription = f"pellucid {label}"[:64]  # (a SEG series carries no Laterality)
     seg.ImageComments = " ".join([*notes, RESEARCH_NOTICE])
     return seg
@@ -259,12 +267,19 @@ def secondary_capture(source: Any, rgb: np.ndarray, series_number: int = 903,
     if orientation is None:
         raise ConfigError("the source image gives no patient orientation (PatientOrientation, "
                           "ImageOrientationPatient or a PA/AP ViewPosition) for the overlay")
+    if not all(re.fullmatch(r"[APRLHF]{1,3}", label) for label in orientation):
+        raise ConfigError(f"PatientOrientation {' / '.join(orientation)} is not made of the "
+                          f"letters A, P, R, L, H, F: no overlay can state its orientation")
+    # highdicom takes one letter per direction; an oblique direction (PF, posterior and toward the
+    # feet, valid DICOM) is written with its first letter, then set as the source states it
     sc = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=source, pixel_array=np.asarray(rgb, np.uint8),
         photometric_interpretation=hd.PhotometricInterpretationValues.RGB, bits_allocated=8,
-        coordinate_system=hd.CoordinateSystemNames.PATIENT, patient_orientation=orientation,
+        coordinate_system=hd.CoordinateSystemNames.PATIENT,
+        patient_orientation=tuple(label[0] for label in orientation),
         pixel_spacing=pixel_spacing, series_description=description,
         **_common(series_number, uid_seed))
+    sc.PatientOrientation = list(orientation)
     sc.BurnedInAnnotation = "YES"  # the caption and legend are pixels
     from pydicom.dataset import Dataset
 

@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 from pellucid.errors import ModelError
-from pellucid.models import training_inputs
 from pellucid.models.card import ModelCard
 from pellucid.models.outputs import output_selector, select_output
+from pellucid.models.training_inputs import ATTRIBUTE, TrainingInputs
 from pellucid.models.zoo import build
 
 WEIGHTS = "model.safetensors"
@@ -78,7 +78,7 @@ def save_model(folder: str | Path, module: nn.Module, card: ModelCard) -> Path:
     if aliases:
         metadata["aliases"] = json.dumps(aliases)
     save_file(state, str(folder / WEIGHTS), metadata=metadata)
-    stats = getattr(module, training_inputs.ATTRIBUTE, None)
+    stats = getattr(module, ATTRIBUTE, None)
     if stats is not None and card.training_inputs.get("file"):
         card.training_inputs["sha256"] = stats.save(folder / card.training_inputs["file"])
     card.save(folder / CARD)
@@ -200,7 +200,7 @@ def _attach_training_inputs(module: nn.Module, card: ModelCard, folder: Path) ->
     expected = card.training_inputs.get("sha256")
     if expected and hashlib.sha256(file.read_bytes()).hexdigest() != expected:
         raise ModelError(f"{file}: differs from the SHA-256 the model card recorded")
-    setattr(module, training_inputs.ATTRIBUTE, training_inputs.TrainingInputs.load(file))
+    setattr(module, ATTRIBUTE, TrainingInputs.load(file))
 
 
 def load_model(spec: str | Path, weights: str | Path | None = None,

@@ -17,13 +17,18 @@ from pellucid.pipeline.frames import multiframe_for_2d, read_frames, write_frame
 from pellucid.pipeline.outputs import write_case
 
 
-def explain_files(loaded, inputs: Sequence[Path], options: CaseOptions, out: Path) -> list[dict[str, Any]]:
-    """Explain each of ``inputs``; returns the records also written to ``out/summary.json``."""
+def explain_files(loaded, inputs: Sequence[Path], options: CaseOptions, out: Path,
+                  dicom: bool = False, model_name: str = "") -> list[dict[str, Any]]:
+    """Explain each of ``inputs``; returns the records also written to ``out/summary.json``.
+    ``dicom``: for DICOM input also the DICOM objects (overlays, Parametric Map, Segmentation,
+    SR), with the UIDs ``--pacs`` would give them; ``model_name`` names the model in them when
+    its card does not."""
     options.check()
     if options.truth is not None and len(inputs) != 1:
         raise ConfigError("--truth goes with exactly one --input")
     evidence = load_options_evidence(loaded, options)
     loaded = prepare_model(loaded, options)
+    digest = loaded.digest() if dicom else ""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     summary, images, grid_maps = [], [], {m: [] for m in options.methods}
@@ -32,12 +37,13 @@ def explain_files(loaded, inputs: Sequence[Path], options: CaseOptions, out: Pat
             results = [explain_case(loaded, case, options)
                        for case in read_frames(loaded, Path(path), options)]
             summary.append({"input": str(path), **write_frames(
-                results, out, Path(path).stem, False, "", "", loaded.card, evidence)})
+                results, out, Path(path).stem, dicom, model_name, digest, loaded.card, evidence)})
         else:
             results = [explain_case(loaded, read_case(loaded, Path(path), options), options)]
-            summary.append({"input": str(path), **write_case(results[0], out,
-                                                             stem=results[0].case.item.name,
-                                                             card=loaded.card, evidence=evidence)})
+            summary.append({"input": str(path), **write_case(
+                results[0], out, stem=results[0].case.item.name, dicom=dicom,
+                model_name=model_name, model_digest=digest, card=loaded.card,
+                evidence=evidence)})
         for result in results:
             images.append(result.case.item.original)
             for m, att in result.maps.items():

@@ -72,7 +72,15 @@ def write_frames(results: list[CaseResult], out: Path, stem: str, dicom: bool, m
     with every frame's findings. Returns {"frames": [records], "dicom_objects", "files",
     "skipped"}."""
     from pellucid.io import dicom_objects as objects
-    from pellucid.pipeline.outputs import _seed, empty_map, findings, summary_text, write_case
+    from pellucid.pipeline.outputs import (
+        _seed,
+        content_context,
+        empty_map,
+        findings,
+        sr_seed,
+        summary_text,
+        write_case,
+    )
 
     out = Path(out)
     records = [write_case(r, out, stem=r.case.item.name, card=card, evidence=evidence)
@@ -98,9 +106,11 @@ def write_frames(results: list[CaseResult], out: Path, stem: str, dicom: bool, m
         notes.append(f"INPUT UNLIKE THE TRAINING DATA in frame(s) {', '.join(map(str, unlike))}: "
                      f"no finding is stated for them")
     entry = {"target": {"frames": len(results)}, "layer": records[0]["methods"][first]["layer"]}
-    seed = _seed(results[0].case.item, model_digest, first, entry) + "|frames"
-    if evidence is not None:
-        seed += f"|evidence {evidence.run}"
+    context = [content_context(card, r) for r in results]
+    seeds = {m: _seed(results[0].case.item, model_digest, m,
+                      {**entry, "options": records[0]["methods"][m]["options"]}, context) + "|frames"
+             for m in methods}
+    seed = seeds[first]
     pmap = seg = None
     if all(empty_map(m) for m in stacked):
         reason = f"the {first} maps of every frame are empty (constant)"
@@ -136,7 +146,8 @@ def write_frames(results: list[CaseResult], out: Path, stem: str, dicom: bool, m
     sr = objects.structured_report(source, reported, found, options, pmap, seg, None, notes=notes,
                                    summary=f"{len(results)} frames, each explained on its own. "
                                            + summary_text(found, methods),
-                                   uid_seed=seed + "|sr", evidence=lines)
+                                   uid_seed=sr_seed(seeds, lines, summary_text(found, methods))
+                                   + "|sr", evidence=lines)
     sr.save_as(out / f"{stem}_report_sr.dcm")
     record["dicom_objects"].append(f"{stem}_report_sr.dcm")
     record["files"] += record["dicom_objects"]

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from pellucid.errors import ModelError
+from pellucid.errors import DataError, ModelError
 from pellucid.io.reading import MedicalImage
 from pellucid.models.training_inputs import InputCheck, check_input
 
@@ -59,9 +59,22 @@ def _channels(source: MedicalImage) -> int:
     return int(arr.shape[0])
 
 
+# DICOM objects that are not images of the patient, whatever pixels they carry: never explained,
+# with or without the override (a Segmentation's label map is not an image to explain)
+NOT_IMAGES = {"SEG": "a Segmentation", "SR": "a structured report", "PR": "a presentation state",
+              "KO": "a key object selection", "RTSTRUCT": "an RT structure set",
+              "REG": "a registration", "RTDOSE": "an RT dose", "RTPLAN": "an RT plan"}
+
+
 def check_intended_use(card, source: MedicalImage, override: bool = False) -> IntendedUse:
     """Check ``source`` against ``card.intended_use``; raise :class:`OutsideIntendedUse` when it is
-    outside and ``override`` is not given."""
+    outside and ``override`` is not given. A DICOM object that is not an image (a Segmentation,
+    an SR, ...) is refused whatever the override."""
+    if source.kind == "dicom" and source.datasets:
+        modality = str(source.datasets[0].get("Modality", "") or "").upper()
+        if modality in NOT_IMAGES:
+            raise DataError(source.path, f"{NOT_IMAGES[modality]} (Modality {modality}), not an "
+                                         f"image to explain")
     result = IntendedUse(override=override)
     use = card.intended_use if card is not None else {}
     if not use:

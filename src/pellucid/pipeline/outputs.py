@@ -53,6 +53,7 @@ def write_case(result: CaseResult, out: Path, stem: str = "", dicom: bool = Fals
                               "verified": evidence.verified,
                               "methods": {m: evidence.lines(m) for m in result.maps}}
     seeds, overlays = {}, {}
+    context = content_context(card, result)
     for number, (method, att) in enumerate(result.maps.items()):
         exp = result.explanations[method]
         name = f"{prefix}{method}"
@@ -72,7 +73,7 @@ def write_case(result: CaseResult, out: Path, stem: str = "", dicom: bool = Fals
         if method in result.modality_share:
             entry["modality_share"] = result.modality_share[method]
         record["files"] += [map_file, f"{name}.png"]
-        seeds[method] = _seed(item, model_digest, method, entry)
+        seeds[method] = _seed(item, model_digest, method, entry, context)
         if dicom and item.datasets and heat.ndim == 2:
             if entry["empty"]:
                 record["skipped"].append({"object": f"{method} secondary capture",
@@ -100,11 +101,11 @@ def write_case(result: CaseResult, out: Path, stem: str = "", dicom: bool = Fals
             regions = {m: r for m, att in result.maps.items()
                        if (r := ExplainedRegion.of(att[0].cpu().numpy())) is not None}
         lines = {m: evidence.lines(m) for m in result.maps} if evidence is not None else None
-        seed = seeds[first] + (f"|evidence {evidence.run}" if evidence is not None else "")
         # unlike the training data: no finding, and no region said to be of a class either
         explained = None if unlike else result.explained.get("class")
         objects = _write_derived(item, heat, first, reported, found, record, out, prefix, notes,
-                                 seed, overlays, regions, explained, lines)
+                                 seeds[first], overlays, regions, explained, lines,
+                                 sr_seed(seeds, lines, record["summary"]))
         record["dicom_objects"] += objects
         record["files"] += objects
     if result.modality_importance is not None:
@@ -117,13 +118,38 @@ def empty_map(heat: np.ndarray) -> bool:
     return not bool(np.isfinite(heat).all()) or float(heat.max()) <= float(heat.min())
 
 
-def _seed(item, model_digest: str, method: str, entry: dict) -> str:
-    """What the DICOM objects of a method derive their UIDs from."""
+def _seed(item, model_digest: str, method: str, entry: dict, context: Any = None) -> str:
+    """What the DICOM objects of a method derive their UIDs from: everything that changes their
+    content (the sources, the weights, the method with its target, layer and options, the
+    precision, pellucid's version, and ``context``: the card's reporting fields, the intended-use
+    outcome and the training-data check, from :func:`content_context`). The same content gives
+    the same UIDs (a re-run stores nothing new); other content, other UIDs."""
     from pellucid.runtime import precision_name
+    from pellucid.version import __version__
 
     sources = [str(ds.SOPInstanceUID) for ds in item.datasets]
     return json.dumps([sources, model_digest, method, entry["target"], entry["layer"],
-                       precision_name()], sort_keys=True, default=str)
+                       entry.get("options", {}), precision_name(), __version__, context],
+                      sort_keys=True, default=str)
+
+
+def content_context(card: ModelCard | None, result: CaseResult) -> dict[str, Any]:
+    """The case-level content every DICOM object of a case depends on besides its method."""
+    check = result.case.training_data
+    return {"card": None if card is None else {
+                "name": card.name, "version": card.version, "classes": card.class_names,
+                "thresholds": card.thresholds, "activation": card.activation,
+                "codes": {} if card.synthetic else card.finding_codes,
+                "training_data": card.training_data,
+                "training_inputs": card.training_inputs.get("sha256", "")},
+            "intended_use": result.case.intended_use.note(),  # what the objects say of it
+            "unlike_training_data": check.note()}
+
+
+def sr_seed(seeds: dict[str, str], lines: dict[str, list[str]] | None, summary: str) -> str:
+    """The SR's UID seed: every method's seed (so another method list is another SR), the
+    evidence lines it states (their content, not the run's folder) and its summary."""
+    return json.dumps([sorted(seeds.items()), lines or {}, summary], sort_keys=True)
 
 
 def write_map(heat: np.ndarray, affine: np.ndarray | None, out: Path, name: str) -> str:
@@ -205,8 +231,9 @@ def summary_text(found: list[Finding], methods: list[str]) -> str:
 
 def _write_derived(item, heat: np.ndarray, method: str, model: ReportedModel, found: list[Finding],
                    record: dict, out: Path, prefix: str, notes: list[str], seed: str,
-                   overlays: dict[str, Any], regions: dict[str, ExplainedRegion],
-                   explained: str | None, evidence: dict[str, list[str]] | None) -> list[str]:
+                   overlays: dict[str, Any], regions: dict[str, ExplainedRegion] | None,
+                   explained: str | None, evidence: dict[str, list[str]] | None,
+                   report_seed: str) -> list[str]:
     """Parametric Map, Segmentation and SR of the first method's map. An empty (constant) map gives
     no PM and no SEG (they would store nothing as if it were a finding); the SR then says so."""
     from pellucid.io import dicom_objects as objects
@@ -239,7 +266,7 @@ def _write_derived(item, heat: np.ndarray, method: str, model: ReportedModel, fo
     methods = {m: {"layer": e["layer"], "target": json.dumps(e["target"], default=str), **e["options"]}
                for m, e in record["methods"].items()}
     sr = objects.structured_report(source, model, found, methods, pmap, seg, overlays, notes=notes,
-                                   summary=record["summary"], uid_seed=seed + "|sr",
+                                   summary=record["summary"], uid_seed=report_seed + "|sr",
                                    regions=regions, explained=explained, evidence=evidence)
     sr.save_as(out / f"{prefix}report_sr.dcm")
     written.append(f"{prefix}report_sr.dcm")
