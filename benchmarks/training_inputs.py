@@ -55,6 +55,7 @@ def main() -> None:
     from pellucid.data import BraTS, open_dataset
     from pellucid.demo import demo_config
     from pellucid.paths import shared_data_dir
+    from pellucid.pipeline.intended_use import NOT_IMAGES
     from pellucid.runtime import configure_threads
 
     configure_threads()
@@ -78,7 +79,8 @@ def main() -> None:
             by_modality: dict[str, list] = {}
             for p in dicoms:
                 modality = str(pydicom.dcmread(p, stop_before_pixels=True).get("Modality", "?"))
-                by_modality.setdefault(modality, []).append(p)
+                if modality not in NOT_IMAGES:  # a SEG is refused before any check
+                    by_modality.setdefault(modality, []).append(p)
             for modality, paths in sorted(by_modality.items()):
                 images = _files(loaded, paths)
                 if images:

@@ -151,7 +151,7 @@ def test_sigkill_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path, tiny_
     # that keep a unit about a second: 9 occlusion windows, 50 LIME samples
     methods = ("gradcam", "saliency", {"name": "occlusion", "options": {"window": 32, "stride": 16}},
                {"name": "lime", "options": {"samples": 50}})
-    cfg = _config(tiny_model, methods=methods, cases=6, cache=False)
+    cfg = _config(tiny_model, methods=methods, cases=4, cache=False)  # 8 units of about a second
     path = tmp_path / "kill.yaml"
     path.write_text(yaml.safe_dump(cfg))
     monkeypatch.setenv("PELLUCID_THREADS", "1")

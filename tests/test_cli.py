@@ -71,13 +71,16 @@ def test_explain_brats_case_writes_nifti_with_source_affine(unet3d, shared_data,
     assert np.isfinite(np.asarray(written.dataobj)).all()
 
 
-def test_layers_and_methods_listings(unet3d):
-    layers = run("layers", str(unet3d)).stdout
+def test_layers_and_methods_listings(unet3d, capsys):
+    main(["layers", str(unet3d)])  # in this process: the same commands, no interpreter start-up
+    layers = capsys.readouterr().out
     assert "model.1.submodule.2" in layers and "default: model.1.submodule.2" in layers
-    methods = run("methods").stdout
+    main(["methods"])
+    methods = capsys.readouterr().out
     for name in ("gradcam", "scorecam", "ablationcam", "eigencam"):
         assert name in methods
-    card = json.loads(run("info", str(unet3d)).stdout)
+    main(["info", str(unet3d)])
+    card = json.loads(capsys.readouterr().out)
     assert card["task"] == "segmentation" and card["spatial_dims"] == 3
 
 
