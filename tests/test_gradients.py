@@ -24,15 +24,15 @@ def _chest_batch(chest_model, n=2, seed=12):
 def test_integrated_gradients_completeness(chest_model):
     x = _chest_batch(chest_model)
     model = chest_model.module
-    for baseline in ("zeros", "blur"):
-        exp = pellucid.explain(model, x, "integratedgradients", steps=256, baseline=baseline)
+    for baseline in ("zeros", "blur"):  # 64 steps: within 0.2 % of the gap here (256: 0.07 %)
+        exp = pellucid.explain(model, x, "integratedgradients", steps=64, baseline=baseline)
         base = exp.extras["baseline"]
         with torch.no_grad():
             y = model(x).gather(1, exp.target.classes[:, None])[:, 0]
             y0 = model(base).gather(1, exp.target.classes[:, None])[:, 0]
         total = exp.raw.flatten(1).sum(1)
         assert torch.allclose(total, y - y0, rtol=0.01, atol=1e-3), (total, y - y0)
-        assert exp.cost.forward_passes >= 1 + 256 // 64
+        assert exp.cost.forward_passes >= 1 + 64 // 64
 
 
 def test_integrated_gradients_completeness_for_a_segmentation_target(brain_unet):

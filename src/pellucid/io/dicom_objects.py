@@ -135,13 +135,6 @@ def segmentation(source: Sequence[Any], mask: np.ndarray, label: str, kind: str 
     if "FrameOfReferenceUID" not in seg:  # a radiograph: the image plane is given by labels
         seg.PatientOrientation = list(_patient_orientation(source[0]) or [])
         _image_axes_orientation(seg)
-        # Pixel Measures are required only with a frame of reference (PS3.3 A.51.5); a projection
-        # image has no slice thickness, and a Pixel Measures item without one is what highdicom
-        # cannot read back, so a radiograph's SEG carries none
-        shared = seg.SharedFunctionalGroupsSequence[0]
-        if "PixelMeasuresSequence" in shared and \
-                "SliceThickness" not in shared.PixelMeasuresSequence[0]:
-            del shared.PixelMeasuresSequence
     seg.SeriesDescription = f"pellucid {label}"[:64]  # (a SEG series carries no Laterality)
     seg.ImageComments = " ".join([*notes, RESEARCH_NOTICE])
     return seg
