@@ -16,8 +16,8 @@ Costs, at each method's defaults on one 1 x 64 x 64 input to a random-init ResNe
 attention methods on a 2-block ViT at 32 px): the model rows it evaluates (forward samples, from
 the explanation's own count) and the seconds as a multiple of one forward + backward of the same
 model and input. Metrics (on a Grad-CAM map of the same input): seconds as a multiple of one
-forward. The class is read from the rows: none, one pass (at most 2), tens (at most 64), hundreds
-(at most 1,024), thousands.
+forward. The class is the rows' order of magnitude: none, one pass (at most 2), a few (at most 9),
+tens (at most 99), hundreds (at most 999), thousands.
 """
 
 from __future__ import annotations
@@ -96,10 +96,11 @@ def summarise(records: list[dict]) -> dict[str, list[dict]]:
 
 
 def cost_class(rows: float) -> str:
+    """The order of magnitude of the model passes (rows) per image."""
     if rows == 0:
         return "none"
-    return ("one pass" if rows <= 2 else "tens" if rows <= 64 else "hundreds" if rows <= 1024
-            else "thousands")
+    return ("one pass" if rows <= 2 else "a few" if rows <= 9 else "tens" if rows <= 99
+            else "hundreds" if rows <= 999 else "thousands")
 
 
 def _seconds(fn, repeat: int = 3) -> float:

@@ -75,8 +75,8 @@ def methods() -> str:
                      f"measured {m['measured']}, {m['machine']}). *Cost*: the model rows one "
                      "explanation evaluates per image at the method's defaults, and its time as a "
                      "multiple of one forward + backward, on a random-init ResNet-18 at 64 px "
-                     "(attention methods: a 2-block ViT at 32 px); the class is read from the "
-                     "rows (one pass: at most 2, tens: at most 64, hundreds: at most 1,024). The "
+                     "(attention methods: a 2-block ViT at 32 px); the class is the rows' order of "
+                     "magnitude (one pass: at most 2, a few: at most 9, tens: at most 99). The "
                      "speed against each peer is in [Measured against the peers](../measured.md).",
                      {"family": lambda c: c.family, "needs a layer": lambda c: yes(c.needs_layer),
                       "equals": lambda c: equals(m, c.name),
