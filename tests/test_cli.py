@@ -229,6 +229,19 @@ def test_explain_dicom_input_writes_the_dicom_objects_with_dicom(chest_model, sh
         main(["explain", "--model", chest_model.source, "--pacs", "http://127.0.0.1:1",
               "--study", "1.2", "--dicom", "--out", str(tmp_path / "c")])
     assert exc.value.code == 2 and "--dicom goes with --input" in capsys.readouterr().err
+    # --dicom on a file that is not DICOM: said in the record, not silently left out
+    from PIL import Image
+
+    from pellucid.data import ChestPhantom
+
+    image = ChestPhantom(1, 128, seed=5)[0]["image"][0].numpy()
+    Image.fromarray((image * 255).astype(np.uint8)).save(tmp_path / "phantom.png")
+    main(["explain", "--model", chest_model.source, "--input", str(tmp_path / "phantom.png"),
+          "--out", str(tmp_path / "png"), "--dicom"])
+    row = json.loads((tmp_path / "png" / "summary.json").read_text())[0]
+    assert row["dicom_objects"] == [] and {"object": "DICOM objects",
+                                           "reason": "--dicom: the input is not DICOM"} in row["skipped"]
+    capsys.readouterr()
     # a Segmentation or an SR is never explained as if it were an image, override or not
     for name, what in (("cr_segmentation.dcm", "a Segmentation (Modality SEG)"),
                        ("cr_report_sr.dcm", "has no pixel data")):

@@ -122,3 +122,29 @@ def test_the_description_travels_with_the_model_and_a_changed_file_is_refused(ch
     stored.unlink()
     with pytest.raises(ModelError, match="is missing"):
         load_model(folder)
+
+
+def test_a_run_model_trained_before_descriptions_is_described_when_reused(tmp_path):
+    """A benchmark reuses the models it trained; one whose card predates training_inputs is
+    described on its own validation and test splits, and marked as the reader says."""
+    from pellucid.bench.config import parse_config
+    from pellucid.bench.runner import prepare_model
+
+    config = parse_config({
+        "name": "old", "seed": 0,
+        "datasets": {"chest": {"reader": "phantom-chest", "cases": 2, "options": {"size": 32}}},
+        "models": {"r18": {"datasets": ["chest"], "train": {
+            "reader": "phantom-chest", "options": {"size": 32}, "n_train": 32, "n_val": 16,
+            "arch": "resnet18", "epochs": 1, "batch_size": 16}}},
+        "methods": ["gradcam"], "metrics": ["pointing_game"]})
+    spec = config.models["r18"]
+    _, folder = prepare_model(spec, tmp_path, 0)
+    card = json.loads((folder / "card.json").read_text())
+    assert card["training_inputs"]["held_out"]["n"] == 16
+    card.update(training_inputs={}, training_data="")  # as a card written before both existed
+    (folder / "card.json").write_text(json.dumps(card))
+    (folder / "training_inputs.safetensors").unlink()
+    loaded, _ = prepare_model(spec, tmp_path, 0)
+    assert loaded.card.training_data == "synthetic" and loaded.card.finding_codes == {}
+    assert loaded.card.training_inputs["fitted_on"] == "validation images (n=16)"
+    assert hasattr(loaded.module, "pellucid_training_inputs")

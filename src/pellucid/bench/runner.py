@@ -107,11 +107,11 @@ def prepare_model(spec: ModelSpec, out: Path, seed: int):
             # same validation and test splits, and keep the description with the model
             from pellucid.models.training_inputs import describe_training_inputs
 
-            describe_training_inputs(loaded.module, loaded.card,
-                                     _open(reader, root, "val", options, n_val),
+            val = _open(reader, root, "val", options, n_val)
+            describe_training_inputs(loaded.module, loaded.card, val,
                                      _open(reader, root, "test", options, n_val))
-            if reader in ("phantom-chest", "phantom-brain", "phantom-brain-3d", "phantom-survival"):
-                loaded.card.training_data = "synthetic"
+            loaded.card.training_data = getattr(val, "training_data", "")  # as the reader says
+            if loaded.card.training_data == "synthetic":
                 loaded.card.finding_codes = {}
             save_model(folder, loaded.module, loaded.card)
             loaded = load_model(folder)

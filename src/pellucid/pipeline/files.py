@@ -44,6 +44,9 @@ def explain_files(loaded, inputs: Sequence[Path], options: CaseOptions, out: Pat
                 results[0], out, stem=results[0].case.item.name, dicom=dicom,
                 model_name=model_name, model_digest=digest, card=loaded.card,
                 evidence=evidence)})
+        if dicom and not results[0].case.item.datasets:  # said, not silently left out
+            summary[-1]["skipped"].append({"object": "DICOM objects",
+                                           "reason": "--dicom: the input is not DICOM"})
         for result in results:
             images.append(result.case.item.original)
             for m, att in result.maps.items():
