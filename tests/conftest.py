@@ -113,7 +113,7 @@ def brain_unet():
     def make(folder: Path) -> None:
         opts = {"size": 64, "task": "segmentation"}
         result = train(open_dataset("phantom-brain", split="train", n=384, **opts),
-                       TrainConfig(arch="unet", epochs=25, batch_size=16, lr=3e-3, progress=False),
+                       TrainConfig(arch="unet", epochs=16, batch_size=16, lr=3e-3, progress=False),
                        open_dataset("phantom-brain", split="val", n=64, **opts),
                        open_dataset("phantom-brain", split="test", n=96, **opts))
         save_model(folder, result.module, result.card)

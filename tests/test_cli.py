@@ -251,3 +251,26 @@ def test_explain_dicom_input_writes_the_dicom_objects_with_dicom(chest_model, sh
         assert exc.value.code == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and what in err, err
+
+
+@pytest.mark.parametrize(("argv", "env", "expected"), [
+    ([], None, "torch"),  # the demo's default: its small models ran fastest in torch
+    ([], "auto", "auto"),  # $PELLUCID_BACKEND is kept
+    (["--backend", "onnxruntime"], "auto", "onnxruntime"),  # the option wins
+])
+def test_the_demo_runs_in_torch_unless_told(monkeypatch, tmp_path, argv, env, expected):
+    import pellucid.demo
+    from pellucid.inference import set_backend
+    from pellucid.inference.settings import backend_setting
+
+    seen = []
+    monkeypatch.setattr(pellucid.demo, "run_demo", lambda *a, **k: seen.append(backend_setting()))
+    if env is None:
+        monkeypatch.delenv("PELLUCID_BACKEND", raising=False)
+    else:
+        monkeypatch.setenv("PELLUCID_BACKEND", env)
+    try:
+        main(["demo", "--out", str(tmp_path / "out"), *argv])
+    finally:
+        set_backend(None)
+    assert seen == [expected]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -425,13 +426,20 @@ def _out_folder(path: Path, option: str) -> Path:
 def demo(out: Annotated[Path, typer.Option(help="output folder")] = Path("demo_out"),
          quick: Annotated[bool, typer.Option(help="fewer cases and methods (a smoke run)")] = False,
          full: Annotated[bool, typer.Option(help="every method x every metric (about 20 minutes "
-                                                 "on 2 cores)")] = False
+                                                 "on 2 cores)")] = False,
+         backend: Annotated[str | None, typer.Option(
+             help="forward-only work on torch (the demo's default: its three small models ran "
+                  "fastest in torch here, and timing ONNX Runtime and OpenVINO first costs a "
+                  "newcomer's first run 7 s), auto, onnxruntime or openvino; also "
+                  "$PELLUCID_BACKEND")] = None,
          ) -> None:
     """The main job on the embedded phantoms: train, explain with the seed's methods beside the
     trivial baselines, score them, and write the report and the explanation cards (--full: every
     method x every metric)."""
     from pellucid.demo import run_demo
+    from pellucid.inference import use_backend
 
+    use_backend(backend or os.environ.get("PELLUCID_BACKEND") or "torch")
     run_demo(_out_folder(out, "--out"), quick=quick, full=full)
 
 

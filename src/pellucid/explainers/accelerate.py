@@ -79,8 +79,9 @@ class AutoBatch:
                 self.fixed = pinned
 
     def _time_sizes(self, model: nn.Module, example: torch.Tensor) -> int:
-        """The size of :data:`CPU_TRIALS` with the lowest time per input, timed on throwaway
-        batches (so that no computed value depends on which sizes were tried)."""
+        """The size of :data:`CPU_TRIALS` with the lowest time per input (the faster of two calls
+        each), timed on throwaway batches (so that no computed value depends on which sizes were
+        tried)."""
         import time
 
         from pellucid.inference.torch_copy import probe_batch
@@ -91,9 +92,12 @@ class AutoBatch:
             fast(probe_batch(example[:1], CPU_TRIALS[0]))  # warm-up
             for size in CPU_TRIALS:
                 batch = probe_batch(example[:1], size)
-                began = time.perf_counter()
-                fast(batch)
-                timings[size] = (time.perf_counter() - began) / size
+                runs = []
+                for _ in range(2):  # the faster of two: one call alone was noisy enough to keep 8
+                    began = time.perf_counter()
+                    fast(batch)
+                    runs.append((time.perf_counter() - began) / size)
+                timings[size] = min(runs)
         best = min(timings, key=timings.get)
         _BEST_BATCH[self.key] = best
         return best

@@ -4,6 +4,7 @@ These score the model, next to the explanation metrics that score its maps."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -235,12 +236,16 @@ def hd95_per_case(pred: torch.Tensor, true: torch.Tensor,
     from monai.metrics import compute_hausdorff_distance
 
     out = torch.full(pred.shape[:2], float("nan"))
-    for b in range(pred.shape[0]):
-        for k in range(pred.shape[1]):
-            if pred[b, k].any() and true[b, k].any():
-                out[b, k] = compute_hausdorff_distance(
-                    pred[b:b + 1, k:k + 1].float(), true[b:b + 1, k:k + 1].float(),
-                    percentile=95, spacing=None if spacing is None else list(spacing)).item()
+    with warnings.catch_warnings():
+        # MONAI 1.5-1.6 passes its own deprecated `always_return_as_numpy` to get_mask_edges and
+        # warns about it on every call: a warning about MONAI's code, not the user's
+        warnings.filterwarnings("ignore", message=".*always_return_as_numpy", category=FutureWarning)
+        for b in range(pred.shape[0]):
+            for k in range(pred.shape[1]):
+                if pred[b, k].any() and true[b, k].any():
+                    out[b, k] = compute_hausdorff_distance(
+                        pred[b:b + 1, k:k + 1].float(), true[b:b + 1, k:k + 1].float(),
+                        percentile=95, spacing=None if spacing is None else list(spacing)).item()
     return out
 
 
