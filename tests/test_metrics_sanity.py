@@ -3,6 +3,7 @@ the model, and the randomisation test must separate it from an edge detector (Ad
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -82,3 +83,25 @@ def test_cascading_randomisation_separates_gradcam_from_an_edge_detector(chest_m
         pellucid.evaluate(chest_model, x, edges[:, None], target=cam.target, explain_fn=counted,
                           metrics=[("model_randomization", {**opts, "skip_layers": skip})])
         assert len(calls) == (1 if skip else len(r.extras["steps"])), (skip, len(calls))
+
+
+def test_pair_similarity_equals_the_per_pair_measure_with_ties_and_constant_maps():
+    """The randomisation baseline ranks each map once; every measure equals ranking per pair
+    (scipy's average ranks for ties; NaN for a constant map)."""
+    from scipy.stats import spearmanr
+
+    from pellucid.metrics.similarity import SIMILARITIES, pair_similarity, similarity
+
+    gen = torch.Generator().manual_seed(0)
+    for shape in ((6, 16, 16), (6, 12, 12, 12)):
+        maps = torch.randn(shape, generator=gen)
+        maps[2] = maps[2].round()  # ties
+        maps[4] = 1.0  # constant
+        i, j = torch.tensor([0, 0, 1, 2, 3, 4, 5]), torch.tensor([1, 2, 3, 5, 2, 0, 2])
+        for name in SIMILARITIES:
+            got = pair_similarity(name, maps, i, j)
+            want = similarity(name, maps[i], maps[j])
+            assert torch.equal(got.isnan(), want.isnan()), name
+            assert torch.allclose(got.nan_to_num(), want.nan_to_num(), rtol=0, atol=1e-12), name
+        got = pair_similarity("spearman", maps, i, j)
+        assert got[1] == pytest.approx(spearmanr(maps[0].flatten(), maps[2].flatten())[0])

@@ -31,7 +31,7 @@ from torch import nn
 
 from pellucid.errors import ConfigError
 from pellucid.metrics.base import Context, Metric, MetricResult, register
-from pellucid.metrics.similarity import SIMILARITIES, similarity
+from pellucid.metrics.similarity import SIMILARITIES, pair_similarity, similarity
 from pellucid.models.blackbox import is_forward_only
 from pellucid.progress import track
 from pellucid.targets import BoundClassTarget, BoundSegmentationTarget
@@ -80,7 +80,7 @@ def randomization_baseline(maps: torch.Tensor, measure: str, pairs: int, seed: i
     chosen = rng.permutation(len(all_pairs))[:pairs]
     i = torch.tensor([all_pairs[k][0] for k in chosen])
     j = torch.tensor([all_pairs[k][1] for k in chosen])
-    values = similarity(measure, maps[i], maps[j])
+    values = pair_similarity(measure, maps, i, j)
     return float(np.nanmean(values.numpy())) if (~torch.isnan(values)).any() else float("nan")
 
 

@@ -68,6 +68,21 @@ def hog(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.tensor(out, dtype=torch.float64)
 
 
+def pair_similarity(name: str, maps: torch.Tensor, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+    """(P,) similarity ``name`` between ``maps[i[p]]`` and ``maps[j[p]]``, equal to
+    ``similarity(name, maps[i], maps[j])``; the Spearman measures rank each map once, not once
+    per pair it is in (the randomisation baseline's 28 pairs of 8 maps: 8 rankings, not 56)."""
+    if name not in ("spearman", "spearman_abs"):
+        return similarity(name, maps[i], maps[j])
+    flat = maps.flatten(1).double().cpu().numpy()
+    if name == "spearman_abs":
+        flat = np.abs(flat)
+    ranks = {k: rankdata(flat[k]) for k in sorted(set(i.tolist()) | set(j.tolist()))}
+    return torch.tensor([_pearson(ranks[a], ranks[b]) for a, b in zip(i.tolist(), j.tolist(),
+                                                                       strict=True)],
+                        dtype=torch.float64)
+
+
 def similarity(name: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """(B,) similarity ``name`` between maps ``a`` and ``b`` (B, *spatial)."""
     if name == "spearman":
