@@ -48,3 +48,25 @@ def test_gallery_tiles_are_the_blended_maps_pixel_for_pixel():
     assert green.sum() > 20
     second = png[top + size + gap:top + 2 * size + gap, left:left + size].astype(int)
     assert not ((second[..., 1] > 200) & (second[..., 0] < 80)).any()
+
+
+def test_best_and_worst_come_from_the_first_metric_that_tells_the_cases_apart():
+    """Every gallery case hits the pointing game: it has no best or worst case, so the gallery
+    takes the next metric by rank (AUPRC); cases without a kept image are never picked."""
+    import pandas as pd
+
+    from pellucid.bench.report import _best_worst
+
+    rows = []
+    for case, auprc in (("a", 0.3), ("b", 0.9), ("c", 0.5), ("d", 0.99)):
+        for metric, value in (("pointing_game", 1.0), ("auprc", auprc)):
+            rows.append({"case_id": case, "target": "WT", "method": "gradcam", "metric_name": metric,
+                         "value": value, "higher_is_better": True})
+    frame = pd.DataFrame(rows)
+    keys = ["a|WT", "b|WT", "c|WT"]  # d: no image kept, though its AUPRC is the highest
+    idx, titles, metric = _best_worst(frame, "gradcam", keys)
+    assert metric == "auprc" and idx == [1, 0]
+    assert titles == ["best: auprc 0.90", "worst: auprc 0.30"]
+    tied = frame[frame["metric_name"] == "pointing_game"]  # every metric tied: the first, as before
+    idx, titles, metric = _best_worst(tied, "gradcam", keys)
+    assert metric == "pointing_game" and len(idx) == 2

@@ -255,23 +255,32 @@ def _labelled_png(mosaic: np.ndarray, columns: list[str], rows: list[str], pitch
 
 
 def _best_worst(frame: pd.DataFrame, method: str, keys: list[str]) -> tuple[list[int], list[str], str]:
+    """The best and the worst of the gallery's cases (``keys``: "case|target") for ``method`` on
+    the first metric (by ``gallery_rank``) whose scores of those cases differ: a metric on which
+    they all tie (a pointing game that every case hits) has no best or worst case to show. With
+    every metric tied, the first one and its two tied cases, as before."""
     ranks = _declared(frame, "gallery_rank")
-    metric = next((m for m in sorted(ranks, key=lambda m: (ranks[m], m))
-                   if frame[(frame["metric_name"] == m)]["value"].notna().any()), None)
-    if metric is None:
+    ordered = [m for m in sorted(ranks, key=lambda m: (ranks[m], m))
+               if frame[(frame["metric_name"] == m)]["value"].notna().any()]
+    if not ordered:
         return [], [], ""
-    part = frame[(frame["metric_name"] == metric) & (frame["method"] == method)].dropna(subset=["value"])
+    key = frame["case_id"].astype(str) + "|" + frame["target"].astype(str)
+    shown = frame[key.isin(keys) & (frame["method"] == method)].dropna(subset=["value"])
+    metric, part = ordered[0], shown[shown["metric_name"] == ordered[0]]
+    for name in ordered:
+        candidate = shown[shown["metric_name"] == name]
+        if candidate["value"].nunique() > 1:
+            metric, part = name, candidate
+            break
     if part.empty:
         return [], [], metric
     higher = bool(part["higher_is_better"].iloc[0])
-    part = part.sort_values("value", ascending=not higher)
+    part = part.sort_values("value", ascending=not higher, kind="stable")
     picks = [part.iloc[0], part.iloc[-1]]
     idx, titles = [], []
     for label, row in zip(("best", "worst"), picks, strict=True):
-        key = f"{row['case_id']}|{row['target']}"
-        if key in keys:
-            idx.append(keys.index(key))
-            titles.append(f"{label}: {metric} {row['value']:.2f}")
+        idx.append(keys.index(f"{row['case_id']}|{row['target']}"))
+        titles.append(f"{label}: {metric} {row['value']:.2f}")
     return idx, titles, metric
 
 
