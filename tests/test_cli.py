@@ -215,14 +215,14 @@ def test_explain_dicom_input_writes_the_dicom_objects_with_dicom(chest_model, sh
         main(["explain", "--model", chest_model.source, "--method", "gradcam,saliency", "--input",
               str(cr), "--out", str(tmp_path / run), "--dicom"])
         row = json.loads((tmp_path / run / "summary.json").read_text())[0]
-        assert sorted(row["dicom_objects"]) == ["cr_report_sr.dcm", "cr_segmentation.dcm"], row
+        flagged = ["cr_key_objects.dcm"] if any(f["present"] for f in row["findings"]) else []
+        assert sorted(row["dicom_objects"]) == sorted(["cr_report_sr.dcm", "cr_segmentation.dcm",
+                                                       *flagged]), row
         files = row["dicom_objects"] + [row["methods"][m]["dicom"] for m in ("gradcam", "saliency")]
         uids.append(sorted(str(pydicom.dcmread(tmp_path / run / f).SOPInstanceUID) for f in files))
     sr = hd.sr.srread(tmp_path / "a" / "cr_report_sr.dcm")
     assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34"
-    # (highdicom's reader wants a SliceThickness in the SEG's Pixel Measures, which a projection
-    # radiograph does not have; OHIF needs the Pixel Measures to overlay it: pydicom reads it)
-    seg = pydicom.dcmread(tmp_path / "a" / "cr_segmentation.dcm")
+    seg = hd.seg.segread(tmp_path / "a" / "cr_segmentation.dcm")  # highdicom reads it back
     assert seg.Modality == "SEG" and len(seg.SegmentSequence) == 1
     assert uids[0] == uids[1]
     with pytest.raises(SystemExit) as exc:

@@ -2,7 +2,8 @@
 dicom3tools (Debian package, installed by ``make system-deps``). For each source (a CR with a
 ``0\\0`` PixelSpacing stored as JPEG 2000, a radiograph stored as Secondary Capture, CT, MR, an
 enhanced multi-frame MR, a CT series) every object type is written and validated; an error the
-source itself carries may remain, an error pellucid introduces fails the test."""
+source itself carries may remain, an error pellucid introduces fails the test. Every object
+also parses back with highdicom's reader of its class."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
@@ -60,10 +62,14 @@ def _objects(image) -> tuple[dict, dict]:
     heat = np.random.RandomState(0).rand(*shape).astype(np.float32)
     plane = heat if len(shape) == 2 else heat[0]
     pixels = image.array[0].numpy() if len(shape) == 2 else image.array[0, 0].numpy()
+    model = objects.ReportedModel("chest", "1", "0" * 64, "model.safetensors", "1" * 64)
     makers = {
         "parametric map": lambda: objects.parametric_map(src, heat, "gradcam"),
-        "binary segmentation": lambda: objects.segmentation(src, heat > 0.5, "gradcam region"),
-        "fractional segmentation": lambda: objects.segmentation(src, heat, "gradcam", kind="fractional"),
+        "binary segmentation": lambda: objects.segmentation(
+            src, heat > 0.5, "gradcam region", model=model, finding="Lesion", method="gradcam"),
+        "fractional segmentation": lambda: objects.segmentation(
+            src, heat, "gradcam", kind="fractional", model=model, finding="Lesion",
+            method="gradcam"),
         "secondary capture": lambda: objects.secondary_capture(
             src[0], objects.overlay_rgb(pixels, plane, "gradcam")),
     }
@@ -73,16 +79,27 @@ def _objects(image) -> tuple[dict, dict]:
             made[kind] = make()
         except PellucidError as exc:
             refused[kind] = str(exc)
+    found = [objects.Finding("Lesion", 0.7, threshold=0.4, present=True,
+                             code=("SCT", "52988006", "Lesion")),
+             objects.Finding("Effusion", 0.2, threshold=0.5, present=False)]
     made["structured report"] = objects.structured_report(
-        src, objects.ReportedModel("chest", "1", "0" * 64),
-        [objects.Finding("Lesion", 0.7, threshold=0.4, present=True,
-                         code=("SCT", "52988006", "Lesion")),
-         objects.Finding("Effusion", 0.2, threshold=0.5, present=False)],
+        src, model, found,
         {"gradcam": {"layer": "layer4"}}, made.get("parametric map"),
         made.get("binary segmentation"),
         {"gradcam": made["secondary capture"]} if "secondary capture" in made else None,
         summary="Present: Lesion. Absent: Effusion.")
+    made["key object selection"] = objects.key_object_selection(
+        src[:1], model, found, [made["structured report"]])
     return made, refused
+
+
+# highdicom's own readers: every object pellucid writes parses back into its class
+READERS = {"parametric map": lambda ds: hd.pm.ParametricMap.from_dataset(ds),
+           "binary segmentation": lambda ds: hd.seg.Segmentation.from_dataset(ds),
+           "fractional segmentation": lambda ds: hd.seg.Segmentation.from_dataset(ds),
+           "secondary capture": lambda ds: hd.Image.from_dataset(ds),
+           "structured report": lambda ds: hd.sr.Comprehensive3DSR.from_dataset(ds),
+           "key object selection": lambda ds: hd.ko.KeyObjectSelectionDocument.from_dataset(ds)}
 
 
 def test_dciodvfy_finds_no_error_pellucid_introduced(dciodvfy, shared_data, tmp_path):
@@ -92,7 +109,7 @@ def test_dciodvfy_finds_no_error_pellucid_introduced(dciodvfy, shared_data, tmp_
                "CT": samples / "pydicom" / "CT_small.dcm", "MR": samples / "pydicom" / "MR_small.dcm",
                "enhanced MR": samples / "pydicom_data" / "emri_small.dcm",
                "CT series": _series(samples / "pydicom" / "CT_small.dcm", tmp_path / "series")}
-    introduced, written, inherited = {}, [], {}
+    introduced, written, inherited, unreadable = {}, [], {}, {}
     for name, path in sources.items():
         image = read(path)
         image.datasets[0].save_as(tmp_path / "source.dcm")
@@ -108,11 +125,16 @@ def test_dciodvfy_finds_no_error_pellucid_introduced(dciodvfy, shared_data, tmp_
             new = _errors(dciodvfy, out) - own
             if new:
                 introduced[f"{name} {kind}"] = sorted(new)
+            try:
+                READERS[kind](pydicom.dcmread(out))
+            except Exception as exc:  # any failure to parse back is the finding
+                unreadable[f"{name} {kind}"] = f"{type(exc).__name__}: {str(exc)[:200]}"
     assert introduced == {}, introduced
+    assert unreadable == {}, unreadable
     kinds = {kind for _, kind in written}
     assert kinds == {"parametric map", "binary segmentation", "fractional segmentation",
-                     "secondary capture", "structured report"}
-    assert len(written) >= 24  # (the enhanced MR sample has no plane geometry: its SR only)
+                     "secondary capture", "structured report", "key object selection"}
+    assert len(written) >= 29  # (the enhanced MR sample has no plane geometry: its SR only)
     print("validator errors already in the sources:", inherited)
 
 

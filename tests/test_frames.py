@@ -84,7 +84,9 @@ def test_objects_reference_each_frame_and_pass_the_validator(enhanced_mr, classi
     options = CaseOptions(["gradcam", "saliency"])
     results = [explain_case(classifier, case, options) for case in read_frames(classifier, path, options)]
     record = write_frames(results, tmp_path, "mf", True, "m", classifier.digest(), classifier.card)
-    assert record["dicom_objects"] == ["mf_parametric_map.dcm", "mf_segmentation.dcm", "mf_report_sr.dcm"]
+    present = any(f["present"] for frame in record["frames"] for f in frame["findings"])
+    assert record["dicom_objects"] == ["mf_parametric_map.dcm", "mf_segmentation.dcm",
+                                       "mf_report_sr.dcm", *(["mf_key_objects.dcm"] if present else [])]
     assert len(record["frames"]) == 5 and all(f["methods"]["gradcam"]["map"] for f in record["frames"])
     pm = pydicom.dcmread(tmp_path / "mf_parametric_map.dcm")
     seg = pydicom.dcmread(tmp_path / "mf_segmentation.dcm")

@@ -474,8 +474,9 @@ def test_a_ct_series_is_explained_as_a_volume_by_a_3d_model(orthanc, shared_data
     assert result.returncode == 0, result.stderr[-2000:]
     rows = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert [r["uid"] for r in rows] == [series]  # one case: the series
+    flagged = [f"{series}_key_objects.dcm"] if any(f["present"] for f in rows[0]["findings"]) else []
     assert rows[0]["dicom_objects"] == [f"{series}_parametric_map.dcm", f"{series}_segmentation.dcm",
-                                        f"{series}_report_sr.dcm"]
+                                        f"{series}_report_sr.dcm", *flagged]
     pm = pydicom.dcmread(tmp_path / "out" / f"{series}_parametric_map.dcm")
     assert int(pm.NumberOfFrames) == 4 and (int(pm.Rows), int(pm.Columns)) == (128, 128)
     listed = _in_ns(orthanc, f"""
@@ -487,3 +488,4 @@ def test_a_ct_series_is_explained_as_a_volume_by_a_3d_model(orthanc, shared_data
     assert classes.count("1.2.840.10008.5.1.4.1.1.2") == 4  # the CT slices
     assert {"1.2.840.10008.5.1.4.1.1.30", "1.2.840.10008.5.1.4.1.1.66.4",
             "1.2.840.10008.5.1.4.1.1.88.34"} <= set(classes)  # PM, SEG, SR
+    assert classes.count("1.2.840.10008.5.1.4.1.1.88.59") == len(flagged)  # the KOS

@@ -122,7 +122,9 @@ def test_real_cr_end_to_end(service, shared_data, caplog, tmp_path):
         assert sc.Modality == "OT" or sc.SOPClassUID == pydicom.uid.SecondaryCaptureImageStorage
         assert sc.StudyInstanceUID == source.StudyInstanceUID
     names = {f.rsplit("/", 1)[1] for f in body["files"]}
-    assert names == {"segmentation.dcm", "report_sr.dcm"}  # a CR has no frame of reference: no PM
+    flagged = {"key_objects.dcm"} if any(f["present"] for f in body["findings"]) else set()
+    # a CR has no frame of reference: no PM; a finding present: a KOS
+    assert names == {"segmentation.dcm", "report_sr.dcm"} | flagged
     assert any(s["object"] == "parametric map" for s in body["skipped"])
     for f in body["files"]:
         ds = pydicom.dcmread(io.BytesIO(service.get(f).content))

@@ -10,7 +10,8 @@ __all__ = ["__version__", "evaluate", "explain"]
 
 
 def explain(model: Any, inputs: Any, method: str, target: Any = None, layer: Any = None,
-            activation: str | None = None, **options: Any):
+            activation: str | None = None, outside_training_data: bool = False,
+            check_inputs: bool = True, **options: Any):
     """Explain ``model`` on ``inputs`` (B, C, *spatial) with ``method`` for ``target``.
 
     ``model`` is an ``nn.Module`` or a :class:`pellucid.models.LoadedModel` (whose card supplies
@@ -18,12 +19,25 @@ def explain(model: Any, inputs: Any, method: str, target: Any = None, layer: Any
     indices, or None for the predicted class (classification) / predicted region of class 0
     (segmentation). ``options`` go to the method (see ``pellucid.explainers.available()``).
     Returns a :class:`pellucid.explainers.Explanation`.
+
+    A ``LoadedModel`` answers only inside what it was trained on, as the command line does: each
+    input (normalised, as the model takes it) is checked against the card's description of the
+    training inputs (:mod:`pellucid.models.training_inputs`). A model trained on synthetic data
+    refuses an input unlike them, or any input when it has no such description, in one line
+    (:class:`pellucid.pipeline.intended_use.UnlikeSyntheticTraining`) unless
+    ``outside_training_data=True``; another model's unlike inputs are explained with a warning.
+    Every check is in ``explanation.extras["training_data"]``, one per input. ``check_inputs=False``
+    leaves the check to the caller (the case pipeline checks each case with its intended use; a
+    benchmark explains held-out cases of the model's own dataset).
     """
     from pellucid.explainers import create
     from pellucid.models.store import LoadedModel
 
+    checks = None
     if isinstance(model, LoadedModel):
         card = model.card
+        if check_inputs:
+            checks = _training_data_checks(model, inputs, outside_training_data)
         if card is not None:
             layer = layer if layer is not None else card.default_layer
             activation = activation or card.activation
@@ -31,7 +45,44 @@ def explain(model: Any, inputs: Any, method: str, target: Any = None, layer: Any
     explainer = create(method, **options)
     if not explainer.needs_layer:
         layer = None
-    return explainer.explain(model, inputs, target=target, layer=layer, activation=activation)
+    explanation = explainer.explain(model, inputs, target=target, layer=layer, activation=activation)
+    if checks is not None:
+        explanation.extras["training_data"] = checks
+    return explanation
+
+
+def _training_data_checks(loaded: Any, inputs: Any, override: bool) -> list[dict[str, Any]]:
+    """Each input against the model's training inputs (see :func:`explain`)."""
+    import warnings
+
+    import torch
+
+    from pellucid.models.training_inputs import check_input
+    from pellucid.pipeline.intended_use import UnlikeSyntheticTraining
+
+    if not isinstance(inputs, torch.Tensor):
+        return []
+    card, out = loaded.card, []
+    synthetic = card is not None and card.synthetic
+    for k in range(inputs.shape[0]):
+        check = check_input(loaded.module, card, inputs[k:k + 1])
+        out.append(check.as_dict())
+        if synthetic and check.distance is None:
+            why = (f"the model was trained on synthetic data and cannot tell a patient image from "
+                   f"its training images ({check.not_checked})")
+        elif check.unlike:
+            why = (f"unlike the {'synthetic ' if synthetic else ''}images the model was trained on "
+                   f"(feature distance {check.distance:.1f} > {check.threshold:.1f}, the threshold "
+                   f"at {check.false_alarm:.0%} false alarms)")
+        else:
+            continue
+        if synthetic and not override:
+            raise UnlikeSyntheticTraining(f"input {k}: {why}: a model trained on phantoms does not "
+                                          f"answer for it (outside_training_data=True explains it "
+                                          f"anyway)")
+        warnings.warn(f"input {k}: {why}; its explanation is of a model outside what it learned",
+                      stacklevel=3)
+    return out
 
 
 def evaluate(model: Any, inputs: Any, explanation: Any, target: Any = None,

@@ -415,6 +415,32 @@ def serve(ctx: typer.Context,
     uvicorn.run(create_app(models, out, config=config), host=host, port=port, log_level="info")
 
 
+@app.command()
+def node(config: Annotated[Path, typer.Option(help="the node's YAML file: listener, spool, "
+                                                   "destinations, routes")]) -> None:
+    """Run a DICOM node a PACS routes studies to: C-STORE in, a durable spool, each image explained
+    by the first route that takes it, the results sent by C-STORE or STOW-RS with retries; GET
+    /health and /metrics on 127.0.0.1 (docs/clinical-integration.md, "pellucid node")."""
+    import logging
+    import signal
+
+    from pellucid.node import Node, load_node_config
+    from pellucid.privacy import redact_library_messages
+
+    settings = load_node_config(config)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)  # no per-association lines
+    redact_library_messages()
+    running = Node(settings).start()
+    signal.signal(signal.SIGTERM, lambda *_: running.request_stop())
+    try:
+        running.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        running.stop()
+
+
 def _out_folder(path: Path, option: str) -> Path:
     """An output folder that is not an existing file (it is created when needed)."""
     if path.exists() and not path.is_dir():

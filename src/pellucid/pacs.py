@@ -100,8 +100,6 @@ def pull_explain_push(pacs: DicomWeb, study: str, loaded, model_name: str, optio
     ``out`` (named by SOP or Series Instance UID) with ``summary.json``, and store the DICOM objects
     back into the study. An input the model cannot or should not take (intended use) is skipped
     with its reason. Returns {"explained": [...], "stored": [SOP Instance UIDs], "skipped": [...]}."""
-    import pydicom
-
     options.check()
     if loaded.card is None:
         raise ConfigError("pull-explain-push needs a model card (a zoo folder, or card.json beside "
@@ -110,12 +108,25 @@ def pull_explain_push(pacs: DicomWeb, study: str, loaded, model_name: str, optio
     instances = pacs.retrieve_study(study)
     if not instances:
         raise DataError(pacs.url, f"study {study} has no instances")
+    return explain_instances(instances, loaded, model_name, options, out, pacs.store, evidence,
+                             f"study {study}")
+
+
+def explain_instances(instances: Sequence[Any], loaded, model_name: str, options: CaseOptions,
+                      out: Path, deliver, evidence=None, study: str = "the study"
+                      ) -> dict[str, Any]:
+    """Explain the images among ``instances`` (one study's datasets) as :func:`pull_explain_push`
+    does, handing each case's DICOM objects to ``deliver(datasets) -> stored SOP Instance UIDs``
+    as soon as they are written (STOW-RS for a pull, the node's outbox for a study routed to it).
+    SEG, SR, presentation states and pellucid's own objects are never taken as images."""
+    import pydicom
+
     images = [ds for ds in instances if "PixelData" in ds
               and str(ds.get("Modality", "")) not in ("SEG", "SR", "PR")
               and str(ds.get("Manufacturer", "")) != "pellucid"]  # not pellucid's own results
     units = _units(images, loaded.card.spatial_dims)
     if options.truth is not None and len(units) != 1:
-        raise ConfigError(f"--truth is the mask of one case; study {study} has {len(units)}")
+        raise ConfigError(f"--truth is the mask of one case; {study} has {len(units)}")
     model = prepare_model(loaded, options)
     digest = model.digest()  # the weights identify the model in the objects' UIDs
     out = Path(out)
@@ -132,11 +143,12 @@ def pull_explain_push(pacs: DicomWeb, study: str, loaded, model_name: str, optio
                     results = [explain_case(model, case, options)
                                for case in read_frames(model, path, options)]
                     record = write_frames(results, out, uid, True, model_name, digest, model.card,
-                                          evidence)
+                                          evidence, model.stored())
                 else:
                     result = explain_case(model, read_case(model, path, options), options)
                     record = write_case(result, out, stem=uid, dicom=True, model_name=model_name,
-                                        model_digest=digest, card=model.card, evidence=evidence)
+                                        model_digest=digest, card=model.card, evidence=evidence,
+                                        weights_file=model.stored())
             except PellucidError as exc:
                 summary["skipped"].append({"uid": uid, "reason": str(exc)})
                 continue
@@ -149,7 +161,7 @@ def pull_explain_push(pacs: DicomWeb, study: str, loaded, model_name: str, optio
         produced = [pydicom.dcmread(out / name) for name in record["dicom_objects"]]
         produced += [pydicom.dcmread(out / e["dicom"]) for e in record.get("methods", {}).values()
                      if "dicom" in e]
-        summary["stored"] += pacs.store(produced)
+        summary["stored"] += deliver(produced)
         answers = record.get("frames", [record])
         summary["explained"].append({"uid": uid, "prediction": [a["prediction"] for a in answers]
                                      if "frames" in record else record["prediction"],

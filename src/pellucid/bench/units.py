@@ -175,7 +175,7 @@ def explain_unit(unit: Unit, loaded):
             warn(f"cache entry {path.name} not used ({exc}); moved to {aside.name}, recomputing")
     layer = unit.method.options.get("layer", unit.layer)
     explanation = pellucid.explain(loaded, unit.x, unit.method.name, target=_target(unit, loaded.card),
-                                   layer=layer, **_options(unit))
+                                   layer=layer, check_inputs=False, **_options(unit))
     explanation.output = None
     if path is not None:
         try:

@@ -104,9 +104,16 @@ def parametric_map(source: Sequence[Any], heatmap: np.ndarray, method: str,
 
 def segmentation(source: Sequence[Any], mask: np.ndarray, label: str, kind: str = "binary",
                  series_number: int = 902, notes: Sequence[str] = (),
-                 uid_seed: str | None = None) -> Any:
+                 uid_seed: str | None = None, model: ReportedModel | None = None,
+                 finding: str | None = None, method: str = "") -> Any:
     """A Segmentation of one segment: ``kind`` binary (``mask`` boolean) or fractional (``mask``
-    in [0, 1], stored in 8 bits)."""
+    in [0, 1], stored in 8 bits).
+
+    The segment is what it is: an explanation region, coded 99PELLUCID EXPLAIN "Model
+    explanation" / EXPLREG "Explanation region" (never a finding such as SNOMED CT "Lesion"),
+    described as "explanation region of <model> for <finding>" (SegmentDescription; the label
+    is that sentence cut to 64 characters), with ``model`` (the model whose output ``method``
+    explained) as the segment's algorithm. Without ``model``, pellucid is named instead."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
@@ -114,13 +121,22 @@ def segmentation(source: Sequence[Any], mask: np.ndarray, label: str, kind: str 
         raise ConfigError(f"segmentation kind must be 'binary' or 'fractional', got {kind!r}")
     arr = _frames(source, mask)
     arr = arr.astype(bool) if kind == "binary" else np.clip(arr.astype(np.float32), 0, 1)
+    sentence = label
+    if model is not None:
+        version = f" {model.version}" if model.version else ""
+        sentence = (f"explanation region of {model.name}{version} for {finding or 'its output'}"
+                    + (f" ({method})" if method else ""))
+    algorithm = model.identification(method) if model is not None else \
+        hd.AlgorithmIdentificationSequence(name="pellucid", version=__version__,
+                                           family=codes.cid7162.ArtificialIntelligence)
     description = hd.seg.SegmentDescription(
-        segment_number=1, segment_label=label[:64],
-        segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
-        segmented_property_type=codes.SCT.Lesion,
+        segment_number=1, segment_label=sentence[:64],
+        segmented_property_category=_private("explanation_category"),
+        segmented_property_type=_private("region"),
         algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-        algorithm_identification=hd.AlgorithmIdentificationSequence(
-            name="pellucid", version=__version__, family=codes.cid7162.ArtificialIntelligence))
+        algorithm_identification=algorithm,
+        tracking_uid=_uid(uid_seed, "segment 1"), tracking_id=sentence[:64])
+    description.SegmentDescription = sentence[:1024]
     extra = {"fractional_type": hd.seg.SegmentationFractionalTypeValues.PROBABILITY} \
         if kind == "fractional" else {}
     source = _without_bad_spacing(source)
@@ -135,6 +151,7 @@ def segmentation(source: Sequence[Any], mask: np.ndarray, label: str, kind: str 
     if "FrameOfReferenceUID" not in seg:  # a radiograph: the image plane is given by labels
         seg.PatientOrientation = list(_patient_orientation(source[0]) or [])
         _image_axes_orientation(seg)
+        _nominal_thickness(seg)
     seg.SeriesDescription = f"pellucid {label}"[:64]  # (a SEG series carries no Laterality)
     seg.ImageComments = " ".join([*notes, RESEARCH_NOTICE])
     return seg
@@ -150,6 +167,20 @@ def _image_axes_orientation(seg: Any) -> None:
     plane = Dataset()
     plane.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
     seg.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence = [plane]
+
+
+def _nominal_thickness(seg: Any) -> None:
+    """A SEG of an image without a frame of reference keeps the Pixel Measures highdicom copies
+    from the radiograph (its Pixel Spacing: OHIF 3.13 overlays no such SEG without it) and gets a
+    nominal Slice Thickness of 1 mm, which highdicom's reader requires beside a Pixel Spacing
+    (PS3.3 C.7.6.16.2.1 after CP 1426: required only with a frame of reference, allowed without).
+    A projection has no slice thickness; without a frame of reference the value places nothing in
+    patient space, and 1 mm is what viewers assume for a single plane."""
+    for group in (*seg.SharedFunctionalGroupsSequence,
+                  *seg.get("PerFrameFunctionalGroupsSequence", [])):
+        for measures in group.get("PixelMeasuresSequence", []):
+            if "PixelSpacing" in measures and "SliceThickness" not in measures:
+                measures.SliceThickness = 1
 
 
 def _valid_spacing(value: Any) -> bool:
@@ -313,7 +344,19 @@ PRIVATE_CODES = {
     "share": ("MAPSHARE", "Share of the map's positive mass in the region"),
     "evidence": ("BENCHEV", "Benchmark evidence"),
     "no_finding": ("NOFIND", "No finding stated"),
+    "explanation_category": ("EXPLAIN", "Model explanation"),
+    "region": ("EXPLREG", "Explanation region"),
+    "key_images": ("KEYFIND", "Images with findings"),
 }
+
+
+def _uid(seed: str | None, *parts: str) -> str:
+    """A UID derived from ``seed`` and ``parts`` (the same content, the same UID), or a new one
+    without a seed."""
+    import highdicom as hd
+    from pydicom.uid import generate_uid
+
+    return hd.UID() if seed is None else generate_uid(entropy_srcs=[seed, *parts])
 
 
 @dataclass
@@ -340,9 +383,34 @@ class Finding:
 
 @dataclass
 class ReportedModel:
+    """The model as the objects name it: the algorithm of the SR, the SEG and the KOS."""
+
     name: str
     version: str
-    digest: str  # SHA-256 of the weights
+    digest: str  # SHA-256 of the state dict (pellucid's identity of the weights, any file)
+    file_name: str = ""  # the weights file as stored (model.safetensors, model.onnx, ...)
+    file_sha256: str = ""  # SHA-256 of that file's bytes: what ``sha256sum`` prints
+
+    def parameters(self) -> list[str]:
+        """The weights' identity as the algorithm's parameters: the stored file's SHA-256 first
+        (an auditor reproduces it with ``sha256sum``), then the state-dict digest."""
+        stored = [f"weights file sha256: {self.file_sha256} ({self.file_name})"] \
+            if self.file_sha256 else []
+        return [*stored, f"weights state-dict sha256: {self.digest}"]
+
+    def identification(self, method: str) -> Any:
+        """The SEG's Algorithm Identification: the model (name, version, family AI) whose output
+        ``method`` explained, pellucid as the algorithm's source."""
+        import highdicom as hd
+        from pydicom.sr.codedict import codes
+
+        parameters = {"explanation method": method}
+        if self.file_sha256:
+            parameters["weights file sha256"] = self.file_sha256
+        return hd.AlgorithmIdentificationSequence(
+            name=self.name[:64] or "unnamed model", version=(self.version or "unversioned")[:64],
+            family=codes.cid7162.ArtificialIntelligence, source=f"pellucid {__version__}",
+            parameters=parameters)
 
 
 def _private(key: str) -> Any:
@@ -380,12 +448,15 @@ def structured_report(source: Sequence[Any], model: ReportedModel, findings: Seq
     import highdicom as hd
     from pydicom.sr.codedict import codes
     from pydicom.sr.coding import Code
+    from pydicom.uid import generate_uid
 
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=hd.UID(), name="pellucid", manufacturer_name=MANUFACTURER, model_name=model.name))
-    parameters = [f"weights sha256: {model.digest}", *([f"summary: {summary}"] if summary else []),
+            uid=generate_uid(entropy_srcs=["pellucid device", model.name, model.version,
+                                           model.digest]),
+            name="pellucid", manufacturer_name=MANUFACTURER, model_name=model.name))
+    parameters = [*model.parameters(), *([f"summary: {summary}"] if summary else []),
                   *notes, RESEARCH_NOTICE]
     algorithm = hd.sr.AlgorithmIdentification(name=model.name, version=model.version or "unversioned",
                                                parameters=parameters)
@@ -408,10 +479,11 @@ def structured_report(source: Sequence[Any], model: ReportedModel, findings: Seq
             source, whole if planar else None,
             f"finding {f.name}" + (f" frame {f.frame}" if f.frame else ""), f.concept(), algorithm,
             measurements, evaluations, f"{_finding_words(f)}; model {model.name}{version}",
-            frame=f.frame))
+            frame=f.frame, seed=uid_seed))
     if not findings:  # nothing stated (an input unlike the training data): say so, and why
         groups.append(_group(source, None, "no finding stated", _private("no_finding"), algorithm,
-                             [], [], (notes[0] if notes else summary or "no finding stated")[:1024]))
+                             [], [], (notes[0] if notes else summary or "no finding stated")[:1024],
+                             seed=uid_seed))
     for number, (method, options) in enumerate(methods.items()):
         method_id = hd.sr.AlgorithmIdentification(
             name=f"pellucid {method}", version=__version__,
@@ -427,7 +499,7 @@ def structured_report(source: Sequence[Any], model: ReportedModel, findings: Seq
         elif planar and regions is not None:  # the caller found no region: the map was empty
             comment, shown = f"the {method} map is empty (constant): no explained region", whole
         group = _group(source, shown, f"explanation {method}", _private("explanation"),
-                       method_id, measurements, [], comment, made)
+                       method_id, measurements, [], comment, made, seed=uid_seed)
         for line in (evidence or {}).get(method, []):
             group[0].ContentSequence.append(hd.sr.TextContentItem(
                 name=_private("evidence"), relationship_type="CONTAINS", value=line[:1024]))
@@ -437,7 +509,8 @@ def structured_report(source: Sequence[Any], model: ReportedModel, findings: Seq
             sop_class_uid=seg.SOPClassUID, sop_instance_uid=seg.SOPInstanceUID, segment_number=1,
             source_images=[hd.sr.SourceImageForSegmentation.from_source_image(ds) for ds in source])
         groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-            tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier="explained region"),
+            tracking_identifier=hd.sr.TrackingIdentifier(
+                uid=_uid(uid_seed, "tracking", "explained region"), identifier="explained region"),
             referenced_segment=reference, algorithm_id=algorithm, finding_type=_private("explanation")))
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
@@ -449,6 +522,46 @@ def structured_report(source: Sequence[Any], model: ReportedModel, findings: Seq
         series_description="pellucid explanation report")
     _segment_not_frame(sr)
     return sr
+
+
+def key_object_selection(key_images: Sequence[Any], model: ReportedModel, findings: Sequence[Finding],
+                         derived: Sequence[Any] = (), notes: Sequence[str] = (),
+                         series_number: int = 905, uid_seed: str | None = None) -> Any:
+    """A Key Object Selection (DCM 113000 "Of Interest") of ``key_images``, the source images on
+    which the model stated a finding present, with the objects ``derived`` from them (the SR, the
+    SEG, the PM): the IHE AI Results profile's flag for a reader's worklist. Its description names
+    the model and the findings ("images with findings of <model>: <finding>, ..."); the device
+    observer is the model. Only present findings select an image: without one there is no KOS
+    (the caller skips it and says why)."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+    from pydicom.uid import generate_uid
+
+    present = [f for f in findings if f.present]
+    if not present or not key_images:
+        raise ConfigError("no finding is present: no image to select")
+    names = ", ".join(dict.fromkeys(
+        f.name + (f" (frame {f.frame})" if f.frame else "") for f in present))
+    version = f" {model.version}" if model.version else ""
+    observer = hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=generate_uid(entropy_srcs=["pellucid device", model.name, model.version,
+                                           model.digest]),
+            name="pellucid", manufacturer_name=MANUFACTURER, model_name=model.name))
+    description = f"images with findings of {model.name}{version}: {names}. {RESEARCH_NOTICE}"
+    content = hd.ko.KeyObjectSelection(
+        document_title=codes.DCM.OfInterest, referenced_objects=[*key_images, *derived],
+        observer_device_context=observer, description=description[:1024])
+    common = _common(series_number, uid_seed)
+    with _highdicom_errors("Key Object Selection"):
+        kos = hd.ko.KeyObjectSelectionDocument(
+            evidence=[*key_images, *derived], content=content,
+            series_instance_uid=common["series_instance_uid"], series_number=series_number,
+            sop_instance_uid=common["sop_instance_uid"], instance_number=1,
+            manufacturer=MANUFACTURER)
+    kos.SeriesDescription = "pellucid key images (findings)"
+    return kos
 
 
 @dataclass
@@ -514,13 +627,14 @@ class ExplainedRegion:
 
 def _group(source: Sequence[Any], region: ExplainedRegion | None, tracking: str, finding: Any,
            algorithm: Any, measurements: list[Any], evaluations: list[Any], comment: str,
-           made: Sequence[Any] = (), frame: int | None = None) -> Any:
+           made: Sequence[Any] = (), frame: int | None = None, seed: str | None = None) -> Any:
     """One measurement group. On a single-frame image a TID 1410 planar ROI group whose region is
     ``region`` (a viewer draws it and lists the group by its Comment); otherwise (a volume, a
-    multi-frame image) a TID 1501 group referencing the source images and the objects ``made``."""
+    multi-frame image) a TID 1501 group referencing the source images and the objects ``made``.
+    Its tracking UID derives from ``seed`` and ``tracking`` (the same report, the same UIDs)."""
     import highdicom as hd
 
-    identifier = hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=tracking[:64])
+    identifier = hd.sr.TrackingIdentifier(uid=_uid(seed, "tracking", tracking), identifier=tracking[:64])
     if region is not None:
         inferred = [m[0].ContentSequence.pop(k) for m in measurements
                     for k, item in enumerate(m[0].get("ContentSequence", []))

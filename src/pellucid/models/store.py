@@ -33,11 +33,40 @@ class LoadedModel:
     module: nn.Module
     card: ModelCard | None
     source: str
+    weights_file: Path | None = None  # the file the weights were read from, as stored
+    weights_file_sha256: str = ""  # its SHA-256 at load time (what ``sha256sum`` prints)
+
+    def stored(self) -> tuple[str, str]:
+        """The weights file's name and SHA-256 as stored (empty when the weights came from no
+        file, e.g. a factory without ``--weights``)."""
+        if self.weights_file is None:
+            return "", ""
+        return self.weights_file.name, self.weights_file_sha256
 
     def digest(self) -> str:
         """SHA-256 of the weights (every parameter and buffer, by name, shape, dtype and bytes):
         what identifies this model in outputs, whatever its folder is called."""
         return weights_digest(self.module)
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file's bytes, read in 1 MiB blocks (equal to ``sha256sum path``)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _stored(loaded: LoadedModel, file: Path | None) -> LoadedModel:
+    """``loaded`` with the weights file it came from and that file's SHA-256: what an auditor
+    checks with ``sha256sum`` (the state-dict digest of :meth:`LoadedModel.digest` identifies the
+    weights whatever file holds them, but no tool outside pellucid reproduces it)."""
+    if file is not None and file.is_file():
+        loaded.weights_file, loaded.weights_file_sha256 = file, file_sha256(file)
+    return loaded
 
 
 def weights_digest(module: nn.Module) -> str:
@@ -219,19 +248,20 @@ def load_model(spec: str | Path, weights: str | Path | None = None,
         if card.factory or card.arch == "torchscript":  # an imported model (pellucid import-model)
             module = select_output(load_folder_network(path, card), output_selector(card.output))
             _attach_training_inputs(module, card, path)
-            return LoadedModel(module.to(device).eval(), card, text)
+            return _stored(LoadedModel(module.to(device).eval(), card, text),
+                           path / (TORCHSCRIPT if card.arch == "torchscript" else WEIGHTS))
         module = build(card.arch, card.spatial_dims, card.in_channels, card.num_outputs,
                        backend=card.backend, input_size=card.input_size).module
         _load_state(module, _read_state_dict(path / WEIGHTS), path / WEIGHTS)
         _attach_training_inputs(module, card, path)
-        return LoadedModel(module.to(device).eval(), card, text)
+        return _stored(LoadedModel(module.to(device).eval(), card, text), path / WEIGHTS)
     if path.is_file() and path.suffix.lower() == ".onnx":  # a deployed model: forwards only
         from pellucid.models.blackbox import load_onnx
 
         card_path = path.with_name(CARD)
         card = ModelCard.load(card_path) if card_path.is_file() else None
-        return LoadedModel(load_onnx(path, output=output_selector(card.output) if card and
-                                     card.output else 0), card, text)
+        return _stored(LoadedModel(load_onnx(path, output=output_selector(card.output) if card
+                                             and card.output else 0), card, text), path)
     if path.is_file():
         try:
             module = load_torchscript(path, device)
@@ -240,7 +270,7 @@ def load_model(spec: str | Path, weights: str | Path | None = None,
                              f"folder or 'module:factory' with --weights") from None
         card_path = path.with_name(CARD)
         card = ModelCard.load(card_path) if card_path.is_file() else None
-        return LoadedModel(module.eval(), card, text)
+        return _stored(LoadedModel(module.eval(), card, text), path)
     if ":" in text and not path.exists():
         module = factory_module(text)
         card = None
@@ -251,6 +281,7 @@ def load_model(spec: str | Path, weights: str | Path | None = None,
             card = ModelCard.load(card_path) if card_path.is_file() else None
         if card is not None and card.output:
             select_output(module, output_selector(card.output))
-        return LoadedModel(module.to(device).eval(), card, text)
+        return _stored(LoadedModel(module.to(device).eval(), card, text),
+                       Path(weights) if weights is not None else None)
     raise ModelError(f"{text}: no such model folder or file (expected a zoo folder with card.json, "
                      f"a TorchScript file, or 'module:factory')")

@@ -132,7 +132,8 @@ def explain_case(loaded, case: Case, options: CaseOptions) -> CaseResult:
     shares: dict[str, dict[str, float]] = {}
     names = channel_names(loaded, case.x)
     for m in options.methods:
-        exp = pellucid.explain(loaded, case.x, m, target=case.target, layer=options.layer)
+        exp = pellucid.explain(loaded, case.x, m, target=case.target, layer=options.layer,
+                               check_inputs=False)  # (checked by read_case)
         explanations[m] = exp
         maps[m] = upsample(exp.attributions, tuple(case.item.original.shape[1:]), "linear")[0]
         if options.modalities and exp.raw is not None and exp.raw.shape[:2] == case.x.shape[:2]:

@@ -37,13 +37,14 @@ def explain_files(loaded, inputs: Sequence[Path], options: CaseOptions, out: Pat
             results = [explain_case(loaded, case, options)
                        for case in read_frames(loaded, Path(path), options)]
             summary.append({"input": str(path), **write_frames(
-                results, out, Path(path).stem, dicom, model_name, digest, loaded.card, evidence)})
+                results, out, Path(path).stem, dicom, model_name, digest, loaded.card, evidence,
+                loaded.stored())})
         else:
             results = [explain_case(loaded, read_case(loaded, Path(path), options), options)]
             summary.append({"input": str(path), **write_case(
                 results[0], out, stem=results[0].case.item.name, dicom=dicom,
                 model_name=model_name, model_digest=digest, card=loaded.card,
-                evidence=evidence)})
+                evidence=evidence, weights_file=loaded.stored())})
         if dicom and not results[0].case.item.datasets:  # said, not silently left out
             summary[-1]["skipped"].append({"object": "DICOM objects",
                                            "reason": "--dicom: the input is not DICOM"})

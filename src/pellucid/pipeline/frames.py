@@ -66,7 +66,8 @@ def read_frames(loaded, path: Path, options: CaseOptions) -> list[Case]:
 
 
 def write_frames(results: list[CaseResult], out: Path, stem: str, dicom: bool, model_name: str,
-                 model_digest: str, card, evidence=None) -> dict[str, Any]:
+                 model_digest: str, card, evidence=None, weights_file: tuple[str, str] = ("", "")
+                 ) -> dict[str, Any]:
     """Per frame the record :func:`write_case` writes (maps and overlays as PNG, no DICOM), then
     for DICOM the Parametric Map and Segmentation of the first method's stacked maps and one SR
     with every frame's findings. Returns {"frames": [records], "dicom_objects", "files",
@@ -80,6 +81,7 @@ def write_frames(results: list[CaseResult], out: Path, stem: str, dicom: bool, m
         sr_seed,
         summary_text,
         write_case,
+        write_key_objects,
     )
 
     out = Path(out)
@@ -107,7 +109,13 @@ def write_frames(results: list[CaseResult], out: Path, stem: str, dicom: bool, m
                      f"no finding is stated for them")
     entry = {"target": {"frames": len(results)}, "layer": records[0]["methods"][first]["layer"]}
     context = [content_context(card, r) for r in results]
-    seeds = {m: _seed(results[0].case.item, model_digest, m,
+    digest = "|".join(filter(None, (model_digest, weights_file[1])))
+    name = card.name if card is not None and card.name else model_name
+    reported = objects.ReportedModel(name, card.version if card is not None else "", model_digest,
+                                     *weights_file)
+    explained = next((r.explained.get("class") for r in results
+                      if not r.case.training_data.unlike), None)
+    seeds = {m: _seed(results[0].case.item, digest, m,
                       {**entry, "options": records[0]["methods"][m]["options"]}, context) + "|frames"
              for m in methods}
     seed = seeds[first]
@@ -125,7 +133,8 @@ def write_frames(results: list[CaseResult], out: Path, stem: str, dicom: bool, m
                                 source, stacked, first, notes=notes, uid_seed=seed + "|pm")),
                             ("segmentation", lambda: objects.segmentation(
                                 source, (stacked - lo) / span >= 0.5, f"{first} region", notes=notes,
-                                uid_seed=seed + "|seg"))):
+                                uid_seed=seed + "|seg", model=reported, finding=explained,
+                                method=first))):
             try:
                 obj = build()
             except PellucidError as exc:
@@ -140,8 +149,6 @@ def write_frames(results: list[CaseResult], out: Path, stem: str, dicom: bool, m
     options = {m: {"layer": records[0]["methods"][m]["layer"],
                    "target": json.dumps(records[0]["methods"][m]["target"], default=str),
                    **records[0]["methods"][m]["options"]} for m in methods}
-    name = card.name if card is not None and card.name else model_name
-    reported = objects.ReportedModel(name, card.version if card is not None else "", model_digest)
     lines = {m: evidence.lines(m) for m in methods} if evidence is not None else None
     sr = objects.structured_report(source, reported, found, options, pmap, seg, None, notes=notes,
                                    summary=f"{len(results)} frames, each explained on its own. "
@@ -150,5 +157,8 @@ def write_frames(results: list[CaseResult], out: Path, stem: str, dicom: bool, m
                                    + "|sr", evidence=lines)
     sr.save_as(out / f"{stem}_report_sr.dcm")
     record["dicom_objects"].append(f"{stem}_report_sr.dcm")
+    record["dicom_objects"] += write_key_objects(
+        [source[0]], reported, found, [sr, seg, pmap], notes, record, out, f"{stem}_",
+        sr_seed(seeds, lines, summary_text(found, methods)) + "|kos")
     record["files"] += record["dicom_objects"]
     return record

@@ -24,14 +24,16 @@ from pellucid.pipeline.evidence import Evidence
 
 def write_case(result: CaseResult, out: Path, stem: str = "", dicom: bool = False,
                model_name: str = "", model_digest: str = "", card: ModelCard | None = None,
-               evidence: Evidence | None = None) -> dict[str, Any]:
+               evidence: Evidence | None = None, weights_file: tuple[str, str] = ("", "")
+               ) -> dict[str, Any]:
     """Write ``result`` into ``out`` with file names ``{stem}_{method}.*`` (``{method}.*`` without a
     stem). ``dicom``: also the DICOM objects when the input was DICOM, their UIDs derived from the
     source, ``model_digest`` (the weights), the method and its options, so that a re-run yields the
     same instances. Returns the record: prediction, explained class, classes, intended use, per
     method its files and cost, every file written, the DICOM objects and what was skipped, why.
     ``evidence`` (``--evidence RUN``): each method's benchmark scores on this model, in the record
-    and in the SR."""
+    and in the SR. ``weights_file``: the name and SHA-256 of the weights file as stored (the SR,
+    the SEG and the KOS name it; :func:`model_files`)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     item = result.case.item
@@ -73,7 +75,8 @@ def write_case(result: CaseResult, out: Path, stem: str = "", dicom: bool = Fals
         if method in result.modality_share:
             entry["modality_share"] = result.modality_share[method]
         record["files"] += [map_file, f"{name}.png"]
-        seeds[method] = _seed(item, model_digest, method, entry, context)
+        seeds[method] = _seed(item, "|".join(filter(None, (model_digest, weights_file[1]))), method,
+                              entry, context)
         if dicom and item.datasets and heat.ndim == 2:
             if entry["empty"]:
                 record["skipped"].append({"object": f"{method} secondary capture",
@@ -94,7 +97,8 @@ def write_case(result: CaseResult, out: Path, stem: str = "", dicom: bool = Fals
         first = next(iter(result.maps))
         heat = result.maps[first][0].cpu().numpy().astype(np.float32)
         name = card.name if card is not None and card.name else model_name  # the card's own name
-        reported = ReportedModel(name, card.version if card is not None else "", model_digest)
+        reported = ReportedModel(name, card.version if card is not None else "", model_digest,
+                                 *weights_file)
         regions = None if unlike else {}  # unlike: no region said to be of anything
         if not unlike and len(item.datasets) == 1 and \
                 int(getattr(item.datasets[0], "NumberOfFrames", 1) or 1) == 1:
@@ -258,7 +262,8 @@ def _write_derived(item, heat: np.ndarray, method: str, model: ReportedModel, fo
             record["skipped"].append({"object": "parametric map", "reason": str(exc)})
         try:
             seg = objects.segmentation(source, (frames - lo) / (hi - lo) >= 0.5, f"{method} region",
-                                       notes=notes, uid_seed=seed + "|seg")
+                                       notes=notes, uid_seed=seed + "|seg", model=model,
+                                       finding=explained, method=method)
             seg.save_as(out / f"{prefix}segmentation.dcm")
             written.append(f"{prefix}segmentation.dcm")
         except PellucidError as exc:
@@ -270,4 +275,31 @@ def _write_derived(item, heat: np.ndarray, method: str, model: ReportedModel, fo
                                    regions=regions, explained=explained, evidence=evidence)
     sr.save_as(out / f"{prefix}report_sr.dcm")
     written.append(f"{prefix}report_sr.dcm")
+    # the images with findings, flagged (IHE AIR): the image; of a volume, the slice at the map's peak
+    peak = int(np.unravel_index(int(np.nan_to_num(frames).argmax()), frames.shape)[0]) \
+        if len(source) == frames.shape[0] else 0
+    written += write_key_objects([source[peak]], model, found, [sr, seg, pmap], notes, record, out,
+                                 prefix, report_seed + "|kos")
     return written
+
+
+def write_key_objects(key_images: list[Any], model: ReportedModel, found: list[Finding],
+                      derived: list[Any], notes: list[str], record: dict, out: Path, prefix: str,
+                      seed: str) -> list[str]:
+    """The Key Object Selection of the images with a present finding (and the objects made from
+    them); none, said in ``record["skipped"]``, when the model stated no finding present."""
+    from pellucid.io import dicom_objects as objects
+
+    if not any(f.present for f in found):
+        record["skipped"].append({"object": "key object selection",
+                                  "reason": "no finding present: no image to flag"})
+        return []
+    try:
+        kos = objects.key_object_selection(key_images, model, found,
+                                           [o for o in derived if o is not None], notes,
+                                           uid_seed=seed)
+    except PellucidError as exc:
+        record["skipped"].append({"object": "key object selection", "reason": str(exc)})
+        return []
+    kos.save_as(out / f"{prefix}key_objects.dcm")
+    return [f"{prefix}key_objects.dcm"]

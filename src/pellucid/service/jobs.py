@@ -45,7 +45,8 @@ def run_job(loaded, model_name: str, path: Path, methods: list[str], target: str
     options.check()
     result = explain_case(loaded, read_case(loaded, path, options), options)
     record = write_case(result, out, dicom=True, model_name=model_name,
-                        model_digest=loaded.digest(), card=loaded.card)
+                        model_digest=loaded.digest(), card=loaded.card,
+                        weights_file=loaded.stored())
     prediction = {k: v for k, v in record["prediction"].items() if k != "text"}
     return {"model": model_name, "prediction": prediction, "explained": record["explained"],
             "classes": record["classes"], "findings": record["findings"], "summary": record["summary"],

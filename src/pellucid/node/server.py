@@ -1,0 +1,342 @@
+"""``pellucid node``: a DICOM node a PACS or a modality routes studies to.
+
+- **Receiving** (DIMSE C-STORE SCP, pynetdicom): each instance is written whole into the spool
+  (:mod:`pellucid.node.spool`) before the success status goes back; a write that fails (a full
+  disk) answers A700 "out of resources", so the sender keeps the instance and sends it again.
+- **Explaining** (one worker thread): a study no instance arrived for in ``settle_seconds`` is
+  claimed; each of its images goes to the first route that takes it (modality, body part, SOP
+  class), through the same case pipeline as ``pellucid explain --pacs`` (intended use, the
+  training-data check, the content-derived UIDs); an image no route takes, or its model refuses,
+  is counted as refused with its reason.
+- **Delivering** (one thread): each result waits in the outbox of every destination of its route
+  and goes by C-STORE or STOW-RS; a failure is retried with exponential backoff, and one that lasts
+  ``alert_after_seconds`` raises an alert (log line and counter) naming the study's reference and
+  the destination. A delivered result is recorded in the spool's ledger and never sent again.
+
+Killed at any point (kill -9), the node restarts where it stopped: what was acknowledged is in the
+spool, a claimed study without ``done.json`` is explained again (the same content has the same
+UIDs, and the ledger holds back what was delivered), and the outbox is delivered. The one window
+left, a result stored by the destination just before the ledger records it, sends that result again
+under the same SOP Instance UID, which a PACS keeps once.
+
+``GET /health`` (JSON) and ``GET /metrics`` (Prometheus text: received, explained, delivered,
+refused, retried, alerts, and the queue sizes) on 127.0.0.1:``http_port``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import threading
+import time
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from pellucid.errors import PellucidError
+from pellucid.node.routing import Destination, NodeConfig, Route
+from pellucid.node.spool import Spool, reference
+
+log = logging.getLogger("pellucid.node")
+
+COUNTERS = ("received", "explained", "delivered", "refused", "retried", "alerts")
+OUT_OF_RESOURCES = 0xA700
+
+
+class Node:
+    """The node of a :class:`NodeConfig`: :meth:`start` its threads, :meth:`stop` them."""
+
+    def __init__(self, config: NodeConfig) -> None:
+        self.config = config
+        self.spool = Spool(config.spool)
+        self.counts: Counter[str] = Counter({k: 0 for k in COUNTERS})
+        self._models: dict[str, Any] = {}
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._server = None
+        self._http: ThreadingHTTPServer | None = None
+        self._failing: dict[str, tuple[float, int, float]] = {}  # dest -> (since, attempts, due)
+        self._alerted: set[str] = set()
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def start(self) -> Node:
+        from pynetdicom import AE, AllStoragePresentationContexts, evt
+        from pynetdicom.sop_class import Verification
+
+        ae = AE(ae_title=self.config.ae_title)
+        ae.supported_contexts = AllStoragePresentationContexts
+        ae.add_supported_context(Verification)
+        ae.maximum_pdu_size = 0
+        self._server = ae.start_server((self.config.host, self.config.port), block=False,
+                                       evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
+        for target, name in ((self._explain_loop, "explain"), (self._deliver_loop, "deliver")):
+            thread = threading.Thread(target=target, name=f"pellucid-node-{name}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        if self.config.http_port:
+            self._http = ThreadingHTTPServer(("127.0.0.1", self.config.http_port), _handler(self))
+            thread = threading.Thread(target=self._http.serve_forever, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        log.info("node %s listening on %s:%d", self.config.ae_title, self.config.host, self.config.port)
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._server is not None:
+            self._server.shutdown()
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+        for thread in self._threads:
+            thread.join(timeout=30)
+
+    def request_stop(self) -> None:
+        """Ask the threads to finish (a signal handler may call it)."""
+        self._stop.set()
+
+    def wait(self) -> None:
+        """Run until stopped (SIGTERM or Ctrl-C in ``pellucid node``)."""
+        while not self._stop.wait(0.5):
+            pass
+
+    # -- receiving -------------------------------------------------------------------------
+    def _on_store(self, event) -> int:
+        from pydicom.filewriter import dcmwrite
+
+        try:
+            ds = event.dataset
+            ds.file_meta = event.file_meta
+            study = str(ds.StudyInstanceUID)
+            buffer = io.BytesIO()
+            dcmwrite(buffer, ds, enforce_file_format=True)
+            ref = self.spool.receive(study, str(ds.SOPInstanceUID), buffer.getvalue())
+        except OSError as exc:  # a full disk, a spool gone: the sender keeps the instance
+            self.counts["refused"] += 1
+            self.counts["alerts"] += 1
+            log.error("ALERT cannot spool an instance (%s): refused with A700, the sender keeps it",
+                      exc.strerror or type(exc).__name__)
+            return OUT_OF_RESOURCES
+        except Exception as exc:  # a dataset that cannot be written back: refuse it, say so
+            self.counts["refused"] += 1
+            log.warning("instance refused: %s", type(exc).__name__)
+            return 0xC000
+        self.counts["received"] += 1
+        self.spool.audit("received", study=ref, modality=str(ds.get("Modality", "")),
+                         sop_class=str(ds.get("SOPClassUID", "")))
+        return 0x0000
+
+    # -- explaining ------------------------------------------------------------------------
+    def _explain_loop(self) -> None:
+        for batch in self.spool.unfinished():  # what a killed node left claimed
+            self._explain_batch(batch)
+        while not self._stop.is_set():
+            for ref in self.spool.settled(self.config.settle_seconds):
+                if self._stop.is_set():
+                    return
+                batch = self.spool.claim(ref)
+                if batch is not None:
+                    self._explain_batch(batch)
+            self._stop.wait(0.2)
+
+    def _model(self, route: Route):
+        if route.model not in self._models:
+            from pellucid.models import load_model
+
+            self._models[route.model] = load_model(route.model)
+        return self._models[route.model]
+
+    def _explain_batch(self, batch: Path) -> None:
+        import pydicom
+
+        from pellucid.pacs import explain_instances
+        from pellucid.pipeline import CaseOptions
+
+        done = batch / "done.json"
+        if done.is_file():  # explained; killed before its images were deleted
+            self.spool.finish(batch, json.loads(done.read_text()))
+            return
+        ref = batch.name.split(".")[0]
+        instances = []
+        for path in sorted(batch.glob("*.dcm")):
+            try:
+                instances.append(pydicom.dcmread(path))
+            except Exception as exc:
+                log.warning("study %s: an unreadable instance (%s)", ref, type(exc).__name__)
+        summary: dict[str, Any] = {"study": ref, "routes": {}, "refused": []}
+        taken: dict[str, list[Any]] = {}
+        for ds in instances:
+            route = next((r for r in self.config.routes if r.takes(ds)), None)
+            if route is None:
+                if "PixelData" in ds:
+                    summary["refused"].append({"modality": str(ds.get("Modality", "")),
+                                               "reason": "no route takes this image"})
+                continue
+            taken.setdefault(route.name, []).append(ds)
+        for route in self.config.routes:
+            if route.name not in taken:
+                continue
+            try:
+                result = explain_instances(
+                    taken[route.name], self._model(route), Path(route.model).name,
+                    CaseOptions(list(route.methods)), batch / f"results-{route.name}",
+                    self._outbox(route, batch.name), study=f"study {ref}")
+            except PellucidError as exc:
+                summary["refused"].append({"route": route.name, "reason": str(exc)})
+                continue
+            except Exception as exc:  # one route's failure never stops the others
+                log.exception("study %s, route %s failed", ref, route.name)
+                summary["refused"].append({"route": route.name,
+                                           "reason": f"unexpected {type(exc).__name__}"})
+                continue
+            summary["routes"][route.name] = {
+                "explained": len(result["explained"]), "results": len(result["stored"]),
+                "skipped": [s["reason"] for s in result["skipped"]]}
+            self.counts["explained"] += len(result["explained"])
+            summary["refused"] += [{"route": route.name, "reason": s["reason"]}
+                                   for s in result["skipped"]]
+        self.counts["refused"] += len(summary["refused"])
+        self.spool.audit("explained", study=ref, routes=summary["routes"],
+                         refused=[r["reason"] for r in summary["refused"]])
+        self.spool.finish(batch, summary)
+
+    def _outbox(self, route: Route, batch: str):
+        """The pipeline's ``deliver``: each result into the outbox of each of the route's
+        destinations (not where the ledger says it was delivered)."""
+        def deliver(datasets: list[Any]) -> list[str]:
+            from pydicom.filewriter import dcmwrite
+
+            uids = []
+            for ds in datasets:
+                buffer = io.BytesIO()
+                dcmwrite(buffer, ds, enforce_file_format=True)
+                for name in route.destinations:
+                    self.spool.put_result(name, batch, str(ds.SOPInstanceUID), buffer.getvalue())
+                uids.append(str(ds.SOPInstanceUID))
+            return uids
+        return deliver
+
+    # -- delivering ------------------------------------------------------------------------
+    def _deliver_loop(self) -> None:
+        while not self._stop.is_set():
+            for name, destination in self.config.destinations.items():
+                if self._stop.is_set():
+                    return
+                failing = self._failing.get(name)
+                if failing is not None and time.time() < failing[2]:
+                    continue
+                for batch in self.spool.pending(name):
+                    if not self._deliver_batch(destination, batch):
+                        break
+            self._stop.wait(0.2)
+
+    def _deliver_batch(self, destination: Destination, batch: Path) -> bool:
+        """Send one batch's queued results; False when the destination failed (retry later)."""
+        import pydicom
+
+        files = sorted(batch.glob("*.dcm"))
+        if not files:
+            with contextlib.suppress(OSError):
+                batch.rmdir()
+            return True
+        datasets = [pydicom.dcmread(f) for f in files]
+        ref = batch.name.split(".")[0]
+        try:
+            statuses = _send(destination, datasets)
+        except Exception as exc:  # the destination down, refusing, timing out
+            self._failed(destination, ref, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            return False
+        failed = 0
+        for path, status in zip(files, statuses, strict=True):
+            if status == 0 or 0xB000 <= status <= 0xBFFF:  # success, or success with a warning
+                self.spool.mark_delivered(destination.name, path)
+                self.counts["delivered"] += 1
+            else:
+                failed += 1
+        if failed:
+            self._failed(destination, ref, f"{failed} result(s) refused by the destination")
+            return False
+        if destination.name in self._failing:
+            log.info("destination %s delivers again", destination.describe())
+        self._failing.pop(destination.name, None)
+        self._alerted.discard(destination.name)
+        self.spool.audit("delivered", study=ref, destination=destination.name, objects=len(files))
+        return True
+
+    def _failed(self, destination: Destination, ref: str, why: str) -> None:
+        since, attempts, _ = self._failing.get(destination.name, (time.time(), 0, 0.0))
+        attempts += 1
+        delay = self.config.retry.delay(attempts)
+        self._failing[destination.name] = (since, attempts, time.time() + delay)
+        self.counts["retried"] += 1
+        self.spool.audit("retry", study=ref, destination=destination.name, attempt=attempts,
+                         reason=why[:200], next_in_seconds=round(delay, 1))
+        if time.time() - since >= self.config.retry.alert_after_seconds and \
+                destination.name not in self._alerted:
+            self._alerted.add(destination.name)
+            self.counts["alerts"] += 1
+            log.error("ALERT study %s: results not delivered to %s for %.0f s (%s); still retrying",
+                      ref, destination.describe(), time.time() - since, why[:200])
+            self.spool.audit("alert", study=ref, destination=destination.name, reason=why[:200])
+
+    # -- health ----------------------------------------------------------------------------
+    def health(self) -> dict[str, Any]:
+        return {"status": "ok", "ae_title": self.config.ae_title, **dict(self.counts),
+                "incoming": self.spool.count("incoming"), "outbox": self.spool.count("outbox"),
+                "failing_destinations": sorted(self._failing)}
+
+    def metrics(self) -> str:
+        lines = []
+        for name in COUNTERS:
+            lines += [f"# TYPE pellucid_node_{name}_total counter",
+                      f"pellucid_node_{name}_total {self.counts[name]}"]
+        for name in ("incoming", "outbox"):
+            lines += [f"# TYPE pellucid_node_{name} gauge",
+                      f"pellucid_node_{name} {self.spool.count(name)}"]
+        return "\n".join(lines) + "\n"
+
+
+def _send(destination: Destination, datasets: list[Any]) -> list[int]:
+    """Statuses of sending ``datasets`` (0: stored); raises when the destination cannot be reached."""
+    if destination.kind == "cstore":
+        from pellucid.pacs import c_store
+
+        return c_store(datasets, destination.host, destination.port, destination.ae_title)
+    import os
+
+    from pellucid.pacs import DicomWeb
+
+    web = DicomWeb(destination.url, os.environ.get("PELLUCID_PACS_USER"),
+                   os.environ.get("PELLUCID_PACS_PASSWORD"))
+    web.store(datasets)
+    return [0] * len(datasets)
+
+
+def _handler(node: Node):
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # http.server's name
+            if self.path == "/health":
+                body, kind = json.dumps(node.health()).encode(), "application/json"
+            elif self.path == "/metrics":
+                body, kind = node.metrics().encode(), "text/plain; version=0.0.4"
+            else:
+                self.send_error(404)
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:  # no request lines in the node's log
+            pass
+
+    return Handler
+
+
+def study_reference(uid: str) -> str:
+    """The reference the node's logs and folders name a study by (see :mod:`pellucid.node.spool`)."""
+    return reference(uid)
