@@ -5,6 +5,7 @@ and checks that none is lost: every study's SR arrives, and no result arrives tw
 
     .venv/bin/python benchmarks/node_load.py                 # 200 studies, the demo's chest model
     .venv/bin/python benchmarks/node_load.py --studies 20    # a quick look
+    .venv/bin/python benchmarks/node_load.py --outage 60     # the destination down for the first 60 s
 
 The model is demo_out/models/chest-resnet18 when `make demo` made it, else one trained here on
 phantoms (about 15 s).
@@ -13,6 +14,7 @@ phantoms (about 15 s).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import tempfile
@@ -53,6 +55,8 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--studies", type=int, default=200)
+    parser.add_argument("--outage", type=float, default=0.0,
+                        help="seconds the destination is down after the first study is sent")
     args = parser.parse_args()
     data = Path(os.environ.get("PELLUCID_DATA", ROOT.parent / "shared" / "data"))
     real = next((data / "dicom-samples" / "torchxrayvision").glob("*.dcm"))
@@ -61,11 +65,11 @@ def main() -> None:
         template = pydicom.dcmread(phantom_dicom(real, tmp / "cr.dcm", seed=4))
         studies = []
         for _ in range(args.studies):
-            ds = template.copy()
+            ds = copy.deepcopy(template)
             ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
             ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
             studies.append(ds)
-        receiver = Receiver().start()
+        receiver = Receiver() if args.outage else Receiver().start()
         path = _config(tmp, _model(tmp), receiver, settle_seconds=2)
         node = Node(load_node_config(path)).start()
         port = _settings(path)["port"]
@@ -80,11 +84,16 @@ def main() -> None:
                   f"({args.studies / received:.1f} studies/s acknowledged), {refused} refused")
             deadline = time.time() + 60 * 60
             while time.time() < deadline:
+                if receiver.server is None and time.perf_counter() - start >= args.outage:
+                    receiver.start()
+                    print(f"destination up after {time.perf_counter() - start:.0f} s", flush=True)
                 m = _metrics(path)
                 if m["pellucid_node_explained_total"] + m["pellucid_node_refused_total"] >= \
                         args.studies and m["pellucid_node_outbox"] == 0 and \
                         m["pellucid_node_incoming"] == 0:
                     break
+                if int(time.time()) % 10 == 0:
+                    print({k.removeprefix("pellucid_node_"): int(v) for k, v in m.items()}, flush=True)
                 time.sleep(1)
             total = time.perf_counter() - start
             m = _metrics(path)

@@ -160,7 +160,8 @@ ORACLE_TESTS = {"test_consistency_equals_metaquantus"}
 # first ones train the shared models (chest_model, brain_unet) while the others need neither.
 LONGEST_FIRST = ["test_bench", "test_hostile_inputs", "test_seed_systems", "test_cam_vs_gradcam",
                  "test_tutorial", "test_review", "test_pacs", "test_model_libraries", "test_viewer",
-                 "test_service_hardening", "test_baselines", "test_vit_phantoms", "test_explain_api",
+                 "test_service_hardening", "test_baselines", "test_node", "test_vit_phantoms",
+                 "test_explain_api",
                  "test_cli", "test_own_data", "test_gradients", "test_perturbation"]
 
 

@@ -270,7 +270,8 @@ def test_orthanc_routes_a_study_to_the_node_and_gets_pm_seg_sr_and_kos_back(orth
     """A real PACS on both sides: Orthanc (in its private network namespace, where the node runs
     too) sends a CT study to the node's AE title by C-STORE (its REST call /modalities/.../store,
     as a routing rule would); the node stores the Parametric Map, SEG, SR, overlay and KOS back
-    into Orthanc by C-STORE, each once (the node's ledger and counters)."""
+    into Orthanc by C-STORE and by STOW-RS (two destinations), each once to each (the node's
+    ledger and counters)."""
     from tests.test_pacs import PASSWORD, URL, USER, _in_ns, _zoo
 
     model = _zoo(tmp_path / "ct", "resnet18", "classification", ["Nodule", "Mass"], size=128)
@@ -281,15 +282,17 @@ def test_orthanc_routes_a_study_to_the_node_and_gets_pm_seg_sr_and_kos_back(orth
     settings = {"ae_title": "PELLUCID", "host": "127.0.0.1", "port": 11112, "http_port": 8190,
                 "spool": str(tmp_path / "spool"), "settle_seconds": 1,
                 "destinations": {"orthanc": {"cstore": {"host": "127.0.0.1", "port": 4242,
-                                                        "ae_title": "ORTHANC"}}},
+                                                        "ae_title": "ORTHANC"}},
+                                 "web": {"stowrs": {"url": URL}}},
                 "routes": [{"name": "ct", "match": {"modality": ["CT"]}, "model": str(model),
-                            "methods": ["gradcam"], "destinations": ["orthanc"]}]}
+                            "methods": ["gradcam"], "destinations": ["orthanc", "web"]}]}
     path = tmp_path / "node.yaml"
     path.write_text(json.dumps(settings))
     ct = shared_data / "dicom-samples" / "pydicom" / "CT_small.dcm"
+    env = dict(os.environ, PELLUCID_PACS_USER=USER, PELLUCID_PACS_PASSWORD=PASSWORD)
     node = subprocess.Popen(["ip", "netns", "exec", orthanc, sys.executable, "-m", "pellucid.cli",
                              "node", "--config", str(path)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, env=env)
     try:
         seen = _in_ns(orthanc, f"""
             import base64, json, time, urllib.request
@@ -342,4 +345,4 @@ def test_orthanc_routes_a_study_to_the_node_and_gets_pm_seg_sr_and_kos_back(orth
     metrics = {line.split()[0]: float(line.split()[1]) for line in seen["metrics"].splitlines()
                if line and not line.startswith("#")}
     assert metrics["pellucid_node_received_total"] == 1
-    assert metrics["pellucid_node_delivered_total"] == 5  # each result once
+    assert metrics["pellucid_node_delivered_total"] == 10  # each result once to each destination

@@ -76,7 +76,7 @@ def c_store(datasets: Sequence[Any], host: str, port: int, called_ae: str = "ORT
 
     ae = AE(ae_title=calling_ae)
     for ds in datasets:
-        syntax = ds.file_meta.TransferSyntaxUID if "file_meta" in ds and \
+        syntax = ds.file_meta.TransferSyntaxUID if hasattr(ds, "file_meta") and \
             "TransferSyntaxUID" in ds.file_meta else "1.2.840.10008.1.2.1"
         ae.add_requested_context(ds.SOPClassUID, [syntax])
     assoc = ae.associate(host, port, ae_title=called_ae)

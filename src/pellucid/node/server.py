@@ -239,8 +239,9 @@ class Node:
 
         files = sorted(batch.glob("*.dcm"))
         if not files:
-            with contextlib.suppress(OSError):
-                batch.rmdir()
+            if not self.spool.open_batch(batch.name):  # the worker may still be writing into it
+                with contextlib.suppress(OSError):
+                    batch.rmdir()
             return True
         datasets = [pydicom.dcmread(f) for f in files]
         ref = batch.name.split(".")[0]

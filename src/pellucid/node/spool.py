@@ -123,8 +123,14 @@ class Spool:
         result.unlink(missing_ok=True)
 
     def count(self, what: str) -> int:
-        """Files waiting: ``incoming`` instances or ``outbox`` results."""
-        return sum(1 for _ in (self.root / what).rglob("*.dcm"))
+        """Files waiting: ``incoming`` instances or ``outbox`` results (a folder claimed or
+        emptied while it is counted is skipped)."""
+        return sum(name.endswith(".dcm") for _, _, names in os.walk(self.root / what)
+                   for name in names)
+
+    def open_batch(self, batch: str) -> bool:
+        """Whether the worker may still add results to the outbox folders of ``batch``."""
+        return (self.root / "work" / batch).exists()
 
     # -- finishing -------------------------------------------------------------------------
     def finish(self, batch: Path, summary: dict[str, Any]) -> None:
