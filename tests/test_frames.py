@@ -144,3 +144,49 @@ def test_cli_explains_a_multi_frame_file_frame_by_frame(enhanced_mr, classifier,
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert len(summary) == 1 and len(summary[0]["frames"]) == 5
     assert (tmp_path / "out" / "enhanced_frame0003_gradcam.npy").is_file()
+
+
+def test_the_service_explains_a_multi_frame_upload_frame_by_frame(enhanced_mr, classifier,
+                                                                  tmp_path):
+    """POST /v1/explain with the enhanced MR: one answer per frame, equal to what ``pellucid
+    explain``'s path writes for it, and the whole image's Parametric Map, SEG and SR (with the KOS
+    when a finding is present) to download; every one parses back with highdicom."""
+    import io
+    import json
+
+    import highdicom as hd
+    from fastapi.testclient import TestClient
+
+    from pellucid.service import create_app
+
+    path, _ = enhanced_mr
+    models = tmp_path / "served"
+    shutil.copytree(classifier.source, models / "frames")
+    client = TestClient(create_app(models, tmp_path / "results", api_key="k"), headers={"X-API-Key": "k"})
+    r = client.post("/v1/explain", files={"file": ("mf.dcm", path.read_bytes(), "application/dicom")},
+                    data={"model": "frames", "methods": "gradcam"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert [f["frame"] for f in body["frames"]] == [1, 2, 3, 4, 5]
+    assert [m["frame"] for m in body["methods"]] == [1, 2, 3, 4, 5]
+    options = CaseOptions(["gradcam"])
+    results = [explain_case(classifier, case, options) for case in read_frames(classifier, path, options)]
+    record = write_frames(results, tmp_path / "cli", "mf", True, "frames", classifier.digest(),
+                          classifier.card, None, classifier.stored())
+    assert [f["findings"] for f in body["frames"]] == \
+        json.loads(json.dumps([r["findings"] for r in record["frames"]]))
+    def kind(name: str) -> str:  # the object, without the file stem in front
+        return name.rsplit("/", 1)[-1].split("_", 1)[1]
+
+    names = sorted(kind(f) for f in body["files"])
+    assert names == sorted(kind(n) for n in record["dicom_objects"])
+    assert {"parametric_map.dcm", "segmentation.dcm", "report_sr.dcm"} <= set(names)
+    readers = {"parametric_map.dcm": hd.pm.ParametricMap.from_dataset,
+               "segmentation.dcm": hd.seg.Segmentation.from_dataset,
+               "report_sr.dcm": hd.sr.Comprehensive3DSR.from_dataset,
+               "key_objects.dcm": hd.ko.KeyObjectSelectionDocument.from_dataset}
+    for url in body["files"]:
+        ds = pydicom.dcmread(io.BytesIO(client.get(url).content))
+        readers[kind(url)](ds)
+        if ds.Modality != "KO":
+            assert int(getattr(ds, "NumberOfFrames", 5)) == 5 or ds.Modality == "SR"
