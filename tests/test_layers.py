@@ -21,6 +21,7 @@ LAYERS: list[set[str]] = [
     {"viz", "(root)"},  # pellucid.explain / pellucid.evaluate: the API over explainers and metrics
     {"pipeline", "bench"},
     {"service", "pacs", "review"},
+    {"node"},  # pellucid node: the PACS path's pipeline behind a DICOM listener
     {"demo", "cli"},
 ]
 

@@ -151,29 +151,33 @@ def test_a_run_model_trained_before_descriptions_is_described_when_reused(tmp_pa
 
 
 def test_the_python_api_refuses_a_real_radiograph_for_a_phantom_model(chest_model, shared_data):
-    """``pellucid.explain`` with a LoadedModel checks each input as the command line does: a
-    phantom model refuses the SIIM radiograph in one line naming the input; with
-    ``outside_training_data=True`` it explains it, warns, and records the check; phantoms pass."""
+    """``pellucid.explain`` with a LoadedModel checks each input against the training inputs:
+    asked to refuse, a phantom model refuses the SIIM radiograph in one line naming the input; by
+    default it explains it with a warning naming the input and records the check; phantoms pass
+    without a warning."""
     import warnings
 
     import pellucid
     from pellucid.data import ChestPhantom
     from pellucid.data.inputs import load_input
-    from pellucid.pipeline.intended_use import UnlikeSyntheticTraining
+    from pellucid.errors import ModelError
 
     card = chest_model.card
     real = next((shared_data / "dicom-samples" / "torchxrayvision").glob("*.dcm"))
     x_real = card.normalize(load_input(real, 1, card.input_size, 2, card.resize).image[None])
     phantoms = ChestPhantom(2, card.input_size[0], seed=11)
     x_phantom = card.normalize(torch.stack([phantoms[k]["image"] for k in range(2)]))
-    with pytest.raises(UnlikeSyntheticTraining) as refused:
-        pellucid.explain(chest_model, torch.cat([x_phantom, x_real]), "gradcam")
+    with pytest.raises(ModelError) as refused:
+        pellucid.explain(chest_model, torch.cat([x_phantom, x_real]), "gradcam",
+                         unlike_training_data="refuse")
     message = str(refused.value)
     assert message.startswith("input 2: unlike the synthetic images") and "\n" not in message
-    assert "outside_training_data=True" in message
     with pytest.warns(UserWarning, match="input 0: unlike the synthetic images"):
-        exp = pellucid.explain(chest_model, x_real, "gradcam", outside_training_data=True)
+        exp = pellucid.explain(chest_model, x_real, "gradcam")
     assert exp.extras["training_data"][0]["unlike_training_data"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pellucid.explain(chest_model, x_real, "gradcam", unlike_training_data="ignore")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # phantoms like the training data: no warning
         exp = pellucid.explain(chest_model, x_phantom, "gradcam")

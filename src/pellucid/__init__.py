@@ -10,7 +10,7 @@ __all__ = ["__version__", "evaluate", "explain"]
 
 
 def explain(model: Any, inputs: Any, method: str, target: Any = None, layer: Any = None,
-            activation: str | None = None, outside_training_data: bool = False,
+            activation: str | None = None, unlike_training_data: str = "warn",
             check_inputs: bool = True, **options: Any):
     """Explain ``model`` on ``inputs`` (B, C, *spatial) with ``method`` for ``target``.
 
@@ -20,15 +20,17 @@ def explain(model: Any, inputs: Any, method: str, target: Any = None, layer: Any
     (segmentation). ``options`` go to the method (see ``pellucid.explainers.available()``).
     Returns a :class:`pellucid.explainers.Explanation`.
 
-    A ``LoadedModel`` answers only inside what it was trained on, as the command line does: each
-    input (normalised, as the model takes it) is checked against the card's description of the
-    training inputs (:mod:`pellucid.models.training_inputs`). A model trained on synthetic data
-    refuses an input unlike them, or any input when it has no such description, in one line
-    (:class:`pellucid.pipeline.intended_use.UnlikeSyntheticTraining`) unless
-    ``outside_training_data=True``; another model's unlike inputs are explained with a warning.
-    Every check is in ``explanation.extras["training_data"]``, one per input. ``check_inputs=False``
-    leaves the check to the caller (the case pipeline checks each case with its intended use; a
-    benchmark explains held-out cases of the model's own dataset).
+    With a ``LoadedModel`` each input (normalised, as the model takes it) is checked against the
+    card's description of the training inputs (:mod:`pellucid.models.training_inputs`); every
+    check is in ``explanation.extras["training_data"]``, one per input. An input unlike them (for
+    a model trained on synthetic data also any input, when the card describes none) gets, by
+    ``unlike_training_data``: ``"warn"`` (the default) a warning naming the input, ``"refuse"`` a
+    one-line :class:`pellucid.errors.ModelError` (what the command line, the service, the PACS
+    command and the node do with a patient's file for a phantom-trained model), ``"ignore"``
+    nothing. A tensor does not say whether it is a patient's image, so the API warns where the
+    file paths refuse. ``check_inputs=False`` leaves the check to the caller (the case pipeline
+    checks each case with its intended use; a benchmark explains held-out cases of the model's own
+    dataset).
     """
     from pellucid.explainers import create
     from pellucid.models.store import LoadedModel
@@ -37,7 +39,7 @@ def explain(model: Any, inputs: Any, method: str, target: Any = None, layer: Any
     if isinstance(model, LoadedModel):
         card = model.card
         if check_inputs:
-            checks = _training_data_checks(model, inputs, outside_training_data)
+            checks = _training_data_checks(model, inputs, unlike_training_data)
         if card is not None:
             layer = layer if layer is not None else card.default_layer
             activation = activation or card.activation
@@ -51,15 +53,17 @@ def explain(model: Any, inputs: Any, method: str, target: Any = None, layer: Any
     return explanation
 
 
-def _training_data_checks(loaded: Any, inputs: Any, override: bool) -> list[dict[str, Any]]:
+def _training_data_checks(loaded: Any, inputs: Any, unlike: str) -> list[dict[str, Any]]:
     """Each input against the model's training inputs (see :func:`explain`)."""
     import warnings
 
     import torch
 
+    from pellucid.errors import ConfigError, ModelError
     from pellucid.models.training_inputs import check_input
-    from pellucid.pipeline.intended_use import UnlikeSyntheticTraining
 
+    if unlike not in ("warn", "refuse", "ignore"):
+        raise ConfigError(f"unlike_training_data must be 'warn', 'refuse' or 'ignore', got {unlike!r}")
     if not isinstance(inputs, torch.Tensor):
         return []
     card, out = loaded.card, []
@@ -76,12 +80,12 @@ def _training_data_checks(loaded: Any, inputs: Any, override: bool) -> list[dict
                    f"at {check.false_alarm:.0%} false alarms)")
         else:
             continue
-        if synthetic and not override:
-            raise UnlikeSyntheticTraining(f"input {k}: {why}: a model trained on phantoms does not "
-                                          f"answer for it (outside_training_data=True explains it "
-                                          f"anyway)")
-        warnings.warn(f"input {k}: {why}; its explanation is of a model outside what it learned",
-                      stacklevel=3)
+        if unlike == "refuse":
+            raise ModelError(f"input {k}: {why}: the model does not answer for it "
+                             f"(unlike_training_data='warn' explains it with a warning)")
+        if unlike == "warn":
+            warnings.warn(f"input {k}: {why}; its explanation is of a model outside what it "
+                          f"learned", stacklevel=3)
     return out
 
 

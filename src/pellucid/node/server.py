@@ -188,7 +188,8 @@ class Node:
                 summary["refused"].append({"route": route.name, "reason": str(exc)})
                 continue
             except Exception as exc:  # one route's failure never stops the others
-                log.exception("study %s, route %s failed", ref, route.name)
+                # the type only: an exception's text may quote DICOM header values
+                log.error("study %s, route %s failed: %s", ref, route.name, type(exc).__name__)
                 summary["refused"].append({"route": route.name,
                                            "reason": f"unexpected {type(exc).__name__}"})
                 continue
