@@ -346,3 +346,29 @@ def test_orthanc_routes_a_study_to_the_node_and_gets_pm_seg_sr_and_kos_back(orth
                if line and not line.startswith("#")}
     assert metrics["pellucid_node_received_total"] == 1
     assert metrics["pellucid_node_delivered_total"] == 10  # each result once to each destination
+
+
+def test_a_corrupt_result_is_set_aside_with_an_alert_and_the_rest_delivered(chest_model, study,
+                                                                           tmp_path):
+    """An unforeseen failure (a result file that is not DICOM in the outbox) never stops the
+    delivering thread: that folder is set aside in spool/failed/ with an alert naming the study,
+    and a study routed afterwards is explained and delivered."""
+    from pellucid.node import Node, load_node_config
+
+    receiver = Receiver().start()
+    path = _config(tmp_path, chest_model.source, receiver)
+    broken = tmp_path / "spool" / "outbox" / "pacs" / "0123456789abcdef.1"
+    broken.mkdir(parents=True)
+    (broken / "1.2.3.dcm").write_bytes(b"not DICOM")
+    node = Node(load_node_config(path)).start()
+    try:
+        _until(lambda: _metrics(path)["pellucid_node_alerts_total"] == 1, 30, "the alert")
+        assert (tmp_path / "spool" / "failed" / "outbox" / "pacs" / broken.name / "1.2.3.dcm").is_file()
+        assert c_store(study[:1], "127.0.0.1", _settings(path)["port"], "PELLUCID") == [0]
+        _until(lambda: len(receiver.got) >= 3 and _metrics(path)["pellucid_node_outbox"] == 0, 60,
+               "the next study delivered")
+    finally:
+        node.stop()
+        receiver.stop()
+    audit = (tmp_path / "spool" / "audit.log").read_text()
+    assert '"event": "alert", "study": "0123456789abcdef"' in audit

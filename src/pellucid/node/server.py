@@ -132,15 +132,32 @@ class Node:
     # -- explaining ------------------------------------------------------------------------
     def _explain_loop(self) -> None:
         for batch in self.spool.unfinished():  # what a killed node left claimed
-            self._explain_batch(batch)
+            self._guarded(batch, self._explain_batch)
         while not self._stop.is_set():
             for ref in self.spool.settled(self.config.settle_seconds):
                 if self._stop.is_set():
                     return
                 batch = self.spool.claim(ref)
                 if batch is not None:
-                    self._explain_batch(batch)
+                    self._guarded(batch, self._explain_batch)
             self._stop.wait(0.2)
+
+    def _guarded(self, batch: Path, work) -> bool:
+        """Run ``work(batch)``; a failure pellucid did not foresee (a spool that cannot be
+        written, a corrupt file) never stops the thread: the batch is set aside in
+        ``spool/failed/`` and an alert names the study. Returns whether ``work`` returned true."""
+        try:
+            return bool(work(batch))
+        except Exception as exc:
+            ref = batch.name.split(".")[0]
+            self.counts["alerts"] += 1
+            log.error("ALERT study %s: %s failed (%s); set aside in the spool's failed/ folder",
+                      ref, batch.parent.name, type(exc).__name__)
+            with contextlib.suppress(Exception):
+                self.spool.audit("alert", study=ref, reason=f"{batch.parent.name} failed: "
+                                 f"{type(exc).__name__}")
+                self.spool.set_aside(batch)
+            return False
 
     def _model(self, route: Route):
         if route.model not in self._models:
@@ -230,7 +247,7 @@ class Node:
                 if failing is not None and time.time() < failing[2]:
                     continue
                 for batch in self.spool.pending(name):
-                    if not self._deliver_batch(destination, batch):
+                    if not self._guarded(batch, lambda b, d=destination: self._deliver_batch(d, b)):
                         break
             self._stop.wait(0.2)
 

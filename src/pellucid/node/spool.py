@@ -7,6 +7,8 @@ before anything is acknowledged, so that a node killed at any point resumes wher
     outbox/<destination>/<study>.<n>/<result>.dcm   results not yet delivered there
     delivered/<destination>/<result>  the ledger: a result delivered there (never sent again)
     done/<study>.<n>.json             what was explained, refused and why (no patient data)
+    failed/...                        a claimed study or outbox folder that failed unforeseen
+                                      (an alert named it), kept for the operator
     audit.log                         one JSON line per event, studies named by a reference
 
 A study's reference is the first 16 hex digits of the SHA-256 of its Study Instance UID (a UID is
@@ -139,6 +141,14 @@ class Spool:
         write_whole(batch / "done.json", json.dumps(summary, indent=1).encode())
         write_whole(self.root / "done" / f"{batch.name}.json", json.dumps(summary, indent=1).encode())
         shutil.rmtree(batch, ignore_errors=True)
+
+    def set_aside(self, batch: Path) -> Path:
+        """Move a batch that failed (claimed study or outbox folder) to ``failed/`` for the
+        operator, out of the way of the threads."""
+        target = self.root / "failed" / batch.relative_to(self.root)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(batch, target)
+        return target
 
     def audit(self, event: str, **fields: Any) -> None:
         """One JSON line in audit.log (references, counts and reasons; no patient identifier)."""
