@@ -263,6 +263,15 @@ def test_the_node_configuration_is_checked_before_it_starts(chest_model, tmp_pat
     path.write_text(json.dumps(settings))
     with pytest.raises(ConfigError, match=r"routes\[0\].destinations: archive not among"):
         load_node_config(path)
+    settings["routes"][0]["destinations"] = ["pacs"]
+    for key, value, said in (("port", "11112", "port: an integer of at least 1"),
+                             ("settle_seconds", -1, "settle_seconds: a number of at least 0"),
+                             ("retry", {"first_seconds": "soon"}, "retry.first_seconds: a number"),
+                             ("retry", {"first_second": 1}, "retry: a mapping of")):
+        path.write_text(json.dumps({**settings, key: value}))
+        with pytest.raises(ConfigError) as exc:
+            load_node_config(path)
+        assert said in str(exc.value) and "\n" not in str(exc.value), exc.value
 
 
 def test_orthanc_routes_a_study_to_the_node_and_gets_pm_seg_sr_and_kos_back(orthanc, shared_data,  # noqa: F811

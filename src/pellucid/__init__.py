@@ -60,7 +60,7 @@ def _training_data_checks(loaded: Any, inputs: Any, unlike: str) -> list[dict[st
     import torch
 
     from pellucid.errors import ConfigError, ModelError
-    from pellucid.models.training_inputs import check_input
+    from pellucid.models.training_inputs import check_inputs
 
     if unlike not in ("warn", "refuse", "ignore"):
         raise ConfigError(f"unlike_training_data must be 'warn', 'refuse' or 'ignore', got {unlike!r}")
@@ -68,8 +68,7 @@ def _training_data_checks(loaded: Any, inputs: Any, unlike: str) -> list[dict[st
         return []
     card, out = loaded.card, []
     synthetic = card is not None and card.synthetic
-    for k in range(inputs.shape[0]):
-        check = check_input(loaded.module, card, inputs[k:k + 1])
+    for k, check in enumerate(check_inputs(loaded.module, card, inputs)):
         out.append(check.as_dict())
         if synthetic and check.distance is None:
             why = (f"the model was trained on synthetic data and cannot tell a patient image from "

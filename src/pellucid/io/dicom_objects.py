@@ -398,6 +398,20 @@ class ReportedModel:
             if self.file_sha256 else []
         return [*stored, f"weights state-dict sha256: {self.digest}"]
 
+    def observer(self) -> Any:
+        """The SR's and KOS's device observer: pellucid running this model, its UID derived from
+        the model's name, version and weights (the same device, the same UID)."""
+        import highdicom as hd
+        from pydicom.sr.codedict import codes
+        from pydicom.uid import generate_uid
+
+        return hd.sr.ObserverContext(
+            observer_type=codes.DCM.Device,
+            observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+                uid=generate_uid(entropy_srcs=["pellucid device", self.name, self.version,
+                                               self.digest]),
+                name="pellucid", manufacturer_name=MANUFACTURER, model_name=self.name))
+
     def identification(self, method: str) -> Any:
         """The SEG's Algorithm Identification: the model (name, version, family AI) whose output
         ``method`` explained, pellucid as the algorithm's source."""
@@ -448,14 +462,8 @@ def structured_report(source: Sequence[Any], model: ReportedModel, findings: Seq
     import highdicom as hd
     from pydicom.sr.codedict import codes
     from pydicom.sr.coding import Code
-    from pydicom.uid import generate_uid
 
-    observer = hd.sr.ObserverContext(
-        observer_type=codes.DCM.Device,
-        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=generate_uid(entropy_srcs=["pellucid device", model.name, model.version,
-                                           model.digest]),
-            name="pellucid", manufacturer_name=MANUFACTURER, model_name=model.name))
+    observer = model.observer()
     parameters = [*model.parameters(), *([f"summary: {summary}"] if summary else []),
                   *notes, RESEARCH_NOTICE]
     algorithm = hd.sr.AlgorithmIdentification(name=model.name, version=model.version or "unversioned",
@@ -535,7 +543,6 @@ def key_object_selection(key_images: Sequence[Any], model: ReportedModel, findin
     (the caller skips it and says why)."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
-    from pydicom.uid import generate_uid
 
     present = [f for f in findings if f.present]
     if not present or not key_images:
@@ -543,12 +550,7 @@ def key_object_selection(key_images: Sequence[Any], model: ReportedModel, findin
     names = ", ".join(dict.fromkeys(
         f.name + (f" (frame {f.frame})" if f.frame else "") for f in present))
     version = f" {model.version}" if model.version else ""
-    observer = hd.sr.ObserverContext(
-        observer_type=codes.DCM.Device,
-        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=generate_uid(entropy_srcs=["pellucid device", model.name, model.version,
-                                           model.digest]),
-            name="pellucid", manufacturer_name=MANUFACTURER, model_name=model.name))
+    observer = model.observer()
     description = f"images with findings of {model.name}{version}: {names}. {RESEARCH_NOTICE}"
     content = hd.ko.KeyObjectSelection(
         document_title=codes.DCM.OfInterest, referenced_objects=[*key_images, *derived],

@@ -216,13 +216,18 @@ def describe_training_inputs(module: nn.Module, card, val_ds, test_ds=None,
 
 def check_input(module: nn.Module, card, x: torch.Tensor) -> InputCheck:
     """Check one normalised input (1, C, *spatial) against the model's training inputs."""
+    return check_inputs(module, card, x)[0]
+
+
+def check_inputs(module: nn.Module, card, x: torch.Tensor) -> list[InputCheck]:
+    """Check each normalised input of a batch (B, C, *spatial): one batched forward."""
     stats = getattr(module, ATTRIBUTE, None)
     if card is None:
-        return InputCheck(not_checked="no model card")
+        return [InputCheck(not_checked="no model card")] * x.shape[0]
     if stats is None:
         reason = (card.training_inputs or {}).get("not_described",
                                                   "the model card describes no training inputs")
-        return InputCheck(not_checked=reason)
-    d = float(stats.distance(pooled_features(module, stats.layer, x))[0])
-    return InputCheck(d, stats.threshold, float(card.training_inputs.get("false_alarm",
-                                                                          FALSE_ALARM)))
+        return [InputCheck(not_checked=reason)] * x.shape[0]
+    rate = float(card.training_inputs.get("false_alarm", FALSE_ALARM))
+    return [InputCheck(float(d), stats.threshold, rate)
+            for d in stats.distance(pooled_features(module, stats.layer, x))]

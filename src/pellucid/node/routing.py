@@ -102,6 +102,17 @@ class NodeConfig:
     source: str = ""
 
 
+def _number(raw: dict, key: str, default: float, where: str, whole: bool = False,
+            low: float = 0.0) -> Any:
+    """A numeric setting (``whole``: an integer) at least ``low``, or one line naming it."""
+    value = raw.get(key, default)
+    ok = isinstance(value, int) if whole else isinstance(value, (int, float))
+    if isinstance(value, bool) or not ok or value < low:
+        kind = "an integer" if whole else "a number"
+        raise ConfigError(f"{where}{key}: {kind} of at least {low:g} is expected, got {value!r}")
+    return int(value) if whole else float(value)
+
+
 def _list(value: Any, where: str) -> list[str]:
     if isinstance(value, str):
         return [value]
@@ -139,7 +150,8 @@ def load_node_config(path: str | Path, check_models: bool = True) -> NodeConfig:
         kind, body = next(iter(spec.items()))
         body = body or {}
         if kind == "cstore":
-            if not body.get("host") or not isinstance(body.get("port"), int):
+            if not body.get("host") or isinstance(body.get("port"), bool) or \
+                    not isinstance(body.get("port"), int):
                 raise ConfigError(f"{where}.cstore: host and an integer port are required")
             destinations[name] = Destination(name, kind, str(body["host"]), int(body["port"]),
                                              str(body.get("ae_title", "ANY-SCP")))
@@ -172,12 +184,17 @@ def load_node_config(path: str | Path, check_models: bool = True) -> NodeConfig:
         routes.append(route)
     if not routes:
         raise ConfigError(f"{path}: 'routes' lists no route: the node would explain nothing")
-    retry = Retry(**{k: float(v) for k, v in (raw.get("retry") or {}).items()
-                     if k in ("first_seconds", "max_seconds", "alert_after_seconds")})
+    given = raw.get("retry") or {}
+    known_retry = ("first_seconds", "max_seconds", "alert_after_seconds")
+    if not isinstance(given, dict) or set(given) - set(known_retry):
+        raise ConfigError(f"{path}: retry: a mapping of {', '.join(known_retry)}")
+    retry = Retry(**{k: _number(given, k, getattr(Retry, k), f"{path}: retry.", low=0.01)
+                     for k in known_retry})
     config = NodeConfig(Path(raw["spool"]), routes, destinations, str(raw.get("ae_title", "PELLUCID")),
-                        str(raw.get("host", "127.0.0.1")), int(raw.get("port", 11112)),
-                        int(raw.get("http_port", 0)), float(raw.get("settle_seconds", 10.0)), retry,
-                        str(path))
+                        str(raw.get("host", "127.0.0.1")),
+                        _number(raw, "port", 11112, f"{path}: ", whole=True, low=1),
+                        _number(raw, "http_port", 0, f"{path}: ", whole=True),
+                        _number(raw, "settle_seconds", 10.0, f"{path}: "), retry, str(path))
     if check_models:
         for k, route in enumerate(routes):
             check_route(route, f"{path}: routes[{k}]")

@@ -275,10 +275,12 @@ def _write_derived(item, heat: np.ndarray, method: str, model: ReportedModel, fo
                                    regions=regions, explained=explained, evidence=evidence)
     sr.save_as(out / f"{prefix}report_sr.dcm")
     written.append(f"{prefix}report_sr.dcm")
-    # the images with findings, flagged (IHE AIR): the image; of a volume, the slice at the map's peak
-    peak = int(np.unravel_index(int(np.nan_to_num(frames).argmax()), frames.shape)[0]) \
-        if len(source) == frames.shape[0] else 0
-    written += write_key_objects([source[peak]], model, found, [sr, seg, pmap], notes, record, out,
+    # the images with findings, flagged (IHE AIR): the image; of a volume, the slice at the map's
+    # peak (an empty map has none: then every slice, not one picked at random)
+    key = list(source)
+    if len(source) > 1 and len(source) == frames.shape[0] and not empty_map(frames):
+        key = [source[int(np.unravel_index(int(frames.argmax()), frames.shape)[0])]]
+    written += write_key_objects(key, model, found, [sr, seg, pmap], notes, record, out,
                                  prefix, report_seed + "|kos")
     return written
 
