@@ -162,3 +162,45 @@ def test_no_key_object_selection_without_a_present_finding(shared_data):
     assert np.array_equal([str(i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
                            for i in kos.ContentSequence if "ReferencedSOPSequence" in i],
                           [str(source[0].SOPInstanceUID)])
+
+
+def test_findings_are_image_level_groups_and_regions_belong_to_explanations(written):
+    """AIR's image-level qualitative evaluations: each finding is a TID 1501 group with no region
+    of its own (its score inferred from the image's edges only), Present / Absent as a CODE; each
+    method is a TID 1410 group whose region is the explained box, and its Comment names every
+    finding (what OHIF 3.13, which lists only groups with a region, shows)."""
+    tmp, records, cr = written
+    source = pydicom.dcmread(cr)
+    sr = pydicom.dcmread(tmp / "a" / "report_sr.dcm")
+    measurements = next(i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "126010")
+    groups = {}
+    for group in measurements.ContentSequence:
+        items = list(group.ContentSequence)
+        tracking = next(str(i.TextValue) for i in items if i.ConceptNameCodeSequence[0].CodeValue == "112039")
+        groups[tracking] = (str(group.ContentTemplateSequence[0].TemplateIdentifier), items)
+    record = records[0]
+    edges = [0, 0, int(source.Columns), 0, int(source.Columns), int(source.Rows), 0, int(source.Rows), 0, 0]
+    for f in record["findings"]:
+        template, items = groups[f"finding {f['name']}"]
+        assert template == "1501"
+        assert not any(i.ValueType == "SCOORD" for i in items)  # no region of the finding
+        presence = next(i for i in items if i.ValueType == "CODE"
+                        and i.ConceptNameCodeSequence[0].CodeValue == "705057003")
+        assert presence.ConceptCodeSequence[0].CodeMeaning == ("Present" if f["present"] else "Absent")
+        score = next(i for i in items if i.ValueType == "NUM")
+        assert float(score.MeasuredValueSequence[0].NumericValue) == pytest.approx(f["score"], abs=1e-6)
+        inferred = [c for c in score.get("ContentSequence", []) if c.ValueType == "SCOORD"]
+        assert [list(np.round(c.GraphicData, 3)) for c in inferred] == [edges]
+    explained = record["explained"]["class"]
+    for method in ("gradcam", "saliency"):
+        template, items = groups[f"explanation {method}"]
+        assert template == "1410"
+        region = next(i for i in items if i.ValueType == "SCOORD")
+        box = np.asarray(region.GraphicData).reshape(-1, 2)
+        assert box.min() >= 0 and box[:, 0].max() <= source.Columns and box[:, 1].max() <= source.Rows
+        assert (box.max(0) - box.min(0)).prod() < 0.99 * source.Columns * source.Rows  # not the image
+        comment = next(str(i.TextValue) for i in items if i.ConceptNameCodeSequence[0].CodeValue == "121106")
+        assert comment.startswith(f"{explained} ") and f"explained by {method}" in comment
+        for f in record["findings"]:
+            verdict = "present" if f["present"] else "absent"
+            assert f"{f['name']} {verdict} (probability {f['score']:.2f}" in comment

@@ -267,28 +267,31 @@ def test_secondary_capture_and_structured_report_on_a_real_cr(shared_data):
                   for r in i.get("ReferencedSOPSequence", [])}
     assert {str(sc.SOPInstanceUID), str(saliency_sc.SOPInstanceUID), str(seg_obj.SOPInstanceUID),
             str(source[0].SOPInstanceUID)} <= referenced  # every overlay, the SEG, the image
-    # what a viewer lists (OHIF's layout): planar ROI groups, each score inferred from the whole
-    # image, each method's share inferred from the box around its explained region, a Comment each
+    # image-level findings (TID 1501: the score inferred from the image's edges, no region of
+    # their own); each method a planar ROI group (what a viewer lists) around its explained
+    # region, whose share is inferred from the box, a Comment each naming every finding
     boxes = [[float(v) for v in i.GraphicData] for i in items if i.ValueType == "SCOORD"]
     whole, gradcam_box = [0, 0, 1024, 0, 1024, 1024, 0, 1024, 0, 0], [400, 300, 700, 300, 700, 500,
                                                                         400, 500, 400, 300]
-    assert boxes.count(gradcam_box) == 2 and boxes.count(whole) >= 2  # group region + NUM's
+    assert boxes.count(gradcam_box) == 2 and boxes.count(whole) == 2  # group region + NUM's; scores
     comments = [str(i.TextValue) for i in items if i.ValueType == "TEXT"
                 and i.ConceptNameCodeSequence[0].CodeValue == "121106"]
     assert comments == [
         "Pneumothorax present (probability 0.87, threshold 0.42); model chest-resnet18 0.1.0",
         "Effusion absent (probability 0.12, threshold 0.35); model chest-resnet18 0.1.0",
         "Pneumothorax present (probability 0.87, threshold 0.42); explained by gradcam; "
-        "model chest-resnet18 0.1.0",
+        "model chest-resnet18 0.1.0; other findings: Effusion absent (probability 0.12, threshold 0.35)",
         "Pneumothorax present (probability 0.87, threshold 0.42); explained by saliency; "
-        "model chest-resnet18 0.1.0"], comments
+        "model chest-resnet18 0.1.0; other findings: Effusion absent (probability 0.12, threshold 0.35)"
+    ], comments
     shares = [float(i.MeasuredValueSequence[0].NumericValue) for i in items if i.ValueType == "NUM"
               and i.ConceptNameCodeSequence[0].CodeValue == "MAPSHARE"]
     assert shares == [100.0, 100.0]  # all of each map's mass lies in its box
     templates = [str(i.ContentTemplateSequence[0].TemplateIdentifier) for i in items
                  if "ContentTemplateSequence" in i and i.ValueType == "CONTAINER"]
-    assert templates.count("1410") == 4  # planar ROI groups, parsed back below
-    assert len(parsed.content.get_planar_roi_measurement_groups()) == 4
+    assert templates.count("1501") == 2 and templates.count("1410") == 2  # parsed back below
+    assert len(parsed.content.get_planar_roi_measurement_groups()) == 2
+    assert len(parsed.content.get_image_measurement_groups()) == 2
     evidence = {str(ref.ReferencedSOPInstanceUID)
                 for study in sr.CurrentRequestedProcedureEvidenceSequence
                 for series in study.ReferencedSeriesSequence

@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 import urllib.request
@@ -278,9 +279,12 @@ def test_orthanc_routes_a_study_to_the_node_and_gets_pm_seg_sr_and_kos_back(orth
                                                                               tmp_path):
     """A real PACS on both sides: Orthanc (in its private network namespace, where the node runs
     too) sends a CT study to the node's AE title by C-STORE (its REST call /modalities/.../store,
-    as a routing rule would); the node stores the Parametric Map, SEG, SR, overlay and KOS back
-    into Orthanc by C-STORE and by STOW-RS (two destinations), each once to each (the node's
-    ledger and counters)."""
+    as a routing rule would); the node (two workers, Orthanc's AE title the only one let in) is
+    killed (-9) right after acknowledging it, and Orthanc is out of the node's reach for 60 s
+    (a forwarder in front of its DICOM and HTTP ports, not yet started). Restarted, the node
+    explains the study, retries, alerts, and once Orthanc is reachable stores the Parametric Map,
+    SEG, SR, overlay and KOS into it by C-STORE and by STOW-RS (two destinations): each exactly
+    once to each (Orthanc's instances, the node's counters)."""
     from tests.test_pacs import PASSWORD, URL, USER, _in_ns, _zoo
 
     model = _zoo(tmp_path / "ct", "resnet18", "classification", ["Nodule", "Mass"], size=128)
@@ -289,72 +293,137 @@ def test_orthanc_routes_a_study_to_the_node_and_gets_pm_seg_sr_and_kos_back(orth
     card.update(thresholds=[0.01, 0.5], name="ct-nodule-demo", version="1.0")
     (model / "card.json").write_text(json.dumps(card))
     settings = {"ae_title": "PELLUCID", "host": "127.0.0.1", "port": 11112, "http_port": 8190,
-                "spool": str(tmp_path / "spool"), "settle_seconds": 1,
-                "destinations": {"orthanc": {"cstore": {"host": "127.0.0.1", "port": 4242,
+                "spool": str(tmp_path / "spool"), "settle_seconds": 5, "workers": 2,
+                "accept_from": ["ORTHANC"],
+                "retry": {"first_seconds": 1, "max_seconds": 4, "alert_after_seconds": 20},
+                "destinations": {"orthanc": {"cstore": {"host": "127.0.0.1", "port": 4243,
                                                         "ae_title": "ORTHANC"}},
-                                 "web": {"stowrs": {"url": URL}}},
+                                 "web": {"stowrs": {"url": URL.replace(":8042", ":8043")}}},
                 "routes": [{"name": "ct", "match": {"modality": ["CT"]}, "model": str(model),
                             "methods": ["gradcam"], "destinations": ["orthanc", "web"]}]}
     path = tmp_path / "node.yaml"
     path.write_text(json.dumps(settings))
     ct = shared_data / "dicom-samples" / "pydicom" / "CT_small.dcm"
     env = dict(os.environ, PELLUCID_PACS_USER=USER, PELLUCID_PACS_PASSWORD=PASSWORD)
-    node = subprocess.Popen(["ip", "netns", "exec", orthanc, sys.executable, "-m", "pellucid.cli",
-                             "node", "--config", str(path)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, env=env)
-    try:
-        seen = _in_ns(orthanc, f"""
-            import base64, json, time, urllib.request
-            import pydicom
-            from pellucid.pacs import DicomWeb
 
-            auth = {{"Authorization": "Basic " + base64.b64encode(b"{USER}:{PASSWORD}").decode()}}
+    def start() -> subprocess.Popen:
+        return subprocess.Popen(["ip", "netns", "exec", orthanc, sys.executable, "-m", "pellucid.cli",
+                                 "node", "--config", str(path)], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, env=env)
 
-            def rest(method, path, body=None):
-                data = None if body is None else (body if isinstance(body, bytes)
-                                                  else json.dumps(body).encode())
-                req = urllib.request.Request("http://127.0.0.1:8042" + path, data=data,
-                                             method=method, headers=auth)
-                return json.loads(urllib.request.urlopen(req, timeout=120).read() or b"null")
+    preamble = textwrap.dedent(f"""
+        import base64, json, time, urllib.request
+        import pydicom
+        from pellucid.pacs import DicomWeb
 
-            for _ in range(600):  # the node up
+        auth = {{"Authorization": "Basic " + base64.b64encode(b"{USER}:{PASSWORD}").decode()}}
+        web = DicomWeb("{URL}", "{USER}", "{PASSWORD}")
+
+        def rest(method, path, body=None):
+            data = None if body is None else (body if isinstance(body, bytes)
+                                              else json.dumps(body).encode())
+            req = urllib.request.Request("http://127.0.0.1:8042" + path, data=data,
+                                         method=method, headers=auth)
+            return json.loads(urllib.request.urlopen(req, timeout=120).read() or b"null")
+
+        def metrics():
+            for _ in range(900):
                 try:
-                    urllib.request.urlopen("http://127.0.0.1:8190/health", timeout=1)
-                    break
+                    text = urllib.request.urlopen("http://127.0.0.1:8190/metrics", timeout=1).read()
+                    return {{line.split()[0]: float(line.split()[1]) for line in text.decode().splitlines()
+                            if line and not line.startswith("#")}}
                 except OSError:
                     time.sleep(0.2)
+            raise SystemExit("the node did not answer")
+    """)
+    down_since = time.time()  # the forwarder is not running: Orthanc is out of the node's reach
+    node, forwarder = start(), None
+    try:
+        study = _in_ns(orthanc, preamble + textwrap.dedent(f"""
+            metrics()  # the node up
             ds = pydicom.dcmread("{ct}")
-            web = DicomWeb("{URL}", "{USER}", "{PASSWORD}")
             web.store([ds])
             study = str(ds.StudyInstanceUID)
             rest("PUT", "/modalities/pellucid", {{"AET": "PELLUCID", "Host": "127.0.0.1",
                                                   "Port": 11112}})
             found = rest("POST", "/tools/lookup", study.encode())
-            rest("POST", "/modalities/pellucid/store", found[0]["ID"].encode())
-            classes = []
-            for _ in range(600):
-                classes = sorted(i["sop_class"] for i in web.instances(study))
-                metrics = urllib.request.urlopen("http://127.0.0.1:8190/metrics").read().decode()
-                if "1.2.840.10008.5.1.4.1.1.88.59" in classes and "pellucid_node_outbox 0" in metrics:
+            rest("POST", "/modalities/pellucid/store", found[0]["ID"].encode())  # acknowledged
+            print(json.dumps({{"study": study}}))
+        """), timeout=300)["study"]
+        node.kill()  # kill -9: acknowledged, not yet settled
+        node.wait(timeout=60)
+        assert len(list((tmp_path / "spool" / "incoming").rglob("*.dcm"))) == 1
+        node = start()
+        waiting = _in_ns(orthanc, preamble + textwrap.dedent("""
+            for _ in range(900):
+                m = metrics()
+                if m["pellucid_node_explained_total"] == 1 and m["pellucid_node_outbox"] == 10:
                     break
                 time.sleep(0.2)
-            print(json.dumps({{"classes": classes, "metrics": metrics}}))
-        """, timeout=300)
+            print(json.dumps(m))
+        """), timeout=300)
+        assert waiting["pellucid_node_outbox"] == 10  # 5 results for each of 2 destinations
+        time.sleep(max(0.0, 60 - (time.time() - down_since)))  # down for 60 s
+        forwarder = subprocess.Popen(["ip", "netns", "exec", orthanc, sys.executable,
+                                      str(Path(__file__).with_name("tcp_forward.py")),
+                                      "4243:4242", "8043:8042"], stdout=subprocess.DEVNULL)
+        seen = _in_ns(orthanc, preamble + textwrap.dedent(f"""
+            down = metrics()
+            classes = []
+            for _ in range(600):
+                classes = sorted(i["sop_class"] for i in web.instances("{study}"))
+                m = metrics()
+                if "1.2.840.10008.5.1.4.1.1.88.59" in classes and m["pellucid_node_outbox"] == 0:
+                    break
+                time.sleep(0.2)
+            time.sleep(2)  # nothing more arrives
+            classes = sorted(i["sop_class"] for i in web.instances("{study}"))
+            print(json.dumps({{"classes": classes, "down": down, "after": metrics()}}))
+        """), timeout=300)
     finally:
-        node.terminate()
-        try:
-            node.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            node.kill()
+        for process in (node, forwarder):
+            if process is not None:
+                process.terminate()
+                try:
+                    process.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    process.kill()
     classes = seen["classes"]
     assert classes.count("1.2.840.10008.5.1.4.1.1.2") == 1  # the CT, then what the node sent back
     for sop_class in ("1.2.840.10008.5.1.4.1.1.30", "1.2.840.10008.5.1.4.1.1.66.4",
                       "1.2.840.10008.5.1.4.1.1.88.34", KOS, "1.2.840.10008.5.1.4.1.1.7"):
         assert classes.count(sop_class) == 1, (sop_class, classes)  # PM, SEG, SR, KOS, overlay
-    metrics = {line.split()[0]: float(line.split()[1]) for line in seen["metrics"].splitlines()
-               if line and not line.startswith("#")}
-    assert metrics["pellucid_node_received_total"] == 1
-    assert metrics["pellucid_node_delivered_total"] == 10  # each result once to each destination
+    down, after = seen["down"], seen["after"]
+    assert down["pellucid_node_alerts_total"] >= 1 and down["pellucid_node_retried_total"] >= 4
+    assert after["pellucid_node_delivered_total"] == 10  # each result once to each destination
+    assert after["pellucid_node_outbox"] == 0
+    audit = [json.loads(line) for line in (tmp_path / "spool" / "audit.log").read_text().splitlines()]
+    assert sum(e["event"] == "received" for e in audit) == 1  # once, before the kill
+    assert {e["destination"] for e in audit if e["event"] == "alert"} >= {"orthanc", "web"}
+
+
+def test_only_the_calling_ae_titles_let_in_may_send(chest_model, study, tmp_path):
+    """``accept_from``: an association from another calling AE title is rejected (the sender is
+    told; nothing is spooled); one from a title let in is taken."""
+    from pellucid.errors import DataError
+    from pellucid.node import Node, load_node_config
+
+    receiver = Receiver()
+    path = _config(tmp_path, chest_model.source, receiver, accept_from=["MODALITY1"], settle_seconds=60)
+    node = Node(load_node_config(path, check_models=False)).start()
+    try:
+        port = _settings(path)["port"]
+        with pytest.raises(DataError, match="association with PELLUCID was not accepted"):
+            c_store(study, "127.0.0.1", port, "PELLUCID", calling_ae="INTRUDER")
+        assert not (tmp_path / "spool" / "incoming").exists() or \
+            not list((tmp_path / "spool" / "incoming").rglob("*.dcm"))
+        assert c_store(study, "127.0.0.1", port, "PELLUCID", calling_ae="MODALITY1") == [0, 0]
+        assert len(list((tmp_path / "spool" / "incoming").rglob("*.dcm"))) == 2
+    finally:
+        node.stop()
+    path.write_text(json.dumps({**_settings(path), "accept_from": ["A" * 17]}))
+    with pytest.raises(ConfigError, match=r"accept_from: 'AAAAAAAAAAAAAAAAA' is not an AE title"):
+        load_node_config(path, check_models=False)
 
 
 def test_a_corrupt_result_is_set_aside_with_an_alert_and_the_rest_delivered(chest_model, study,

@@ -22,15 +22,19 @@ log = logging.getLogger("pellucid.pacs")
 
 class DicomWeb:
     """A DICOMweb endpoint, e.g. ``http://127.0.0.1:8042/dicom-web`` (Orthanc), with optional
-    HTTP basic authentication."""
+    HTTP basic authentication. ``retry=False``: a failed request fails at once (dicomweb-client
+    otherwise retries for about 30 s), for a caller with a backoff of its own."""
 
-    def __init__(self, url: str, username: str | None = None, password: str | None = None) -> None:
+    def __init__(self, url: str, username: str | None = None, password: str | None = None,
+                 retry: bool = True) -> None:
         from dicomweb_client.api import DICOMwebClient
         from dicomweb_client.session_utils import create_session, create_session_from_user_pass
 
         session = create_session_from_user_pass(username, password) if username else create_session()
         self.url = url.rstrip("/")
         self.client = DICOMwebClient(url=self.url, session=session)
+        if not retry:
+            self.client.set_http_retry_params(retry=False)
 
     def _call(self, what: str, fn, *args, **kwargs):
         try:

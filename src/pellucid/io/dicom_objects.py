@@ -449,12 +449,15 @@ def structured_report(source: Sequence[Any], model: ReportedModel, findings: Seq
     version and weights digest, the plain-text ``summary``, ``notes`` (e.g. an intended-use override)
     and the research-use statement are the algorithm's parameters.
 
-    Single-frame images get what a viewer's measurement panel lists (OHIF reads exactly this
-    layout, and fails on a group without coordinates): each score is inferred from the whole image
-    (a closed POLYLINE around it: an image-level output), each method's group holds ``regions``'
-    box around its explained region as a TID 300 measurement (the share of the map's positive mass
-    in the box), and every group a Comment naming the finding, its score, the method and the
-    model.
+    Each finding is an image-level TID 1501 group (no region: the model's output is about the
+    image) with its Presence as a qualitative evaluation; on a single-frame image its score is
+    INFERRED FROM the image's edges (a closed POLYLINE: what the output was inferred from, not a
+    finding's region). Each method's group on a single-frame image is a TID 1410 planar ROI: the
+    box around its explained region (``regions``), with the share of the map's positive mass in
+    the box as a TID 300 measurement. Every group has a Comment naming the finding, its score, the
+    method and the model; a method's Comment names the other findings too, because OHIF 3.13 lists
+    only groups with a region of their own (it fails on a group without coordinates and leaves out
+    image-level groups), so its measurement panel still shows every finding the model stated.
 
     ``evidence`` (``--evidence RUN``): per method, its benchmark scores on this model as text items
     "Benchmark evidence" (99PELLUCID BENCHEV) in the method's group, one line per metric (mean, 95 %
@@ -483,8 +486,8 @@ def structured_report(source: Sequence[Any], model: ReportedModel, findings: Seq
         evaluations = [] if f.present is None else [hd.sr.QualitativeEvaluation(
             name=presence, value=codes.SCT.Present if f.present else codes.SCT.Absent)]
         version = f" {model.version}" if model.version else ""
-        groups.append(_group(
-            source, whole if planar else None,
+        groups.append(_group(  # TID 1501: an image-level output, no region of its own
+            source, None,
             f"finding {f.name}" + (f" frame {f.frame}" if f.frame else ""), f.concept(), algorithm,
             measurements, evaluations, f"{_finding_words(f)}; model {model.name}{version}",
             frame=f.frame, seed=uid_seed))
@@ -502,6 +505,9 @@ def structured_report(source: Sequence[Any], model: ReportedModel, findings: Seq
         region = (regions or {}).get(method) if planar else None
         stated = next((f for f in findings if f.name == explained), None)
         comment, measurements, shown = _region_comment(stated, explained, method, model), [], None
+        others = [_finding_words(f) for f in findings if f is not stated]
+        if planar and others:  # a viewer lists only groups with a region: the rest are named here
+            comment += f"; other findings: {', '.join(others)}"
         if region is not None:
             measurements, shown = [region.measurement(source[0], method_id, made)], region
         elif planar and regions is not None:  # the caller found no region: the map was empty

@@ -7,6 +7,8 @@ host: 127.0.0.1
 port: 11112
 spool: /var/spool/pellucid  # durable: nothing is acknowledged before it is written here
 settle_seconds: 10          # a study is complete when no instance arrived for this long
+workers: 2                  # studies explained at once (each worker has its own model copies)
+accept_from: [PACS, CT01]   # calling AE titles let in; absent: any
 http_port: 8190             # GET /health, GET /metrics (Prometheus text), on 127.0.0.1
 retry: {first_seconds: 2, max_seconds: 300, alert_after_seconds: 600}
 destinations:
@@ -100,6 +102,8 @@ class NodeConfig:
     settle_seconds: float = 10.0
     retry: Retry = field(default_factory=Retry)
     source: str = ""
+    workers: int = 1
+    accept_from: list[str] = field(default_factory=list)  # empty: any calling AE title
 
 
 def _number(raw: dict, key: str, default: float, where: str, whole: bool = False,
@@ -135,7 +139,7 @@ def load_node_config(path: str | Path, check_models: bool = True) -> NodeConfig:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a mapping of settings is expected")
     known = {"ae_title", "host", "port", "spool", "settle_seconds", "http_port", "retry",
-             "destinations", "routes"}
+             "destinations", "routes", "workers", "accept_from"}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ConfigError(f"{path}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
@@ -194,7 +198,14 @@ def load_node_config(path: str | Path, check_models: bool = True) -> NodeConfig:
                         str(raw.get("host", "127.0.0.1")),
                         _number(raw, "port", 11112, f"{path}: ", whole=True, low=1),
                         _number(raw, "http_port", 0, f"{path}: ", whole=True),
-                        _number(raw, "settle_seconds", 10.0, f"{path}: "), retry, str(path))
+                        _number(raw, "settle_seconds", 10.0, f"{path}: "), retry, str(path),
+                        _number(raw, "workers", 1, f"{path}: ", whole=True, low=1))
+    if "accept_from" in raw:
+        config.accept_from = _list(raw["accept_from"], f"{path}: accept_from")
+        too_long = [t for t in config.accept_from if not 0 < len(t.strip()) <= 16]
+        if too_long:
+            raise ConfigError(f"{path}: accept_from: {too_long[0]!r} is not an AE title (1 to 16 "
+                              f"characters)")
     if check_models:
         for k, route in enumerate(routes):
             check_route(route, f"{path}: routes[{k}]")

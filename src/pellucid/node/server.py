@@ -1,17 +1,21 @@
 """``pellucid node``: a DICOM node a PACS or a modality routes studies to.
 
-- **Receiving** (DIMSE C-STORE SCP, pynetdicom): each instance is written whole into the spool
+- **Receiving** (DIMSE C-STORE SCP, pynetdicom; ``accept_from`` limits the calling AE titles
+  let in, others are rejected at association): each instance is written whole into the spool
   (:mod:`pellucid.node.spool`) before the success status goes back; a write that fails (a full
   disk) answers A700 "out of resources", so the sender keeps the instance and sends it again.
-- **Explaining** (one worker thread): a study no instance arrived for in ``settle_seconds`` is
-  claimed; each of its images goes to the first route that takes it (modality, body part, SOP
-  class), through the same case pipeline as ``pellucid explain --pacs`` (intended use, the
-  training-data check, the content-derived UIDs); an image no route takes, or its model refuses,
-  is counted as refused with its reason.
-- **Delivering** (one thread): each result waits in the outbox of every destination of its route
-  and goes by C-STORE or STOW-RS; a failure is retried with exponential backoff, and one that lasts
-  ``alert_after_seconds`` raises an alert (log line and counter) naming the study's reference and
-  the destination. A delivered result is recorded in the spool's ledger and never sent again.
+- **Explaining** (``workers`` threads, each with its own copy of each model, since an explainer
+  hooks the model it runs on): a study no instance arrived for in ``settle_seconds`` is claimed
+  by one worker (the claim is an atomic rename); each of its images goes to the first route that
+  takes it (modality, body part, SOP class), through the same case pipeline as ``pellucid explain
+  --pacs`` (intended use, the training-data check, the content-derived UIDs); an image no route
+  takes, or its model refuses, is counted as refused with its reason.
+- **Delivering** (a thread per destination, so that one down holds back no other): each result
+  waits in the outbox of every destination of its route and goes by C-STORE or STOW-RS (one try
+  each: the node's backoff, not the client's); a failure is retried with exponential backoff, and
+  one that lasts ``alert_after_seconds`` raises an alert (log line and counter) naming the
+  study's reference and the destination. A delivered result is recorded in the spool's ledger
+  and never sent again.
 
 Killed at any point (kill -9), the node restarts where it stopped: what was acknowledged is in the
 spool, a claimed study without ``done.json`` is explained again (the same content has the same
@@ -53,7 +57,8 @@ class Node:
         self.config = config
         self.spool = Spool(config.spool)
         self.counts: Counter[str] = Counter({k: 0 for k in COUNTERS})
-        self._models: dict[str, Any] = {}
+        self._models: dict[tuple[int, str], Any] = {}  # (worker, model path) -> loaded model
+        self._counts_lock = threading.Lock()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._server = None
@@ -70,9 +75,22 @@ class Node:
         ae.supported_contexts = AllStoragePresentationContexts
         ae.add_supported_context(Verification)
         ae.maximum_pdu_size = 0
+        if self.config.accept_from:
+            ae.require_calling_aet = list(self.config.accept_from)
         self._server = ae.start_server((self.config.host, self.config.port), block=False,
                                        evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
-        for target, name in ((self._explain_loop, "explain"), (self._deliver_loop, "deliver")):
+        if self.config.workers > 1:  # the cores shared between the workers, not each taking all
+            import os
+
+            import torch
+
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.config.workers))
+        left = self.spool.unfinished()  # what a killed node left claimed, shared by the workers
+        loops = [(lambda w=w: self._explain_loop(w, left), f"explain-{w}")
+                 for w in range(self.config.workers)]
+        loops += [(lambda d=d: self._deliver_loop(d), f"deliver-{d.name}")  # one down holds no other
+                  for d in self.config.destinations.values()]
+        for target, name in loops:
             thread = threading.Thread(target=target, name=f"pellucid-node-{name}", daemon=True)
             thread.start()
             self._threads.append(thread)
@@ -115,31 +133,39 @@ class Node:
             dcmwrite(buffer, ds, enforce_file_format=True)
             ref = self.spool.receive(study, str(ds.SOPInstanceUID), buffer.getvalue())
         except OSError as exc:  # a full disk, a spool gone: the sender keeps the instance
-            self.counts["refused"] += 1
-            self.counts["alerts"] += 1
+            self._count("refused")
+            self._count("alerts")
             log.error("ALERT cannot spool an instance (%s): refused with A700, the sender keeps it",
                       exc.strerror or type(exc).__name__)
             return OUT_OF_RESOURCES
         except Exception as exc:  # a dataset that cannot be written back: refuse it, say so
-            self.counts["refused"] += 1
+            self._count("refused")
             log.warning("instance refused: %s", type(exc).__name__)
             return 0xC000
-        self.counts["received"] += 1
+        self._count("received")
         self.spool.audit("received", study=ref, modality=str(ds.get("Modality", "")),
                          sop_class=str(ds.get("SOPClassUID", "")))
         return 0x0000
 
     # -- explaining ------------------------------------------------------------------------
-    def _explain_loop(self) -> None:
-        for batch in self.spool.unfinished():  # what a killed node left claimed
-            self._guarded(batch, self._explain_batch)
+    def _count(self, name: str, n: int = 1) -> None:
+        with self._counts_lock:
+            self.counts[name] += n
+
+    def _explain_loop(self, worker: int, left: list[Path]) -> None:
+        while left and not self._stop.is_set():  # what a killed node left claimed
+            try:
+                batch = left.pop(0)
+            except IndexError:
+                break
+            self._guarded(batch, lambda b: self._explain_batch(b, worker))
         while not self._stop.is_set():
             for ref in self.spool.settled(self.config.settle_seconds):
                 if self._stop.is_set():
                     return
-                batch = self.spool.claim(ref)
+                batch = self.spool.claim(ref)  # None: another worker claimed it first
                 if batch is not None:
-                    self._guarded(batch, self._explain_batch)
+                    self._guarded(batch, lambda b: self._explain_batch(b, worker))
             self._stop.wait(0.2)
 
     def _guarded(self, batch: Path, work) -> bool:
@@ -150,7 +176,7 @@ class Node:
             return bool(work(batch))
         except Exception as exc:
             ref = batch.name.split(".")[0]
-            self.counts["alerts"] += 1
+            self._count("alerts")
             log.error("ALERT study %s: %s failed (%s); set aside in the spool's failed/ folder",
                       ref, batch.parent.name, type(exc).__name__)
             with contextlib.suppress(Exception):
@@ -159,14 +185,15 @@ class Node:
                 self.spool.set_aside(batch)
             return False
 
-    def _model(self, route: Route):
-        if route.model not in self._models:
+    def _model(self, route: Route, worker: int):
+        key = (worker, route.model)
+        if key not in self._models:
             from pellucid.models import load_model
 
-            self._models[route.model] = load_model(route.model)
-        return self._models[route.model]
+            self._models[key] = load_model(route.model)
+        return self._models[key]
 
-    def _explain_batch(self, batch: Path) -> None:
+    def _explain_batch(self, batch: Path, worker: int = 0) -> None:
         import pydicom
 
         from pellucid.pacs import explain_instances
@@ -198,7 +225,7 @@ class Node:
                 continue
             try:
                 result = explain_instances(
-                    taken[route.name], self._model(route), Path(route.model).name,
+                    taken[route.name], self._model(route, worker), Path(route.model).name,
                     CaseOptions(list(route.methods)), batch / f"results-{route.name}",
                     self._outbox(route, batch.name), study=f"study {ref}")
             except PellucidError as exc:
@@ -213,10 +240,10 @@ class Node:
             summary["routes"][route.name] = {
                 "explained": len(result["explained"]), "results": len(result["stored"]),
                 "skipped": [s["reason"] for s in result["skipped"]]}
-            self.counts["explained"] += len(result["explained"])
+            self._count("explained", len(result["explained"]))
             summary["refused"] += [{"route": route.name, "reason": s["reason"]}
                                    for s in result["skipped"]]
-        self.counts["refused"] += len(summary["refused"])
+        self._count("refused", len(summary["refused"]))
         self.spool.audit("explained", study=ref, routes=summary["routes"],
                          refused=[r["reason"] for r in summary["refused"]])
         self.spool.finish(batch, summary)
@@ -238,16 +265,14 @@ class Node:
         return deliver
 
     # -- delivering ------------------------------------------------------------------------
-    def _deliver_loop(self) -> None:
+    def _deliver_loop(self, destination: Destination) -> None:
         while not self._stop.is_set():
-            for name, destination in self.config.destinations.items():
-                if self._stop.is_set():
-                    return
-                failing = self._failing.get(name)
-                if failing is not None and time.time() < failing[2]:
-                    continue
-                for batch in self.spool.pending(name):
-                    if not self._guarded(batch, lambda b, d=destination: self._deliver_batch(d, b)):
+            failing = self._failing.get(destination.name)
+            if failing is None or time.time() >= failing[2]:
+                for batch in self.spool.pending(destination.name):
+                    if self._stop.is_set():
+                        return
+                    if not self._guarded(batch, lambda b: self._deliver_batch(destination, b)):
                         break
             self._stop.wait(0.2)
 
@@ -272,7 +297,7 @@ class Node:
         for path, status in zip(files, statuses, strict=True):
             if status == 0 or 0xB000 <= status <= 0xBFFF:  # success, or success with a warning
                 self.spool.mark_delivered(destination.name, path)
-                self.counts["delivered"] += 1
+                self._count("delivered")
             else:
                 failed += 1
         if failed:
@@ -290,13 +315,13 @@ class Node:
         attempts += 1
         delay = self.config.retry.delay(attempts)
         self._failing[destination.name] = (since, attempts, time.time() + delay)
-        self.counts["retried"] += 1
+        self._count("retried")
         self.spool.audit("retry", study=ref, destination=destination.name, attempt=attempts,
                          reason=why[:200], next_in_seconds=round(delay, 1))
         if time.time() - since >= self.config.retry.alert_after_seconds and \
                 destination.name not in self._alerted:
             self._alerted.add(destination.name)
-            self.counts["alerts"] += 1
+            self._count("alerts")
             log.error("ALERT study %s: results not delivered to %s for %.0f s (%s); still retrying",
                       ref, destination.describe(), time.time() - since, why[:200])
             self.spool.audit("alert", study=ref, destination=destination.name, reason=why[:200])
@@ -329,7 +354,7 @@ def _send(destination: Destination, datasets: list[Any]) -> list[int]:
     from pellucid.pacs import DicomWeb
 
     web = DicomWeb(destination.url, os.environ.get("PELLUCID_PACS_USER"),
-                   os.environ.get("PELLUCID_PACS_PASSWORD"))
+                   os.environ.get("PELLUCID_PACS_PASSWORD"), retry=False)  # the node's backoff
     web.store(datasets)
     return [0] * len(datasets)
 
