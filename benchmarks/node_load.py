@@ -6,6 +6,7 @@ and checks that none is lost: every study's SR arrives, and no result arrives tw
     .venv/bin/python benchmarks/node_load.py                 # 200 studies, the demo's chest model
     .venv/bin/python benchmarks/node_load.py --studies 20    # a quick look
     .venv/bin/python benchmarks/node_load.py --outage 60     # the destination down for the first 60 s
+    .venv/bin/python benchmarks/node_load.py --workers 2     # two studies explained at once
 
 The model is demo_out/models/chest-resnet18 when `make demo` made it, else one trained here on
 phantoms (about 15 s).
@@ -57,6 +58,7 @@ def main() -> None:
     parser.add_argument("--studies", type=int, default=200)
     parser.add_argument("--outage", type=float, default=0.0,
                         help="seconds the destination is down after the first study is sent")
+    parser.add_argument("--workers", type=int, default=1, help="the node's explaining workers")
     args = parser.parse_args()
     data = Path(os.environ.get("PELLUCID_DATA", ROOT.parent / "shared" / "data"))
     real = next((data / "dicom-samples" / "torchxrayvision").glob("*.dcm"))
@@ -70,7 +72,7 @@ def main() -> None:
             ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
             studies.append(ds)
         receiver = Receiver() if args.outage else Receiver().start()
-        path = _config(tmp, _model(tmp), receiver, settle_seconds=2)
+        path = _config(tmp, _model(tmp), receiver, settle_seconds=2, workers=args.workers)
         node = Node(load_node_config(path)).start()
         port = _settings(path)["port"]
         try:
@@ -80,6 +82,7 @@ def main() -> None:
                                          studies))
             received = time.perf_counter() - start
             refused = sum(s != 0 for s in statuses)
+            print(f"{args.workers} worker(s) on {os.cpu_count()} cores", flush=True)
             print(f"{args.studies} studies sent by 8 senders in {received:.1f} s "
                   f"({args.studies / received:.1f} studies/s acknowledged), {refused} refused")
             deadline = time.time() + 60 * 60

@@ -274,3 +274,37 @@ def test_the_demo_runs_in_torch_unless_told(monkeypatch, tmp_path, argv, env, ex
     finally:
         set_backend(None)
     assert seen == [expected]
+
+
+def test_a_fractional_segmentation_holds_the_scaled_map(chest_model, shared_data, tmp_path, capsys):
+    """``--segmentation fractional``: the SEG of the first method is FRACTIONAL, its values the map
+    scaled to [0, 1] (8 bits: within 1/255), and it says the value is not a probability; it and
+    the SR that references it are other instances than the binary run's (other content)."""
+    import highdicom as hd
+    import pydicom
+
+    from tests.factories import phantom_dicom
+
+    real = next((shared_data / "dicom-samples" / "torchxrayvision").glob("*.dcm"))
+    cr = phantom_dicom(real, tmp_path / "cr.dcm", seed=3)
+    for kind in ("binary", "fractional"):
+        main(["explain", "--model", chest_model.source, "--method", "gradcam", "--input", str(cr),
+              "--out", str(tmp_path / kind), "--dicom", "--segmentation", kind])
+    seg = hd.seg.segread(tmp_path / "fractional" / "cr_segmentation.dcm")
+    assert seg.SegmentationType == "FRACTIONAL" and seg.SegmentationFractionalType == "PROBABILITY"
+    assert "not a probability" in seg.SegmentSequence[0].SegmentDescription
+    heat = np.load(tmp_path / "fractional" / "cr_gradcam.npy")
+    scaled = (heat - heat.min()) / (heat.max() - heat.min())
+    stored = seg.get_segment_mask(1, rescale_fractional=True) if hasattr(seg, "get_segment_mask") \
+        else seg.pixel_array.astype(np.float32) / float(seg.MaximumFractionalValue)
+    np.testing.assert_allclose(np.squeeze(stored), scaled, atol=1 / 255 + 1e-6)
+    binary = hd.seg.segread(tmp_path / "binary" / "cr_segmentation.dcm")
+    assert binary.SegmentationType == "BINARY"
+    for name in ("cr_segmentation.dcm", "cr_report_sr.dcm"):
+        a, b = (pydicom.dcmread(tmp_path / k / name).SOPInstanceUID for k in ("binary", "fractional"))
+        assert a != b, name
+    with pytest.raises(SystemExit) as exc:
+        main(["explain", "--model", chest_model.source, "--input", str(cr), "--out",
+              str(tmp_path / "x"), "--segmentation", "soft"])
+    assert exc.value.code == 2
+    assert "--segmentation must be binary or fractional, got 'soft'" in capsys.readouterr().err

@@ -264,7 +264,22 @@ def test_the_node_configuration_is_checked_before_it_starts(chest_model, tmp_pat
     path.write_text(json.dumps(settings))
     with pytest.raises(ConfigError, match=r"routes\[0\].destinations: archive not among"):
         load_node_config(path)
-    settings["routes"][0]["destinations"] = ["pacs"]
+    settings["routes"][0].update(destinations=["pacs"],
+                                 match={"modality": ["CR", "DX"], "body_part": ["CHEST"]})
+    # a route's own options, checked as `pellucid explain` checks them
+    for extra, said in (({"segmentation": "soft"}, "routes[0]: segmentation must be binary or "
+                                                   "fractional, got 'soft'"),
+                        ({"evidence": str(tmp_path)}, f"routes[0]: evidence {tmp_path}: not a "
+                                                      f"pellucid bench run"),
+                        ({"method": ["gradcam"]}, "routes[0]: unknown key(s) method")):
+        path.write_text(json.dumps({**settings, "routes": [{**settings["routes"][0], **extra}]}))
+        with pytest.raises(ConfigError) as exc:
+            load_node_config(path)
+        assert said in str(exc.value) and "\n" not in str(exc.value), exc.value
+    path.write_text(json.dumps({**settings, "routes": [{**settings["routes"][0],
+                                                        "segmentation": "fractional"}]}))
+    route = load_node_config(path).routes[0]
+    assert route.options().segmentation == "fractional" and route.options().methods == ["gradcam"]
     for key, value, said in (("port", "11112", "port: an integer of at least 1"),
                              ("settle_seconds", -1, "settle_seconds: a number of at least 0"),
                              ("retry", {"first_seconds": "soon"}, "retry.first_seconds: a number"),

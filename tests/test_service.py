@@ -135,6 +135,24 @@ def test_real_cr_end_to_end(service, shared_data, caplog, tmp_path):
             assert value not in logs
 
 
+def test_a_fractional_segmentation_on_request(service, shared_data, tmp_path):
+    """``segmentation=fractional``: the SEG is FRACTIONAL (the map scaled to [0, 1]); any other
+    value than binary or fractional is a 400 that names the field."""
+    from tests.factories import phantom_dicom
+
+    data = phantom_dicom(_cr(shared_data), tmp_path / "cr.dcm").read_bytes()
+    r = service.post("/v1/explain", files={"file": ("x.dcm", data, "application/dicom")},
+                     data={"model": "chest", "methods": "gradcam", "segmentation": "fractional"})
+    assert r.status_code == 200, r.text
+    seg = next(f for f in r.json()["files"] if f.endswith("segmentation.dcm"))
+    ds = pydicom.dcmread(io.BytesIO(service.get(seg).content))
+    assert ds.SegmentationType == "FRACTIONAL" and ds.MaximumFractionalValue == 255
+    assert "not a probability" in ds.SegmentSequence[0].SegmentDescription
+    r = service.post("/v1/explain", files={"file": ("x.dcm", data, "application/dicom")},
+                     data={"model": "chest", "methods": "gradcam", "segmentation": "soft"})
+    assert r.status_code == 400 and r.json()["detail"] == "segmentation: give binary or fractional"
+
+
 def test_png_upload(service, tmp_path):
     import numpy as np
     from PIL import Image

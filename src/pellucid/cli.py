@@ -252,6 +252,9 @@ def explain(
         help="for DICOM --input, also write the DICOM objects beside the maps: an overlay per "
              "method (Secondary Capture), the Parametric Map, the Segmentation and the SR, as "
              "--pacs stores them")] = False,
+    segmentation: Annotated[str, typer.Option(
+        help="the DICOM Segmentation of the first method's map: binary (the map >= half its "
+             "range) or fractional (the map scaled to [0, 1], 8 bits)")] = "binary",
 ) -> None:
     """Explain a model on files (overlay PNGs, raw maps, summary.json; with --dicom the DICOM
     objects of DICOM input too), or on a PACS study (--pacs URL --study UID): results go back to
@@ -270,7 +273,7 @@ def explain(
                               f"{sliding_window!r}") from None
     options = CaseOptions(_split_list(method), target, layer, region, truth, reference, window,
                           overlap, modalities, outside_intended_use, evidence, evidence_model,
-                          evidence_unverified)
+                          evidence_unverified, segmentation)
     options.check()  # every option is checked before the model loads, for files and PACS alike
     if pacs is not None and input:
         raise ConfigError("give --input FILE or --pacs URL --study UID, not both")

@@ -136,6 +136,8 @@ def segmentation(source: Sequence[Any], mask: np.ndarray, label: str, kind: str 
         algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
         algorithm_identification=algorithm,
         tracking_uid=_uid(uid_seed, "segment 1"), tracking_id=sentence[:64])
+    if kind == "fractional":  # DICOM has PROBABILITY and OCCUPANCY; the value is neither: say so
+        sentence += "; fractional value: the map scaled to [0, 1] (min to max), not a probability"
     description.SegmentDescription = sentence[:1024]
     extra = {"fractional_type": hd.seg.SegmentationFractionalTypeValues.PROBABILITY} \
         if kind == "fractional" else {}

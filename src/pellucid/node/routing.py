@@ -20,6 +20,8 @@ routes:
     model: /models/chest-resnet18
     methods: [gradcam, lrp]
     destinations: [pacs]
+    segmentation: fractional          # the SEG: binary (default) or fractional
+    evidence: /runs/chest-bench       # a `pellucid bench` run of this model: its scores in the SR
 ```
 
 Every route is checked when the file is read: the model loads and has a card, the methods are
@@ -34,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pellucid.errors import ConfigError
+from pellucid.errors import ConfigError, PellucidError
 
 MATCH_KEYS = ("modality", "body_part", "sop_class")
 
@@ -65,6 +67,15 @@ class Route:
     methods: list[str]
     destinations: list[str]
     match: dict[str, list[str]] = field(default_factory=dict)
+    segmentation: str = "binary"  # the DICOM SEG: binary | fractional
+    evidence: str | None = None  # a `pellucid bench` run of the model: its scores go in the SR
+
+    def options(self) -> Any:
+        """The case options of this route (those of ``pellucid explain``)."""
+        from pellucid.pipeline import CaseOptions
+
+        return CaseOptions(list(self.methods), segmentation=self.segmentation,
+                           evidence=Path(self.evidence) if self.evidence else None)
 
     def takes(self, ds: Any) -> bool:
         """Whether an instance's header falls under this route."""
@@ -171,6 +182,11 @@ def load_node_config(path: str | Path, check_models: bool = True) -> NodeConfig:
         for key in ("model", "methods", "destinations"):
             if key not in spec:
                 raise ConfigError(f"{where}: '{key}' is required")
+        extra = sorted(set(spec) - {"name", "model", "methods", "destinations", "match",
+                                    "segmentation", "evidence"})
+        if extra:
+            raise ConfigError(f"{where}: unknown key(s) {', '.join(extra)} (known: name, model, "
+                              f"methods, destinations, match, segmentation, evidence)")
         match = spec.get("match") or {}
         bad = sorted(set(match) - set(MATCH_KEYS))
         if bad:
@@ -181,7 +197,13 @@ def load_node_config(path: str | Path, check_models: bool = True) -> NodeConfig:
                       _list(spec["destinations"], f"{where}.destinations"),
                       {key: [v if key == "sop_class" else v.upper()
                              for v in _list(value, f"{where}.match.{key}")]
-                       for key, value in match.items()})
+                       for key, value in match.items()},
+                      str(spec.get("segmentation", "binary")),
+                      None if spec.get("evidence") is None else str(spec["evidence"]))
+        try:
+            route.options().check()
+        except ConfigError as exc:  # the option's own words, under the route's name
+            raise ConfigError(f"{where}: {exc}".replace("--", "")) from None
         missing = [d for d in route.destinations if d not in destinations]
         if missing:
             raise ConfigError(f"{where}.destinations: {', '.join(missing)} not among the destinations")
@@ -225,6 +247,13 @@ def check_route(route: Route, where: str) -> None:
     unknown = [m for m in route.methods if m not in {e["name"] for e in available()}]
     if unknown:
         raise ConfigError(f"{where}.methods: unknown method(s) {', '.join(unknown)}")
+    if route.evidence is not None:  # a run of this very model (its weights), or one line why not
+        from pellucid.pipeline.evidence import load_options_evidence
+
+        try:
+            load_options_evidence(loaded, route.options())
+        except PellucidError as exc:
+            raise ConfigError(f"{where}.evidence: {exc}".replace("--", "")) from None
     use = loaded.card.intended_use or {}
     for key, card_key in (("modality", "modalities"), ("body_part", "body_parts")):
         stated = [str(v).upper() for v in use.get(card_key, [])]

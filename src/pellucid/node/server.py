@@ -197,7 +197,7 @@ class Node:
         import pydicom
 
         from pellucid.pacs import explain_instances
-        from pellucid.pipeline import CaseOptions
+        from pellucid.pipeline.evidence import load_options_evidence
 
         done = batch / "done.json"
         if done.is_file():  # explained; killed before its images were deleted
@@ -224,10 +224,11 @@ class Node:
             if route.name not in taken:
                 continue
             try:
+                model, options = self._model(route, worker), route.options()
                 result = explain_instances(
-                    taken[route.name], self._model(route, worker), Path(route.model).name,
-                    CaseOptions(list(route.methods)), batch / f"results-{route.name}",
-                    self._outbox(route, batch.name), study=f"study {ref}")
+                    taken[route.name], model, Path(route.model).name, options,
+                    batch / f"results-{route.name}", self._outbox(route, batch.name),
+                    load_options_evidence(model, options), study=f"study {ref}")
             except PellucidError as exc:
                 summary["refused"].append({"route": route.name, "reason": str(exc)})
                 continue

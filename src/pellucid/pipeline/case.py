@@ -38,6 +38,7 @@ class CaseOptions:
     evidence: Path | None = None  # a `pellucid bench` run of this model: its scores go in the SR
     evidence_model: str | None = None  # the model's name in that run, when it has several
     evidence_unverified: bool = False  # accept a run not written here, every line marked
+    segmentation: str = "binary"  # the DICOM SEG: binary (map >= half its range) | fractional
 
     def check(self) -> None:
         """Refuse, in one line, anything that would otherwise be ignored or fail after work."""
@@ -61,6 +62,8 @@ class CaseOptions:
             raise ConfigError("--evidence-model goes with --evidence RUN")
         if self.evidence_unverified and self.evidence is None:
             raise ConfigError("--evidence-unverified goes with --evidence RUN")
+        if self.segmentation not in ("binary", "fractional"):
+            raise ConfigError(f"--segmentation must be binary or fractional, got {self.segmentation!r}")
         if self.sliding_window is None and self.overlap != 0.25:
             raise ConfigError("--overlap goes with --sliding-window")
         if self.sliding_window is not None and any(v <= 0 for v in self.sliding_window):
@@ -84,6 +87,7 @@ class Case:
     intended_use: IntendedUse = field(default_factory=IntendedUse)
     # how far the input is from the model's training inputs (pellucid.models.training_inputs)
     training_data: InputCheck = field(default_factory=lambda: InputCheck(not_checked="not run"))
+    segmentation: str = "binary"  # the DICOM SEG the options ask for: binary | fractional
 
 
 def read_case(loaded, path: Path, options: CaseOptions) -> Case:
@@ -106,7 +110,7 @@ def read_case(loaded, path: Path, options: CaseOptions) -> Case:
     truth = load_mask(options.truth, tuple(x.shape[2:])) if options.truth is not None else None
     target = card_target(card, class_index(card, options.target), options.region, truth,
                          options.reference)
-    return Case(item, x, target, use, check)
+    return Case(item, x, target, use, check, options.segmentation)
 
 
 @dataclass

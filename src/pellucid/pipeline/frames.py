@@ -61,7 +61,7 @@ def read_frames(loaded, path: Path, options: CaseOptions) -> list[Case]:
                              options.reference)
         x = card.normalize(item.image[None])
         check = check_training_data(loaded, x, frame, use)
-        cases.append(Case(item, x, target, use, check))
+        cases.append(Case(item, x, target, use, check, options.segmentation))
     return cases
 
 
@@ -127,12 +127,15 @@ def write_frames(results: list[CaseResult], out: Path, stem: str, dicom: bool, m
         notes.append(f"The {first} explanation maps are empty (constant); no Parametric Map or "
                      f"Segmentation was made.")
     else:
+        seg_kind = results[0].case.segmentation
         lo = stacked.min(axis=(1, 2), keepdims=True)
         span = np.maximum(stacked.max(axis=(1, 2), keepdims=True) - lo, 1e-30)
         for kind, build in (("parametric map", lambda: objects.parametric_map(
                                 source, stacked, first, notes=notes, uid_seed=seed + "|pm")),
                             ("segmentation", lambda: objects.segmentation(
-                                source, (stacked - lo) / span >= 0.5, f"{first} region", notes=notes,
+                                source, (stacked - lo) / span if seg_kind == "fractional"
+                                else (stacked - lo) / span >= 0.5, f"{first} region", kind=seg_kind,
+                                notes=notes,
                                 uid_seed=seed + "|seg", model=reported, finding=explained,
                                 method=first))):
             try:

@@ -109,7 +109,7 @@ def write_case(result: CaseResult, out: Path, stem: str = "", dicom: bool = Fals
         explained = None if unlike else result.explained.get("class")
         objects = _write_derived(item, heat, first, reported, found, record, out, prefix, notes,
                                  seeds[first], overlays, regions, explained, lines,
-                                 sr_seed(seeds, lines, record["summary"]))
+                                 sr_seed(seeds, lines, record["summary"]), result.case.segmentation)
         record["dicom_objects"] += objects
         record["files"] += objects
     if result.modality_importance is not None:
@@ -147,7 +147,9 @@ def content_context(card: ModelCard | None, result: CaseResult) -> dict[str, Any
                 "training_data": card.training_data,
                 "training_inputs": card.training_inputs.get("sha256", "")},
             "intended_use": result.case.intended_use.note(),  # what the objects say of it
-            "unlike_training_data": check.note()}
+            "unlike_training_data": check.note(),
+            # a fractional SEG is other content than a binary one (and the SR referencing it)
+            **({"segmentation": "fractional"} if result.case.segmentation == "fractional" else {})}
 
 
 def sr_seed(seeds: dict[str, str], lines: dict[str, list[str]] | None, summary: str) -> str:
@@ -237,9 +239,10 @@ def _write_derived(item, heat: np.ndarray, method: str, model: ReportedModel, fo
                    record: dict, out: Path, prefix: str, notes: list[str], seed: str,
                    overlays: dict[str, Any], regions: dict[str, ExplainedRegion] | None,
                    explained: str | None, evidence: dict[str, list[str]] | None,
-                   report_seed: str) -> list[str]:
-    """Parametric Map, Segmentation and SR of the first method's map. An empty (constant) map gives
-    no PM and no SEG (they would store nothing as if it were a finding); the SR then says so."""
+                   report_seed: str, kind: str = "binary") -> list[str]:
+    """Parametric Map, Segmentation (``kind`` binary: the map >= half its range; fractional: the
+    map scaled to [0, 1]) and SR of the first method's map. An empty (constant) map gives no PM
+    and no SEG (they would store nothing as if it were a finding); the SR then says so."""
     from pellucid.io import dicom_objects as objects
 
     written, source = [], item.datasets
@@ -261,9 +264,11 @@ def _write_derived(item, heat: np.ndarray, method: str, model: ReportedModel, fo
         except PellucidError as exc:
             record["skipped"].append({"object": "parametric map", "reason": str(exc)})
         try:
-            seg = objects.segmentation(source, (frames - lo) / (hi - lo) >= 0.5, f"{method} region",
-                                       notes=notes, uid_seed=seed + "|seg", model=model,
-                                       finding=explained, method=method)
+            scaled = (frames - lo) / (hi - lo)  # fractional: the scaled map; binary: its upper half
+            seg = objects.segmentation(source, scaled if kind == "fractional" else scaled >= 0.5,
+                                       f"{method} region", kind=kind, notes=notes,
+                                       uid_seed=seed + "|seg", model=model, finding=explained,
+                                       method=method)
             seg.save_as(out / f"{prefix}segmentation.dcm")
             written.append(f"{prefix}segmentation.dcm")
         except PellucidError as exc:

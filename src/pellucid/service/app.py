@@ -1,7 +1,8 @@
 """The REST service (FastAPI): ``POST /v1/explain`` takes one DICOM, NIfTI or PNG/JPEG/TIFF file
 (multipart form field ``file``) with a model name, methods, an optional target and
 ``outside_intended_use`` (true to explain an input outside the model card's intended use, recorded
-in every output), and answers JSON:
+in every output) and ``segmentation`` (binary, the default, or fractional: the DICOM SEG of the
+first method's map), and answers JSON:
 the prediction, every class's probability, a summary per method, and links to the PNG overlays,
 raw maps and, for DICOM input, the DICOM objects (Secondary Capture overlay per method,
 Segmentation, Parametric Map where the source has a frame of reference, and the SR).
@@ -346,6 +347,9 @@ def create_app(models: str | Path, out: str | Path = "pellucid_results", api_key
         override = str(form.get("outside_intended_use") or "false").strip().lower()
         if override not in ("true", "false"):
             raise refuse(400, "outside_intended_use: give true or false")
+        segmentation = str(form.get("segmentation") or "binary").strip().lower()
+        if segmentation not in ("binary", "fractional"):
+            raise refuse(400, "segmentation: give binary or fractional")
         await anyio.to_thread.run_sync(retention.sweep)
         job = secrets.token_hex(8)
         folder = results / job
@@ -372,7 +376,8 @@ def create_app(models: str | Path, out: str | Path = "pellucid_results", api_key
             log.info("job %s: accepted, %s upload of %d bytes, model %s, methods %s", job, kind,
                      path.stat().st_size, model_name, ",".join(methods))
             answer = await anyio.to_thread.run_sync(
-                pool.run, Job(model_name, path, methods, target, folder, override == "true"))
+                pool.run, Job(model_name, path, methods, target, folder, override == "true",
+                                     segmentation))
             ok = True
         except JobTimeout:
             raise refuse(504, f"the job ran past the time limit of {config.job_timeout_s:g} s "

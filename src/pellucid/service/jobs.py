@@ -36,14 +36,16 @@ class Models(ModelFolders):
 
 
 def run_job(loaded, model_name: str, path: Path, methods: list[str], target: str | None,
-            out: Path, outside_intended_use: bool = False) -> dict[str, Any]:
+            out: Path, outside_intended_use: bool = False, segmentation: str = "binary"
+            ) -> dict[str, Any]:
     """Explain one uploaded file with ``methods`` through the case pipeline; write overlays, maps
     and (for DICOM input) the DICOM objects to ``out``; the service's answer. A multi-frame image
     for a 2D model is explained frame by frame, as ``pellucid explain`` does (:func:`_frames`)."""
     from pellucid.pipeline import CaseOptions, explain_case, read_case, write_case
     from pellucid.pipeline.frames import multiframe_for_2d
 
-    options = CaseOptions(list(methods), target, outside_intended_use=outside_intended_use)
+    options = CaseOptions(list(methods), target, outside_intended_use=outside_intended_use,
+                          segmentation=segmentation)
     options.check()
     if multiframe_for_2d(loaded, path):
         return _frames(loaded, model_name, path, options, out)

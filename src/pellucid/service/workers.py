@@ -54,6 +54,7 @@ class Job:
     target: str | None
     out: Path
     outside_intended_use: bool = False
+    segmentation: str = "binary"
 
 
 @dataclass
@@ -111,12 +112,13 @@ def worker_main(conn, models: str, limits: DecodeLimits, threads: int) -> None:
         except (EOFError, OSError):
             return
         job = Job(spec["model"], Path(spec["path"]), list(spec["methods"]), spec["target"],
-                  Path(spec["out"]), bool(spec.get("outside_intended_use", False)))
+                  Path(spec["out"]), bool(spec.get("outside_intended_use", False)),
+                  str(spec.get("segmentation", "binary")))
         try:
             with decode_limits(limits):
                 answer: tuple = ("ok", run_job(registry.get(job.model), job.model, job.path,
                                                job.methods, job.target, job.out,
-                                               job.outside_intended_use))
+                                               job.outside_intended_use, job.segmentation))
         except PellucidError as exc:
             answer = ("error", _status(exc), _anonymous(str(exc), job.path))
         except MemoryError:
@@ -255,7 +257,8 @@ class WorkerPool:
                 raise EOFError
             _send(worker.conn, [{"model": job.model, "path": str(job.path), "methods": job.methods,
                                  "target": job.target, "out": str(job.out),
-                                 "outside_intended_use": job.outside_intended_use}])
+                                 "outside_intended_use": job.outside_intended_use,
+                                 "segmentation": job.segmentation}])
             if not worker.conn.poll(self.config.timeout):
                 log.warning("job %s: over the time limit of %g s; worker %d replaced",
                             job.out.name, self.config.timeout, worker.process.pid)
