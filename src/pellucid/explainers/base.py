@@ -7,6 +7,7 @@ import dataclasses
 import difflib
 import time
 from abc import ABC, abstractmethod
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -224,9 +225,10 @@ def candidate_layers(model: nn.Module, example: torch.Tensor) -> list[dict[str, 
                 grown["(none)"] = ()
         return grown.get(name)
 
+    runs = Counter(name for name, *_ in seen)  # a layer run per tile or mirroring: no CAM layer
     found: list[dict[str, Any]] = []
     for name, kind, shape, node in seen:
-        if node is not None and node not in reachable:
+        if (node is not None and node not in reachable) or runs[name] > 1:
             continue
         try:
             layout = detect_layout(shape, size, patch=patch, probe=lambda name=name: probe(name))
@@ -267,6 +269,11 @@ def default_layer(model: nn.Module, example: torch.Tensor) -> str:
         smaller = all(s <= t for s, t in zip(grid, size, strict=True)) and tuple(grid) != size
         if usable and any(s > 1 for s in grid) and smaller:
             best = info["name"]
+    if best is None and not found:
+        raise ModelError("no layer runs once per forward pass with a map the model's output depends "
+                         "on (a sliding window, test-time mirroring or an ensemble runs each layer "
+                         "several times): a class activation map would be of one run only; use a "
+                         "gradient or perturbation method")
     if best is None:
         raise ConfigError("no layer with a down-sampled spatial output found; pass layer=...")
     return best
@@ -437,12 +444,20 @@ def _registered() -> dict[str, type]:
 def capture_layer(module: nn.Module, handles: list, grad: bool) -> dict[str, torch.Tensor]:
     """Hook ``module`` to record its output under ``store['activation']``. With ``grad``, the output
     is replaced by a differentiable copy whose leaf is ``store['leaf']``, so a backward pass stops at
-    this layer and its gradient is ``leaf.grad``-equivalent (weights stay frozen)."""
+    this layer and its gradient is ``leaf.grad``-equivalent (weights stay frozen). A layer that
+    runs twice in the forward pass is refused: its record would be of one run only."""
     store: dict[str, torch.Tensor] = {}
+    runs = [0]
 
     def hook(mod: nn.Module, inp: Any, out: Any) -> Any:
         if not isinstance(out, torch.Tensor):
             raise ModelError(f"layer {type(mod).__name__} returns {type(out).__name__}, not a tensor")
+        runs[0] += 1
+        if runs[0] > 1:  # the map of one run (one tile, one mirroring) is not the model's map
+            raise ModelError(f"layer {type(mod).__name__} runs more than once in one forward pass "
+                             f"(a sliding window, test-time mirroring or an ensemble): a map of its "
+                             f"activations would be of one run only; use a gradient or perturbation "
+                             f"method")
         if grad:
             leaf = out.detach().requires_grad_(True)
             store["leaf"] = leaf

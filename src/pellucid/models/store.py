@@ -11,6 +11,7 @@ import pickle
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -35,6 +36,8 @@ class LoadedModel:
     source: str
     weights_file: Path | None = None  # the file the weights were read from, as stored
     weights_file_sha256: str = ""  # its SHA-256 at load time (what ``sha256sum`` prints)
+    # a framework's own reading of a case and way back to the file's voxels (nnU-Net), or None
+    framework: Any = None
 
     def stored(self) -> tuple[str, str]:
         """The weights file's name and SHA-256 as stored (empty when the weights came from no
@@ -243,6 +246,12 @@ def load_model(spec: str | Path, weights: str | Path | None = None,
     """
     text = str(spec)
     path = Path(text)
+    if path.is_dir() and not (path / CARD).is_file():
+        from pellucid.models import nnunet
+
+        if nnunet.is_results_folder(path) or (path.name.startswith("fold_") and
+                                              nnunet.is_results_folder(path.parent)):
+            return nnunet.load_results(path)
     if path.is_dir():
         card = ModelCard.load(path / CARD)
         if card.factory or card.arch == "torchscript":  # an imported model (pellucid import-model)

@@ -88,6 +88,7 @@ class Case:
     # how far the input is from the model's training inputs (pellucid.models.training_inputs)
     training_data: InputCheck = field(default_factory=lambda: InputCheck(not_checked="not run"))
     segmentation: str = "binary"  # the DICOM SEG the options ask for: binary | fractional
+    context: Any = None  # a framework's record of the case (nnU-Net's properties), to map back
 
 
 def read_case(loaded, path: Path, options: CaseOptions) -> Case:
@@ -96,6 +97,8 @@ def read_case(loaded, path: Path, options: CaseOptions) -> Case:
     model's training inputs, and resolve the target (with the ground truth resized to the
     input)."""
     card = loaded.card
+    if getattr(loaded, "framework", None) is not None:
+        return _framework_case(loaded, path, options)
     use = IntendedUse(not_checked=["no model card"])
     check = InputCheck(not_checked="no model card")
     if card is not None:
@@ -127,6 +130,26 @@ class CaseResult:
     modality_share: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
+def _framework_case(loaded, path: Path, options: CaseOptions) -> Case:
+    """A case of a model whose framework reads its own input (nnU-Net: its reader, crop,
+    normalisation and resampling, :mod:`pellucid.models.nnunet`): the input is what the framework
+    predicts on; the file as pellucid reads it is kept for the overlays and to map back to."""
+    card = loaded.card
+    if options.sliding_window is not None:
+        raise ConfigError("--sliding-window: this model's framework runs its own sliding window")
+    if options.truth is not None:
+        raise ConfigError("--truth: a ground truth on this framework's grid is not supported yet")
+    loaded.framework.accepts(Path(path))
+    item = load_input(path, card.in_channels, None, card.spatial_dims)
+    use = check_intended_use(card, item.source, options.outside_intended_use)
+    x, context = loaded.framework.read(Path(path))
+    check = InputCheck(not_checked="the model's framework records no description of its "
+                                   "training inputs")
+    target = card_target(card, class_index(card, options.target), options.region, None,
+                         options.reference)
+    return Case(item, x, target, use, check, options.segmentation, context)
+
+
 def explain_case(loaded, case: Case, options: CaseOptions) -> CaseResult:
     """Explain ``case`` with every method of ``options``."""
     import pellucid
@@ -139,7 +162,10 @@ def explain_case(loaded, case: Case, options: CaseOptions) -> CaseResult:
         exp = pellucid.explain(loaded, case.x, m, target=case.target, layer=options.layer,
                                check_inputs=False)  # (checked by read_case)
         explanations[m] = exp
-        maps[m] = upsample(exp.attributions, tuple(case.item.original.shape[1:]), "linear")[0]
+        if getattr(loaded, "framework", None) is not None:  # the framework's way back (nnU-Net)
+            maps[m] = loaded.framework.to_source(exp.attributions[0], case.context)
+        else:
+            maps[m] = upsample(exp.attributions, tuple(case.item.original.shape[1:]), "linear")[0]
         if options.modalities and exp.raw is not None and exp.raw.shape[:2] == case.x.shape[:2]:
             share = exp.raw.clamp_min(0).flatten(2).sum(2)[0]
             shares[m] = dict(zip(names, (share / share.sum().clamp_min(1e-30)).tolist(), strict=True))
