@@ -117,3 +117,6 @@ def test_what_cannot_be_honoured_is_refused_in_one_line(results_folder, case, tm
     with pytest.raises(PellucidError, match="runs more than once in one forward pass"):
         pellucid.explain(fold, one.x, "gradcam", target=one.target, check_inputs=False,
                          layer="folds.0.decoder.stages.2")
+    # LRP's rules keep one run's input per layer: refused at the layer's second run
+    with pytest.raises(PellucidError, match=r"lrp: layer folds\.0\.encoder\.\S+ runs more than once"):
+        pellucid.explain(fold, one.x, "lrp", target=one.target, check_inputs=False)

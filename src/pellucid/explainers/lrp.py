@@ -36,6 +36,7 @@ and pellucid warns in one line naming the share.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -44,7 +45,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from pellucid.errors import ConfigError
+from pellucid.errors import ConfigError, ModelError
 from pellucid.explainers.attention import capture_attention
 from pellucid.explainers.attribution import InputAttribution
 from pellucid.explainers.base import attention_blocks
@@ -222,6 +223,31 @@ def build_composite(name: str, model, inputs: torch.Tensor, rules: dict[str, str
     return composites.MixedComposite([composites.NameMapComposite(name_map=name_map), base])
 
 
+@contextmanager
+def _runs_once(model: nn.Module) -> Iterator[None]:
+    """Refuse a model whose weighted layers run more than once in one forward pass (a sliding
+    window, test-time mirroring, an ensemble, shared weights), at the second run: a rule's hook
+    keeps one run's input, so the relevance of the others would come from the wrong one."""
+    runs: Counter[str] = Counter()
+
+    def count(name: str) -> None:
+        runs[name] += 1
+        if runs[name] > 1:
+            raise ModelError(f"lrp: layer {name} runs more than once in one forward pass (a sliding "
+                             f"window, test-time mirroring, an ensemble or shared weights): LRP's "
+                             f"rules keep one run's input; use a gradient or perturbation method")
+
+    handles = [module.register_forward_hook(lambda mod, inp, out, name=name: count(name))
+               for name, module in model.named_modules()
+               if name and not any(True for _ in module.children())
+               and any(True for _ in module.parameters(recurse=False))]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 @register
 @dataclass
 class LRP(InputAttribution):
@@ -241,7 +267,8 @@ class LRP(InputAttribution):
         if attention_blocks(model):
             return self.transformer_relevance(runner, model, inputs, bound)
         composite = build_composite(self.composite, model, inputs, self.rules, self.low, self.high)
-        with canonized(model, composite), torch.enable_grad(), full_precision():
+        with canonized(model, composite), torch.enable_grad(), full_precision(), \
+                _runs_once(model):
             x = inputs.clone().requires_grad_(True)
             out = runner.forward(x)
             score = bound.score(out)

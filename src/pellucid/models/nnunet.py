@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from pellucid.errors import ConfigError, ModelError
 
@@ -179,7 +180,9 @@ class NnUNetInference(nn.Module):
     ``w`` nnU-Net's Gaussian importance map (sigma = patch/8) and ``m_f`` the fold's network
     averaged over the mirrorings the checkpoint allows; the tiles are nnU-Net's own list (step 0.5
     of the patch), the input is padded to the patch size first, and every sum is rounded to float16
-    as in nnU-Net's predictor (the gradient is taken through the float32 values)."""
+    as in nnU-Net's predictor (the gradient is taken through the float32 values). Under autograd
+    each tile's activations are recomputed in the backward pass instead of kept (a volume's tiles
+    together would not fit in memory): a forward pass more per tile, the same gradient."""
 
     def __init__(self, results: NnUNetResults) -> None:
         super().__init__()
@@ -226,7 +229,13 @@ class NnUNetInference(nn.Module):
             logits = torch.zeros((self.heads, *data.shape[1:]))
             weights = torch.zeros(data.shape[1:])
             for sl in slicers:
-                tile = self._mirrored(net, data[sl][None])[0] * gaussian
+                patch = data[sl][None]
+                if torch.is_grad_enabled() and patch.requires_grad:  # a backward will follow: keep
+                    # no tile's activations (a volume's would not fit), recompute them in backward
+                    out = checkpoint(self._mirrored, net, patch, use_reentrant=False)
+                else:
+                    out = self._mirrored(net, patch)
+                tile = out[0] * gaussian
                 logits[sl] = _half(logits[sl] + tile)  # nnU-Net's float16 sum
                 weights[sl[1:]] = _half(weights[sl[1:]] + gaussian)
             fold = _half(logits / weights)
