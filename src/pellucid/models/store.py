@@ -237,8 +237,10 @@ def _attach_training_inputs(module: nn.Module, card: ModelCard, folder: Path) ->
 
 def load_model(spec: str | Path, weights: str | Path | None = None,
                device: str | torch.device = "cpu") -> LoadedModel:
-    """Load a model from a zoo folder, a TorchScript file, an ONNX file (a forward-only black box
-    run by ONNX Runtime, :mod:`pellucid.models.blackbox`), or ``package.module:factory``.
+    """Load a model from a zoo folder, an nnU-Net v2 results folder or one ``fold_<k>`` of it (run
+    as nnU-Net runs it, :mod:`pellucid.models.nnunet`), a TorchScript file, an ONNX file (a
+    forward-only black box run by ONNX Runtime, :mod:`pellucid.models.blackbox`), or
+    ``package.module:factory``.
 
     ``module:factory`` is called with no arguments and must return an ``nn.Module``; ``weights``
     (safetensors or a torch state dict) are then loaded into it. A ``card.json`` beside a TorchScript
