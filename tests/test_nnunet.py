@@ -120,3 +120,19 @@ def test_what_cannot_be_honoured_is_refused_in_one_line(results_folder, case, tm
     # LRP's rules keep one run's input per layer: refused at the layer's second run
     with pytest.raises(PellucidError, match=r"lrp: layer folds\.0\.encoder\.\S+ runs more than once"):
         pellucid.explain(fold, one.x, "lrp", target=one.target, check_inputs=False)
+
+
+def test_the_benchmark_refuses_it_rather_than_feed_it_unprepared_tensors(results_folder, tmp_path):
+    """The benchmark's datasets give tensors prepared by pellucid's readers; an nnU-Net model
+    predicts on nnU-Net's preprocessing of a file: one line, before any case is read."""
+    from pellucid.bench import parse_config, run_bench
+
+    cfg = {"name": "nnunet", "seed": 0,
+           "datasets": {"brain": {"reader": "phantom-brain", "cases": 2,
+                                  "options": {"size": 32, "spatial_dims": 3}}},
+           "models": {"nn": {"datasets": ["brain"], "path": str(results_folder / "fold_0")}},
+           "methods": ["saliency"], "metrics": ["sparseness"], "baselines": False}
+    with pytest.raises(PellucidError) as exc:
+        run_bench(parse_config(cfg), tmp_path / "out", progress=False, report=False)
+    assert "an nnU-Net results folder reads each case through its own framework" in str(exc.value)
+    assert "\n" not in str(exc.value)

@@ -93,6 +93,13 @@ def prepare_model(spec: ModelSpec, out: Path, seed: int):
         folder = Path(spec.path)
         if not folder.is_absolute() and not folder.exists():
             folder = out / spec.path
+        from pellucid.models.nnunet import is_results_folder
+
+        if is_results_folder(folder) or is_results_folder(folder.parent):  # never unprepared input
+            raise DataError(folder, f"model {spec.name!r}: an nnU-Net results folder reads each case "
+                                    f"through its own framework (nnU-Net's reader and preprocessing); "
+                                    f"the benchmark's datasets give prepared tensors, so it is not "
+                                    f"benchmarked yet (pellucid explain takes it)")
         if not (folder / "card.json").is_file() and not folder.is_file():
             raise DataError(folder, f"model {spec.name!r}: no saved model (card.json) here")
         return load_model(folder), folder
