@@ -43,7 +43,7 @@ def _write(array: np.ndarray, path: Path) -> None:
     sitk.WriteImage(img, str(path))
 
 
-def make(out: Path, cases: int = 6, iterations: tuple[int, int] = (30, 4)) -> Path:
+def make(out: Path, cases: int = 6, iterations: tuple[int, int] = (20, 2)) -> Path:
     """The results folder ``out/nnUNet_results/Dataset901_Sphere/nnUNetTrainer__nnUNetPlans__3d_fullres``."""
     raw, pre, res = out / "nnUNet_raw", out / "nnUNet_preprocessed", out / "nnUNet_results"
     folder = raw / DATASET

@@ -29,8 +29,8 @@ def results_folder():
 
 @pytest.fixture(scope="module")
 def case(tmp_path_factory):
-    """A volume larger than the patch (30 x 56 x 60 against 24 x 40 x 40: several tiles)."""
-    image, label, centre = sphere_case(99, shape=(30, 56, 60))
+    """A volume larger than the patch (28 x 44 x 48 against 24 x 40 x 40: 8 tiles)."""
+    image, label, centre = sphere_case(99, shape=(28, 44, 48))
     path = tmp_path_factory.mktemp("nnunet") / "case_0000.nii.gz"
     _write(image, path)
     return path, label, centre
@@ -54,9 +54,13 @@ def test_logits_and_probabilities_equal_nnunets_own_predictor(results_folder, ca
     theirs = results.predictor.predict_logits_from_preprocessed_data(data).float()
     assert ours.shape == theirs.shape
     assert (ours - theirs).abs().max().item() <= 1e-4
-    # nnU-Net's whole path from the file (read, preprocess, predict, export) against ours taken back
-    seg, probabilities = results.predictor.predict_single_npy_array(
-        pre.original, {"spacing": pre.properties["spacing"]}, None, None, True)
+    # nnU-Net's export of its logits (resample, un-crop, transpose) against ours taken back
+    from nnunetv2.inference.export_prediction import (
+        convert_predicted_logits_to_segmentation_with_correct_shape as export,
+    )
+
+    seg, probabilities = export(theirs, results.plans, results.configuration, results.labels,
+                                pre.properties, return_probabilities=True)
     back = results.to_original(torch.softmax(ours, 0).numpy(), pre.properties)
     assert np.abs(back - probabilities).max() <= 1e-4
     assert (back.argmax(0) == seg).all()

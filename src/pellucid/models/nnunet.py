@@ -281,11 +281,11 @@ class NnUNetAdapter:
             back.transpose([0, *range(spatial, 0, -1)])))  # (z, y, x) -> the file's (x, y, z)
 
 
-def load_results(path: Path):
-    """A :class:`pellucid.models.store.LoadedModel` for a results folder (every fold: their
-    ensemble, as nnU-Net predicts) or one ``fold_<k>`` folder inside it."""
+def load_results(path: Path) -> tuple[nn.Module, Any, NnUNetAdapter, Path | None]:
+    """A results folder (every fold: their ensemble, as nnU-Net predicts) or one ``fold_<k>``
+    folder inside it, for :func:`pellucid.models.store.load_model`: the inference module, its card,
+    the adapter that reads cases and maps back, and the checkpoint file of a single fold."""
     from pellucid.models.card import ModelCard
-    from pellucid.models.store import LoadedModel, file_sha256
     from pellucid.version import __version__
 
     folds = None
@@ -305,7 +305,4 @@ def load_results(path: Path):
         name=f"{path.parent.name}/{path.name}", library="nnunetv2")
     single = len(results.folds) == 1
     weights = path / f"fold_{results.folds[0]}" / results.checkpoint if single else None
-    loaded = LoadedModel(results.module().eval(), card, str(path), weights,
-                         file_sha256(weights) if weights is not None else "")
-    loaded.framework = adapter
-    return loaded
+    return results.module().eval(), card, adapter, weights

@@ -249,11 +249,14 @@ def load_model(spec: str | Path, weights: str | Path | None = None,
     text = str(spec)
     path = Path(text)
     if path.is_dir() and not (path / CARD).is_file():
-        from pellucid.models import nnunet
+        from pellucid.models.nnunet import is_results_folder, load_results
 
-        if nnunet.is_results_folder(path) or (path.name.startswith("fold_") and
-                                              nnunet.is_results_folder(path.parent)):
-            return nnunet.load_results(path)
+        if is_results_folder(path) or (path.name.startswith("fold_") and
+                                       is_results_folder(path.parent)):
+            module, card, adapter, checkpoint = load_results(path)
+            loaded = _stored(LoadedModel(module, card, text), checkpoint)
+            loaded.framework = adapter
+            return loaded
     if path.is_dir():
         card = ModelCard.load(path / CARD)
         if card.factory or card.arch == "torchscript":  # an imported model (pellucid import-model)
