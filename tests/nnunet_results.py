@@ -60,11 +60,11 @@ def make(out: Path, cases: int = 6, iterations: tuple[int, int] = (20, 2)) -> Pa
                nnUNet_compile="false")
     _run([sys.executable, "-c", "from nnunetv2.experiment_planning.plan_and_preprocess_entrypoints "
                     "import plan_and_preprocess_entry; plan_and_preprocess_entry()",
-                    "-d", "901", "-c", "3d_fullres", "-np", "1", "--verify_dataset_integrity"],
+                    "-d", "901", "-c", "3d_fullres", "-np", "1"],
                    env, "planning and preprocessing")
-    for fold in (0, 1):  # fold 0 learns the sphere; fold 1 is there for the ensemble
-        _run([sys.executable, "-m", "tests.nnunet_results", "--train", str(fold), str(iterations[fold])],
-             dict(env, nnUNet_n_proc_DA="0"), f"training fold {fold}")  # no augmentation workers
+    # fold 0 learns the sphere; fold 1 is there for the ensemble (one process trains both)
+    _run([sys.executable, "-m", "tests.nnunet_results", "--train", *map(str, iterations)],
+         dict(env, nnUNet_n_proc_DA="0"), "training")  # no augmentation workers
     folder = res / DATASET / "nnUNetTrainer__nnUNetPlans__3d_fullres"
     (res / DATASET / "Short__nnUNetPlans__3d_fullres").rename(folder)  # named as nnU-Net would
     return folder
@@ -107,6 +107,7 @@ def _train(fold: int, iterations: int) -> None:
 
 if __name__ == "__main__":
     if sys.argv[1] == "--train":
-        _train(int(sys.argv[2]), int(sys.argv[3]))
+        for fold, count in enumerate(sys.argv[2:]):
+            _train(fold, int(count))
     else:
         print(make(Path(sys.argv[1])))

@@ -29,8 +29,8 @@ def results_folder():
 
 @pytest.fixture(scope="module")
 def case(tmp_path_factory):
-    """A volume larger than the patch (28 x 44 x 48 against 24 x 40 x 40: 8 tiles)."""
-    image, label, centre = sphere_case(99, shape=(28, 44, 48))
+    """A volume larger than the patch (26 x 40 x 46 against 24 x 40 x 40: 4 tiles, overlapping)."""
+    image, label, centre = sphere_case(99, shape=(26, 40, 46))
     path = tmp_path_factory.mktemp("nnunet") / "case_0000.nii.gz"
     _write(image, path)
     return path, label, centre
