@@ -204,3 +204,16 @@ def test_findings_are_image_level_groups_and_regions_belong_to_explanations(writ
         for f in record["findings"]:
             verdict = "present" if f["present"] else "absent"
             assert f"{f['name']} {verdict} (probability {f['score']:.2f}" in comment
+
+
+def test_a_comment_too_long_for_every_finding_lists_whole_findings_and_counts_the_rest():
+    """A Comment holds 1024 characters: findings that do not fit are counted, never cut inside
+    (a probability cut after one digit would state another value)."""
+    others = [f"Finding{k} absent (probability 0.{k:02d}, threshold 0.50)" for k in range(40)]
+    head = "Lesion present (probability 0.91, threshold 0.50); explained by gradcam; model m 1"
+    text = objects._listed(head, others)
+    assert len(head) + len(text) <= 1024
+    shown = [n for n in range(1, 40) if text == f"; other findings: {', '.join(others[:n])}, "
+                                                 f"and {40 - n} more (the image-level groups)"]
+    assert len(shown) == 1, text  # whole findings, in order, then the count of the rest
+    assert objects._listed(head, others[:2]) == f"; other findings: {others[0]}, {others[1]}"

@@ -108,6 +108,11 @@ def test_what_cannot_be_honoured_is_refused_in_one_line(results_folder, case, tm
     other.write_bytes(b"")
     with pytest.raises(PellucidError, match=r"reads \.nii\.gz files"):
         read_case(loaded, other, CaseOptions(["saliency"]))
+    image, _, _ = sphere_case(1, shape=(26, 40, 46))
+    image[3, 4, 5] = np.nan  # a NaN voxel: refused, never explained
+    _write(image, tmp_path / "nan_0000.nii.gz")
+    with pytest.raises(PellucidError, match=r"not finite|non-finite"):
+        read_case(loaded, tmp_path / "nan_0000.nii.gz", CaseOptions(["saliency"]))
     with pytest.raises(PellucidError, match=r"fold\(s\) 3 have no checkpoint_final.pth"):
         NnUNetResults(results_folder, ["3"])
     # a CAM hooks a layer that runs once per tile and mirroring: refused, never one tile's map

@@ -509,7 +509,7 @@ def structured_report(source: Sequence[Any], model: ReportedModel, findings: Seq
         comment, measurements, shown = _region_comment(stated, explained, method, model), [], None
         others = [_finding_words(f) for f in findings if f is not stated]
         if planar and others:  # a viewer lists only groups with a region: the rest are named here
-            comment += f"; other findings: {', '.join(others)}"
+            comment += _listed(comment, others)
         if region is not None:
             measurements, shown = [region.measurement(source[0], method_id, made)], region
         elif planar and regions is not None:  # the caller found no region: the map was empty
@@ -692,6 +692,18 @@ def _finding_words(f: Finding) -> str:
     if f.kind == "value":
         return f"{f.name}{where}: value {f.score:.4g}"
     return f"{f.name} {verdict}{where} ({f.kind} {f.score:.2f}{cut})"
+
+
+def _listed(head: str, others: list[str], limit: int = 1024) -> str:
+    """"; other findings: a, b, ..." with as many whole findings as fit in a Comment after
+    ``head`` (a finding cut inside its number would state another value); the rest counted."""
+    for shown in range(len(others), -1, -1):
+        rest = len(others) - shown
+        more = f"{', ' if shown else ''}and {rest} more (the image-level groups)" if rest else ""
+        text = f"; other findings: {', '.join(others[:shown])}{more}"
+        if len(head) + len(text) <= limit:
+            return text
+    return ""
 
 
 def _region_comment(stated: Finding | None, explained: str | None, method: str,

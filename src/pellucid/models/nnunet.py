@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from pellucid.errors import ConfigError, ModelError
+from pellucid.errors import ConfigError, DataError, ModelError
 
 CHECKPOINT = "checkpoint_final.pth"
 
@@ -271,6 +271,9 @@ class NnUNetAdapter:
         """The preprocessed input (1, C, *spatial) and nnU-Net's record of the case."""
         self.accepts(path)
         case = self.results.preprocess([path])
+        if not np.isfinite(case.data).all():  # never a map of NaN or inf as if it were a finding
+            raise DataError(path, "not finite after nnU-Net's preprocessing (NaN or inf values); "
+                                  "pellucid does not explain it")
         return torch.from_numpy(case.data)[None], case
 
     def to_source(self, maps: torch.Tensor, case: Preprocessed) -> torch.Tensor:
