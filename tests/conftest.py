@@ -143,13 +143,14 @@ HEAVY_FIXTURES = {"chest_model", "brain_unet", "tiny_model", "unet3d", "review_r
 # modules whose tests train or run benchmarks inline
 HEAVY_MODULES = {"test_training", "test_bench", "test_seed_systems", "test_metrics_vs_peers",
                  "test_sliding_window", "test_service_hardening", "test_pacs", "test_evidence",
-                 "test_frames", "test_viewer", "test_vit_phantoms", "test_nnunet"}
+                 "test_frames", "test_viewer", "test_vit_phantoms", "test_nnunet", "test_monai_bundle"}
 
 
 # modules whose tests build networks of the model libraries of the "models" extra (timm,
 # transformers, smp, torchxrayvision, nnU-Net, ONNX Runtime, OpenVINO, lxt); `make test-lowest`
 # leaves them out
-MODEL_LIBRARY_MODULES = {"test_model_libraries", "test_blackbox", "test_backends", "test_nnunet"}
+MODEL_LIBRARY_MODULES = {"test_model_libraries", "test_blackbox", "test_backends", "test_nnunet",
+                         "test_monai_bundle"}
 # tests against an oracle that `make install` adds outside the extras (MetaQuantus)
 ORACLE_TESTS = {"test_consistency_equals_metaquantus"}
 
@@ -159,8 +160,8 @@ ORACLE_TESTS = {"test_consistency_equals_metaquantus"}
 # default reorder by test count started the one-test ViT module last and left a worker idle). The
 # first ones train the shared models (chest_model, brain_unet) while the others need neither.
 LONGEST_FIRST = ["test_bench", "test_hostile_inputs", "test_seed_systems", "test_cam_vs_gradcam",
-                 "test_tutorial", "test_review", "test_pacs", "test_nnunet", "test_model_libraries",
-                 "test_viewer",
+                 "test_tutorial", "test_review", "test_pacs", "test_nnunet", "test_monai_bundle",
+                 "test_model_libraries", "test_viewer",
                  "test_service_hardening", "test_baselines", "test_node", "test_vit_phantoms",
                  "test_explain_api",
                  "test_cli", "test_own_data", "test_gradients", "test_perturbation"]

@@ -131,17 +131,26 @@ def test_what_cannot_be_honoured_is_refused_in_one_line(results_folder, case, tm
         pellucid.explain(fold, one.x, "lrp", target=one.target, check_inputs=False)
 
 
-def test_the_benchmark_refuses_it_rather_than_feed_it_unprepared_tensors(results_folder, tmp_path):
-    """The benchmark's datasets give tensors prepared by pellucid's readers; an nnU-Net model
-    predicts on nnU-Net's preprocessing of a file: one line, before any case is read."""
-    from pellucid.bench import parse_config, run_bench
+def test_bench_runs_the_results_folder_end_to_end_to_a_report(results_folder, tmp_path):
+    """``pellucid bench`` with ``path:`` a fold of the results folder, on a CSV of volumes and
+    label files: each case is nnU-Net's preprocessing of its file, the label file is taken onto
+    nnU-Net's grid by nnU-Net's own preprocessing, the target is the predicted lesion."""
+    import pellucid
+    from pellucid.models import load_model
+    from pellucid.pipeline.resolve import card_target
+    from tests.framework_bench import framework_bench
 
-    cfg = {"name": "nnunet", "seed": 0,
-           "datasets": {"brain": {"reader": "phantom-brain", "cases": 2,
-                                  "options": {"size": 32, "spatial_dims": 3}}},
-           "models": {"nn": {"datasets": ["brain"], "path": str(results_folder / "fold_0")}},
-           "methods": ["saliency"], "metrics": ["sparseness"], "baselines": False}
-    with pytest.raises(PellucidError) as exc:
-        run_bench(parse_config(cfg), tmp_path / "out", progress=False, report=False)
-    assert "an nnU-Net results folder reads each case through its own framework" in str(exc.value)
-    assert "\n" not in str(exc.value)
+    frame = framework_bench(str(results_folder / "fold_0"), tmp_path, ["saliency"],
+                            ["pointing_game", "sparseness"])
+    assert set(frame["target"]) == {"lesion"} and frame["case_id"].nunique() == 3
+    assert frame["value"].notna().all(), frame[frame["value"].isna()][["metric", "reason"]]
+    loaded = load_model(results_folder / "fold_0")
+    path = tmp_path / "data" / "c0_0000.nii.gz"
+    x, case = loaded.framework.read(path)
+    truth = loaded.framework.read_truth(tmp_path / "data" / "c0_seg.nii.gz", path, case)
+    e = pellucid.explain(loaded, x, "saliency", target=card_target(loaded.card, 1, "predicted"))
+    ref = pellucid.evaluate(loaded, x, e, metrics=["pointing_game", "sparseness"],
+                            masks=(truth == 1)[None])
+    for metric in ("pointing_game", "sparseness"):
+        row = frame[(frame["metric"] == metric) & (frame["case_id"] == "data/c0_0000.nii.gz")].iloc[0]
+        assert row["value"] == pytest.approx(ref[metric].scores[0].item(), rel=1e-4), metric

@@ -74,6 +74,15 @@ def _open(reader: str, root: str | None, split: str, options: dict, n: int | Non
     return open_dataset(reader, _root(root), split=split, **opts)
 
 
+def is_framework_folder(folder: Path) -> bool:
+    """An nnU-Net results folder (or a fold of one) or a MONAI bundle."""
+    from pellucid.models.bundle import is_bundle
+    from pellucid.models.nnunet import is_results_folder
+
+    return is_results_folder(folder) or (folder.name.startswith("fold_") and
+                                         is_results_folder(folder.parent)) or is_bundle(folder)
+
+
 def prepare_model(spec: ModelSpec, out: Path, seed: int):
     """The model of ``spec``: loaded from its folder, or trained once into ``out/models``."""
     from pellucid.models import TrainConfig, load_model, save_model, train
@@ -93,13 +102,8 @@ def prepare_model(spec: ModelSpec, out: Path, seed: int):
         folder = Path(spec.path)
         if not folder.is_absolute() and not folder.exists():
             folder = out / spec.path
-        from pellucid.models.nnunet import is_results_folder
-
-        if is_results_folder(folder) or is_results_folder(folder.parent):  # never unprepared input
-            raise DataError(folder, f"model {spec.name!r}: an nnU-Net results folder reads each case "
-                                    f"through its own framework (nnU-Net's reader and preprocessing); "
-                                    f"the benchmark's datasets give prepared tensors, so it is not "
-                                    f"benchmarked yet (pellucid explain takes it)")
+        if is_framework_folder(folder):  # nnU-Net results, a MONAI bundle: read as they run
+            return load_model(folder), folder
         if not (folder / "card.json").is_file() and not folder.is_file():
             raise DataError(folder, f"model {spec.name!r}: no saved model (card.json) here")
         return load_model(folder), folder
@@ -139,6 +143,8 @@ def prepare_cases(dspec: DatasetSpec, mspec: ModelSpec, loaded, need_prior: bool
     (case, target) pairs following the model's ``targets``. Cases are taken in the reader's order
     (a CSV's rows, a folder's sorted file names) unless the dataset says ``shuffle: true``: then
     in a random order drawn from ``seed``, the same on every run of the configuration."""
+    if getattr(loaded, "framework", None) is not None:
+        return framework_cases(dspec, mspec, loaded, need_prior, seed)
     card = loaded.card
     ds = _open(dspec.reader, dspec.root, dspec.split, card_options(dspec, card),
                max(4 * dspec.cases, 64))
@@ -238,6 +244,81 @@ def prepare_cases(dspec: DatasetSpec, mspec: ModelSpec, loaded, need_prior: bool
                    [p[0]["case_id"] for p in pairs], masks, boxes, background, truth,
                    predicted=predicted, labels=labels,
                    prior=prior[classes.clamp_min(0)] if prior is not None else None)
+
+
+def framework_cases(dspec: DatasetSpec, mspec: ModelSpec, loaded, need_prior: bool = False,
+                    seed: int = 0) -> CaseSet:
+    """The case set of a model that reads its own input (an nnU-Net results folder, a MONAI
+    bundle): each case's file is read through the framework's own reading and preprocessing, and
+    its ground-truth label file taken onto the same grid by the framework
+    (:meth:`read_truth`); the targets are the listed classes, or every class but the background
+    (channel 0) of a softmax model, each case's predicted region of that class. The benchmark
+    batches the cases, so their grids must agree; a dataset whose files give several grids is
+    refused in one line."""
+    card, framework = loaded.card, loaded.framework
+    if card.task != "segmentation":
+        raise ConfigError(f"models.{mspec.name}: a framework model is benchmarked as a segmentation "
+                          f"model; this one is {card.task}")
+    if need_prior:
+        raise ConfigError(f"models.{mspec.name}: the prior baseline reads training masks through "
+                          f"pellucid's readers, not this framework's; leave it out (baselines)")
+    if mspec.region in ("fp", "fn"):
+        raise ConfigError(f"models.{mspec.name}: region {mspec.region} of a framework model is not "
+                          f"supported yet; use the predicted region")
+    ds = _open(dspec.reader, dspec.root, dspec.split, dict(dspec.options), max(4 * dspec.cases, 64))
+    names = list(card.class_names)
+    if isinstance(mspec.targets, list):
+        wanted = []
+        for t in mspec.targets:
+            if not (t in names or (isinstance(t, int) and 0 <= t < len(names))):
+                raise ConfigError(f"models.{mspec.name}.targets: unknown target {t!r}; the model's "
+                                  f"outputs: {', '.join(names)}")
+            wanted.append(names.index(t) if t in names else int(t))
+    elif mspec.targets == "positive":
+        wanted = list(range(1 if card.activation == "softmax" else 0, len(names)))
+    else:
+        raise ConfigError(f"models.{mspec.name}.targets: give 'positive' or a list")
+    order = (np.random.default_rng(seed).permutation(len(ds)).tolist() if dspec.shuffle
+             else range(len(ds)))
+    xs, truths, pairs = [], [], []
+    for i in order:
+        if len(xs) >= dspec.cases:
+            break
+        sample = ds[i]
+        if "path" not in sample:
+            raise ConfigError(f"dataset {dspec.name!r}: a framework model reads each case from its "
+                              f"file; reader {dspec.reader!r} gives no file (use the csv reader)")
+        path = Path(sample["path"])
+        framework.accepts(path)
+        x, context = framework.read(path)
+        labels = framework.read_truth(Path(sample["mask_path"]), path, context) \
+            if "mask_path" in sample else None
+        keep = [k for k in wanted if dspec.require == "any" or
+                (labels is not None and bool((labels == k).any()))]
+        if not keep:
+            continue
+        if xs and x.shape != xs[0].shape:
+            raise DataError(path, f"dataset {dspec.name!r}: on the model's grid this case is "
+                                  f"{tuple(x.shape[1:])}, the first {tuple(xs[0].shape[1:])}; the "
+                                  f"benchmark batches cases of one grid (resample the files alike)")
+        xs.append(x)
+        truths.append(labels)
+        pairs += [(len(xs) - 1, k, sample["case_id"]) for k in keep]
+    if not pairs:
+        raise DataError(dspec.root or dspec.reader, f"dataset {dspec.name!r}: no usable cases"
+                        + ("" if dspec.require == "any" else " (require: lesion needs label files "
+                                                              "with the target classes)"))
+    index = torch.tensor([p[0] for p in pairs])
+    x = torch.cat(xs)[index]
+    classes = torch.tensor([p[1] for p in pairs])
+    masks = None
+    if all(t is not None for t in truths):
+        masks = torch.stack([truths[i] == k for i, k, _ in pairs])
+    classes, predicted, _ = _scan(loaded, x, classes)
+    labels = torch.tensor([float(bool(m.any())) for m in masks]) if masks is not None else None
+    return CaseSet(x, x.clone(), classes, [names[k] for k in classes.tolist()],
+                   [p[2] for p in pairs], masks, None, torch.cat(xs)[:8], masks,
+                   predicted=predicted, labels=labels)
 
 
 GENERIC_READERS = ("csv", "folder", "coco")  # a user's data: read as the model card says

@@ -66,8 +66,10 @@ class _ImageListDataset(PellucidDataset):
         data, _, spacing = read_nifti(rec["path"])
         image = zscore_nonzero(torch.from_numpy(data)[None])
         sample = {"image": image, "label": rec["label"].clone(), "case_id": rec["case_id"],
-                  "spacing": tuple(float(v) for v in spacing)}
+                  "spacing": tuple(float(v) for v in spacing),
+                  "path": str(rec["path"])}  # the file: a framework model reads it its own way
         if rec.get("mask") is not None:
+            sample["mask_path"] = str(rec["mask"])
             mask = self._mask(rec)
             if mask.shape[1:] != image.shape[1:]:
                 raise DataError(rec["mask"], f"mask shape {tuple(mask.shape[1:])} differs from the "

@@ -212,13 +212,17 @@ class NnUNetInference(nn.Module):
         return prediction
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, *spatial) -> (B, K, *spatial): each case as nnU-Net predicts it on its own."""
+        # a 2d configuration predicts a volume (B, C, Z, Y, X) slice by slice, as nnU-Net does
+        if x.ndim not in (2 + self.spatial_dims, 5) or x.shape[0] < 1:
+            raise ModelError(f"nnU-Net inference takes cases (B, C, *spatial) of {self.spatial_dims} "
+                             f"spatial dimensions, got shape {tuple(x.shape)}")
+        return torch.cat([self._case(x[i:i + 1]) for i in range(x.shape[0])])
+
+    def _case(self, x: torch.Tensor) -> torch.Tensor:
         from acvl_utils.cropping_and_padding.padding import pad_nd_image
         from nnunetv2.inference.sliding_window_prediction import compute_gaussian
 
-        dims = (2 + self.spatial_dims, 3) if self.spatial_dims == 2 else (2 + self.spatial_dims,)
-        if x.ndim not in (*dims, 5 if self.spatial_dims == 2 else -1) or x.shape[0] != 1:
-            raise ModelError(f"nnU-Net inference takes one case (1, C, *spatial), got shape "
-                             f"{tuple(x.shape)}")
         data, revert = pad_nd_image(x[0], self.patch_size, "constant", {"value": 0}, True, None)
         slicers = self._predictor._internal_get_sliding_window_slicers(data.shape[1:])
         gaussian = compute_gaussian(self.patch_size, sigma_scale=1. / 8, value_scaling_factor=10,
@@ -275,6 +279,30 @@ class NnUNetAdapter:
             raise DataError(path, "not finite after nnU-Net's preprocessing (NaN or inf values); "
                                   "pellucid does not explain it")
         return torch.from_numpy(case.data)[None], case
+
+    def read_truth(self, mask: Path, image: Path, case: Preprocessed) -> torch.Tensor:
+        """A ground-truth label file on the grid the model predicts on, by nnU-Net's own
+        preprocessing of a case with its segmentation (crop, nearest-neighbour resampling of the
+        labels); (*spatial) of label values, 0 outside the crop."""
+        reader = self.results.plans.image_reader_writer_class()
+        try:
+            seg, _ = reader.read_seg(str(mask))
+        except Exception as exc:
+            raise DataError(mask, f"nnU-Net's reader cannot read it ({type(exc).__name__})") from None
+        original, properties = reader.read_images([str(image)])
+        preprocessor = self.results.configuration.preprocessor_class(verbose=False)
+        _, labels, _ = preprocessor.run_case_npy(original, seg, properties, self.results.plans,
+                                                 self.results.configuration, self.results.dataset)
+        labels = torch.from_numpy(np.asarray(labels[0])).long().clamp_min(0)
+        if tuple(labels.shape) != tuple(case.data.shape[1:]):
+            raise DataError(mask, f"on nnU-Net's grid its shape is {tuple(labels.shape)}, the "
+                                  f"image's {tuple(case.data.shape[1:])}")
+        return labels
+
+    def output_to_source(self, logits: torch.Tensor, case: Preprocessed) -> torch.Tensor:
+        """(1, K, *grid) logits -> (K, *the file's voxels), as nnU-Net's export resamples its
+        logits before the arg-max."""
+        return self.to_source(logits[0], case)
 
     def to_source(self, maps: torch.Tensor, case: Preprocessed) -> torch.Tensor:
         """(1, *preprocessed grid) -> (1, *the file's voxels in pellucid's order)."""

@@ -238,7 +238,8 @@ def _attach_training_inputs(module: nn.Module, card: ModelCard, folder: Path) ->
 def load_model(spec: str | Path, weights: str | Path | None = None,
                device: str | torch.device = "cpu") -> LoadedModel:
     """Load a model from a zoo folder, an nnU-Net v2 results folder or one ``fold_<k>`` of it (run
-    as nnU-Net runs it, :mod:`pellucid.models.nnunet`), a TorchScript file, an ONNX file (a
+    as nnU-Net runs it, :mod:`pellucid.models.nnunet`), a MONAI bundle folder (run as its own
+    configuration runs it, :mod:`pellucid.models.bundle`), a TorchScript file, an ONNX file (a
     forward-only black box run by ONNX Runtime, :mod:`pellucid.models.blackbox`), or
     ``package.module:factory``.
 
@@ -254,6 +255,13 @@ def load_model(spec: str | Path, weights: str | Path | None = None,
         if is_results_folder(path) or (path.name.startswith("fold_") and
                                        is_results_folder(path.parent)):
             module, card, adapter, checkpoint = load_results(path)
+            loaded = _stored(LoadedModel(module, card, text), checkpoint)
+            loaded.framework = adapter
+            return loaded
+        from pellucid.models.bundle import is_bundle, load_bundle
+
+        if is_bundle(path):
+            module, card, adapter, checkpoint = load_bundle(path)
             loaded = _stored(LoadedModel(module, card, text), checkpoint)
             loaded.framework = adapter
             return loaded

@@ -171,7 +171,11 @@ def explain_case(loaded, case: Case, options: CaseOptions) -> CaseResult:
             shares[m] = dict(zip(names, (share / share.sum().clamp_min(1e-30)).tolist(), strict=True))
     first = next(iter(explanations.values()))
     explained = int(first.target.classes[0])
-    prediction, classes = answer(loaded, first.output, explained)
+    output = first.output
+    if getattr(loaded, "framework", None) is not None and output.ndim > 2:
+        # the voxels the framework itself would report: its output taken back to the file
+        output = loaded.framework.output_to_source(output[:1], case.context)[None]
+    prediction, classes = answer(loaded, output, explained)
     result = CaseResult(case, explanations, maps, prediction, _entry(loaded, classes, explained),
                         classes, modality_share=shares)
     if options.modalities:

@@ -1,0 +1,181 @@
+"""MONAI bundles as the bundle runs them (pellucid.models.bundle), on a bundle laid out by MONAI's
+own ``init_bundle`` and trained here (tests/monai_bundle.py): the probabilities through pellucid
+equal those the bundle's own inference workflow (``monai.bundle.ConfigWorkflow``, its evaluator,
+sliding window, softmax, ``Invertd`` and ``SaveImaged``) writes; a map of the predicted lesion is a
+NIfTI on the file's voxels with its affine and peaks inside the lesion; ``pellucid bench`` runs the
+bundle end to end on a CSV of volumes to a report; what cannot be honoured is refused in one line."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from pellucid.errors import PellucidError
+from tests.framework_bench import framework_bench
+from tests.nnunet_results import _write, sphere_case
+
+
+@pytest.fixture(scope="module")
+def bundle_folder():
+    from tests.conftest import shared_model
+    from tests.monai_bundle import NAME, make
+
+    return shared_model("monai_bundle", make) / NAME
+
+
+@pytest.fixture(scope="module")
+def case(tmp_path_factory):
+    """A volume larger than the bundle's window on its grid (34 x 30 x 26 against 24 x 24 x 16)."""
+    image, label, centre = sphere_case(7, shape=(26, 44, 50))
+    folder = tmp_path_factory.mktemp("bundle-case")
+    _write(image, folder / "case.nii.gz")
+    return folder / "case.nii.gz", label, centre
+
+
+def test_probabilities_equal_the_bundles_own_inference_workflow(bundle_folder, case, tmp_path):
+    from monai.bundle import ConfigWorkflow
+
+    from pellucid.models import load_model
+
+    path = case[0]
+    out = tmp_path / "eval"
+    workflow = ConfigWorkflow(
+        config_file=str(bundle_folder / "configs" / "inference.json"),
+        meta_file=str(bundle_folder / "configs" / "metadata.json"), workflow_type="infer",
+        logging_file=False, bundle_root=str(bundle_folder), dataset_dir=str(path.parent),
+        output_dir=str(out))
+    workflow.initialize()
+    workflow.run()
+    workflow.finalize()
+    written = nib.load(out / "case_prob.nii.gz")
+    theirs = np.moveaxis(np.asarray(written.dataobj, dtype=np.float32), -1, 0)  # (K, x, y, z)
+    source = nib.load(path)
+    assert theirs.shape[1:] == source.shape and np.allclose(written.affine, source.affine)
+
+    loaded = load_model(bundle_folder)
+    card = loaded.card
+    assert (card.task, card.activation, card.class_names) == ("segmentation", "softmax",
+                                                              ["background", "lesion"])
+    settings = card.training["monai_bundle"]
+    assert settings["activation_source"] == "postprocessing: Activationsd(softmax=True)"
+    assert settings["inferer"]["kind"] == "SlidingWindowInferer"
+    assert settings["inferer"]["roi_size"] == [24, 24, 16]
+    assert settings["preprocessing"][:4] == ["LoadImaged", "EnsureChannelFirstd", "Orientationd",
+                                             "Spacingd"]
+    x, context = loaded.framework.read(path)
+    assert all(s > r for s, r in zip(x.shape[2:], (24, 24, 16), strict=True))  # several windows
+    with torch.no_grad():
+        logits = loaded.module(x)
+    ours = loaded.framework.to_source(torch.softmax(logits, 1)[0], context).numpy()
+    assert ours.shape == theirs.shape
+    assert np.abs(ours - theirs).max() <= 1e-4
+    assert (theirs.argmax(0) == 1).sum() > 0  # the lesion is found
+
+
+def test_the_map_of_the_predicted_lesion_lands_on_it_in_the_files_voxels(bundle_folder, case, tmp_path):
+    """``pellucid explain --model <bundle>`` on a NIfTI file: the answer is the bundle's (voxels of
+    its arg-max on the file), and the map is a NIfTI with the input's affine whose peak is in the
+    planted lesion."""
+    from pellucid.cli import main
+    from pellucid.models import load_model
+
+    path, label, _ = case
+    # integrated gradients: the gradient's magnitude alone (saliency) peaks on the sphere's rim
+    main(["explain", "--model", str(bundle_folder), "--method", "integratedgradients", "--input",
+          str(path),
+          "--out", str(tmp_path), "--target", "lesion"])
+    record = json.loads((tmp_path / "summary.json").read_text())[0]
+    loaded = load_model(bundle_folder)
+    x, context = loaded.framework.read(path)
+    with torch.no_grad():
+        probabilities = loaded.framework.to_source(torch.softmax(loaded.module(x), 1)[0], context)
+    assert record["prediction"]["voxels"] == int((probabilities.argmax(0) == 1).sum()) > 0
+    written, source = nib.load(tmp_path / "case_integratedgradients.nii.gz"), nib.load(path)
+    assert written.shape == source.shape and np.allclose(written.affine, source.affine)
+    peak = np.unravel_index(int(np.argmax(written.get_fdata())), written.shape)  # (x, y, z)
+    assert label[peak[2], peak[1], peak[0]] == 1, peak  # the label is (z, y, x)
+
+
+def test_bench_runs_a_bundle_end_to_end_to_a_report(bundle_folder, tmp_path):
+    from pellucid.models import load_model
+
+    frame = framework_bench(str(bundle_folder), tmp_path, ["saliency", "integratedgradients"],
+                            ["pointing_game", "sparseness", "deletion"])
+    assert set(frame["target"]) == {"lesion"} and frame["case_id"].nunique() == 3
+    assert frame["value"].notna().all(), frame[frame["value"].isna()][["metric", "reason"]]
+    # the benchmark's case is the bundle's: its scores are those of the bundle's preprocessing
+    import pellucid
+    from pellucid.pipeline.resolve import card_target
+
+    loaded = load_model(bundle_folder)
+    x, _ = loaded.framework.read(tmp_path / "data" / "c0_0000.nii.gz")
+    e = pellucid.explain(loaded, x, "saliency", target=card_target(loaded.card, 1, "predicted"))
+    ref = pellucid.evaluate(loaded, x, e, metrics=["deletion", "sparseness"])
+    for metric in ("deletion", "sparseness"):
+        row = frame[(frame["metric"] == metric) & (frame["method"] == "saliency") &
+                    (frame["case_id"] == "data/c0_0000.nii.gz")].iloc[0]
+        assert row["value"] == pytest.approx(ref[metric].scores[0].item(), rel=1e-4), metric
+    assert (frame[frame["metric"] == "pointing_game"]["value"].isin([0.0, 1.0])).all()
+
+
+def test_what_cannot_be_honoured_is_refused_in_one_line(bundle_folder, case, tmp_path):
+    from pellucid.models import load_model
+    from pellucid.models.bundle import MonaiBundle
+    from pellucid.pipeline import CaseOptions, read_case
+
+    loaded = load_model(bundle_folder)
+
+    def refused(call, said: str) -> None:
+        with pytest.raises(PellucidError) as exc:
+            call()
+        assert said in str(exc.value) and "\n" not in str(exc.value), str(exc.value)
+
+    refused(lambda: read_case(loaded, case[0], CaseOptions(["saliency"], sliding_window=[24, 24, 16])),
+            "runs its own sliding window")
+    png = tmp_path / "slice.png"
+    png.write_bytes(b"")
+    refused(lambda: read_case(loaded, png, CaseOptions(["saliency"])), "read here from a NIfTI")
+    image, _, _ = sphere_case(1, shape=(26, 40, 46))
+    image[3, 4, 5] = np.nan
+    _write(image, tmp_path / "nan.nii.gz")
+    refused(lambda: read_case(loaded, tmp_path / "nan.nii.gz", CaseOptions(["saliency"])), "finite")
+
+    def variant(name: str, edit) -> MonaiBundle:
+        folder = tmp_path / name
+        shutil.copytree(bundle_folder, folder)
+        config = json.loads((folder / "configs" / "inference.json").read_text())
+        meta = json.loads((folder / "configs" / "metadata.json").read_text())
+        edit(config, meta)
+        (folder / "configs" / "inference.json").write_text(json.dumps(config))
+        (folder / "configs" / "metadata.json").write_text(json.dumps(meta))
+        return folder
+
+    def no_activation(config, meta):  # no Activationsd, and an output format that says nothing
+        config["postprocessing"]["transforms"] = config["postprocessing"]["transforms"][1:]
+        meta["network_data_format"]["outputs"]["pred"]["format"] = "segmentation"
+
+    refused(lambda: MonaiBundle(variant("no_activation", no_activation)),
+            "neither the postprocessing (Activationsd) nor the output format")
+
+    def labels_format(config, meta):  # no Activationsd, format 'labels': one class per voxel
+        config["postprocessing"]["transforms"] = config["postprocessing"]["transforms"][1:]
+
+    bundle = MonaiBundle(variant("labels", labels_format))
+    assert (bundle.activation, bundle.activation_source[:13]) == ("softmax", "metadata.json")
+
+    def other_inferer(config, meta):
+        config["inferer"] = {"_target_": "SliceInferer", "roi_size": [24, 24], "spatial_dim": 2}
+
+    refused(lambda: MonaiBundle(variant("slices", other_inferer)), "inferer SliceInferer is not supported")
+
+    def wrong_weights(config, meta):
+        config["network_def"]["channels"] = [4, 8, 16]
+
+    refused(lambda: MonaiBundle(variant("weights", wrong_weights)), "weights do not fit")
+    (tmp_path / "weights" / "models" / "model.pt").unlink()
+    refused(lambda: MonaiBundle(tmp_path / "weights"), "the bundle's weights are missing")
