@@ -179,3 +179,122 @@ def test_what_cannot_be_honoured_is_refused_in_one_line(bundle_folder, case, tmp
     refused(lambda: MonaiBundle(variant("weights", wrong_weights)), "weights do not fit")
     (tmp_path / "weights" / "models" / "model.pt").unlink()
     refused(lambda: MonaiBundle(tmp_path / "weights"), "the bundle's weights are missing")
+
+
+def test_import_model_copies_the_bundle_and_refuses_a_changed_copy(bundle_folder, case, tmp_path,
+                                                                   capsys):
+    """``pellucid import-model <bundle> --out F``: a model folder with the bundle's copy and a card
+    the user completes; it predicts as the bundle does; a changed weights file or a card that
+    contradicts the bundle is refused in one line, as is an option the bundle answers itself."""
+    from pellucid.cli import main
+    from pellucid.models import load_model
+    from pellucid.models.card import ModelCard
+
+    out = tmp_path / "imported"
+    main(["import-model", str(bundle_folder), "--out", str(out), "--name", "Sphere finder",
+          "--version", "2.0"])
+    imported, direct = load_model(out), load_model(bundle_folder)
+    assert (imported.card.name, imported.card.version) == ("Sphere finder", "2.0")
+    assert imported.card.training["weights_sha256"].keys() == {"models/model.pt"}
+    x, _ = imported.framework.read(case[0])
+    with torch.no_grad():
+        assert torch.equal(imported.module(x), direct.module(direct.framework.read(case[0])[0]))
+    with pytest.raises(SystemExit):
+        main(["import-model", str(bundle_folder), "--out", str(tmp_path / "other"), "--classes", "a,b"])
+    said = capsys.readouterr().err.strip()
+    assert "--classes: " in said and "is read as its framework runs it" in said and "\n" not in said
+    card = ModelCard.load(out / "card.json")
+    card.class_names = ["background", "tumour"]
+    card.save(out / "card.json")
+    with pytest.raises(PellucidError, match=r"class_names .* differs from the monai_bundle model's own"):
+        load_model(out)
+    weights = out / "bundle" / "models" / "model.pt"
+    weights.write_bytes(weights.read_bytes() + b"\0")
+    with pytest.raises(PellucidError, match="differs from the SHA-256 the model card recorded"):
+        load_model(out)
+
+
+FRAMEWORK_BEGIN, FRAMEWORK_END = "<!-- framework-matrix:begin -->", "<!-- framework-matrix:end -->"
+
+
+def _framework_cells(name: str, loaded, x: torch.Tensor) -> dict[str, str]:
+    """Each family on a framework model, as the support matrix's cells: the gradient and the
+    perturbation method equal to Captum on the same inference module (the framework's sliding
+    window included), the others refused in one line, and why."""
+
+    from captum.attr import Occlusion, Saliency
+
+    import pellucid
+    from pellucid.pipeline.resolve import card_target
+    from tests import peers
+    from tests.test_model_libraries import FAMILIES, _close
+
+    target = card_target(loaded.card, 1, "all")
+
+    def score(t: torch.Tensor) -> torch.Tensor:  # summed in float64, as pellucid sums a region
+        # (in float32 the sum of 38,400 logits near -2 moves occlusion's differences by 1e-2)
+        return loaded.module(t)[:, 1].double().flatten(1).sum(1)
+
+    cells = {}
+    for family, method in FAMILIES.items():
+        if family == "gradient":
+            ours = pellucid.explain(loaded, x, method, target=target)
+            _close(ours.raw, Saliency(score).attribute(x, abs=True), name, method,
+                   peers.peer("captum", "Saliency"))
+            cells[family] = "= Captum (through the framework's inference)"
+        elif family == "perturbation":
+            # windows that tile the grid exactly (Captum leaves an uncovered remainder its own way)
+            window = tuple(max(d for d in range(1, s // 2 + 1) if s % d == 0) for s in x.shape[2:])
+            ours = pellucid.explain(loaded, x, method, target=target, window=window, stride=window)
+            ref = Occlusion(score).attribute(x, sliding_window_shapes=(x.shape[1], *window),
+                                             strides=(x.shape[1], *window), baselines=0.0)
+            _close(ours.raw, ref, name, method, peers.peer("captum", "Occlusion"))
+            cells[family] = "= Captum (through the framework's inference)"
+        else:
+            with pytest.raises(PellucidError) as caught:
+                pellucid.explain(loaded, x, method, target=target)
+            said = str(caught.value)
+            assert "\n" not in said
+            if family == "attention":
+                assert "attention" in said, said
+                cells[family] = "refused: no self-attention"
+            else:
+                assert "more than once" in said or "no layer runs once per forward pass" in said, said
+                cells[family] = "refused: each layer runs once per window (and mirroring)"
+    return cells
+
+
+def test_framework_rows_of_the_support_matrix(bundle_folder, case):
+    """The rows of docs/models.md's framework matrix, computed: an nnU-Net fold and the bundle."""
+    import os
+
+    from pellucid.models import load_model
+    from tests.conftest import shared_model
+    from tests.nnunet_results import DATASET
+    from tests.nnunet_results import make as make_nnunet
+    from tests.test_model_libraries import FAMILIES, ROOT
+
+    nnunet = shared_model("nnunet", make_nnunet) / "nnUNet_results" / DATASET / \
+        "nnUNetTrainer__nnUNetPlans__3d_fullres" / "fold_0"
+    rows = {}
+    for name, library, folder in (("nnU-Net v2 results folder (fold 0, mirrored)", "nnunetv2", nnunet),
+                                  ("MONAI bundle (sliding window)", "monai.bundle", bundle_folder)):
+        loaded = load_model(folder)
+        image, _, _ = sphere_case(3, shape=(24, 40, 40))
+        path = case[0].parent / f"matrix_{library}_0000.nii.gz"
+        _write(image, path)
+        x, _ = loaded.framework.read(path)
+        rows[name] = (library, _framework_cells(name, loaded, x))
+    head = "| model | library | " + " | ".join(f"{f} (`{m}`)" for f, m in FAMILIES.items()) + " |"
+    lines = [head, "|" + "---|" * (len(FAMILIES) + 2)]
+    lines += [f"| {n} | {lib} | " + " | ".join(c[f] for f in FAMILIES) + " |"
+              for n, (lib, c) in rows.items()]
+    table = "\n".join(lines)
+    doc_path = ROOT / "docs" / "models.md"
+    doc = doc_path.read_text()
+    start, stop = doc.index(FRAMEWORK_BEGIN) + len(FRAMEWORK_BEGIN), doc.index(FRAMEWORK_END)
+    if os.environ.get("PELLUCID_WRITE_DOCS") == "1":
+        doc_path.write_text(doc[:start] + "\n" + table + "\n" + doc[stop:])
+    else:
+        assert doc[start:stop].strip() == table, "docs/models.md's framework matrix differs from " \
+                                                 "this test's results; rewrite it with PELLUCID_WRITE_DOCS=1"

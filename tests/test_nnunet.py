@@ -154,3 +154,21 @@ def test_bench_runs_the_results_folder_end_to_end_to_a_report(results_folder, tm
     for metric in ("pointing_game", "sparseness"):
         row = frame[(frame["metric"] == metric) & (frame["case_id"] == "data/c0_0000.nii.gz")].iloc[0]
         assert row["value"] == pytest.approx(ref[metric].scores[0].item(), rel=1e-4), metric
+
+
+def test_import_model_copies_a_fold_and_predicts_as_nnunet(results_folder, case, tmp_path):
+    """``pellucid import-model <results>/fold_0 --out F`` copies plans, dataset and the fold's
+    final checkpoint; the imported model's logits are the results folder's own."""
+    from pellucid.cli import main
+    from pellucid.models import load_model
+
+    out = tmp_path / "imported"
+    main(["import-model", str(results_folder / "fold_0"), "--out", str(out), "--version", "1.1"])
+    assert sorted(p.relative_to(out).as_posix() for p in (out / "nnunet").rglob("*") if p.is_file()) \
+        == ["nnunet/dataset.json", "nnunet/dataset_fingerprint.json",
+           "nnunet/fold_0/checkpoint_final.pth", "nnunet/plans.json"]
+    imported, direct = load_model(out), load_model(results_folder / "fold_0")
+    assert imported.card.version == "1.1" and imported.card.training["nnunet"]["folds"] == ["0"]
+    x, _ = imported.framework.read(case[0])
+    with torch.no_grad():
+        assert torch.equal(imported.module(x), direct.module(x))

@@ -138,7 +138,9 @@ def info(model: Annotated[str, typer.Argument(help="zoo folder, TorchScript file
 @app.command("import-model")
 def import_model_command(
     source: Annotated[str, typer.Argument(help="a state dict or safetensors file (with --arch), a "
-                                               "TorchScript file, or module:factory (with --weights)")],
+                                               "TorchScript file, module:factory (with --weights), an "
+                                               "nnU-Net v2 results folder (or a fold_k of it) or a "
+                                               "MONAI bundle folder")],
     out: Annotated[Path, typer.Option(help="the model folder to write")],
     task: Annotated[str | None, typer.Option(help="classification, segmentation or regression")] = None,
     classes: Annotated[str | None, typer.Option(help="output names in output order, comma-separated")] = None,
@@ -166,11 +168,31 @@ def import_model_command(
         help="which part of a tuple, dict or ModelOutput to explain: a key (logits, out) or an "
              "index (default: logits, else out, else the only tensor, else the first element)")] = "",
 ) -> None:
-    """Make a model folder (card.json + network) from a state dict, safetensors, TorchScript or a
-    module:factory. What can be read off the network is checked, what cannot is asked for."""
+    """Make a model folder (card.json + network) from a state dict, safetensors, TorchScript, a
+    module:factory, an nnU-Net v2 results folder or a MONAI bundle. What can be read off the
+    network is checked, what cannot is asked for; a framework's folder says everything itself."""
     from pellucid.models import load_model
+    from pellucid.models.frameworks import framework_kind, import_framework
     from pellucid.models.importing import ImportSpec, import_model
 
+    if Path(source).is_dir() and framework_kind(Path(source)) is not None:
+        # nnU-Net results or a MONAI bundle: the framework says what the model is; nothing to ask
+        options = {"task": task, "classes": classes, "activation": activation,
+                   "input-size": input_size, "channels": channels, "weights": weights, "arch": arch,
+                   "backend": backend, "layer": layer, "output": output,
+                   "normalization": normalization != "none", "resize": resize != "bilinear"}
+        given = [f"--{n}" for n, v in options.items() if v]
+        if given:
+            raise ConfigError(f"{' '.join(given)}: {source} is read as its framework runs it (its "
+                              f"own classes, preprocessing and activation); give only --out, "
+                              f"--name and --version")
+        _out_folder(out, "--out")
+        folder = import_framework(Path(source), out, name, version)
+        card = load_model(folder).card
+        console.print(f"{folder}: {card.arch} ({card.library}), {card.task}, classes "
+                      f"{', '.join(card.class_names)} ({card.activation}), "
+                      f"{card.in_channels} channel(s)")
+        return
     try:
         size = [int(v) for v in _split_list(input_size)] if input_size else []
     except ValueError:

@@ -250,23 +250,22 @@ def load_model(spec: str | Path, weights: str | Path | None = None,
     text = str(spec)
     path = Path(text)
     if path.is_dir() and not (path / CARD).is_file():
-        from pellucid.models.nnunet import is_results_folder, load_results
+        from pellucid.models.frameworks import framework_kind, load_framework
 
-        if is_results_folder(path) or (path.name.startswith("fold_") and
-                                       is_results_folder(path.parent)):
-            module, card, adapter, checkpoint = load_results(path)
-            loaded = _stored(LoadedModel(module, card, text), checkpoint)
-            loaded.framework = adapter
-            return loaded
-        from pellucid.models.bundle import is_bundle, load_bundle
-
-        if is_bundle(path):
-            module, card, adapter, checkpoint = load_bundle(path)
+        if framework_kind(path) is not None:  # nnU-Net results, a MONAI bundle: as they run
+            module, card, adapter, checkpoint = load_framework(path)
             loaded = _stored(LoadedModel(module, card, text), checkpoint)
             loaded.framework = adapter
             return loaded
     if path.is_dir():
         card = ModelCard.load(path / CARD)
+        from pellucid.models.frameworks import KINDS, load_imported
+
+        if card.arch in KINDS:  # imported from nnU-Net or a bundle: its copy, checked
+            module, card, adapter, checkpoint = load_imported(path, card)
+            loaded = _stored(LoadedModel(module, card, text), checkpoint)
+            loaded.framework = adapter
+            return loaded
         if card.factory or card.arch == "torchscript":  # an imported model (pellucid import-model)
             module = select_output(load_folder_network(path, card), output_selector(card.output))
             _attach_training_inputs(module, card, path)
