@@ -104,7 +104,7 @@ def test_the_map_of_the_predicted_lesion_lands_on_it_in_the_files_voxels(bundle_
 def test_bench_runs_a_bundle_end_to_end_to_a_report(bundle_folder, tmp_path):
     from pellucid.models import load_model
 
-    frame = framework_bench(str(bundle_folder), tmp_path, ["saliency", "integratedgradients"],
+    frame = framework_bench(str(bundle_folder), tmp_path, ["saliency"],
                             ["pointing_game", "sparseness", "deletion"])
     assert set(frame["target"]) == {"lesion"} and frame["case_id"].nunique() == 3
     assert frame["value"].notna().all(), frame[frame["value"].isna()][["metric", "reason"]]
@@ -298,3 +298,17 @@ def test_framework_rows_of_the_support_matrix(bundle_folder, case):
     else:
         assert doc[start:stop].strip() == table, "docs/models.md's framework matrix differs from " \
                                                  "this test's results; rewrite it with PELLUCID_WRITE_DOCS=1"
+
+
+def test_a_node_route_to_a_framework_model_is_refused_before_the_node_starts(bundle_folder):
+    """The node receives DICOM; a bundle (or nnU-Net) model reads NIfTI files through its own
+    framework: the route is refused in one line when the configuration is checked."""
+    from pellucid.errors import ConfigError
+    from pellucid.node.routing import Route, check_route
+
+    route = Route("ct", str(bundle_folder), ["saliency"], ["pacs"])
+    with pytest.raises(ConfigError) as exc:
+        check_route(route, "node.json: routes[0]")
+    said = str(exc.value)
+    assert "reads NIfTI files through its own framework; the node receives DICOM" in said
+    assert "\n" not in said

@@ -244,6 +244,10 @@ def check_route(route: Route, where: str) -> None:
     if loaded.card is None:
         raise ConfigError(f"{where}.model: {route.model} has no model card: the node cannot know "
                           f"what it takes")
+    if getattr(loaded, "framework", None) is not None:  # its reader takes files, not DICOM series
+        raise ConfigError(f"{where}.model: {route.model} is a {loaded.card.arch} model that reads "
+                          f"NIfTI files through its own framework; the node receives DICOM, which "
+                          f"it does not read yet")
     unknown = [m for m in route.methods if m not in {e["name"] for e in available()}]
     if unknown:
         raise ConfigError(f"{where}.methods: unknown method(s) {', '.join(unknown)}")
