@@ -300,15 +300,113 @@ def test_framework_rows_of_the_support_matrix(bundle_folder, case):
                                                  "this test's results; rewrite it with PELLUCID_WRITE_DOCS=1"
 
 
-def test_a_node_route_to_a_framework_model_is_refused_before_the_node_starts(bundle_folder):
-    """The node receives DICOM; a bundle (or nnU-Net) model reads NIfTI files through its own
-    framework: the route is refused in one line when the configuration is checked."""
-    from pellucid.errors import ConfigError
-    from pellucid.node.routing import Route, check_route
+def _ct_series(shared_data, image: np.ndarray, folder) -> None:
+    """``image`` (z, y, x) as a CT series on the geometry tests/nnunet_results.py writes NIfTI with
+    (origin (-20, 10, 5) mm LPS, 1 x 1 mm pixels, 2 mm slices), one file per slice."""
+    import copy
 
-    route = Route("ct", str(bundle_folder), ["saliency"], ["pacs"])
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    base = pydicom.dcmread(shared_data / "dicom-samples" / "pydicom" / "CT_small.dcm")
+    folder.mkdir()
+    series = generate_uid()
+    for k in range(image.shape[0]):
+        ds = copy.deepcopy(base)
+        ds.SeriesInstanceUID, ds.SOPInstanceUID = series, generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.ImagePositionPatient = [-20.0, 10.0, 5.0 + 2.0 * k]
+        ds.PixelSpacing, ds.SliceThickness = [1.0, 1.0], 2.0
+        ds.Rows, ds.Columns = image.shape[1:]
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.RescaleIntercept, ds.RescaleSlope = 0, 1
+        ds.InstanceNumber = k + 1
+        ds.PixelData = image[k].astype(np.int16).tobytes()
+        ds.save_as(folder / f"slice{k:03d}.dcm")
+
+
+def test_a_dicom_series_is_explained_as_the_same_volume_in_nifti_and_gets_dicom_objects(
+        bundle_folder, shared_data, tmp_path):
+    """The same CT volume as a DICOM series and as a NIfTI file (another voxel order, the same
+    world): the bundle (which reorients) predicts the same voxels on both, the map of the DICOM
+    input lands on the lesion in the series' own voxels, and the DICOM objects are written on
+    the series. nnU-Net, which does not reorient, refuses a series in one line."""
+    import pydicom
+
+    from pellucid.cli import main
+    from pellucid.pipeline import CaseOptions, read_case
+
+    image, label, _ = sphere_case(11, shape=(24, 40, 40))
+    image = np.rint(image)  # the series stores whole HU
+    _ct_series(shared_data, image, tmp_path / "series")
+    _write(image, tmp_path / "same_0000.nii.gz")
+    main(["explain", "--model", str(bundle_folder), "--method", "integratedgradients", "--input",
+          str(tmp_path / "series"), "--out", str(tmp_path / "out"), "--target", "lesion", "--dicom"])
+    main(["explain", "--model", str(bundle_folder), "--method", "integratedgradients", "--input",
+          str(tmp_path / "same_0000.nii.gz"), "--out", str(tmp_path / "nifti"), "--target", "lesion"])
+    from_series = json.loads((tmp_path / "out" / "summary.json").read_text())[0]["prediction"]
+    from_nifti = json.loads((tmp_path / "nifti" / "summary.json").read_text())[0]["prediction"]
+    assert from_series["voxels"] == from_nifti["voxels"] > 0
+    written = nib.load(tmp_path / "out" / "series_integratedgradients.nii.gz")
+    assert written.shape == label.shape  # (slice, row, column): the series' own voxels
+    peak = np.unravel_index(int(np.argmax(written.get_fdata())), written.shape)
+    assert label[peak] == 1, peak
+    objects = [pydicom.dcmread(p) for p in (tmp_path / "out").rglob("*.dcm")]
+    kinds = {str(ds.Modality) for ds in objects}
+    assert {"SEG", "SR"} <= kinds, kinds
+    series_uid = pydicom.dcmread(tmp_path / "series" / "slice000.dcm").SeriesInstanceUID
+    seg = next(ds for ds in objects if ds.Modality == "SEG")
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == series_uid
+
+    from pellucid.models import load_model
+    from tests.conftest import shared_model
+    from tests.nnunet_results import DATASET
+    from tests.nnunet_results import make as make_nnunet
+
+    nnunet = load_model(shared_model("nnunet", make_nnunet) / "nnUNet_results" / DATASET /
+                        "nnUNetTrainer__nnUNetPlans__3d_fullres" / "fold_0")
+    with pytest.raises(PellucidError) as exc:
+        read_case(nnunet, tmp_path / "series", CaseOptions(["saliency"]))
+    assert "nnU-Net does not reorient images" in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_the_node_takes_a_bundle_that_reorients_and_refuses_nnunet_before_it_starts(
+        bundle_folder, shared_data, tmp_path):
+    """A study routed to the node is explained by :func:`pellucid.pacs.explain_instances` (as the
+    node's workers run it): a CT series and a bundle route give a SEG and an SR on the series. A
+    route to an nnU-Net model (no reorientation: it knows only its training files' voxel order)
+    is refused in one line when the configuration is checked."""
+    import pydicom
+
+    from pellucid.errors import ConfigError
+    from pellucid.models import load_model
+    from pellucid.node.routing import Route, check_route
+    from pellucid.pacs import explain_instances
+    from tests.conftest import shared_model
+    from tests.nnunet_results import DATASET
+    from tests.nnunet_results import make as make_nnunet
+
+    check_route(Route("ct", str(bundle_folder), ["saliency"], ["pacs"]), "node.json: routes[0]")
+    image, _, _ = sphere_case(12, shape=(24, 40, 40))
+    _ct_series(shared_data, np.rint(image), tmp_path / "series")
+    instances = [pydicom.dcmread(p) for p in sorted((tmp_path / "series").glob("*.dcm"))]
+    delivered: list = []
+
+    def deliver(datasets):
+        delivered.extend(datasets)
+        return [str(ds.SOPInstanceUID) for ds in datasets]
+
+    from pellucid.pipeline import CaseOptions
+
+    summary = explain_instances(instances, load_model(bundle_folder), "sphere", CaseOptions(["saliency"]),
+                                tmp_path / "out", deliver)
+    assert not summary["skipped"], summary["skipped"]
+    assert {"SEG", "SR"} <= {str(ds.Modality) for ds in delivered}
+    nnunet = shared_model("nnunet", make_nnunet) / "nnUNet_results" / DATASET / \
+        "nnUNetTrainer__nnUNetPlans__3d_fullres" / "fold_0"
     with pytest.raises(ConfigError) as exc:
-        check_route(route, "node.json: routes[0]")
+        check_route(Route("ct", str(nnunet), ["saliency"], ["pacs"]), "node.json: routes[0]")
     said = str(exc.value)
-    assert "reads NIfTI files through its own framework; the node receives DICOM" in said
-    assert "\n" not in said
+    assert said.startswith("node.json: routes[0].model: the node receives DICOM, and ")
+    assert "nnU-Net does not reorient images" in said and "\n" not in said

@@ -265,6 +265,16 @@ class BundleAdapter:
     def __init__(self, bundle: MonaiBundle) -> None:
         self.bundle = bundle
 
+    def accepts_dicom(self, path: Path) -> None:
+        """A DICOM series is handed to the bundle as a NIfTI of pellucid's reading of it (its RAS
+        affine); only a bundle that reorients its input (``Orientationd``) sees it as it would see
+        any other conversion of the series."""
+        steps = getattr(self.bundle.preprocessing, "transforms", [self.bundle.preprocessing])
+        if not any(type(t).__name__ in ("Orientationd", "Orientation") for t in steps):
+            raise ConfigError(f"{path}: this bundle does not reorient its input (no Orientationd), "
+                              f"so it knows only the voxel order of its training files; convert the "
+                              f"series as they were converted and give the NIfTI file")
+
     def accepts(self, path: Path) -> None:
         from pellucid.io.files import is_nifti
 

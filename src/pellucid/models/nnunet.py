@@ -265,6 +265,14 @@ class NnUNetAdapter:
                              f"back through {' or '.join(READERS_IN_VOXEL_ORDER)} only")
         self.results = results
 
+    def accepts_dicom(self, path: Path) -> None:
+        """nnU-Net does not reorient: its model learnt the voxel order of the files it was trained
+        on, which depends on how their DICOM were converted; refused rather than guessed."""
+        ending = self.results.dataset.get("file_ending", ".nii.gz")
+        raise ConfigError(f"{path}: nnU-Net does not reorient images, so its model knows only the "
+                          f"voxel order its training files had; convert the series as they were "
+                          f"converted (e.g. dcm2niix) and give the {ending} file")
+
     def accepts(self, path: Path) -> None:
         """Refuse, in one line, a file nnU-Net's reader for this model would not take."""
         ending = str(self.results.dataset.get("file_ending", ""))

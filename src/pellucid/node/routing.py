@@ -244,10 +244,11 @@ def check_route(route: Route, where: str) -> None:
     if loaded.card is None:
         raise ConfigError(f"{where}.model: {route.model} has no model card: the node cannot know "
                           f"what it takes")
-    if getattr(loaded, "framework", None) is not None:  # its reader takes files, not DICOM series
-        raise ConfigError(f"{where}.model: {route.model} is a {loaded.card.arch} model that reads "
-                          f"NIfTI files through its own framework; the node receives DICOM, which "
-                          f"it does not read yet")
+    if getattr(loaded, "framework", None) is not None:  # the node receives DICOM series only
+        try:
+            loaded.framework.accepts_dicom(Path(route.model))
+        except PellucidError as exc:
+            raise ConfigError(f"{where}.model: the node receives DICOM, and {exc}") from None
     unknown = [m for m in route.methods if m not in {e["name"] for e in available()}]
     if unknown:
         raise ConfigError(f"{where}.methods: unknown method(s) {', '.join(unknown)}")

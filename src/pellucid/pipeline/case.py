@@ -139,15 +139,46 @@ def _framework_case(loaded, path: Path, options: CaseOptions) -> Case:
         raise ConfigError("--sliding-window: this model's framework runs its own sliding window")
     if options.truth is not None:
         raise ConfigError("--truth: a ground truth on this framework's grid is not supported yet")
-    loaded.framework.accepts(Path(path))
+    path = Path(path)
+    dicom = path.is_dir() or path.suffix.lower() in (".dcm", ".dicom")
+    if dicom:
+        loaded.framework.accepts_dicom(path)
+    else:
+        loaded.framework.accepts(path)
     item = load_input(path, card.in_channels, None, card.spatial_dims)
     use = check_intended_use(card, item.source, options.outside_intended_use)
-    x, context = loaded.framework.read(Path(path))
+    if dicom:  # the series as pellucid reads it (modality values, its RAS affine), as a file
+        x, context = _read_as_nifti(loaded.framework, item)
+    else:
+        x, context = loaded.framework.read(path)
     check = InputCheck(not_checked="the model's framework records no description of its "
                                    "training inputs")
     target = card_target(card, class_index(card, options.target), options.region, None,
                          options.reference)
     return Case(item, x, target, use, check, options.segmentation, context)
+
+
+def _read_as_nifti(framework, item: InputImage):
+    """A DICOM image read by pellucid (modality values, no window; its voxels in pellucid's order
+    with their RAS affine) handed to the framework as a NIfTI file of those voxels, so that the
+    framework's way back lands on the series' own voxels (the DICOM objects go on the series)."""
+    import shutil
+    import tempfile
+
+    import nibabel as nib
+    import numpy as np
+
+    source = item.source
+    if source.affine is None or source.array.shape[0] != 1:
+        raise ConfigError(f"{source.path}: a DICOM input for this framework needs one volume with "
+                          f"its geometry (one channel, an affine)")
+    folder = Path(tempfile.mkdtemp(prefix="pellucid-dicom-"))
+    try:
+        file = folder / "series_0000.nii.gz"
+        nib.save(nib.Nifti1Image(source.array[0].numpy().astype(np.float32), source.ras_affine), file)
+        return framework.read(file)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def explain_case(loaded, case: Case, options: CaseOptions) -> CaseResult:
