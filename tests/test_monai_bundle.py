@@ -410,3 +410,19 @@ def test_the_node_takes_a_bundle_that_reorients_and_refuses_nnunet_before_it_sta
     said = str(exc.value)
     assert said.startswith("node.json: routes[0].model: the node receives DICOM, and ")
     assert "nnU-Net does not reorient images" in said and "\n" not in said
+
+
+def test_the_service_serves_an_imported_bundle(bundle_folder, case, tmp_path):
+    """A bundle imported into the service's model folder is listed and answers an upload through
+    the same job the REST service runs (:func:`pellucid.service.jobs.run_job`)."""
+    from pellucid.cli import main
+    from pellucid.service.jobs import Models, run_job
+
+    main(["import-model", str(bundle_folder), "--out", str(tmp_path / "models" / "sphere")])
+    models = Models(tmp_path / "models")
+    assert models.names() == ["sphere"]
+    upload = tmp_path / "input.nii.gz"
+    upload.write_bytes(case[0].read_bytes())
+    answer = run_job(models.get("sphere"), "sphere", upload, ["saliency"], "lesion", tmp_path / "job")
+    assert answer["prediction"]["class"] == "lesion" and answer["prediction"]["voxels"] > 0
+    assert [m["method"] for m in answer["methods"]] == ["saliency"]
