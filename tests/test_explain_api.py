@@ -171,6 +171,11 @@ def test_every_cam_runs_on_3d_classifier_and_3d_unet(method):
     assert float(exp.attributions.min()) >= 0 and float(exp.attributions.max()) <= 1 + 1e-6
     unet = build("unet", 3, 4, 3, unet_channels=(8, 16, 32)).module.eval()
     y = torch.randn(1, 4, 24, 24, 24)
+    if method == "finercam":  # it compares classes of a softmax classification head: refused
+        with pytest.raises(ConfigError, match="softmax classification head"):
+            pellucid.explain(unet, y, method, target=SegmentationTarget(1, "all"),
+                             layer="model.1.submodule.2")
+        return
     seg = pellucid.explain(unet, y, method, target=SegmentationTarget(1, "all"),
                            layer="model.1.submodule.2")
     assert seg.attributions.shape == (1, 1, 24, 24, 24) and torch.isfinite(seg.attributions).all()

@@ -97,9 +97,12 @@ class ModelRunner:
                 self._fast[key] = inference_forward(self.model, x[:1])
             return self._fast[key](x)
 
-    def backward(self, scalar: torch.Tensor, inputs: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    def backward(self, scalar: torch.Tensor, inputs: list[torch.Tensor],
+                 create_graph: bool = False) -> tuple[torch.Tensor, ...]:
+        """d scalar / d inputs; ``create_graph`` keeps the gradient differentiable (a
+        Hessian-vector product follows)."""
         self.cost.backward_passes += 1
-        return torch.autograd.grad(scalar, inputs)
+        return torch.autograd.grad(scalar, inputs, create_graph=create_graph)
 
 
 def _status_kib(field_name: str) -> int | None:

@@ -12,6 +12,9 @@ layercam        sum_k ReLU(g_k) * A_k                                           
 eigencam        projection of the centred activations on their first principal axis     Muhammad 2020
 scorecam        sum_k w_k A_k,  w = softmax_k(y(x * norm(up(A_k))))                    Wang 2020
 ablationcam     sum_k w_k A_k,  w_k = (y - y_{A_k=0}) / y                               Desai 2020
+shapleycam      sum_k w_k A_k,  w_k = mean_space(g_k - (H A)_k / 2), score y + log a(y)    Cai 2025
+finercam        Grad-CAM of sum_j p_j (y_c - alpha y_j) / sum_j p_j, j closest to c     Zhang 2025
+kpcacam         first kernel principal component of the centred activations             Karmani 2024
 ==============  ======================================================================  ==========
 
 Grad-CAM++ alpha (eq. 19 of the paper, read two ways):
@@ -73,6 +76,12 @@ class CAM(Explainer):
     family: ClassVar[str] = "cam"
     needs_layer: ClassVar[bool] = True
     uses_gradients: ClassVar[bool] = True
+    # a Hessian-vector product H A of the score at the layer goes in ctx["hvp"] (ShapleyCAM)
+    second_order: ClassVar[bool] = False
+
+    def cam_score(self, bound: BoundTarget, output: torch.Tensor) -> torch.Tensor:
+        """The score whose gradient the map is made of (one per sample); the target's by default."""
+        return bound.score(output)
 
     def channel_weights(self, acts: torch.Tensor, grads: torch.Tensor | None,
                         ctx: dict) -> torch.Tensor:
@@ -89,14 +98,18 @@ class CAM(Explainer):
                  handles: list) -> Explanation:
         _, module = resolve_layer(model, layer)
         store = capture_layer(module, handles, grad=self.uses_gradients)
-        grads = None
+        grads = hvp = None
         if self.uses_gradients:
-            with torch.enable_grad():
+            with torch.enable_grad(), _twice_differentiable(self.second_order):
                 output = runner.forward(inputs)
                 if "leaf" not in store:
                     raise ModelError(f"layer {layer!r} was not reached by the forward pass")
                 bound = self.bind(target, output)
-                (grads,) = runner.backward(bound.score(output).sum(), [store["leaf"]])
+                scalar = self.cam_score(bound, output).sum()
+                (grads,) = runner.backward(scalar, [store["leaf"]], create_graph=self.second_order)
+                if self.second_order:
+                    hvp = _hessian_vector(runner, grads, store["leaf"])
+                    grads = grads.detach()
             output = output.detach()
         else:
             with torch.no_grad():
@@ -113,6 +126,8 @@ class CAM(Explainer):
                "target": bound, "output": output, "layout": layout, "layer_output": acts}
         acts = layout.to_channels_first(acts)
         grads = layout.to_channels_first(grads) if grads is not None else None
+        if hvp is not None:
+            ctx["hvp"] = layout.to_channels_first(hvp.float())
         with torch.no_grad():
             raw = self.combine(acts, grads, ctx)[:, None]
             maps = postprocess(raw, tuple(inputs.shape[2:]), self.relu, self.upsample,
@@ -128,6 +143,29 @@ class CAM(Explainer):
         return detect_layout(tuple(acts.shape), tuple(inputs.shape[2:]), self.layout, self.grid,
                              self.prefix_tokens, patch_size(model), f"layer {layer!r}",
                              probe=lambda: grown_shape(model, module, inputs))
+
+
+def _twice_differentiable(second_order: bool):
+    """Attention through PyTorch's math kernel when a second derivative follows: the fused CPU
+    kernel of ``scaled_dot_product_attention`` has no double backward (same values)."""
+    import contextlib
+
+    if not second_order:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.MATH])
+
+
+def _hessian_vector(runner: ModelRunner, grads: torch.Tensor, leaf: torch.Tensor) -> torch.Tensor:
+    """H A: the Hessian of the score at the layer times the layer's activations A, by a second
+    backward pass through the gradient ``grads`` (built with ``create_graph``). Zero where the
+    network after the layer is piecewise linear in A (the gradient does not depend on A)."""
+    runner.cost.backward_passes += 1
+    if not grads.requires_grad:
+        return torch.zeros_like(leaf)
+    (hvp,) = torch.autograd.grad(grads, [leaf], grad_outputs=leaf.detach(), allow_unused=True)
+    return torch.zeros_like(leaf) if hvp is None else hvp.detach()
 
 
 @register
@@ -329,3 +367,162 @@ class AblationCAM(CAM):
                         h.remove()
                 ablated[i, chans] = bound.score(out, rows).float()
         return ((original[:, None] - ablated) / original[:, None]).to(acts.dtype)
+
+
+def _rest_values(logits: torch.Tensor, activation: str) -> torch.Tensor:
+    """y + log a(y) per output channel (dim 1), a = softmax (over the channels) or sigmoid."""
+    log_a = F.log_softmax(logits, 1) if activation == "softmax" else F.logsigmoid(logits)
+    return logits + log_a
+
+
+@register
+@dataclass
+class ShapleyCAM(CAM):
+    """ShapleyCAM: w_k = mean_space(g_k - (H A)_k / 2), the gradient corrected by the
+    Hessian-vector product of the score at the layer (a second-order estimate of each channel's
+    Shapley value), of the ReST score y_c + log softmax(y)_c (Cai et al. 2025, "CAMs as Shapley
+    value-based explainers", arXiv 2501.06261; pytorch-grad-cam's ``ShapleyCAM`` with
+    ``ClassifierOutputReST``).
+
+    ``score="rest"`` (default): y_c + log a(y)_c with the target's activation a (softmax as the
+    paper; for a sigmoid head log sigmoid, and for a segmentation target the sum over its region,
+    pellucid's extensions); ``score="target"``: the target's own score (with a logit target of a
+    network piecewise linear after the layer H A = 0 and the map is Grad-CAM's).
+    """
+
+    score: str = "rest"
+    name: ClassVar[str] = "shapleycam"
+    second_order: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        if self.score not in ("rest", "target"):
+            raise ConfigError(f"score must be 'rest' or 'target', got {self.score!r}")
+
+    def cam_score(self, bound, output):
+        from pellucid.targets import BoundClassTarget, BoundSegmentationTarget
+
+        if self.score == "target":
+            return bound.score(output)
+        if isinstance(bound, BoundClassTarget):
+            values = _rest_values(output, bound.activation)
+            return values.gather(1, bound.classes[:, None].to(values.device))[:, 0]
+        if isinstance(bound, BoundSegmentationTarget):
+            values = _rest_values(output, bound.activation)
+            n, spatial = values.shape[0], values.shape[2:]
+            sel = bound.classes.view(n, 1, *([1] * len(spatial))).expand(n, 1, *spatial)
+            picked = values.gather(1, sel.to(values.device))[:, 0]
+            return (picked * bound.region.to(picked)).flatten(1).sum(1)
+        raise ConfigError(f"shapleycam: score='rest' is defined for class and segmentation "
+                          f"targets, not {type(bound).__name__}; give score='target'")
+
+    def channel_weights(self, acts, grads, ctx):
+        return (grads - 0.5 * ctx["hvp"]).mean(_spatial(grads))
+
+
+@register
+@dataclass
+class FinerCAM(CAM):
+    """Finer-CAM: Grad-CAM of the target class against the classes most easily confused with it,
+    score = sum_j p_j (y_c - alpha y_j) / (sum_j p_j + 1e-9) over the classes j whose logits are
+    closest to y_c (``comparisons``: their ranks by |y_j - y_c|, rank 0 being c itself), p =
+    softmax(y) (Zhang et al. 2025, "Finer-CAM: Spotting the difference reveals finer details for
+    visual explanation", CVPR; pytorch-grad-cam's ``FinerCAM``). Defined for a softmax
+    classification head; a head with fewer classes compares with those it has."""
+
+    alpha: float = 1.0
+    comparisons: tuple[int, ...] = (1, 2, 3)
+    name: ClassVar[str] = "finercam"
+
+    def __post_init__(self) -> None:
+        self.comparisons = tuple(int(r) for r in self.comparisons)
+        if not self.comparisons or min(self.comparisons) < 1:
+            raise ConfigError(f"comparisons are ranks of the closest classes, each >= 1, got "
+                              f"{self.comparisons}")
+
+    def cam_score(self, bound, output):
+        from pellucid.targets import BoundClassTarget
+
+        if not isinstance(bound, BoundClassTarget) or bound.activation != "softmax":
+            raise ConfigError("finercam compares a class with the classes of a softmax "
+                              "classification head closest to it; this target is not one")
+        ranks = [r for r in self.comparisons if r < output.shape[1]]
+        if not ranks:
+            raise ConfigError(f"finercam needs at least two classes; the model gives {output.shape[1]}")
+        c = bound.classes[:, None].to(output.device)
+        y_c = output.gather(1, c)
+        with torch.no_grad():  # the order of closeness is a choice of classes, not differentiated
+            order = (output - y_c).abs().argsort(dim=1, stable=True)
+        others = order[:, ranks]
+        p = torch.softmax(output, 1).gather(1, others)
+        return (p * (y_c - self.alpha * output.gather(1, others))).sum(1) / (p.sum(1) + 1e-9)
+
+    def channel_weights(self, acts, grads, ctx):
+        return grads.mean(_spatial(grads))
+
+
+KERNELS = ("sigmoid", "rbf", "poly", "linear", "cosine")
+
+
+@register
+@dataclass
+class KPCACAM(CAM):
+    """KPCA-CAM: the layer's centred activations (positions x channels) projected on their first
+    kernel principal component (Karmani et al. 2024, "KPCA-CAM: Visual explainability of deep
+    computer vision models using kernel PCA", arXiv 2410.00267; pytorch-grad-cam's ``KPCA_CAM``).
+    Class-agnostic, no gradients. The projection is scikit-learn's ``KernelPCA.fit_transform``:
+    v sqrt(lambda) of the top eigenpair of the centred kernel matrix, computed here in float64.
+
+    ``kernel``: sigmoid (tanh(gamma <a, b> + coef0), the paper's default), rbf, poly, linear or
+    cosine; ``gamma`` None: 1 / channels. ``sign``: ``"activation"`` (default, as ``eigencam``:
+    the map correlates positively with the channel-summed activation) or ``"largest"`` (the entry
+    of largest magnitude positive: scikit-learn's ``svd_flip``, the peer's behaviour).
+    """
+
+    kernel: str = "sigmoid"
+    gamma: float | None = None
+    coef0: float = 1.0
+    degree: int = 3
+    sign: str = "activation"
+    name: ClassVar[str] = "kpcacam"
+    uses_gradients: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        if self.kernel not in KERNELS:
+            raise ConfigError(f"kernel must be one of {', '.join(KERNELS)}, got {self.kernel!r}")
+        if self.sign not in ("activation", "largest"):
+            raise ConfigError(f"sign must be 'activation' or 'largest', got {self.sign!r}")
+
+    def _kernel(self, x: torch.Tensor) -> torch.Tensor:
+        gamma = self.gamma if self.gamma is not None else 1.0 / x.shape[1]
+        dot = x @ x.T
+        if self.kernel == "sigmoid":
+            return torch.tanh(gamma * dot + self.coef0)
+        if self.kernel == "poly":
+            return (gamma * dot + self.coef0) ** self.degree
+        if self.kernel == "linear":
+            return dot
+        if self.kernel == "cosine":
+            norm = x.norm(dim=1, keepdim=True).clamp_min(1e-300)
+            return (x / norm) @ (x / norm).T
+        sq = dot.diagonal()
+        return torch.exp(-gamma * (sq[:, None] + sq[None, :] - 2 * dot).clamp_min(0))
+
+    def combine(self, acts, grads, ctx):
+        b, c = acts.shape[:2]
+        maps = []
+        for i in range(b):
+            x = torch.nan_to_num(acts[i].reshape(c, -1).T.double())  # (N positions, C)
+            x = x - x.mean(0, keepdim=True)
+            k = self._kernel(x)
+            n = k.shape[0]
+            ones = torch.full((n, n), 1.0 / n, dtype=k.dtype, device=k.device)
+            k = k - ones @ k - k @ ones + ones @ k @ ones  # centred in feature space
+            values, vectors = torch.linalg.eigh((k + k.T) / 2)
+            top = vectors[:, -1] * values[-1].clamp_min(0).sqrt()
+            if self.sign == "largest":
+                flip = top[top.abs().argmax()] < 0
+            else:
+                summed = torch.nan_to_num(acts[i]).double().sum(0).flatten()
+                flip = (top * (summed - summed.mean())).sum() < 0
+            maps.append((-top if flip else top).reshape(acts.shape[2:]))
+        return torch.stack(maps).to(acts.dtype)
