@@ -36,7 +36,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "catalogue.json"
-ORACLE_TESTS = ["tests/test_cam_vs_gradcam.py", "tests/test_cam_2026.py", "tests/test_gradients.py",
+ORACLE_TESTS = ["tests/test_cam_vs_gradcam.py", "tests/test_cam_2026.py", "tests/test_guided.py",
+                "tests/test_gradients.py",
                 "tests/test_perturbation.py", "tests/test_lrp.py", "tests/test_model_libraries.py",
                 "tests/test_metrics_localization.py", "tests/test_metrics_vs_peers.py",
                 "tests/test_metrics_protocols.py"]

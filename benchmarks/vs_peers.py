@@ -26,6 +26,7 @@ backend (:mod:`pellucid.inference`).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import statistics
 import sys
@@ -105,11 +106,16 @@ def grid(quick: bool) -> list[Task]:
                 Task("unet-2d", "phantom-brain", "unet", 48, 96, 3, 2,
                      {"gradcam": {}, "saliency": {}, "occlusion": {"window": 16, "stride": 16}},
                      {"task": "segmentation"})]
+    # the 2026 CAMs: ShapleyCAM on the peer's ReST target (softmax, as the logit target here);
+    # on a segmentation region with the region's own score, as the peer's SemanticSegmentationTarget;
+    # KPCA-CAM with scikit-learn's sign (the peer's); Finer-CAM on classification only
     cls = {"gradcam": {}, "gradcampp": {}, "scorecam": {}, "saliency": {},
            "integratedgradients": {"steps": 32}, "occlusion": {"window": 16, "stride": 8},
-           "kernelshap": {"samples": 100}}
+           "kernelshap": {"samples": 100}, "shapleycam": {}, "finercam": {},
+           "kpcacam": {"sign": "largest"}}
     seg = {"gradcam": {}, "gradcampp": {}, "scorecam": {}, "saliency": {},
-           "integratedgradients": {"steps": 32}, "occlusion": {"window": 16, "stride": 8}}
+           "integratedgradients": {"steps": 32}, "occlusion": {"window": 16, "stride": 8},
+           "shapleycam": {"score": "target"}, "kpcacam": {"sign": "largest"}}
     return [Task("resnet18", "phantom-chest", "resnet18", 128, 512, 3, 8, cls | {"lrp": {}},
                  metrics=True),
             Task("densenet121", "phantom-chest", "densenet121", 96, 256, 2, 4,
@@ -118,6 +124,8 @@ def grid(quick: bool) -> list[Task]:
             Task("unet-3d", "phantom-brain-3d", "unet", 32, 48, 4, 2,
                  {k: v for k, v in seg.items() if k != "scorecam"} |
                  {"gradcam": {"upsample": "bspline"}, "gradcampp": {"upsample": "bspline"},
+                  "shapleycam": {"score": "target", "upsample": "bspline"},
+                  "kpcacam": {"sign": "largest", "upsample": "bspline"},
                   "occlusion": {"window": 8, "stride": 8}}, {"task": "segmentation"})]
     # 3D CAMs: pytorch-grad-cam up-samples volumes with scipy.ndimage.zoom(order=3), pellucid's
     # "bspline" option; Score-CAM is not run in 3D by the peer (its up-sampling is 2D only)
@@ -178,6 +186,8 @@ def peer_explain(method: str, opts: dict, loaded, layer, x, y, region, features)
 
     model = loaded.module
     seg = loaded.card.task == "segmentation"
+    if method in NEW_CAMS:
+        return torch.from_numpy(peer_new_cam(method, model, layer, x, y, region, seg)).to(x.device)
     if method in ("gradcam", "gradcampp", "scorecam"):
         from pytorch_grad_cam.utils.model_targets import (
             ClassifierOutputTarget,
@@ -213,9 +223,37 @@ def peer_explain(method: str, opts: dict, loaded, layer, x, y, region, features)
     raise ValueError(method)
 
 
+NEW_CAMS = ("shapleycam", "finercam", "kpcacam")
+
+
+def peer_new_cam(method: str, model, layer, x, y, region, seg: bool):
+    """pytorch-grad-cam 1.5.7's ShapleyCAM (ReST target, or the region's), Finer-CAM (one sample
+    at a time: it takes one ``target_idx``) and KPCA-CAM."""
+    from pytorch_grad_cam import KPCA_CAM, FinerCAM, ShapleyCAM
+    from pytorch_grad_cam.utils.model_targets import (
+        ClassifierOutputReST,
+        SemanticSegmentationTarget,
+    )
+
+    if method == "kpcacam":
+        with KPCA_CAM(model=model, target_layers=[layer]) as cam:
+            return cam(input_tensor=x, targets=None)
+    if method == "finercam":
+        with FinerCAM(model=model, target_layers=[layer]) as cam:
+            return np.concatenate([cam(input_tensor=x[i:i + 1], target_idx=int(k))
+                                   for i, k in enumerate(y)])
+    targets = [SemanticSegmentationTarget(0, region[i].float().cpu().numpy()) for i in range(len(x))] \
+        if seg else [ClassifierOutputReST(int(k)) for k in y]
+    cam = ShapleyCAM(model=model, target_layers=[layer])
+    out = cam(input_tensor=x, targets=targets)
+    for handle in cam.activations_and_grads.handles:  # its clean-up fails on gradient views
+        handle.remove()
+    return out
+
+
 def agreement(method: str, ours, peer) -> str:
     peer = peer.to(ours.attributions.device)
-    if method in ("gradcam", "gradcampp", "scorecam"):
+    if method in ("gradcam", "gradcampp", "scorecam", *NEW_CAMS):
         diff = (ours.attributions[:, 0] - peer).abs().max()
     elif method == "occlusion":
         diff = (ours.attributions[:, 0] - peer[:, 0]).abs().max()
@@ -482,9 +520,12 @@ def main() -> None:
     parser.add_argument("--backend", default="auto", choices=list(SETTINGS),
                         help="pellucid's forward-only backend (auto decides per model before "
                              "timing)")
+    parser.add_argument("--methods", help="comma-separated: time only these methods of the grid "
+                                          "(no metrics, memory or Ray runs), e.g. shapleycam,kpcacam")
     parser.add_argument("--probe", nargs=3, metavar=("MODEL", "METHOD", "BOUND_MB"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
+    only = [m.strip() for m in args.methods.split(",")] if args.methods else None
     global DEVICE
     DEVICE = setup_device(args.device)
     if args.probe:
@@ -497,6 +538,11 @@ def main() -> None:
     quiet_tqdm()
     torch.manual_seed(0)
     tasks = grid(args.quick)
+    if only:
+        tasks = [dataclasses.replace(t, methods={m: o for m, o in t.methods.items() if m in only},
+                                     metrics=False) for t in tasks]
+        tasks = [t for t in tasks if t.methods]
+        args.no_ray = args.no_memory = True
     for task in tasks:  # train (or load) every model before anything is timed
         trained(task, args.models)
     set_precision(args.precision)

@@ -7,6 +7,7 @@ from pellucid.explainers import (  # noqa: F401  (each module registers its meth
     counterfactual,
     fusion,
     gradients,
+    guided,
     lrp,
     perturbation,
 )

@@ -1,0 +1,158 @@
+"""Guided backpropagation and Guided Grad-CAM.
+
+=================  ==================================================================  ===============
+method             attribution                                                         source
+=================  ==================================================================  ===============
+guidedbackprop     dy/dx with every ReLU's backward replaced by g -> ReLU(g) * (x > 0)  Springenberg 2015
+guidedgradcam      guidedbackprop * up(ReLU(Grad-CAM)), the layer's map up-sampled     Selvaraju 2017
+=================  ==================================================================  ===============
+
+Every ReLU of the forward pass is guided, whether a module (``nn.ReLU``) or a function
+(``F.relu``, ``torch.relu``, ``Tensor.relu``), as the paper defines it: the calls are intercepted
+for the duration of the pass (a ``TorchFunctionMode``). Captum guides ``nn.ReLU`` modules only, so
+on a network that calls ReLU as a function (torchvision's DenseNet) its "guided" gradient is partly
+the plain one; ``relus="modules"`` reproduces that. A network without any ReLU is refused in one
+line: its guided gradient would be the plain gradient under another name. Other activations
+(PReLU, GELU, SiLU) pass their ordinary gradient, as in the paper and the peers.
+
+Springenberg et al., "Striving for simplicity: the all convolutional net", ICLR-W 2015; Selvaraju
+et al., "Grad-CAM: Visual explanations from deep networks via gradient-based localization",
+ICCV 2017.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from pellucid.errors import ConfigError
+from pellucid.explainers.attribution import InputAttribution, reduce_channels
+from pellucid.explainers.base import Explanation, ModelRunner
+from pellucid.explainers.registry import register
+
+RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_, torch.Tensor.relu, torch.Tensor.relu_)
+
+
+class _GuidedReLU(torch.autograd.Function):
+    """ReLU forward; backward ReLU(g) where the output is positive (guided backpropagation)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        out = x.clamp_min(0)
+        ctx.save_for_backward(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (out,) = ctx.saved_tensors
+        return grad.clamp_min(0) * (out > 0)
+
+
+class _GuidedMode(TorchFunctionMode):
+    """Replaces ReLU calls by :class:`_GuidedReLU`: all of them, or (``modules_only``) those made
+    inside an ``nn.ReLU`` module's forward; counts the replacements."""
+
+    def __init__(self, modules_only: bool) -> None:
+        super().__init__()
+        self.modules_only, self.inside, self.guided = modules_only, 0, 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in RELU_FUNCTIONS and (not self.modules_only or self.inside):
+            self.guided += 1
+            return _GuidedReLU.apply(args[0])
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def guided_relus(model: nn.Module, modules_only: bool = False):
+    """Within the block, the ReLUs of forward passes are guided; yields the mode (``.guided``:
+    how many ReLU calls were)."""
+    mode = _GuidedMode(modules_only)
+    handles = []
+    if modules_only:
+        def enter(*_):
+            mode.inside += 1
+
+        def leave(*_):
+            mode.inside -= 1
+
+        for module in model.modules():
+            if isinstance(module, nn.ReLU):
+                handles += [module.register_forward_pre_hook(enter),
+                            module.register_forward_hook(leave)]
+    try:
+        with mode:
+            yield mode
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _guided_gradient(runner: ModelRunner, model: nn.Module, inputs: torch.Tensor, bound,
+                     relus: str, name: str) -> torch.Tensor:
+    if relus not in ("all", "modules"):
+        raise ConfigError(f"relus must be 'all' or 'modules', got {relus!r}")
+    with torch.enable_grad(), guided_relus(model, relus == "modules") as mode:
+        leaf = inputs.clone().requires_grad_(True)
+        out = runner.forward(leaf)
+        if mode.guided == 0:
+            where = "nn.ReLU module" if relus == "modules" else "ReLU"
+            raise ConfigError(f"{name}: the model runs no {where}; guided backpropagation is "
+                              f"defined at ReLUs (its map would be the plain gradient)")
+        (grad,) = runner.backward(bound.score(out).sum(), [leaf])
+    return grad.detach()
+
+
+@register
+@dataclass
+class GuidedBackprop(InputAttribution):
+    """Guided backpropagation: the input gradient with each ReLU passing back only positive
+    gradients where its input was positive (Springenberg et al. 2015); ``relus="modules"``: only
+    ``nn.ReLU`` modules are guided (Captum's ``GuidedBackprop``)."""
+
+    relus: str = "all"
+    name: ClassVar[str] = "guidedbackprop"
+
+    def attribute(self, runner, model, inputs, bound, output):
+        return _guided_gradient(runner, model, inputs, bound, self.relus, self.name), {}
+
+
+@register
+@dataclass
+class GuidedGradCAM(InputAttribution):
+    """Guided Grad-CAM: guided backpropagation times the layer's Grad-CAM (ReLU'd, not normalised)
+    up-sampled to the input (Selvaraju et al. 2017). ``upsample="linear"`` (the paper's bilinear,
+    default) or ``"nearest"`` (Captum's ``GuidedGradCam`` default); ``relus`` as guidedbackprop."""
+
+    upsample: str = "linear"
+    relus: str = "all"
+    name: ClassVar[str] = "guidedgradcam"
+    family: ClassVar[str] = "cam"
+    needs_layer: ClassVar[bool] = True
+
+    def attribute(self, runner, model, inputs, bound, output):
+        raise NotImplementedError("guidedgradcam runs through _explain (it needs the layer)")
+
+    def _explain(self, runner, model, inputs, target, layer, handles) -> Explanation:
+        from pellucid.explainers.cam import GradCAM
+
+        if self.upsample not in ("linear", "nearest"):
+            raise ConfigError(f"upsample must be 'linear' or 'nearest', got {self.upsample!r}")
+        cam = GradCAM(relu=False, normalize="none", upsample="nearest")
+        low = cam._explain(runner, model, inputs, target, layer, handles)
+        bound, output = low.target, low.output
+        mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[inputs.ndim - 2] \
+            if self.upsample == "linear" else "nearest"
+        heat = F.interpolate(low.raw.clamp_min(0), size=tuple(inputs.shape[2:]), mode=mode,
+                             **({"align_corners": False} if mode != "nearest" else {}))
+        grad = _guided_gradient(runner, model, inputs, bound, self.relus, self.name)
+        attr = grad * heat
+        return Explanation(reduce_channels(attr, self.channel_reduce), self.name, bound, layer,
+                           raw=attr, output=output, extras={"layout": low.extras.get("layout")})
