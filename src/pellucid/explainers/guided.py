@@ -95,17 +95,26 @@ def guided_relus(model: nn.Module, modules_only: bool = False):
             h.remove()
 
 
-def _guided_gradient(runner: ModelRunner, model: nn.Module, inputs: torch.Tensor, bound,
-                     relus: str, name: str) -> torch.Tensor:
+def _guided_forward(runner: ModelRunner, model: nn.Module, inputs: torch.Tensor, relus: str,
+                    name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input leaf, output graph) of one forward pass with guided ReLUs; the backward through it is
+    guided (the replaced ReLUs are in the graph)."""
     if relus not in ("all", "modules"):
         raise ConfigError(f"relus must be 'all' or 'modules', got {relus!r}")
     with torch.enable_grad(), guided_relus(model, relus == "modules") as mode:
         leaf = inputs.clone().requires_grad_(True)
         out = runner.forward(leaf)
-        if mode.guided == 0:
-            where = "nn.ReLU module" if relus == "modules" else "ReLU"
-            raise ConfigError(f"{name}: the model runs no {where}; guided backpropagation is "
-                              f"defined at ReLUs (its map would be the plain gradient)")
+    if mode.guided == 0:
+        where = "nn.ReLU module" if relus == "modules" else "ReLU"
+        raise ConfigError(f"{name}: the model runs no {where}; guided backpropagation is defined "
+                          f"at ReLUs (its map would be the plain gradient)")
+    return leaf, out
+
+
+def _guided_gradient(runner: ModelRunner, model: nn.Module, inputs: torch.Tensor, bound,
+                     relus: str, name: str) -> torch.Tensor:
+    leaf, out = _guided_forward(runner, model, inputs, relus, name)
+    with torch.enable_grad():
         (grad,) = runner.backward(bound.score(out).sum(), [leaf])
     return grad.detach()
 
@@ -115,13 +124,23 @@ def _guided_gradient(runner: ModelRunner, model: nn.Module, inputs: torch.Tensor
 class GuidedBackprop(InputAttribution):
     """Guided backpropagation: the input gradient with each ReLU passing back only positive
     gradients where its input was positive (Springenberg et al. 2015); ``relus="modules"``: only
-    ``nn.ReLU`` modules are guided (Captum's ``GuidedBackprop``)."""
+    ``nn.ReLU`` modules are guided (Captum's ``GuidedBackprop``). One forward pass (its ReLUs
+    guided, their forward values unchanged) binds the target and is differentiated."""
 
     relus: str = "all"
     name: ClassVar[str] = "guidedbackprop"
 
+    def clean_forward(self, runner: ModelRunner, inputs: torch.Tensor) -> torch.Tensor:
+        self._leaf, self._graph = _guided_forward(runner, runner.model, inputs, self.relus,
+                                                  self.name)
+        return self._graph.detach()
+
     def attribute(self, runner, model, inputs, bound, output):
-        return _guided_gradient(runner, model, inputs, bound, self.relus, self.name), {}
+        leaf, graph = self._leaf, self._graph
+        self._leaf = self._graph = None  # the graph is not kept beyond this call
+        with torch.enable_grad():
+            (grad,) = runner.backward(bound.score(graph).sum(), [leaf])
+        return grad.detach(), {}
 
 
 @register
