@@ -16,6 +16,7 @@ import torch
 
 from pellucid.errors import DataError
 
+CARD = "card.json"  # a model folder's card file
 TASKS = ("classification", "segmentation", "regression")
 # what a card may say about the inputs the model is meant for (pellucid.pipeline.intended_use):
 # DICOM Modality and BodyPartExamined values, PhotometricInterpretation values, the number of

@@ -21,6 +21,7 @@ from typing import Any
 from torch import nn
 
 from pellucid.errors import ConfigError, ModelError
+from pellucid.models.card import CARD
 
 KINDS = {"nnunet": "nnunet", "monai_bundle": "bundle"}  # card.arch -> its copy's folder name
 
@@ -93,8 +94,6 @@ def import_framework(source: Path, out: Path, name: str = "", version: str = "")
     card.version = version or card.version
     card.training["imported_from"] = str(source.resolve())
     card.training["weights_sha256"] = {str(p.relative_to(copy)): _sha256(p) for p in _weight_files(copy)}
-    from pellucid.models.store import CARD
-
     card.save(out / CARD)
     return out
 

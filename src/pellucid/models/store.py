@@ -17,13 +17,12 @@ import torch
 from torch import nn
 
 from pellucid.errors import ModelError
-from pellucid.models.card import ModelCard
+from pellucid.models.card import CARD, ModelCard
 from pellucid.models.outputs import output_selector, select_output
 from pellucid.models.training_inputs import ATTRIBUTE, TrainingInputs
 from pellucid.models.zoo import build
 
 WEIGHTS = "model.safetensors"
-CARD = "card.json"
 TORCHSCRIPT = "model.pt"  # an imported TorchScript network
 
 
