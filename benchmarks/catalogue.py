@@ -125,6 +125,7 @@ def method_costs() -> dict[str, dict]:
               "vit": (build("vit", 2, 1, 3, input_size=[32, 32]).module.eval(),
                       torch.randn(1, 1, 32, 32))}
     extra = {"gradientshap": {"background": torch.randn(4, 1, 64, 64)},
+             "expectedgradients": {"background": torch.randn(4, 1, 64, 64)},
              "prior": {"prior": torch.rand(64, 64)}}
     unit = {}
     for key, (model, x) in models.items():

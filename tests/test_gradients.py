@@ -164,3 +164,25 @@ def test_integrated_gradients_quadratures_equal_captum_and_bad_names_are_refused
         assert torch.allclose(ours.raw, ref, atol=1e-6), rule
     with pytest.raises(ConfigError, match="unknown quadrature 'simpson'"):
         pellucid.explain(model, x, "integratedgradients", quadrature="simpson")
+
+
+def test_expected_gradients_is_gradientshap_without_noise_and_captums_in_expectation():
+    """Expected gradients (Erion et al. 2021) draws the same baselines and path points as
+    GradientSHAP without input noise: equal to it draw for draw, and to Captum's GradientShap with
+    stdevs=0 in expectation (correlation over 320 draws)."""
+    from captum.attr import GradientShap
+
+    from pellucid.errors import ConfigError
+
+    torch.manual_seed(0)
+    model = build("resnet18", 2, 1, 3).module.eval()
+    x, background = torch.randn(2, 1, 48, 48), torch.randn(5, 1, 48, 48)
+    eg = pellucid.explain(model, x, "expectedgradients", target=0, samples=320, background=background)
+    gs = pellucid.explain(model, x, "gradientshap", target=0, samples=320, background=background)
+    assert torch.equal(eg.raw, gs.raw)
+    ref = GradientShap(model).attribute(x, baselines=background, n_samples=320, stdevs=0.0, target=0)
+    record("expectedgradients", peer("captum", "GradientShap(stdevs=0)"), eg.raw, ref,
+           f"ResNet-18 {tuple(x.shape)}, 320 samples", "correlation")
+    assert torch.corrcoef(torch.stack([eg.raw.flatten(), ref.flatten()]))[0, 1] > 0.95
+    with pytest.raises(ConfigError, match="draws no input noise"):
+        pellucid.explain(model, x, "expectedgradients", target=0, background=background, noise=0.1)

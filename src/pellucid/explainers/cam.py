@@ -463,6 +463,24 @@ class FinerCAM(CAM):
 KERNELS = ("sigmoid", "rbf", "poly", "linear", "cosine")
 
 
+def _top_eigenpair(k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The largest eigenvalue of a symmetric matrix and its unit eigenvector: a full
+    decomposition for small matrices; for large ones (a U-Net layer of 48 x 48 positions, whose
+    full decomposition costs O(N^3)) ARPACK's Lanczos iteration for that one pair, to machine
+    precision, as scikit-learn's KernelPCA does (on the CPU; the result returns to k's device)."""
+    n = k.shape[0]
+    if n <= 256:
+        values, vectors = torch.linalg.eigh(k.double())  # small: float64 costs nothing
+        return values[-1].to(k.dtype), vectors[:, -1].to(k.dtype)
+    import numpy as np
+    from scipy.sparse.linalg import eigsh
+
+    values, vectors = eigsh(k.detach().cpu().numpy(), k=1, which="LA",
+                            v0=np.ones(n, dtype=np.float32 if k.dtype == torch.float32 else None))
+    return (torch.as_tensor(values[0], dtype=k.dtype, device=k.device),
+            torch.as_tensor(vectors[:, 0], dtype=k.dtype, device=k.device))
+
+
 @register
 @dataclass
 class KPCACAM(CAM):
@@ -470,7 +488,8 @@ class KPCACAM(CAM):
     kernel principal component (Karmani et al. 2024, "KPCA-CAM: Visual explainability of deep
     computer vision models using kernel PCA", arXiv 2410.00267; pytorch-grad-cam's ``KPCA_CAM``).
     Class-agnostic, no gradients. The projection is scikit-learn's ``KernelPCA.fit_transform``:
-    v sqrt(lambda) of the top eigenpair of the centred kernel matrix, computed here in float64.
+    v sqrt(lambda) of the top eigenpair of the centred kernel matrix, in float32 as scikit-learn
+    computes it for float32 activations.
 
     ``kernel``: sigmoid (tanh(gamma <a, b> + coef0), the paper's default), rbf, poly, linear or
     cosine; ``gamma`` None: 1 / channels. ``sign``: ``"activation"`` (default, as ``eigencam``:
@@ -495,10 +514,10 @@ class KPCACAM(CAM):
     def _kernel(self, x: torch.Tensor) -> torch.Tensor:
         gamma = self.gamma if self.gamma is not None else 1.0 / x.shape[1]
         dot = x @ x.T
-        if self.kernel == "sigmoid":
-            return torch.tanh(gamma * dot + self.coef0)
+        if self.kernel == "sigmoid":  # in place: N x N is the largest array here
+            return dot.mul_(gamma).add_(self.coef0).tanh_()
         if self.kernel == "poly":
-            return (gamma * dot + self.coef0) ** self.degree
+            return dot.mul_(gamma).add_(self.coef0).pow_(self.degree)
         if self.kernel == "linear":
             return dot
         if self.kernel == "cosine":
@@ -511,18 +530,17 @@ class KPCACAM(CAM):
         b, c = acts.shape[:2]
         maps = []
         for i in range(b):
-            x = torch.nan_to_num(acts[i].reshape(c, -1).T.double())  # (N positions, C)
+            x = torch.nan_to_num(acts[i].reshape(c, -1).T.float())  # (N positions, C)
             x = x - x.mean(0, keepdim=True)
-            k = self._kernel(x)
-            n = k.shape[0]
-            ones = torch.full((n, n), 1.0 / n, dtype=k.dtype, device=k.device)
-            k = k - ones @ k - k @ ones + ones @ k @ ones  # centred in feature space
-            values, vectors = torch.linalg.eigh((k + k.T) / 2)
-            top = vectors[:, -1] * values[-1].clamp_min(0).sqrt()
+            k = self._kernel(x)  # symmetric by construction
+            means = k.mean(0)
+            k.sub_(means[None, :]).sub_(means[:, None]).add_(means.mean())  # centred in feature space
+            value, vector = _top_eigenpair(k)
+            top = vector * value.clamp_min(0).sqrt()
             if self.sign == "largest":
                 flip = top[top.abs().argmax()] < 0
             else:
-                summed = torch.nan_to_num(acts[i]).double().sum(0).flatten()
+                summed = torch.nan_to_num(acts[i]).float().sum(0).flatten()
                 flip = (top * (summed - summed.mean())).sum() < 0
             maps.append((-top if flip else top).reshape(acts.shape[2:]))
         return torch.stack(maps).to(acts.dtype)

@@ -11,6 +11,7 @@ smoothgrad             mean_n |dy/dx(x + e_n)|, e_n ~ N(0, s^2); ``squared`` mea
                        of squares (SmoothGrad-Squared, Hooker 2019)
 gradientshap           E[(x - x0) * dy/dx(x0 + a (x - x0) + e)], x0 from a         Lundberg & Lee 2017;
                        background set, a ~ U(0, 1) (expected gradients)           Erion 2021
+expectedgradients      the same without input noise e                              Erion 2021
 =====================  =========================================================  ==================
 
 Saliency and input x gradient run natively (one forward, one backward; equal to Captum's output,
@@ -266,10 +267,10 @@ class GradientSHAP(InputAttribution):
 
     def attribute(self, runner, model, inputs, bound, output):
         if self.background is None:
-            raise ConfigError("gradientshap needs background= (N, C, *spatial) reference images")
+            raise ConfigError(f"{self.name} needs background= (N, C, *spatial) reference images")
         check_background(self.background, inputs)
         if self.samples < 1 or self.noise < 0:
-            raise ConfigError("gradientshap needs samples >= 1 and noise >= 0")
+            raise ConfigError(f"{self.name} needs samples >= 1 and noise >= 0")
         background = self.background.to(inputs)
         gen = torch.Generator(device="cpu").manual_seed(self.seed)
         b, shape = inputs.shape[0], (-1, *([1] * (inputs.ndim - 1)))
@@ -286,3 +287,20 @@ class GradientSHAP(InputAttribution):
                                  gradient_rows(self.batch_size, model, inputs), draw,
                                  lambda grad, diff: grad * diff)
         return attr, {}
+
+
+@register
+@dataclass
+class ExpectedGradients(GradientSHAP):
+    """Expected gradients: integrated gradients averaged over baselines drawn from the data,
+    E_{x0 ~ background, a ~ U(0, 1)}[(x - x0) * dy/dx(x0 + a (x - x0))], estimated with
+    ``samples`` draws (Erion et al. 2021, "Improving performance of deep learning models with
+    axiomatic attribution priors and expected gradients", Nature Machine Intelligence; ranked first
+    of its methods by LATEC, Klein et al. 2024). GradientSHAP without input noise, the same draws
+    (Captum's ``GradientShap`` with ``stdevs=0``)."""
+
+    name: ClassVar[str] = "expectedgradients"
+
+    def __post_init__(self) -> None:
+        if self.noise != 0:
+            raise ConfigError("expectedgradients draws no input noise (noise > 0 is gradientshap)")
