@@ -1,6 +1,6 @@
 """The CAM variants pytorch-grad-cam 1.5.7 added in 2026 (KPCA-CAM, ShapleyCAM, Finer-CAM) equal
 the peer within 1e-4 of the map (min-max normalised, so of its scale): on a 2D ResNet-18 with a
-softmax head, a timm ViT (tokens, through the peer's ``reshape_transform``), a 3D MONAI ResNet
+softmax head, a torchvision ViT (tokens, through the peer's ``reshape_transform``), a 3D MONAI ResNet
 (the peer resizes with scipy's cubic spline: ``upsample="bspline"``) and, for ShapleyCAM, a U-Net
 with the peer's ``SemanticSegmentationTarget``. ShapleyCAM's Hessian term is checked to matter
 (its map differs from Grad-CAM's under the ReST score) and to vanish where it must (a logit target
@@ -68,11 +68,14 @@ def test_resnet18_softmax_head(method):
     _check(method, model, "layer3" if method == "shapleycam" else "layer4", x)
 
 
-def _vit():
-    import timm
+VIT_LAYER = "encoder.layers.encoder_layer_1.ln_1"  # (B, 1 + 16 tokens, C)
 
-    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, num_classes=5,
-                            depth=2).eval()
+
+def _vit():
+    """torchvision's ViT (2 blocks, 64 px, 16 px patches: a 4 x 4 grid and a class token)."""
+    from tests.test_transformers import tiny_vit
+
+    vit = tiny_vit(classes=5, size=64, patch=16)
     return vit, torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(5))
 
 
@@ -81,9 +84,9 @@ def _tokens_to_grid(t: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("method", ["kpcacam", "finercam"])
-def test_timm_vit_tokens(method):
+def test_vit_tokens(method):
     vit, x = _vit()
-    _check(method, vit, "blocks.1.norm1", x, _tokens_to_grid)
+    _check(method, vit, VIT_LAYER, x, _tokens_to_grid)
 
 
 def test_shapleycam_on_vit_tokens_equals_the_papers_formula():
@@ -96,7 +99,7 @@ def test_shapleycam_on_vit_tokens_equals_the_papers_formula():
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     vit, x = _vit()
-    layer = vit.get_submodule("blocks.1.norm1")
+    layer = vit.get_submodule(VIT_LAYER)
     store = {}
 
     def hook(module, inputs, output):
@@ -119,8 +122,8 @@ def test_shapleycam_on_vit_tokens_equals_the_papers_formula():
     ref = scale_cam_image(np.maximum(scale_cam_image(cam, (64, 64)), 0))  # as its layer step
     # and its aggregation over layers scale the map
     ours = pellucid.explain(vit, x, "shapleycam", target=ClassTarget([1, 2], activation="softmax"),
-                            layer="blocks.1.norm1").attributions[:, 0].numpy()
-    record("shapleycam", "the paper's formula (autograd)", ours, ref, "timm ViT tokens")
+                            layer=VIT_LAYER).attributions[:, 0].numpy()
+    record("shapleycam", "the paper's formula (autograd)", ours, ref, "torchvision ViT tokens")
     assert ref.std() > 0.01 and np.abs(ours - ref).max() <= TOL
 
 
