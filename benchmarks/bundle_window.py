@@ -13,26 +13,15 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # nnunet_window adds the repository
 
-from tests.monai_bundle import make  # noqa: E402
-from tests.nnunet_results import _write, sphere_case  # noqa: E402
-
-
-def _saliency_seconds(module, x: torch.Tensor, repeats: int = 2) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        x = x.detach().clone().requires_grad_(True)
-        start = time.perf_counter()
-        module(x)[0, 1].sum().backward()
-        best = min(best, time.perf_counter() - start)
-    return best
+from nnunet_window import saliency_seconds
+from tests.monai_bundle import make
+from tests.nnunet_results import _write, sphere_case
 
 
 def main() -> None:
@@ -60,8 +49,8 @@ def main() -> None:
         interval = tuple(max(int(r * (1 - inferer.overlap)), 1) for r in roi)
         windows = len(dense_patch_slices(tuple(x.shape[2:]), roi, interval))
         window = x[(slice(None), slice(None), *[slice(0, r) for r in roi])]
-        whole = _saliency_seconds(loaded.module, x)
-        one = _saliency_seconds(loaded.module.network, window)
+        whole = saliency_seconds(loaded.module, x)
+        one = saliency_seconds(loaded.module.network, window)
         print(f"{loaded.card.name}: grid {tuple(x.shape[2:])}, window {roi}, {windows} windows, "
               f"{args.threads} threads")
         print(f"saliency, full volume as the bundle predicts it: {whole:.2f} s")

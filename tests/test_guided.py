@@ -79,7 +79,8 @@ class _Functional(torch.nn.Module):
         self.w1, self.w2 = torch.randn(16, 8, generator=g), torch.randn(12, 16, generator=g)
         self.w3 = torch.randn(3, 12, generator=g)
 
-    def forward(self, x):
+    def forward(self, x):  # (B, 1, 8): one channel of 8 values
+        x = x.flatten(1)
         return torch.relu(torch.nn.functional.relu(x @ self.w1.T) @ self.w2.T) @ self.w3.T
 
 
@@ -94,16 +95,12 @@ def test_every_relu_is_guided_as_the_paper_by_hand():
     g2 = net.w3[c].clamp_min(0) * (h2 > 0)
     g1 = (g2 @ net.w2).clamp_min(0) * (h1 > 0)
     expected = g1 @ net.w1
-    from pellucid.explainers.base import Cost, ModelRunner
-    from pellucid.explainers.guided import _guided_gradient
-    from pellucid.targets import as_target
-
-    runner = ModelRunner(net, Cost())
-    bound = as_target(ClassTarget(c), net(x))
-    ours = _guided_gradient(runner, net, x, bound, "all", "guidedbackprop")
+    ours = pellucid.explain(net, x[:, None], "guidedbackprop", target=c).raw[:, 0]
     assert torch.allclose(ours, expected, atol=1e-5)
     with pytest.raises(ConfigError, match=r"runs no nn\.ReLU module"):
-        _guided_gradient(runner, net, x, bound, "modules", "guidedbackprop")
+        pellucid.explain(net, x[:, None], "guidedbackprop", target=c, relus="modules")
+    with pytest.raises(ConfigError, match="relus must be 'all' or 'modules'"):
+        pellucid.explain(net, x[:, None], "guidedbackprop", target=c, relus="some")
 
 
 def test_a_unet_region_equals_captum_and_a_network_without_relu_is_refused():

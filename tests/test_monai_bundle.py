@@ -203,6 +203,15 @@ def test_import_model_copies_the_bundle_and_refuses_a_changed_copy(bundle_folder
         main(["import-model", str(bundle_folder), "--out", str(tmp_path / "other"), "--classes", "a,b"])
     said = capsys.readouterr().err.strip()
     assert "--classes: " in said and "is read as its framework runs it" in said and "\n" not in said
+    broken = tmp_path / "broken"  # weights that do not fit: refused, and nothing half-imported
+    shutil.copytree(bundle_folder, broken)
+    config = json.loads((broken / "configs" / "inference.json").read_text())
+    config["network_def"]["channels"] = [4, 8, 16]
+    (broken / "configs" / "inference.json").write_text(json.dumps(config))
+    with pytest.raises(SystemExit):
+        main(["import-model", str(broken), "--out", str(tmp_path / "half")])
+    assert "weights do not fit" in capsys.readouterr().err
+    assert not (tmp_path / "half" / "bundle").exists()
     card = ModelCard.load(out / "card.json")
     card.class_names = ["background", "tumour"]
     card.save(out / "card.json")

@@ -238,6 +238,14 @@ class LayerCAM(CAM):
         return (grads.clamp_min(0) * acts).sum(1)
 
 
+def _against_activation(projection: torch.Tensor, acts: torch.Tensor) -> torch.Tensor:
+    """(B,) whether each projection (B, N positions) correlates negatively with the
+    channel-summed activation: the sign rule of ``sign="activation"`` (Eigen-CAM, KPCA-CAM)."""
+    summed = torch.nan_to_num(acts).float().sum(1).reshape(acts.shape[0], -1)
+    summed = summed - summed.mean(1, keepdim=True)
+    return (projection.float() * summed).sum(1) < 0
+
+
 @register
 @dataclass
 class EigenCAM(CAM):
@@ -265,9 +273,7 @@ class EigenCAM(CAM):
         _, _, vh = torch.linalg.svd(x, full_matrices=True)
         projection = (x @ vh[:, 0, :, None])[..., 0]  # (B, N)
         if self.sign == "activation":
-            summed = torch.nan_to_num(acts).sum(1).reshape(b, -1)
-            summed = summed - summed.mean(1, keepdim=True)
-            flip = (projection * summed).sum(1) < 0
+            flip = _against_activation(projection, acts)
         elif self.sign == "max":
             flip = projection.amin(1).abs() > projection.amax(1).abs()
         else:
@@ -399,21 +405,16 @@ class ShapleyCAM(CAM):
             raise ConfigError(f"score must be 'rest' or 'target', got {self.score!r}")
 
     def cam_score(self, bound, output):
-        from pellucid.targets import BoundClassTarget, BoundSegmentationTarget
+        import dataclasses
 
         if self.score == "target":
             return bound.score(output)
-        if isinstance(bound, BoundClassTarget):
-            values = _rest_values(output, bound.activation)
-            return values.gather(1, bound.classes[:, None].to(values.device))[:, 0]
-        if isinstance(bound, BoundSegmentationTarget):
-            values = _rest_values(output, bound.activation)
-            n, spatial = values.shape[0], values.shape[2:]
-            sel = bound.classes.view(n, 1, *([1] * len(spatial))).expand(n, 1, *spatial)
-            picked = values.gather(1, sel.to(values.device))[:, 0]
-            return (picked * bound.region.to(picked)).flatten(1).sum(1)
-        raise ConfigError(f"shapleycam: score='rest' is defined for class and segmentation "
-                          f"targets, not {type(bound).__name__}; give score='target'")
+        activation = getattr(bound, "activation", None)
+        if activation not in ("softmax", "sigmoid"):
+            raise ConfigError(f"shapleycam: score='rest' is defined for class and segmentation "
+                              f"targets, not {type(bound).__name__}; give score='target'")
+        # the target's own selection (its class, its region) of y + log a(y), taken as logits
+        return dataclasses.replace(bound, kind="logit").score(_rest_values(output, activation))
 
     def channel_weights(self, acts, grads, ctx):
         return (grads - 0.5 * ctx["hvp"]).mean(_spatial(grads))
@@ -421,7 +422,7 @@ class ShapleyCAM(CAM):
 
 @register
 @dataclass
-class FinerCAM(CAM):
+class FinerCAM(GradCAM):
     """Finer-CAM: Grad-CAM of the target class against the classes most easily confused with it,
     score = sum_j p_j (y_c - alpha y_j) / (sum_j p_j + 1e-9) over the classes j whose logits are
     closest to y_c (``comparisons``: their ranks by |y_j - y_c|, rank 0 being c itself), p =
@@ -455,9 +456,6 @@ class FinerCAM(CAM):
         others = order[:, ranks]
         p = torch.softmax(output, 1).gather(1, others)
         return (p * (y_c - self.alpha * output.gather(1, others))).sum(1) / (p.sum(1) + 1e-9)
-
-    def channel_weights(self, acts, grads, ctx):
-        return grads.mean(_spatial(grads))
 
 
 KERNELS = ("sigmoid", "rbf", "poly", "linear", "cosine")
@@ -528,7 +526,7 @@ class KPCACAM(CAM):
 
     def combine(self, acts, grads, ctx):
         b, c = acts.shape[:2]
-        maps = []
+        tops = []
         for i in range(b):
             x = torch.nan_to_num(acts[i].reshape(c, -1).T.float())  # (N positions, C)
             x = x - x.mean(0, keepdim=True)
@@ -536,11 +534,11 @@ class KPCACAM(CAM):
             means = k.mean(0)
             k.sub_(means[None, :]).sub_(means[:, None]).add_(means.mean())  # centred in feature space
             value, vector = _top_eigenpair(k)
-            top = vector * value.clamp_min(0).sqrt()
-            if self.sign == "largest":
-                flip = top[top.abs().argmax()] < 0
-            else:
-                summed = torch.nan_to_num(acts[i]).float().sum(0).flatten()
-                flip = (top * (summed - summed.mean())).sum() < 0
-            maps.append((-top if flip else top).reshape(acts.shape[2:]))
-        return torch.stack(maps).to(acts.dtype)
+            tops.append(vector * value.clamp_min(0).sqrt())
+        top = torch.stack(tops)  # (B, N)
+        if self.sign == "largest":
+            flip = top.gather(1, top.abs().argmax(1, keepdim=True))[:, 0] < 0
+        else:
+            flip = _against_activation(top, acts)
+        top = torch.where(flip[:, None], -top, top)
+        return top.reshape(b, *acts.shape[2:]).to(acts.dtype)

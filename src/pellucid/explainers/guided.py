@@ -32,8 +32,9 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from pellucid.errors import ConfigError
-from pellucid.explainers.attribution import InputAttribution, reduce_channels
-from pellucid.explainers.base import Explanation, ModelRunner
+from pellucid.explainers.attribution import REDUCTIONS, reduce_channels
+from pellucid.explainers.base import Explainer, Explanation, ModelRunner
+from pellucid.explainers.gradients import _OnePassGradient
 from pellucid.explainers.registry import register
 
 RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_, torch.Tensor.relu, torch.Tensor.relu_)
@@ -95,12 +96,15 @@ def guided_relus(model: nn.Module, modules_only: bool = False):
             h.remove()
 
 
+def _check_relus(relus: str) -> None:
+    if relus not in ("all", "modules"):
+        raise ConfigError(f"relus must be 'all' or 'modules', got {relus!r}")
+
+
 def _guided_forward(runner: ModelRunner, model: nn.Module, inputs: torch.Tensor, relus: str,
                     name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(input leaf, output graph) of one forward pass with guided ReLUs; the backward through it is
     guided (the replaced ReLUs are in the graph)."""
-    if relus not in ("all", "modules"):
-        raise ConfigError(f"relus must be 'all' or 'modules', got {relus!r}")
     with torch.enable_grad(), guided_relus(model, relus == "modules") as mode:
         leaf = inputs.clone().requires_grad_(True)
         out = runner.forward(leaf)
@@ -111,17 +115,9 @@ def _guided_forward(runner: ModelRunner, model: nn.Module, inputs: torch.Tensor,
     return leaf, out
 
 
-def _guided_gradient(runner: ModelRunner, model: nn.Module, inputs: torch.Tensor, bound,
-                     relus: str, name: str) -> torch.Tensor:
-    leaf, out = _guided_forward(runner, model, inputs, relus, name)
-    with torch.enable_grad():
-        (grad,) = runner.backward(bound.score(out).sum(), [leaf])
-    return grad.detach()
-
-
 @register
 @dataclass
-class GuidedBackprop(InputAttribution):
+class GuidedBackprop(_OnePassGradient):
     """Guided backpropagation: the input gradient with each ReLU passing back only positive
     gradients where its input was positive (Springenberg et al. 2015); ``relus="modules"``: only
     ``nn.ReLU`` modules are guided (Captum's ``GuidedBackprop``). One forward pass (its ReLUs
@@ -130,40 +126,45 @@ class GuidedBackprop(InputAttribution):
     relus: str = "all"
     name: ClassVar[str] = "guidedbackprop"
 
+    def __post_init__(self) -> None:
+        _check_relus(self.relus)
+
     def clean_forward(self, runner: ModelRunner, inputs: torch.Tensor) -> torch.Tensor:
         self._leaf, self._graph = _guided_forward(runner, runner.model, inputs, self.relus,
                                                   self.name)
         return self._graph.detach()
 
-    def attribute(self, runner, model, inputs, bound, output):
-        leaf, graph = self._leaf, self._graph
-        self._leaf = self._graph = None  # the graph is not kept beyond this call
-        with torch.enable_grad():
-            (grad,) = runner.backward(bound.score(graph).sum(), [leaf])
-        return grad.detach(), {}
+    def from_gradient(self, inputs: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        return grad
 
 
 @register
 @dataclass
-class GuidedGradCAM(InputAttribution):
+class GuidedGradCAM(Explainer):
     """Guided Grad-CAM: guided backpropagation times the layer's Grad-CAM (ReLU'd, not normalised)
     up-sampled to the input (Selvaraju et al. 2017). ``upsample="linear"`` (the paper's bilinear,
-    default) or ``"nearest"`` (Captum's ``GuidedGradCam`` default); ``relus`` as guidedbackprop."""
+    default) or ``"nearest"`` (Captum's ``GuidedGradCam`` default); ``relus`` as guidedbackprop;
+    the per-channel attributions are kept in ``raw`` and summed over channels for the map."""
 
     upsample: str = "linear"
     relus: str = "all"
+    channel_reduce: str = "sum"
     name: ClassVar[str] = "guidedgradcam"
     family: ClassVar[str] = "cam"
     needs_layer: ClassVar[bool] = True
+    channel_maps: ClassVar[bool] = True
 
-    def attribute(self, runner, model, inputs, bound, output):
-        raise NotImplementedError("guidedgradcam runs through _explain (it needs the layer)")
+    def __post_init__(self) -> None:
+        _check_relus(self.relus)
+        if self.upsample not in ("linear", "nearest"):
+            raise ConfigError(f"upsample must be 'linear' or 'nearest', got {self.upsample!r}")
+        if self.channel_reduce not in REDUCTIONS:
+            raise ConfigError(f"channel_reduce must be one of {REDUCTIONS}, got "
+                              f"{self.channel_reduce!r}")
 
     def _explain(self, runner, model, inputs, target, layer, handles) -> Explanation:
         from pellucid.explainers.cam import GradCAM
 
-        if self.upsample not in ("linear", "nearest"):
-            raise ConfigError(f"upsample must be 'linear' or 'nearest', got {self.upsample!r}")
         cam = GradCAM(relu=False, normalize="none", upsample="nearest")
         low = cam._explain(runner, model, inputs, target, layer, handles)
         bound, output = low.target, low.output
@@ -171,7 +172,9 @@ class GuidedGradCAM(InputAttribution):
             if self.upsample == "linear" else "nearest"
         heat = F.interpolate(low.raw.clamp_min(0), size=tuple(inputs.shape[2:]), mode=mode,
                              **({"align_corners": False} if mode != "nearest" else {}))
-        grad = _guided_gradient(runner, model, inputs, bound, self.relus, self.name)
-        attr = grad * heat
+        leaf, graph = _guided_forward(runner, model, inputs, self.relus, self.name)
+        with torch.enable_grad():
+            (grad,) = runner.backward(bound.score(graph).sum(), [leaf])
+        attr = grad.detach() * heat
         return Explanation(reduce_channels(attr, self.channel_reduce), self.name, bound, layer,
                            raw=attr, output=output, extras={"layout": low.extras.get("layout")})

@@ -200,8 +200,7 @@ class MonaiBundle:
             if hasattr(inferer, name):
                 value = getattr(inferer, name)
                 settings[name] = value if isinstance(value, int | float | str) else \
-                    [float(v) if isinstance(v, float) else v for v in np.ravel(value).tolist()] \
-                    if not isinstance(value, str) else value
+                    np.ravel(value).tolist()
         steps = getattr(self.preprocessing, "transforms", [self.preprocessing])
         return {"framework": "monai_bundle", "folder": str(self.folder),
                 "config": f"configs/{self.config_name}", "weights": str(self.weights),
@@ -291,8 +290,9 @@ class BundleAdapter:
         except Exception as exc:
             raise DataError(path, f"the bundle's preprocessing failed ({_first_line(exc)})") from None
         image = data[self.bundle.input_key]
-        x = torch.as_tensor(np.asarray(image.detach().cpu()) if not isinstance(image, torch.Tensor)
-                            else image.detach().cpu().as_subclass(torch.Tensor), dtype=torch.float32)
+        x = image.detach().cpu().as_subclass(torch.Tensor) if isinstance(image, torch.Tensor) \
+            else torch.as_tensor(np.asarray(image))
+        x = x.float()
         if not torch.isfinite(x).all():  # never a map of NaN or inf as if it were a finding
             raise DataError(path, "not finite after the bundle's preprocessing (NaN or inf values); "
                                   "pellucid does not explain it")

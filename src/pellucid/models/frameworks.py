@@ -65,6 +65,26 @@ def _weight_files(copy: Path) -> list[Path]:
                                                                              ".safetensors"))
 
 
+def _copy_framework(source: Path, copy: Path, kind: str) -> None:
+    """What the framework runs: nnU-Net's plans, dataset, fingerprint and each chosen fold's final
+    checkpoint; a bundle's folder less its ``eval`` outputs."""
+    if kind != "nnunet":
+        shutil.copytree(source, copy, ignore=shutil.ignore_patterns("eval", "__pycache__"))
+        return
+    from pellucid.models.nnunet import CHECKPOINT
+
+    folds = [source] if source.name.startswith("fold_") else sorted(source.glob("fold_*"))
+    root = source.parent if source.name.startswith("fold_") else source
+    copy.mkdir()
+    for file in ("plans.json", "dataset.json", "dataset_fingerprint.json"):
+        if (root / file).is_file():
+            shutil.copyfile(root / file, copy / file)
+    for fold in folds:
+        if (fold / CHECKPOINT).is_file():
+            (copy / fold.name).mkdir()
+            shutil.copyfile(fold / CHECKPOINT, copy / fold.name / CHECKPOINT)
+
+
 def import_framework(source: Path, out: Path, name: str = "", version: str = "") -> Path:
     """Copy a results folder, fold or bundle into ``out`` and write its card; returns ``out``."""
     kind = framework_kind(source)
@@ -74,22 +94,12 @@ def import_framework(source: Path, out: Path, name: str = "", version: str = "")
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"--out {out}: not empty; import into a new folder")
     out.mkdir(parents=True, exist_ok=True)
-    if kind == "nnunet":
-        from pellucid.models.nnunet import CHECKPOINT
-
-        folds = [source] if source.name.startswith("fold_") else sorted(source.glob("fold_*"))
-        root = source.parent if source.name.startswith("fold_") else source
-        copy.mkdir()
-        for file in ("plans.json", "dataset.json", "dataset_fingerprint.json"):
-            if (root / file).is_file():
-                shutil.copyfile(root / file, copy / file)
-        for fold in folds:
-            for checkpoint in fold.glob(CHECKPOINT):
-                (copy / fold.name).mkdir(exist_ok=True)
-                shutil.copyfile(checkpoint, copy / fold.name / checkpoint.name)
-    else:
-        shutil.copytree(source, copy, ignore=shutil.ignore_patterns("eval", "__pycache__"))
-    _, card, _, _ = load_framework(copy)
+    try:
+        _copy_framework(source, copy, kind)
+        _, card, _, _ = load_framework(copy)
+    except BaseException:
+        shutil.rmtree(copy, ignore_errors=True)  # nothing half-imported is left behind
+        raise
     card.name = name or card.name
     card.version = version or card.version
     card.training["imported_from"] = str(source.resolve())
