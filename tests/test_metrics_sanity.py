@@ -105,3 +105,26 @@ def test_pair_similarity_equals_the_per_pair_measure_with_ties_and_constant_maps
             assert torch.allclose(got.nan_to_num(), want.nan_to_num(), rtol=0, atol=1e-12), name
         got = pair_similarity("spearman", maps, i, j)
         assert got[1] == pytest.approx(spearmanr(maps[0].flatten(), maps[2].flatten())[0])
+
+
+def test_cascading_randomisation_reproduces_adebayo_guided_backprop_stays_gradients_do_not(
+        chest_model):
+    """Adebayo et al. 2018, Fig. 2: as the model is randomised from the output down, guided
+    backpropagation's map stays similar to the original (it reconstructs the image, whatever the
+    weights above), while the gradient's and Grad-CAM's fall at the first randomised block."""
+    x, _ = _cases(chest_model, 2, n=8)
+    target = ClassTarget(2, activation="sigmoid")
+    opts = {"progress": False, "depth": "auto", "measures": ("ssim",)}
+    curves = {}
+    for method in ("guidedbackprop", "saliency", "gradcam"):
+        exp = pellucid.explain(chest_model, x, method, target=target)
+        result = pellucid.evaluate(chest_model, x, exp, metrics=[("model_randomization", opts)])
+        r = result["model_randomization"]
+        curves[method] = r.curves.mean(0)
+        steps = r.extras["steps"]
+    assert steps[:3] == ["fc", "layer4", "layer3"], steps  # five or more blocks from the output
+    top = slice(0, 2)  # the head and the last residual stage randomised
+    assert (curves["guidedbackprop"][top] >= 0.8).all(), curves
+    for other in ("saliency", "gradcam"):
+        assert (curves["guidedbackprop"][top] - curves[other][top] >= 0.3).all(), curves
+    assert curves["saliency"][0] <= 0.5, curves

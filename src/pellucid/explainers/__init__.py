@@ -5,11 +5,14 @@ from pellucid.explainers import (  # noqa: F401  (each module registers its meth
     baselines,
     cam,
     counterfactual,
+    deeplift,
     fusion,
     gradients,
     guided,
     lrp,
+    paths,
     perturbation,
+    xrai,
 )
 from pellucid.explainers.base import (
     Cost,

@@ -4,11 +4,11 @@
 Each layer's map is min-max scaled; maps of the shallower layers are first passed through
 tanh(gamma * M / max M), gamma = 2, which damps their noisy low values (LayerCAM's hierarchical
 fusion, Jiang et al. 2021, IEEE TIP); the maps are then combined by element-wise ``max``
-(LayerCAM) or ``mean``, and the result is min-max scaled again. Deep layers give the class
-evidence, shallow layers the resolution. The default layers are the card's CAM layer and the last
-layers of the next finer resolutions below the input's (layer4, layer3, layer2 of a ResNet); for a
-U-Net, whose default layer is already the finest decoder stage below full resolution, the decoder
-stage and the encoder stage at the same resolution. ``layers`` names any others."""
+(LayerCAM), ``mean`` or ``product`` (RefineCAM), and the result is min-max scaled again. Deep
+layers give the class evidence, shallow layers the resolution. The default layers are the card's CAM
+layer and the last layers of the next finer resolutions below the input's (layer4, layer3, layer2 of
+a ResNet); for a U-Net, whose default layer is already the finest decoder stage below full resolution,
+the decoder stage and the encoder stage at the same resolution. ``layers`` names any others."""
 
 from __future__ import annotations
 
@@ -64,15 +64,20 @@ def default_layers(model: nn.Module, example: torch.Tensor, count: int = 3) -> l
     return layers
 
 
+FUSIONS = ("max", "mean", "product")
+
+
 @register
 @dataclass
 class FusedCAM(Explainer):
-    """Fused CAM: one CAM method at several layers, fused at input resolution (LayerCAM-style)."""
+    """Fused CAM: one CAM method at several layers, fused at input resolution (LayerCAM-style);
+    ``base_options`` go to the base method (e.g. ``{"upsample": "bspline"}``)."""
 
     base: str = "layercam"
     layers: tuple[str, ...] | None = None
     fuse: str = "max"
     gamma: float = 2.0
+    base_options: dict | None = None
     name: ClassVar[str] = "fusedcam"
     family: ClassVar[str] = "cam"
     needs_layer: ClassVar[bool] = False
@@ -80,11 +85,11 @@ class FusedCAM(Explainer):
     def _explain(self, runner: ModelRunner, model: nn.Module, inputs: torch.Tensor,
                  target: Target | BoundTarget | None, layer: str | None,
                  handles: list) -> Explanation:
-        if self.fuse not in ("max", "mean"):
-            raise ConfigError(f"fusedcam: fuse must be 'max' or 'mean', got {self.fuse!r}")
-        method = create(self.base)
+        if self.fuse not in FUSIONS:
+            raise ConfigError(f"{self.name}: fuse must be one of {FUSIONS}, got {self.fuse!r}")
+        method = create(self.base, **(self.base_options or {}))
         if method.family != "cam" or not method.needs_layer:
-            raise ConfigError(f"fusedcam: base must be a layer CAM method, got {self.base!r}")
+            raise ConfigError(f"{self.name}: base must be a layer CAM method, got {self.base!r}")
         layers = list(self.layers) if self.layers else default_layers(model, inputs[:1].detach())
         maps, bound, output, shapes = [], target, None, []
         for i, name in enumerate(layers):  # deepest first: its bound target is reused below
@@ -102,7 +107,24 @@ class FusedCAM(Explainer):
                     -1, *([1] * (m.ndim - 1))))
             maps.append(m)
         stack = torch.stack(maps)
-        fused = stack.amax(0) if self.fuse == "max" else stack.mean(0)
+        fused = stack.amax(0) if self.fuse == "max" else stack.mean(0) if self.fuse == "mean" \
+            else stack.prod(0)
         per_layer = stack[:, :, 0].transpose(0, 1)  # (B, layers, *spatial)
         return Explanation(minmax(fused), self.name, bound, ",".join(layers), raw=per_layer,
                            output=output, extras={"layers": layers, "map_shapes": shapes})
+
+
+@register
+@dataclass
+class RefineCAM(FusedCAM):
+    """RefineCAM (pytorch-grad-cam 1.5.7, arXiv 2605.14641): the product of one CAM method's
+    min-max scaled maps at several layers, min-max scaled; a shallow layer's detail survives only
+    where the deep layers agree, which denoises it. Grad-CAM++ by default, the layers as
+    ``fusedcam``'s, no damping. (The peer's loop that means to rescale each layer's map to [0, 1]
+    rebinds its loop variable and changes nothing; the maps it multiplies are already min-max
+    scaled, so its output is this product.)"""
+
+    base: str = "gradcampp"
+    fuse: str = "product"
+    gamma: float = 0.0
+    name: ClassVar[str] = "refinecam"

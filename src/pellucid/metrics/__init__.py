@@ -1,6 +1,7 @@
 """Metrics: one registry; ``pellucid.evaluate`` runs them. See ``docs/metrics.md``."""
 
 from pellucid.metrics import (  # noqa: F401  (each module registers its metrics)
+    arcc,
     complexity,
     cost,
     faithfulness,

@@ -4,7 +4,8 @@ parameters or the explained class change cannot be explaining the model.
 - ``model_randomization``: cascading model-parameter randomisation (Adebayo et al. 2018). A copy of
   the model is re-initialised from the output towards the input, one step at a time (each module's
   own ``reset_parameters`` after ``torch.manual_seed(seed + 1)``, as Quantus' ``MPRT``); a step is
-  one block (modules sharing the first ``depth`` parts of their dotted name, e.g. ``layer4.1``) or
+  one block (modules sharing the first ``depth`` parts of their dotted name, e.g. ``layer4.1``;
+  ``depth="auto"``: the smallest depth giving at least five blocks) or
   one layer (``granularity="layer"``: Quantus' steps). After every step the explanation is re-run
   on the same inputs and target and compared with the original by Spearman (signed and absolute),
   SSIM and HOG similarity. The score is the ``similarity`` after the last step (lower is better).
@@ -36,11 +37,26 @@ from pellucid.models.blackbox import is_forward_only
 from pellucid.progress import track
 from pellucid.targets import BoundClassTarget, BoundSegmentationTarget
 
+AUTO_MIN_STEPS = 5
 
-def randomization_steps(model: nn.Module, granularity: str, depth: int) -> list[tuple[str, list[str]]]:
-    """Steps from the output down: (step name, names of the modules re-initialised in it)."""
+
+def randomization_steps(model: nn.Module, granularity: str,
+                        depth: int | str) -> list[tuple[str, list[str]]]:
+    """Steps from the output down: (step name, names of the modules re-initialised in it).
+    ``depth="auto"``: the smallest depth (1 to 8) that gives at least ``AUTO_MIN_STEPS`` blocks, so
+    that a ResNet (``layer4``, ``layer3``, ...) and a nested MONAI U-Net (``model.1.submodule...``)
+    both get a curve of several points."""
     if granularity not in ("block", "layer"):
         raise ConfigError(f"granularity must be 'block' or 'layer', got {granularity!r}")
+    if depth == "auto":
+        for d in range(1, 9):
+            steps = randomization_steps(model, granularity, d)
+            if len(steps) >= AUTO_MIN_STEPS:
+                break
+        return steps
+    if not isinstance(depth, int) or isinstance(depth, bool) or depth < 1:
+        raise ConfigError(f"model_randomization: depth must be a positive integer or 'auto', "
+                          f"got {depth!r}")
     names = [n for n, m in model.named_modules() if hasattr(m, "reset_parameters")][::-1]
     if not names:
         raise ConfigError("the model has no module with reset_parameters() to randomise")
@@ -90,7 +106,7 @@ class ModelRandomization(Metric):
     """Cascading model-parameter randomisation: similarity of the map after randomising the model."""
 
     granularity: str = "block"
-    depth: int = 2
+    depth: int | str = 2
     similarity: str = "ssim"
     measures: tuple[str, ...] = SIMILARITIES
     seed: int = 42
