@@ -109,6 +109,50 @@ def test_model_randomization_and_random_logit_equal_quantus(setup):
         "layer1.0", "bn1", "conv1"]
 
 
+def _saliency_func(model, inputs, targets, **_):
+    out = pellucid.explain(model, torch.as_tensor(inputs, dtype=torch.float32), "saliency",
+                           target=torch.as_tensor(targets))
+    return out.attributions.numpy()
+
+
+def _gradient(model, inputs, target):
+    """The signed input gradient of the target's score, summed over channels: Quantus 0.6.0's
+    ``explain(method="Gradient")``."""
+    x = torch.as_tensor(inputs, dtype=torch.float32).clone().requires_grad_(True)
+    out = model(x)
+    (grad,) = torch.autograd.grad(target.score(out).sum(), x)
+    return grad.sum(1)
+
+
+def test_efficient_and_smooth_mprt_equal_quantus(setup):
+    """eMPRT and sMPRT (Hedström et al. 2024) as Quantus 0.6.0 computes them: the same
+    re-initialisation (every module's reset_parameters after the seed), the same noise (numpy's
+    generator seeded alike, drawn in Quantus' order) and the same entropy and correlation.
+    Quantus' SmoothMPRT smooths its own ``explain(method="Gradient")`` whatever ``explain_func``
+    it is given; pellucid smooths the evaluated method (the paper's definition), so the comparison
+    evaluates that gradient."""
+    model, x, _ = setup
+    sal = pellucid.explain(model, x, "saliency")
+    y = sal.target.classes
+    r = pellucid.evaluate(model, x, sal, metrics=[("efficient_mprt", {})])
+    q = quantus.EfficientMPRT(disable_warnings=True)
+    ref = _q(q, model, x, y, sal.attributions, explain_func=_saliency_func)
+    record("efficient_mprt", peer("quantus", "EfficientMPRT"), r["efficient_mprt"].scores, ref, CASE)
+    np.testing.assert_allclose(r["efficient_mprt"].scores.numpy(), ref, rtol=1e-4, atol=1e-6)
+    grad = _gradient(model, x, sal.target)
+    r = pellucid.evaluate(model, x, grad, target=sal.target, explain_fn=_gradient,
+                          metrics=[("smooth_mprt", {"samples": 3, "progress": False})])
+    for option, ours in (("return_last_correlation", r["smooth_mprt"].scores),
+                         ("return_average_correlation", r["smooth_mprt"].extras["average"])):
+        np.random.seed(42)
+        q = quantus.SmoothMPRT(nr_samples=3, disable_warnings=True, **{option: True})
+        ref = _q(q, model, x, y, grad[:, None], explain_func=_saliency_func)
+        record("smooth_mprt", peer("quantus", f"SmoothMPRT ({option})"), ours, ref, CASE)
+        np.testing.assert_allclose(ours.numpy(), ref, atol=1e-5)
+    steps = r["smooth_mprt"].extras["steps"]
+    assert steps[0] == "conv1" and steps[-1] == "fc" and len(steps) == 41  # every layer, bottom up
+
+
 def test_noisy_linear_imputation_equals_pytorch_grad_cams():
     from pytorch_grad_cam.metrics.road import NoisyLinearImputer
 
