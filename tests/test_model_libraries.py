@@ -32,7 +32,7 @@ import pellucid
 from pellucid.errors import ConfigError, ModelError
 from pellucid.explainers import default_layer
 from pellucid.models.outputs import reduce_output
-from pellucid.targets import SegmentationTarget
+from pellucid.targets import ClassTarget, SegmentationTarget
 from tests import peers
 from tests.peers import record
 
@@ -707,3 +707,19 @@ def test_nnunet_deep_supervision_through_the_sliding_window():
     assert exp.attributions.shape == (1, 1, 64, 48) and exp.output.shape == (1, 2, 64, 48)
     with pytest.raises(ConfigError, match="once per patch"):
         pellucid.explain(window, big, "gradcam", target=target)
+
+
+def test_legrad_on_a_timm_vit_equals_the_formula_through_the_models_own_norm_and_head():
+    """torchcam's LeGrad takes only torchvision's blocks (``self_attention``); on timm's ViT the
+    reference is the formula written out with autograd (tests/test_legrad.py)."""
+    from tests.test_legrad import legrad_formula
+
+    model = _timm_vit().eval()
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(4))
+    for pool in ("mean", "token"):
+        ours = pellucid.explain(model, x, "legrad", target=ClassTarget([0, 2]), pool=pool)
+        ref = legrad_formula(model, x, [0, 2], list(model.blocks), model.norm, model.head, pool, 1,
+                             (4, 4))
+        record("legrad", f"the paper's formula (autograd), {pool} readout", ours.raw[:, 0], ref,
+               "timm ViT-Tiny")
+        assert ref.std() > 0.05 and (ours.raw[:, 0] - ref).abs().max() <= 1e-4

@@ -9,6 +9,7 @@ from pellucid.explainers import (  # noqa: F401  (each module registers its meth
     fusion,
     gradients,
     guided,
+    legrad,
     lrp,
     paths,
     perturbation,

@@ -98,11 +98,12 @@ class ModelRunner:
             return self._fast[key](x)
 
     def backward(self, scalar: torch.Tensor, inputs: list[torch.Tensor],
-                 create_graph: bool = False) -> tuple[torch.Tensor, ...]:
+                 create_graph: bool = False, retain_graph: bool = False) -> tuple[torch.Tensor, ...]:
         """d scalar / d inputs; ``create_graph`` keeps the gradient differentiable (a
-        Hessian-vector product follows)."""
+        Hessian-vector product follows), ``retain_graph`` keeps the graph for another backward."""
         self.cost.backward_passes += 1
-        return torch.autograd.grad(scalar, inputs, create_graph=create_graph)
+        return torch.autograd.grad(scalar, inputs, create_graph=create_graph,
+                                   retain_graph=retain_graph or create_graph)
 
 
 def _status_kib(field_name: str) -> int | None:
