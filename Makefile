@@ -16,6 +16,9 @@ $(STAMP): pyproject.toml constraints.txt
 	# the MetaQuantus oracle of tests/test_metric_trust.py: without its dependencies, whose
 	# cachetools==5.3.1 pin conflicts with the stack (it imports only what is installed above)
 	$(PY) -m pip install --quiet --no-deps metaquantus==0.0.5
+	# zennit-crp, the oracle of tests/test_crp.py: its zennit<=0.4.6 pin conflicts with zennit 0.5
+	# (it uses only CondAttribution, ChannelConcept and zennit's hooks, unchanged)
+	$(PY) -m pip install --quiet --no-deps zennit-crp==0.6.0
 	touch $(STAMP)
 
 install: $(STAMP)

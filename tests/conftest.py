@@ -151,8 +151,10 @@ HEAVY_MODULES = {"test_training", "test_bench", "test_seed_systems", "test_metri
 # leaves them out
 MODEL_LIBRARY_MODULES = {"test_model_libraries", "test_blackbox", "test_backends", "test_nnunet",
                          "test_monai_bundle"}
-# tests against an oracle that `make install` adds outside the extras (MetaQuantus)
+# tests against an oracle that `make install` adds outside the extras (MetaQuantus, zennit-crp:
+# their pins conflict with the stack, so they come without their dependencies)
 ORACLE_TESTS = {"test_consistency_equals_metaquantus"}
+ORACLE_MODULES = {"test_crp"}
 
 
 # the longest modules (minutes each on one thread), started first: `make test` runs `pytest -n auto
@@ -180,5 +182,5 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.slow)
         if module in MODEL_LIBRARY_MODULES:
             item.add_marker(pytest.mark.models)
-        if item.originalname in ORACLE_TESTS:
+        if item.originalname in ORACLE_TESTS or module in ORACLE_MODULES:
             item.add_marker(pytest.mark.oracles)

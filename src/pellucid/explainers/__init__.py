@@ -5,6 +5,7 @@ from pellucid.explainers import (  # noqa: F401  (each module registers its meth
     baselines,
     cam,
     counterfactual,
+    crp,
     deeplift,
     fusion,
     gradients,
