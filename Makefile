@@ -19,6 +19,9 @@ $(STAMP): pyproject.toml constraints.txt
 	# zennit-crp, the oracle of tests/test_crp.py: its zennit<=0.4.6 pin conflicts with zennit 0.5
 	# (it uses only CondAttribution, ChannelConcept and zennit's hooks, unchanged)
 	$(PY) -m pip install --quiet --no-deps zennit-crp==0.6.0
+	# openvino-xai, the oracle of tests/test_reciprocam.py: pinned to openvino-dev 2024.4 and numpy 1
+	# (its PyTorch Recipro-CAM needs neither; the test maps openvino.runtime onto openvino)
+	$(PY) -m pip install --quiet --no-deps openvino-xai==1.1.0
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -15,6 +15,7 @@ ablationcam     sum_k w_k A_k,  w_k = (y - y_{A_k=0}) / y                       
 shapleycam      sum_k w_k A_k,  w_k = mean_space(g_k - (H A)_k / 2), score y + log a(y)    Cai 2025
 finercam        Grad-CAM of sum_j p_j (y_c - alpha y_j) / sum_j p_j, j closest to c     Zhang 2025
 kpcacam         first kernel principal component of the centred activations             Karmani 2024
+reciprocam      map(p) = y(A masked to position p, all channels), no gradient           Byun 2022
 ==============  ======================================================================  ==========
 
 Grad-CAM++ alpha (eq. 19 of the paper, read two ways):
@@ -542,3 +543,59 @@ class KPCACAM(CAM):
             flip = _against_activation(top, acts)
         top = torch.where(flip[:, None], -top, top)
         return top.reshape(b, *acts.shape[2:]).to(acts.dtype)
+
+
+@register
+@dataclass
+class ReciproCAM(CAM):
+    """Recipro-CAM: the map at each position p of the layer is the target's score when the layer's
+    activations are kept at p only (every channel) and zero elsewhere, the network after the layer
+    run on that "mosaic" (Byun & Lee 2022, "Recipro-CAM: fast gradient-free visual explanations for
+    convolutional neural networks", arXiv 2209.14074; openvino-xai's ``ReciproCAM``). Gradient-free;
+    one mosaic per position of the layer (h w, or d h w in 3D), ``batch_size`` at a time from the
+    layer on. The target's ``kind`` says what is scored: its logit (openvino-xai's PyTorch
+    implementation) or its probability (the paper's softmax). No ReLU before the min-max scaling
+    (a logit map may be negative everywhere). Channels-first layers only: the transformer variant
+    (ViT Recipro-CAM, Gaussian token masks) is not this method and is refused."""
+
+    relu: bool = False
+    batch_size: int = 64
+    name: ClassVar[str] = "reciprocam"
+    uses_gradients: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+
+    def combine(self, acts, grads, ctx):
+        runner, inputs, bound = ctx["runner"], ctx["inputs"], ctx["target"]
+        module, layout = ctx["module"], ctx["layout"]
+        if layout.kind != "channels_first":
+            raise ConfigError("reciprocam masks positions of a channels-first feature map; this "
+                              f"layer is {layout.kind} (the ViT variant is another method)")
+        b, spatial = acts.shape[0], acts.shape[2:]
+        n = int(torch.tensor(spatial).prod())
+        out_map = torch.empty(b, n, device=acts.device, dtype=torch.float32)
+        eye = torch.eye(n, device=acts.device, dtype=acts.dtype).view(n, 1, *spatial)
+        fast = True  # feed one copy of the input, expand at the layer; needs no skip past it
+        for i in range(b):
+            for start in range(0, n, self.batch_size):
+                pos = torch.arange(start, min(start + self.batch_size, n), device=acts.device)
+                mosaic = acts[i:i + 1] * eye[pos]
+                rows = torch.full((len(pos),), i, device=acts.device, dtype=torch.long)
+                handles: list = []
+                replace_layer_output(module, handles, lambda out, m=mosaic: m.to(out.dtype))
+                try:
+                    if fast:
+                        try:
+                            out = runner.forward(inputs[i:i + 1])
+                            runner.cost.forward_samples += out.shape[0] - 1
+                        except (RuntimeError, ModelError):
+                            fast = False
+                    if not fast:
+                        out = runner.forward(inputs[i:i + 1].expand(len(pos), *inputs.shape[1:]))
+                finally:
+                    for h in handles:
+                        h.remove()
+                out_map[i, pos] = bound.score(out, rows).float()
+        return out_map.view(b, *spatial).to(acts.dtype)
