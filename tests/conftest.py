@@ -152,8 +152,7 @@ HEAVY_MODULES = {"test_training", "test_bench", "test_seed_systems", "test_metri
 MODEL_LIBRARY_MODULES = {"test_model_libraries", "test_blackbox", "test_backends", "test_nnunet",
                          "test_monai_bundle"}
 # tests against an oracle that `make install` adds outside the extras (MetaQuantus, zennit-crp,
-# openvino-xai:
-# their pins conflict with the stack, so they come without their dependencies)
+# openvino-xai: their pins conflict with the stack, so they come without their dependencies)
 ORACLE_TESTS = {"test_consistency_equals_metaquantus"}
 ORACLE_MODULES = {"test_crp", "test_reciprocam"}
 
