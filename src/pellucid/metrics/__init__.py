@@ -8,6 +8,7 @@ from pellucid.metrics import (  # noqa: F401  (each module registers its metrics
     localization,
     modality,
     protocols,
+    psc,
     randomization,
     road,
     robustness,
