@@ -40,7 +40,9 @@ ORACLE_TESTS = ["tests/test_cam_vs_gradcam.py", "tests/test_cam_2026.py", "tests
                 "tests/test_gradients.py",
                 "tests/test_perturbation.py", "tests/test_lrp.py", "tests/test_model_libraries.py",
                 "tests/test_metrics_localization.py", "tests/test_metrics_vs_peers.py",
-                "tests/test_metrics_protocols.py"]
+                "tests/test_metrics_protocols.py", "tests/test_deeplift.py",
+                "tests/test_pair_saliency.py", "tests/test_refinecam_arcc.py", "tests/test_legrad.py",
+                "tests/test_crp.py", "tests/test_reciprocam.py"]
 
 # how each name without a peer oracle is checked instead (the test that does it, in words)
 NO_PEER = {
@@ -68,6 +70,8 @@ NO_PEER = {
     "chexlocalize": "by hand (tests/test_metrics_protocols.py)",
     "msfi": "by hand (tests/test_modality_targets.py)",
     "cost": "the explanation's own counts, time and memory (tests/test_metrics_protocols.py)",
+    "psc": "separates Grad-CAM (PSC 0.9) from an input-edge map (0.1, insensitive) and a random "
+           "map (fragile) on the phantom classifier (tests/test_psc.py)",
 }
 
 
@@ -126,6 +130,7 @@ def method_costs() -> dict[str, dict]:
                       torch.randn(1, 1, 32, 32))}
     extra = {"gradientshap": {"background": torch.randn(4, 1, 64, 64)},
              "expectedgradients": {"background": torch.randn(4, 1, 64, 64)},
+             "deepliftshap": {"background": torch.randn(4, 1, 64, 64)},
              "prior": {"prior": torch.rand(64, 64)}}
     unit = {}
     for key, (model, x) in models.items():

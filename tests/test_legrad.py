@@ -71,6 +71,19 @@ def test_class_token_readout_is_the_formula_and_other_models_are_refused():
     record("legrad", "the paper's formula (autograd), class-token readout", ours.raw[:, 0], grid,
            "torchvision ViT")
     assert (ours.raw[:, 0] - grid).abs().max() <= TOL
+    # MONAI's ViT, pellucid's zoo ViT (its head reads the class token)
+    from pellucid.models import build
+
+    torch.manual_seed(0)
+    monai_vit = build("vit", 2, 1, 3, input_size=[32, 32]).module.eval()
+    img = torch.randn(2, 1, 32, 32, generator=torch.Generator().manual_seed(6))
+    for pool in ("mean", "token"):
+        got = pellucid.explain(monai_vit, img, "legrad", target=ClassTarget([0, 2]), pool=pool)
+        ref = legrad_formula(monai_vit, img, [0, 2], list(monai_vit.blocks), monai_vit.norm,
+                             monai_vit.classification_head, pool, 1, (4, 4))
+        record("legrad", f"the paper's formula (autograd), {pool} readout", got.raw[:, 0], ref,
+               "MONAI ViT")
+        assert ref.std() > 0.01 and (got.raw[:, 0] - ref).abs().max() <= TOL
     cnn = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
     with pytest.raises(ConfigError, match="final norm and head"):
         pellucid.explain(cnn, x, "legrad", target=ClassTarget(0))

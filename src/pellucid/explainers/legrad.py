@@ -12,9 +12,10 @@ scaled; the map is that grid up-sampled to the input. Attention values are not m
 ``pool="mean"`` averages the tokens (torchcam 0.5.0's ``LeGrad`` for torchvision's ViT, the
 reference); ``pool="token"`` reads the class token, as torchvision's and timm's heads do.
 ``blocks``: the last k blocks (default all, as the paper). Supported: torchvision's
-``VisionTransformer`` (``encoder.layers``, ``encoder.ln``, ``heads``) and timm's
-(``blocks``, ``norm``, ``head``); other models and segmentation targets are refused in one line:
-the method is defined through a classifier's head.
+``VisionTransformer`` (``encoder.layers``, ``encoder.ln``, ``heads``), timm's (``blocks``,
+``norm``, ``head``) and MONAI's ``ViT`` (``blocks``, ``norm``, ``classification_head``: pellucid's
+zoo ViT); other models and segmentation targets are refused in one line: the method is defined
+through a classifier's head.
 """
 
 from __future__ import annotations
@@ -36,12 +37,13 @@ POOLS = ("mean", "token")
 
 
 def vit_parts(model: nn.Module) -> tuple[list[nn.Module], nn.Module, nn.Module]:
-    """(blocks, final norm, head) of a torchvision or timm vision transformer."""
+    """(blocks, final norm, head) of a torchvision, timm or MONAI vision transformer."""
     encoder = getattr(model, "encoder", None)
     if encoder is not None and hasattr(encoder, "layers") and hasattr(encoder, "ln") and \
             hasattr(model, "heads"):
         return list(encoder.layers), encoder.ln, model.heads
-    blocks, norm, head = (getattr(model, k, None) for k in ("blocks", "norm", "head"))
+    blocks, norm = getattr(model, "blocks", None), getattr(model, "norm", None)
+    head = getattr(model, "head", None) or getattr(model, "classification_head", None)  # MONAI
     if isinstance(blocks, nn.Sequential | nn.ModuleList) and norm is not None and head is not None:
         fc_norm = getattr(model, "fc_norm", None)
         if fc_norm is not None and not isinstance(fc_norm, nn.Identity):
