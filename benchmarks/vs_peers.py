@@ -113,11 +113,15 @@ def grid(quick: bool) -> list[Task]:
            "integratedgradients": {"steps": 32}, "occlusion": {"window": 16, "stride": 8},
            "kernelshap": {"samples": 100}, "shapleycam": {}, "finercam": {},
            "kpcacam": {"sign": "largest"}}
+    # the peers' other 2026 methods, on the classifier: RefineCAM (pytorch-grad-cam), Recipro-CAM
+    # (openvino-xai's PyTorch one), Blur IG / Guided IG / XRAI (PAIR's saliency), CRP (zennit-crp)
+    newer = {"refinecam": {}, "reciprocam": {}, "blurig": {"steps": 32, "max_sigma": 16},
+             "guidedig": {"steps": 32}, "xrai": {"steps": 16}, "crp": {"concepts": [0, 1, 2, 3]}}
     seg = {"gradcam": {}, "gradcampp": {}, "scorecam": {}, "saliency": {},
            "integratedgradients": {"steps": 32}, "occlusion": {"window": 16, "stride": 8},
            "shapleycam": {"score": "target"}, "kpcacam": {"sign": "largest"}}
-    return [Task("resnet18", "phantom-chest", "resnet18", 128, 512, 3, 8, cls | {"lrp": {}},
-                 metrics=True),
+    return [Task("resnet18", "phantom-chest", "resnet18", 128, 512, 3, 8,
+                 cls | {"lrp": {}} | newer, metrics=True),
             Task("densenet121", "phantom-chest", "densenet121", 96, 256, 2, 4,
                  {k: v for k, v in cls.items() if k != "scorecam"} | {"scorecam": {}}, metrics=True),
             Task("unet-2d", "phantom-brain", "unet", 96, 256, 8, 8, seg, {"task": "segmentation"}),
@@ -188,6 +192,8 @@ def peer_explain(method: str, opts: dict, loaded, layer, x, y, region, features)
     seg = loaded.card.task == "segmentation"
     if method in NEW_CAMS:
         return torch.from_numpy(peer_new_cam(method, model, layer, x, y, region, seg)).to(x.device)
+    if method in NEWER:
+        return peer_newer(method, opts, loaded, x, y)
     if method in ("gradcam", "gradcampp", "scorecam"):
         from pytorch_grad_cam.utils.model_targets import (
             ClassifierOutputTarget,
@@ -251,8 +257,95 @@ def peer_new_cam(method: str, model, layer, x, y, region, seg: bool):
     return out
 
 
+NEWER = ("refinecam", "reciprocam", "blurig", "guidedig", "xrai", "crp")
+
+
+def _pair_gradients(model, y):
+    """PAIR's call_model_function for channels-last numpy batches of sample i's class."""
+    import saliency.core as sal
+
+    def call(batch, call_model_args=None, expected_keys=None):
+        t = torch.tensor(np.asarray(batch), dtype=torch.float32).movedim(-1, 1).requires_grad_(True)
+        (grad,) = torch.autograd.grad(model(t)[:, y].sum(), t)
+        return {sal.INPUT_OUTPUT_GRADIENTS: grad.movedim(1, -1).numpy()}
+    return call
+
+
+def peer_newer(method: str, opts: dict, loaded, x, y) -> torch.Tensor:
+    """The classifier's peer for each method of ``NEWER``, on the same layer and options."""
+    model = loaded.module
+    layer = loaded.card.default_layer
+    if method == "refinecam":
+        from pytorch_grad_cam import RefineCAM
+        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+        from pellucid.explainers.fusion import default_layers
+
+        names = default_layers(model, x[:1])
+        cam = RefineCAM(model, [model.get_submodule(n) for n in names])
+        return torch.from_numpy(cam(input_tensor=x, targets=[ClassifierOutputTarget(int(k))
+                                                             for k in y]))
+    if method == "reciprocam":
+        import importlib
+
+        import openvino
+
+        openvino.runtime = openvino  # openvino-xai 1.1.0 imports the pre-2025 module names
+        sys.modules.setdefault("openvino.runtime", openvino)
+        for name in ("opset10", "utils", "utils.data_helpers", "utils.data_helpers.wrappers"):
+            sys.modules.setdefault(f"openvino.runtime.{name}",
+                                   importlib.import_module(f"openvino.{name}"))
+        from openvino_xai.methods.white_box.torch import TorchReciproCAM
+
+        peer = TorchReciproCAM(model, embed_scaling=False, prepare_model=False)
+        # the peer finds its layer by substring (layer4 would select layer4.1.bn2): given exactly
+        peer._find_feature_module_by_name = lambda m, name: m.get_submodule(name)
+        peer._target_layer = layer
+        peer.prepare_model()
+        maps = torch.from_numpy(peer.generate_saliency_map(x.cpu().numpy()))
+        return maps[torch.arange(len(y)), y.cpu()]
+    import saliency.core as sal
+
+    if method == "xrai":
+        params = sal.XRAIParameters(steps=opts["steps"])
+        return torch.from_numpy(np.stack([sal.XRAI().GetMask(
+            x[i].movedim(0, -1).numpy(), _pair_gradients(model, int(k)), batch_size=16,
+            extra_parameters=params) for i, k in enumerate(y)]))
+    if method == "blurig":
+        return torch.from_numpy(np.stack([sal.BlurIG().GetMask(
+            x[i].movedim(0, -1).numpy(), _pair_gradients(model, int(k)), steps=opts["steps"],
+            max_sigma=opts["max_sigma"], batch_size=16) for i, k in enumerate(y)])).movedim(-1, 1)
+    if method == "guidedig":
+        original = np.quantile  # saliency 0.2.1 calls numpy 1's quantile(interpolation=)
+        np.quantile = lambda a, q, interpolation=None, **kw: original(
+            a, q, **kw, **({"method": interpolation} if interpolation else {}))
+        try:
+            return torch.from_numpy(np.stack([sal.GuidedIG().GetMask(
+                x[i].movedim(0, -1).numpy(), _pair_gradients(model, int(k)),
+                x_steps=opts["steps"]) for i, k in enumerate(y)])).movedim(-1, 1)
+        finally:
+            np.quantile = original
+    if method == "crp":
+        from crp.attribution import CondAttribution
+
+        from pellucid.explainers.lrp import build_composite
+
+        composite = build_composite("epsilonplusflat", model, x, {}, None, None)
+        conditions = [{"y": [int(k)], layer: opts["concepts"]} for k in y]
+        return CondAttribution(model)(x.clone().requires_grad_(True), conditions,
+                                      composite).heatmap
+    raise ValueError(method)
+
+
 def agreement(method: str, ours, peer) -> str:
     peer = peer.to(ours.attributions.device)
+    if method in ("refinecam", "reciprocam", "xrai", "crp"):
+        mine = ours.attributions[:, 0] if method in ("refinecam", "xrai", "crp") else ours.raw[:, 0]
+        diff = (mine.double() - peer.double()).abs().max() / peer.abs().max().clamp_min(1e-12)
+        return f"rel {float(diff):.1e}"
+    if method in ("blurig", "guidedig"):
+        diff = (ours.raw.double() - peer.double()).abs().max() / peer.abs().max().clamp_min(1e-12)
+        return f"rel {float(diff):.1e}"
     if method in ("gradcam", "gradcampp", "scorecam", *NEW_CAMS):
         diff = (ours.attributions[:, 0] - peer).abs().max()
     elif method == "occlusion":
