@@ -265,7 +265,8 @@ def _pair_gradients(model, y):
     import saliency.core as sal
 
     def call(batch, call_model_args=None, expected_keys=None):
-        t = torch.tensor(np.asarray(batch), dtype=torch.float32).movedim(-1, 1).requires_grad_(True)
+        t = torch.tensor(np.asarray(batch), dtype=torch.float32).movedim(-1, 1).contiguous()
+        t.requires_grad_(True)
         (grad,) = torch.autograd.grad(model(t)[:, y].sum(), t)
         return {sal.INPUT_OUTPUT_GRADIENTS: grad.movedim(1, -1).numpy()}
     return call
@@ -316,6 +317,10 @@ def peer_newer(method: str, opts: dict, loaded, x, y) -> torch.Tensor:
             x[i].movedim(0, -1).numpy(), _pair_gradients(model, int(k)), steps=opts["steps"],
             max_sigma=opts["max_sigma"], batch_size=16) for i, k in enumerate(y)])).movedim(-1, 1)
     if method == "guidedig":
+        # the path is a chain of threshold decisions: gradients or float64 sums one rounding apart
+        # move the map by 1-3 % (PAIR against itself on (H, W, C) instead of (C, H, W) arrays:
+        # 1.7e-2; pellucid's batch of 8 against one sample at a time: 1.2e-2), so its agreement
+        # column shows that scale; on equal gradients the two are equal (tests/test_pair_saliency.py)
         original = np.quantile  # saliency 0.2.1 calls numpy 1's quantile(interpolation=)
         np.quantile = lambda a, q, interpolation=None, **kw: original(
             a, q, **kw, **({"method": interpolation} if interpolation else {}))

@@ -552,20 +552,64 @@ class ReciproCAM(CAM):
     activations are kept at p only (every channel) and zero elsewhere, the network after the layer
     run on that "mosaic" (Byun & Lee 2022, "Recipro-CAM: fast gradient-free visual explanations for
     convolutional neural networks", arXiv 2209.14074; openvino-xai's ``ReciproCAM``). Gradient-free;
-    one mosaic per position of the layer (h w, or d h w in 3D), ``batch_size`` at a time from the
-    layer on. The target's ``kind`` says what is scored: its logit (openvino-xai's PyTorch
-    implementation) or its probability (the paper's softmax). No ReLU before the min-max scaling
-    (a logit map may be negative everywhere). Channels-first layers only: the transformer variant
+    one mosaic per position of the layer (h w, or d h w in 3D), ``batch_size`` mosaics at a time
+    across the samples, run from the layer on (each sample's layers before it once per batch). The
+    target's ``kind`` says what is scored: its logit (openvino-xai's PyTorch implementation) or its
+    probability (the paper's softmax). No ReLU before the min-max scaling (a logit map may be
+    negative everywhere). Channels-first layers only: the transformer variant
     (ViT Recipro-CAM, Gaussian token masks) is not this method and is refused."""
 
     relu: bool = False
-    batch_size: int = 64
+    batch_size: int = 128
     name: ClassVar[str] = "reciprocam"
     uses_gradients: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+
+    def _explain(self, runner, model, inputs, target, layer, handles):
+        """When the clean rows and every mosaic fit in ``batch_size`` rows: one forward, the
+        layer's output extended by the mosaics built from it (the layers before it run once, as
+        openvino-xai's); otherwise, or past a skip connection around the layer, the CAM path."""
+        b = inputs.shape[0]
+        _, module = resolve_layer(model, layer)
+        seen: dict[str, torch.Tensor] = {}
+
+        def extend(mod, inp, out):
+            if not isinstance(out, torch.Tensor) or out.ndim < 3:
+                return None
+            n = out[0, 0].numel()
+            if b * (n + 1) > self.batch_size:
+                return None
+            seen["acts"] = out
+            eye = torch.eye(n, device=out.device, dtype=out.dtype).view(1, n, 1, *out.shape[2:])
+            return torch.cat([out, (out[:, None] * eye).reshape(b * n, *out.shape[1:])])
+
+        hook = module.register_forward_hook(extend)
+        try:
+            with torch.no_grad():
+                out = runner.forward(inputs)
+        except (RuntimeError, ModelError):
+            out = None  # a skip connection around the layer meets the extended batch
+        finally:
+            hook.remove()
+        acts = seen.get("acts")
+        if out is None or acts is None or out.shape[0] != b * (acts[0, 0].numel() + 1):
+            return super()._explain(runner, model, inputs, target, layer, handles)
+        runner.cost.forward_samples += out.shape[0] - b
+        layout = self.find_layout(model, module, layer, acts, inputs)
+        if layout.kind != "channels_first":
+            raise ConfigError("reciprocam masks positions of a channels-first feature map; this "
+                              f"layer is {layout.kind} (the ViT variant is another method)")
+        output = out[:b]
+        bound = self.bind(target, output)
+        n, spatial = acts[0, 0].numel(), acts.shape[2:]
+        rows = torch.arange(b, device=out.device).repeat_interleave(n)
+        raw = bound.score(out[b:], rows).float().view(b, 1, *spatial)
+        maps = postprocess(raw, tuple(inputs.shape[2:]), self.relu, self.upsample, self.normalize)
+        return Explanation(maps, self.name, bound, layer, raw, output=output,
+                           extras={"layout": layout.describe()})
 
     def combine(self, acts, grads, ctx):
         runner, inputs, bound = ctx["runner"], ctx["inputs"], ctx["target"]
@@ -575,27 +619,27 @@ class ReciproCAM(CAM):
                               f"layer is {layout.kind} (the ViT variant is another method)")
         b, spatial = acts.shape[0], acts.shape[2:]
         n = int(torch.tensor(spatial).prod())
-        out_map = torch.empty(b, n, device=acts.device, dtype=torch.float32)
+        scores = torch.empty(b * n, device=acts.device, dtype=torch.float32)
         eye = torch.eye(n, device=acts.device, dtype=acts.dtype).view(n, 1, *spatial)
-        fast = True  # feed one copy of the input, expand at the layer; needs no skip past it
-        for i in range(b):
-            for start in range(0, n, self.batch_size):
-                pos = torch.arange(start, min(start + self.batch_size, n), device=acts.device)
-                mosaic = acts[i:i + 1] * eye[pos]
-                rows = torch.full((len(pos),), i, device=acts.device, dtype=torch.long)
-                handles: list = []
-                replace_layer_output(module, handles, lambda out, m=mosaic: m.to(out.dtype))
-                try:
-                    if fast:
-                        try:
-                            out = runner.forward(inputs[i:i + 1])
-                            runner.cost.forward_samples += out.shape[0] - 1
-                        except (RuntimeError, ModelError):
-                            fast = False
-                    if not fast:
-                        out = runner.forward(inputs[i:i + 1].expand(len(pos), *inputs.shape[1:]))
-                finally:
-                    for h in handles:
-                        h.remove()
-                out_map[i, pos] = bound.score(out, rows).float()
-        return out_map.view(b, *spatial).to(acts.dtype)
+        fast = True  # feed each sample once, expand at the layer; needs no skip past it
+        for start in range(0, b * n, self.batch_size):
+            rows = torch.arange(start, min(start + self.batch_size, b * n), device=acts.device)
+            sample, pos = rows // n, rows % n
+            mosaic = acts[sample] * eye[pos]
+            fed = torch.unique(sample)  # sorted: the mosaics' samples, each fed once
+            handles: list = []
+            replace_layer_output(module, handles, lambda out, m=mosaic: m.to(out.dtype))
+            try:
+                if fast:
+                    try:
+                        out = runner.forward(inputs[fed])
+                        runner.cost.forward_samples += out.shape[0] - len(fed)
+                    except (RuntimeError, ModelError):
+                        fast = False
+                if not fast:
+                    out = runner.forward(inputs[sample])
+            finally:
+                for h in handles:
+                    h.remove()
+            scores[rows] = bound.score(out, sample).float()
+        return scores.view(b, *spatial).to(acts.dtype)

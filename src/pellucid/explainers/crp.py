@@ -26,10 +26,8 @@ import torch
 
 from pellucid.errors import ConfigError
 from pellucid.explainers.base import attention_blocks
-from pellucid.explainers.canonizers import canonized
-from pellucid.explainers.lrp import LRP, _runs_once, build_composite
+from pellucid.explainers.lrp import LRP
 from pellucid.explainers.registry import register
-from pellucid.runtime import full_precision
 
 
 def _concept_mask(relevance: torch.Tensor, concepts, top: int) -> tuple[torch.Tensor, list]:
@@ -68,43 +66,33 @@ class CRP(LRP):
     needs_layer: ClassVar[bool] = True
 
     def _explain(self, runner, model, inputs, target, layer, handles):
-        self._layer = layer
-        return super()._explain(runner, model, inputs, target, layer, handles)
-
-    def attribute(self, runner, model, inputs, bound, output):
-        if getattr(bound, "kind", "logit") != "logit":
-            raise ConfigError("crp explains logits; use a target with kind='logit'")
         if attention_blocks(model):
             raise ConfigError("crp conditions zennit's LRP composites on a layer's channels; a "
                               "transformer is explained by AttnLRP (lrp), which it does not cover")
         if self.top < 1:
             raise ConfigError(f"crp: top must be >= 1, got {self.top}")
-        module = model.get_submodule(self._layer)
-        seen: dict[str, torch.Tensor] = {}
-        hook = module.register_forward_hook(lambda m, i, o: seen.__setitem__("out", o))
-        composite = build_composite(self.composite, model, inputs, self.rules, self.low, self.high)
-        try:
-            with canonized(model, composite), torch.enable_grad(), full_precision(), \
-                    _runs_once(model):
-                x = inputs.clone().requires_grad_(True)
-                out = runner.forward(x)
-                feature = seen.get("out")
-                if not isinstance(feature, torch.Tensor) or feature.ndim < 2 or \
-                        feature.shape[0] != inputs.shape[0]:
-                    raise ConfigError(f"crp: layer {self._layer} gives no (batch, channels, ...) "
-                                      f"tensor to condition on")
-                score = bound.score(out)
-                (weight,) = torch.autograd.grad(score.sum(), out, retain_graph=True)
-                start = (out * weight).detach()
-                (at_layer,) = torch.autograd.grad(out, feature, grad_outputs=start,
-                                                  retain_graph=True)
-                mask, chosen = _concept_mask(at_layer.detach(), self.concepts, self.top)
-                runner.cost.backward_passes += 1
-                (relevance,) = torch.autograd.grad(feature, x, grad_outputs=at_layer * mask)
-        finally:
-            hook.remove()
+        return super()._explain(runner, model, inputs, target, layer, handles)
+
+    def before_forward(self, model, layer, handles) -> None:
+        self._layer, self._seen = layer, {}
+        module = model.get_submodule(layer)
+        handles.append(module.register_forward_hook(
+            lambda m, i, o: self._seen.__setitem__("out", o)))
+
+    def propagate(self, runner, x, out, bound):
+        feature, self._seen = self._seen.get("out"), None
+        if not isinstance(feature, torch.Tensor) or feature.ndim < 2 or feature.shape[0] != x.shape[0]:
+            raise ConfigError(f"crp: layer {self._layer} gives no (batch, channels, ...) tensor to "
+                              f"condition on")
+        score = bound.score(out)
+        (weight,) = torch.autograd.grad(score.sum(), out, retain_graph=True)
+        start = (out * weight).detach()
+        (at_layer,) = torch.autograd.grad(out, feature, grad_outputs=start, retain_graph=True)
+        mask, chosen = _concept_mask(at_layer.detach(), self.concepts, self.top)
+        runner.cost.backward_passes += 1
+        (relevance,) = torch.autograd.grad(feature, x, grad_outputs=at_layer * mask)
         layer_total = at_layer.flatten(1).sum(1).detach()
         share = (at_layer * mask).flatten(1).sum(1).detach() / layer_total
-        return relevance.detach(), {"concepts": chosen, "layer": self._layer,
-                                    "concept_share": share, "explained_score": score.detach(),
-                                    "channel_relevance": at_layer.flatten(2).sum(2).detach()}
+        return relevance, {"concepts": chosen, "layer": self._layer, "concept_share": share,
+                           "explained_score": score.detach(),
+                           "channel_relevance": at_layer.flatten(2).sum(2).detach()}

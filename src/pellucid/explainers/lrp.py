@@ -47,8 +47,8 @@ from torch import nn
 
 from pellucid.errors import ConfigError, ModelError
 from pellucid.explainers.attention import capture_attention
-from pellucid.explainers.attribution import InputAttribution
-from pellucid.explainers.base import attention_blocks
+from pellucid.explainers.attribution import REDUCTIONS, InputAttribution, reduce_channels
+from pellucid.explainers.base import Explanation, attention_blocks
 from pellucid.explainers.canonizers import canonized, canonizers_for
 from pellucid.explainers.registry import register
 from pellucid.progress import warn
@@ -261,26 +261,49 @@ class LRP(InputAttribution):
     family: ClassVar[str] = "relevance"
     name: ClassVar[str] = "lrp"
 
-    def attribute(self, runner, model, inputs, bound, output):
-        if getattr(bound, "kind", "logit") != "logit":
-            raise ConfigError("LRP explains logits; use a target with kind='logit'")
+    def _explain(self, runner, model, inputs, target, layer, handles):
+        """zennit's composites: one forward with the rules registered binds the target and is the
+        one differentiated (no separate clean pass); transformers go through AttnLRP."""
         if attention_blocks(model):
-            return self.transformer_relevance(runner, model, inputs, bound)
+            return super()._explain(runner, model, inputs, target, layer, handles)
+        if self.channel_reduce not in REDUCTIONS:
+            raise ConfigError(f"channel_reduce must be one of {REDUCTIONS}, got "
+                              f"{self.channel_reduce!r}")
         composite = build_composite(self.composite, model, inputs, self.rules, self.low, self.high)
         with canonized(model, composite), torch.enable_grad(), full_precision(), \
                 _runs_once(model):
+            self.before_forward(model, layer, handles)
             x = inputs.clone().requires_grad_(True)
             out = runner.forward(x)
-            score = bound.score(out)
-            (weight,) = torch.autograd.grad(score.sum(), out, retain_graph=True)
-            start = (out * weight).detach()
-            runner.cost.backward_passes += 1
-            (relevance,) = torch.autograd.grad(out, x, grad_outputs=start)
+            bound = self.bind(target, out.detach())
+            if getattr(bound, "kind", "logit") != "logit":
+                raise ConfigError(f"{self.name} explains logits; use a target with kind='logit'")
+            relevance, extras = self.propagate(runner, x, out, bound)
+        relevance = relevance.detach()
+        return Explanation(reduce_channels(relevance, self.channel_reduce), self.name, bound, None,
+                           raw=relevance, output=out.detach(), extras=extras)
+
+    def before_forward(self, model, layer, handles) -> None:
+        """Hooks a subclass needs on the rule-modified forward (CRP: the conditioned layer)."""
+
+    def propagate(self, runner, x, out, bound) -> tuple[torch.Tensor, dict]:
+        """The input relevance of the target's score through the registered rules, and extras."""
+        score = bound.score(out)
+        (weight,) = torch.autograd.grad(score.sum(), out, retain_graph=True)
+        start = (out * weight).detach()
+        runner.cost.backward_passes += 1
+        (relevance,) = torch.autograd.grad(out, x, grad_outputs=start)
         total = relevance.flatten(1).sum(1).detach()
         ratio = (total / score.detach()).cpu()
         check_conservation(ratio)
-        return relevance.detach(), {"relevance_sum": total, "explained_score": score.detach(),
-                                    "conservation": ratio}
+        return relevance, {"relevance_sum": total, "explained_score": score.detach(),
+                           "conservation": ratio}
+
+    def attribute(self, runner, model, inputs, bound, output):
+        """Transformers (the composites run in ``_explain``)."""
+        if getattr(bound, "kind", "logit") != "logit":
+            raise ConfigError("LRP explains logits; use a target with kind='logit'")
+        return self.transformer_relevance(runner, model, inputs, bound)
 
     def transformer_relevance(self, runner, model, inputs, bound):
         """AttnLRP / CP-LRP (module docstring): x * the rule-modified gradient of the score."""

@@ -46,7 +46,7 @@ ALGORITHMS = ("full", "fast")
 def felzenszwalb_regions(image: np.ndarray, resize: bool = True) -> np.ndarray:
     """(M, H, W) boolean regions of one (C, H, W) image: every segment of every scale, dilated."""
     from skimage import segmentation
-    from skimage.morphology import dilation, disk
+    from skimage.morphology import disk
     from skimage.transform import resize as sk_resize
 
     im = np.moveaxis(np.asarray(image, dtype=np.float64), 0, -1)
@@ -63,9 +63,27 @@ def felzenszwalb_regions(image: np.ndarray, resize: bool = True) -> np.ndarray:
         if resize:
             seg = sk_resize(seg, shape, order=0, preserve_range=True, mode="constant",
                             anti_aliasing=False).astype(int)
-        regions += [dilation(seg == label, footprint=footprint)
+        regions += [_dilated(seg == label, footprint)
                     for label in range(seg.min(), seg.max() + 1)]
     return np.stack(regions)
+
+
+def _dilated(mask: np.ndarray, footprint: np.ndarray) -> np.ndarray:
+    """``skimage.morphology.dilation(mask, footprint)`` of a boolean mask, computed on its bounding
+    box grown by the footprint's radius only (the same pixels: a symmetric convex footprint reaches
+    nothing further, and the edge reflection skimage pads with adds none)."""
+    from scipy import ndimage
+
+    out = np.zeros_like(mask)
+    rows, cols = np.nonzero(mask.any(1))[0], np.nonzero(mask.any(0))[0]
+    if not len(rows):
+        return out
+    r = footprint.shape[0] // 2
+    top, bottom = max(rows[0] - r, 0), min(rows[-1] + r + 1, mask.shape[0])
+    left, right = max(cols[0] - r, 0), min(cols[-1] + r + 1, mask.shape[1])
+    out[top:bottom, left:right] = ndimage.binary_dilation(mask[top:bottom, left:right],
+                                                          structure=footprint)
+    return out
 
 
 def select_regions(attr: torch.Tensor, regions: torch.Tensor, algorithm: str = "full",
@@ -76,18 +94,19 @@ def select_regions(attr: torch.Tensor, regions: torch.Tensor, algorithm: str = "
     out = torch.full_like(a, -torch.inf)
     covered = torch.zeros_like(masks[0])
     if algorithm == "full":
-        alive = torch.ones(len(masks), dtype=torch.bool)
+        alive = torch.arange(len(masks))  # the regions still in play, in PAIR's scan order
         while covered.double().mean() <= area_threshold:
-            new = masks & ~covered
+            new = masks[alive] & ~covered
             count = new.sum(1)
-            alive &= count >= min_pixel_diff
-            if not alive.any():
+            keep = count >= min_pixel_diff
+            alive, new, count = alive[keep], new[keep], count[keep]
+            if not len(alive):
                 break
-            gain = torch.where(alive, (new.double() @ a) / count.clamp_min(1), -torch.inf)
+            gain = (new.double() @ a) / count
             best = int(gain.argmax())  # the first of equal gains, as PAIR's scan in order
             out[new[best]] = gain[best]
-            covered |= masks[best]
-            alive[best] = False
+            covered |= masks[alive[best]]
+            alive = torch.cat([alive[:best], alive[best + 1:]])
     else:
         own = (masks.double() @ a) / masks.sum(1).clamp_min(1)
         own = torch.where(masks.any(1), own, -torch.inf)
