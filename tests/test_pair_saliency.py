@@ -150,6 +150,13 @@ def test_3d_guided_ig_equals_pair_and_blur_ig_blurs_all_three_axes():
     record("blurig", "SciPy gaussian_filter (3 axes), the paper's sum", ours.raw[0, 0], -total,
            "MONAI ResNet-18 3D")
     assert _rel(ours.raw[0, 0], -total) <= TOL
+    # the blur a GPU runs (torch passes) is SciPy's, bit for bit, in 2D and 3D
+    from pellucid.explainers.paths import torch_gaussian
+
+    for t, sigma in ((x, 2.5), (_images(2, 40), 0.4), (_images(2, 40), 9.0)):
+        axes = [0, 0] + [sigma] * (t.ndim - 2)
+        assert torch.equal(torch_gaussian(t, sigma),
+                           torch.from_numpy(ndimage.gaussian_filter(t.numpy(), axes, mode="constant")))
 
 
 def test_xrai_equals_pair_on_a_cnn_and_a_unet_region_and_refuses_a_volume():

@@ -560,7 +560,7 @@ class ReciproCAM(CAM):
     (ViT Recipro-CAM, Gaussian token masks) is not this method and is refused."""
 
     relu: bool = False
-    batch_size: int = 128
+    batch_size: int = 256  # rows from the layer on: a ResNet's 8 cases x 16 positions in one pass
     name: ClassVar[str] = "reciprocam"
     uses_gradients: ClassVar[bool] = False
 
@@ -569,9 +569,11 @@ class ReciproCAM(CAM):
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
 
     def _explain(self, runner, model, inputs, target, layer, handles):
-        """When the clean rows and every mosaic fit in ``batch_size`` rows: one forward, the
-        layer's output extended by the mosaics built from it (the layers before it run once, as
-        openvino-xai's); otherwise, or past a skip connection around the layer, the CAM path."""
+        """The clean forward computes the map too when the clean rows and every mosaic fit in
+        ``batch_size`` rows: the layer's output is extended by the mosaics built from it (the
+        layers before it run once, as openvino-xai's). Otherwise the remaining mosaics run in
+        chunks from the captured activations; past a skip connection around the layer (the
+        extended batch cannot meet it), the CAM path with each chunk's inputs expanded."""
         b = inputs.shape[0]
         _, module = resolve_layer(model, layer)
         seen: dict[str, torch.Tensor] = {}
@@ -579,10 +581,11 @@ class ReciproCAM(CAM):
         def extend(mod, inp, out):
             if not isinstance(out, torch.Tensor) or out.ndim < 3:
                 return None
+            seen["acts"] = out
             n = out[0, 0].numel()
             if b * (n + 1) > self.batch_size:
                 return None
-            seen["acts"] = out
+            seen["extended"] = out
             eye = torch.eye(n, device=out.device, dtype=out.dtype).view(1, n, 1, *out.shape[2:])
             return torch.cat([out, (out[:, None] * eye).reshape(b * n, *out.shape[1:])])
 
@@ -591,37 +594,49 @@ class ReciproCAM(CAM):
             with torch.no_grad():
                 out = runner.forward(inputs)
         except (RuntimeError, ModelError):
-            out = None  # a skip connection around the layer meets the extended batch
+            if "extended" not in seen:
+                raise
+            out = None
         finally:
             hook.remove()
-        acts = seen.get("acts")
-        if out is None or acts is None or out.shape[0] != b * (acts[0, 0].numel() + 1):
+        if out is None:
             return super()._explain(runner, model, inputs, target, layer, handles)
-        runner.cost.forward_samples += out.shape[0] - b
+        acts = seen.get("acts")
+        if acts is None:
+            raise ModelError(f"layer {layer!r} was not reached by the forward pass")
         layout = self.find_layout(model, module, layer, acts, inputs)
         if layout.kind != "channels_first":
             raise ConfigError("reciprocam masks positions of a channels-first feature map; this "
                               f"layer is {layout.kind} (the ViT variant is another method)")
         output = out[:b]
         bound = self.bind(target, output)
-        n, spatial = acts[0, 0].numel(), acts.shape[2:]
-        rows = torch.arange(b, device=out.device).repeat_interleave(n)
-        raw = bound.score(out[b:], rows).float().view(b, 1, *spatial)
+        spatial = acts.shape[2:]
+        if "extended" in seen:
+            runner.cost.forward_samples += out.shape[0] - b
+            rows = torch.arange(b, device=out.device).repeat_interleave(acts[0, 0].numel())
+            raw = bound.score(out[b:], rows).float().view(b, 1, *spatial)
+        else:
+            raw = self.mosaic_scores(runner, inputs, module, acts, bound)[:, None].float()
         maps = postprocess(raw, tuple(inputs.shape[2:]), self.relu, self.upsample, self.normalize)
         return Explanation(maps, self.name, bound, layer, raw, output=output,
                            extras={"layout": layout.describe()})
 
     def combine(self, acts, grads, ctx):
-        runner, inputs, bound = ctx["runner"], ctx["inputs"], ctx["target"]
-        module, layout = ctx["module"], ctx["layout"]
-        if layout.kind != "channels_first":
+        if ctx["layout"].kind != "channels_first":
             raise ConfigError("reciprocam masks positions of a channels-first feature map; this "
-                              f"layer is {layout.kind} (the ViT variant is another method)")
+                              f"layer is {ctx['layout'].kind} (the ViT variant is another method)")
+        return self.mosaic_scores(ctx["runner"], ctx["inputs"], ctx["module"], acts,
+                                  ctx["target"]).to(acts.dtype)
+
+    def mosaic_scores(self, runner, inputs, module, acts, bound) -> torch.Tensor:
+        """(B, *grid) target scores of every mosaic, ``batch_size`` rows at a time across the
+        samples: each chunk's samples fed once and expanded at the layer, or, past a skip
+        connection, the chunk's inputs expanded."""
         b, spatial = acts.shape[0], acts.shape[2:]
-        n = int(torch.tensor(spatial).prod())
+        n = acts[0, 0].numel()
         scores = torch.empty(b * n, device=acts.device, dtype=torch.float32)
         eye = torch.eye(n, device=acts.device, dtype=acts.dtype).view(n, 1, *spatial)
-        fast = True  # feed each sample once, expand at the layer; needs no skip past it
+        fast = True
         for start in range(0, b * n, self.batch_size):
             rows = torch.arange(start, min(start + self.batch_size, b * n), device=acts.device)
             sample, pos = rows // n, rows % n
@@ -632,14 +647,16 @@ class ReciproCAM(CAM):
             try:
                 if fast:
                     try:
-                        out = runner.forward(inputs[fed])
+                        with torch.no_grad():
+                            out = runner.forward(inputs[fed])
                         runner.cost.forward_samples += out.shape[0] - len(fed)
                     except (RuntimeError, ModelError):
                         fast = False
                 if not fast:
-                    out = runner.forward(inputs[sample])
+                    with torch.no_grad():
+                        out = runner.forward(inputs[sample])
             finally:
                 for h in handles:
                     h.remove()
             scores[rows] = bound.score(out, sample).float()
-        return scores.view(b, *spatial).to(acts.dtype)
+        return scores.view(b, *spatial)

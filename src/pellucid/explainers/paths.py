@@ -13,11 +13,12 @@ guidedig   sum over the steps of (x_{k+1} - x_k) * dy/dx(x_k), the path from the
 
 Blur IG's blur is SciPy's ``gaussian_filter`` with zero padding (``mode="constant"``, kernel radius
 ``int(4 s + 0.5)``) over the spatial axes (three for a volume), never the channels, as PAIR's
-``saliency`` package blurs an image; its path needs no baseline, and summation holds against the
-fully blurred input: sum(attribution) ~= y(x) - y(x_{max_sigma}) (``extras["delta"]``). PAIR scales a
-whole batch of path points by the last point's step width, which equals each point's own when the
-widths are even (the default); with ``sqrt=True`` and ``batch_size`` > 1 it differs from the paper's
-sum, which is followed here (``steps_batched_as_pair=True`` keeps PAIR's).
+``saliency`` package blurs an image (SciPy itself on the CPU; on a GPU the same passes in torch,
+equal to SciPy's bit for bit, tested). Its path needs no baseline, and summation holds against
+the fully blurred input: sum(attribution) ~= y(x) - y(x_{max_sigma}) (``extras["delta"]``). PAIR
+scales a whole batch of path points by the last point's step width, which equals each point's own
+when the widths are even (the default); with ``sqrt=True`` and ``batch_size`` > 1 it differs from
+the paper's sum, which is followed here (``steps_batched_as_pair=True`` keeps PAIR's).
 
 Guided IG follows PAIR's ``guided_ig_impl`` step for step, the path in float64 numpy (its sums and
 equality tests as PAIR's: the path is a chain of threshold decisions, and a sum rounded in another
@@ -50,11 +51,24 @@ from pellucid.explainers.registry import register
 def scipy_gaussian(x: torch.Tensor, sigma: float, truncate: float = 4.0) -> torch.Tensor:
     """``scipy.ndimage.gaussian_filter(x, sigma, mode="constant")`` over the spatial axes of
     (B, C, *spatial): a normalised kernel of radius ``int(truncate * sigma + 0.5)``, zeros beyond
-    the edges, one 1-D pass per axis (a 1 x k, k x 1 convolution: no transposed copies), each pass
-    in float64 and stored in the input's precision between passes, as SciPy does (Blur IG's slope
-    is a difference of two blurs, which magnifies their rounding); identity at ``sigma`` = 0."""
+    the edges; identity at ``sigma`` = 0. On the CPU it is SciPy's own (PAIR's blur, bit for bit);
+    elsewhere :func:`torch_gaussian`, the same passes on the device."""
     if sigma <= 0:
         return x
+    if x.device.type != "cpu":
+        return torch_gaussian(x, sigma, truncate)
+    from scipy import ndimage
+
+    blurred = ndimage.gaussian_filter(x.detach().numpy(), [0, 0] + [float(sigma)] * (x.ndim - 2),
+                                      mode="constant", truncate=truncate)
+    return torch.from_numpy(blurred)
+
+
+def torch_gaussian(x: torch.Tensor, sigma: float, truncate: float = 4.0) -> torch.Tensor:
+    """SciPy's zero-padded Gaussian blur in torch: one 1-D pass per spatial axis (a 1 x k, k x 1
+    convolution, no transposed copies), each in float64 and stored in the input's precision
+    between passes, as SciPy does (Blur IG's slope is a difference of two blurs, which magnifies
+    their rounding)."""
     radius = int(truncate * float(sigma) + 0.5)
     t = torch.arange(-radius, radius + 1, dtype=torch.float64, device=x.device)
     kernel = torch.exp(-0.5 * (t / sigma) ** 2)
@@ -97,36 +111,48 @@ class BlurIG(InputAttribution):
             return [math.sqrt(i * top / n) for i in range(n + 1)]
         return [i * top / n for i in range(n + 1)]
 
+    def _chunk(self, runner, inputs, chunk: range, sigmas: list[float]):
+        """The path points of ``chunk`` (the batch once per point), their slopes, and one forward
+        of them with the graph kept."""
+        points = [scipy_gaussian(inputs, sigmas[i]) for i in chunk]
+        slopes = [(scipy_gaussian(inputs, sigmas[i] + self.grad_step) - p) / self.grad_step
+                  for i, p in zip(chunk, points, strict=True)]
+        x = torch.cat(points).requires_grad_(True)
+        with torch.enable_grad():
+            out = runner.forward(x)
+        return x, out, slopes
+
     def clean_forward(self, runner, inputs):
-        """The inputs and their fully blurred copy in one forward: y(x_{max_sigma}) for the
-        summation check costs no call of its own."""
-        blurred = scipy_gaussian(inputs, self.max_sigma)
-        with torch.no_grad():
-            both = runner.forward(torch.cat([inputs, blurred]))
-        self._end = (blurred, both[inputs.shape[0]:])
-        return both[:inputs.shape[0]]
+        """The path's first chunk starts at width 0, the inputs themselves: its forward binds the
+        target and is the one differentiated (no clean pass of its own)."""
+        b = inputs.shape[0]
+        sigmas = self._sigmas()
+        per_call = self.batch_size or max(1, gradient_rows(None, runner.model, inputs) // b)
+        chunk = range(0, min(per_call, self.steps))
+        self._first = (sigmas, per_call, chunk, *self._chunk(runner, inputs, chunk, sigmas))
+        return self._first[4][:b].detach()
 
     def attribute(self, runner, model, inputs, bound, output):
-        (blurred, end_output), self._end = self._end, None
-        sigmas = self._sigmas()
+        (sigmas, per_call, first, x, out, slopes), self._first = self._first, None
         widths = [sigmas[i + 1] - sigmas[i] for i in range(self.steps)]
         b, rows = inputs.shape[0], rows_for(inputs)
-        per_call = self.batch_size or max(1, gradient_rows(None, model, inputs) // b)
         total = torch.zeros_like(inputs)
-        for start in range(0, self.steps, per_call):
-            chunk = range(start, min(start + per_call, self.steps))
-            points = [scipy_gaussian(inputs, sigmas[i]) for i in chunk]
-            slopes = [(scipy_gaussian(inputs, sigmas[i] + self.grad_step) - p) / self.grad_step
-                      for i, p in zip(chunk, points, strict=True)]
-            x = torch.cat(points).requires_grad_(True)
+        chunk = first
+        while True:
             with torch.enable_grad():
-                scores = bound.score(runner.forward(x), rows.repeat(len(chunk)))
+                scores = bound.score(out, rows.repeat(len(chunk)))
                 (grad,) = runner.backward(scores.sum(), [x])
             for j, (i, slope) in enumerate(zip(chunk, slopes, strict=True)):
                 width = widths[chunk[-1]] if self.steps_batched_as_pair else widths[i]
                 total += width * slope * grad[j * b:(j + 1) * b]
+            if chunk.stop >= self.steps:
+                break
+            chunk = range(chunk.stop, min(chunk.stop + per_call, self.steps))
+            x, out, slopes = self._chunk(runner, inputs, chunk, sigmas)
         attr = -total.detach()
-        end = bound.score(end_output, rows)
+        blurred = scipy_gaussian(inputs, self.max_sigma)
+        with torch.no_grad():
+            end = bound.score(runner.forward(blurred), rows)
         delta = attr.flatten(1).sum(1) - (bound.score(output, rows).detach() - end)
         return attr, {"delta": delta, "baseline": blurred}
 
