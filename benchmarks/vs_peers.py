@@ -337,8 +337,9 @@ def peer_newer(method: str, opts: dict, loaded, x, y) -> torch.Tensor:
 
         composite = build_composite("epsilonplusflat", model, x, {}, None, None)
         conditions = [{"y": [int(k)], layer: opts["concepts"]} for k in y]
-        return CondAttribution(model)(x.clone().requires_grad_(True), conditions,
-                                      composite).heatmap
+        # no_param_grad=False: by default it switches off the model's parameter gradients for good
+        attribution = CondAttribution(model, no_param_grad=False)
+        return attribution(x.clone().requires_grad_(True), conditions, composite).heatmap
     raise ValueError(method)
 
 
