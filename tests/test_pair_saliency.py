@@ -1,6 +1,6 @@
 """Blur IG, Guided IG and XRAI against PAIR's ``saliency`` 0.2.1 (``saliency.core``), the method set
-of Arun et al.'s radiology study: within 1e-4 of the map's scale (measured up to 7e-5 for Blur IG, whose
-blur PAIR computes in float64, and below 1e-6 for the others) on a CNN, a torchvision ViT, a 3D
+of Arun et al.'s radiology study: within 1e-4 of the map's scale (measured 2e-7 for Blur IG, which
+blurs with SciPy as PAIR does, and below 1e-6 for the others) on a CNN, a torchvision ViT, a 3D
 network (Guided IG; Blur IG against SciPy's blur of the three axes, which PAIR's 2D blur cannot do)
 and a U-Net region; XRAI refuses a volume."""
 

@@ -476,7 +476,7 @@ def _out_folder(path: Path, option: str) -> Path:
 @app.command()
 def demo(out: Annotated[Path, typer.Option(help="output folder")] = Path("demo_out"),
          quick: Annotated[bool, typer.Option(help="fewer cases and methods (a smoke run)")] = False,
-         full: Annotated[bool, typer.Option(help="every method x every metric (about 20 minutes "
+         full: Annotated[bool, typer.Option(help="every method x every metric (20 minutes or more "
                                                  "on 2 cores)")] = False,
          backend: Annotated[str | None, typer.Option(
              help="forward-only work on torch (the demo's default: its three small models ran "
