@@ -139,6 +139,11 @@ def test_efficient_and_smooth_mprt_equal_quantus(setup):
     ref = _q(q, model, x, y, sal.attributions, explain_func=_saliency_func)
     record("efficient_mprt", peer("quantus", "EfficientMPRT"), r["efficient_mprt"].scores, ref, CASE)
     np.testing.assert_allclose(r["efficient_mprt"].scores.numpy(), ref, rtol=1e-4, atol=1e-6)
+    # a constant map has zero entropy: no relative rise (Quantus: inf, a pass); excluded here
+    flat = torch.ones(4, 32, 32)
+    c = pellucid.evaluate(model, x, flat, target=sal.target, explain_fn=lambda m, i, t: flat,
+                          metrics=["efficient_mprt"])["efficient_mprt"]
+    assert torch.isnan(c.scores).all() and not c.extras["passed"].any()
     grad = _gradient(model, x, sal.target)
     r = pellucid.evaluate(model, x, grad, target=sal.target, explain_fn=_gradient,
                           metrics=[("smooth_mprt", {"samples": 3, "progress": False})])

@@ -7,28 +7,14 @@ a map drawn at random moves while the prediction stays (fragile); Grad-CAM follo
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 import pellucid
-from pellucid.data import ChestPhantom
 from pellucid.targets import ClassTarget
-
-
-def _cases(chest_model, n: int = 8):
-    ds = ChestPhantom(200, 128, seed=81)
-    cases = [ds[i] for i in range(200) if ds[i]["label"][2] == 1][:n]
-    return chest_model.card.normalize(torch.stack([c["image"] for c in cases]))
-
-
-def _edges(model, inputs, target):
-    kx = torch.tensor([[1.0, 0, -1], [2, 0, -2], [1, 0, -1]])[None, None]
-    gx = F.conv2d(inputs[:, :1], kx, padding=1)
-    gy = F.conv2d(inputs[:, :1], kx.transpose(2, 3), padding=1)
-    return (gx**2 + gy**2).sqrt()[:, 0]
+from tests.test_metrics_sanity import _cases, _edges
 
 
 def test_psc_separates_gradcam_from_maps_that_ignore_the_prediction(chest_model):
-    x = _cases(chest_model)
+    x, _ = _cases(chest_model, 2, n=8)
     target = ClassTarget(2, activation="sigmoid")
     cam = pellucid.explain(chest_model, x, "gradcam", target=target, layer="layer3")
     ours = pellucid.evaluate(chest_model, x, cam, metrics=["psc"])["psc"]

@@ -545,6 +545,12 @@ class KPCACAM(CAM):
         return top.reshape(b, *acts.shape[2:]).to(acts.dtype)
 
 
+def _channels_first_only(layout: FeatureLayout) -> None:
+    if layout.kind != "channels_first":
+        raise ConfigError("reciprocam masks positions of a channels-first feature map; this layer "
+                          f"is {layout.kind} (the ViT variant is another method)")
+
+
 @register
 @dataclass
 class ReciproCAM(CAM):
@@ -605,9 +611,7 @@ class ReciproCAM(CAM):
         if acts is None:
             raise ModelError(f"layer {layer!r} was not reached by the forward pass")
         layout = self.find_layout(model, module, layer, acts, inputs)
-        if layout.kind != "channels_first":
-            raise ConfigError("reciprocam masks positions of a channels-first feature map; this "
-                              f"layer is {layout.kind} (the ViT variant is another method)")
+        _channels_first_only(layout)
         output = out[:b]
         bound = self.bind(target, output)
         spatial = acts.shape[2:]
@@ -622,9 +626,7 @@ class ReciproCAM(CAM):
                            extras={"layout": layout.describe()})
 
     def combine(self, acts, grads, ctx):
-        if ctx["layout"].kind != "channels_first":
-            raise ConfigError("reciprocam masks positions of a channels-first feature map; this "
-                              f"layer is {ctx['layout'].kind} (the ViT variant is another method)")
+        _channels_first_only(ctx["layout"])
         return self.mosaic_scores(ctx["runner"], ctx["inputs"], ctx["module"], acts,
                                   ctx["target"]).to(acts.dtype)
 

@@ -38,7 +38,6 @@ ICML 2017; Lundberg & Lee, "A unified approach to interpreting model predictions
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -50,6 +49,7 @@ from torch.overrides import TorchFunctionMode
 from pellucid.errors import ConfigError
 from pellucid.explainers.attribution import InputAttribution, rows_for
 from pellucid.explainers.gradients import check_background, gradient_rows, make_baseline
+from pellucid.explainers.guided import mode_in_modules
 from pellucid.explainers.registry import register
 
 ELEMENTWISE = (
@@ -84,11 +84,14 @@ class _Rescale(torch.autograd.Function):
         z, out = ctx.saved_tensors
         (zi, zr), (oi, orf) = _halves(z), _halves(out)
         d_in, d_out = torch.cat([zi - zr] * 2), torch.cat([oi - orf] * 2)
-        with torch.enable_grad():
+        small = d_in.abs() < ctx.eps
+        rescaled = grad * d_out / torch.where(small, 1.0, d_in)
+        if not small.any():
+            return rescaled, None, None
+        with torch.enable_grad():  # f'(z) where z and z0 coincide
             leaf = z.detach().requires_grad_(True)
             (plain,) = torch.autograd.grad(ctx.fn(leaf), leaf, grad)
-        small = d_in.abs() < ctx.eps
-        return torch.where(small, plain, grad * d_out / torch.where(small, 1.0, d_in)), None, None
+        return torch.where(small, plain, rescaled), None, None
 
 
 class _RescaleMaxPool(torch.autograd.Function):
@@ -161,29 +164,11 @@ class _RescaleMode(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-@contextlib.contextmanager
 def rescaled(model: nn.Module, eps: float, modules_only: bool):
     """Within the block, a forward pass of a doubled batch [inputs; baselines] is differentiated by
     DeepLIFT's Rescale rule; yields the mode (``.rescaled``: how many operations were)."""
-    mode = _RescaleMode(eps, modules_only)
-    handles = []
-    if modules_only:
-        def enter(*_):
-            mode.inside += 1
-
-        def leave(*_):
-            mode.inside -= 1
-
-        for module in model.modules():
-            if isinstance(module, CAPTUM_MODULES):
-                handles += [module.register_forward_pre_hook(enter),
-                            module.register_forward_hook(leave)]
-    try:
-        with mode:
-            yield mode
-    finally:
-        for h in handles:
-            h.remove()
+    return mode_in_modules(_RescaleMode(eps, modules_only), model,
+                           CAPTUM_MODULES if modules_only else None)
 
 
 def deeplift_pairs(runner, model, inputs: torch.Tensor, baselines: torch.Tensor, bound, rows,

@@ -72,12 +72,11 @@ class _GuidedMode(TorchFunctionMode):
 
 
 @contextlib.contextmanager
-def guided_relus(model: nn.Module, modules_only: bool = False):
-    """Within the block, the ReLUs of forward passes are guided; yields the mode (``.guided``:
-    how many ReLU calls were)."""
-    mode = _GuidedMode(modules_only)
+def mode_in_modules(mode, model: nn.Module, module_types: tuple[type, ...] | None):
+    """Enter the TorchFunctionMode ``mode``; with ``module_types``, ``mode.inside`` counts how deep
+    the pass is inside modules of those types (a mode may act only there). Hooks removed on exit."""
     handles = []
-    if modules_only:
+    if module_types:
         def enter(*_):
             mode.inside += 1
 
@@ -85,7 +84,7 @@ def guided_relus(model: nn.Module, modules_only: bool = False):
             mode.inside -= 1
 
         for module in model.modules():
-            if isinstance(module, nn.ReLU):
+            if isinstance(module, module_types):
                 handles += [module.register_forward_pre_hook(enter),
                             module.register_forward_hook(leave)]
     try:
@@ -94,6 +93,12 @@ def guided_relus(model: nn.Module, modules_only: bool = False):
     finally:
         for h in handles:
             h.remove()
+
+
+def guided_relus(model: nn.Module, modules_only: bool = False):
+    """Within the block, the ReLUs of forward passes are guided; yields the mode (``.guided``:
+    how many ReLU calls were)."""
+    return mode_in_modules(_GuidedMode(modules_only), model, (nn.ReLU,) if modules_only else None)
 
 
 def _check_relus(relus: str) -> None:

@@ -14,10 +14,13 @@ For every perturbed input the prediction change dp = |p(x') - p(x)| / p(x) (p th
 probability, or for segmentation the region's expected voxel count) and the map change
 ds = 1 - SSIM(a(x), a(x')) are taken. The score of a sample is Pearson's correlation of dp and ds over
 its 2 x ``steps`` perturbations (higher is better: the map follows the prediction; NaN when either
-does not move). Extras, per sample, the two failures the paper shows:
+does not move, and for a sample whose clean probability is below 1e-6, where a relative change
+means nothing). "The prediction changed" below means the target's probability moved by at least
+``change`` (a half) of its clean value, not that a decision threshold was crossed. Extras, per
+sample, the two failures the paper shows:
 
-- ``flip_budget``: the smallest budget at which the attack changes the prediction (dp >= ``change``),
-  with ``map_similarity_at_flip``, the SSIM then: a map that stays (SSIM >= ``similar``) while the
+- ``flip_budget``: the smallest budget at which the attack moves the probability that far, with
+  ``map_similarity_at_flip``, the SSIM then: a map that stays (SSIM >= ``similar``) while the
   prediction changed is *insensitive* (``insensitive``);
 - ``map_change_budget``: the smallest noise budget at which the map changes (SSIM < ``similar``)
   while the prediction did not (dp < ``change``): a map that moves without the prediction is
@@ -32,15 +35,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-import numpy as np
 import torch
 
 from pellucid.errors import ConfigError
 from pellucid.explainers.base import model_guard
 from pellucid.metrics.base import Context, Metric, MetricResult, register
-from pellucid.metrics.faithfulness import scoring_target
-from pellucid.metrics.similarity import similarity
+from pellucid.metrics.faithfulness import clean_scores, run_batches, scoring_target
+from pellucid.metrics.similarity import _pearson, similarity
 from pellucid.models.blackbox import is_forward_only
+
+MIN_SCORE = 1e-6
 
 
 def _attack(model, x: torch.Tensor, target, radius: torch.Tensor, iterations: int) -> torch.Tensor:
@@ -56,12 +60,6 @@ def _attack(model, x: torch.Tensor, target, radius: torch.Tensor, iterations: in
             (grad,) = torch.autograd.grad(score, point)
         delta = (delta - r / 4 * grad.sign()).clamp(-r, r)
     return (x + delta).detach()
-
-
-def _pearson(u: np.ndarray, v: np.ndarray) -> float:
-    u, v = u - u.mean(), v - v.mean()
-    den = np.sqrt((u * u).sum() * (v * v).sum())
-    return float((u * v).sum() / den) if den > 0 else float("nan")
 
 
 @register
@@ -102,20 +100,21 @@ class PredictionSaliencyCorrelation(Metric):
                 r = (f * value_range).view(-1, *([1] * (x.ndim - 1)))
                 noise = (torch.rand(x.shape, generator=gen) * 2 - 1).to(x) * r.to(x)
                 perturbed.append(x + noise)
-            flat = torch.cat(perturbed)
-            rows = torch.arange(b, device=x.device).repeat(2 * self.steps)
-            with torch.no_grad():
-                clean = target.score(ctx.model(x)).float()
-                moved = torch.cat([target.score(ctx.model(flat[i:i + b]), rows[i:i + b]).float()
-                                   for i in range(0, len(flat), b)])
+        flat = torch.cat(perturbed)
+        rows = torch.arange(b, device=x.device).repeat(2 * self.steps)
+        clean = clean_scores(ctx, True)
+        moved = run_batches(ctx.model, lambda lo, hi: flat[lo:hi], len(flat), x, target,
+                            lambda lo, hi: rows[lo:hi])
         spatial = tuple(x.shape[2:])
         maps = ctx.explain_fn(ctx.model, flat, ctx.target.take(rows)).detach()
         maps = maps.reshape(len(flat), *spatial)
         original = ctx.attributions.detach().reshape(b, *spatial).repeat(
             2 * self.steps, *([1] * len(spatial)))
         ssim = similarity("ssim", original, maps).view(2 * self.steps, b).T
+        # a relative change of a probability near 0 means nothing: such a sample is excluded
         dp = ((moved.view(2 * self.steps, b) - clean[None]).abs()
-              / clean.abs().clamp_min(1e-12)[None]).T.double().cpu()
+              / clean.abs().clamp_min(MIN_SCORE)[None]).T.double().cpu()
+        dp[(clean.abs() < MIN_SCORE).cpu()] = float("nan")
         ds = (1 - ssim).double().cpu()
         scores = torch.tensor([_pearson(dp[i].numpy(), ds[i].numpy()) for i in range(b)])
         steps = torch.tensor(fractions, dtype=torch.float64)

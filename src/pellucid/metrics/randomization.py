@@ -19,7 +19,8 @@ parameters or the explained class change cannot be explaining the model.
   (``bins`` equal-width bins of its values, natural log) when every module of the model is
   re-initialised, (H(a_random) - H(a)) / H(a), as Quantus' ``EfficientMPRT`` (its defaults:
   bottom-up order, all layers at once, no normalisation). Higher is better: a map of a random
-  network should be noisier. A sample passes when its score is above 0.
+  network should be noisier. A sample passes when its score is above 0; a constant original map
+  (zero entropy) has no relative rise and is excluded (NaN), where Quantus reports inf.
 - ``smooth_mprt`` (sMPRT, Hedström et al. 2024): cascading randomisation, layer by layer from the
   input up (Quantus' default order), of a *smoothed* explanation: the mean of the method's maps of
   ``samples`` noisy copies of the input (noise std ``noise`` x the sample's value range, drawn from
@@ -109,6 +110,18 @@ def reset_as_on_cpu(module: torch.nn.Module, seed: int) -> None:
             own[name].copy_(value)
 
 
+def throwaway_copy(model: nn.Module, metric: str) -> tuple[nn.Module, dict[str, nn.Module]]:
+    """A copy of ``model`` to re-initialise, and its modules by name; a black-box (forward-only)
+    model is refused in one line naming ``metric``. The copy is marked throwaway: a bench run keeps
+    it in torch (no export per copy)."""
+    if is_forward_only(model):
+        raise ConfigError(f"{metric} randomises the model's weights, which a black-box "
+                          f"(forward-only) model does not expose")
+    randomised = copy.deepcopy(model)
+    randomised.pellucid_throwaway = True
+    return randomised, dict(randomised.named_modules())
+
+
 def randomization_baseline(maps: torch.Tensor, measure: str, pairs: int, seed: int) -> float:
     """Mean similarity of up to ``pairs`` random pairs of maps of different samples."""
     b = maps.shape[0]
@@ -149,13 +162,8 @@ class ModelRandomization(Metric):
             if m not in SIMILARITIES:
                 raise ConfigError(f"model_randomization: similarity must be one of {SIMILARITIES}, "
                                   f"got {m!r}")
-        if is_forward_only(ctx.model):
-            raise ConfigError("model_randomization randomises the model's weights, which a "
-                              "black-box (forward-only) model does not expose")
         original = ctx.attributions
-        randomised = copy.deepcopy(ctx.model)
-        randomised.pellucid_throwaway = True  # a bench run pins it to torch (no export per copy)
-        modules = dict(randomised.named_modules())
+        randomised, modules = throwaway_copy(ctx.model, self.name)
         steps = randomization_steps(randomised, self.granularity, self.depth)
         table: dict[str, dict[str, torch.Tensor]] = {}
         for i, (step, names) in enumerate(track(steps, "cascading randomisation",
@@ -227,15 +235,10 @@ def _entropy(maps: torch.Tensor, bins: int) -> torch.Tensor:
     return torch.tensor(out, dtype=torch.float64)
 
 
-def fully_randomised(model: nn.Module, seed: int) -> nn.Module:
+def fully_randomised(model: nn.Module, seed: int, metric: str) -> nn.Module:
     """A copy of ``model`` with every module re-initialised (``reset_parameters`` after
     ``torch.manual_seed(seed + 1)``, Quantus' draw)."""
-    if is_forward_only(model):
-        raise ConfigError("randomisation metrics randomise the model's weights, which a black-box "
-                          "(forward-only) model does not expose")
-    randomised = copy.deepcopy(model)
-    randomised.pellucid_throwaway = True
-    modules = dict(randomised.named_modules())
+    randomised, modules = throwaway_copy(model, metric)
     for _, names in randomization_steps(randomised, "layer", 1, "bottom_up"):
         for name in names:
             reset_as_on_cpu(modules[name], seed + 1)
@@ -259,9 +262,12 @@ class EfficientMPRT(Metric):
         if self.bins < 2:
             raise ConfigError(f"efficient_mprt: bins must be >= 2, got {self.bins}")
         before = _entropy(ctx.attributions, self.bins)
-        maps = ctx.explain_fn(fully_randomised(ctx.model, self.seed), ctx.inputs, ctx.target)
+        maps = ctx.explain_fn(fully_randomised(ctx.model, self.seed, self.name), ctx.inputs,
+                              ctx.target)
         after = _entropy(maps.detach(), self.bins)
-        score = (after - before) / before
+        # a constant map has zero entropy: no relative rise is defined (Quantus divides by it and
+        # reports inf, a "pass"); the sample is excluded
+        score = torch.where(before > 0, (after - before) / before.clamp_min(1e-300), torch.nan)
         return MetricResult(self.name, score.float(),
                             extras={"entropy": before, "entropy_random": after,
                                     "passed": score > 0})
@@ -307,15 +313,10 @@ class SmoothMPRT(Metric):
     def compute(self, ctx: Context) -> MetricResult:
         if self.samples < 1 or self.noise < 0:
             raise ConfigError("smooth_mprt needs samples >= 1 and noise >= 0")
-        if is_forward_only(ctx.model):
-            raise ConfigError("smooth_mprt randomises the model's weights, which a black-box "
-                              "(forward-only) model does not expose")
+        randomised, modules = throwaway_copy(ctx.model, self.name)
         rng = np.random.RandomState(self.seed)
         original = ctx.attributions
         start = similarity("spearman_abs", original, self._smoothed(ctx.model, ctx, rng))
-        randomised = copy.deepcopy(ctx.model)
-        randomised.pellucid_throwaway = True
-        modules = dict(randomised.named_modules())
         steps = randomization_steps(randomised, self.granularity, self.depth, self.order)
         curve = []
         for _, names in track(steps, "smooth MPRT", enabled=self.progress):
