@@ -125,7 +125,7 @@ def _yes(page) -> bool:
 
 def _settle(page, prompt: bool = False, at_least: float = 1.0, limit: float = 60.0) -> None:
     """Wait until the viewport has drawn what the last action asked for: its pixels and the page's
-    text unchanged over two looks half a second apart, ``at_least`` seconds after the action (a
+    text unchanged over three looks half a second apart, ``at_least`` seconds after the action (a
     fixed sleep long enough for a busy machine wasted a minute a test). With ``prompt``, first
     wait (up to ``limit``) for OHIF's yes/no prompt and answer it; a prompt that appears later is
     answered too."""
@@ -138,14 +138,17 @@ def _settle(page, prompt: bool = False, at_least: float = 1.0, limit: float = 60
         if prompt:
             raise RuntimeError("OHIF showed no prompt to open the series")
     viewport = page.locator("[data-viewportid]").first
-    seen = None
+    seen, same = None, 0
     while time.monotonic() - start < limit:
         time.sleep(0.5)
         if _yes(page):
-            seen = None
+            seen, same = None, 0
             continue
         now = (viewport.screenshot(), page.inner_text("body"))
-        if now == seen and time.monotonic() - start >= at_least:
+        same = same + 1 if now == seen else 0
+        # three equal looks (1.5 s): on a loaded machine OHIF can pause half a second between
+        # fetching a series and drawing it (a Parametric Map was caught undrawn under the suite)
+        if same >= 2 and time.monotonic() - start >= at_least:
             return
         seen = now
     raise RuntimeError(f"the viewer was still changing after {limit:.0f} s")
