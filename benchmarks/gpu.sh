@@ -38,6 +38,7 @@ TAIL=14 step parity 70 benchmarks/device_parity.py --device "$DEVICE"
 step cam 80 benchmarks/cam_vs_peers.py --device "$DEVICE"
 step attribution 45 benchmarks/attribution_vs_peers.py --device "$DEVICE"
 step metrics 60 benchmarks/metrics_vs_quantus.py --device "$DEVICE"
+TAIL=12 step incremental 40 benchmarks/incremental.py --quick --device "$DEVICE"
 # the full grid needs ~5 minutes on an H200 (training included); the quick grid fits a lease
 step vs_peers 100 benchmarks/vs_peers.py --quick --device "$DEVICE" --no-ray --no-memory \
     --models /tmp/vs-peers

@@ -386,6 +386,9 @@ def test_report_is_self_contained_and_renders_in_chromium(tmp_path, tiny_model):
         assert section in html
     for ext in ("csv", "md", "tex"):
         assert (tmp_path / "out" / "tables" / f"leaderboard.{ext}").is_file()
+    cost = pd.read_csv(tmp_path / "out" / "tables" / "cost.csv").set_index("method")
+    assert "work (MACs / full forwards)" in html  # a full forward on every input: 1
+    assert cost.loc[["gradcam", "saliency"], "work_ratio"].tolist() == pytest.approx([1.0, 1.0])
     shot = tmp_path / "report.png"
     subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
                     "--no-first-run", "--disable-background-networking", "--disable-component-update",

@@ -446,6 +446,10 @@ def write_report(out: str | Path, frame: pd.DataFrame | None = None) -> Path:
         seconds_per_case=("explain_seconds", "mean"), forwards_per_case=("forwards_per_case", "mean"),
         backward_passes=("backward_passes", "mean"), peak_memory_mb=("peak_memory_bytes", "mean"))
     cost["peak_memory_mb"] = cost["peak_memory_mb"] / 2**20
+    if "work_ratio" in frame:  # MACs done / MACs of full forwards (below 1: incremental)
+        work = frame.groupby(["dataset", "model", "method"], as_index=False).agg(
+            work_ratio=("work_ratio", "mean"))
+        cost = cost.merge(work, on=["dataset", "model", "method"], how="left")
     if "conservation" in frame:  # LRP: the mean relevance sum over the explained score
         kept = frame.drop_duplicates(["dataset", "model", "method", "case_id", "target"])
         cons = kept.groupby(["dataset", "model", "method"], as_index=False).agg(

@@ -294,6 +294,8 @@ def execute_unit(unit: Unit) -> tuple[list[dict[str, Any]], dict[str, np.ndarray
                        backward_passes=cost.backward_passes if cost else 0,
                        peak_memory_bytes=float(cost.peak_memory_bytes)
                        if cost and cost.peak_memory_bytes is not None else float("nan"),
+                       work_ratio=cost.work_ratio if cost and cost.work_ratio is not None
+                       else float("nan"),
                        metric_seconds=r.seconds / n if r is not None else float("nan"),
                        map_stride=stride, conservation=conservation[i], curve=None, extra="")
             if r is not None:

@@ -20,6 +20,8 @@ REDUCTIONS = ("sum", "abs_sum", "max_abs")
 
 def reduce_channels(attr: torch.Tensor, how: str) -> torch.Tensor:
     """(B, C, *spatial) -> (B, 1, *spatial): signed sum, sum of absolute values, or max |a|."""
+    if attr.shape[1] == 1 and how in REDUCTIONS:  # one channel: nothing to reduce over
+        return attr.clone() if how == "sum" else attr.abs()
     if how == "sum":
         return attr.sum(1, keepdim=True)
     if how == "abs_sum":

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import time
+import weakref
 from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -37,6 +38,16 @@ class Cost:
     backward_passes: int = 0
     seconds: float = 0.0
     peak_memory_bytes: int | None = None
+    macs: int | None = None  # multiply-accumulates the forward passes did (None: not counted)
+    full_macs: int | None = None  # what full forwards of the same inputs would have done
+
+    @property
+    def work_ratio(self) -> float | None:
+        """MACs done / MACs of full forwards: 1 for a method that runs the whole model on every
+        input, below 1 where only the changed part was recomputed (incremental occlusion)."""
+        if self.macs is None or not self.full_macs:
+            return None
+        return self.macs / self.full_macs
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -67,10 +78,49 @@ class ModelRunner:
     def __init__(self, model: nn.Module, cost: Cost) -> None:
         self.model, self.cost = model, cost
         self._fast: dict[tuple, Callable[[torch.Tensor], torch.Tensor]] = {}
+        self.rows: Counter = Counter()  # inputs run forward, by input shape and dtype
+        self.saved_macs = 0  # MACs an incremental forward did not need to do
+        self._arch: tuple | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _count(self, x: torch.Tensor) -> None:
         self.cost.forward_passes += 1
         self.cost.forward_samples += x.shape[0]
+        self.rows[(tuple(x.shape[1:]), x.dtype, x.device)] += x.shape[0]
+
+    def uncounted(self) -> bool:
+        """Whether an input shape's MACs per forward have not been measured yet."""
+        if not _countable(self.model):
+            return False
+        known = _SEEN.get(self.model)
+        if known is None or any(key not in known for key in self.rows):
+            self._arch = _architecture(self.model)
+            known = _SEEN.setdefault(self.model, {})
+            for key in self.rows:
+                shape, dtype, device = key
+                if (self._arch, shape, dtype, device.type) not in _MACS:
+                    return True
+                known[key] = _MACS[(self._arch, shape, dtype, device.type)]
+        return False
+
+    def count_macs(self) -> None:
+        """Fill the cost's MACs: full forwards of every input run (counted once per architecture
+        and input shape by torch's FLOP counter), less what incremental forwards saved. Call
+        :meth:`uncounted` first."""
+        full = 0
+        if not _countable(self.model):
+            return
+        known = _SEEN.setdefault(self.model, {})
+        for key, rows in self.rows.items():
+            if key not in known:
+                shape, dtype, device = key
+                known[key] = forward_macs(self.model, shape, dtype, device, self._arch)
+            full += rows * known[key]
+        if full:
+            self.cost.full_macs = full
+            self.cost.macs = full - self.saved_macs
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._count(x)
         try:
             with model_precision(x.device.type) as mixed:
                 out = self.model(x)
@@ -89,8 +139,7 @@ class ModelRunner:
         once per input shape for this runner, so one explanation runs on one backend."""
         from pellucid.explainers.accelerate import inference_forward
 
-        self.cost.forward_passes += 1
-        self.cost.forward_samples += x.shape[0]
+        self._count(x)
         key = (tuple(x.shape[1:]), x.dtype, x.device)
         with torch.inference_mode():
             if key not in self._fast:
@@ -104,6 +153,50 @@ class ModelRunner:
         self.cost.backward_passes += 1
         return torch.autograd.grad(scalar, inputs, create_graph=create_graph,
                                    retain_graph=retain_graph or create_graph)
+
+
+_MACS: dict[tuple, int] = {}  # MACs of one forward, by architecture and input shape
+_SEEN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # the same, by model object
+
+
+def all_finite(x: torch.Tensor) -> bool:
+    """No NaN or Inf in ``x``: one reduction (a NaN or Inf makes the float64 sum non-finite),
+    the elementwise test only where the sum is not finite."""
+    if torch.isfinite(x.sum(dtype=torch.float64)):
+        return True
+    return bool(torch.isfinite(x).all())
+
+
+def _countable(model: nn.Module) -> bool:
+    """A model whose forward torch's FLOP counter can see and that is cheap to run once: not a
+    runtime session, a TorchScript module or a sliding-window wrapper."""
+    return not (getattr(model, "forward_only", False) or getattr(model, "runs_per_patch", False)
+                or isinstance(model, torch.jit.ScriptModule))
+
+
+def _architecture(model: nn.Module) -> tuple:
+    """What a forward's MACs depend on besides the input: the module types and parameter shapes
+    (a randomised or fine-tuned copy has the same count)."""
+    return tuple((type(m), *(tuple(p.shape) for p in m._parameters.values() if p is not None))
+                 for m in model.modules())
+
+
+def forward_macs(model: nn.Module, shape: tuple[int, ...], dtype: torch.dtype,
+                 device: torch.device, architecture: tuple | None = None) -> int:
+    """Multiply-accumulates of one forward of ``model`` on one input of ``shape`` (convolutions,
+    matrix products, attention: ``torch.utils.flop_counter``), measured once per architecture and
+    shape on a zero input; 0 for a model torch cannot see into (a runtime session)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    key = (architecture or _architecture(model), shape, dtype, device.type)
+    if key not in _MACS:
+        try:
+            with torch.no_grad(), FlopCounterMode(display=False) as counter:
+                model(torch.zeros((1, *shape), dtype=dtype, device=device))
+            _MACS[key] = counter.get_total_flops() // 2
+        except Exception:  # a model the counter cannot run is not counted
+            _MACS[key] = 0
+    return _MACS[key]
 
 
 def _status_kib(field_name: str) -> int | None:
@@ -390,7 +483,7 @@ class Explainer(ABC):
             raise ConfigError(f"inputs must be a tensor (B, C, H, W) or (B, C, D, H, W), got {shape}")
         if not inputs.is_floating_point():
             raise ConfigError(f"inputs must be floating point, got {inputs.dtype}")
-        if not torch.isfinite(inputs).all():
+        if not all_finite(inputs):
             raise ConfigError(f"inputs hold {int((~torch.isfinite(inputs)).sum())} non-finite values "
                               f"(NaN or Inf); an explanation of undefined pixels means nothing")
         if getattr(model, "forward_only", False) and not self.black_box:
@@ -419,7 +512,7 @@ class Explainer(ABC):
                 layer_name = resolve_layer(model, layer)[0] if layer is not None else \
                     default_layer(model, inputs[:1].detach())
             explanation = self._explain(runner, model, inputs.detach(), target, layer_name, handles)
-        if explanation.output is not None and not torch.isfinite(explanation.output).all():
+        if explanation.output is not None and not all_finite(explanation.output):
             raise ModelError("the model's output on these inputs is not finite (NaN or Inf); "
                              "nothing to explain")
         if device.type == "cuda":
@@ -429,6 +522,11 @@ class Explainer(ABC):
             peak = _status_kib("VmHWM")
             cost.peak_memory_bytes = max(0, peak - rss_before) * 1024 if peak is not None else None
         cost.seconds = time.perf_counter() - start
+        if runner.uncounted():  # measured once per model and input shape, in eval mode
+            with model_guard(model):
+                runner.count_macs()
+        else:
+            runner.count_macs()
         explanation.cost = cost
         explanation.options = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)} \
             if dataclasses.is_dataclass(self) else {}

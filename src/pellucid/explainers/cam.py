@@ -35,6 +35,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -471,11 +472,15 @@ def _top_eigenpair(k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if n <= 256:
         values, vectors = torch.linalg.eigh(k.double())  # small: float64 costs nothing
         return values[-1].to(k.dtype), vectors[:, -1].to(k.dtype)
-    import numpy as np
-    from scipy.sparse.linalg import eigsh
+    from scipy.sparse.linalg import LinearOperator, eigsh
 
-    values, vectors = eigsh(k.detach().cpu().numpy(), k=1, which="LA",
-                            v0=np.ones(n, dtype=np.float32 if k.dtype == torch.float32 else None))
+    dtype = np.float32 if k.dtype == torch.float32 else np.float64
+
+    def matvec(v: np.ndarray) -> np.ndarray:  # in torch: no BLAS thread pool beside torch's
+        return (k @ torch.from_numpy(np.ascontiguousarray(v, dtype=dtype)).to(k)).cpu().numpy()
+
+    values, vectors = eigsh(LinearOperator((n, n), matvec=matvec, dtype=dtype), k=1, which="LA",
+                            v0=np.ones(n, dtype=dtype))
     return (torch.as_tensor(values[0], dtype=k.dtype, device=k.device),
             torch.as_tensor(vectors[:, 0], dtype=k.dtype, device=k.device))
 
@@ -511,19 +516,34 @@ class KPCACAM(CAM):
             raise ConfigError(f"sign must be 'activation' or 'largest', got {self.sign!r}")
 
     def _kernel(self, x: torch.Tensor) -> torch.Tensor:
+        """The kernel matrix of ``x`` (N, C). The product in torch; on a CPU the element-wise part
+        through a NumPy view of it, in place (torch 2.14's float32 tanh and exp ran 4-8x slower
+        here on an N x N matrix, the largest array of the method)."""
         gamma = self.gamma if self.gamma is not None else 1.0 / x.shape[1]
         dot = x @ x.T
-        if self.kernel == "sigmoid":  # in place: N x N is the largest array here
-            return dot.mul_(gamma).add_(self.coef0).tanh_()
-        if self.kernel == "poly":
-            return dot.mul_(gamma).add_(self.coef0).pow_(self.degree)
         if self.kernel == "linear":
             return dot
         if self.kernel == "cosine":
             norm = x.norm(dim=1, keepdim=True).clamp_min(1e-300)
             return (x / norm) @ (x / norm).T
-        sq = dot.diagonal()
-        return torch.exp(-gamma * (sq[:, None] + sq[None, :] - 2 * dot).clamp_min(0))
+        k, xp = (dot.numpy(), np) if dot.device.type == "cpu" else (dot, torch)
+        if self.kernel in ("sigmoid", "poly"):
+            k *= gamma
+            k += self.coef0
+            if self.kernel == "poly":
+                k **= self.degree
+            else:
+                xp.tanh(k, out=k)
+            return dot
+        sq = (x * x).sum(1)  # rbf: exp(-gamma |a - b|^2)
+        sq = sq.numpy() if xp is np else sq
+        k *= -2
+        k += sq[:, None]
+        k += sq[None, :]
+        k[k < 0] = 0
+        k *= -gamma
+        xp.exp(k, out=k)
+        return dot
 
     def combine(self, acts, grads, ctx):
         b, c = acts.shape[:2]
@@ -531,10 +551,13 @@ class KPCACAM(CAM):
         for i in range(b):
             x = torch.nan_to_num(acts[i].reshape(c, -1).T.float())  # (N positions, C)
             x = x - x.mean(0, keepdim=True)
-            k = self._kernel(x)  # symmetric by construction
+            kernel = self._kernel(x)  # symmetric by construction
+            k = kernel.numpy() if kernel.device.type == "cpu" else kernel
             means = k.mean(0)
-            k.sub_(means[None, :]).sub_(means[:, None]).add_(means.mean())  # centred in feature space
-            value, vector = _top_eigenpair(k)
+            k -= means[None, :]  # centred in feature space
+            k -= means[:, None]
+            k += means.mean()
+            value, vector = _top_eigenpair(kernel)
             tops.append(vector * value.clamp_min(0).sqrt())
         top = torch.stack(tops)  # (B, N)
         if self.sign == "largest":

@@ -1,6 +1,8 @@
 """Compute cost of an explanation: wall seconds per sample (the score, lower is better), forward
-and backward passes per sample, and peak memory: the CUDA allocator's peak on a GPU, the rise of
-the process's peak resident set (Linux ``VmHWM``, reset before the call) on a CPU."""
+and backward passes per sample, peak memory (the CUDA allocator's peak on a GPU, the rise of
+the process's peak resident set, Linux ``VmHWM`` reset before the call, on a CPU) and the work
+ratio: multiply-accumulates of the forward passes done over those of full forwards of the same
+inputs (1 unless a method recomputed only what changed, as incremental occlusion does)."""
 
 from __future__ import annotations
 
@@ -30,5 +32,6 @@ class Cost(Metric):
         extras = {"seconds": cost.seconds, "forward_passes": cost.forward_passes,
                   "forward_samples_per_sample": cost.forward_samples / b,
                   "backward_passes": cost.backward_passes,
-                  "peak_memory_bytes": cost.peak_memory_bytes}
+                  "peak_memory_bytes": cost.peak_memory_bytes,
+                  "macs": cost.macs, "full_macs": cost.full_macs, "work_ratio": cost.work_ratio}
         return MetricResult(self.name, seconds, extras=extras)
