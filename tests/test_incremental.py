@@ -294,3 +294,22 @@ def test_in_place_aliasing_is_caught_not_computed_wrong():
     assert torch.equal(auto.attributions, full.attributions)
     with pytest.raises(ModelError, match="disagrees with the model on the clean input"):
         create("occlusion", incremental=True, **opts).explain(model, x, target=0)
+
+
+def test_the_clean_pass_stays_within_the_memory_limit():
+    """The clean pass keeps one input's activations: under a memory limit they do not fit, the
+    full forward runs (chunked by the limit) and the explanation says why; True refuses."""
+    from pellucid.runtime import set_memory_limit
+
+    model = _zoo("resnet18", 2)
+    x = torch.randn(2, 1, 64, 64, generator=torch.Generator().manual_seed(9))
+    full = create("occlusion", window=8, stride=8, incremental=False).explain(model, x, target=0)
+    set_memory_limit(2)  # MB: a 64 px ResNet-18's activations are about 3 MB per input
+    try:
+        auto = create("occlusion", window=8, stride=8).explain(model, x, target=0)
+        with pytest.raises(ConfigError, match="would not fit the memory limit"):
+            create("occlusion", window=8, stride=8, incremental=True).explain(model, x, target=0)
+    finally:
+        set_memory_limit(None)
+    assert auto.extras["incremental"].startswith("off: the clean pass's activations")
+    assert torch.equal(auto.attributions, full.attributions)

@@ -31,10 +31,11 @@ import torch
 import torch.nn.functional as F
 
 from pellucid.errors import ConfigError, ModelError
-from pellucid.explainers.accelerate import AutoBatch
+from pellucid.explainers.accelerate import AutoBatch, activation_bytes
 from pellucid.explainers.attribution import InputAttribution, gaussian_blur
 from pellucid.explainers.features import feature_labels
 from pellucid.explainers.registry import register
+from pellucid.runtime import memory_limit_bytes
 
 MAX_EXACT_FEATURES = 12
 
@@ -294,6 +295,7 @@ _ENGINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 TOLERANCE = 1e-5  # of the output's scale (its largest |value|, at least 1)
 CHECK_COPIES = 4  # occluded copies run both ways on every call
 GAIN_NEEDED = 0.85  # "auto" keeps the incremental forward where a copy takes under 85 % as long
+CLEAN_PASS_BYTES = 2 * 2**30
 SURE_GAIN = 0.35  # or, without timing, where it needs at most 35 % of the full forward's MACs
 
 
@@ -322,6 +324,19 @@ class IncrementalPlan:
         if setting == "auto" and inputs.shape[0] * math.ceil(windows / self.size) < 4:
             self.note = "off: too few copies to gain from it"
             return
+        # the clean pass keeps one input's activations (and padded copies of them) while a batch of
+        # copies runs: both within the memory limit, or within CLEAN_PASS_BYTES without one
+        per_input = activation_bytes(model, inputs[:1])
+        limit = memory_limit_bytes()
+        if 3 * per_input > (limit or CLEAN_PASS_BYTES):
+            self.note = f"off: the clean pass's activations ({per_input / 2**20:.0f} MiB and a " \
+                        f"padded copy, beside a batch) would not fit " \
+                        f"{'the memory limit' if limit else 'in 2 GiB'}"
+            if setting is True:
+                raise ConfigError(f"occlusion: incremental=True, but {self.note[5:]}")
+            return
+        if limit:
+            self.size = max(1, min(self.size, (limit - 2 * per_input) // per_input))
         found = _ENGINES.get(model)
         if found is None:
             try:
