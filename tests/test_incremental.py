@@ -251,7 +251,7 @@ def test_changed_weights_rebuild_the_cached_incremental_forward():
 def test_an_engine_in_use_is_not_shared():
     """The engine's clean pass is one caller's at a time: while another holds it, occlusion runs
     the full forward and says so."""
-    from pellucid.explainers.perturbation import _ENGINES
+    from pellucid.explainers.occlusion_plan import _ENGINES
 
     model = _zoo("resnet18", 2)
     x = torch.randn(2, 1, 64, 64, generator=torch.Generator().manual_seed(6))
@@ -313,3 +313,31 @@ def test_the_clean_pass_stays_within_the_memory_limit():
         set_memory_limit(None)
     assert auto.extras["incremental"].startswith("off: the clean pass's activations")
     assert torch.equal(auto.attributions, full.attributions)
+
+
+def test_a_benchmark_run_records_the_choice_and_a_resumed_run_computes_the_same_way(monkeypatch):
+    """In a benchmark run "auto"'s choice is recorded (backends.json) and a resumed run, in a new
+    process that would choose otherwise, computes the same way: the maps are bit-identical."""
+    from pellucid.explainers import occlusion_plan
+    from pellucid.inference.select import Pinned, pin_backends
+
+    model = _zoo("resnet18", 2)
+    x = torch.randn(2, 1, 128, 128, generator=torch.Generator().manual_seed(10))
+    opts = {"window": 16, "stride": 16}
+    recorded: dict = {}
+    pin_backends(Pinned({}, recorded.__setitem__))
+    try:
+        first = create("occlusion", **opts).explain(model, x, target=0)
+        chosen = [v for k, v in recorded.items() if k.endswith("|incremental")]
+        assert chosen in (["on"], ["off"])
+        occlusion_plan._ENGINES.clear()  # a new process: nothing measured yet
+        monkeypatch.setattr(occlusion_plan, "SURE_GAIN", 0.0)  # it would time, and decide the
+        monkeypatch.setattr(occlusion_plan, "GAIN_NEEDED", 0.0 if chosen == ["on"] else 1e9)
+        pin_backends(Pinned(dict(recorded), recorded.__setitem__))  # other way round
+        resumed = create("occlusion", **opts).explain(model, x, target=0)
+    finally:
+        pin_backends(None)
+    assert torch.equal(first.attributions, resumed.attributions)
+    alone = create("occlusion", **opts).explain(model, x, target=0)  # outside a run: its own
+    assert alone.extras["incremental"].startswith("off" if chosen == ["on"] else "on")
+    assert (alone.attributions - first.attributions).abs().max() <= _tolerance(first)

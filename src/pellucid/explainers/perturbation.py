@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import math
 import warnings
-import weakref
 from abc import abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
@@ -30,12 +29,12 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from pellucid.errors import ConfigError, ModelError
-from pellucid.explainers.accelerate import AutoBatch, activation_bytes
+from pellucid.errors import ConfigError
+from pellucid.explainers.accelerate import AutoBatch
 from pellucid.explainers.attribution import InputAttribution, gaussian_blur
 from pellucid.explainers.features import feature_labels
+from pellucid.explainers.occlusion_plan import IncrementalPlan
 from pellucid.explainers.registry import register
-from pellucid.runtime import memory_limit_bytes
 
 MAX_EXACT_FEATURES = 12
 
@@ -289,203 +288,6 @@ class Occlusion(InputAttribution):
             total.index_add_(0, rows, drop.view(-1, 1, *([1] * nd)) * m)
         attr = torch.where(count > 0, total / count.clamp_min(1), torch.zeros_like(total))
         return attr, {"windows": len(masks), "incremental": plan.note}
-
-
-_ENGINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-TOLERANCE = 1e-5  # of the output's scale (its largest |value|, at least 1)
-CHECK_COPIES = 4  # occluded copies run both ways on every call
-GAIN_NEEDED = 0.85  # "auto" keeps the incremental forward where a copy takes under 85 % as long
-CLEAN_PASS_BYTES = 2 * 2**30
-SURE_GAIN = 0.35  # or, without timing, where it needs at most 35 % of the full forward's MACs
-
-
-class IncrementalPlan:
-    """Occlusion's incremental forward for one call: built (or refused, with the reason in
-    ``note``) once per model, checked against the model's clean output for every sample and against
-    the full forward on the first batch; ``run`` returns False where the full forward must do the
-    work."""
-
-    def __init__(self, setting, runner, model, inputs, output, batch_size, windows: int,
-                 window: tuple[int, ...]) -> None:
-        from pellucid.inference.incremental import IncrementalForward
-
-        self.runner, self.model, self.inputs, self.output = runner, model, inputs, output
-        self.engine = self.held = None
-        self.state, self.per_copy = "check", math.inf
-        self.setting = setting
-        self.size = batch_size or (32 if inputs.device.type == "cpu" else 128)
-        if setting is False:
-            self.note = "off (incremental=False)"
-            return
-        if getattr(model, "forward_only", False) or getattr(model, "runs_per_patch", False) or \
-                isinstance(model, torch.jit.ScriptModule):
-            self.note = "off: the model is not a traceable PyTorch module"
-            return
-        if setting == "auto" and inputs.shape[0] * math.ceil(windows / self.size) < 4:
-            self.note = "off: too few copies to gain from it"
-            return
-        # the clean pass keeps one input's activations (and padded copies of them) while a batch of
-        # copies runs: both within the memory limit, or within CLEAN_PASS_BYTES without one
-        per_input = activation_bytes(model, inputs[:1])
-        limit = memory_limit_bytes()
-        if 3 * per_input > (limit or CLEAN_PASS_BYTES):
-            self.note = f"off: the clean pass's activations ({per_input / 2**20:.0f} MiB and a " \
-                        f"padded copy, beside a batch) would not fit " \
-                        f"{'the memory limit' if limit else 'in 2 GiB'}"
-            if setting is True:
-                raise ConfigError(f"occlusion: incremental=True, but {self.note[5:]}")
-            return
-        if limit:
-            self.size = max(1, min(self.size, (limit - 2 * per_input) // per_input))
-        found = _ENGINES.get(model)
-        if found is None:
-            try:
-                found = IncrementalForward(model)
-            except RuntimeError as exc:
-                found = str(exc)
-            _ENGINES[model] = found
-        self.key = (tuple(inputs.shape[1:]), tuple(window), self.size)
-        if isinstance(found, str):
-            self.note = f"off: {found}"
-        elif setting == "auto" and found.decisions.get(self.key, {}).get("state") == "off":
-            self.note = f"off: {found.decisions[self.key]['why']}"  # measured on an earlier call
-        elif not found.lock.acquire(blocking=False):  # its clean pass is one caller's at a time
-            self.note = "off: in use by another explanation in this process"
-        else:
-            self.engine, self.held, self.note = found, found, "on"
-        if setting is True and self.engine is None:
-            raise ConfigError(f"occlusion: incremental=True, but {self.note[5:]}")
-
-    def close(self) -> None:
-        """Free the clean pass's values and the engine for the next caller."""
-        if self.held is not None:
-            self.held.release()
-            self.held.lock.release()
-            self.held = None
-
-    def _rebuild(self) -> None:
-        """A new engine where the cached one no longer matches the model (its weights changed
-        since it was traced)."""
-        from pellucid.inference.incremental import IncrementalForward
-
-        try:
-            fresh = IncrementalForward(self.model)
-        except RuntimeError:
-            return
-        fresh.lock.acquire()
-        self.close()
-        _ENGINES[self.model] = self.engine = self.held = fresh
-
-    def _off(self, why: str) -> None:
-        if self.setting is True and not why.startswith("no faster"):
-            raise ModelError(f"occlusion: the incremental forward {why}")
-        self.engine, self.note = None, f"off: {why}"
-
-    def _engine(self, patches: torch.Tensor, corners: torch.Tensor) -> tuple[torch.Tensor, float]:
-        """The engine's output on these boxes, its seconds; counted as forwards, with the MACs
-        it did not need to do."""
-        import time
-
-        engine, before = self.engine, self.engine.macs
-        self.runner._count(self.inputs[:1].expand(len(patches), *self.inputs.shape[1:]))
-        began = time.perf_counter()
-        out = engine(patches, corners).float()
-        seconds = time.perf_counter() - began
-        self.runner.saved_macs += len(patches) * engine.full_macs_per_row - (engine.macs - before)
-        return out, seconds
-
-    def _batches(self, total: int):
-        """(start, stop) of the copies: the check's few first, then ``size`` at a time."""
-        start = 0
-        while start < total:
-            size = CHECK_COPIES if self.state == "check" else self.size
-            yield start, min(total, start + size)
-            start = min(total, start + size)
-
-    def run(self, i, corners, window, base, masks, bound, clean, total) -> bool:
-        """Add sample ``i``'s score drops to ``total``; False where the full forward must."""
-        import time
-
-        if self.engine is None:
-            return False
-        runner, x, engine = self.runner, self.inputs[i:i + 1], self.engine
-        reference = self.output[i:i + 1].float()
-        tol = TOLERANCE * reference.abs().max().clamp_min(1.0)
-        got = engine.prepare(x).float()
-        if got.shape != reference.shape or (got - reference).abs().max() > tol:
-            self._rebuild()  # the weights may have changed since the engine was traced
-            engine = self.engine
-            got = engine.prepare(x).float()
-            if got.shape != reference.shape or (got - reference).abs().max() > tol:
-                self._off("disagrees with the model on the clean input")
-                return False
-        # windows nearest the centre first: the check's copies then have unclipped boxes, so the
-        # share of the work they measure is what the others need
-        centre = torch.tensor(x.shape[2:], device=corners.device) / 2
-        middle = corners.float() + torch.tensor(window, device=corners.device) / 2
-        order = torch.argsort((middle - centre).abs().amax(1), stable=True)
-        corners, masks = corners[order], masks[order.to(masks.device)]
-        boxes = [(slice(None), *[slice(c, c + w) for c, w in zip(corner, window, strict=True)])
-                 for corner in corners.tolist()]
-        patches = torch.stack([base[i][box] for box in boxes])  # (W, C, *window)
-        rows_all = torch.full((len(masks),), i, dtype=torch.long, device=x.device)
-        decided = engine.decisions.setdefault(self.key, {})
-        nd = x.ndim - 2
-        for start, stop in self._batches(len(masks)):
-            m = masks[start:stop][:, None]
-            if self.engine is None:  # turned off on an earlier batch
-                out = runner.fast_forward(x * (1 - m) + base[i:i + 1] * m)
-            elif self.state == "check":  # the first copies both ways: are the values equal?
-                out = runner.fast_forward(x * (1 - m) + base[i:i + 1] * m).float()
-                before = engine.macs
-                got, _ = self._engine(patches[start:stop], corners[start:stop])
-                share = (engine.macs - before) / max(1, (stop - start) * engine.full_macs_per_row)
-                diff = float((got - out).abs().max()) if got.shape == out.shape else math.inf
-                self.state = "on" if self.setting is True else decided.get("state", "time")
-                if diff > TOLERANCE * float(out.abs().max().clamp_min(1.0)):
-                    self._off(f"disagrees with the full forward on the first copies (max |diff| "
-                              f"{diff:.1e})")
-                elif self.setting == "auto" and share > 0.9:
-                    decided.update(state="off", why=f"no faster here (the boxes need {share:.0%} "
-                                                    f"of the full work)")
-                    self._off(decided["why"])
-                elif self.setting == "auto" and share <= SURE_GAIN and "state" not in decided:
-                    decided.update(state="on", why=f"on (the boxes need {share:.0%} of the full "
-                                                   f"work)")
-                    self.state, self.note = "on", decided["why"]
-                elif self.state == "off":
-                    self._off(decided["why"])
-                elif self.state == "on":
-                    self.note = decided.get("why", "on") if self.setting == "auto" else "on"
-                elif self.state == "time":
-                    self.state = "warm"
-            elif self.state == "warm":  # a batch of the full size (new shapes for the kernels)
-                out, _ = self._engine(patches[start:stop], corners[start:stop])
-                self.state = "time"
-            elif self.state == "time":  # then one batch each way, warm: which is faster?
-                out, seconds = self._engine(patches[start:stop], corners[start:stop])
-                self.per_copy = seconds / (stop - start)
-                self.state = "compare"
-            elif self.state == "compare":
-                began = time.perf_counter()
-                out = runner.fast_forward(x * (1 - m) + base[i:i + 1] * m)
-                full = (time.perf_counter() - began) / (stop - start)
-                times = f"{self.per_copy * 1e3:.1f} ms a copy against {full * 1e3:.1f} ms for " \
-                        f"the full forward"
-                # a margin for the clean pass per sample and the check, which the batch omits
-                self.state = "on" if self.per_copy < GAIN_NEEDED * full else "off"
-                decided.update(state=self.state, why=f"no faster here ({times})"
-                               if self.state == "off" else f"on ({times})")
-                if self.state == "off":
-                    self._off(decided["why"])
-                else:
-                    self.note = decided["why"]
-            else:
-                out, _ = self._engine(patches[start:stop], corners[start:stop])
-            rows = rows_all[start:stop]
-            drop = clean[rows] - bound.score(out, rows).float()
-            total.index_add_(0, rows, drop.view(-1, 1, *([1] * nd)) * m)
-        return True
 
 
 @register

@@ -288,6 +288,7 @@ class Pinned:
                  on_decision: Callable[[str, str | int], None]) -> None:
         self.choices = {k: v for k, v in choices.items()
                         if (isinstance(v, int) and 1 <= v <= 4096 if k.endswith("|batch")
+                            else v in ("on", "off") if k.endswith("|incremental")
                             else v in ("torch", *BUILDERS))}
         self.on_decision = on_decision
         self._keys: dict[tuple, tuple[weakref.ref, tuple, str]] = {}
@@ -325,6 +326,25 @@ def pinned_batch(model: nn.Module, example: torch.Tensor, backend: str,
         pinned.choices[name] = size
         pinned.on_decision(name, size)
     return size
+
+
+def pinned_decision(model: nn.Module, example: torch.Tensor, detail: str,
+                    decide: Callable[[], str]) -> str | None:
+    """In a run with pinned backends: occlusion's choice of its incremental forward ("on" or
+    "off") recorded for ``model`` on inputs like ``example`` and ``detail`` (window and batch), or
+    ``decide()`` now (recorded at once); None outside a run. A throwaway model: "off"."""
+    if not _PIN:
+        return None
+    if getattr(model, "pellucid_throwaway", False):
+        return "off"
+    pinned = _PIN[0]
+    name = f"{pinned.key(model, example[:1])}|{_precision()}|{detail}|incremental"
+    value = pinned.choices.get(name)
+    if value not in ("on", "off"):
+        value = decide()
+        pinned.choices[name] = value
+        pinned.on_decision(name, value)
+    return value
 
 
 _PIN: list[Pinned] = []
