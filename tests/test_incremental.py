@@ -338,6 +338,9 @@ def test_a_benchmark_run_records_the_choice_and_a_resumed_run_computes_the_same_
     finally:
         pin_backends(None)
     assert torch.equal(first.attributions, resumed.attributions)
-    alone = create("occlusion", **opts).explain(model, x, target=0)  # outside a run: its own
+    assert resumed.extras["incremental"] in ("on (chosen for this benchmark run, backends.json)",
+                                             "off: chosen for this benchmark run (backends.json)")
+    occlusion_plan._ENGINES.clear()  # another process, outside a run: it chooses for itself
+    alone = create("occlusion", **opts).explain(model, x, target=0)
     assert alone.extras["incremental"].startswith("off" if chosen == ["on"] else "on")
     assert (alone.attributions - first.attributions).abs().max() <= _tolerance(first)

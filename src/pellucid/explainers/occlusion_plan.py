@@ -174,10 +174,13 @@ class IncrementalPlan:
 
         detail = f"{'x'.join(map(str, self.key[1]))}:{self.key[2]}"
         state = pinned_decision(self.model, x, detail, throwaway) or by_share() or "trial"
+        if state in ("on", "off") and "state" not in decided:  # the run's record, kept for later
+            decided.update(state=state, why="on (chosen for this benchmark run, backends.json)"
+                           if state == "on" else "chosen for this benchmark run (backends.json)")
         if state == "off":
-            self._off(decided.get("why") or "recorded off for this benchmark run")
+            self._off(decided["why"])
         elif state == "on":
-            self.note = decided.get("why") or "on (recorded for this benchmark run)"
+            self.note = decided["why"]
         return state
 
     def run(self, i, corners, window, base, masks, bound, clean, total) -> bool:
