@@ -3,6 +3,7 @@ lookup, hooks and post-processing (ReLU, up-sampling, per-sample min-max)."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import time
@@ -80,47 +81,36 @@ class ModelRunner:
         self._fast: dict[tuple, Callable[[torch.Tensor], torch.Tensor]] = {}
         self.rows: Counter = Counter()  # inputs run forward, by input shape and dtype
         self.saved_macs = 0  # MACs an incremental forward did not need to do
-        self._arch: tuple | None = None
 
-    def _count(self, x: torch.Tensor) -> None:
+    def count(self, x: torch.Tensor) -> None:
+        """Count a forward of ``x``'s rows (the incremental forward counts its copies here too)."""
         self.cost.forward_passes += 1
         self.cost.forward_samples += x.shape[0]
         self.rows[(tuple(x.shape[1:]), x.dtype, x.device)] += x.shape[0]
 
-    def uncounted(self) -> bool:
-        """Whether an input shape's MACs per forward have not been measured yet."""
-        if not _countable(self.model):
-            return False
-        known = _SEEN.get(self.model)
-        if known is None or any(key not in known for key in self.rows):
-            self._arch = _architecture(self.model)
-            known = _SEEN.setdefault(self.model, {})
-            for key in self.rows:
-                shape, dtype, device = key
-                if (self._arch, shape, dtype, device.type) not in _MACS:
-                    return True
-                known[key] = _MACS[(self._arch, shape, dtype, device.type)]
-        return False
-
     def count_macs(self) -> None:
-        """Fill the cost's MACs: full forwards of every input run (counted once per architecture
-        and input shape by torch's FLOP counter), less what incremental forwards saved. Call
-        :meth:`uncounted` first."""
-        full = 0
+        """Fill the cost's MACs: full forwards of every input run, less what incremental forwards
+        saved. One forward's MACs are measured once per architecture and input shape (torch's FLOP
+        counter, on a zero input, the model in eval mode) and then looked up per model object."""
         if not _countable(self.model):
             return
         known = _SEEN.setdefault(self.model, {})
-        for key, rows in self.rows.items():
-            if key not in known:
-                shape, dtype, device = key
-                known[key] = forward_macs(self.model, shape, dtype, device, self._arch)
-            full += rows * known[key]
+        missing = [key for key in self.rows if key not in known]
+        if missing:
+            arch = _architecture(self.model)
+            measure = any((arch, shape, dtype, device.type) not in _MACS
+                          for shape, dtype, device in missing)
+            with model_guard(self.model) if measure else contextlib.nullcontext():
+                for shape, dtype, device in missing:
+                    known[(shape, dtype, device)] = forward_macs(self.model, shape, dtype, device,
+                                                                 arch)
+        full = sum(rows * known[key] for key, rows in self.rows.items())
         if full:
             self.cost.full_macs = full
             self.cost.macs = full - self.saved_macs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._count(x)
+        self.count(x)
         try:
             with model_precision(x.device.type) as mixed:
                 out = self.model(x)
@@ -139,7 +129,7 @@ class ModelRunner:
         once per input shape for this runner, so one explanation runs on one backend."""
         from pellucid.explainers.accelerate import inference_forward
 
-        self._count(x)
+        self.count(x)
         key = (tuple(x.shape[1:]), x.dtype, x.device)
         with torch.inference_mode():
             if key not in self._fast:
@@ -522,11 +512,7 @@ class Explainer(ABC):
             peak = _status_kib("VmHWM")
             cost.peak_memory_bytes = max(0, peak - rss_before) * 1024 if peak is not None else None
         cost.seconds = time.perf_counter() - start
-        if runner.uncounted():  # measured once per model and input shape, in eval mode
-            with model_guard(model):
-                runner.count_macs()
-        else:
-            runner.count_macs()
+        runner.count_macs()  # after the timing: not the method's cost
         explanation.cost = cost
         explanation.options = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)} \
             if dataclasses.is_dataclass(self) else {}

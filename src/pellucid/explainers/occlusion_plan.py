@@ -29,6 +29,7 @@ from pellucid.errors import ConfigError, ModelError
 from pellucid.explainers.accelerate import activation_bytes
 from pellucid.runtime import memory_limit_bytes
 
+# per model object: its engine, or (the error incremental=True raises, why it cannot have one)
 _ENGINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 TOLERANCE = 1e-5  # of the output's scale (its largest |value|, at least 1)
 CHECK_COPIES = 4  # occluded copies run both ways on every call
@@ -84,10 +85,10 @@ class IncrementalPlan:
             try:
                 found = IncrementalForward(model)
             except RuntimeError as exc:
-                found = str(exc)
+                found = (ConfigError, str(exc))
             _ENGINES[model] = found
-        if isinstance(found, str):
-            self.note = f"off: {found}"
+        if isinstance(found, tuple):  # (the error incremental=True raises, why)
+            self.note = f"off: {found[1]}"
         elif setting == "auto" and found.decisions.get(self.key, {}).get("state") == "off":
             self.note = f"off: {found.decisions[self.key]['why']}"  # chosen on an earlier call
         elif not found.lock.acquire(blocking=False):  # its clean pass is one caller's at a time
@@ -95,7 +96,8 @@ class IncrementalPlan:
         else:
             self.engine, self.held, self.note = found, found, "on"
         if setting is True and self.engine is None:
-            raise ConfigError(f"occlusion: incremental=True, but {self.note[5:]}")
+            error = found[0] if isinstance(found, tuple) else ConfigError
+            raise error(f"occlusion: incremental=True, but {self.note[5:]}")
 
     def close(self) -> None:
         """Free the clean pass's values and the engine for the next caller."""
@@ -126,7 +128,7 @@ class IncrementalPlan:
         """The engine's output on these boxes and its seconds; counted as forwards, with the
         MACs it did not need to do."""
         engine, before = self.engine, self.engine.macs
-        self.runner._count(self.inputs[:1].expand(len(patches), *self.inputs.shape[1:]))
+        self.runner.count(self.inputs[:1].expand(len(patches), *self.inputs.shape[1:]))
         began = time.perf_counter()
         out = engine(patches, corners).float()
         seconds = time.perf_counter() - began
@@ -196,7 +198,10 @@ class IncrementalPlan:
             engine = self.engine
             got = engine.prepare(x).float()
             if got.shape != reference.shape or (got - reference).abs().max() > tol:
-                self._off("disagrees with the model on the clean input")
+                why = "disagrees with the model on the clean input"
+                self.close()
+                _ENGINES[self.model] = (ModelError, why)  # not traced again for this model
+                self._off(why)
                 return False
         # windows nearest the centre first: the check's copies have unclipped boxes, so the share
         # of the work they measure is what the others need

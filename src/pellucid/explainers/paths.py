@@ -116,9 +116,8 @@ class BlurIG(InputAttribution):
         of them with the graph kept."""
         points = [scipy_gaussian(inputs, sigmas[i]) for i in chunk]
         ahead = [scipy_gaussian(inputs, sigmas[i] + self.grad_step) for i in chunk]
-        if inputs.device.type == "cpu":  # in NumPy, as PAIR: the blurred backgrounds hold
-            # subnormal floats, on which torch's element-wise operations ran slower here (the
-            # same IEEE operations, the same values)
+        if inputs.device.type == "cpu":  # in NumPy, as PAIR (the same IEEE operations, the
+            # same values; torch's element-wise operations ran slower than NumPy's on this CPU)
             slopes = [torch.from_numpy((a.numpy() - p.numpy()) / self.grad_step)
                       for a, p in zip(ahead, points, strict=True)]
         else:

@@ -231,9 +231,10 @@ class Occlusion(InputAttribution):
 
     ``incremental`` ("auto", True, False): evaluate the occluded copies by recomputing, layer by
     layer, only the part of each activation the window can reach (:mod:`pellucid.inference.
-    incremental`, Krypton, Nakandala et al. 2019): exact, checked on the first batch against the
-    full forward. "auto" keeps it where that batch ran faster; True keeps it whenever the model can
-    be traced; either way ``extras["incremental"]`` says what ran and why."""
+    incremental`, Krypton, Nakandala et al. 2019): exact, checked on every call against the model's
+    clean output and the full forward (:mod:`pellucid.explainers.occlusion_plan`). "auto" keeps it
+    where it saves time, True wherever the checks pass (else a one-line refusal);
+    ``extras["incremental"]`` says what ran and why."""
 
     window: int | tuple[int, ...] = 16
     stride: int | tuple[int, ...] = 8

@@ -19,13 +19,14 @@ only values that can differ. Per node:
   and the boxes, and runs as in the model: from there on that branch is a full forward.
 
 Values equal the full forward's up to the order of floating-point sums (the box convolution sums
-the same products); :class:`IncrementalForward` checks this on a batch before it is trusted.
-Multiply-accumulates are counted (``torch.utils.flop_counter``) so the saving is measured, not
-estimated.
+the same products); its user checks them against the full forward before trusting them
+(:mod:`pellucid.explainers.occlusion_plan`). Multiply-accumulates are counted (per node, by
+``torch.utils.flop_counter`` on the clean pass) so the saving is measured, not estimated.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import operator
@@ -219,7 +220,8 @@ class IncrementalForward:
         self.clean: dict[fx.Node, object] = {}
         self.macs = 0
         self.full_macs_per_row = 0
-        self.dense_from: str | None = None  # the first node computed on full tensors
+        self.node_macs: dict[fx.Node, int] = {}  # per row, on the prepared input's shape
+        self._counted: dict[tuple, dict[fx.Node, int]] = {}  # node_macs by input shape
         self.decisions: dict[tuple, dict] = {}  # what its users measured (occlusion's "auto")
         self.tables: dict[tuple, torch.Tensor] = {}
         self.lock = threading.Lock()  # one caller at a time (the clean pass is shared state)
@@ -248,9 +250,11 @@ class IncrementalForward:
         if x.shape[0] != 1:
             raise ValueError("prepare takes one input")
         env: dict[fx.Node, object] = {}
-        self.node_macs = {}
         self.tables.clear()
-        with FlopCounterMode(display=False) as counter:
+        known = self._counted.get((tuple(x.shape), x.dtype))
+        counter = FlopCounterMode(display=False) if known is None else contextlib.nullcontext()
+        macs: dict[fx.Node, int] = {}
+        with counter:  # the MACs per node: once per input shape (the counter slows the pass)
             for node in self.nodes:
                 if node.op == "placeholder":
                     env[node] = x
@@ -259,27 +263,31 @@ class IncrementalForward:
                 else:
                     args = fx.node.map_arg(node.args, lambda a: env[a])
                     kwargs = fx.node.map_arg(node.kwargs, lambda a: env[a])
-                    before = counter.get_total_flops()
+                    before = counter.get_total_flops() if known is None else 0
                     env[node] = self._run(node, args, kwargs)
-                    self.node_macs[node] = (counter.get_total_flops() - before) // 2
+                    if known is None:
+                        macs[node] = (counter.get_total_flops() - before) // 2
+        if known is None:
+            known = self._counted[(tuple(x.shape), x.dtype)] = macs
+        self.node_macs = known
         self.clean = env
         self.full_macs_per_row = sum(self.node_macs.values())
         return out if isinstance(out, torch.Tensor) else reduce_output(out, self.output_index)
 
     def _incremental(self, node: fx.Node, args, kwargs):
         """Node ``node`` on region arguments, or NotImplemented where it has no incremental rule."""
-        if node.op == "call_function" and node.target is torch.cat:
+        out_shape = tuple(self.clean[node].shape[2:]) if isinstance(self.clean[node], torch.Tensor) \
+            else None
+        if node.op == "call_function" and node.target is torch.cat and out_shape is not None:
             tensors = args[0] if args and isinstance(args[0], (list, tuple)) else None
             dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
-            return NotImplemented if tensors is None else (tensors, dim)
+            return NotImplemented if tensors is None else self._cat(tensors, dim, out_shape)
         regions = [a for a in args if isinstance(a, Region)]
         if not regions or any(isinstance(v, Region) for v in kwargs.values()):
             return NotImplemented
         r = regions[0]
         nd = r.start.shape[1]
         module = self.modules.get(node.target) if node.op == "call_module" else None
-        out_shape = tuple(self.clean[node].shape[2:]) if isinstance(self.clean[node], torch.Tensor) \
-            else None
         if len(args) == 1:
             if module is not None:
                 if isinstance(module, CONVS) and module.padding_mode == "zeros" \
@@ -310,7 +318,7 @@ class IncrementalForward:
                     return Region(None, module(r.patch), r.start)
                 return NotImplemented
             if node.op == "call_function" and node.target in ELEMENTWISE_FUNCTIONS and \
-                    not kwargs.get("training", False):
+                    not kwargs.get("training", node.target is F.dropout):  # its default: True
                 return Region(None, node.target(r.patch, **kwargs), r.start)
             if node.op == "call_method" and node.target in ELEMENTWISE_METHODS and not kwargs:
                 return Region(None, getattr(r.patch, node.target)(), r.start)
@@ -343,7 +351,7 @@ class IncrementalForward:
             return patch
         return Region(None, patch, corner)
 
-    def _cat(self, node: fx.Node, tensors, dim, out_shape):
+    def _cat(self, tensors, dim, out_shape):
         """A channel concatenation of regions (and full tensors) on the union of the boxes."""
         ndim = len(out_shape) + 2
         if dim % ndim != 1:
@@ -359,7 +367,6 @@ class IncrementalForward:
     def __call__(self, patches: torch.Tensor, corners: torch.Tensor) -> torch.Tensor:
         """The output (n, ...) on the prepared input with ``patches`` (n, C, *h) at ``corners``."""
         env: dict[fx.Node, object] = {}
-        self.dense_from = None
         n = patches.shape[0]
         for node in self.nodes:
             if node.op == "placeholder":
@@ -370,16 +377,9 @@ class IncrementalForward:
                 continue
             args = fx.node.map_arg(node.args, lambda a: env[a])
             kwargs = fx.node.map_arg(node.kwargs, lambda a: env[a])
-            value = NotImplemented
-            if node.op != "get_attr":
-                value = self._incremental(node, args, kwargs)
-                if isinstance(value, tuple):
-                    shape = tuple(self.clean[node].shape[2:])
-                    value = self._cat(node, value[0], value[1], shape)
+            value = NotImplemented if node.op == "get_attr" else \
+                self._incremental(node, args, kwargs)
             if value is NotImplemented:
-                if self.dense_from is None and any(isinstance(a, Region)
-                                                   for a in _flat(args, kwargs)):
-                    self.dense_from = node.name
                 args = fx.node.map_aggregate(args, dense)
                 kwargs = fx.node.map_aggregate(kwargs, dense)
                 value = self._run(node, args, kwargs)
@@ -422,7 +422,3 @@ def _channels_last(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=fmt) if fmt else x
 
 
-def _flat(args, kwargs) -> list:
-    found: list = []
-    fx.node.map_aggregate((args, kwargs), lambda v: found.append(v) or v)
-    return found
