@@ -71,7 +71,16 @@ def test_saliency_and_ig_equal_captum_direct(chest_model):
     ours = pellucid.explain(model, x, "integratedgradients", target=cls, steps=32)
     ref = IntegratedGradients(model).attribute(x, target=cls, n_steps=32, baselines=0.0)
     record("integratedgradients", peer("captum", "IntegratedGradients"), ours.raw, ref, case)
-    assert torch.allclose(ours.raw, ref, atol=1e-5)
+    # the path's points near the zero baseline put ReLUs on near-ties, which float32 rounding
+    # flips differently on the gradient copy (pellucid.inference.gradient_copy) and in Captum:
+    # within 1e-5 of Captum, or as close to it as Captum is to the float64 value
+    import copy
+
+    exact = IntegratedGradients(copy.deepcopy(model).double()).attribute(
+        x.double(), target=cls, n_steps=32, baselines=0.0)
+    captum_error = float((ref.double() - exact).abs().max())
+    assert float((ours.raw - ref).abs().max()) <= max(1e-5, 2 * captum_error)
+    assert float((ours.raw.double() - exact).abs().max()) <= max(1e-5, 2 * captum_error)
 
 
 def test_smoothgrad_with_zero_noise_is_saliency(chest_model):
@@ -177,8 +186,12 @@ def test_expected_gradients_is_gradientshap_without_noise_and_captums_in_expecta
     torch.manual_seed(0)
     model = build("resnet18", 2, 1, 3).module.eval()
     x, background = torch.randn(2, 1, 48, 48), torch.randn(5, 1, 48, 48)
+    # from the second call at this shape on, both run the model's gradient copy
+    # (pellucid.inference.gradient_copy; tests/test_gradient_copy.py compares it with the model)
+    pellucid.explain(model, x, "saliency", target=0)
     eg = pellucid.explain(model, x, "expectedgradients", target=0, samples=320, background=background)
     gs = pellucid.explain(model, x, "gradientshap", target=0, samples=320, background=background)
+    assert "gradient_copy" in eg.extras and "gradient_copy" in gs.extras
     assert torch.equal(eg.raw, gs.raw)
     ref = GradientShap(model).attribute(x, baselines=background, n_samples=320, stdevs=0.0, target=0)
     record("expectedgradients", peer("captum", "GradientShap(stdevs=0)"), eg.raw, ref,

@@ -76,9 +76,14 @@ class Explanation:
 class ModelRunner:
     """Calls the model and counts forward and backward passes; turns shape errors into one line."""
 
-    def __init__(self, model: nn.Module, cost: Cost) -> None:
+    def __init__(self, model: nn.Module, cost: Cost, input_gradients: bool = False) -> None:
         self.model, self.cost = model, cost
         self._fast: dict[tuple, Callable[[torch.Tensor], torch.Tensor]] = {}
+        # the method reads only the input gradient: the model may run as its checked
+        # differentiable copy (pellucid.inference.gradient_copy), resolved once per input shape
+        self.input_gradients = input_gradients
+        self._copies: dict[tuple, Callable[[torch.Tensor], torch.Tensor] | None] = {}
+        self.copy_used: str | None = None
         self.rows: Counter = Counter()  # inputs run forward, by input shape and dtype
         self.saved_macs = 0  # MACs an incremental forward did not need to do
 
@@ -111,9 +116,10 @@ class ModelRunner:
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.count(x)
+        run = self._gradient_copy(x) if self.input_gradients else None
         try:
             with model_precision(x.device.type) as mixed:
-                out = self.model(x)
+                out = run(x) if run is not None else self.model(x)
         except RuntimeError as exc:
             if "shape" in str(exc) or "size" in str(exc) or "channels" in str(exc):
                 first = str(exc).strip().splitlines()[0]
@@ -123,6 +129,17 @@ class ModelRunner:
         if not isinstance(out, torch.Tensor):  # already reduced under the model guard
             out = reduce_output(out, selected_output(self.model))
         return out.float() if mixed else out
+
+    def _gradient_copy(self, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        key = (tuple(x.shape[1:]), x.dtype, x.device)
+        if key not in self._copies:
+            from pellucid.inference.gradient_copy import gradient_copy
+
+            made = gradient_copy(self.model, x.detach())
+            self._copies[key] = made.forward if made is not None else None
+            if made is not None:
+                self.copy_used = made.describe()
+        return self._copies[key]
 
     def fast_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Forward-only pass through the forward-only backend (:mod:`pellucid.inference`), resolved
@@ -457,6 +474,9 @@ class Explainer(ABC):
     channel_maps: ClassVar[bool] = False
     # whether the method needs only forward passes, so that it runs on a black-box model (ONNX)
     black_box: ClassVar[bool] = False
+    # whether it reads nothing but the input gradient of the output (no layer hook, no backward
+    # rule), so that the model may run as its checked differentiable copy
+    input_gradients: ClassVar[bool] = False
 
     @abstractmethod
     def _explain(self, runner: ModelRunner, model: nn.Module, inputs: torch.Tensor,
@@ -489,7 +509,7 @@ class Explainer(ABC):
         rss_before = reset_peak_rss() if device.type == "cpu" else None
         start = time.perf_counter()
         with model_guard(model) as handles:
-            runner = ModelRunner(model, cost)
+            runner = ModelRunner(model, cost, self.input_gradients)
             layer_name = None
             if self.needs_layer:
                 if getattr(model, "runs_per_patch", False):  # a sliding-window wrapper
@@ -514,6 +534,8 @@ class Explainer(ABC):
         cost.seconds = time.perf_counter() - start
         runner.count_macs()  # after the timing: not the method's cost
         explanation.cost = cost
+        if runner.copy_used is not None:
+            explanation.extras.setdefault("gradient_copy", runner.copy_used)
         explanation.options = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)} \
             if dataclasses.is_dataclass(self) else {}
         return explanation

@@ -57,6 +57,7 @@ class Counterfactual(InputAttribution):
     region: torch.Tensor | None = None
     family: ClassVar[str] = "counterfactual"
     name: ClassVar[str] = "counterfactual"
+    input_gradients: ClassVar[bool] = True
 
     def attribute(self, runner, model, inputs, bound, output):
         if self.steps < 1 or self.lr <= 0 or self.lam <= 0 or not 0 <= self.sparsity < 1:

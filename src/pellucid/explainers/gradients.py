@@ -67,6 +67,7 @@ class Saliency(_OnePassGradient):
 
     channel_reduce: str = "max_abs"
     name: ClassVar[str] = "saliency"
+    input_gradients: ClassVar[bool] = True
 
     def from_gradient(self, inputs: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
         return grad.abs()
@@ -78,6 +79,7 @@ class InputXGradient(_OnePassGradient):
     """Input x gradient (Shrikumar et al. 2016)."""
 
     name: ClassVar[str] = "inputxgradient"
+    input_gradients: ClassVar[bool] = True
 
     def from_gradient(self, inputs: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
         return inputs * grad
@@ -149,6 +151,7 @@ class IntegratedGradients(InputAttribution):
     quadrature: str = "gausslegendre"
     batch_size: int | None = None
     name: ClassVar[str] = "integratedgradients"
+    input_gradients: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         from captum.attr._utils.approximation_methods import approximation_parameters
@@ -228,6 +231,7 @@ class SmoothGrad(InputAttribution):
     batch_size: int | None = None
     channel_reduce: str = "max_abs"
     name: ClassVar[str] = "smoothgrad"
+    input_gradients: ClassVar[bool] = True
 
     def attribute(self, runner, model, inputs, bound, output):
         if self.samples < 1 or self.noise < 0:
@@ -263,6 +267,7 @@ class GradientSHAP(InputAttribution):
     seed: int = 0
     batch_size: int | None = None
     name: ClassVar[str] = "gradientshap"
+    input_gradients: ClassVar[bool] = True
     requires: ClassVar[frozenset[str]] = frozenset({"background"})
 
     def attribute(self, runner, model, inputs, bound, output):

@@ -100,6 +100,7 @@ class BlurIG(InputAttribution):
     batch_size: int | None = None
     steps_batched_as_pair: bool = False
     name: ClassVar[str] = "blurig"
+    input_gradients: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         if self.steps < 1 or not self.max_sigma > 0 or not self.grad_step > 0:
@@ -217,6 +218,7 @@ class GuidedIG(InputAttribution):
     blur_sigma: float = 5.0
     background: torch.Tensor | None = None
     name: ClassVar[str] = "guidedig"
+    input_gradients: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         if self.steps < 1 or not 0 < self.fraction <= 1 or not 0 <= self.max_dist <= 1:

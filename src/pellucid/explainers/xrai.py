@@ -137,6 +137,7 @@ class XRAI(InputAttribution):
     resize: bool = True
     batch_size: int | None = None
     name: ClassVar[str] = "xrai"
+    input_gradients: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         if self.algorithm not in ALGORITHMS:
