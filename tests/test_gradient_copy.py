@@ -230,3 +230,23 @@ def test_changed_weights_are_not_explained_with_a_stale_copy():
     assert "gradient_copy" in again.extras  # rebuilt from the new weights
     err = (again.raw - changed.raw).abs() / changed.raw.abs().max()
     assert float((err > 1e-4).float().mean()) <= 1e-3
+
+
+def test_lrp_runs_few_channel_convolutions_in_the_sub_pixel_form_and_restores_them(monkeypatch):
+    """LRP cannot run a copy (zennit hooks the model's layers), so its few-channel layers switch
+    to the sub-pixel input gradient in place, for the call only: the relevance is the same."""
+    import contextlib
+
+    import pellucid.explainers.lrp as lrp
+
+    model = _zoo("resnet18", 2)
+    stem = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+    with gc.few_channel_convolutions(model) as swapped:
+        assert swapped >= 1 and "forward" in stem.__dict__
+    assert "forward" not in stem.__dict__
+    x = torch.randn(2, 1, 48, 48, generator=torch.Generator().manual_seed(6))
+    fast = pellucid.explain(model, x, "lrp", target=1)
+    assert "forward" not in stem.__dict__
+    monkeypatch.setattr(lrp, "few_channel_convolutions", lambda m: contextlib.nullcontext(0))
+    plain = pellucid.explain(model, x, "lrp", target=1)
+    assert torch.allclose(fast.raw, plain.raw, rtol=0, atol=1e-5 * float(plain.raw.abs().max()))

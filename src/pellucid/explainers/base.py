@@ -76,8 +76,10 @@ class Explanation:
 class ModelRunner:
     """Calls the model and counts forward and backward passes; turns shape errors into one line."""
 
-    def __init__(self, model: nn.Module, cost: Cost, input_gradients: bool = False) -> None:
+    def __init__(self, model: nn.Module, cost: Cost, input_gradients: bool = False,
+                 modules: list[nn.Module] | None = None) -> None:
         self.model, self.cost = model, cost
+        self.modules = modules  # the model's modules, when the caller walked the tree
         self._fast: dict[tuple, Callable[[torch.Tensor], torch.Tensor]] = {}
         # the method reads only the input gradient: the model may run as its checked
         # differentiable copy (pellucid.inference.gradient_copy), resolved once per input shape
@@ -135,7 +137,7 @@ class ModelRunner:
         if key not in self._copies:
             from pellucid.inference.gradient_copy import gradient_copy
 
-            made = gradient_copy(self.model, x.detach())
+            made = gradient_copy(self.model, x.detach(), self.modules)
             self._copies[key] = made.forward if made is not None else None
             if made is not None:
                 self.copy_used = made.describe()
@@ -230,11 +232,13 @@ def reset_peak_rss() -> int | None:
 
 
 @contextmanager
-def model_guard(model: nn.Module) -> Iterator[list]:
+def model_guard(model: nn.Module, modules: list[nn.Module] | None = None) -> Iterator[list]:
     """Put the model in eval mode with frozen parameters, its output reduced to one tensor
     (:mod:`pellucid.models.outputs`); on exit (also on error) remove every hook registered into the
-    yielded list and restore train/eval modes and ``requires_grad``."""
-    modules = list(model.modules())  # one walk of the tree (this runs on every call)
+    yielded list and restore train/eval modes and ``requires_grad``. ``modules``: the model's
+    modules when the caller has walked the tree already."""
+    if modules is None:
+        modules = list(model.modules())  # one walk of the tree (this runs on every call)
     training = [m for m in modules if m.training]
     trainable = [p for m in modules for p in m._parameters.values()
                  if p is not None and p.requires_grad]
@@ -508,8 +512,9 @@ class Explainer(ABC):
             torch.cuda.reset_peak_memory_stats(device)
         rss_before = reset_peak_rss() if device.type == "cpu" else None
         start = time.perf_counter()
-        with model_guard(model) as handles:
-            runner = ModelRunner(model, cost, self.input_gradients)
+        modules = list(model.modules())  # one walk of the tree, for the guard and the runner
+        with model_guard(model, modules) as handles:
+            runner = ModelRunner(model, cost, self.input_gradients, modules)
             layer_name = None
             if self.needs_layer:
                 if getattr(model, "runs_per_patch", False):  # a sliding-window wrapper

@@ -51,6 +51,7 @@ from pellucid.explainers.attribution import REDUCTIONS, InputAttribution, reduce
 from pellucid.explainers.base import Explanation, attention_blocks
 from pellucid.explainers.canonizers import canonized, canonizers_for
 from pellucid.explainers.registry import register
+from pellucid.inference.gradient_copy import few_channel_convolutions
 from pellucid.progress import warn
 from pellucid.runtime import full_precision
 
@@ -271,7 +272,7 @@ class LRP(InputAttribution):
                               f"{self.channel_reduce!r}")
         composite = build_composite(self.composite, model, inputs, self.rules, self.low, self.high)
         with canonized(model, composite), torch.enable_grad(), full_precision(), \
-                _runs_once(model):
+                _runs_once(model), few_channel_convolutions(model):
             self.before_forward(model, layer, handles)
             x = inputs.clone().requires_grad_(True)
             out = runner.forward(x)

@@ -43,7 +43,8 @@ import math
 import threading
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -192,6 +193,32 @@ class _ConvTranspose(nn.Module):
                                      self.padding, self.lows, size)
 
 
+@contextmanager
+def few_channel_convolutions(model: nn.Module) -> Iterator[int]:
+    """Inside, every few-channel convolution of ``model`` (:func:`_replaceable`) computes its input
+    gradient in the sub-pixel form, from whatever weight and bias it holds at each call (LRP's
+    rules run the layer again with parameters of their own, which zennit makes trainable); no
+    gradient reaches those weights inside. Yields how many layers. For methods that hook layers
+    or replace their backward and so cannot run a copy."""
+    swapped = []
+    for module in model.modules():
+        if _replaceable(module) is _Conv and "forward" not in module.__dict__:
+            def forward(x, m=module, plain=module.forward):
+                if not isinstance(m.padding, tuple):
+                    return plain(x)
+                kernel, lows = phase_kernels(m.weight.detach(), tuple(m.stride),
+                                             tuple(m.padding))
+                return _InputGradientConv.apply(x, m.weight, kernel, m.bias, tuple(m.stride),
+                                                tuple(m.padding), lows)
+            module.forward = forward
+            swapped.append(module)
+    try:
+        yield len(swapped)
+    finally:
+        for module in swapped:
+            del module.forward
+
+
 def _replaceable(module: nn.Module | None) -> type[nn.Module] | None:
     """The replacement of a 2D/3D (transposed) convolution with one group, no dilation, zero
     padding given as numbers and few channels on one side; None for any other module."""
@@ -316,9 +343,9 @@ def make_gradient_copy(model: nn.Module, example: torch.Tensor) -> GradientCopy:
                         bool(x_layout))
 
 
-def _fingerprint(model: nn.Module) -> tuple:
-    """Every parameter's and buffer's storage and version (one walk of the module tree)."""
-    return tuple((t.data_ptr(), t._version) for m in model.modules()
+def _fingerprint(modules: list[nn.Module]) -> tuple:
+    """Every parameter's and buffer's storage and version."""
+    return tuple((t.data_ptr(), t._version) for m in modules
                  for t in (*m._parameters.values(), *m._buffers.values()) if t is not None)
 
 
@@ -345,9 +372,11 @@ _COPIES: OrderedDict[tuple, tuple] = OrderedDict()  # key -> (weakref, fingerpri
 _KEPT = 4  # each copy holds the model's weights once more
 
 
-def gradient_copy(model: nn.Module, example: torch.Tensor) -> GradientCopy | None:
+def gradient_copy(model: nn.Module, example: torch.Tensor,
+                  modules: list[nn.Module] | None = None) -> GradientCopy | None:
     """The checked copy for inputs shaped like ``example``, or None where the model runs as it
-    is (first call at this shape, not eligible, or the copy failed its checks)."""
+    is (first call at this shape, not eligible, or the copy failed its checks). ``modules``: the
+    model's modules, when the caller has walked the tree already."""
     if example.device.type != "cpu" or example.dtype != torch.float32 or \
             isinstance(model, torch.jit.ScriptModule) or selected_output(model) is not None:
         return None
@@ -356,7 +385,7 @@ def gradient_copy(model: nn.Module, example: torch.Tensor) -> GradientCopy | Non
     if reduced_precision() is not None:
         return None
     key = (id(model), tuple(example.shape[1:]), example.dtype)
-    fingerprint = _fingerprint(model)
+    fingerprint = _fingerprint(modules if modules is not None else list(model.modules()))
     with _LOCK:
         found = _COPIES.get(key)
         if found is not None and found[0]() is model and found[1] == fingerprint:
