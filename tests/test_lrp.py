@@ -150,3 +150,31 @@ def test_canonizer_choice():
 
     parts = [type(c) for c in canonizers_for(build("resnet18", 2, 1, 2).module)[0].canonizers]
     assert ExactSequentialMergeBatchNorm in parts and ResNetBasicBlockCanonizer in parts
+
+
+def test_lrp_skips_only_the_backward_its_rules_replace(monkeypatch):
+    """A convolution or linear layer under an active zennit rule skips its own backward in the
+    model's pass (the rule's hook returns the relevance in its place): the relevance is the same
+    as with every backward computed, and the layers' forwards are restored afterwards."""
+    import contextlib
+
+    from zennit.composites import EpsilonPlusFlat
+
+    import pellucid.explainers.lrp as lrp
+
+    torch.manual_seed(0)
+    model = build("resnet18", 2, 1, 3).module.eval()
+    x = torch.randn(2, 1, 48, 48)
+    with canonized(model, EpsilonPlusFlat(canonizers=canonizers_for(model))), \
+            lrp._no_discarded_backward(model) as swapped:
+        assert swapped == sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in model.modules())
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    fast = pellucid.explain(model, x, "lrp", target=1)
+    monkeypatch.setattr(lrp, "_no_discarded_backward", lambda m: contextlib.nullcontext(0))
+    full = pellucid.explain(model, x, "lrp", target=1)
+    assert torch.allclose(fast.raw, full.raw, rtol=0, atol=1e-6 * float(full.raw.abs().max()))
+    crp_full = pellucid.explain(model, x, "crp", target=1, concepts=[0, 1])
+    monkeypatch.undo()
+    crp_fast = pellucid.explain(model, x, "crp", target=1, concepts=[0, 1])
+    assert torch.allclose(crp_fast.raw, crp_full.raw, rtol=0,
+                          atol=1e-6 * float(crp_full.raw.abs().max()))

@@ -224,6 +224,65 @@ def build_composite(name: str, model, inputs: torch.Tensor, rules: dict[str, str
     return composites.MixedComposite([composites.NameMapComposite(name_map=name_map), base])
 
 
+class _DiscardedBackward(torch.autograd.Function):
+    """``y = f(x)`` with ``dL/dx = 0``: for a layer whose input gradient a zennit rule replaces
+    whole (the rule's hook on the layer's input returns the relevance in its place), so the
+    layer's own backward would be computed only to be thrown away."""
+
+    @staticmethod
+    def forward(ctx, x, fn):
+        ctx.like = (x.shape, x.dtype, x.device)
+        with torch.no_grad():
+            return fn(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        shape, dtype, device = ctx.like
+        return torch.zeros(shape, dtype=dtype, device=device), None
+
+
+def _rule_replaces_gradient(module: nn.Module) -> bool:
+    """Whether an active zennit rule (a BasicHook: epsilon, z+, flat, gamma, alpha-beta, z^B)
+    is registered on ``module``, whose backward then returns the relevance in place of the input
+    gradient."""
+    from zennit.core import BasicHook
+
+    return any(isinstance(getattr(h, "__self__", None), BasicHook) and h.__self__.active
+               for h in module._forward_pre_hooks.values())
+
+
+@contextmanager
+def _no_discarded_backward(model: nn.Module) -> Iterator[int]:
+    """Inside, a convolution or linear layer under an active zennit rule skips its own backward in
+    the model's pass (``_DiscardedBackward``); the rule's recomputation of the layer, which runs
+    inside the backward pass, keeps its gradient. Halves the convolution backwards of LRP and CRP.
+    Yields how many layers."""
+    if not hasattr(torch._C, "_current_graph_task_id"):  # no way to tell the two passes apart
+        yield 0
+        return
+    layers = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+    swapped = []
+    for module in model.modules():
+        if isinstance(module, layers) and _rule_replaces_gradient(module):
+            previous = module.__dict__.get("forward")
+
+            def forward(x, m=module, plain=module.forward):
+                if torch._C._current_graph_task_id() == -1 and x.requires_grad and \
+                        torch.is_grad_enabled() and _rule_replaces_gradient(m):
+                    return _DiscardedBackward.apply(x, plain)
+                return plain(x)
+            module.forward = forward
+            swapped.append((module, previous))
+    try:
+        yield len(swapped)
+    finally:
+        for module, previous in swapped:
+            if previous is None:
+                del module.forward
+            else:
+                module.forward = previous
+
+
 @contextmanager
 def _runs_once(model: nn.Module) -> Iterator[None]:
     """Refuse a model whose weighted layers run more than once in one forward pass (a sliding
@@ -272,7 +331,7 @@ class LRP(InputAttribution):
                               f"{self.channel_reduce!r}")
         composite = build_composite(self.composite, model, inputs, self.rules, self.low, self.high)
         with canonized(model, composite), torch.enable_grad(), full_precision(), \
-                _runs_once(model), few_channel_convolutions(model):
+                _runs_once(model), few_channel_convolutions(model), _no_discarded_backward(model):
             self.before_forward(model, layer, handles)
             x = inputs.clone().requires_grad_(True)
             out = runner.forward(x)
