@@ -27,6 +27,14 @@ instead (CP-LRP, Ali et al., ICML 2022). The attention must run through
 ``scaled_dot_product_attention`` (torchvision, timm, Hugging Face, MONAI's ``SABlock``, switched to
 it for the call); an attention that computes its own softmax (Swin) is refused.
 
+Speed, the same relevance: zennit computes each layer's rule by running the layer again inside
+the backward pass and replaces the layer's input gradient with the result, so the layer's own
+backward in the model's pass is computed only to be discarded; here a convolution or linear layer
+under an active rule skips it (its backward returns zeros that the rule's hook replaces), and
+layers with at most 8 channels on one side compute their input gradients as forward convolutions
+(:func:`pellucid.inference.gradient_copy.few_channel_convolutions`). Measured on the grid's
+ResNet-18 (``benchmarks/vs_peers.py``): LRP 1.32x zennit, CRP 1.30x zennit-crp, relevance equal.
+
 Conservation: ``extras["conservation"]`` holds, per sample, the relevance sum over the explained
 score. Biases, epsilon and BatchNorm shifts absorb some relevance in a trained network (0.4-0.8 on
 pellucid's phantom ResNet-18), so it is reported, not forced; outside ``CONSERVATION_TOLERANCE``

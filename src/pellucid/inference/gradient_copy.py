@@ -18,9 +18,11 @@ module makes such a copy with ``torch.fx``:
 - the weights and inputs go channels-last (oneDNN's native layout), unless the model normalises
   over channel-first reshapes (instance, group or layer normalisation), where that was slower.
 
-Measured here (2 cores, one saliency call on the ``benchmarks/vs_peers.py`` cases, against
-Captum on the model itself): ResNet-18 at 128 px 1.19x, DenseNet-121 at 96 px 1.26x, a MONAI 2D
-U-Net 1.31x, a 3D U-Net 1.11x.
+Measured here (2 cores, ``benchmarks/gradient_calls.py``: one saliency call against Captum on the
+model itself, at the grid's batch / at batch 1): ResNet-18 at 128 px 1.24x / 1.03x, DenseNet-121
+at 96 px 1.26x / 1.12x, a MONAI 2D U-Net 1.04x / 0.81-1.0x, a 3D U-Net 1.11x / 0.96x (at one small
+input pellucid's fixed work per call, about 0.8 ms, outweighs what the copy saves); integrated
+gradients 1.07-2.18x.
 
 The copy is built the second time a model is explained at an input shape with the same weights
 (a single call, or a model whose weights change between calls, does not pay for it). It is used
