@@ -250,3 +250,39 @@ def test_lrp_runs_few_channel_convolutions_in_the_sub_pixel_form_and_restores_th
     monkeypatch.setattr(lrp, "few_channel_convolutions", lambda m: contextlib.nullcontext(0))
     plain = pellucid.explain(model, x, "lrp", target=1)
     assert torch.allclose(fast.raw, plain.raw, rtol=0, atol=1e-5 * float(plain.raw.abs().max()))
+
+
+def test_no_copy_where_it_changes_nothing_costs_too_much_or_a_hook_came_later():
+    from pellucid.runtime import set_memory_limit
+
+    x = torch.randn(2, 1, 32, 32, generator=torch.Generator().manual_seed(8))
+    plain = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1, stride=2), nn.ReLU(),
+                          nn.Conv2d(16, 16, 3, padding=1), nn.Flatten(), nn.LazyLinear(3))
+    plain(x)
+    pellucid.explain(plain, x, "saliency", target=0)
+    assert "gradient_copy" in pellucid.explain(plain, x, "saliency", target=0).extras
+    wide = nn.Sequential(nn.Conv2d(1, 16, 3), nn.ReLU(), nn.Conv2d(16, 16, 3), nn.Flatten(),
+                         nn.LazyLinear(3))
+    wide(x)
+    wide[0] = nn.Conv2d(1, 16, 3, padding=1, dilation=2)  # dilated: kept; nothing else to change
+    for _ in range(2):
+        assert "gradient_copy" not in pellucid.explain(wide, x, "saliency", target=0).extras
+    assert gc.why_not(wide, x) == "nothing in the model to fold or replace"
+    model = _zoo("resnet18", 2)
+    set_memory_limit(16)  # MB: 6 x (45 MB of weights + activations) does not fit
+    try:
+        for _ in range(2):
+            assert "gradient_copy" not in pellucid.explain(model, x, "saliency", target=0).extras
+        assert "needs about" in gc.why_not(model, x)
+    finally:
+        set_memory_limit(None)
+    # a hook registered after the copy was built: the model itself runs, and so the hook
+    other = _zoo("resnet18", 2)
+    pellucid.explain(other, x, "saliency", target=0)
+    assert "gradient_copy" in pellucid.explain(other, x, "saliency", target=0).extras
+    seen = []
+    handle = other.layer2.register_forward_hook(lambda m, i, o: seen.append(1))
+    assert "gradient_copy" not in pellucid.explain(other, x, "saliency", target=0).extras
+    assert seen
+    handle.remove()
+    assert "gradient_copy" in pellucid.explain(other, x, "saliency", target=0).extras

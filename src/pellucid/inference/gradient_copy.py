@@ -32,9 +32,10 @@ within 1e-9 (relative, for a random weighting of the outputs). In float64 a near
 pooling or ReLU would have to lie within 1e-16 to flip, so this compares the functions, not the
 rounding; in float32 such ties flip between any two ways of summing (the float32 DenseNet-121
 itself differs from its float64 self by 2e-3 of the largest gradient, at single pixels). A model
-that cannot be traced, has hooks of its own, selects a part of its output, runs on a GPU or in
-reduced precision runs as it is. The copy is rebuilt when the model's weights change (their
-storage or version).
+that cannot be traced, has hooks of its own (checked on every call), selects a part of its output,
+has nothing the copy would change, would need more memory to build and check it than the memory
+limit (or 2 GiB), runs on a GPU or in reduced precision runs as it is. The copy is rebuilt when
+the model's weights change (their storage or version).
 """
 
 from __future__ import annotations
@@ -351,13 +352,20 @@ def _fingerprint(modules: list[nn.Module]) -> tuple:
                  for t in (*m._parameters.values(), *m._buffers.values()) if t is not None)
 
 
-def _foreign_hooks(model: nn.Module) -> bool:
-    """Hooks other than pellucid's own output reduction on the model (a copy would lose them)."""
+def _foreign_hooks(model: nn.Module, modules: list[nn.Module]) -> bool:
+    """Hooks other than pellucid's own output reduction on the model, or global module hooks (a
+    copy would lose them or run them on other modules); checked on every call."""
+    from torch.nn.modules import module as torch_module
+
     from pellucid.models.outputs import _USERS
 
+    if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks or \
+            torch_module._global_backward_hooks or \
+            getattr(torch_module, "_global_backward_pre_hooks", None):
+        return True
     ours = _USERS.get(id(model))
     own = {ours[1].id} if ours else set()
-    for m in model.modules():
+    for m in modules:
         forward = set(m._forward_hooks) - (own if m is model else set())
         if forward or m._forward_pre_hooks or m._backward_hooks or \
                 getattr(m, "_backward_pre_hooks", None):
@@ -374,6 +382,27 @@ _COPIES: OrderedDict[tuple, tuple] = OrderedDict()  # key -> (weakref, fingerpri
 _KEPT = 4  # each copy holds the model's weights once more
 
 
+BUILD_FOOTPRINT = 6  # model and activation bytes while building and checking (float64 copies)
+
+
+def _not_worth(model: nn.Module, example: torch.Tensor, modules: list[nn.Module]) -> str | None:
+    """Why no copy is built: nothing it would change, or more memory to build and check it (float
+    copies of the weights and one input's activations) than the memory limit, or 2 GiB."""
+    from pellucid.inference.footprint import activation_bytes
+    from pellucid.runtime import memory_limit_bytes
+
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) or _replaceable(m) is not None or
+               (isinstance(m, nn.PReLU) and m.weight.numel() == 1) for m in modules):
+        return "nothing in the model to fold or replace"
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    need = BUILD_FOOTPRINT * (weights + activation_bytes(model, example[:1]))
+    limit = memory_limit_bytes() or 2 * 2**30
+    if need > limit:
+        return f"building and checking it needs about {need / 2**20:.0f} MiB (limit " \
+               f"{limit / 2**20:.0f} MiB)"
+    return None
+
+
 def gradient_copy(model: nn.Module, example: torch.Tensor,
                   modules: list[nn.Module] | None = None) -> GradientCopy | None:
     """The checked copy for inputs shaped like ``example``, or None where the model runs as it
@@ -387,7 +416,10 @@ def gradient_copy(model: nn.Module, example: torch.Tensor,
     if reduced_precision() is not None:
         return None
     key = (id(model), tuple(example.shape[1:]), example.dtype)
-    fingerprint = _fingerprint(modules if modules is not None else list(model.modules()))
+    modules = modules if modules is not None else list(model.modules())
+    if _foreign_hooks(model, modules):
+        return None
+    fingerprint = _fingerprint(modules)
     with _LOCK:
         found = _COPIES.get(key)
         if found is not None and found[0]() is model and found[1] == fingerprint:
@@ -399,12 +431,12 @@ def gradient_copy(model: nn.Module, example: torch.Tensor,
             while len(_SEEN) > _SEEN_KEPT:
                 _SEEN.popitem(last=False)
             return None
-    if _foreign_hooks(model):
-        return None
-    try:
-        made: GradientCopy | str = make_gradient_copy(model, example)
-    except Exception as exc:  # any failure: the model itself is correct
-        made = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+    made: GradientCopy | str | None = _not_worth(model, example, modules)
+    if made is None:
+        try:
+            made = make_gradient_copy(model, example)
+        except Exception as exc:  # any failure: the model itself is correct
+            made = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
     with _LOCK:
         _COPIES[key] = (weakref.ref(model), fingerprint, made)
         _COPIES.move_to_end(key)
