@@ -96,7 +96,12 @@ FAMILIES = {
 }
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
+# the model libraries' networks need the "models" extra (not installed by make test-lowest)
+LIBRARIES = {"timm ConvNeXt", "smp U-Net", "TorchXRayVision DenseNet", "nnU-Net PlainConvUNet"}
+
+
+@pytest.mark.parametrize("family", [pytest.param(f, marks=pytest.mark.models) if f in LIBRARIES
+                                    else f for f in FAMILIES])
 def test_the_copy_has_the_models_output_and_input_gradient(family):
     """float32: output within 1e-5 of its scale; input gradient as close to the float64 model's
     as the float32 model's own (median and 99th percentile within 4x: a deep network in float32
