@@ -12,7 +12,7 @@ from torch import nn
 import pellucid
 from pellucid.inference import gradient_copy as gc
 from pellucid.targets import SegmentationTarget
-from tests.test_incremental import _convnext, _nnunet, _smp, _xrv, _zoo
+from tests.test_incremental import Branchy, _convnext, _nnunet, _smp, _xrv, _zoo
 
 
 @pytest.mark.parametrize("nd", [2, 3])
@@ -166,20 +166,6 @@ def test_a_3d_segmentation_target_on_the_copy():
     maps = [pellucid.explain(model, x, "saliency", target=target) for _ in range(2)]
     assert "PReLU as leaky ReLU" in maps[1].extras["gradient_copy"]
     assert torch.allclose(maps[1].raw, maps[0].raw, atol=1e-5 * float(maps[0].raw.abs().max()))
-
-
-class Branchy(nn.Module):
-    """Control flow on a tensor's value: torch.fx cannot trace it."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(1, 4, 3, padding=1)
-
-    def forward(self, x):
-        y = self.conv(x)
-        if y.mean() > 0:
-            y = y * 2
-        return y.mean((2, 3))
 
 
 def test_models_the_copy_must_not_replace():
