@@ -409,11 +409,25 @@ def run_task(task: Task, root: Path) -> list[dict]:
         floor = ours.cost.forward_samples * per
         rows.append({"model": task.name, "item": method, "kind": "method",
                      "pellucid": t_ours, "peer": t_peer, "floor": floor,
-                     "agreement": agreement(method, ours, peer.detach())})
+                     "agreement": agreement(method, ours, peer.detach()),
+                     "work": ours.cost.work_ratio, "ran": ours.extras.get("incremental")})
         maps[method] = ours
     if task.metrics:
         rows += run_metrics(task, loaded, x, y, masks, maps, layer, fwd, fb, quantus)
     return rows
+
+
+def exact_bounds(rows: list[dict]) -> list[dict]:
+    """Per occlusion row: its speed-up beside the largest one an exact method could reach here."""
+    out = []
+    for r in rows:
+        if r["item"] != "occlusion" or not r["floor"] or not r.get("work"):
+            continue
+        out.append({"model": r["model"], "speed-up": f"{r['peer'] / r['pellucid']:.2f}x",
+                    "work": f"{r['work']:.2f}", "peer/floor": f"{r['peer'] / r['floor']:.2f}",
+                    "largest exact speed-up": f"{r['peer'] / (r['work'] * r['floor']):.2f}x",
+                    "pellucid ran": (r.get("ran") or "")[:60]})
+    return out
 
 
 def forward_floor(model, x) -> tuple[float, str, str]:
@@ -675,6 +689,13 @@ def main() -> None:
     print()
     print(table(totals, ["part", "pellucid s", "peer s", "speed-up", "pellucid/floor",
                          "slower than peer"]))
+    bounds = exact_bounds(rows)
+    if bounds:
+        print("\nOcclusion against the most any exact method can gain: the copies' work (MACs done /"
+              "\nMACs of full forwards) times the forward floor is the least time exact values can"
+              "\ntake, so peer / (work x floor) is the largest exact speed-up on this grid")
+        print(table(bounds, ["model", "speed-up", "work", "peer/floor", "largest exact speed-up",
+                             "pellucid ran"]))
     if not args.no_memory:
         print()
         print(table(memory_check(tasks, args.models, args.memory_mb, args.quick),
