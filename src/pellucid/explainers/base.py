@@ -20,7 +20,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from pellucid.errors import ConfigError, ModelError
-from pellucid.inference.heap import retained_heap
 from pellucid.models.outputs import reduce_output, selected_output, tensor_outputs
 from pellucid.runtime import model_precision
 from pellucid.targets import BoundTarget, Target, as_target
@@ -514,7 +513,7 @@ class Explainer(ABC):
         rss_before = reset_peak_rss() if device.type == "cpu" else None
         start = time.perf_counter()
         modules = list(model.modules())  # one walk of the tree, for the guard and the runner
-        with retained_heap(), model_guard(model, modules) as handles:
+        with model_guard(model, modules) as handles:
             runner = ModelRunner(model, cost, self.input_gradients, modules)
             layer_name = None
             if self.needs_layer:
