@@ -123,16 +123,11 @@ def _yes(page) -> bool:
     return False
 
 
-_IN_FLIGHT: set = set()  # the page's requests not yet answered (look() tracks them)
-
-
 def _settle(page, prompt: bool = False, at_least: float = 1.0, limit: float = 60.0) -> None:
-    """Wait until the viewport has drawn what the last action asked for: no request of the page
-    in flight, and its pixels and the page's text unchanged over three looks half a second apart,
-    ``at_least`` seconds after the action (a fixed sleep long enough for a busy machine wasted a
-    minute a test; under the suite's load a Parametric Map's pixel data can take longer to arrive
-    than the three looks, and the undrawn viewport looked settled). With ``prompt``, first wait
-    (up to ``limit``) for OHIF's yes/no prompt and answer it; a prompt that appears later is
+    """Wait until the viewport has drawn what the last action asked for: its pixels and the page's
+    text unchanged over three looks half a second apart, ``at_least`` seconds after the action (a
+    fixed sleep long enough for a busy machine wasted a minute a test). With ``prompt``, first
+    wait (up to ``limit``) for OHIF's yes/no prompt and answer it; a prompt that appears later is
     answered too."""
     start = time.monotonic()
     while prompt and time.monotonic() - start < limit:
@@ -149,9 +144,6 @@ def _settle(page, prompt: bool = False, at_least: float = 1.0, limit: float = 60
         if _yes(page):
             seen, same = None, 0
             continue
-        if _IN_FLIGHT:
-            seen, same = None, 0
-            continue
         now = (viewport.screenshot(), page.inner_text("body"))
         same = same + 1 if now == seen else 0
         # three equal looks (1.5 s): on a loaded machine OHIF can pause half a second between
@@ -159,9 +151,7 @@ def _settle(page, prompt: bool = False, at_least: float = 1.0, limit: float = 60
         if same >= 2 and time.monotonic() - start >= at_least:
             return
         seen = now
-    waiting = [r.url[:120] for r in list(_IN_FLIGHT)[:3]]
-    raise RuntimeError(f"the viewer was still changing after {limit:.0f} s"
-                       + (f" ({len(_IN_FLIGHT)} requests in flight: {waiting})" if waiting else ""))
+    raise RuntimeError(f"the viewer was still changing after {limit:.0f} s")
 
 
 def look(viewer: str, study: str, out: str, *steps: str) -> None:
@@ -175,9 +165,6 @@ def look(viewer: str, study: str, out: str, *steps: str) -> None:
         browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1600, "height": 1000})
         page.on("pageerror", lambda e: errors.append(str(e)[:300]))
-        page.on("request", lambda r: _IN_FLIGHT.add(r))
-        page.on("requestfinished", lambda r: _IN_FLIGHT.discard(r))
-        page.on("requestfailed", lambda r: _IN_FLIGHT.discard(r))
         page.goto(f"{viewer}/viewer?StudyInstanceUIDs={study}")
         page.wait_for_selector("[data-viewportid] canvas", timeout=120_000)
         _settle(page, at_least=2.0)
