@@ -296,6 +296,46 @@ def test_in_place_aliasing_is_caught_not_computed_wrong():
         create("occlusion", incremental=True, **opts).explain(model, x, target=0)
 
 
+class Shared(nn.Module):
+    """Activations the engine may run in place and ones it must not: a convolution read twice,
+    a ReLU after an Identity (which returns its input itself), a ReLU after a sum read once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.Conv2d(1, 4, 3, padding=1)
+        self.b = nn.Conv2d(4, 4, 3, padding=1)
+        self.same = nn.Identity()
+        self.act = nn.ReLU()
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        y = self.a(x)
+        z = torch.relu(y)  # y is read again below: not in place
+        v = self.act(self.same(self.b(z)))  # after an Identity: not in place
+        return self.head(torch.relu(y + v).mean((2, 3)))  # the sum's only reader: in place
+
+
+def test_activations_run_in_place_only_on_a_fresh_value_with_one_reader():
+    model = Shared().eval()
+    engine = IncrementalForward(model)
+    assert [str(n.args[0]) for n in engine.in_place] == ["add"]
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(1, 1, 32, 32, generator=gen)
+    engine.prepare(x)
+    kept = {n: v.clone() for n, v in engine.clean.items() if isinstance(v, torch.Tensor)}
+    corners = _corners((32, 32), 6)
+    patches = torch.randn((len(corners), 1, 6, 6), generator=gen)
+    first = engine(patches, corners)
+    assert (first - _full(model, x, corners, patches, 6)).abs().max() <= 1e-5
+    assert torch.equal(engine(patches, corners), first)  # the second call: the same values
+    assert all(torch.equal(engine.clean[n], v) for n, v in kept.items())  # clean pass untouched
+    dense = IncrementalForward(_zoo("densenet121", 2))
+    relus = [n for n in dense.nodes if n.op == "call_module" and
+             isinstance(dense.modules[n.target], nn.ReLU)]
+    assert len(dense.in_place) == len(relus) == 121  # MONAI's DenseNet-121: every ReLU
+
+
 def test_the_clean_pass_stays_within_the_memory_limit():
     """The clean pass keeps one input's activations: under a memory limit they do not fit, the
     full forward runs (chunked by the limit) and the explanation says why; True refuses."""

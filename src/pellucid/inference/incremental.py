@@ -13,10 +13,15 @@ only values that can differ. Per node:
   under that box (the clean value around the rows' box, the padding value outside the map);
 - per-channel and element-wise operators (BatchNorm with running statistics, activations,
   dropout in eval mode, scalar arithmetic) run on the box alone;
-- additions, products and channel concatenations of two regions run on the union of their boxes;
+- additions and products of two regions run on the union of their boxes; a channel
+  concatenation is the clean concatenation's window with each region's box on top (one gather);
 - everything else (global pooling, flatten, linear layers, attention, instance or layer
   normalisation, whose statistics span the map) gets the full tensors, rebuilt from the clean value
   and the boxes, and runs as in the model: from there on that branch is a full forward.
+
+A ReLU whose input is a fresh value (a convolution's, normalisation's, pooling's, sum's or
+concatenation's) read by nothing else runs in place, and each value is dropped after its last
+reader: fewer new buffers, whose first touch costs as much as a pass over them.
 
 Values equal the full forward's up to the order of floating-point sums (the box convolution sums
 the same products); its user checks them against the full forward before trusting them
@@ -92,38 +97,73 @@ def _table(clean: torch.Tensor, lo: list[int], hi: list[int], fill: float,
     return table
 
 
-def window(r: Region, corner: torch.Tensor, size: tuple[int, ...], fill: float = 0.0) -> torch.Tensor:
-    """(n, C, *size), channels last: each row's values in the box at ``corner`` (n, nd), which may
-    reach past the map (those positions take ``fill``, the operator's padding value)."""
-    if tuple(size) == r.size and torch.equal(corner, r.start):
-        return r.patch
-    n, c = r.rows, r.clean.shape[1]
-    spatial = r.clean.shape[2:]
-    nd = len(spatial)
-    device = corner.device
+def _gather_index(spatial: tuple[int, ...], corner: torch.Tensor, size: tuple[int, ...]
+                  ) -> tuple[list[int], list[int], torch.Tensor]:
+    """The padding (``lo``, ``hi`` per axis) that boxes of ``size`` at ``corner`` (n, nd) need,
+    and each box position's row (n * prod(size)) in the padded map's table."""
+    nd, n, device = len(spatial), corner.shape[0], corner.device
     lo = corner.min(0).values.clamp(max=0).neg()
     hi = (corner.max(0).values + torch.tensor(size, device=device)
           - torch.tensor(spatial, device=device)).clamp(min=0)
-    table = _table(r.clean, lo.tolist(), hi.tolist(), fill, r.tables)
     full = [s + a + b for s, a, b in zip(spatial, lo.tolist(), hi.tolist(), strict=True)]
-    length = math.prod(size)
     flat = torch.zeros((n, *([1] * nd)), dtype=torch.long, device=device)
+    for a in range(nd):
+        shape = [n, *[-1 if b == a else 1 for b in range(nd)]]
+        ax = corner[:, a:a + 1] + lo[a] + torch.arange(size[a], device=device)
+        flat = flat + (ax * math.prod(full[a + 1:])).view(shape)
+    return lo.tolist(), hi.tolist(), flat.reshape(-1)
+
+
+def _placement(r: Region, corner: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
+    """Each of ``r``'s box positions' row in boxes of ``size`` at ``corner`` stacked row by row;
+    a position outside its row's box goes to the spare row ``n * prod(size)``."""
+    n, nd, device = r.rows, corner.shape[1], corner.device
+    length = math.prod(size)
     target = torch.arange(n, device=device).view(n, *([1] * nd)) * length
     valid = torch.ones((n, *([1] * nd)), dtype=torch.bool, device=device)
     rel = r.start - corner
     for a in range(nd):
         shape = [n, *[-1 if b == a else 1 for b in range(nd)]]
-        ax = corner[:, a:a + 1] + lo[a] + torch.arange(size[a], device=device)
-        flat = flat + (ax * math.prod(full[a + 1:])).view(shape)
         pos = rel[:, a:a + 1] + torch.arange(r.size[a], device=device)
         target = target + (pos * math.prod(size[a + 1:])).view(shape)
         valid = valid & ((pos >= 0) & (pos < size[a])).view(shape)
-    out = torch.empty((n * length + 1, c), dtype=table.dtype, device=device)
-    torch.index_select(table, 0, flat.reshape(-1), out=out[:-1])
-    # the rows' boxes on top; positions outside the window go to the spare last row
-    target = torch.where(valid, target, n * length).reshape(-1)
-    out.index_copy_(0, target, r.patch.movedim(1, -1).reshape(-1, c))
-    return out[:-1].view(n, *size, c).movedim(-1, 1)
+    return torch.where(valid, target, n * length).reshape(-1)
+
+
+def _same_box(r: Region, corner: torch.Tensor, size: tuple[int, ...]) -> bool:
+    return tuple(size) == r.size and torch.equal(corner, r.start)
+
+
+def window(r: Region, corner: torch.Tensor, size: tuple[int, ...], fill: float = 0.0) -> torch.Tensor:
+    """(n, C, *size), channels last: each row's values in the box at ``corner`` (n, nd), which may
+    reach past the map (those positions take ``fill``, the operator's padding value)."""
+    if _same_box(r, corner, size):
+        return r.patch
+    return stacked_window(r.clean, [r], corner, size, fill, r.tables)
+
+
+def stacked_window(clean: torch.Tensor, parts: list[Region], corner: torch.Tensor,
+                   size: tuple[int, ...], fill: float = 0.0, tables: dict | None = None
+                   ) -> torch.Tensor:
+    """:func:`window` of regions whose clean values, stacked along the channels, are ``clean``:
+    the channel concatenation of their windows, gathered once."""
+    n, c = parts[0].rows, clean.shape[1]
+    lo, hi, flat = _gather_index(tuple(clean.shape[2:]), corner, size)
+    table = _table(clean, lo, hi, fill, tables)
+    length = math.prod(size)
+    out = torch.empty((n * length + 1, c), dtype=table.dtype, device=corner.device)
+    torch.index_select(table, 0, flat, out=out[:-1])
+    placed = out[:-1].view(n, *size, c)
+    first = 0
+    for r in parts:  # the rows' boxes on top; positions outside the window go to the spare row
+        width = r.patch.shape[1]
+        if _same_box(r, corner, size):
+            placed[..., first:first + width] = r.patch.movedim(1, -1)
+        else:
+            out[:, first:first + width].index_copy_(0, _placement(r, corner, size),
+                                                    r.patch.movedim(1, -1).reshape(-1, width))
+        first += width
+    return placed.movedim(-1, 1)
 
 
 def dense(value):
@@ -215,6 +255,8 @@ class IncrementalForward:
                     module.weight.data = module.weight.data.contiguous(memory_format=fmt)
         self.modules = dict(self.graph_module.named_modules())
         self.nodes = list(self.graph_module.graph.nodes)
+        self.last_use = _last_uses(self.nodes)
+        self.in_place = {node for node in self.nodes if self._rectifies_its_own_input(node)}
         if sum(n.op == "placeholder" for n in self.nodes) != 1:
             raise RuntimeError("the model takes more than one input")
         self.clean: dict[fx.Node, object] = {}
@@ -225,6 +267,23 @@ class IncrementalForward:
         self.decisions: dict[tuple, dict] = {}  # what its users measured (occlusion's "auto")
         self.tables: dict[tuple, torch.Tensor] = {}
         self.lock = threading.Lock()  # one caller at a time (the clean pass is shared state)
+
+    def _rectifies_its_own_input(self, node: fx.Node) -> bool:
+        """A ReLU whose input is a fresh tensor (a convolution's, a normalisation's, a pooling's,
+        a sum's or a concatenation's output) that nothing else reads: it may run in place."""
+        relu = (node.op == "call_module" and type(self.modules[node.target]) is nn.ReLU) or \
+            (node.op == "call_function" and node.target in (F.relu, torch.relu) and
+             not node.kwargs) or (node.op == "call_method" and node.target == "relu")
+        if not relu or len(node.args) != 1 or not isinstance(node.args[0], fx.Node):
+            return False
+        source = node.args[0]
+        if len(source.users) != 1:
+            return False
+        if source.op == "call_module":
+            return isinstance(self.modules[source.target],
+                              (*CONVS, *MAX_POOLS, *AVG_POOLS, nn.modules.batchnorm._BatchNorm))
+        return source.op == "call_function" and (source.target in BINARY or
+                                                  source.target is torch.cat)
 
     def _run(self, node: fx.Node, args, kwargs):
         if node.op == "call_module":
@@ -281,7 +340,8 @@ class IncrementalForward:
         if node.op == "call_function" and node.target is torch.cat and out_shape is not None:
             tensors = args[0] if args and isinstance(args[0], (list, tuple)) else None
             dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
-            return NotImplemented if tensors is None else self._cat(tensors, dim, out_shape)
+            return NotImplemented if tensors is None else \
+                self._cat(tensors, dim, out_shape, self.clean[node])
         regions = [a for a in args if isinstance(a, Region)]
         if not regions or any(isinstance(v, Region) for v in kwargs.values()):
             return NotImplemented
@@ -351,8 +411,9 @@ class IncrementalForward:
             return patch
         return Region(None, patch, corner)
 
-    def _cat(self, tensors, dim, out_shape):
-        """A channel concatenation of regions (and full tensors) on the union of the boxes."""
+    def _cat(self, tensors, dim, out_shape, clean: torch.Tensor):
+        """A channel concatenation of regions on the union of their boxes: the clean
+        concatenation's window, each region's box on top."""
         ndim = len(out_shape) + 2
         if dim % ndim != 1:
             return NotImplemented
@@ -360,7 +421,7 @@ class IncrementalForward:
         if len(regions) != len(tensors):
             return NotImplemented
         corner, size = union(regions)
-        return self._boxed(torch.cat([window(t, corner, size) for t in tensors], 1), corner,
+        return self._boxed(stacked_window(clean, regions, corner, size, 0.0, self.tables), corner,
                            out_shape)
 
     @torch.no_grad()
@@ -369,6 +430,13 @@ class IncrementalForward:
         env: dict[fx.Node, object] = {}
         n = patches.shape[0]
         for node in self.nodes:
+            for done in self.last_use.get(node, ()):  # values no later node reads
+                del env[done]
+            if node in self.in_place:
+                value = env[node.args[0]]
+                env[node] = Region(self.clean[node], value.patch.relu_(), value.start, self.tables) \
+                    if isinstance(value, Region) else value.relu_()
+                continue
             if node.op == "placeholder":
                 env[node] = Region(self.clean[node], _channels_last(patches), corners, self.tables)
                 continue
@@ -390,6 +458,21 @@ class IncrementalForward:
                 self.macs += self._box_macs(node, value)
             env[node] = value
         return out if isinstance(out, torch.Tensor) else reduce_output(out, self.output_index)
+
+
+def _last_uses(nodes: list[fx.Node]) -> dict[fx.Node, list[fx.Node]]:
+    """Per node, the earlier nodes whose last reader it precedes (their values can go before it
+    runs)."""
+    last: dict[fx.Node, fx.Node] = {}
+    for i, node in enumerate(nodes[:-1]):  # the output node's arguments stay
+        for arg in node.all_input_nodes:
+            last[arg] = nodes[i + 1]
+    for arg in nodes[-1].all_input_nodes:
+        last.pop(arg, None)
+    out: dict[fx.Node, list[fx.Node]] = {}
+    for value, after in last.items():
+        out.setdefault(after, []).append(value)
+    return out
 
 
 IN_PLACE_FUNCTIONS = {operator.iadd: operator.add, operator.isub: operator.sub,
