@@ -9,7 +9,8 @@ by Playwright the way a radiologist would use it. Both run inside the test's net
   ``series?:<description>`` for one that OHIF asks about first (a SEG to open, an SR whose
   measurements to track: the prompt is answered yes); ``measurements`` to open the measurement
   panel), waits until the viewer has drawn it, saves a screenshot and records the viewport's
-  pixels and the page text. It prints one JSON line."""
+  pixels and the page text. It prints one JSON line, and keeps the page's failed requests,
+  HTTP errors and console errors in ``OUT/trouble.txt``."""
 
 from __future__ import annotations
 
@@ -159,12 +160,18 @@ def look(viewer: str, study: str, out: str, *steps: str) -> None:
 
     from playwright.sync_api import sync_playwright
 
-    results, errors = [], []
+    results, errors, trouble = [], [], []
     Path(out).mkdir(parents=True, exist_ok=True)
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1600, "height": 1000})
         page.on("pageerror", lambda e: errors.append(str(e)[:300]))
+        # what a failed look's message shows (not asserted: a missing favicon is a 404 too)
+        page.on("requestfailed", lambda r: trouble.append(f"failed {r.url[:160]} {r.failure}"))
+        page.on("response", lambda r: trouble.append(f"{r.status} {r.url[:160]}")
+                if r.status >= 400 else None)
+        page.on("console", lambda m: trouble.append(f"console {m.text[:200]}")
+                if m.type == "error" else None)
         page.goto(f"{viewer}/viewer?StudyInstanceUIDs={study}")
         page.wait_for_selector("[data-viewportid] canvas", timeout=120_000)
         _settle(page, at_least=2.0)
@@ -187,7 +194,8 @@ def look(viewer: str, study: str, out: str, *steps: str) -> None:
             results.append({"step": step, "screenshot": str(shot), **pixels,
                             "text": page.inner_text("body")})
         browser.close()
-    print(json.dumps({"steps": results, "errors": errors}))
+    (Path(out) / "trouble.txt").write_text("\n".join(trouble) + "\n")
+    print(json.dumps({"steps": results, "errors": errors, "trouble": trouble}))
 
 
 if __name__ == "__main__":

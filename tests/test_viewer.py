@@ -79,7 +79,8 @@ def _look(orthanc, viewer: str, study: str, name: str, *steps: str) -> dict:  # 
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     seen = json.loads(result.stdout.strip().splitlines()[-1])
-    return {s["step"]: s for s in seen["steps"]} | {"errors": seen["errors"]}
+    return {s["step"]: s for s in seen["steps"]} | {"errors": seen["errors"],
+                                                    "trouble": seen["trouble"]}
 
 
 def _ct_model(folder: Path) -> str:
@@ -120,7 +121,8 @@ def test_ohif_shows_the_map_segment_overlay_and_report_of_a_ct_and_a_radiograph(
         # the SEG overlays the image (on the radiograph too), the overlay is shown in colour
         assert seen["series:pellucid gradcam region"]["coloured"] > 0.02, seen
         assert seen["series:pellucid gradcam overlay"]["coloured"] > 0.05, seen
-    assert ct_seen["series:pellucid gradcam map"]["coloured"] > 0.2  # the PM's colour map over the CT
+    pm = ct_seen["series:pellucid gradcam map"]  # the PM's colour map over the CT
+    assert pm["coloured"] > 0.2, (pm["coloured"], pm["screenshot"], ct_seen["trouble"][-20:])
     panel = ct_seen["measurements"]["text"]
     # a finding is an image-level group, which OHIF 3.13 does not list: one row per method, with
     # its region, names the explained finding and then every other finding as the SR states it
