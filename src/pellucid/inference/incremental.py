@@ -282,8 +282,8 @@ class IncrementalForward:
         if source.op == "call_module":
             return isinstance(self.modules[source.target],
                               (*CONVS, *MAX_POOLS, *AVG_POOLS, nn.modules.batchnorm._BatchNorm))
-        return source.op == "call_function" and (source.target in BINARY or
-                                                  source.target is torch.cat)
+        return source.op == "call_function" and "out" not in source.kwargs and \
+            (source.target in BINARY or source.target is torch.cat)  # out=: not a fresh tensor
 
     def _run(self, node: fx.Node, args, kwargs):
         if node.op == "call_module":
